@@ -1,0 +1,123 @@
+//! TC ingress "ack gate" for first-segment mode.
+//!
+//! With `tcp_syncookies=2` no request socket exists after the SYN. The client's pure ACK
+//! would complete the handshake by cookie with no payload, so the steering program could
+//! not see the request. Dropping it makes the client's first data segment (which carries
+//! the same ACK) complete the handshake instead. Only ACKs to our own listening ports that
+//! `bpf_skc_lookup_tcp` resolves to a LISTEN socket are dropped: established connections
+//! and other services are untouched.
+
+use core::mem::size_of;
+
+use aya_ebpf::{
+    EbpfContext as _,
+    bindings::{
+        BPF_F_CURRENT_NETNS, BPF_TCP_LISTEN, TC_ACT_OK, TC_ACT_SHOT, bpf_sock_tuple,
+        bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1 as Tuple4,
+        bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2 as Tuple6,
+    },
+    helpers::{bpf_sk_release, bpf_skc_lookup_tcp},
+    macros::{classifier, map},
+    maps::HashMap,
+    programs::TcContext,
+};
+use sluice_common::{MAX_GATED_PORTS, counter};
+
+use crate::bump;
+
+/// Local TCP ports (host order) whose listeners the gate protects.
+#[map]
+static GATED_PORTS: HashMap<u16, u8> = HashMap::with_max_entries(MAX_GATED_PORTS, 0);
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const IPPROTO_TCP: u8 = 6;
+const TCP_FLAGS_MASK: u8 = 0x3f;
+const TCP_ACK: u8 = 0x10;
+
+#[classifier]
+pub fn ack_gate(ctx: TcContext) -> i32 {
+    match gate(&ctx) {
+        Ok(true) => {
+            bump(counter::ACK_GATE_DROPS);
+            TC_ACT_SHOT as i32
+        }
+        _ => TC_ACT_OK as i32,
+    }
+}
+
+/// A pure ACK: of FIN/SYN/RST/PSH/ACK/URG only ACK, and no payload.
+#[inline(always)]
+fn pure_ack(ctx: &TcContext, l4: usize, l4_len: usize) -> Result<Option<(u16, u16)>, i64> {
+    let sport: u16 = ctx.load(l4)?;
+    let dport: u16 = ctx.load(l4 + 2)?;
+    let b12: u8 = ctx.load(l4 + 12)?;
+    let flags: u8 = ctx.load(l4 + 13)?;
+    let doff = ((b12 >> 4) as usize) * 4;
+    if flags & TCP_FLAGS_MASK != TCP_ACK || l4_len != doff {
+        return Ok(None);
+    }
+    // SAFETY: reading a plain u16 key from a hash map.
+    if unsafe { GATED_PORTS.get(&u16::from_be(dport)) }.is_none() {
+        return Ok(None);
+    }
+    Ok(Some((sport, dport)))
+}
+
+#[inline(always)]
+fn gate(ctx: &TcContext) -> Result<bool, i64> {
+    let proto = u16::from_be(ctx.load::<u16>(12)?);
+    // SAFETY: bpf_sock_tuple is plain data; all-zero is a valid value.
+    let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
+    let tuple_len;
+    if proto == ETH_P_IP {
+        let vihl: u8 = ctx.load(ETH_HLEN)?;
+        if vihl >> 4 != 4 || ctx.load::<u8>(ETH_HLEN + 9)? != IPPROTO_TCP {
+            return Ok(false);
+        }
+        let ihl = ((vihl & 0x0f) as usize) * 4;
+        let tot_len = u16::from_be(ctx.load::<u16>(ETH_HLEN + 2)?) as usize;
+        let Some((sport, dport)) = pure_ack(ctx, ETH_HLEN + ihl, tot_len.wrapping_sub(ihl))? else {
+            return Ok(false);
+        };
+        tuple.__bindgen_anon_1.ipv4 = Tuple4 {
+            saddr: ctx.load(ETH_HLEN + 12)?,
+            daddr: ctx.load(ETH_HLEN + 16)?,
+            sport,
+            dport,
+        };
+        tuple_len = size_of::<Tuple4>();
+    } else if proto == ETH_P_IPV6 {
+        // Extension headers before TCP are left alone (never seen on a handshake ACK).
+        if ctx.load::<u8>(ETH_HLEN + 6)? != IPPROTO_TCP {
+            return Ok(false);
+        }
+        let payload_len = u16::from_be(ctx.load::<u16>(ETH_HLEN + 4)?) as usize;
+        let Some((sport, dport)) = pure_ack(ctx, ETH_HLEN + 40, payload_len)? else {
+            return Ok(false);
+        };
+        tuple.__bindgen_anon_1.ipv6 = Tuple6 {
+            saddr: ctx.load(ETH_HLEN + 8)?,
+            daddr: ctx.load(ETH_HLEN + 24)?,
+            sport,
+            dport,
+        };
+        tuple_len = size_of::<Tuple6>();
+    } else {
+        return Ok(false);
+    }
+    // SAFETY: `tuple` lives on the stack for the call; the returned reference is released
+    // below on every path.
+    let sk = unsafe {
+        bpf_skc_lookup_tcp(ctx.as_ptr(), &mut tuple, tuple_len as u32, BPF_F_CURRENT_NETNS as u64, 0)
+    };
+    if sk.is_null() {
+        return Ok(false);
+    }
+    // SAFETY: `sk` is a non-null socket reference from the lookup above.
+    let state = unsafe { (*sk).state };
+    // SAFETY: releases the reference taken by bpf_skc_lookup_tcp exactly once.
+    unsafe { bpf_sk_release(sk.cast()) };
+    Ok(state == BPF_TCP_LISTEN)
+}

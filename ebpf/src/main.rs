@@ -1,0 +1,201 @@
+//! sluice's kernel programs.
+//!
+//! - `steer` / `steer_migrate` (sk_reuseport): pick the listening socket of a new connection
+//!   from the request line in its first data segment. The migrate variant also moves the
+//!   queue of a closing listener to the dispatcher instead of letting the kernel hash it to
+//!   any socket of the group (another pool).
+//! - `ack_gate` (TC ingress, first-segment mode): drops the pure ACK that would complete a
+//!   handshake against one of our LISTEN sockets, so the client's first data segment completes
+//!   it by syncookie and `steer` sees the request line.
+//!
+//! One object is loaded per listen address (one reuseport group), so every map here belongs to
+//! one group; the front end fills them all the same way.
+#![no_std]
+#![no_main]
+
+mod gate;
+mod parse;
+
+use aya_ebpf::{
+    EbpfContext as _,
+    bindings::sk_action::{SK_DROP, SK_PASS},
+    helpers::bpf_skb_load_bytes,
+    macros::{map, sk_reuseport},
+    maps::{Array, LpmTrie, PerCpuArray, ReusePortSockArray, lpm_trie::Key},
+    programs::SkReuseportContext,
+};
+use sluice_common::{
+    CFG_LEN, CFG_MODE, DISPATCHER_SLOT, LINE_WINDOW, MAX_POOLS, MAX_PREFIX, MAX_ROUTES,
+    MODE_FIRST_SEGMENT, POOL_FLAG_STOPPED, PoolSlots, SOCKET_SLOTS, counter,
+};
+
+use crate::parse::Verdict;
+
+const IPPROTO_TCP: u32 = 6;
+
+/// The group's listening sockets: slot 0 the dispatcher, then each pool's sockets.
+#[map]
+static SOCKETS: ReusePortSockArray = ReusePortSockArray::with_max_entries(SOCKET_SLOTS, 0);
+
+/// Path prefix (normalized to end in `/`) -> pool index.
+#[map]
+static ROUTES: LpmTrie<[u8; MAX_PREFIX], u32> = LpmTrie::with_max_entries(MAX_ROUTES, 0);
+
+/// Pool index -> its slots in `SOCKETS` and its state.
+#[map]
+static POOLS: Array<PoolSlots> = Array::with_max_entries(MAX_POOLS, 0);
+
+#[map]
+static CONFIG: Array<u32> = Array::with_max_entries(CFG_LEN, 0);
+
+/// See `sluice_common::counter`.
+#[map]
+pub(crate) static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::LEN, 0);
+
+/// Per-CPU room for the request line and the trie key: too big for the 512-byte stack.
+#[repr(C)]
+pub(crate) struct Scratch {
+    pub(crate) line: [u8; LINE_WINDOW],
+    pub(crate) key: Key<[u8; MAX_PREFIX]>,
+    /// Values passed through memory so the verifier forgets them (see `parse::launder`).
+    pub(crate) tmp: u64,
+}
+
+#[map]
+static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+
+#[inline(always)]
+pub(crate) fn bump(index: u32) {
+    if let Some(p) = COUNTERS.get_ptr_mut(index) {
+        // SAFETY: a per-CPU slot, written only by this CPU while the program runs.
+        unsafe { *p += 1 };
+    }
+}
+
+#[inline(always)]
+fn mode() -> u32 {
+    CONFIG.get(CFG_MODE).copied().unwrap_or(0)
+}
+
+/// Reads `len` bytes at `off` (offset 0 = the TCP header) into `dst`.
+#[inline(always)]
+fn load(ctx: &SkReuseportContext, off: u32, dst: *mut u8, len: u32) -> bool {
+    // SAFETY: `dst` points at `len` writable bytes (a stack array or the scratch map value);
+    // aya-ebpf has no safe wrapper for this helper on sk_reuseport contexts.
+    unsafe { bpf_skb_load_bytes(ctx.as_ptr(), off, dst.cast(), len) >= 0 }
+}
+
+/// Decides where the connection goes, from the segment that is being looked up.
+#[inline(always)]
+fn classify(ctx: &SkReuseportContext) -> Verdict {
+    if ctx.ip_protocol() != IPPROTO_TCP {
+        return Verdict::Fallback(counter::NOT_HTTP);
+    }
+    // Read the context field once: the verifier rejects a second read through a modified
+    // context pointer.
+    let len = ctx.len() as u32;
+    let mut th = [0u8; 14];
+    if !load(ctx, 0, th.as_mut_ptr(), th.len() as u32) {
+        return Verdict::Fallback(counter::NOT_HTTP);
+    }
+    let doff = ((th[12] >> 4) as u32) * 4;
+    let syn = th[13] & 0x02 != 0;
+    if len <= doff {
+        return if syn && mode() == MODE_FIRST_SEGMENT {
+            Verdict::Cookie
+        } else {
+            Verdict::Fallback(counter::NO_PAYLOAD)
+        };
+    }
+    let avail = len - doff;
+    // A size the verifier can bound to 1..=LINE_WINDOW without trusting `len > doff`.
+    let n = if avail >= LINE_WINDOW as u32 {
+        LINE_WINDOW as u32
+    } else {
+        ((avail - 1) & (LINE_WINDOW as u32 - 1)) + 1
+    };
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return Verdict::Fallback(counter::NOT_HTTP);
+    };
+    // SAFETY: the per-CPU scratch value is ours for the duration of this program run.
+    let scratch = unsafe { &mut *scratch };
+    // The payload is not in the linear area: it has to be copied out with the helper.
+    if !load(ctx, doff, scratch.line.as_mut_ptr(), n) {
+        return Verdict::Fallback(counter::NOT_HTTP);
+    }
+    parse::request_line(scratch, n as usize)
+}
+
+#[inline(always)]
+fn select(ctx: &SkReuseportContext, slot: u32) -> bool {
+    SOCKETS.select_reuseport(ctx, slot).is_ok()
+}
+
+/// Selects the dispatcher; a failure must not fall into the kernel's hash over the whole
+/// group (which would hand the connection to an arbitrary pool), so it drops instead.
+#[inline(always)]
+fn to_dispatcher(ctx: &SkReuseportContext) -> u32 {
+    if select(ctx, DISPATCHER_SLOT) { SK_PASS } else { SK_DROP }
+}
+
+#[inline(always)]
+fn steer_new(ctx: &SkReuseportContext) -> u32 {
+    bump(counter::RUNS);
+    let pool = match classify(ctx) {
+        Verdict::Pool(p) => p,
+        Verdict::Cookie => {
+            bump(counter::SYN_COOKIE);
+            return to_dispatcher(ctx);
+        }
+        Verdict::Fallback(reason) => {
+            bump(reason);
+            return to_dispatcher(ctx);
+        }
+    };
+    let Some(slots) = POOLS.get(pool) else {
+        bump(counter::NO_ROUTE);
+        return to_dispatcher(ctx);
+    };
+    if slots.flags & POOL_FLAG_STOPPED != 0 {
+        bump(counter::POOL_STOPPED);
+        return to_dispatcher(ctx);
+    }
+    if slots.count == 0 {
+        bump(counter::SELECT_FAILED);
+        return to_dispatcher(ctx);
+    }
+    let slot = slots.first + ctx.hash() % slots.count;
+    if select(ctx, slot) {
+        bump(counter::POOL_BASE + (pool % MAX_POOLS));
+        SK_PASS
+    } else {
+        bump(counter::SELECT_FAILED);
+        to_dispatcher(ctx)
+    }
+}
+
+#[sk_reuseport]
+pub fn steer(ctx: SkReuseportContext) -> u32 {
+    steer_new(&ctx)
+}
+
+#[sk_reuseport(migrate)]
+pub fn steer_migrate(ctx: SkReuseportContext) -> u32 {
+    if ctx.migrating_sk().is_some() {
+        // A pool socket is closing: its queued connections are established and their
+        // request is already buffered; the dispatcher reads it and routes it afresh.
+        bump(counter::MIGRATED);
+        return to_dispatcher(&ctx);
+    }
+    steer_new(&ctx)
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

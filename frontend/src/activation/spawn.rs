@@ -1,0 +1,196 @@
+//! Starting one worker process with its pool's sockets, in the systemd socket-activation
+//! convention: fds 3.. with `LISTEN_FDS`, `LISTEN_FDNAMES` and `LISTEN_PID`.
+//!
+//! `LISTEN_PID` must be the child's own pid, which std's `Command` cannot put in the child's
+//! environment, so this forks by hand. Everything the child touches after `fork` is prepared
+//! before it: the child only makes async-signal-safe calls.
+
+use std::{
+    ffi::{CString, OsStr},
+    io,
+    os::{fd::RawFd, unix::ffi::OsStrExt},
+    path::Path,
+};
+
+const LISTEN_PID: &[u8] = b"LISTEN_PID=";
+/// Room for the decimal pid after `LISTEN_PID=`, NUL-padded.
+const PID_ROOM: usize = 21;
+
+/// What one worker process is started with.
+pub struct Launch {
+    program: CString,
+    argv: Vec<CString>,
+    /// NUL-terminated `KEY=VALUE` entries; the last one is the `LISTEN_PID=` slot.
+    env: Vec<Vec<u8>>,
+    fds: Vec<RawFd>,
+}
+
+fn cstring(bytes: &[u8]) -> io::Result<CString> {
+    CString::new(bytes).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL byte in a worker argument"))
+}
+
+impl Launch {
+    /// `fds` are passed as 3.. under `names`; `extra_env` is added to this process's
+    /// environment (without any `LISTEN_*` of our own).
+    pub fn new(
+        program: &Path,
+        args: &[String],
+        fds: Vec<RawFd>,
+        names: &[String],
+        extra_env: &[(String, String)],
+    ) -> io::Result<Launch> {
+        let program = cstring(program.as_os_str().as_bytes())?;
+        let mut argv = vec![program.clone()];
+        for a in args {
+            argv.push(cstring(a.as_bytes())?);
+        }
+        let mut env: Vec<Vec<u8>> = Vec::new();
+        let mut push = |k: &OsStr, v: &OsStr| {
+            let mut e = k.as_bytes().to_vec();
+            e.push(b'=');
+            e.extend_from_slice(v.as_bytes());
+            e.push(0);
+            env.push(e);
+        };
+        let overridden = |k: &OsStr| {
+            k.as_bytes().starts_with(b"LISTEN_") || extra_env.iter().any(|(x, _)| x.as_bytes() == k.as_bytes())
+        };
+        for (k, v) in std::env::vars_os() {
+            if !overridden(&k) && !k.as_bytes().contains(&0) && !v.as_bytes().contains(&0) {
+                push(&k, &v);
+            }
+        }
+        for (k, v) in extra_env {
+            push(OsStr::new(k), OsStr::new(v));
+        }
+        push(OsStr::new("LISTEN_FDS"), OsStr::new(&fds.len().to_string()));
+        push(OsStr::new("LISTEN_FDNAMES"), OsStr::new(&names.join(":")));
+        let mut pid_slot = LISTEN_PID.to_vec();
+        pid_slot.resize(LISTEN_PID.len() + PID_ROOM, 0);
+        env.push(pid_slot);
+        Ok(Launch { program, argv, env, fds })
+    }
+
+    /// Forks and execs the worker; returns its pid once exec has succeeded.
+    pub fn spawn(&mut self) -> io::Result<libc::pid_t> {
+        let mut argv: Vec<*const libc::c_char> = self.argv.iter().map(|a| a.as_ptr()).collect();
+        argv.push(std::ptr::null());
+        let pid_at = self.env.len() - 1;
+        // Reset the pid slot from an earlier spawn.
+        for b in &mut self.env[pid_at][LISTEN_PID.len()..] {
+            *b = 0;
+        }
+        let mut envp: Vec<*mut libc::c_char> = self.env.iter_mut().map(|e| e.as_mut_ptr().cast()).collect();
+        envp.push(std::ptr::null_mut());
+        let pid_digits: *mut u8 = envp[pid_at].cast::<u8>().wrapping_add(LISTEN_PID.len());
+
+        // Exec failure travels back over a CLOEXEC pipe: EOF means exec succeeded.
+        let mut pipe = [0; 2];
+        // SAFETY: pipe2 writes two fds into the array.
+        if unsafe { libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let n = self.fds.len() as RawFd;
+        // SAFETY: fork(2); the child branch below only uses async-signal-safe calls on memory
+        // prepared before the fork, and ends in execve or _exit.
+        let pid = unsafe { libc::fork() };
+        if pid < 0 {
+            let e = io::Error::last_os_error();
+            // SAFETY: closing the pipe we just made.
+            unsafe {
+                libc::close(pipe[0]);
+                libc::close(pipe[1]);
+            }
+            return Err(e);
+        }
+        if pid == 0 {
+            // SAFETY: in the child, see above.
+            unsafe { child(&self.program, &argv, &envp, pid_digits, &self.fds, n, pipe[1]) }
+        }
+        // SAFETY: parent side of the pipe: close the write end, read the child's verdict.
+        unsafe {
+            libc::close(pipe[1]);
+            let mut errno = [0u8; 4];
+            let r = libc::read(pipe[0], errno.as_mut_ptr().cast(), 4);
+            libc::close(pipe[0]);
+            if r == 4 {
+                let mut status = 0;
+                libc::waitpid(pid, &mut status, 0);
+                return Err(io::Error::from_raw_os_error(i32::from_ne_bytes(errno)));
+            }
+        }
+        Ok(pid)
+    }
+}
+
+/// The child between fork and exec.
+///
+/// SAFETY: must only be called in a freshly forked child; uses raw syscalls only.
+unsafe fn child(
+    program: &CString,
+    argv: &[*const libc::c_char],
+    envp: &[*mut libc::c_char],
+    pid_digits: *mut u8,
+    fds: &[RawFd],
+    n: RawFd,
+    report: RawFd,
+) -> ! {
+    unsafe {
+        let fail = |report: RawFd| -> ! {
+            let e = *libc::__errno_location();
+            let b = e.to_ne_bytes();
+            libc::write(report, b.as_ptr().cast(), 4);
+            libc::_exit(127)
+        };
+        // The front end blocks its signals for signalfd; the mask survives exec.
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+        // Rust ignores SIGPIPE; an ignored disposition survives exec too.
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        // Own process group: a terminal's Ctrl-C reaches the front end, which stops workers.
+        libc::setpgid(0, 0);
+        // The worker must not outlive the front end that holds its queue.
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+        if libc::getppid() == 1 {
+            libc::_exit(0);
+        }
+        // Move the fds above the target range first so dup2 cannot clobber a source.
+        let mut moved = [0 as RawFd; 64];
+        for (i, &fd) in fds.iter().enumerate().take(moved.len()) {
+            let m = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 3 + n);
+            if m < 0 {
+                fail(report);
+            }
+            moved[i] = m;
+        }
+        for i in 0..fds.len().min(moved.len()) {
+            if libc::dup2(moved[i], 3 + i as RawFd) < 0 {
+                fail(report);
+            }
+        }
+        for i in 0..fds.len().min(moved.len()) {
+            libc::close(moved[i]);
+        }
+        // Nothing else leaks into the worker: mark every other fd close-on-exec (the report
+        // pipe stays usable until exec).
+        libc::syscall(libc::SYS_close_range, (3 + n) as u32, u32::MAX, libc::CLOSE_RANGE_CLOEXEC);
+        // Write our pid into the LISTEN_PID slot.
+        let mut pid = libc::getpid() as u32;
+        let mut digits = [0u8; 10];
+        let mut len = 0;
+        loop {
+            digits[len] = b'0' + (pid % 10) as u8;
+            len += 1;
+            pid /= 10;
+            if pid == 0 {
+                break;
+            }
+        }
+        for i in 0..len {
+            *pid_digits.add(i) = digits[len - 1 - i];
+        }
+        libc::execve(program.as_ptr(), argv.as_ptr(), envp.as_ptr().cast());
+        fail(report)
+    }
+}

@@ -1,0 +1,325 @@
+//! The dispatcher: the front end's own io_uring loop for what the kernel did not steer.
+//! It accepts on the dispatcher sockets, reads the request head, routes it with the same
+//! rules as the kernel program (after canonicalizing the URL), and hands the connection to
+//! the pool's workers with the bytes already read — or refuses it with a clear status.
+
+mod handoff;
+pub mod head;
+
+use std::{
+    io,
+    os::fd::RawFd,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering::Relaxed},
+    },
+    time::{Duration, Instant},
+};
+
+use io_uring::{IoUring, cqueue, opcode, squeue, types};
+
+use self::head::{Decision, Limits};
+use crate::route::RouteTable;
+
+/// Counters the dispatcher keeps for status.
+#[derive(Debug, Default)]
+pub struct DispatchStats {
+    pub accepted: AtomicU64,
+    /// Per pool: connections handed to its workers.
+    pub handed_off: Vec<AtomicU64>,
+    /// Refusals by status code.
+    pub refused: Vec<(u16, AtomicU64)>,
+    pub timeouts: AtomicU64,
+}
+
+const REFUSAL_CODES: [u16; 5] = [400, 408, 414, 431, 503];
+
+impl DispatchStats {
+    pub fn new(pools: usize) -> DispatchStats {
+        DispatchStats {
+            handed_off: (0..pools).map(|_| AtomicU64::new(0)).collect(),
+            refused: REFUSAL_CODES.iter().map(|&c| (c, AtomicU64::new(0))).collect(),
+            ..Default::default()
+        }
+    }
+
+    fn refuse(&self, code: u16) {
+        if let Some((_, n)) = self.refused.iter().find(|(c, _)| *c == code) {
+            n.fetch_add(1, Relaxed);
+        }
+    }
+}
+
+/// Everything the dispatcher thread needs; it owns none of the fds.
+pub struct Dispatcher {
+    pub listeners: Vec<RawFd>,
+    /// Per pool: the front end's end of its handoff channel.
+    pub handoff: Vec<RawFd>,
+    pub routes: RouteTable,
+    pub limits: Limits,
+    pub header_timeout: Duration,
+    pub stats: Arc<DispatchStats>,
+    /// Readable (eventfd) when the dispatcher must stop.
+    pub stop: RawFd,
+}
+
+const RING_ENTRIES: u32 = 1024;
+/// How long a refused connection may take to close its side after our answer.
+const LINGER: Duration = Duration::from_secs(2);
+const TICK: Duration = Duration::from_secs(1);
+
+// user_data: op << 32 | index
+const OP_ACCEPT: u64 = 1;
+const OP_RECV: u64 = 2;
+const OP_SEND: u64 = 3;
+const OP_LINGER: u64 = 4;
+const OP_LINGER_TIMEOUT: u64 = 5;
+const OP_TICK: u64 = 6;
+const OP_STOP: u64 = 7;
+
+fn ud(op: u64, index: usize) -> u64 {
+    op << 32 | index as u64
+}
+
+enum State {
+    Reading,
+    Replying,
+    Lingering,
+}
+
+struct Conn {
+    fd: RawFd,
+    buf: Vec<u8>,
+    filled: usize,
+    state: State,
+    deadline: Instant,
+    reply: Vec<u8>,
+    sent: usize,
+    /// Operations in flight; the slot is freed only when none are.
+    inflight: u32,
+}
+
+pub fn run(d: Dispatcher) -> io::Result<()> {
+    let mut ring = IoUring::builder().setup_coop_taskrun().build(RING_ENTRIES)?;
+    let mut conns: Vec<Option<Conn>> = Vec::new();
+    let mut free: Vec<usize> = Vec::new();
+    let mut pending: Vec<squeue::Entry> = Vec::new();
+    let tick = types::Timespec::from(TICK);
+    let linger_ts = types::Timespec::from(LINGER);
+    let mut stop_buf = [0u8; 8];
+
+    for (i, &fd) in d.listeners.iter().enumerate() {
+        pending.push(accept(fd, i));
+    }
+    pending.push(opcode::Timeout::new(&tick).build().user_data(ud(OP_TICK, 0)));
+    pending.push(
+        opcode::Read::new(types::Fd(d.stop), stop_buf.as_mut_ptr(), 8).build().user_data(ud(OP_STOP, 0)),
+    );
+
+    loop {
+        {
+            let mut sq = ring.submission();
+            for e in pending.drain(..) {
+                // SAFETY: every buffer an entry points at lives in `conns` (boxed Vec storage
+                // that is not touched while the op is in flight), in `stop_buf` or `tick`.
+                while unsafe { sq.push(&e) }.is_err() {
+                    drop(sq);
+                    ring.submit()?;
+                    sq = ring.submission();
+                }
+            }
+        }
+        match ring.submit_and_wait(1) {
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) || e.raw_os_error() == Some(libc::EBUSY) => {}
+            Err(e) => return Err(e),
+        }
+        let cqes: Vec<(u64, i32, u32)> = ring.completion().map(|c: cqueue::Entry| (c.user_data(), c.result(), c.flags())).collect();
+        for (user_data, res, flags) in cqes {
+            let op = user_data >> 32;
+            let index = (user_data & 0xffff_ffff) as usize;
+            match op {
+                OP_STOP => return Ok(()),
+                OP_TICK => {
+                    let now = Instant::now();
+                    for c in conns.iter_mut().flatten() {
+                        if !matches!(c.state, State::Lingering) && now > c.deadline {
+                            d.stats.timeouts.fetch_add(1, Relaxed);
+                            // Ends the pending recv (it returns 0); the normal path closes.
+                            // SAFETY: shutdown on a connection we own.
+                            unsafe { libc::shutdown(c.fd, libc::SHUT_RDWR) };
+                        }
+                    }
+                    pending.push(opcode::Timeout::new(&tick).build().user_data(ud(OP_TICK, 0)));
+                }
+                OP_ACCEPT => {
+                    if !cqueue::more(flags) {
+                        pending.push(accept(d.listeners[index], index));
+                    }
+                    if res < 0 {
+                        if res != -libc::EINTR && res != -libc::ECONNABORTED {
+                            log::warn!("dispatcher accept: {}", io::Error::from_raw_os_error(-res));
+                        }
+                        continue;
+                    }
+                    d.stats.accepted.fetch_add(1, Relaxed);
+                    let conn = Conn {
+                        fd: res,
+                        buf: vec![0; d.limits.max_request_head.max(d.limits.max_url + 64) + 1],
+                        filled: 0,
+                        state: State::Reading,
+                        deadline: Instant::now() + d.header_timeout,
+                        reply: Vec::new(),
+                        sent: 0,
+                        inflight: 0,
+                    };
+                    let slot = free.pop().unwrap_or_else(|| {
+                        conns.push(None);
+                        conns.len() - 1
+                    });
+                    conns[slot] = Some(conn);
+                    if let Some(c) = conns[slot].as_mut() {
+                        pending.push(recv(c, slot));
+                    }
+                }
+                OP_RECV => {
+                    let Some(c) = conns[index].as_mut() else { continue };
+                    c.inflight -= 1;
+                    if res <= 0 {
+                        close(&mut conns, &mut free, index);
+                        continue;
+                    }
+                    c.filled += res as usize;
+                    match head::decide(&c.buf[..c.filled], &d.limits, &d.routes) {
+                        Decision::NeedMore if c.filled < c.buf.len() => pending.push(recv(c, index)),
+                        Decision::NeedMore => {
+                            start_reply(c, 431, "the request head is too large", &d.stats);
+                            pending.push(send(c, index));
+                        }
+                        Decision::Pool(pool) => match handoff::send(d.handoff[pool], c.fd, &c.buf[..c.filled]) {
+                            Ok(()) => {
+                                d.stats.handed_off[pool].fetch_add(1, Relaxed);
+                                close(&mut conns, &mut free, index);
+                            }
+                            Err(e) => {
+                                log::warn!("handoff to pool {pool} failed: {e}");
+                                start_reply(c, 503, "the application's queue is full", &d.stats);
+                                pending.push(send(c, index));
+                            }
+                        },
+                        Decision::Refuse(code, why) => {
+                            start_reply(c, code, why, &d.stats);
+                            pending.push(send(c, index));
+                        }
+                    }
+                }
+                OP_SEND => {
+                    let Some(c) = conns[index].as_mut() else { continue };
+                    c.inflight -= 1;
+                    if res <= 0 {
+                        close(&mut conns, &mut free, index);
+                        continue;
+                    }
+                    c.sent += res as usize;
+                    if c.sent < c.reply.len() {
+                        pending.push(send(c, index));
+                        continue;
+                    }
+                    // Let the client close first: the answer says `Connection: close` and has a
+                    // length, so the client closes once it has read it; wait briefly for its
+                    // FIN. Whoever sends the first FIN keeps the TIME_WAIT, and a server-side
+                    // TIME_WAIT defeats first-segment steering of that client's next SYN.
+                    c.state = State::Lingering;
+                    pending.extend(linger(c, index, &linger_ts));
+                }
+                OP_LINGER => {
+                    let Some(c) = conns[index].as_mut() else { continue };
+                    c.inflight -= 1;
+                    if res > 0 && Instant::now() < c.deadline {
+                        pending.extend(linger(c, index, &linger_ts));
+                    } else if c.inflight == 0 {
+                        close(&mut conns, &mut free, index);
+                    } else {
+                        // The linked timeout is still to complete; close then.
+                        c.filled = usize::MAX;
+                    }
+                }
+                OP_LINGER_TIMEOUT => {
+                    let Some(c) = conns[index].as_mut() else { continue };
+                    c.inflight -= 1;
+                    if c.inflight == 0 && c.filled == usize::MAX {
+                        close(&mut conns, &mut free, index);
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+fn accept(fd: RawFd, index: usize) -> squeue::Entry {
+    opcode::AcceptMulti::new(types::Fd(fd)).flags(libc::SOCK_CLOEXEC).build().user_data(ud(OP_ACCEPT, index))
+}
+
+fn recv(c: &mut Conn, index: usize) -> squeue::Entry {
+    c.inflight += 1;
+    let rest = &mut c.buf[c.filled..];
+    opcode::Recv::new(types::Fd(c.fd), rest.as_mut_ptr(), rest.len() as u32).build().user_data(ud(OP_RECV, index))
+}
+
+fn send(c: &mut Conn, index: usize) -> squeue::Entry {
+    c.inflight += 1;
+    let rest = &c.reply[c.sent..];
+    opcode::Send::new(types::Fd(c.fd), rest.as_ptr(), rest.len() as u32)
+        .flags(libc::MSG_NOSIGNAL)
+        .build()
+        .user_data(ud(OP_SEND, index))
+}
+
+fn linger(c: &mut Conn, index: usize, ts: &types::Timespec) -> [squeue::Entry; 2] {
+    c.inflight += 2;
+    c.filled = 0;
+    let buf = &mut c.buf[..];
+    [
+        opcode::Recv::new(types::Fd(c.fd), buf.as_mut_ptr(), buf.len() as u32)
+            .build()
+            .flags(squeue::Flags::IO_LINK)
+            .user_data(ud(OP_LINGER, index)),
+        opcode::LinkTimeout::new(ts).build().user_data(ud(OP_LINGER_TIMEOUT, index)),
+    ]
+}
+
+fn start_reply(c: &mut Conn, code: u16, why: &str, stats: &DispatchStats) {
+    stats.refuse(code);
+    c.state = State::Replying;
+    c.deadline = Instant::now() + LINGER;
+    c.reply = reply(code, why);
+    c.sent = 0;
+}
+
+/// A complete answer that closes the connection.
+pub fn reply(code: u16, why: &str) -> Vec<u8> {
+    let reason = match code {
+        400 => "Bad Request",
+        408 => "Request Timeout",
+        414 => "URI Too Long",
+        431 => "Request Header Fields Too Large",
+        503 => "Service Unavailable",
+        _ => "Error",
+    };
+    let body = format!("{code} {reason}: {why}\n");
+    let retry = if code == 503 { "Retry-After: 1\r\n" } else { "" };
+    format!(
+        "HTTP/1.1 {code} {reason}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\n{retry}Connection: close\r\nServer: sluice\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+fn close(conns: &mut [Option<Conn>], free: &mut Vec<usize>, index: usize) {
+    if let Some(c) = conns[index].take() {
+        // SAFETY: the connection's fd is ours and no operation on it is in flight.
+        unsafe { libc::close(c.fd) };
+        free.push(index);
+    }
+}

@@ -1,0 +1,95 @@
+//! `sluice`: the front end. `check` validates a config, `run` serves it, `status` asks a
+//! running front end over its admin socket.
+
+mod activation;
+mod admin;
+mod canonical;
+mod config;
+mod dispatcher;
+mod route;
+mod server;
+mod sockets;
+mod status;
+mod steering;
+mod sysctl;
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "sluice", version, about = "HTTP front end: eBPF-steered application pools with io_uring workers")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Check a config file and report every problem, naming its key.
+    Check { config: PathBuf },
+    /// Serve a config: load the kernel programs, open the pools' queues, start the workers.
+    Run { config: PathBuf },
+    /// Show pools, workers, queue lengths and steering counters of a running front end.
+    Status {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// The admin socket (default: the one in --config, else /run/sluice/admin.sock).
+        #[arg(long)]
+        admin: Option<PathBuf>,
+        /// Read the admin socket path from this config file.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+}
+
+fn main() {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format_timestamp_millis()
+        .init();
+    if let Err(e) = real_main() {
+        eprintln!("sluice: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn real_main() -> Result<()> {
+    match Cli::parse().command {
+        Command::Check { config } => {
+            let c = config::Config::load(&config)?;
+            println!(
+                "{}: ok ({} listen address(es), {} pool(s), {} route(s), steering {})",
+                config.display(),
+                c.listen.len(),
+                c.pools.len(),
+                c.routes.len(),
+                c.steering.as_str()
+            );
+            for p in c.unrouted_pools() {
+                println!("warning: pool {p} has no route");
+            }
+            Ok(())
+        }
+        Command::Run { config } => {
+            let c = config::Config::load(&config)?;
+            server::run(c)
+        }
+        Command::Status { json, admin, config } => {
+            let path = match (admin, config) {
+                (Some(p), _) => p,
+                (None, Some(c)) => config::Config::load(&c)?.admin_socket,
+                (None, None) => PathBuf::from(config::DEFAULT_ADMIN_SOCKET),
+            };
+            let answer = admin::ask(&path, "status")?;
+            if json {
+                print!("{answer}");
+            } else {
+                let s: status::Status = serde_json::from_str(&answer).context("reading the status answer")?;
+                print!("{}", s.render());
+            }
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,92 @@
+//! Reads and writes of the steering maps. Keys and values come from `sluice_common`.
+
+use std::os::fd::AsRawFd;
+
+use aya::{
+    Ebpf,
+    maps::{Array, HashMap, LpmTrie, MapError, PerCpuArray, ReusePortSockArray, lpm_trie::Key},
+};
+use sluice_common::{CFG_MODE, MAX_PREFIX, PoolSlots, counter};
+
+use super::SteeringError;
+
+fn map_error(what: impl Into<String>) -> impl FnOnce(MapError) -> SteeringError {
+    let what = what.into();
+    move |source| SteeringError::Map { what, source }
+}
+
+fn map<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut aya::maps::Map, SteeringError> {
+    ebpf.map_mut(name).ok_or(SteeringError::Missing(name))
+}
+
+pub(super) fn set_mode(ebpf: &mut Ebpf, mode: u32) -> Result<(), SteeringError> {
+    let mut config: Array<_, u32> = map(ebpf, "CONFIG")?.try_into().map_err(map_error("CONFIG"))?;
+    config.set(CFG_MODE, mode, 0).map_err(map_error("CONFIG[mode]"))
+}
+
+pub(super) fn set_socket(ebpf: &mut Ebpf, slot: u32, socket: &impl AsRawFd) -> Result<(), SteeringError> {
+    let mut sockets: ReusePortSockArray<_> = map(ebpf, "SOCKETS")?.try_into().map_err(map_error("SOCKETS"))?;
+    sockets.set(slot, socket, 0).map_err(map_error(format!("SOCKETS[{slot}]")))
+}
+
+pub(super) fn set_pool(ebpf: &mut Ebpf, pool: u32, slots: PoolSlots) -> Result<(), SteeringError> {
+    let mut pools: Array<_, PoolSlots> = map(ebpf, "POOLS")?.try_into().map_err(map_error("POOLS"))?;
+    pools.set(pool, slots, 0).map_err(map_error(format!("POOLS[{pool}]")))
+}
+
+/// The trie key for a normalized prefix (ends in `/`): its bytes, length in bits.
+pub(super) fn route_key(prefix: &str) -> Key<[u8; MAX_PREFIX]> {
+    let mut data = [0u8; MAX_PREFIX];
+    let n = prefix.len().min(MAX_PREFIX);
+    data[..n].copy_from_slice(&prefix.as_bytes()[..n]);
+    Key::new((n * 8) as u32, data)
+}
+
+pub(super) fn set_route(ebpf: &mut Ebpf, prefix: &str, pool: u32) -> Result<(), SteeringError> {
+    let mut routes: LpmTrie<_, [u8; MAX_PREFIX], u32> =
+        map(ebpf, "ROUTES")?.try_into().map_err(map_error("ROUTES"))?;
+    routes.insert(&route_key(prefix), pool, 0).map_err(map_error(format!("ROUTES[{prefix}]")))
+}
+
+pub(super) fn set_gated_ports(ebpf: &mut Ebpf, ports: &[u16]) -> Result<(), SteeringError> {
+    let mut gated: HashMap<_, u16, u8> =
+        map(ebpf, "GATED_PORTS")?.try_into().map_err(map_error("GATED_PORTS"))?;
+    for &port in ports {
+        gated.insert(port, 1, 0).map_err(map_error(format!("GATED_PORTS[{port}]")))?;
+    }
+    Ok(())
+}
+
+/// The steering counters (see `sluice_common::counter`), summed over CPUs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Counters(pub Vec<u64>);
+
+impl Counters {
+    pub fn get(&self, index: u32) -> u64 {
+        self.0.get(index as usize).copied().unwrap_or(0)
+    }
+
+    pub fn steered(&self, pool: usize) -> u64 {
+        self.get(counter::POOL_BASE + pool as u32)
+    }
+
+    pub(super) fn add(&mut self, other: &Counters) {
+        if self.0.len() < other.0.len() {
+            self.0.resize(other.0.len(), 0);
+        }
+        for (a, b) in self.0.iter_mut().zip(&other.0) {
+            *a += b;
+        }
+    }
+}
+
+pub(super) fn counters(ebpf: &Ebpf) -> Result<Counters, SteeringError> {
+    let m = ebpf.map("COUNTERS").ok_or(SteeringError::Missing("COUNTERS"))?;
+    let array: PerCpuArray<_, u64> = m.try_into().map_err(map_error("COUNTERS"))?;
+    let mut out = vec![0u64; counter::LEN as usize];
+    for (i, slot) in out.iter_mut().enumerate() {
+        let values = array.get(&(i as u32), 0).map_err(map_error(format!("COUNTERS[{i}]")))?;
+        *slot = values.iter().sum();
+    }
+    Ok(Counters(out))
+}

@@ -1,0 +1,149 @@
+//! The kernel side of routing: loads sluice's eBPF object once per listen address (one
+//! SO_REUSEPORT group each), attaches the steering program to the group, and — in
+//! first-segment mode — the ack gate to the interfaces the listen addresses use.
+//! Map contents are written through `maps`; interfaces are found by `gate`.
+
+mod gate;
+mod maps;
+
+use std::os::fd::{AsFd, AsRawFd};
+
+use aya::{
+    Ebpf,
+    programs::{ProgramError, SchedClassifier, SkReuseport, TcAttachType},
+};
+
+pub use gate::interfaces_for;
+pub use maps::Counters;
+
+/// The object built by `cargo xtask build-ebpf` (see build.rs).
+static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("SLUICE_EBPF_OBJECT"));
+
+/// The steering program attached to every group: the `migrate` variant, so a closing pool
+/// socket's queue moves to the dispatcher instead of being hashed across pools.
+const STEER_PROGRAM: &str = "steer_migrate";
+const GATE_PROGRAM: &str = "ack_gate";
+
+#[derive(Debug, thiserror::Error)]
+pub enum SteeringError {
+    #[error("loading the eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("the eBPF object has no {0}")]
+    Missing(&'static str),
+    #[error("{what}: {source}")]
+    Program { what: String, source: ProgramError },
+    #[error("{what}: {source}")]
+    Map { what: String, source: aya::maps::MapError },
+}
+
+fn program_error(what: impl Into<String>) -> impl FnOnce(ProgramError) -> SteeringError {
+    let what = what.into();
+    move |source| {
+        // The verifier log is the only useful part of a load failure.
+        let what = match &source {
+            ProgramError::LoadError { verifier_log, .. } => {
+                let log = verifier_log.to_string();
+                let lines: Vec<&str> = log.lines().collect();
+                let tail = lines[lines.len().saturating_sub(30)..].join("\n");
+                format!("{what}\nverifier log (last lines):\n{tail}")
+            }
+            _ => what,
+        };
+        let source = match source {
+            ProgramError::LoadError { io_error, .. } => ProgramError::IOError(io_error),
+            other => other,
+        };
+        SteeringError::Program { what, source }
+    }
+}
+
+/// One loaded copy of the object per reuseport group.
+pub struct Steering {
+    groups: Vec<Ebpf>,
+    gated: Vec<String>,
+}
+
+impl Steering {
+    /// Loads and verifies the programs for `groups` reuseport groups.
+    pub fn load(groups: usize) -> Result<Steering, SteeringError> {
+        let mut loaded = Vec::with_capacity(groups);
+        for g in 0..groups {
+            let mut ebpf = Ebpf::load(OBJECT)?;
+            let prog: &mut SkReuseport = ebpf
+                .program_mut(STEER_PROGRAM)
+                .ok_or(SteeringError::Missing(STEER_PROGRAM))?
+                .try_into()
+                .map_err(program_error(STEER_PROGRAM))?;
+            prog.load().map_err(program_error(format!("verifying {STEER_PROGRAM} (group {g})")))?;
+            loaded.push(ebpf);
+        }
+        Ok(Steering { groups: loaded, gated: Vec::new() })
+    }
+
+    /// Attaches the steering program to the group `socket` belongs to.
+    pub fn attach(&self, group: usize, socket: impl AsFd) -> Result<(), SteeringError> {
+        let ebpf = &self.groups[group];
+        let prog: &SkReuseport = ebpf
+            .program(STEER_PROGRAM)
+            .ok_or(SteeringError::Missing(STEER_PROGRAM))?
+            .try_into()
+            .map_err(program_error(STEER_PROGRAM))?;
+        prog.attach(socket).map_err(program_error(format!("attaching {STEER_PROGRAM}")))
+    }
+
+    /// Attaches the ack gate (first-segment mode) to `interfaces`, for `ports`.
+    pub fn attach_gate(&mut self, interfaces: &[String], ports: &[u16]) -> Result<(), SteeringError> {
+        let Some(ebpf) = self.groups.first_mut() else { return Ok(()) };
+        maps::set_gated_ports(ebpf, ports)?;
+        let prog: &mut SchedClassifier = ebpf
+            .program_mut(GATE_PROGRAM)
+            .ok_or(SteeringError::Missing(GATE_PROGRAM))?
+            .try_into()
+            .map_err(program_error(GATE_PROGRAM))?;
+        prog.load().map_err(program_error(format!("verifying {GATE_PROGRAM}")))?;
+        for iface in interfaces {
+            // TCX (kernel 6.6+) needs no qdisc; older kernels need clsact. Already there is fine.
+            let _ = aya::programs::tc::qdisc_add_clsact(iface);
+            prog.attach(iface, TcAttachType::Ingress)
+                .map_err(program_error(format!("attaching {GATE_PROGRAM} to {iface} ingress")))?;
+            log::info!("ack gate attached to {iface} ingress for ports {ports:?}");
+            self.gated.push(iface.clone());
+        }
+        Ok(())
+    }
+
+    pub fn set_mode(&mut self, mode: u32) -> Result<(), SteeringError> {
+        self.groups.iter_mut().try_for_each(|e| maps::set_mode(e, mode))
+    }
+
+    pub fn set_socket(&mut self, group: usize, slot: u32, socket: &impl AsRawFd) -> Result<(), SteeringError> {
+        maps::set_socket(&mut self.groups[group], slot, socket)
+    }
+
+    pub fn set_pool(&mut self, pool: u32, slots: sluice_common::PoolSlots) -> Result<(), SteeringError> {
+        self.groups.iter_mut().try_for_each(|e| maps::set_pool(e, pool, slots))
+    }
+
+    pub fn set_route(&mut self, prefix: &str, pool: u32) -> Result<(), SteeringError> {
+        self.groups.iter_mut().try_for_each(|e| maps::set_route(e, prefix, pool))
+    }
+
+    /// The counters summed over CPUs and groups.
+    pub fn counters(&self) -> Result<Counters, SteeringError> {
+        let mut total = Counters::default();
+        for e in &self.groups {
+            total.add(&maps::counters(e)?);
+        }
+        Ok(total)
+    }
+}
+
+impl Drop for Steering {
+    fn drop(&mut self) {
+        // Dropping the Ebpf objects detaches the TCX links; sk_reuseport programs go with
+        // the group's sockets, which the caller closes.
+        for iface in &self.gated {
+            log::info!("ack gate detached from {iface}");
+        }
+    }
+}

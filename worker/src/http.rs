@@ -1,0 +1,1002 @@
+//! HTTP/1.1 on one connection: request heads (httparse), bodies (`Content-Length` and an
+//! incremental in-place chunked decoder), keep-alive rules, pipelining and response
+//! serialization. No I/O here: the runtime feeds bytes in and sends what comes out.
+
+use std::cell::RefCell;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::{Request, Response};
+
+/// Most header lines accepted in one request head (more -> 431).
+const MAX_HEADERS: usize = 100;
+/// Longest chunk-extension or trailer section accepted in a chunked body.
+const MAX_CHUNK_META: usize = 16 * 1024;
+
+/// Size limits for one request.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Limits {
+    /// Longest request head (request line + headers + blank line); more -> 431.
+    pub max_head: usize,
+    /// Longest request target; more -> 414.
+    pub max_url: usize,
+    /// Largest decoded body; more -> 413.
+    pub max_body: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_head: 16 * 1024,
+            max_url: 16 * 1024,
+            max_body: 64 * 1024 * 1024,
+        }
+    }
+}
+
+/// What the connection should do after [`HttpConn::process`].
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    /// Send what is in the write buffer (if anything), then read more; `hint` is how many more
+    /// bytes the current request still needs, when known (0 = unknown).
+    NeedMore { hint: usize },
+    /// Send what is in the write buffer, then close the connection (lingering close).
+    Close,
+}
+
+/// How the body of a request is framed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    None,
+    Length(usize),
+    Chunked,
+}
+
+/// What the head says about the request, without borrowing the buffer.
+#[derive(Debug, Clone, Copy)]
+struct HeadInfo {
+    head_len: usize,
+    framing: Framing,
+    keep_alive: bool,
+    http10: bool,
+    expect_continue: bool,
+}
+
+/// A request whose head is complete but whose body is still arriving. It starts at offset 0 of
+/// the read buffer (the buffer is compacted after every `process`).
+#[derive(Debug)]
+struct Pending {
+    info: HeadInfo,
+    chunked: Option<ChunkedDecoder>,
+    continue_sent: bool,
+}
+
+/// Per-connection HTTP state.
+#[derive(Debug, Default)]
+pub(crate) struct HttpConn {
+    limits: Limits,
+    pending: Option<Pending>,
+}
+
+/// A request-level error answered with a status and `Connection: close`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Reject(u16);
+
+impl HttpConn {
+    pub(crate) fn new(limits: Limits) -> Self {
+        HttpConn {
+            limits,
+            pending: None,
+        }
+    }
+
+    /// True when no request is partly received: the connection is idle between requests.
+    pub(crate) fn is_idle(&self, rbuf: &[u8]) -> bool {
+        self.pending.is_none() && rbuf.is_empty()
+    }
+
+    /// Parses and answers every complete request in `rbuf`, in order, appending the responses
+    /// to `wbuf`. Consumed bytes are removed from `rbuf`. `closing` makes the next response the
+    /// last one (graceful stop).
+    pub(crate) fn process<F>(
+        &mut self,
+        rbuf: &mut Vec<u8>,
+        wbuf: &mut Vec<u8>,
+        closing: bool,
+        handler: &mut F,
+    ) -> Outcome
+    where
+        F: FnMut(&Request<'_>) -> Response,
+    {
+        let mut pos = 0;
+        let outcome = loop {
+            let step = if self.pending.is_some() {
+                self.continue_body(rbuf, wbuf, closing, handler)
+            } else if pos == rbuf.len() {
+                break Outcome::NeedMore { hint: 0 };
+            } else {
+                self.start_request(rbuf, pos, wbuf, closing, handler)
+            };
+            match step {
+                Step::Done {
+                    consumed,
+                    keep_alive,
+                } => {
+                    pos += consumed;
+                    if !keep_alive {
+                        break Outcome::Close;
+                    }
+                }
+                Step::BodyPending => {
+                    // Move the request to the front so the body state's offsets start at 0.
+                    rbuf.drain(..pos);
+                    pos = 0;
+                }
+                Step::Incomplete => {
+                    let hint = self
+                        .pending
+                        .as_ref()
+                        .map_or(0, |p| p.bytes_wanted(rbuf.len()));
+                    break Outcome::NeedMore { hint };
+                }
+                Step::Rejected(Reject(status)) => {
+                    self.pending = None;
+                    write_error(wbuf, status);
+                    break Outcome::Close;
+                }
+            }
+        };
+        if outcome == Outcome::Close {
+            rbuf.clear();
+        } else if pos > 0 {
+            rbuf.drain(..pos);
+        }
+        outcome
+    }
+
+    /// Parses a new request head at `rbuf[pos..]`; answers it at once when its body is already
+    /// in the buffer (the common case), otherwise records it as pending.
+    fn start_request<F>(
+        &mut self,
+        rbuf: &[u8],
+        pos: usize,
+        wbuf: &mut Vec<u8>,
+        closing: bool,
+        handler: &mut F,
+    ) -> Step
+    where
+        F: FnMut(&Request<'_>) -> Response,
+    {
+        let limits = self.limits;
+        let input = &rbuf[pos..];
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut parsed = httparse::Request::new(&mut headers);
+        let head_len = match parsed.parse(input) {
+            Ok(httparse::Status::Complete(n)) => n,
+            Ok(httparse::Status::Partial) => {
+                return match oversized_head(input, limits) {
+                    Some(reject) => Step::Rejected(reject),
+                    None => Step::Incomplete,
+                };
+            }
+            Err(httparse::Error::TooManyHeaders) => return Step::Rejected(Reject(431)),
+            Err(e) => {
+                log::debug!("malformed request head: {e}");
+                return Step::Rejected(Reject(400));
+            }
+        };
+        let info = match head_info(&parsed, head_len, limits) {
+            Ok(info) => info,
+            Err(reject) => return Step::Rejected(reject),
+        };
+        let keep_alive = info.keep_alive && !closing;
+        match info.framing {
+            Framing::None => {
+                let req = Request::from_parsed(&parsed, &[]);
+                respond(wbuf, &req, keep_alive, info.http10, handler);
+                Step::Done {
+                    consumed: head_len,
+                    keep_alive,
+                }
+            }
+            Framing::Length(n) if input.len() - head_len >= n => {
+                let req = Request::from_parsed(&parsed, &input[head_len..head_len + n]);
+                respond(wbuf, &req, keep_alive, info.http10, handler);
+                Step::Done {
+                    consumed: head_len + n,
+                    keep_alive,
+                }
+            }
+            Framing::Length(_) | Framing::Chunked => {
+                let chunked =
+                    (info.framing == Framing::Chunked).then(|| ChunkedDecoder::new(head_len));
+                self.pending = Some(Pending {
+                    info,
+                    chunked,
+                    continue_sent: false,
+                });
+                Step::BodyPending
+            }
+        }
+    }
+
+    /// Advances the pending request's body with the bytes now in `rbuf` (the request starts at
+    /// offset 0) and answers it once complete.
+    fn continue_body<F>(
+        &mut self,
+        rbuf: &mut [u8],
+        wbuf: &mut Vec<u8>,
+        closing: bool,
+        handler: &mut F,
+    ) -> Step
+    where
+        F: FnMut(&Request<'_>) -> Response,
+    {
+        let Some(pending) = self.pending.as_mut() else {
+            return Step::Incomplete;
+        };
+        let info = pending.info;
+        let (body_end, consumed) = match pending.chunked.as_mut() {
+            None => {
+                let Framing::Length(n) = info.framing else {
+                    return Step::Rejected(Reject(500));
+                };
+                if rbuf.len() < info.head_len + n {
+                    return pending.incomplete(wbuf);
+                }
+                (info.head_len + n, info.head_len + n)
+            }
+            Some(decoder) => match decoder.decode(rbuf, self.limits.max_body) {
+                Ok(Decoded::Done { body_end, consumed }) => (body_end, consumed),
+                Ok(Decoded::NeedMore) => return pending.incomplete(wbuf),
+                Err(reject) => return Step::Rejected(reject),
+            },
+        };
+        self.pending = None;
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut parsed = httparse::Request::new(&mut headers);
+        if !matches!(
+            parsed.parse(&rbuf[..info.head_len]),
+            Ok(httparse::Status::Complete(_))
+        ) {
+            return Step::Rejected(Reject(500));
+        }
+        let keep_alive = info.keep_alive && !closing;
+        let req = Request::from_parsed(&parsed, &rbuf[info.head_len..body_end]);
+        respond(wbuf, &req, keep_alive, info.http10, handler);
+        Step::Done {
+            consumed,
+            keep_alive,
+        }
+    }
+}
+
+enum Step {
+    /// A request was answered; `consumed` bytes of input belong to it.
+    Done {
+        consumed: usize,
+        keep_alive: bool,
+    },
+    /// A head was parsed; its body is handled by the pending state from now on.
+    BodyPending,
+    /// More input is needed.
+    Incomplete,
+    Rejected(Reject),
+}
+
+impl Pending {
+    fn incomplete(&mut self, wbuf: &mut Vec<u8>) -> Step {
+        if self.info.expect_continue && !self.continue_sent {
+            wbuf.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
+            self.continue_sent = true;
+        }
+        Step::Incomplete
+    }
+
+    /// How many more bytes the body needs, when known.
+    fn bytes_wanted(&self, have: usize) -> usize {
+        match (self.info.framing, &self.chunked) {
+            (Framing::Length(n), _) => (self.info.head_len + n).saturating_sub(have),
+            (_, Some(d)) => d.bytes_wanted(),
+            _ => 0,
+        }
+    }
+}
+
+/// Decides between 414 and 431 for a head that has not ended within the limits.
+fn oversized_head(input: &[u8], limits: Limits) -> Option<Reject> {
+    let line_end = input.iter().position(|&b| b == b'\n');
+    match line_end {
+        None if input.len() > limits.max_url => Some(Reject(414)),
+        Some(n) if n > limits.max_url => Some(Reject(414)),
+        _ if input.len() > limits.max_head => Some(Reject(431)),
+        _ => None,
+    }
+}
+
+fn head_info(
+    parsed: &httparse::Request<'_, '_>,
+    head_len: usize,
+    limits: Limits,
+) -> Result<HeadInfo, Reject> {
+    let target = parsed.path.unwrap_or("");
+    if target.len() > limits.max_url {
+        return Err(Reject(414));
+    }
+    if head_len > limits.max_head {
+        return Err(Reject(431));
+    }
+    let http10 = parsed.version == Some(0);
+    let mut content_length: Option<usize> = None;
+    let mut chunked = false;
+    let mut has_host = false;
+    let mut conn_close = false;
+    let mut conn_keep_alive = false;
+    let mut expect_continue = false;
+    for h in parsed.headers.iter() {
+        let name = h.name;
+        if name.eq_ignore_ascii_case("content-length") {
+            let n = parse_content_length(h.value).ok_or(Reject(400))?;
+            if content_length.is_some_and(|prev| prev != n) {
+                return Err(Reject(400));
+            }
+            content_length = Some(n);
+        } else if name.eq_ignore_ascii_case("transfer-encoding") {
+            if chunked || !trim(h.value).eq_ignore_ascii_case(b"chunked") {
+                // Only a single, final `chunked` coding is understood.
+                return Err(Reject(if chunked { 400 } else { 501 }));
+            }
+            chunked = true;
+        } else if name.eq_ignore_ascii_case("connection") {
+            for token in h.value.split(|&b| b == b',').map(trim) {
+                conn_close |= token.eq_ignore_ascii_case(b"close");
+                conn_keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
+            }
+        } else if name.eq_ignore_ascii_case("host") {
+            has_host = true;
+        } else if name.eq_ignore_ascii_case("expect") {
+            if !trim(h.value).eq_ignore_ascii_case(b"100-continue") {
+                return Err(Reject(417));
+            }
+            expect_continue = !http10;
+        }
+    }
+    if !http10 && !has_host {
+        return Err(Reject(400));
+    }
+    let framing = match (chunked, content_length) {
+        (true, Some(_)) => return Err(Reject(400)),
+        (true, None) => Framing::Chunked,
+        (false, Some(n)) if n > limits.max_body => return Err(Reject(413)),
+        (false, Some(0)) | (false, None) => Framing::None,
+        (false, Some(n)) => Framing::Length(n),
+    };
+    let keep_alive = if http10 {
+        conn_keep_alive && !conn_close
+    } else {
+        !conn_close
+    };
+    Ok(HeadInfo {
+        head_len,
+        framing,
+        keep_alive,
+        http10,
+        expect_continue,
+    })
+}
+
+fn parse_content_length(value: &[u8]) -> Option<usize> {
+    let v = trim(value);
+    if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    v.iter().try_fold(0usize, |acc, &d| {
+        acc.checked_mul(10)?.checked_add(usize::from(d - b'0'))
+    })
+}
+
+fn trim(v: &[u8]) -> &[u8] {
+    v.trim_ascii()
+}
+
+/// Calls the handler and serializes its response.
+fn respond<F>(
+    wbuf: &mut Vec<u8>,
+    req: &Request<'_>,
+    keep_alive: bool,
+    http10: bool,
+    handler: &mut F,
+) where
+    F: FnMut(&Request<'_>) -> Response,
+{
+    let resp = handler(req);
+    let keep_alive = keep_alive && !resp.close;
+    let head_only = req.method() == "HEAD";
+    write_response(wbuf, &resp, keep_alive, http10, head_only);
+}
+
+/// Appends `resp` to `wbuf` with the framing headers the server owns.
+pub(crate) fn write_response(
+    wbuf: &mut Vec<u8>,
+    resp: &Response,
+    keep_alive: bool,
+    http10: bool,
+    head_only: bool,
+) {
+    let status = resp.status;
+    wbuf.reserve(128 + resp.headers.len() + resp.body.len());
+    wbuf.extend_from_slice(b"HTTP/1.1 ");
+    push_decimal(wbuf, u64::from(status));
+    wbuf.push(b' ');
+    wbuf.extend_from_slice(reason(status).as_bytes());
+    wbuf.extend_from_slice(b"\r\n");
+    if !resp.has_server {
+        wbuf.extend_from_slice(b"Server: sluice-worker\r\n");
+    }
+    if !resp.has_date {
+        wbuf.extend_from_slice(b"Date: ");
+        push_date(wbuf);
+        wbuf.extend_from_slice(b"\r\n");
+    }
+    wbuf.extend_from_slice(&resp.headers);
+    let bodiless = (100..200).contains(&status) || status == 204 || status == 304;
+    if !bodiless {
+        wbuf.extend_from_slice(b"Content-Length: ");
+        push_decimal(wbuf, resp.body.len() as u64);
+        wbuf.extend_from_slice(b"\r\n");
+    }
+    if !keep_alive {
+        wbuf.extend_from_slice(b"Connection: close\r\n");
+    } else if http10 {
+        wbuf.extend_from_slice(b"Connection: keep-alive\r\n");
+    }
+    wbuf.extend_from_slice(b"\r\n");
+    if !head_only && !bodiless {
+        wbuf.extend_from_slice(&resp.body);
+    }
+}
+
+/// Appends a short error response that closes the connection.
+pub(crate) fn write_error(wbuf: &mut Vec<u8>, status: u16) {
+    let body = format!("{} {}\n", status, reason(status));
+    let resp = Response::new(status)
+        .header("content-type", "text/plain")
+        .body(body);
+    write_response(wbuf, &resp, false, false, false);
+}
+
+fn push_decimal(buf: &mut Vec<u8>, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    buf.extend_from_slice(&digits[i..]);
+}
+
+/// Standard reason phrase for `status` ("" for unknown codes, which HTTP allows).
+pub(crate) fn reason(status: u16) -> &'static str {
+    match status {
+        100 => "Continue",
+        101 => "Switching Protocols",
+        200 => "OK",
+        201 => "Created",
+        202 => "Accepted",
+        204 => "No Content",
+        206 => "Partial Content",
+        301 => "Moved Permanently",
+        302 => "Found",
+        303 => "See Other",
+        304 => "Not Modified",
+        307 => "Temporary Redirect",
+        308 => "Permanent Redirect",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        403 => "Forbidden",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        408 => "Request Timeout",
+        409 => "Conflict",
+        410 => "Gone",
+        411 => "Length Required",
+        412 => "Precondition Failed",
+        413 => "Content Too Large",
+        414 => "URI Too Long",
+        415 => "Unsupported Media Type",
+        417 => "Expectation Failed",
+        429 => "Too Many Requests",
+        431 => "Request Header Fields Too Large",
+        500 => "Internal Server Error",
+        501 => "Not Implemented",
+        502 => "Bad Gateway",
+        503 => "Service Unavailable",
+        504 => "Gateway Timeout",
+        505 => "HTTP Version Not Supported",
+        _ => "",
+    }
+}
+
+thread_local! {
+    /// The formatted `Date` value and the second it was formatted for.
+    static DATE: RefCell<(u64, [u8; 29])> = const { RefCell::new((u64::MAX, [0; 29])) };
+}
+
+fn push_date(buf: &mut Vec<u8>) {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    DATE.with_borrow_mut(|(sec, text)| {
+        if *sec != now {
+            *text = http_date(now);
+            *sec = now;
+        }
+        buf.extend_from_slice(text);
+    });
+}
+
+/// Formats seconds since the epoch as an IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`).
+fn http_date(secs: u64) -> [u8; 29] {
+    const DAYS: [&[u8; 3]; 7] = [b"Thu", b"Fri", b"Sat", b"Sun", b"Mon", b"Tue", b"Wed"];
+    const MONTHS: [&[u8; 3]; 12] = [
+        b"Jan", b"Feb", b"Mar", b"Apr", b"May", b"Jun", b"Jul", b"Aug", b"Sep", b"Oct", b"Nov",
+        b"Dec",
+    ];
+    let days = secs / 86_400;
+    let rem = secs % 86_400;
+    let (h, m, s) = (rem / 3600, rem / 60 % 60, rem % 60);
+    // Civil-from-days (Howard Hinnant), valid for dates after 1970.
+    let z = days as i64 + 719_468;
+    let era = z / 146_097;
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+
+    let mut out = [0u8; 29];
+    out[..3].copy_from_slice(DAYS[(days % 7) as usize]);
+    out[3..5].copy_from_slice(b", ");
+    two(&mut out[5..7], day as u64);
+    out[7] = b' ';
+    out[8..11].copy_from_slice(MONTHS[(month - 1) as usize]);
+    out[11] = b' ';
+    two(&mut out[12..14], (year / 100) as u64);
+    two(&mut out[14..16], (year % 100) as u64);
+    out[16] = b' ';
+    two(&mut out[17..19], h);
+    out[19] = b':';
+    two(&mut out[20..22], m);
+    out[22] = b':';
+    two(&mut out[23..25], s);
+    out[25..29].copy_from_slice(b" GMT");
+    out
+}
+
+fn two(out: &mut [u8], v: u64) {
+    out[0] = b'0' + (v / 10 % 10) as u8;
+    out[1] = b'0' + (v % 10) as u8;
+}
+
+/// Result of feeding bytes to the chunked decoder.
+#[derive(Debug, PartialEq, Eq)]
+enum Decoded {
+    NeedMore,
+    /// The body is `buf[head_len..body_end]`; the request used `consumed` input bytes.
+    Done {
+        body_end: usize,
+        consumed: usize,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ChunkState {
+    /// Reading hex digits of a chunk size.
+    Size,
+    /// Skipping a chunk extension up to CR.
+    Extension,
+    /// Expecting LF after the size line's CR.
+    SizeLf,
+    /// Copying chunk data; the count is what is left of this chunk.
+    Data(usize),
+    DataCr,
+    DataLf,
+    /// At the start of a trailer line (or the final blank line).
+    TrailerStart,
+    TrailerLine,
+    TrailerLineLf,
+    FinalLf,
+}
+
+/// Decodes `Transfer-Encoding: chunked` in place: decoded data is moved down to follow the
+/// head directly, so the body ends up contiguous in the read buffer without another copy, and
+/// decoding resumes where it stopped when more bytes arrive.
+#[derive(Debug)]
+struct ChunkedDecoder {
+    state: ChunkState,
+    /// Next undecoded input byte.
+    raw: usize,
+    /// End of the decoded body so far.
+    out: usize,
+    head_len: usize,
+    size: usize,
+    digits: usize,
+    meta: usize,
+}
+
+impl ChunkedDecoder {
+    fn new(head_len: usize) -> Self {
+        ChunkedDecoder {
+            state: ChunkState::Size,
+            raw: head_len,
+            out: head_len,
+            head_len,
+            size: 0,
+            digits: 0,
+            meta: 0,
+        }
+    }
+
+    fn bytes_wanted(&self) -> usize {
+        match self.state {
+            ChunkState::Data(n) => n + 2,
+            _ => 0,
+        }
+    }
+
+    fn decode(&mut self, buf: &mut [u8], max_body: usize) -> Result<Decoded, Reject> {
+        use ChunkState::*;
+        const BAD: Reject = Reject(400);
+        while self.raw < buf.len() {
+            if let Data(left) = self.state {
+                let n = left.min(buf.len() - self.raw);
+                buf.copy_within(self.raw..self.raw + n, self.out);
+                self.raw += n;
+                self.out += n;
+                self.state = if left == n { DataCr } else { Data(left - n) };
+                continue;
+            }
+            let b = buf[self.raw];
+            self.raw += 1;
+            self.state = match (self.state, b) {
+                (Size, _) if b.is_ascii_hexdigit() => {
+                    let digit = (b as char).to_digit(16).unwrap_or(0) as usize;
+                    self.size = self
+                        .size
+                        .checked_mul(16)
+                        .and_then(|s| s.checked_add(digit))
+                        .ok_or(Reject(413))?;
+                    if self.out - self.head_len + self.size > max_body {
+                        return Err(Reject(413));
+                    }
+                    self.digits += 1;
+                    Size
+                }
+                (Size, b';' | b' ' | b'\t') if self.digits > 0 => Extension,
+                (Size, b'\r') if self.digits > 0 => SizeLf,
+                (Extension, b'\r') => SizeLf,
+                (Extension, b'\n') => return Err(BAD),
+                (Extension, _) => {
+                    self.meta += 1;
+                    if self.meta > MAX_CHUNK_META {
+                        return Err(BAD);
+                    }
+                    Extension
+                }
+                (SizeLf, b'\n') => {
+                    let size = std::mem::take(&mut self.size);
+                    self.digits = 0;
+                    if size == 0 { TrailerStart } else { Data(size) }
+                }
+                (DataCr, b'\r') => DataLf,
+                (DataLf, b'\n') => Size,
+                (TrailerStart, b'\r') => FinalLf,
+                (TrailerStart | TrailerLine, b'\n') => return Err(BAD),
+                (TrailerStart | TrailerLine, _) => {
+                    self.meta += 1;
+                    if self.meta > MAX_CHUNK_META {
+                        return Err(Reject(431));
+                    }
+                    if b == b'\r' {
+                        TrailerLineLf
+                    } else {
+                        TrailerLine
+                    }
+                }
+                (TrailerLineLf, b'\n') => TrailerStart,
+                (FinalLf, b'\n') => {
+                    return Ok(Decoded::Done {
+                        body_end: self.out,
+                        consumed: self.raw,
+                    });
+                }
+                _ => return Err(BAD),
+            };
+        }
+        Ok(Decoded::NeedMore)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs `input` (fed in the given pieces) through one connection, answering every request
+    /// with its method, path and body. Returns the response bytes and the last outcome.
+    fn run(pieces: &[&[u8]], limits: Limits) -> (String, Outcome) {
+        let mut conn = HttpConn::new(limits);
+        let mut rbuf = Vec::new();
+        let mut wbuf = Vec::new();
+        let mut outcome = Outcome::NeedMore { hint: 0 };
+        let mut handler = |req: &Request<'_>| {
+            let mut body = format!("{} {} ", req.method(), req.path()).into_bytes();
+            body.extend_from_slice(req.body());
+            Response::new(200).body(body)
+        };
+        for piece in pieces {
+            rbuf.extend_from_slice(piece);
+            outcome = conn.process(&mut rbuf, &mut wbuf, false, &mut handler);
+            if outcome == Outcome::Close {
+                break;
+            }
+        }
+        (String::from_utf8_lossy(&wbuf).into_owned(), outcome)
+    }
+
+    fn statuses(out: &str) -> Vec<&str> {
+        out.match_indices("HTTP/1.1 ")
+            .map(|(i, _)| &out[i + 9..i + 12])
+            .collect()
+    }
+
+    #[test]
+    fn pipelined_requests_are_answered_in_order_in_one_batch() {
+        let input = b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.1\r\nHost: x\r\n\r\nGET /c HTTP/1.1\r\nHost: x\r\n\r\nGET /d HT";
+        let (out, outcome) = run(&[input], Limits::default());
+        assert_eq!(statuses(&out), ["200", "200", "200"]);
+        let a = out.find("GET /a").unwrap();
+        let b = out.find("GET /b").unwrap();
+        let c = out.find("GET /c").unwrap();
+        assert!(a < b && b < c);
+        assert_eq!(outcome, Outcome::NeedMore { hint: 0 });
+    }
+
+    #[test]
+    fn request_split_across_reads_is_answered_once_complete() {
+        let (out, outcome) = run(
+            &[b"GET /x HTTP/1.1\r\nHo", b"st: x\r\n", b"\r\n"],
+            Limits::default(),
+        );
+        assert_eq!(statuses(&out), ["200"]);
+        assert_eq!(outcome, Outcome::NeedMore { hint: 0 });
+    }
+
+    #[test]
+    fn content_length_body_split_across_reads() {
+        let (out, _) = run(
+            &[
+                b"POST /p HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n01234",
+                b"56789GET /n HTTP/1.1\r\nHost: x\r\n\r\n",
+            ],
+            Limits::default(),
+        );
+        assert!(out.contains("POST /p 0123456789"), "{out}");
+        assert!(out.contains("GET /n "), "{out}");
+    }
+
+    #[test]
+    fn chunked_body_is_decoded() {
+        let input = b"POST /c HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\nX-Trailer: y\r\n\r\nGET /after HTTP/1.1\r\nHost: x\r\n\r\n";
+        let (out, _) = run(&[input], Limits::default());
+        assert!(out.contains("POST /c hello world"), "{out}");
+        assert!(out.contains("GET /after "), "{out}");
+    }
+
+    #[test]
+    fn chunked_body_split_at_every_byte_is_decoded() {
+        let input: &[u8] =
+            b"POST /c HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\na\r\n0123456789\r\n0\r\n\r\n";
+        let pieces: Vec<&[u8]> = input.chunks(1).collect();
+        let (out, outcome) = run(&pieces, Limits::default());
+        assert!(out.contains("POST /c abc0123456789"), "{out}");
+        assert_eq!(outcome, Outcome::NeedMore { hint: 0 });
+        assert_eq!(statuses(&out), ["200"]);
+    }
+
+    #[test]
+    fn bad_chunk_syntax_is_rejected_with_400() {
+        for body in [
+            &b"zz\r\nabc\r\n0\r\n\r\n"[..],
+            b"3\r\nabcX\r\n0\r\n\r\n",
+            b"\r\n",
+            b"3\nabc\r\n0\r\n\r\n",
+        ] {
+            let mut input =
+                b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+            input.extend_from_slice(body);
+            let (out, outcome) = run(&[&input], Limits::default());
+            assert_eq!(statuses(&out), ["400"], "{}", String::from_utf8_lossy(body));
+            assert_eq!(outcome, Outcome::Close);
+            assert!(out.contains("Connection: close"));
+        }
+    }
+
+    #[test]
+    fn content_length_with_chunked_is_rejected_with_400() {
+        let input = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n";
+        let (out, outcome) = run(&[input], Limits::default());
+        assert_eq!(statuses(&out), ["400"]);
+        assert_eq!(outcome, Outcome::Close);
+    }
+
+    #[test]
+    fn conflicting_content_lengths_are_rejected_with_400() {
+        let input =
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd";
+        assert_eq!(statuses(&run(&[input], Limits::default()).0), ["400"]);
+    }
+
+    #[test]
+    fn malformed_request_line_is_rejected_with_400() {
+        let (out, outcome) = run(&[b"GET / HTTP/1.1 extra\r\n\r\n"], Limits::default());
+        assert_eq!(statuses(&out), ["400"]);
+        assert_eq!(outcome, Outcome::Close);
+        let (out, _) = run(&[b"\x00\x01garbage\r\n\r\n"], Limits::default());
+        assert_eq!(statuses(&out), ["400"]);
+    }
+
+    #[test]
+    fn http11_without_host_is_rejected_with_400() {
+        assert_eq!(
+            statuses(&run(&[b"GET / HTTP/1.1\r\n\r\n"], Limits::default()).0),
+            ["400"]
+        );
+    }
+
+    #[test]
+    fn oversized_body_is_rejected_with_413_before_reading_it() {
+        let limits = Limits {
+            max_body: 100,
+            ..Limits::default()
+        };
+        let (out, outcome) = run(
+            &[b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 101\r\n\r\n"],
+            limits,
+        );
+        assert_eq!(statuses(&out), ["413"]);
+        assert_eq!(outcome, Outcome::Close);
+    }
+
+    #[test]
+    fn oversized_chunked_body_is_rejected_with_413() {
+        let limits = Limits {
+            max_body: 8,
+            ..Limits::default()
+        };
+        let input = b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n5\r\nworld\r\n0\r\n\r\n";
+        assert_eq!(statuses(&run(&[input], limits).0), ["413"]);
+    }
+
+    #[test]
+    fn long_url_is_rejected_with_414() {
+        let mut input = b"GET /".to_vec();
+        input.extend(std::iter::repeat_n(b'a', 17 * 1024));
+        let (out, outcome) = run(&[&input], Limits::default());
+        assert_eq!(statuses(&out), ["414"]);
+        assert_eq!(outcome, Outcome::Close);
+    }
+
+    #[test]
+    fn oversized_head_is_rejected_with_431() {
+        let mut input = b"GET / HTTP/1.1\r\nHost: x\r\n".to_vec();
+        for i in 0..400 {
+            input.extend_from_slice(format!("X-Filler-{i}: {}\r\n", "v".repeat(40)).as_bytes());
+        }
+        let (out, outcome) = run(&[&input], Limits::default());
+        assert_eq!(statuses(&out), ["431"]);
+        assert_eq!(outcome, Outcome::Close);
+    }
+
+    #[test]
+    fn too_many_headers_is_rejected_with_431() {
+        let mut input = b"GET / HTTP/1.1\r\nHost: x\r\n".to_vec();
+        for i in 0..(MAX_HEADERS + 1) {
+            input.extend_from_slice(format!("X-{i}: v\r\n").as_bytes());
+        }
+        input.extend_from_slice(b"\r\n");
+        assert_eq!(statuses(&run(&[&input], Limits::default()).0), ["431"]);
+    }
+
+    #[test]
+    fn http11_keeps_alive_by_default_and_closes_on_request() {
+        let (out, outcome) = run(&[b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"], Limits::default());
+        assert!(!out.contains("Connection:"));
+        assert_eq!(outcome, Outcome::NeedMore { hint: 0 });
+
+        let (out, outcome) =
+            run(&[b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\nGET /ignored HTTP/1.1\r\nHost: x\r\n\r\n"], Limits::default());
+        assert!(out.contains("Connection: close"));
+        assert_eq!(
+            statuses(&out),
+            ["200"],
+            "nothing after the closing request is answered"
+        );
+        assert_eq!(outcome, Outcome::Close);
+    }
+
+    #[test]
+    fn http10_closes_unless_keep_alive_is_asked_for() {
+        let (out, outcome) = run(&[b"GET / HTTP/1.0\r\n\r\n"], Limits::default());
+        assert!(out.contains("Connection: close"));
+        assert_eq!(outcome, Outcome::Close);
+
+        let (out, outcome) = run(
+            &[b"GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n"],
+            Limits::default(),
+        );
+        assert!(out.contains("Connection: keep-alive"));
+        assert_eq!(outcome, Outcome::NeedMore { hint: 0 });
+    }
+
+    #[test]
+    fn expect_100_continue_is_answered_before_the_body() {
+        let mut conn = HttpConn::new(Limits::default());
+        let mut rbuf =
+            b"POST /u HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n"
+                .to_vec();
+        let mut wbuf = Vec::new();
+        let mut handler = |req: &Request<'_>| Response::new(200).body(req.body().to_vec());
+        let outcome = conn.process(&mut rbuf, &mut wbuf, false, &mut handler);
+        assert_eq!(outcome, Outcome::NeedMore { hint: 3 });
+        assert_eq!(wbuf, b"HTTP/1.1 100 Continue\r\n\r\n");
+        wbuf.clear();
+        rbuf.extend_from_slice(b"abc");
+        conn.process(&mut rbuf, &mut wbuf, false, &mut handler);
+        let out = String::from_utf8_lossy(&wbuf);
+        assert!(
+            out.starts_with("HTTP/1.1 200 OK\r\n") && out.ends_with("\r\n\r\nabc"),
+            "{out}"
+        );
+        assert!(rbuf.is_empty());
+    }
+
+    #[test]
+    fn head_response_has_length_but_no_body() {
+        let (out, _) = run(&[b"HEAD /h HTTP/1.1\r\nHost: x\r\n\r\n"], Limits::default());
+        assert!(out.contains("Content-Length: 8\r\n"), "{out}");
+        assert!(out.ends_with("\r\n\r\n"), "{out}");
+    }
+
+    #[test]
+    fn responses_carry_length_date_and_server() {
+        let (out, _) = run(&[b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n"], Limits::default());
+        assert!(out.contains("Content-Length: 7\r\n"), "{out}");
+        assert!(out.contains("Date: ") && out.contains(" GMT\r\n"), "{out}");
+        assert!(out.contains("Server: sluice-worker\r\n"), "{out}");
+    }
+
+    #[test]
+    fn closing_connection_marks_the_next_response_final() {
+        let mut conn = HttpConn::new(Limits::default());
+        let mut rbuf =
+            b"GET / HTTP/1.1\r\nHost: x\r\n\r\nGET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec();
+        let mut wbuf = Vec::new();
+        let outcome = conn.process(&mut rbuf, &mut wbuf, true, &mut |_: &Request<'_>| {
+            Response::new(200)
+        });
+        assert_eq!(outcome, Outcome::Close);
+        assert_eq!(statuses(&String::from_utf8_lossy(&wbuf)), ["200"]);
+    }
+
+    #[test]
+    fn http_date_formats_known_instants() {
+        assert_eq!(&http_date(784_111_777), b"Sun, 06 Nov 1994 08:49:37 GMT");
+        assert_eq!(&http_date(0), b"Thu, 01 Jan 1970 00:00:00 GMT");
+        assert_eq!(&http_date(1_709_164_800), b"Thu, 29 Feb 2024 00:00:00 GMT");
+    }
+}

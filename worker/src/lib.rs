@@ -1,0 +1,439 @@
+//! `sluice-worker`: the library a sluice worker process is built on.
+//!
+//! A worker gets its sockets from the sluice front end (systemd socket-activation convention:
+//! `LISTEN_FDS`, `LISTEN_PID`, `LISTEN_FDNAMES` with `pool` listening sockets and one `handoff`
+//! SEQPACKET socket), or binds `SLUICE_LISTEN` / `--listen` itself when run standalone. It
+//! serves HTTP/1.1 on one io_uring per thread and calls a [`Handler`] for every request.
+//!
+//! ```no_run
+//! use sluice_worker::{Context, Request, Response};
+//!
+//! fn main() -> Result<(), sluice_worker::Error> {
+//!     sluice_worker::run(|_req: &Request<'_>, _ctx: &Context| Response::new(200).body("hi\n"))
+//! }
+//! ```
+
+mod handoff;
+mod http;
+mod runtime;
+mod sockets;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// Everything that can stop a worker from starting or running. Its `Debug` output is the
+/// message itself, so `fn main() -> Result<(), Error>` reports it readably.
+#[derive(thiserror::Error)]
+pub enum Error {
+    #[error(
+        "no sockets to serve: start the worker under the sluice front end (LISTEN_FDS) \
+         or give listen addresses with SLUICE_LISTEN=ADDR[,ADDR...] or --listen ADDR"
+    )]
+    NoSockets,
+    #[error("invalid {name}={value:?}: {reason}")]
+    InvalidEnv {
+        name: &'static str,
+        value: String,
+        reason: String,
+    },
+    #[error("invalid arguments: {0} (usage: [--listen ADDR]...)")]
+    Usage(String),
+    #[error("inherited fd {fd} ({name}) is not {expected}")]
+    BadInheritedFd {
+        fd: i32,
+        name: String,
+        expected: &'static str,
+    },
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("{what}: {source}")]
+    Os {
+        what: &'static str,
+        source: std::io::Error,
+    },
+    #[error("io_uring: {0}")]
+    Ring(std::io::Error),
+    #[error("worker thread failed: {0}")]
+    Thread(String),
+}
+
+impl std::fmt::Debug for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
+}
+
+/// One parsed HTTP request, borrowed from the connection's buffer.
+#[derive(Debug)]
+pub struct Request<'a> {
+    method: &'a str,
+    target: &'a str,
+    minor_version: u8,
+    headers: &'a [httparse::Header<'a>],
+    body: &'a [u8],
+}
+
+impl<'a> Request<'a> {
+    pub(crate) fn from_parsed(parsed: &'a httparse::Request<'_, 'a>, body: &'a [u8]) -> Self {
+        Request {
+            method: parsed.method.unwrap_or(""),
+            target: parsed.path.unwrap_or(""),
+            minor_version: parsed.version.unwrap_or(1),
+            headers: &*parsed.headers,
+            body,
+        }
+    }
+
+    /// The method, e.g. `GET`.
+    pub fn method(&self) -> &'a str {
+        self.method
+    }
+
+    /// The raw request target, as sent (path and query).
+    pub fn target(&self) -> &'a str {
+        self.target
+    }
+
+    /// The raw path: the target up to `?`.
+    pub fn path(&self) -> &'a str {
+        self.target
+            .split_once('?')
+            .map_or(self.target, |(path, _)| path)
+    }
+
+    /// The raw query: the target after the first `?`, if any.
+    pub fn query(&self) -> Option<&'a str> {
+        self.target.split_once('?').map(|(_, query)| query)
+    }
+
+    /// The minor HTTP version: 1 for HTTP/1.1, 0 for HTTP/1.0.
+    pub fn minor_version(&self) -> u8 {
+        self.minor_version
+    }
+
+    /// The value of the first header called `name` (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&'a [u8]> {
+        self.headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(name))
+            .map(|h| h.value)
+    }
+
+    /// All headers in the order received.
+    pub fn headers(&self) -> impl Iterator<Item = (&'a str, &'a [u8])> + 'a {
+        self.headers.iter().map(|h| (h.name, h.value))
+    }
+
+    /// The request body (de-chunked when it was sent chunked).
+    pub fn body(&self) -> &'a [u8] {
+        self.body
+    }
+}
+
+/// A response built by a handler. `Content-Length`, `Date`, `Server` and `Connection` are
+/// added by the server; a handler's `Connection: close` closes the connection after it.
+#[derive(Debug, Clone)]
+pub struct Response {
+    status: u16,
+    /// Serialized `name: value\r\n` lines.
+    headers: Vec<u8>,
+    body: Vec<u8>,
+    close: bool,
+    has_date: bool,
+    has_server: bool,
+}
+
+impl Response {
+    /// An empty response with `status` (100..=999; anything else becomes 500).
+    pub fn new(status: u16) -> Self {
+        Response {
+            status: if (100..=999).contains(&status) {
+                status
+            } else {
+                500
+            },
+            headers: Vec::new(),
+            body: Vec::new(),
+            close: false,
+            has_date: false,
+            has_server: false,
+        }
+    }
+
+    /// `200 OK`.
+    pub fn ok() -> Self {
+        Response::new(200)
+    }
+
+    /// `404 Not Found` with a short text body.
+    pub fn not_found() -> Self {
+        Response::text(404, "not found\n")
+    }
+
+    /// A `text/plain; charset=utf-8` response.
+    pub fn text(status: u16, body: impl Into<Vec<u8>>) -> Self {
+        Response::new(status)
+            .header("content-type", "text/plain; charset=utf-8")
+            .body(body)
+    }
+
+    /// Adds a header. Names or values with CR, LF or NUL are dropped (and logged);
+    /// `Content-Length` and `Transfer-Encoding` are computed by the server and ignored here.
+    pub fn header(mut self, name: &str, value: impl AsRef<[u8]>) -> Self {
+        let value = value.as_ref();
+        let valid_name =
+            !name.is_empty() && name.bytes().all(|b| b.is_ascii_graphic() && b != b':');
+        if !valid_name || value.iter().any(|&b| matches!(b, b'\r' | b'\n' | 0)) {
+            log::warn!("dropping invalid response header {name:?}");
+            return self;
+        }
+        if name.eq_ignore_ascii_case("content-length")
+            || name.eq_ignore_ascii_case("transfer-encoding")
+        {
+            return self;
+        }
+        if name.eq_ignore_ascii_case("connection") {
+            self.close |= value
+                .split(|&b| b == b',')
+                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"));
+            return self;
+        }
+        self.has_date |= name.eq_ignore_ascii_case("date");
+        self.has_server |= name.eq_ignore_ascii_case("server");
+        self.headers.extend_from_slice(name.as_bytes());
+        self.headers.extend_from_slice(b": ");
+        self.headers.extend_from_slice(value);
+        self.headers.extend_from_slice(b"\r\n");
+        self
+    }
+
+    /// Sets the body.
+    pub fn body(mut self, body: impl Into<Vec<u8>>) -> Self {
+        self.body = body.into();
+        self
+    }
+
+    /// The status code.
+    pub fn status(&self) -> u16 {
+        self.status
+    }
+
+    /// The body set so far.
+    pub fn body_bytes(&self) -> &[u8] {
+        &self.body
+    }
+}
+
+/// Facts about the worker process, passed to every handler call.
+#[derive(Debug, Clone)]
+pub struct Context {
+    pool: Option<String>,
+    pid: u32,
+}
+
+impl Context {
+    /// The application pool this worker serves (`SLUICE_POOL`), if named.
+    pub fn pool(&self) -> Option<&str> {
+        self.pool.as_deref()
+    }
+
+    /// This process's id.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+}
+
+/// Answers requests. Called on the worker threads, so it must be `Send + Sync`; it runs on the
+/// connection's thread and should not block for long.
+pub trait Handler: Send + Sync + 'static {
+    fn handle(&self, req: &Request<'_>, ctx: &Context) -> Response;
+}
+
+impl<F> Handler for F
+where
+    F: Fn(&Request<'_>, &Context) -> Response + Send + Sync + 'static,
+{
+    fn handle(&self, req: &Request<'_>, ctx: &Context) -> Response {
+        self(req, ctx)
+    }
+}
+
+/// How a worker runs. [`Options::from_env`] reads the `SLUICE_*` variables.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Options {
+    /// Addresses to bind when no sockets are inherited (`SLUICE_LISTEN`, `--listen`).
+    pub listen: Vec<SocketAddr>,
+    /// Pool name (`SLUICE_POOL`).
+    pub pool: Option<String>,
+    /// Threads, each with its own io_uring (`SLUICE_THREADS`; default: available cores).
+    pub threads: usize,
+    /// Idle keep-alive (and slow request) timeout (`SLUICE_IDLE_TIMEOUT`, seconds; default 120).
+    pub idle_timeout: Duration,
+    /// Largest request body accepted (default 64 MiB; more is answered 413).
+    pub max_body: usize,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            listen: Vec::new(),
+            pool: None,
+            threads: std::thread::available_parallelism().map_or(1, usize::from),
+            idle_timeout: Duration::from_secs(120),
+            max_body: 64 * 1024 * 1024,
+        }
+    }
+}
+
+impl Options {
+    /// Defaults overridden by `SLUICE_LISTEN`, `SLUICE_POOL`, `SLUICE_THREADS` and
+    /// `SLUICE_IDLE_TIMEOUT`.
+    pub fn from_env() -> Result<Self, Error> {
+        let mut options = Options::default();
+        if let Some(list) = env("SLUICE_LISTEN") {
+            options.listen = list
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(|s| parse_env("SLUICE_LISTEN", s))
+                .collect::<Result<_, _>>()?;
+        }
+        options.pool = env("SLUICE_POOL").filter(|p| !p.is_empty());
+        if let Some(threads) = env("SLUICE_THREADS") {
+            options.threads = parse_env::<usize>("SLUICE_THREADS", &threads)?;
+            if options.threads == 0 {
+                return Err(invalid_env(
+                    "SLUICE_THREADS",
+                    &threads,
+                    "must be at least 1",
+                ));
+            }
+        }
+        if let Some(secs) = env("SLUICE_IDLE_TIMEOUT") {
+            options.idle_timeout = Duration::from_secs(parse_env("SLUICE_IDLE_TIMEOUT", &secs)?);
+        }
+        Ok(options)
+    }
+
+    /// Applies command-line arguments: `--listen ADDR` (or `--listen=ADDR`, repeatable)
+    /// replaces the listen addresses. Anything else is an error.
+    pub fn with_args<I>(mut self, args: I) -> Result<Self, Error>
+    where
+        I: IntoIterator<Item = String>,
+    {
+        let mut from_args = Vec::new();
+        let mut args = args.into_iter();
+        while let Some(arg) = args.next() {
+            let value = match arg.strip_prefix("--listen") {
+                Some("") => args
+                    .next()
+                    .ok_or_else(|| Error::Usage("--listen needs an address".into()))?,
+                Some(rest) if rest.starts_with('=') => rest[1..].to_string(),
+                _ => return Err(Error::Usage(format!("unknown argument {arg:?}"))),
+            };
+            let addr = value
+                .parse()
+                .map_err(|e| Error::Usage(format!("--listen {value:?}: {e}")))?;
+            from_args.push(addr);
+        }
+        if !from_args.is_empty() {
+            self.listen = from_args;
+        }
+        Ok(self)
+    }
+}
+
+fn env(name: &str) -> Option<String> {
+    std::env::var(name).ok()
+}
+
+fn parse_env<T>(name: &'static str, value: &str) -> Result<T, Error>
+where
+    T: std::str::FromStr,
+    T::Err: std::fmt::Display,
+{
+    value
+        .trim()
+        .parse()
+        .map_err(|e: T::Err| invalid_env(name, value, &e.to_string()))
+}
+
+fn invalid_env(name: &'static str, value: &str, reason: &str) -> Error {
+    Error::InvalidEnv {
+        name,
+        value: value.to_string(),
+        reason: reason.to_string(),
+    }
+}
+
+/// Runs a worker with [`Options::from_env`] and the process's `--listen` arguments, until
+/// SIGTERM or SIGINT. Call it from `main` before starting other threads (it reads and unsets
+/// the `LISTEN_*` variables).
+pub fn run<H: Handler>(handler: H) -> Result<(), Error> {
+    let options = Options::from_env()?.with_args(std::env::args().skip(1))?;
+    run_with(options, handler)
+}
+
+/// Runs a worker with explicit options until SIGTERM or SIGINT, then stops gracefully.
+/// Inherited sockets (`LISTEN_FDS`) take precedence over `options.listen`. Call it from `main`
+/// before starting other threads (it reads and unsets the `LISTEN_*` variables).
+pub fn run_with<H: Handler>(options: Options, handler: H) -> Result<(), Error> {
+    let sockets = sockets::Sockets::acquire(&options.listen)?;
+    runtime::serve(sockets, &options, handler)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listen_argument_overrides_environment_addresses() {
+        let options = Options {
+            listen: vec!["127.0.0.1:1".parse().unwrap()],
+            ..Options::default()
+        };
+        let args = ["--listen", "127.0.0.1:2", "--listen=[::1]:3"].map(String::from);
+        let options = options.with_args(args).unwrap();
+        assert_eq!(
+            options.listen,
+            [
+                "127.0.0.1:2".parse().unwrap(),
+                "[::1]:3".parse::<SocketAddr>().unwrap()
+            ]
+        );
+    }
+
+    #[test]
+    fn unknown_argument_is_a_usage_error() {
+        assert!(matches!(
+            Options::default().with_args(["--nope".to_string()]),
+            Err(Error::Usage(_))
+        ));
+    }
+
+    #[test]
+    fn response_headers_reject_injection_and_track_connection_close() {
+        let r = Response::new(200)
+            .header("x-a", "1\r\nx-b: 2")
+            .header("connection", "close")
+            .header("x-ok", "y");
+        assert_eq!(r.headers, b"x-ok: y\r\n");
+        assert!(r.close);
+    }
+
+    #[test]
+    fn request_splits_path_and_query() {
+        let mut headers = [httparse::EMPTY_HEADER; 4];
+        let mut parsed = httparse::Request::new(&mut headers);
+        parsed
+            .parse(b"GET /a/b?x=1&y HTTP/1.1\r\nHost: h\r\n\r\n")
+            .unwrap();
+        let req = Request::from_parsed(&parsed, b"");
+        assert_eq!((req.path(), req.query()), ("/a/b", Some("x=1&y")));
+        assert_eq!(req.header("HOST"), Some(&b"h"[..]));
+    }
+}
