@@ -1,1 +1,134 @@
-fn main() {}
+//! `cargo xtask …`: sets up the eBPF toolchain, builds, runs the demo, the tests and the
+//! benchmark. Every step installs what it needs when it is missing and is quick the second
+//! time.
+
+mod bench;
+mod toolchain;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "sluice's build, demo, test and benchmark tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what the eBPF build needs (nightly rust-src, bpf-linker in .tools/).
+    Setup,
+    /// Build the eBPF object (target/ebpf/…/sluice-ebpf).
+    BuildEbpf,
+    /// Build everything in release mode: the eBPF object, target/release/sluice and the
+    /// example workers in target/release/examples/.
+    Build,
+    /// Build, then run the front end on 127.0.0.1:8080 with examples/demo.toml (needs root).
+    Demo,
+    /// Build, install the test tools (wrk), run every test: unit tests and the integration
+    /// tests that run the real binaries as root in network namespaces.
+    Test {
+        /// Passed to the test binaries (e.g. a test name filter).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// Benchmark sluice against the direct worker and nginx (see docs/benchmarks.md).
+    Bench(bench::Args),
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().task {
+        Task::Setup => toolchain::setup(),
+        Task::BuildEbpf => build_ebpf().map(drop),
+        Task::Build => build(),
+        Task::Demo => demo(),
+        Task::Test { args } => test(&args),
+        Task::Bench(args) => bench::run(args),
+    }
+}
+
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
+}
+
+pub fn run(cmd: &mut Command) -> Result<()> {
+    let shown = format!("{cmd:?}");
+    let status = cmd.status().with_context(|| format!("starting {shown}"))?;
+    if !status.success() {
+        bail!("{shown} failed: {status}");
+    }
+    Ok(())
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+/// Builds the eBPF object; returns its path.
+pub fn build_ebpf() -> Result<PathBuf> {
+    let tools = toolchain::setup_quiet()?;
+    let root = root();
+    let mut path = std::env::var_os("PATH").unwrap_or_default();
+    let mut paths = vec![tools.join("bin")];
+    paths.extend(std::env::split_paths(&path));
+    path = std::env::join_paths(paths)?;
+    run(Command::new("cargo")
+        .current_dir(root.join("ebpf"))
+        .env("PATH", path)
+        // Built by the nightly toolchain in ebpf/.cargo/config.toml's target; the workspace's
+        // stable settings must not leak in.
+        .env_remove("RUSTFLAGS")
+        .env_remove("CARGO")
+        .env_remove("RUSTC")
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .args(["+nightly", "build", "--release", "--target-dir"])
+        .arg(root.join("target/ebpf")))
+    .context("building the eBPF object")?;
+    let obj = root.join("target/ebpf/bpfel-unknown-none/release/sluice-ebpf");
+    if !obj.exists() {
+        bail!("the eBPF build left no object at {}", obj.display());
+    }
+    Ok(obj)
+}
+
+pub fn build() -> Result<()> {
+    let obj = build_ebpf()?;
+    run(cargo()
+        .current_dir(root())
+        .env("SLUICE_EBPF_OBJECT", &obj)
+        .args(["build", "--release", "-p", "sluice", "-p", "sluice-worker", "--bins", "--examples"]))
+    .context("building the release binaries")
+}
+
+fn demo() -> Result<()> {
+    build()?;
+    let root = root();
+    let sluice = root.join("target/release/sluice");
+    let config = root.join("examples/demo.toml");
+    eprintln!("\nsluice demo: try `curl http://127.0.0.1:8080/api/hello` and `curl http://127.0.0.1:8080/`,");
+    eprintln!("`target/release/sluice status --config examples/demo.toml`; Ctrl-C stops it.\n");
+    run(Command::new(sluice).arg("run").arg(config))
+}
+
+fn test(args: &[String]) -> Result<()> {
+    build()?;
+    toolchain::ensure_packages(&[("wrk", "wrk"), ("curl", "curl"), ("ip", "iproute2")])?;
+    let root = root();
+    let obj = root.join("target/ebpf/bpfel-unknown-none/release/sluice-ebpf");
+    let mut cmd = cargo();
+    cmd.current_dir(&root)
+        .env("SLUICE_EBPF_OBJECT", &obj)
+        .env("SLUICE_BIN_DIR", root.join("target/release"))
+        .args(["test", "--release", "--workspace", "--exclude", "xtask", "--"]);
+    // The integration tests each make a network namespace; running them one at a time keeps
+    // the 2-core machine's load, and their timing, predictable.
+    cmd.arg("--test-threads=1");
+    cmd.args(args);
+    run(&mut cmd)
+}
