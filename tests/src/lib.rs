@@ -119,6 +119,39 @@ pub fn config(template: &str, admin: &Path) -> String {
         .replace("{echo}", &example("echo").display().to_string())
 }
 
+/// Pools `api` (2 processes, `/api/`) and `web` (`/`) of hello workers on 127.0.0.1:8080
+/// and [::1]:8080, in the given steering mode, allowed to set the sysctls it needs.
+pub fn two_pools(steering: &str) -> String {
+    format!(
+        r#"
+[server]
+listen = ["127.0.0.1:8080", "[::1]:8080"]
+steering = "{steering}"
+set_sysctls = true
+admin_socket = "{{admin}}"
+
+[[pool]]
+name = "api"
+command = ["{{hello}}"]
+processes = 2
+threads = 1
+
+[[pool]]
+name = "web"
+command = ["{{hello}}"]
+threads = 1
+
+[[route]]
+prefix = "/api/"
+pool = "api"
+
+[[route]]
+prefix = "/"
+pool = "web"
+"#
+    )
+}
+
 impl Sluice {
     /// Starts sluice with `template` (see `config`) and waits until it answers status.
     pub fn start(ns: &Netns, template: &str) -> Sluice {

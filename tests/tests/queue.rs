@@ -9,37 +9,11 @@ use std::{
 
 use sluice_tests::*;
 
-const TEMPLATE: &str = r#"
-[server]
-listen = ["127.0.0.1:8080"]
-steering = "first-segment"
-set_sysctls = true
-admin_socket = "{admin}"
-
-[[pool]]
-name = "api"
-command = ["{hello}"]
-processes = 2
-threads = 1
-
-[[pool]]
-name = "web"
-command = ["{hello}"]
-threads = 1
-
-[[route]]
-prefix = "/api/"
-pool = "api"
-
-[[route]]
-prefix = "/"
-pool = "web"
-"#;
 
 #[test]
 fn killing_every_worker_loses_none_of_200_queued_connections() {
     let ns = Netns::new("kill");
-    let s = Sluice::start(&ns, TEMPLATE);
+    let s = Sluice::start(&ns, &two_pools("first-segment"));
     let st = s.status();
     let api = worker_pids(&st, "api");
     let web = worker_pids(&st, "web");

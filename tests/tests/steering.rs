@@ -7,37 +7,6 @@ use sluice_tests::*;
 const V4: &str = "127.0.0.1:8080";
 const V6: &str = "[::1]:8080";
 
-fn template(steering: &str) -> String {
-    format!(
-        r#"
-[server]
-listen = ["127.0.0.1:8080", "[::1]:8080"]
-steering = "{steering}"
-set_sysctls = true
-admin_socket = "{{admin}}"
-
-[[pool]]
-name = "api"
-command = ["{{hello}}"]
-processes = 2
-threads = 1
-
-[[pool]]
-name = "web"
-command = ["{{hello}}"]
-threads = 1
-
-[[route]]
-prefix = "/api/"
-pool = "api"
-
-[[route]]
-prefix = "/"
-pool = "web"
-"#
-    )
-}
-
 fn addr(s: &str) -> SocketAddr {
     s.parse().expect("address")
 }
@@ -64,7 +33,7 @@ fn curl(ns: &Netns, url: &str) -> (String, String) {
 #[test]
 fn first_segment_steers_plain_clients_in_the_kernel() {
     let ns = Netns::new("fs");
-    let s = Sluice::start(&ns, &template("first-segment"));
+    let s = Sluice::start(&ns, &two_pools("first-segment"));
     let mut expected = std::collections::HashMap::<&str, u64>::new();
     for (path, want) in CASES {
         for base in ["http://127.0.0.1:8080", "http://[::1]:8080"] {
@@ -101,7 +70,7 @@ fn first_segment_steers_plain_clients_in_the_kernel() {
 #[test]
 fn first_segment_sends_uncanonical_paths_to_the_dispatcher() {
     let ns = Netns::new("fsu");
-    let s = Sluice::start(&ns, &template("first-segment"));
+    let s = Sluice::start(&ns, &two_pools("first-segment"));
     ns.enter(|| {
         for (path, want) in [("/web/../api/x", "api"), ("//api/x", "api"), ("/%61pi/x", "api"), ("/api/./x", "api"), ("/api/%2e%2e/w", "web")] {
             let r = exchange(addr(V4), &get_request(path)).expect("client");
@@ -119,7 +88,7 @@ fn syn_mode_steers_tfo_clients_and_dispatches_plain_ones() {
     let ns = Netns::new("syn");
     // Client and server TFO without cookies, inside this namespace only.
     ns.sysctl("net.ipv4.tcp_fastopen", "0x607");
-    let s = Sluice::start(&ns, &template("syn"));
+    let s = Sluice::start(&ns, &two_pools("syn"));
     ns.enter(|| {
         for (path, want) in CASES {
             for a in [V4, V6] {
@@ -147,7 +116,7 @@ fn syn_mode_steers_tfo_clients_and_dispatches_plain_ones() {
 #[test]
 fn wrk_keepalive_through_first_segment_has_no_errors() {
     let ns = Netns::new("wrk");
-    let s = Sluice::start(&ns, &template("first-segment"));
+    let s = Sluice::start(&ns, &two_pools("first-segment"));
     let r = wrk(&ns, &["-t1", "-c50", "-d10s", "http://127.0.0.1:8080/api/hello"]);
     assert!(r.requests > 1000, "too few requests:\n{}", r.output);
     assert_eq!(r.non_2xx, 0, "{}", r.output);
@@ -167,7 +136,7 @@ fn wrk_keepalive_through_first_segment_has_no_errors() {
 fn sluice_stops_cleanly_and_restores_what_it_changed() {
     let ns = Netns::new("stop");
     assert_eq!(ns.read_sysctl("net.ipv4.tcp_syncookies"), "1");
-    let mut s = Sluice::start(&ns, &template("first-segment"));
+    let mut s = Sluice::start(&ns, &two_pools("first-segment"));
     assert_eq!(ns.read_sysctl("net.ipv4.tcp_syncookies"), "2");
     let pids = [worker_pids(&s.status(), "api"), worker_pids(&s.status(), "web")].concat();
     assert_eq!(pids.len(), 3);

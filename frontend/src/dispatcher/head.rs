@@ -29,8 +29,10 @@ pub enum Decision {
 const MAX_HEADERS: usize = 128;
 
 pub fn decide(buf: &[u8], limits: &Limits, routes: &RouteTable) -> Decision {
-    let line_end = buf.windows(2).position(|w| w == b"\r\n");
-    if line_end.is_none() && buf.len() > limits.max_url + 32 {
+    // The request line is the method, the URL and the version: longer than the URL limit
+    // plus room for those is a URL over the limit, whatever else is wrong.
+    let line_len = buf.windows(2).position(|w| w == b"\r\n").unwrap_or(buf.len());
+    if line_len > limits.max_url + 32 {
         return Decision::Refuse(414, "the request URL is too long");
     }
     let head_end = match find_head_end(buf) {
