@@ -6,6 +6,7 @@ mod admin;
 mod canonical;
 mod config;
 mod dispatcher;
+mod metrics;
 mod route;
 mod server;
 mod sockets;
@@ -43,6 +44,33 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Act on one pool of a running front end.
+    Pool {
+        #[command(subcommand)]
+        action: PoolAction,
+        /// The admin socket (default: the one in --config, else /run/sluice/admin.sock).
+        #[arg(long, global = true)]
+        admin: Option<PathBuf>,
+        /// Read the admin socket path from this config file.
+        #[arg(long, global = true)]
+        config: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum PoolAction {
+    /// Run a pool that rapid-fail protection stopped (or start an idle one now).
+    Start { name: String },
+    /// Replace every worker of the pool, overlapped: the new ones start first.
+    Recycle { name: String },
+}
+
+fn admin_path(admin: Option<PathBuf>, config: Option<PathBuf>) -> Result<PathBuf> {
+    Ok(match (admin, config) {
+        (Some(p), _) => p,
+        (None, Some(c)) => config::Config::load(&c)?.admin_socket,
+        (None, None) => PathBuf::from(config::DEFAULT_ADMIN_SOCKET),
+    })
 }
 
 fn main() {
@@ -76,12 +104,17 @@ fn real_main() -> Result<()> {
             let c = config::Config::load(&config)?;
             server::run(c)
         }
-        Command::Status { json, admin, config } => {
-            let path = match (admin, config) {
-                (Some(p), _) => p,
-                (None, Some(c)) => config::Config::load(&c)?.admin_socket,
-                (None, None) => PathBuf::from(config::DEFAULT_ADMIN_SOCKET),
+        Command::Pool { action, admin, config } => {
+            let path = admin_path(admin, config)?;
+            let command = match action {
+                PoolAction::Start { name } => format!("pool start {name}"),
+                PoolAction::Recycle { name } => format!("pool recycle {name}"),
             };
+            print!("{}", admin::ask(&path, &command)?);
+            Ok(())
+        }
+        Command::Status { json, admin, config } => {
+            let path = admin_path(admin, config)?;
             let answer = admin::ask(&path, "status")?;
             if json {
                 print!("{answer}");

@@ -11,13 +11,14 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use sluice_common::{DISPATCHER_SLOT, MODE_FIRST_SEGMENT, MODE_SYN, PoolSlots, counter};
+use sluice_common::{DISPATCHER_SLOT, MODE_FIRST_SEGMENT, MODE_SYN, POOL_FLAG_STOPPED, PoolSlots, counter};
 
 use crate::{
-    activation::{PoolLaunch, Supervisor},
+    activation::{Event, PoolLaunch, Supervisor},
     admin::AdminSocket,
     config::{Config, Steering as Mode},
-    dispatcher::{self, DispatchStats, Dispatcher, head::Limits},
+    dispatcher::{self, DispatchStats, Dispatcher, PoolFlags, PoolQueues, head::Limits},
+    metrics,
     route::RouteTable,
     sockets::{self, DISPATCHER_BACKLOG, HandoffPair},
     status::{DispatcherStatus, KernelStatus, PoolStatus, Status, WorkerStatus},
@@ -25,8 +26,9 @@ use crate::{
     sysctl,
 };
 
-/// How long workers get to finish their requests when sluice stops.
-const SHUTDOWN_LIMIT: Duration = Duration::from_secs(10);
+/// How often the controller looks at queues and workers while a pool runs, and otherwise.
+const TICK_BUSY: Duration = Duration::from_millis(50);
+const TICK_IDLE: Duration = Duration::from_millis(500);
 /// HTTP.sys's header wait timeout.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -83,8 +85,10 @@ pub fn run(config: Config) -> Result<()> {
         }
     }
     let mut slot = DISPATCHER_SLOT + 1;
+    let mut slots = Vec::new();
     for (p, pool) in config.pools.iter().enumerate() {
-        steering.set_pool(p as u32, PoolSlots { first: slot, count: pool.sockets, flags: 0, _pad: 0 })?;
+        slots.push(PoolSlots { first: slot, count: pool.sockets, flags: 0, _pad: 0 });
+        steering.set_pool(p as u32, slots[p])?;
         slot += pool.sockets;
     }
     for r in &config.routes {
@@ -109,27 +113,26 @@ pub fn run(config: Config) -> Result<()> {
             let mut fds: Vec<(RawFd, String)> =
                 s.listeners.iter().map(|fd| (fd.as_raw_fd(), "pool".to_owned())).collect();
             fds.push((s.handoff.workers.as_raw_fd(), "handoff".to_owned()));
+            let mut demand: Vec<RawFd> = s.listeners.iter().map(|fd| fd.as_raw_fd()).collect();
+            demand.push(s.handoff.workers.as_raw_fd());
             PoolLaunch {
                 name: pool.name.clone(),
                 program: pool.program.clone(),
                 args: pool.args.clone(),
                 processes: pool.processes,
                 threads: pool.threads,
+                activation: pool.activation.clone(),
                 fds,
+                demand,
             }
         })
         .collect();
     let mut supervisor = Supervisor::new(launches).context("preparing worker processes")?;
-    supervisor.start_due(Instant::now());
 
     let stats = Arc::new(DispatchStats::new(config.pools.len()));
-    // SAFETY: eventfd(2) returns a new fd that we own.
-    let stop = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
-    if stop < 0 {
-        bail!("eventfd: {}", std::io::Error::last_os_error());
-    }
-    // SAFETY: `stop` was just created and is owned by nothing else.
-    let stop = unsafe { OwnedFd::from_raw_fd(stop) };
+    let flags = Arc::new(PoolFlags::new(config.pools.len()));
+    let stop = eventfd()?;
+    let wake = eventfd()?;
     let dispatcher = Dispatcher {
         listeners: dispatch_sockets.iter().map(|fd| fd.as_raw_fd()).collect(),
         handoff: pools.iter().map(|p| p.handoff.frontend.as_raw_fd()).collect(),
@@ -138,6 +141,15 @@ pub fn run(config: Config) -> Result<()> {
         header_timeout: HEADER_TIMEOUT,
         stats: stats.clone(),
         stop: stop.as_raw_fd(),
+        flags: flags.clone(),
+        queues: pools
+            .iter()
+            .map(|p| PoolQueues {
+                listeners: p.listeners.iter().map(|fd| fd.as_raw_fd()).collect(),
+                handoff: p.handoff.workers.as_raw_fd(),
+            })
+            .collect(),
+        wake: wake.as_raw_fd(),
     };
     let dispatch_thread = std::thread::Builder::new()
         .name("dispatcher".into())
@@ -145,6 +157,10 @@ pub fn run(config: Config) -> Result<()> {
         .context("starting the dispatcher thread")?;
 
     let admin = AdminSocket::bind(&config.admin_socket)?;
+    if let Some(addr) = config.metrics {
+        metrics::serve(addr, config.admin_socket.clone())?;
+        log::info!("Prometheus metrics on http://{addr}/metrics");
+    }
     log::info!(
         "sluice serving {} ({}) with {} pool(s), steering {} (admin socket {})",
         config.listen.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(", "),
@@ -154,19 +170,33 @@ pub fn run(config: Config) -> Result<()> {
         config.admin_socket.display()
     );
 
+    let mut kernel_flags = vec![0u32; config.pools.len()];
+    let mut apply = |steering: &mut Steering, pool: usize, flag: u32, on: bool| -> Result<()> {
+        if flags.set(pool, flag, on) {
+            // Either flag sends the pool's new connections to the dispatcher.
+            let kernel = if flags.get(pool) != 0 { POOL_FLAG_STOPPED } else { 0 };
+            if kernel != kernel_flags[pool] {
+                kernel_flags[pool] = kernel;
+                steering.set_pool(pool as u32, PoolSlots { flags: kernel, ..slots[pool] })?;
+            }
+            if flag == PoolFlags::STOPPED {
+                // SAFETY: writes 8 bytes to our eventfd.
+                unsafe { libc::write(wake.as_raw_fd(), (&1u64 as *const u64).cast(), 8) };
+            }
+        }
+        Ok(())
+    };
+
     loop {
-        let now = Instant::now();
-        let wait = supervisor
-            .next_start()
-            .map(|t| t.saturating_duration_since(now))
-            .unwrap_or(Duration::from_secs(1))
-            .min(Duration::from_secs(1));
-        let mut fds = [
+        let watched = supervisor.watched();
+        let mut fds = vec![
             libc::pollfd { fd: signals.fd(), events: libc::POLLIN, revents: 0 },
             libc::pollfd { fd: admin.fd(), events: libc::POLLIN, revents: 0 },
         ];
+        fds.extend(watched.iter().map(|&(fd, _, _)| libc::pollfd { fd, events: libc::POLLIN, revents: 0 }));
+        let wait = if supervisor.busy() { TICK_BUSY } else { TICK_IDLE };
         // SAFETY: poll(2) over a live array of pollfds.
-        unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as u64, wait.as_millis().max(1) as i32) };
+        unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as u64, wait.as_millis() as i32) };
         let mut quit = false;
         for sig in signals.read() {
             match sig {
@@ -178,22 +208,72 @@ pub fn run(config: Config) -> Result<()> {
         if quit {
             break;
         }
-        let now = Instant::now();
-        supervisor.reap(now);
-        supervisor.start_due(now);
-        if fds[1].revents & libc::POLLIN != 0 {
-            admin.serve(|command| match command {
-                "status" => {
-                    let s = status(&config, &pools, &steering, &supervisor, &stats);
-                    serde_json::to_string(&s).unwrap_or_else(|e| format!("error: {e}"))
+        let now2 = Instant::now();
+        for (pfd, &(_, pool, pid)) in fds[2..].iter().zip(&watched) {
+            if pfd.revents != 0 {
+                supervisor.readable(pool, pid, now2);
+            }
+        }
+        let mut events = supervisor.reap(now2);
+        let counters = steering.counters().unwrap_or_default();
+        let activity: Vec<u64> = (0..config.pools.len())
+            .map(|i| counters.steered(i) + stats.handed_off.get(i).map(|n| n.load(Relaxed)).unwrap_or(0))
+            .collect();
+        let queued: Vec<u64> = pools.iter().map(|p| queued(p)).collect();
+        events.extend(supervisor.tick(now2, &activity, &queued));
+        for e in events {
+            match e {
+                Event::Stopped(i) => apply(&mut steering, i, PoolFlags::STOPPED, true)?,
+                Event::Restarted(i) => apply(&mut steering, i, PoolFlags::STOPPED, false)?,
+            }
+        }
+        // Queue full (HTTP.sys QueueFull): new connections get 503 from the dispatcher until
+        // the workers catch up.
+        for (i, (q, pool)) in queued.iter().zip(&config.pools).enumerate() {
+            let full = pools[i].listeners.iter().any(|fd| sockets::queued(fd.as_raw_fd()).unwrap_or(0) >= pool.queue_length);
+            if full != (flags.get(i) & PoolFlags::FULL != 0) {
+                if full {
+                    log::warn!("pool {}: queue full ({q} waiting); answering 503 until it drains", pool.name);
+                } else {
+                    log::info!("pool {}: queue drained ({q} waiting)", pool.name);
                 }
-                other => format!("error: unknown command `{other}` (known: status)"),
+                apply(&mut steering, i, PoolFlags::FULL, full)?;
+            }
+        }
+        if fds[1].revents & libc::POLLIN != 0 {
+            admin.serve(|command| {
+                let words: Vec<&str> = command.split_whitespace().collect();
+                match words.as_slice() {
+                    ["status"] => {
+                        let s = status(&config, &pools, &steering, &supervisor, &stats);
+                        serde_json::to_string(&s).unwrap_or_else(|e| format!("error: {e}"))
+                    }
+                    ["metrics"] => status(&config, &pools, &steering, &supervisor, &stats).prometheus(),
+                    ["pool", "start", name] => match supervisor.start(name, Instant::now()) {
+                        Ok(events) => {
+                            for e in events {
+                                if let Event::Restarted(i) = e {
+                                    if let Err(err) = apply(&mut steering, i, PoolFlags::STOPPED, false) {
+                                        return format!("error: {err:#}");
+                                    }
+                                }
+                            }
+                            format!("pool {name} started")
+                        }
+                        Err(e) => format!("error: {e}"),
+                    },
+                    ["pool", "recycle", name] => match supervisor.recycle(name) {
+                        Ok(n) => format!("pool {name}: recycling {n} worker(s)"),
+                        Err(e) => format!("error: {e}"),
+                    },
+                    _ => format!("error: unknown command `{command}` (known: status, metrics, pool start NAME, pool recycle NAME)"),
+                }
             });
         }
     }
 
     log::info!("stopping: workers first, then the dispatcher");
-    supervisor.stop_all(SHUTDOWN_LIMIT);
+    supervisor.stop_all();
     // SAFETY: writes 8 bytes to our eventfd.
     unsafe { libc::write(stop.as_raw_fd(), (&1u64 as *const u64).cast(), 8) };
     match dispatch_thread.join() {
@@ -210,6 +290,20 @@ pub fn run(config: Config) -> Result<()> {
     Ok(())
 }
 
+fn eventfd() -> Result<OwnedFd> {
+    // SAFETY: eventfd(2) returns a new fd that we own.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+    if fd < 0 {
+        bail!("eventfd: {}", std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just created and is owned by nothing else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn queued(p: &PoolSockets) -> u64 {
+    p.listeners.iter().map(|fd| sockets::queued(fd.as_raw_fd()).unwrap_or(0) as u64).sum()
+}
+
 fn status(
     config: &Config,
     pools: &[PoolSockets],
@@ -221,18 +315,27 @@ fn status(
         log::warn!("reading steering counters: {e}");
         Default::default()
     });
-    let workers = supervisor.workers(Instant::now());
+    let info = supervisor.info(Instant::now());
     let pools = config
         .pools
         .iter()
         .enumerate()
         .map(|(i, p)| PoolStatus {
             name: p.name.clone(),
-            workers: workers
+            state: info.get(i).map(|p| p.state.as_str()).unwrap_or("unknown").to_owned(),
+            requests: info.get(i).map(|p| p.requests).unwrap_or(0),
+            workers: info
                 .get(i)
-                .map(|ws| {
-                    ws.iter()
-                        .map(|w| WorkerStatus { pid: w.pid, uptime_s: w.uptime.as_secs(), restarts: w.restarts })
+                .map(|p| {
+                    p.workers
+                        .iter()
+                        .map(|w| WorkerStatus {
+                            pid: w.pid,
+                            uptime_s: w.uptime.as_secs(),
+                            requests: w.requests,
+                            restarts: w.restarts,
+                            ready: w.ready,
+                        })
                         .collect()
                 })
                 .unwrap_or_default(),

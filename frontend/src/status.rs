@@ -18,6 +18,10 @@ pub struct Status {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PoolStatus {
     pub name: String,
+    /// `running`, `idle` (no worker until a connection waits) or `stopped` (rapid-fail).
+    pub state: String,
+    /// Requests the pool's workers answered (as they last reported).
+    pub requests: u64,
     pub workers: Vec<WorkerStatus>,
     /// Connections waiting in the pool's accept queues now.
     pub queued: u64,
@@ -31,7 +35,11 @@ pub struct PoolStatus {
 pub struct WorkerStatus {
     pub pid: i32,
     pub uptime_s: u64,
+    pub requests: u64,
+    /// Replacements before this worker in its slot.
     pub restarts: u32,
+    /// Answered its first ping and is not shutting down.
+    pub ready: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -54,21 +62,83 @@ pub struct KernelStatus {
 }
 
 impl Status {
+    /// The Prometheus text exposition of the same figures.
+    pub fn prometheus(&self) -> String {
+        let mut out = String::new();
+        let mut family = |name: &str, kind: &str, help: &str, rows: Vec<(String, u64)>| {
+            out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
+            for (labels, v) in rows {
+                out.push_str(&format!("{name}{labels} {v}\n"));
+            }
+        };
+        let per_pool = |f: &dyn Fn(&PoolStatus) -> u64| -> Vec<(String, u64)> {
+            self.pools.iter().map(|p| (format!("{{pool=\"{}\"}}", p.name), f(p))).collect()
+        };
+        family(
+            "sluice_pool_state",
+            "gauge",
+            "1 for the pool's current state.",
+            self.pools
+                .iter()
+                .flat_map(|p| {
+                    ["running", "idle", "stopped"]
+                        .map(|s| (format!("{{pool=\"{}\",state=\"{s}\"}}", p.name), (p.state == s) as u64))
+                })
+                .collect(),
+        );
+        family("sluice_pool_workers", "gauge", "Worker processes running.", per_pool(&|p| p.workers.len() as u64));
+        family("sluice_pool_queued", "gauge", "Connections waiting in the pool's queue.", per_pool(&|p| p.queued));
+        family("sluice_pool_requests_total", "counter", "Requests the pool's workers answered.", per_pool(&|p| p.requests));
+        family(
+            "sluice_pool_restarts_total",
+            "counter",
+            "Worker replacements after failures.",
+            per_pool(&|p| p.workers.iter().map(|w| w.restarts as u64).sum()),
+        );
+        family("sluice_steered_kernel_total", "counter", "Connections steered in the kernel.", per_pool(&|p| p.steered_kernel));
+        family("sluice_handed_off_total", "counter", "Connections the dispatcher handed to the pool.", per_pool(&|p| p.handed_off));
+        family(
+            "sluice_worker_uptime_seconds",
+            "gauge",
+            "Seconds since the worker started.",
+            self.pools
+                .iter()
+                .flat_map(|p| p.workers.iter().map(move |w| (format!("{{pool=\"{}\",pid=\"{}\"}}", p.name, w.pid), w.uptime_s)))
+                .collect(),
+        );
+        family(
+            "sluice_fallbacks_total",
+            "counter",
+            "Connections the kernel program sent to the dispatcher, by reason.",
+            self.fallbacks.iter().map(|(k, v)| (format!("{{reason=\"{k}\"}}"), *v)).collect(),
+        );
+        family("sluice_dispatcher_accepted_total", "counter", "Connections the dispatcher accepted.", vec![(String::new(), self.dispatcher.accepted)]);
+        family(
+            "sluice_dispatcher_refused_total",
+            "counter",
+            "Requests the dispatcher refused, by status code.",
+            self.dispatcher.refused.iter().map(|(k, v)| (format!("{{code=\"{k}\"}}"), *v)).collect(),
+        );
+        family("sluice_syn_cookies_total", "counter", "Data-less SYNs answered by cookie (first-segment mode).", vec![(String::new(), self.kernel.syn_cookies)]);
+        family("sluice_ack_gate_drops_total", "counter", "Handshake ACKs dropped by the ack gate.", vec![(String::new(), self.kernel.ack_gate_drops)]);
+        out
+    }
+
     /// The human-readable form of `sluice status`.
     pub fn render(&self) -> String {
         let mut out = format!("steering: {}   listen: {}\n", self.steering, self.listen.join(", "));
         out.push_str(&format!(
-            "{:<16} {:>8} {:>8} {:>14} {:>11}  workers (pid/uptime/restarts)\n",
-            "pool", "queued", "", "steered_kernel", "handed_off"
+            "{:<16} {:>8} {:>8} {:>14} {:>11}  workers (pid/uptime/requests/restarts)\n",
+            "pool", "state", "queued", "steered_kernel", "handed_off"
         ));
         for p in &self.pools {
             let workers: Vec<String> =
-                p.workers.iter().map(|w| format!("{}/{}s/{}", w.pid, w.uptime_s, w.restarts)).collect();
+                p.workers.iter().map(|w| format!("{}/{}s/{}/{}", w.pid, w.uptime_s, w.requests, w.restarts)).collect();
             out.push_str(&format!(
                 "{:<16} {:>8} {:>8} {:>14} {:>11}  {}\n",
                 p.name,
+                p.state,
                 p.queued,
-                "",
                 p.steered_kernel,
                 p.handed_off,
                 if workers.is_empty() { "-".to_owned() } else { workers.join(" ") }

@@ -111,12 +111,16 @@ pub struct Sluice {
     pub log: PathBuf,
 }
 
-/// A config template: `{admin}`, `{hello}`, `{echo}` are filled in.
+/// A config template: `{admin}`, `{hello}`, `{echo}`, `{crash}` are filled in.
 pub fn config(template: &str, admin: &Path) -> String {
-    template
-        .replace("{admin}", &admin.display().to_string())
-        .replace("{hello}", &example("hello").display().to_string())
-        .replace("{echo}", &example("echo").display().to_string())
+    let mut t = template.replace("{admin}", &admin.display().to_string());
+    for name in ["hello", "echo", "crash"] {
+        let key = format!("{{{name}}}");
+        if t.contains(&key) {
+            t = t.replace(&key, &example(name).display().to_string());
+        }
+    }
+    t
 }
 
 /// Pools `api` (2 processes, `/api/`) and `web` (`/`) of hello workers on 127.0.0.1:8080
@@ -135,11 +139,13 @@ name = "api"
 command = ["{{hello}}"]
 processes = 2
 threads = 1
+start = "always"
 
 [[pool]]
 name = "web"
 command = ["{{hello}}"]
 threads = 1
+start = "always"
 
 [[route]]
 prefix = "/api/"

@@ -75,6 +75,8 @@ struct Pending {
 pub(crate) struct HttpConn {
     limits: Limits,
     pending: Option<Pending>,
+    /// Final responses written so far (handler responses and rejections; not `100 Continue`).
+    responses: u64,
 }
 
 /// A request-level error answered with a status and `Connection: close`.
@@ -86,7 +88,13 @@ impl HttpConn {
         HttpConn {
             limits,
             pending: None,
+            responses: 0,
         }
+    }
+
+    /// How many final responses [`HttpConn::process`] has written on this connection.
+    pub(crate) fn responses(&self) -> u64 {
+        self.responses
     }
 
     /// True when no request is partly received: the connection is idle between requests.
@@ -121,6 +129,7 @@ impl HttpConn {
                     consumed,
                     keep_alive,
                 } => {
+                    self.responses += 1;
                     pos += consumed;
                     if !keep_alive {
                         break Outcome::Close;
@@ -140,6 +149,7 @@ impl HttpConn {
                 }
                 Step::Rejected(Reject(status)) => {
                     self.pending = None;
+                    self.responses += 1;
                     write_error(wbuf, status);
                     break Outcome::Close;
                 }
@@ -990,7 +1000,56 @@ mod tests {
             Response::new(200)
         });
         assert_eq!(outcome, Outcome::Close);
-        assert_eq!(statuses(&String::from_utf8_lossy(&wbuf)), ["200"]);
+        let out = String::from_utf8_lossy(&wbuf);
+        assert_eq!(statuses(&out), ["200"]);
+        assert!(out.contains("\r\nConnection: close\r\n"), "{out}");
+        assert!(rbuf.is_empty(), "the rest of the input is dropped");
+        assert_eq!(conn.responses(), 1);
+    }
+
+    #[test]
+    fn request_in_progress_when_stopping_is_answered_with_connection_close() {
+        // A keep-alive connection that has sent part of a request when the stop begins: the
+        // request is still answered, its response is final.
+        let mut conn = HttpConn::new(Limits::default());
+        let mut handler = |_: &Request<'_>| Response::new(200).body("done");
+        let mut rbuf = b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\nab".to_vec();
+        let mut wbuf = Vec::new();
+        let outcome = conn.process(&mut rbuf, &mut wbuf, false, &mut handler);
+        assert!(matches!(outcome, Outcome::NeedMore { .. }));
+        assert!(wbuf.is_empty() && !conn.is_idle(&rbuf));
+        rbuf.extend_from_slice(b"cd");
+        let outcome = conn.process(&mut rbuf, &mut wbuf, true, &mut handler);
+        assert_eq!(outcome, Outcome::Close);
+        let out = String::from_utf8_lossy(&wbuf);
+        assert!(out.starts_with("HTTP/1.1 200 "), "{out}");
+        assert!(out.contains("\r\nConnection: close\r\n"), "{out}");
+        assert!(out.ends_with("\r\n\r\ndone"), "{out}");
+        assert_eq!(conn.responses(), 1);
+    }
+
+    #[test]
+    fn rejections_count_as_responses_but_continue_does_not() {
+        let mut conn = HttpConn::new(Limits::default());
+        let mut rbuf = b"GET / HTTP/1.1\r\nHost: x\r\n\r\nBAD\x01 / HTTP/1.1\r\n\r\n".to_vec();
+        let mut wbuf = Vec::new();
+        let outcome = conn.process(&mut rbuf, &mut wbuf, false, &mut |_: &Request<'_>| {
+            Response::new(200)
+        });
+        assert_eq!(outcome, Outcome::Close);
+        assert_eq!(statuses(&String::from_utf8_lossy(&wbuf)), ["200", "400"]);
+        assert_eq!(conn.responses(), 2);
+
+        let mut conn = HttpConn::new(Limits::default());
+        let mut rbuf =
+            b"PUT / HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n"
+                .to_vec();
+        let mut wbuf = Vec::new();
+        conn.process(&mut rbuf, &mut wbuf, false, &mut |_: &Request<'_>| {
+            Response::new(200)
+        });
+        assert_eq!(statuses(&String::from_utf8_lossy(&wbuf)), ["100"]);
+        assert_eq!(conn.responses(), 0);
     }
 
     #[test]

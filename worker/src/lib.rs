@@ -1,9 +1,20 @@
 //! `sluice-worker`: the library a sluice worker process is built on.
 //!
 //! A worker gets its sockets from the sluice front end (systemd socket-activation convention:
-//! `LISTEN_FDS`, `LISTEN_PID`, `LISTEN_FDNAMES` with `pool` listening sockets and one `handoff`
-//! SEQPACKET socket), or binds `SLUICE_LISTEN` / `--listen` itself when run standalone. It
-//! serves HTTP/1.1 on one io_uring per thread and calls a [`Handler`] for every request.
+//! `LISTEN_FDS`, `LISTEN_PID`, `LISTEN_FDNAMES` with `pool` listening sockets, one `handoff`
+//! SEQPACKET socket and one `control` SEQPACKET socket), or binds `SLUICE_LISTEN` / `--listen`
+//! itself when run standalone. It serves HTTP/1.1 on one io_uring per thread and calls a
+//! [`Handler`] for every request.
+//!
+//! On the `control` socket the front end sends `ping <seq>` (answered with
+//! `pong <seq> requests=<n> rss_kib=<n>` by thread 0's ring, so a worker whose threads are stuck
+//! does not answer) and `stop` (as SIGTERM); the worker sends `stats requests=<n>` at most once a
+//! second when its response count changed. EOF on it stops the worker gracefully.
+//!
+//! A graceful stop (SIGTERM, SIGINT, `stop`) stops accepting, answers the request in progress
+//! on each keep-alive connection with `Connection: close`, closes idle connections at once and
+//! returns when no connection remains (in-progress ones are cut after about 5 s; after 10 s
+//! the threads are given up on and [`run`] returns an error).
 //!
 //! ```no_run
 //! use sluice_worker::{Context, Request, Response};
@@ -13,6 +24,7 @@
 //! }
 //! ```
 
+mod control;
 mod handoff;
 mod http;
 mod runtime;

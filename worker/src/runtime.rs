@@ -1,17 +1,21 @@
 //! The io_uring runtime: one thread and one ring per core. Each ring has a multishot accept on
 //! every pool socket, a recvmsg on the handoff socket, a periodic tick and an eventfd read that
 //! wakes it for a graceful stop; each connection runs a recv -> handle -> send state machine
-//! with at most one operation in flight.
+//! with at most one operation in flight. Thread 0's ring also reads the control socket and
+//! answers it after each completion batch, so a worker whose threads are stuck in handlers
+//! stops answering pings.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use io_uring::{IoUring, cqueue, opcode, squeue, types};
 
+use crate::control::{self, Command};
 use crate::handoff::{HandoffError, RecvBuf};
 use crate::http::{HttpConn, Limits, Outcome};
 use crate::sockets::{Sockets, setsockopt_int};
@@ -22,10 +26,19 @@ const CQ_ENTRIES: u32 = 8192;
 const TICK: Duration = Duration::from_millis(500);
 /// Ticks a lingering close waits for the client's FIN (~2 s).
 const LINGER_TICKS: u64 = 4;
+/// Ticks a keep-alive connection idle at a stop request gets to send one more request, which
+/// is answered with `Connection: close` (~2 s). Closing it at once would race with a request
+/// the client is sending (a client such as wrk then reports a read error).
+const STOP_GRACE_TICKS: u64 = 4;
 /// Ticks after a stop request before in-progress connections are cut (~4.5 s).
 const STOP_DEADLINE_TICKS: u64 = 9;
 /// Ticks after the cut before a thread gives up waiting for cancellations.
 const STOP_ABANDON_TICKS: u64 = 2;
+/// Longest wait for the threads after a stop request before the process gives up on them
+/// (a handler that never returns).
+const STOP_LIMIT: Duration = Duration::from_secs(10);
+/// Ticks between unsolicited `stats` messages (at most one per second).
+const STATS_TICKS: u64 = 2;
 const READ_CHUNK: usize = 4096;
 const MAX_READ_CHUNK: usize = 1 << 20;
 
@@ -37,6 +50,7 @@ const OP_TICK: u8 = 4;
 const OP_RECV: u8 = 5;
 const OP_SEND: u8 = 6;
 const OP_CANCEL: u8 = 7;
+const OP_CONTROL: u8 = 8;
 
 /// user_data: kind (8 bits) | index (32 bits) | generation (24 bits).
 fn user_data(kind: u8, index: u32, generation: u32) -> u64 {
@@ -52,8 +66,14 @@ struct Shared<H> {
     ctx: Context,
     pools: Vec<RawFd>,
     handoff: Option<RawFd>,
+    control: Option<RawFd>,
     limits: Limits,
     idle_ticks: u64,
+    /// Responses written by this process (all threads).
+    requests: AtomicU64,
+    /// Set when a stop was asked for on the control channel (or the front end went away);
+    /// the main thread polls it between signal waits (every 250 ms) and stops every thread.
+    stop_requested: AtomicBool,
 }
 
 /// Serves `sockets` until SIGTERM/SIGINT, then stops gracefully.
@@ -71,14 +91,17 @@ pub(crate) fn serve<H: Handler>(
         },
         pools: sockets.pools.iter().map(AsRawFd::as_raw_fd).collect(),
         handoff: sockets.handoff.as_ref().map(AsRawFd::as_raw_fd),
+        control: sockets.control.as_ref().map(AsRawFd::as_raw_fd),
         limits: Limits {
             max_body: options.max_body,
             ..Limits::default()
         },
         idle_ticks: (options.idle_timeout.as_millis() / TICK.as_millis()).max(1) as u64,
+        requests: AtomicU64::new(0),
+        stop_requested: AtomicBool::new(false),
     });
     log::info!(
-        "sluice-worker pid {} pool {}: {} thread(s), {} {} pool socket(s){}",
+        "sluice-worker pid {} pool {}: {} thread(s), {} {} pool socket(s){}{}",
         shared.ctx.pid,
         shared.ctx.pool().unwrap_or("(standalone)"),
         options.threads,
@@ -90,6 +113,11 @@ pub(crate) fn serve<H: Handler>(
         },
         if shared.handoff.is_some() {
             ", handoff socket"
+        } else {
+            ""
+        },
+        if shared.control.is_some() {
+            ", control socket"
         } else {
             ""
         },
@@ -112,7 +140,7 @@ pub(crate) fn serve<H: Handler>(
         let shared = Arc::clone(&shared);
         let spawned = thread::Builder::new()
             .name(format!("sluice-w{index}"))
-            .spawn(move || Worker::new(&shared, wake_fd).and_then(|mut w| w.run()));
+            .spawn(move || Worker::new(&shared, index, wake_fd).and_then(|mut w| w.run()));
         match spawned {
             Ok(handle) => threads.push((handle, wake)),
             Err(source) => {
@@ -126,7 +154,7 @@ pub(crate) fn serve<H: Handler>(
     }
 
     if spawn_error.is_none() {
-        wait_for_stop(&signals, &threads);
+        wait_for_stop(&signals, &threads, &shared.stop_requested);
     }
     for (_, wake) in &threads {
         let one: u64 = 1;
@@ -134,6 +162,25 @@ pub(crate) fn serve<H: Handler>(
         unsafe { libc::write(wake.as_raw_fd(), (&raw const one).cast(), 8) };
     }
     let mut result = spawn_error.map_or(Ok(()), Err);
+    let deadline = Instant::now() + STOP_LIMIT;
+    while Instant::now() < deadline && threads.iter().any(|(h, _)| !h.is_finished()) {
+        thread::sleep(Duration::from_millis(20));
+    }
+    if threads.iter().any(|(h, _)| !h.is_finished()) {
+        let stuck = threads.iter().filter(|(h, _)| !h.is_finished()).count();
+        log::error!(
+            "{stuck} worker thread(s) did not stop within {}s (a handler that never returns?); \
+             giving up on them",
+            STOP_LIMIT.as_secs()
+        );
+        // The stuck threads may still use the sockets and eventfds: never close them.
+        std::mem::forget(threads);
+        std::mem::forget(sockets);
+        return Err(Error::Thread(format!(
+            "{stuck} worker thread(s) did not stop within {}s",
+            STOP_LIMIT.as_secs()
+        )));
+    }
     for (handle, _wake) in threads {
         let outcome = handle
             .join()
@@ -174,10 +221,12 @@ fn block_stop_signals() -> Result<libc::sigset_t, Error> {
     }
 }
 
-/// Returns when a stop signal arrives or a worker thread ends on its own (an error).
+/// Returns when a stop signal arrives, a stop is asked for on the control channel, or a worker
+/// thread ends on its own (an error).
 fn wait_for_stop(
     signals: &libc::sigset_t,
     threads: &[(thread::JoinHandle<Result<(), Error>>, OwnedFd)],
+    stop_requested: &AtomicBool,
 ) {
     let timeout = libc::timespec {
         tv_sec: 0,
@@ -186,6 +235,10 @@ fn wait_for_stop(
     loop {
         // SAFETY: `signals` is an initialized sigset; no siginfo is requested.
         let signo = unsafe { libc::sigtimedwait(signals, std::ptr::null_mut(), &timeout) };
+        if stop_requested.load(Ordering::SeqCst) {
+            log::info!("stop requested by the front end: stopping gracefully");
+            return;
+        }
         if signo > 0 {
             log::info!("signal {signo} received: stopping gracefully");
             return;
@@ -313,11 +366,45 @@ struct Worker<'s, H> {
     wake_buf: &'static mut u64,
     tick_spec: Box<types::Timespec>,
     cqes: Vec<(u64, i32, u32)>,
+    /// Thread 0 only: the control channel.
+    control: Option<ControlChannel>,
+}
+
+/// Thread 0's side of the control channel (see `control.rs`).
+struct ControlChannel {
+    fd: RawFd,
+    /// Leaked on purpose, like the handoff buffer: a recv may be in flight when the thread
+    /// exits.
+    buf: &'static mut [u8; control::MAX_MESSAGE],
+    armed: bool,
+    /// EOF or an error: never re-armed.
+    closed: bool,
+    /// The request count in the last `pong` or `stats`.
+    reported: u64,
+    /// Replies to send once the current completion batch is processed.
+    outbox: Vec<Outgoing>,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Outgoing {
+    Pong(u64),
+    Stats,
 }
 
 impl<'s, H: Handler> Worker<'s, H> {
-    fn new(shared: &'s Shared<H>, wake_fd: RawFd) -> Result<Self, Error> {
+    fn new(shared: &'s Shared<H>, index: usize, wake_fd: RawFd) -> Result<Self, Error> {
         let ring = new_ring().map_err(Error::Ring)?;
+        let control = shared
+            .control
+            .filter(|_| index == 0)
+            .map(|fd| ControlChannel {
+                fd,
+                buf: Box::leak(Box::new([0; control::MAX_MESSAGE])),
+                armed: false,
+                closed: false,
+                reported: 0,
+                outbox: Vec::new(),
+            });
         Ok(Worker {
             ring,
             shared,
@@ -334,6 +421,7 @@ impl<'s, H: Handler> Worker<'s, H> {
             wake_buf: Box::leak(Box::new(0)),
             tick_spec: Box::new(types::Timespec::from(TICK)),
             cqes: Vec::with_capacity(CQ_ENTRIES as usize),
+            control,
         })
     }
 
@@ -342,6 +430,7 @@ impl<'s, H: Handler> Worker<'s, H> {
             self.arm_accept(index)?;
         }
         self.arm_handoff()?;
+        self.arm_control()?;
         let wake = opcode::Read::new(types::Fd(self.wake_fd), (&raw mut *self.wake_buf).cast(), 8)
             .build()
             .user_data(user_data(OP_WAKE, 0, 0));
@@ -369,6 +458,7 @@ impl<'s, H: Handler> Worker<'s, H> {
             }
             self.cqes = cqes;
             self.cqes.clear();
+            self.flush_control();
 
             if let Some(stop) = self.stop_tick {
                 let listeners_idle = !self.accept_armed.contains(&true) && !self.handoff_armed;
@@ -431,6 +521,100 @@ impl<'s, H: Handler> Worker<'s, H> {
         Ok(())
     }
 
+    fn arm_control(&mut self) -> Result<(), Error> {
+        let Some(ctl) = self.control.as_mut() else {
+            return Ok(());
+        };
+        if ctl.closed || ctl.armed {
+            return Ok(());
+        }
+        // MSG_TRUNC: the result is the datagram's real length, so a longer one is detected.
+        let entry = opcode::Recv::new(
+            types::Fd(ctl.fd),
+            ctl.buf.as_mut_ptr(),
+            ctl.buf.len() as u32,
+        )
+        .flags(libc::MSG_TRUNC)
+        .build()
+        .user_data(user_data(OP_CONTROL, 0, 0));
+        ctl.armed = true;
+        self.push(entry)
+    }
+
+    /// A control message arrived (or the channel ended).
+    fn on_control(&mut self, res: i32) -> Result<(), Error> {
+        let Some(ctl) = self.control.as_mut() else {
+            return Ok(());
+        };
+        ctl.armed = false;
+        if res < 0 {
+            if matches!(-res, libc::EINTR | libc::EAGAIN) {
+                return self.arm_control();
+            }
+            log::warn!(
+                "control socket: {}; stopping gracefully",
+                io::Error::from_raw_os_error(-res)
+            );
+            ctl.closed = true;
+            return self.stop_from_control();
+        }
+        let len = res as usize;
+        if len == 0 && control::peer_closed(ctl.fd) {
+            log::info!("the front end closed the control socket: stopping gracefully");
+            ctl.closed = true;
+            return self.stop_from_control();
+        }
+        let command = match ctl.buf.get(..len) {
+            Some(msg) => control::parse(msg),
+            None => Err(control::ControlError::TooLong),
+        };
+        match command {
+            Ok(Command::Ping(seq)) => {
+                ctl.outbox.push(Outgoing::Pong(seq));
+                self.arm_control()
+            }
+            Ok(Command::Stop) => {
+                log::info!("stop requested on the control channel");
+                self.arm_control()?;
+                self.stop_from_control()
+            }
+            Err(e) => {
+                log::debug!("ignoring a control message: {e}");
+                self.arm_control()
+            }
+        }
+    }
+
+    /// Stops this thread at once and asks the main thread to stop the others.
+    fn stop_from_control(&mut self) -> Result<(), Error> {
+        self.shared.stop_requested.store(true, Ordering::SeqCst);
+        self.begin_stop()
+    }
+
+    /// Sends the queued control replies (after a completion batch).
+    fn flush_control(&mut self) {
+        let Some(ctl) = self.control.as_mut() else {
+            return;
+        };
+        if ctl.outbox.is_empty() {
+            return;
+        }
+        let requests = self.shared.requests.load(Ordering::Relaxed);
+        for out in ctl.outbox.drain(..) {
+            let msg = match out {
+                Outgoing::Pong(seq) => control::pong(seq, requests, control::current_rss_kib()),
+                Outgoing::Stats => control::stats(requests),
+            };
+            ctl.reported = requests;
+            if ctl.closed {
+                continue;
+            }
+            if let Err(e) = control::send(ctl.fd, &msg) {
+                log::debug!("control message {msg:?} dropped: {e}");
+            }
+        }
+    }
+
     fn arm_tick(&mut self) -> Result<(), Error> {
         let entry = opcode::Timeout::new(&raw const *self.tick_spec)
             .flags(types::TimeoutFlags::MULTISHOT)
@@ -455,6 +639,7 @@ impl<'s, H: Handler> Worker<'s, H> {
             OP_RECV => self.on_recv(index, generation, res),
             OP_SEND => self.on_send(index, generation, res),
             OP_CANCEL => Ok(()),
+            OP_CONTROL => self.on_control(res),
             _ => {
                 log::error!("unexpected completion {ud:#x}");
                 Ok(())
@@ -583,12 +768,17 @@ impl<'s, H: Handler> Worker<'s, H> {
             return Ok(());
         };
         let mut dispatch = |req: &Request<'_>| call_handler(&shared.handler, req, &shared.ctx);
+        let before = conn.http.responses();
         match conn
             .http
             .process(&mut conn.rbuf, &mut conn.wbuf, closing, &mut dispatch)
         {
             Outcome::NeedMore { hint } => conn.want = hint,
             Outcome::Close => conn.close_after_send = true,
+        }
+        let written = conn.http.responses() - before;
+        if written > 0 {
+            shared.requests.fetch_add(written, Ordering::Relaxed);
         }
         if !conn.wbuf.is_empty() {
             self.submit_send(index, generation)
@@ -645,7 +835,6 @@ impl<'s, H: Handler> Worker<'s, H> {
 
     fn on_send(&mut self, index: u32, generation: u32, res: i32) -> Result<(), Error> {
         let tick = self.tick;
-        let stopping = self.stop_tick.is_some();
         let Some(conn) = self.conns.get_mut(index, generation) else {
             log::error!("send completion for a missing connection");
             return Ok(());
@@ -670,11 +859,11 @@ impl<'s, H: Handler> Worker<'s, H> {
         } else {
             conn.wbuf.clear();
         }
+        // While stopping, a connection whose response was not marked `Connection: close`
+        // (it was built before the stop) stays open for one more request: that one is
+        // answered with `Connection: close`; the sweep closes it after the grace time.
         if conn.close_after_send {
             self.start_linger(index, generation)
-        } else if stopping && conn.http.is_idle(&conn.rbuf) {
-            self.close(index);
-            Ok(())
         } else {
             self.submit_recv(index, generation)
         }
@@ -727,6 +916,12 @@ impl<'s, H: Handler> Worker<'s, H> {
     }
 
     fn on_tick(&mut self) -> Result<(), Error> {
+        if self.tick.is_multiple_of(STATS_TICKS)
+            && let Some(ctl) = self.control.as_mut()
+            && self.shared.requests.load(Ordering::Relaxed) != ctl.reported
+        {
+            ctl.outbox.push(Outgoing::Stats);
+        }
         if self.stop_tick.is_none() {
             for index in 0..self.accept_retry.len() {
                 if self.accept_retry[index] {
@@ -745,7 +940,7 @@ impl<'s, H: Handler> Worker<'s, H> {
     fn sweep(&mut self) -> Result<(), Error> {
         let tick = self.tick;
         let idle_ticks = self.shared.idle_ticks;
-        let stopping = self.stop_tick.is_some();
+        let grace_over = self.stop_tick.is_some_and(|stop| tick >= stop + STOP_GRACE_TICKS);
         let cut_all = self
             .stop_tick
             .is_some_and(|stop| tick >= stop + STOP_DEADLINE_TICKS);
@@ -759,7 +954,7 @@ impl<'s, H: Handler> Worker<'s, H> {
                 Phase::Lingering { until } => tick >= until,
                 Phase::Reading => {
                     tick.saturating_sub(conn.last_active) >= idle_ticks
-                        || (stopping && conn.http.is_idle(&conn.rbuf))
+                        || (grace_over && conn.http.is_idle(&conn.rbuf))
                 }
                 Phase::Writing => tick.saturating_sub(conn.last_active) >= idle_ticks,
             };
@@ -781,4 +976,217 @@ fn call_handler<H: Handler>(handler: &H, req: &Request<'_>, ctx: &Context) -> Re
         log::error!("handler panicked on {} {}", req.method(), req.target());
         Response::text(500, "internal server error\n").header("connection", "close")
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    use std::time::Instant;
+
+    use super::*;
+
+    fn seqpacket_pair() -> (OwnedFd, OwnedFd) {
+        let mut fds = [0; 2];
+        // SAFETY: socketpair(2) writes two fds into the live array.
+        let rc = unsafe {
+            libc::socketpair(
+                libc::AF_UNIX,
+                libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
+                0,
+                fds.as_mut_ptr(),
+            )
+        };
+        assert_eq!(rc, 0, "{}", io::Error::last_os_error());
+        // SAFETY: both fds are new and owned by nobody else.
+        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
+    }
+
+    fn send(fd: &OwnedFd, msg: &str) {
+        control::send(fd.as_raw_fd(), msg).unwrap();
+    }
+
+    /// The next message, or None after `timeout`.
+    fn recv(fd: &OwnedFd, timeout: Duration) -> Option<String> {
+        let mut pfd = libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one live pollfd.
+        let rc = unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as libc::c_int) };
+        if rc <= 0 {
+            return None;
+        }
+        let mut buf = [0u8; 512];
+        // SAFETY: `buf` is live and writable for its length.
+        let n = unsafe {
+            libc::recv(
+                fd.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        (n > 0).then(|| String::from_utf8_lossy(&buf[..n as usize]).into_owned())
+    }
+
+    /// The next message that is not `stats`.
+    fn recv_reply(fd: &OwnedFd) -> String {
+        loop {
+            let msg = recv(fd, Duration::from_secs(5)).expect("a reply within 5 s");
+            if !msg.starts_with("stats ") {
+                return msg;
+            }
+        }
+    }
+
+    fn start(
+        threads: usize,
+    ) -> (
+        OwnedFd,
+        std::net::SocketAddr,
+        thread::JoinHandle<Result<(), Error>>,
+    ) {
+        let (front, worker_end) = seqpacket_pair();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let sockets = Sockets::for_test(vec![OwnedFd::from(listener)], None, Some(worker_end));
+        let options = Options {
+            threads,
+            ..Options::default()
+        };
+        let server = thread::spawn(move || {
+            serve(sockets, &options, |_: &Request<'_>, _: &Context| {
+                Response::text(200, "hi\n")
+            })
+        });
+        (front, addr, server)
+    }
+
+    fn join_within(server: thread::JoinHandle<Result<(), Error>>, limit: Duration) {
+        let start = Instant::now();
+        while !server.is_finished() {
+            assert!(
+                start.elapsed() < limit,
+                "the worker did not stop within {limit:?}"
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+        server.join().unwrap().unwrap();
+    }
+
+    fn get(addr: std::net::SocketAddr) -> String {
+        let mut c = TcpStream::connect(addr).unwrap();
+        c.write_all(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut out = String::new();
+        c.read_to_string(&mut out).unwrap();
+        out
+    }
+
+    #[test]
+    fn control_channel_ping_stats_and_stop() {
+        let (front, addr, server) = start(2);
+        send(&front, "ping 7");
+        let pong = recv_reply(&front);
+        assert!(pong.starts_with("pong 7 requests=0 rss_kib="), "{pong}");
+        let rss: u64 = pong.rsplit('=').next().unwrap().parse().unwrap();
+        assert!(rss > 0, "{pong}");
+
+        for _ in 0..3 {
+            assert!(get(addr).starts_with("HTTP/1.1 200 "));
+        }
+        send(&front, "ping 8");
+        assert!(recv_reply(&front).starts_with("pong 8 requests=3 "));
+        // No stats for a count already reported.
+        assert_eq!(recv(&front, Duration::from_millis(1200)), None);
+        assert!(get(addr).starts_with("HTTP/1.1 200 "));
+        assert_eq!(
+            recv(&front, Duration::from_millis(2500)).as_deref(),
+            Some("stats requests=4")
+        );
+        send(&front, "hello there");
+        send(&front, "ping 9");
+        assert!(recv_reply(&front).starts_with("pong 9 requests=4 "));
+
+        // An idle keep-alive connection and one in the middle of a request.
+        let mut idle = TcpStream::connect(addr).unwrap();
+        idle.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+            .unwrap();
+        let mut buf = [0u8; 4096];
+        let n = idle.read(&mut buf).unwrap();
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200 "));
+        assert!(!String::from_utf8_lossy(&buf[..n]).contains("Connection: close"));
+        let mut busy = TcpStream::connect(addr).unwrap();
+        busy.write_all(b"GET /slow HTTP/1.1\r\nHost: t\r\n")
+            .unwrap();
+        thread::sleep(Duration::from_millis(100));
+
+        send(&front, "stop");
+        // The idle connection may send one more request: it is answered and closed.
+        thread::sleep(Duration::from_millis(200));
+        idle.write_all(b"GET /last HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+        idle.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        let mut last = String::new();
+        idle.read_to_string(&mut last).unwrap();
+        assert!(last.starts_with("HTTP/1.1 200 "), "{last}");
+        assert!(last.contains("\r\nConnection: close\r\n"), "{last}");
+        busy.write_all(b"\r\n").unwrap();
+        let mut out = String::new();
+        busy.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        busy.read_to_string(&mut out).unwrap();
+        assert!(out.starts_with("HTTP/1.1 200 "), "{out}");
+        assert!(out.contains("\r\nConnection: close\r\n"), "{out}");
+        join_within(server, Duration::from_secs(5));
+        // Not accepting any more: the listening socket is closed with the worker here.
+        assert!(TcpStream::connect(addr).is_err());
+    }
+
+    #[test]
+    fn control_channel_eof_stops_the_worker() {
+        let (front, _addr, server) = start(1);
+        send(&front, "ping 1");
+        assert!(recv_reply(&front).starts_with("pong 1 requests=0 "));
+        drop(front);
+        join_within(server, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn stuck_handler_thread_stops_pongs() {
+        let (front, worker_end) = seqpacket_pair();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let sockets = Sockets::for_test(vec![OwnedFd::from(listener)], None, Some(worker_end));
+        let options = Options {
+            threads: 1,
+            ..Options::default()
+        };
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        let release_rx = std::sync::Mutex::new(release_rx);
+        let server = thread::spawn(move || {
+            serve(sockets, &options, move |req: &Request<'_>, _: &Context| {
+                if req.path() == "/block" {
+                    let _ = release_rx.lock().map(|rx| rx.recv());
+                }
+                Response::text(200, "hi\n")
+            })
+        });
+        send(&front, "ping 1");
+        assert!(recv_reply(&front).starts_with("pong 1 "));
+        let mut c = TcpStream::connect(addr).unwrap();
+        c.write_all(b"GET /block HTTP/1.1\r\nHost: t\r\n\r\n")
+            .unwrap();
+        thread::sleep(Duration::from_millis(200));
+        send(&front, "ping 2");
+        assert_eq!(
+            recv(&front, Duration::from_millis(1500)),
+            None,
+            "no pong while stuck"
+        );
+        release_tx.send(()).unwrap();
+        assert!(recv_reply(&front).starts_with("pong 2 requests=1 "));
+        send(&front, "stop");
+        join_within(server, Duration::from_secs(5));
+    }
 }

@@ -19,6 +19,8 @@ pub(crate) struct Sockets {
     pub pools: Vec<OwnedFd>,
     /// The pool's SEQPACKET socket that delivers handed-off connections.
     pub handoff: Option<OwnedFd>,
+    /// The private SEQPACKET control channel to the front end (see `control.rs`).
+    pub control: Option<OwnedFd>,
     /// True when the sockets came from the front end.
     pub inherited: bool,
     /// Inherited fds with names this worker does not use, kept open as the contract says.
@@ -51,9 +53,26 @@ impl Sockets {
         Ok(Sockets {
             pools,
             handoff: None,
+            control: None,
             inherited: false,
             _other: Vec::new(),
         })
+    }
+
+    /// Sockets set up by a test, as if inherited.
+    #[cfg(test)]
+    pub(crate) fn for_test(
+        pools: Vec<OwnedFd>,
+        handoff: Option<OwnedFd>,
+        control: Option<OwnedFd>,
+    ) -> Self {
+        Sockets {
+            pools,
+            handoff,
+            control,
+            inherited: true,
+            _other: Vec::new(),
+        }
     }
 }
 
@@ -91,6 +110,7 @@ fn inherited() -> Result<Option<Sockets>, Error> {
     let mut sockets = Sockets {
         pools: Vec::new(),
         handoff: None,
+        control: None,
         inherited: true,
         _other: Vec::new(),
     };
@@ -126,6 +146,18 @@ fn inherited() -> Result<Option<Sockets>, Error> {
                 }
                 sockets.handoff = Some(owned);
             }
+            "control" if sockets.control.is_none() => {
+                if getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_TYPE).ok()
+                    != Some(libc::SOCK_SEQPACKET)
+                {
+                    return Err(Error::BadInheritedFd {
+                        fd,
+                        name: name.into(),
+                        expected: "a SOCK_SEQPACKET socket",
+                    });
+                }
+                sockets.control = Some(owned);
+            }
             _ => {
                 log::debug!("inherited fd {fd} named {name:?} is not used");
                 sockets._other.push(owned);
@@ -133,10 +165,15 @@ fn inherited() -> Result<Option<Sockets>, Error> {
         }
     }
     log::info!(
-        "inherited {} pool socket(s){} from the front end",
+        "inherited {} pool socket(s){}{} from the front end",
         sockets.pools.len(),
         if sockets.handoff.is_some() {
-            " and a handoff socket"
+            ", a handoff socket"
+        } else {
+            ""
+        },
+        if sockets.control.is_some() {
+            ", a control socket"
         } else {
             ""
         }

@@ -1,46 +1,54 @@
-//! Process activation, the job WAS does for IIS: start each pool's worker processes with the
-//! pool's sockets, replace a worker that exits (with back-off, so a crash loop does not spin),
-//! and stop them all on shutdown. The pool sockets stay open in the front end throughout, so
-//! connections queued while a worker is down wait for its replacement.
+//! Process activation, the job WAS does for IIS: start a pool's workers on demand (or with the
+//! front end), replace workers that exit (with back-off), stop a pool that keeps failing
+//! (rapid-fail protection), ping workers and replace hung ones, recycle them overlapped, and
+//! stop idle pools. The pool sockets stay open in the front end throughout, so connections
+//! queued while no worker runs wait for the next one.
 
+mod control;
 mod spawn;
 
 use std::{
+    collections::VecDeque,
     io,
-    os::fd::RawFd,
+    os::fd::{AsRawFd, OwnedFd, RawFd},
     path::PathBuf,
     time::{Duration, Instant},
 };
 
 pub use spawn::Launch;
 
-/// A worker that lived this long before exiting is not counted as crashing.
+use crate::config::{Activation, Start};
+
+/// A worker that lived this long before exiting is not restarted with back-off.
 const HEALTHY_UPTIME: Duration = Duration::from_secs(10);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
-/// One pool's processes.
-pub struct PoolWorkers {
-    pub name: String,
-    launch: Launch,
-    slots: Vec<Slot>,
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PoolState {
+    /// No worker runs; the first connection in the queue starts them.
+    Idle,
+    Running,
+    /// Rapid-fail protection stopped it: the dispatcher answers 503 until `pool start`.
+    Stopped,
 }
 
-#[derive(Debug, Clone)]
-struct Slot {
-    pid: Option<libc::pid_t>,
-    started: Instant,
-    restarts: u32,
-    /// Exits in a row that came sooner than HEALTHY_UPTIME after a start.
-    quick_exits: u32,
-    next_start: Option<Instant>,
+impl PoolState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PoolState::Idle => "idle",
+            PoolState::Running => "running",
+            PoolState::Stopped => "stopped",
+        }
+    }
 }
 
-/// What status reports about a worker.
-#[derive(Debug, Clone)]
-pub struct WorkerInfo {
-    pub pid: libc::pid_t,
-    pub uptime: Duration,
-    pub restarts: u32,
+/// What the front end must do after a supervisor step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// Rapid-fail protection stopped the pool: steer it to the dispatcher, answer 503.
+    Stopped(usize),
+    /// The pool runs again (after `pool start`).
+    Restarted(usize),
 }
 
 /// What a pool is started with.
@@ -50,12 +58,72 @@ pub struct PoolLaunch {
     pub args: Vec<String>,
     pub processes: u32,
     pub threads: Option<u32>,
-    /// (fd, LISTEN_FDNAMES name)
+    pub activation: Activation,
+    /// (fd, LISTEN_FDNAMES name) of the pool's sockets.
     pub fds: Vec<(RawFd, String)>,
+    /// Readable when a connection waits for this pool (its listening sockets and the workers'
+    /// end of its handoff channel).
+    pub demand: Vec<RawFd>,
+}
+
+struct Worker {
+    pid: libc::pid_t,
+    control: OwnedFd,
+    started: Instant,
+    /// Answered its first ping (or pings are off).
+    ready: bool,
+    requests: u64,
+    rss_kib: u64,
+    last_pong: Instant,
+    ping: Option<(u64, Instant)>,
+    /// Asked to stop at this time (recycle, idle, shutdown): its exit is no failure.
+    retiring: Option<Instant>,
+    /// A replacement is wanted before it retires (overlapped recycle).
+    recycle: bool,
+    /// Replacements before this one in its slot.
+    restarts: u32,
+}
+
+struct Pool {
+    name: String,
+    policy: Activation,
+    processes: u32,
+    launch: Launch,
+    demand: Vec<RawFd>,
+    state: PoolState,
+    workers: Vec<Worker>,
+    /// Failures within the rapid-fail window.
+    failures: VecDeque<Instant>,
+    /// Quick exits in a row, for the restart back-off.
+    quick_exits: u32,
+    next_start: Instant,
+    /// Restart counts of slots waiting for a replacement.
+    vacated: Vec<u32>,
+    /// Requests of workers that are gone, so the pool's total only grows.
+    requests_gone: u64,
+    last_total: u64,
+    last_activity: Instant,
+}
+
+/// What status reports about a worker.
+#[derive(Debug, Clone)]
+pub struct WorkerInfo {
+    pub pid: libc::pid_t,
+    pub uptime: Duration,
+    pub requests: u64,
+    pub restarts: u32,
+    pub ready: bool,
+}
+
+pub struct PoolInfo {
+    pub state: PoolState,
+    pub workers: Vec<WorkerInfo>,
+    pub requests: u64,
 }
 
 pub struct Supervisor {
-    pools: Vec<PoolWorkers>,
+    pools: Vec<Pool>,
+    seq: u64,
 }
 
 fn backoff(quick_exits: u32) -> Duration {
@@ -63,6 +131,11 @@ fn backoff(quick_exits: u32) -> Duration {
         0 | 1 => Duration::ZERO,
         n => Duration::from_millis(100u64 << (n - 2).min(7)).min(MAX_BACKOFF),
     }
+}
+
+fn signal(pid: libc::pid_t, sig: i32) {
+    // SAFETY: signalling a worker we started and have not reaped.
+    unsafe { libc::kill(pid, sig) };
 }
 
 impl Supervisor {
@@ -76,136 +149,411 @@ impl Supervisor {
                 if let Some(t) = p.threads {
                     env.push(("SLUICE_THREADS".to_owned(), t.to_string()));
                 }
-                let launch = Launch::new(&p.program, &p.args, fds, &names, &env)?;
-                let slot = Slot { pid: None, started: now, restarts: 0, quick_exits: 0, next_start: Some(now) };
-                Ok(PoolWorkers { name: p.name, launch, slots: vec![slot; p.processes as usize] })
+                let identity = match (p.activation.uid, p.activation.gid) {
+                    (None, None) => None,
+                    // SAFETY: getuid/getgid have no preconditions.
+                    (u, g) => Some((u.unwrap_or(unsafe { libc::getuid() }), g.unwrap_or(unsafe { libc::getgid() }))),
+                };
+                let launch = Launch::new(&p.program, &p.args, fds, &names, &env, identity)?;
+                let state = if p.activation.start == Start::Always { PoolState::Running } else { PoolState::Idle };
+                Ok(Pool {
+                    name: p.name,
+                    policy: p.activation,
+                    processes: p.processes,
+                    launch,
+                    demand: p.demand,
+                    state,
+                    workers: Vec::new(),
+                    failures: VecDeque::new(),
+                    quick_exits: 0,
+                    next_start: now,
+                    vacated: Vec::new(),
+                    requests_gone: 0,
+                    last_total: 0,
+                    last_activity: now,
+                })
             })
             .collect::<io::Result<Vec<_>>>()?;
-        Ok(Supervisor { pools })
+        Ok(Supervisor { pools, seq: 0 })
     }
 
-    /// Starts every worker that is due.
-    pub fn start_due(&mut self, now: Instant) {
-        for pool in &mut self.pools {
-            for slot in &mut pool.slots {
-                if slot.pid.is_some() || slot.next_start.is_none_or(|t| t > now) {
+    /// fds the controller must poll: (fd, pool, worker pid or 0 for demand).
+    pub fn watched(&self) -> Vec<(RawFd, usize, libc::pid_t)> {
+        let mut out = Vec::new();
+        for (i, p) in self.pools.iter().enumerate() {
+            if p.state == PoolState::Idle {
+                out.extend(p.demand.iter().map(|&fd| (fd, i, 0)));
+            }
+            out.extend(p.workers.iter().map(|w| (w.control.as_raw_fd(), i, w.pid)));
+        }
+        out
+    }
+
+    /// A watched fd is readable.
+    pub fn readable(&mut self, pool: usize, pid: libc::pid_t, now: Instant) {
+        let Some(p) = self.pools.get_mut(pool) else { return };
+        if pid == 0 {
+            if p.state == PoolState::Idle {
+                log::info!("pool {}: a connection is waiting; starting its workers", p.name);
+                p.state = PoolState::Running;
+                p.last_activity = now;
+            }
+            return;
+        }
+        let Some(w) = p.workers.iter_mut().find(|w| w.pid == pid) else { return };
+        match control::receive(w.control.as_raw_fd()) {
+            Ok(messages) => {
+                for m in messages {
+                    match m {
+                        control::Message::Pong { seq, requests, rss_kib } => {
+                            if w.ping.is_some_and(|(s, _)| s == seq) {
+                                w.ping = None;
+                            }
+                            w.last_pong = now;
+                            if !w.ready {
+                                w.ready = true;
+                                log::info!("pool {}: worker {} is ready", p.name, w.pid);
+                            }
+                            w.requests = requests.unwrap_or(w.requests);
+                            w.rss_kib = rss_kib.unwrap_or(w.rss_kib);
+                        }
+                        control::Message::Stats { requests } => w.requests = requests,
+                    }
+                }
+            }
+            Err(_) => {
+                // The worker closed its end: it is exiting; reap() will see it.
+            }
+        }
+    }
+
+    /// One step of every pool's state machine. `activity[i]`: a counter of pool i's
+    /// connections (kernel-steered + handed off) that grows with traffic; `queued[i]` its
+    /// queue length now.
+    pub fn tick(&mut self, now: Instant, activity: &[u64], queued: &[u64]) -> Vec<Event> {
+        let mut events = Vec::new();
+        for (i, p) in self.pools.iter_mut().enumerate() {
+            let total = activity.get(i).copied().unwrap_or(0)
+                + p.requests_gone
+                + p.workers.iter().map(|w| w.requests).sum::<u64>();
+            if total != p.last_total {
+                p.last_total = total;
+                p.last_activity = now;
+            }
+            let waiting = queued.get(i).copied().unwrap_or(0) > 0;
+            if p.state == PoolState::Idle && waiting {
+                p.state = PoolState::Running;
+                p.last_activity = now;
+            }
+            if p.state != PoolState::Running {
+                Self::retire_overdue(p, now);
+                continue;
+            }
+            // Idle timeout: nothing happened for that long and nothing waits.
+            if !p.policy.idle_timeout.is_zero()
+                && p.policy.start == Start::OnDemand
+                && now.duration_since(p.last_activity) >= p.policy.idle_timeout
+                && !waiting
+            {
+                log::info!("pool {}: idle for {:?}; stopping its workers", p.name, p.policy.idle_timeout);
+                for w in &mut p.workers {
+                    retire(w, now);
+                }
+                p.vacated.clear();
+                p.state = PoolState::Idle;
+                continue;
+            }
+            let mut failed = 0;
+            for w in &mut p.workers {
+                if w.retiring.is_some() {
                     continue;
                 }
-                match pool.launch.spawn() {
-                    Ok(pid) => {
-                        log::info!("pool {}: started worker {pid}", pool.name);
-                        slot.pid = Some(pid);
-                        slot.started = now;
-                        slot.next_start = None;
+                if !w.ready && now.duration_since(w.started) > p.policy.startup_time_limit {
+                    log::warn!("pool {}: worker {} did not start within {:?}; killing it", p.name, w.pid, p.policy.startup_time_limit);
+                    signal(w.pid, libc::SIGKILL);
+                    w.retiring = Some(now);
+                    failed += 1;
+                    continue;
+                }
+                if !p.policy.ping_interval.is_zero() && w.ready {
+                    match w.ping {
+                        Some((_, sent)) if now.duration_since(sent) > p.policy.ping_timeout => {
+                            log::warn!("pool {}: worker {} did not answer a ping within {:?}; killing it", p.name, w.pid, p.policy.ping_timeout);
+                            signal(w.pid, libc::SIGKILL);
+                            w.retiring = Some(now);
+                            failed += 1;
+                            continue;
+                        }
+                        None if now.duration_since(w.last_pong) >= p.policy.ping_interval => {
+                            self.seq += 1;
+                            if control::send(w.control.as_raw_fd(), &format!("ping {}", self.seq)).is_ok() {
+                                w.ping = Some((self.seq, now));
+                            }
+                        }
+                        _ => {}
                     }
-                    Err(e) => {
-                        slot.quick_exits += 1;
-                        let wait = backoff(slot.quick_exits).max(Duration::from_millis(500));
-                        log::error!("pool {}: cannot start worker: {e}; retrying in {wait:?}", pool.name);
-                        slot.next_start = Some(now + wait);
+                }
+                // Recycling conditions.
+                let pol = &p.policy;
+                let why = if !pol.recycle_time.is_zero() && now.duration_since(w.started) >= pol.recycle_time {
+                    Some("its time limit")
+                } else if pol.recycle_requests > 0 && w.requests >= pol.recycle_requests {
+                    Some("its request limit")
+                } else if pol.recycle_memory > 0 && w.rss_kib * 1024 >= pol.recycle_memory {
+                    Some("its memory limit")
+                } else {
+                    None
+                };
+                if let (Some(why), false) = (why, w.recycle) {
+                    log::info!("pool {}: recycling worker {} ({why})", p.name, w.pid);
+                    w.recycle = true;
+                }
+            }
+            for _ in 0..failed {
+                p.vacated.push(0);
+                if Self::failure(p, now) {
+                    events.push(Event::Stopped(i));
+                }
+            }
+            if p.state != PoolState::Running {
+                continue;
+            }
+            // Overlapped recycle: retire a worker marked for it once a replacement is ready.
+            let ready_fresh = p.workers.iter().filter(|w| w.retiring.is_none() && !w.recycle && w.ready).count();
+            let wanted_fresh = p.processes as usize;
+            let mut surplus = (ready_fresh + p.workers.iter().filter(|w| w.retiring.is_none() && w.recycle).count())
+                .saturating_sub(wanted_fresh);
+            for w in p.workers.iter_mut().filter(|w| w.retiring.is_none() && w.recycle) {
+                if surplus == 0 {
+                    break;
+                }
+                retire(w, now);
+                surplus -= 1;
+            }
+            // Start what is missing: one per missing slot, plus one per worker to recycle.
+            let fresh = p.workers.iter().filter(|w| w.retiring.is_none() && !w.recycle).count();
+            if fresh < wanted_fresh && now >= p.next_start {
+                for _ in fresh..wanted_fresh {
+                    let restarts = p.vacated.pop().map(|r| r + 1).unwrap_or(0);
+                    if let Err(e) = Self::spawn(p, now, restarts, &mut self.seq) {
+                        log::error!("pool {}: cannot start a worker: {e}", p.name);
+                        p.next_start = now + Duration::from_secs(1);
+                        if Self::failure(p, now) {
+                            events.push(Event::Stopped(i));
+                        }
+                        break;
                     }
+                }
+            }
+            Self::retire_overdue(p, now);
+        }
+        events
+    }
+
+    fn spawn(p: &mut Pool, now: Instant, restarts: u32, seq: &mut u64) -> io::Result<()> {
+        let (ours, theirs) = control::pair()?;
+        let pid = p.launch.spawn(theirs.as_raw_fd())?;
+        drop(theirs);
+        log::info!("pool {}: started worker {pid}", p.name);
+        let pings = !p.policy.ping_interval.is_zero();
+        let mut w = Worker {
+            pid,
+            control: ours,
+            started: now,
+            ready: !pings,
+            requests: 0,
+            rss_kib: 0,
+            last_pong: now,
+            ping: None,
+            retiring: None,
+            recycle: false,
+            restarts,
+        };
+        if pings {
+            // The first pong says the worker is up.
+            *seq += 1;
+            let _ = control::send(w.control.as_raw_fd(), &format!("ping {seq}"));
+            w.ping = Some((*seq, now));
+        }
+        p.workers.push(w);
+        Ok(())
+    }
+
+    fn retire_overdue(p: &mut Pool, now: Instant) {
+        for w in &p.workers {
+            if let Some(t) = w.retiring {
+                if now.duration_since(t) > p.policy.shutdown_time_limit {
+                    log::warn!("pool {}: worker {} did not stop within {:?}; killing it", p.name, w.pid, p.policy.shutdown_time_limit);
+                    signal(w.pid, libc::SIGKILL);
                 }
             }
         }
     }
 
-    /// The earliest pending start, to bound the controller's wait.
-    pub fn next_start(&self) -> Option<Instant> {
-        self.pools.iter().flat_map(|p| &p.slots).filter(|s| s.pid.is_none()).filter_map(|s| s.next_start).min()
+    /// Records a failure; true when rapid-fail protection stops the pool now.
+    fn failure(p: &mut Pool, now: Instant) -> bool {
+        let pol = &p.policy;
+        if pol.rapid_fail_failures == 0 {
+            return false;
+        }
+        p.failures.push_back(now);
+        while p.failures.front().is_some_and(|&t| now.duration_since(t) > pol.rapid_fail_interval) {
+            p.failures.pop_front();
+        }
+        if p.failures.len() < pol.rapid_fail_failures as usize || p.state == PoolState::Stopped {
+            return false;
+        }
+        log::error!(
+            "pool {}: {} failures within {:?}: rapid-fail protection stops the pool (`sluice pool start {}` restarts it)",
+            p.name,
+            p.failures.len(),
+            pol.rapid_fail_interval,
+            p.name
+        );
+        p.state = PoolState::Stopped;
+        for w in &mut p.workers {
+            retire(w, now);
+        }
+        p.vacated.clear();
+        true
     }
 
-    /// Collects exited workers and schedules their replacements.
-    pub fn reap(&mut self, now: Instant) {
+    /// Collects exited workers; unexpected exits count as failures.
+    pub fn reap(&mut self, now: Instant) -> Vec<Event> {
+        let mut events = Vec::new();
         loop {
             let mut status = 0;
             // SAFETY: waitpid on any child, non-blocking.
             let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
             if pid <= 0 {
-                return;
+                return events;
             }
-            self.exited(pid, status, now);
-        }
-    }
-
-    fn exited(&mut self, pid: libc::pid_t, status: i32, now: Instant) {
-        for pool in &mut self.pools {
-            for slot in &mut pool.slots {
-                if slot.pid != Some(pid) {
-                    continue;
+            for (i, p) in self.pools.iter_mut().enumerate() {
+                let Some(at) = p.workers.iter().position(|w| w.pid == pid) else { continue };
+                let w = p.workers.remove(at);
+                p.requests_gone += w.requests;
+                let lived = now.duration_since(w.started);
+                if w.retiring.is_some() {
+                    log::info!("pool {}: worker {pid} {} after {:.1}s", p.name, describe(status), lived.as_secs_f64());
+                    break;
                 }
-                slot.pid = None;
-                let lived = now.duration_since(slot.started);
-                slot.quick_exits = if lived < HEALTHY_UPTIME { slot.quick_exits + 1 } else { 1 };
-                let wait = backoff(slot.quick_exits);
-                slot.restarts += 1;
-                slot.next_start = Some(now + wait);
+                p.quick_exits = if lived < HEALTHY_UPTIME { p.quick_exits + 1 } else { 1 };
+                let wait = backoff(p.quick_exits);
+                p.next_start = now + wait;
+                p.vacated.push(w.restarts);
                 log::warn!(
-                    "pool {}: worker {pid} {} after {:.1}s; restarting in {wait:?}",
-                    pool.name,
+                    "pool {}: worker {pid} {} after {:.1}s; replacing it{}",
+                    p.name,
                     describe(status),
-                    lived.as_secs_f64()
+                    lived.as_secs_f64(),
+                    if wait.is_zero() { String::new() } else { format!(" in {wait:?}") }
                 );
-                return;
+                if Self::failure(p, now) {
+                    events.push(Event::Stopped(i));
+                }
+                break;
             }
         }
     }
 
-    /// Stops every worker: SIGTERM, then SIGKILL after `limit`.
-    pub fn stop_all(&mut self, limit: Duration) {
-        let pids: Vec<libc::pid_t> = self.pools.iter().flat_map(|p| &p.slots).filter_map(|s| s.pid).collect();
-        for pool in &mut self.pools {
-            for slot in &mut pool.slots {
-                slot.next_start = None;
+    /// `sluice pool start NAME`: a stopped (or idle) pool runs again.
+    pub fn start(&mut self, name: &str, now: Instant) -> Result<Vec<Event>, String> {
+        let (i, p) = self.find(name)?;
+        let was = p.state;
+        p.failures.clear();
+        p.quick_exits = 0;
+        p.next_start = now;
+        p.state = PoolState::Running;
+        p.last_activity = now;
+        log::info!("pool {name}: started by command (was {})", was.as_str());
+        Ok(if was == PoolState::Stopped { vec![Event::Restarted(i)] } else { vec![] })
+    }
+
+    /// `sluice pool recycle NAME`: every worker is replaced, overlapped.
+    pub fn recycle(&mut self, name: &str) -> Result<usize, String> {
+        let (_, p) = self.find(name)?;
+        let mut n = 0;
+        for w in p.workers.iter_mut().filter(|w| w.retiring.is_none()) {
+            w.recycle = true;
+            n += 1;
+        }
+        log::info!("pool {name}: recycling {n} worker(s) by command");
+        Ok(n)
+    }
+
+    fn find(&mut self, name: &str) -> Result<(usize, &mut Pool), String> {
+        self.pools
+            .iter_mut()
+            .enumerate()
+            .find(|(_, p)| p.name == name)
+            .ok_or_else(|| format!("no pool is named `{name}`"))
+    }
+
+    /// The earliest moment a tick has something to do, to bound the controller's wait.
+    pub fn busy(&self) -> bool {
+        self.pools.iter().any(|p| p.state == PoolState::Running || p.workers.iter().any(|w| w.retiring.is_some()))
+    }
+
+    /// Stops every worker: `stop` and SIGTERM, then SIGKILL after each pool's limit.
+    pub fn stop_all(&mut self) {
+        let now = Instant::now();
+        let mut limit = Duration::ZERO;
+        for p in &mut self.pools {
+            p.state = PoolState::Idle;
+            limit = limit.max(p.policy.shutdown_time_limit);
+            for w in &mut p.workers {
+                retire(w, now);
             }
         }
-        for &pid in &pids {
-            // SAFETY: signalling a child we started and have not reaped.
-            unsafe { libc::kill(pid, libc::SIGTERM) };
-        }
-        let deadline = Instant::now() + limit;
-        let mut left: Vec<libc::pid_t> = pids;
-        while !left.is_empty() {
-            left.retain(|&pid| {
-                let mut status = 0;
-                // SAFETY: non-blocking wait for our own child.
-                unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) == 0 }
-            });
+        let deadline = now + limit;
+        loop {
+            let now = Instant::now();
+            self.reap(now);
+            let left: Vec<libc::pid_t> = self.pools.iter().flat_map(|p| &p.workers).map(|w| w.pid).collect();
             if left.is_empty() {
-                break;
+                return;
             }
-            if Instant::now() >= deadline {
-                for &pid in &left {
-                    log::warn!("worker {pid} did not stop within {limit:?}; killing it");
-                    // SAFETY: our unreaped child.
-                    unsafe {
-                        libc::kill(pid, libc::SIGKILL);
-                        libc::waitpid(pid, std::ptr::null_mut(), 0);
-                    }
+            if now >= deadline {
+                for pid in left {
+                    log::warn!("worker {pid} did not stop in time; killing it");
+                    signal(pid, libc::SIGKILL);
+                    // SAFETY: waiting for our own child.
+                    unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
                 }
-                break;
+                return;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        for pool in &mut self.pools {
-            for slot in &mut pool.slots {
-                slot.pid = None;
-            }
-        }
     }
 
-    /// Per pool, in config order: its running workers.
-    pub fn workers(&self, now: Instant) -> Vec<Vec<WorkerInfo>> {
+    pub fn info(&self, now: Instant) -> Vec<PoolInfo> {
         self.pools
             .iter()
-            .map(|p| {
-                p.slots
+            .map(|p| PoolInfo {
+                state: p.state,
+                requests: p.requests_gone + p.workers.iter().map(|w| w.requests).sum::<u64>(),
+                workers: p
+                    .workers
                     .iter()
-                    .filter_map(|s| {
-                        s.pid.map(|pid| WorkerInfo { pid, uptime: now.duration_since(s.started), restarts: s.restarts })
+                    .map(|w| WorkerInfo {
+                        pid: w.pid,
+                        uptime: now.duration_since(w.started),
+                        requests: w.requests,
+                        restarts: w.restarts,
+                        ready: w.ready && w.retiring.is_none(),
                     })
-                    .collect()
+                    .collect(),
             })
             .collect()
+    }
+}
+
+/// Asks a worker to stop: it finishes its requests, then exits.
+fn retire(w: &mut Worker, now: Instant) {
+    if w.retiring.is_none() {
+        w.retiring = Some(now);
+        let _ = control::send(w.control.as_raw_fd(), "stop");
+        signal(w.pid, libc::SIGTERM);
     }
 }
 

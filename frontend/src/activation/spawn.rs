@@ -22,7 +22,10 @@ pub struct Launch {
     argv: Vec<CString>,
     /// NUL-terminated `KEY=VALUE` entries; the last one is the `LISTEN_PID=` slot.
     env: Vec<Vec<u8>>,
+    /// The pool's fds; the worker's own control fd is added at spawn time, last.
     fds: Vec<RawFd>,
+    /// Run as (uid, gid) when set.
+    identity: Option<(u32, u32)>,
 }
 
 fn cstring(bytes: &[u8]) -> io::Result<CString> {
@@ -30,14 +33,15 @@ fn cstring(bytes: &[u8]) -> io::Result<CString> {
 }
 
 impl Launch {
-    /// `fds` are passed as 3.. under `names`; `extra_env` is added to this process's
-    /// environment (without any `LISTEN_*` of our own).
+    /// `fds` are passed as 3.. under `names`, then the worker's control fd as `control`;
+    /// `extra_env` is added to this process's environment (without any `LISTEN_*` of ours).
     pub fn new(
         program: &Path,
         args: &[String],
         fds: Vec<RawFd>,
         names: &[String],
         extra_env: &[(String, String)],
+        identity: Option<(u32, u32)>,
     ) -> io::Result<Launch> {
         let program = cstring(program.as_os_str().as_bytes())?;
         let mut argv = vec![program.clone()];
@@ -63,16 +67,19 @@ impl Launch {
         for (k, v) in extra_env {
             push(OsStr::new(k), OsStr::new(v));
         }
-        push(OsStr::new("LISTEN_FDS"), OsStr::new(&fds.len().to_string()));
-        push(OsStr::new("LISTEN_FDNAMES"), OsStr::new(&names.join(":")));
+        push(OsStr::new("LISTEN_FDS"), OsStr::new(&(fds.len() + 1).to_string()));
+        push(OsStr::new("LISTEN_FDNAMES"), OsStr::new(&format!("{}:control", names.join(":"))));
         let mut pid_slot = LISTEN_PID.to_vec();
         pid_slot.resize(LISTEN_PID.len() + PID_ROOM, 0);
         env.push(pid_slot);
-        Ok(Launch { program, argv, env, fds })
+        Ok(Launch { program, argv, env, fds, identity })
     }
 
-    /// Forks and execs the worker; returns its pid once exec has succeeded.
-    pub fn spawn(&mut self) -> io::Result<libc::pid_t> {
+    /// Forks and execs the worker with `control` as its last fd; returns its pid once exec
+    /// has succeeded.
+    pub fn spawn(&mut self, control: RawFd) -> io::Result<libc::pid_t> {
+        let mut fds = self.fds.clone();
+        fds.push(control);
         let mut argv: Vec<*const libc::c_char> = self.argv.iter().map(|a| a.as_ptr()).collect();
         argv.push(std::ptr::null());
         let pid_at = self.env.len() - 1;
@@ -90,7 +97,8 @@ impl Launch {
         if unsafe { libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
             return Err(io::Error::last_os_error());
         }
-        let n = self.fds.len() as RawFd;
+        let n = fds.len() as RawFd;
+        let identity = self.identity;
         // SAFETY: fork(2); the child branch below only uses async-signal-safe calls on memory
         // prepared before the fork, and ends in execve or _exit.
         let pid = unsafe { libc::fork() };
@@ -105,7 +113,7 @@ impl Launch {
         }
         if pid == 0 {
             // SAFETY: in the child, see above.
-            unsafe { child(&self.program, &argv, &envp, pid_digits, &self.fds, n, pipe[1]) }
+            unsafe { child(&self.program, &argv, &envp, pid_digits, &fds, n, identity, pipe[1]) }
         }
         // SAFETY: parent side of the pipe: close the write end, read the child's verdict.
         unsafe {
@@ -133,6 +141,7 @@ unsafe fn child(
     pid_digits: *mut u8,
     fds: &[RawFd],
     n: RawFd,
+    identity: Option<(u32, u32)>,
     report: RawFd,
 ) -> ! {
     unsafe {
@@ -175,6 +184,12 @@ unsafe fn child(
         // Nothing else leaks into the worker: mark every other fd close-on-exec (the report
         // pipe stays usable until exec).
         libc::syscall(libc::SYS_close_range, (3 + n) as u32, u32::MAX, libc::CLOSE_RANGE_CLOEXEC);
+        // Drop privileges last: group list, group, then user.
+        if let Some((uid, gid)) = identity {
+            if libc::setgroups(1, &gid) < 0 || libc::setgid(gid) < 0 || libc::setuid(uid) < 0 {
+                fail(report);
+            }
+        }
         // Write our pid into the LISTEN_PID slot.
         let mut pid = libc::getpid() as u32;
         let mut digits = [0u8; 10];

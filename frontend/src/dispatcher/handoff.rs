@@ -27,3 +27,52 @@ pub fn send(channel: RawFd, conn: RawFd, bytes: &[u8]) -> io::Result<()> {
     }
     Ok(())
 }
+
+/// Room to receive one handoff message (the dispatcher drains a stopped pool's channel).
+pub struct Incoming {
+    msg: libc::msghdr,
+    iov: libc::iovec,
+    buf: Vec<u8>,
+    control: [u64; 8],
+}
+
+impl Incoming {
+    pub fn new() -> Incoming {
+        // SAFETY: msghdr and iovec are plain data; all-zero is valid and filled in by recv().
+        unsafe { Incoming { msg: std::mem::zeroed(), iov: std::mem::zeroed(), buf: vec![0; 65536], control: [0; 8] } }
+    }
+
+    /// A RecvMsg for `channel`; `self` must stay put (it is boxed) until it completes.
+    pub fn recv(&mut self, channel: RawFd, user_data: u64) -> io_uring::squeue::Entry {
+        self.iov = libc::iovec { iov_base: self.buf.as_mut_ptr().cast(), iov_len: self.buf.len() };
+        self.control = [0; 8];
+        self.msg.msg_name = std::ptr::null_mut();
+        self.msg.msg_namelen = 0;
+        self.msg.msg_iov = &mut self.iov;
+        self.msg.msg_iovlen = 1;
+        self.msg.msg_control = self.control.as_mut_ptr().cast();
+        self.msg.msg_controllen = std::mem::size_of_val(&self.control);
+        self.msg.msg_flags = 0;
+        io_uring::opcode::RecvMsg::new(io_uring::types::Fd(channel), &mut self.msg)
+            .flags(libc::MSG_CMSG_CLOEXEC as u32)
+            .build()
+            .user_data(user_data)
+    }
+
+    /// The connection fd the last message carried.
+    pub fn take_fd(&mut self) -> Option<RawFd> {
+        // SAFETY: walks the control buffer the kernel filled, within msg_controllen.
+        unsafe {
+            let mut cmsg = libc::CMSG_FIRSTHDR(&self.msg);
+            while !cmsg.is_null() {
+                if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
+                    let fd = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>());
+                    self.msg.msg_controllen = 0;
+                    return Some(fd);
+                }
+                cmsg = libc::CMSG_NXTHDR(&self.msg, cmsg);
+            }
+        }
+        None
+    }
+}

@@ -50,6 +50,39 @@ impl DispatchStats {
     }
 }
 
+/// Per-pool state the controller sets and the dispatcher reads.
+#[derive(Debug)]
+pub struct PoolFlags(Vec<std::sync::atomic::AtomicU32>);
+
+impl PoolFlags {
+    /// Rapid-fail protection stopped the pool: answer 503, drain its queue.
+    pub const STOPPED: u32 = 1;
+    /// The pool's queue is full: answer new connections 503.
+    pub const FULL: u32 = 2;
+
+    pub fn new(pools: usize) -> PoolFlags {
+        PoolFlags((0..pools).map(|_| std::sync::atomic::AtomicU32::new(0)).collect())
+    }
+
+    pub fn get(&self, pool: usize) -> u32 {
+        self.0.get(pool).map(|f| f.load(Relaxed)).unwrap_or(0)
+    }
+
+    /// Sets or clears `flag`; true if that changed anything.
+    pub fn set(&self, pool: usize, flag: u32, on: bool) -> bool {
+        let Some(f) = self.0.get(pool) else { return false };
+        let old = if on { f.fetch_or(flag, Relaxed) } else { f.fetch_and(!flag, Relaxed) };
+        (old & flag != 0) != on
+    }
+}
+
+/// A pool's queues as the dispatcher drains them while the pool is stopped.
+pub struct PoolQueues {
+    pub listeners: Vec<RawFd>,
+    /// The workers' end of the pool's handoff channel (the front end holds it too).
+    pub handoff: RawFd,
+}
+
 /// Everything the dispatcher thread needs; it owns none of the fds.
 pub struct Dispatcher {
     pub listeners: Vec<RawFd>,
@@ -61,6 +94,10 @@ pub struct Dispatcher {
     pub stats: Arc<DispatchStats>,
     /// Readable (eventfd) when the dispatcher must stop.
     pub stop: RawFd,
+    pub flags: Arc<PoolFlags>,
+    pub queues: Vec<PoolQueues>,
+    /// Readable (eventfd) when `flags` changed.
+    pub wake: RawFd,
 }
 
 const RING_ENTRIES: u32 = 1024;
@@ -76,6 +113,12 @@ const OP_LINGER: u64 = 4;
 const OP_LINGER_TIMEOUT: u64 = 5;
 const OP_TICK: u64 = 6;
 const OP_STOP: u64 = 7;
+const OP_WAKE: u64 = 8;
+/// index: pool << 8 | listener
+const OP_DRAIN_ACCEPT: u64 = 9;
+/// index: pool
+const OP_DRAIN_HANDOFF: u64 = 10;
+const OP_CANCEL: u64 = 11;
 
 fn ud(op: u64, index: usize) -> u64 {
     op << 32 | index as u64
@@ -107,6 +150,9 @@ pub fn run(d: Dispatcher) -> io::Result<()> {
     let tick = types::Timespec::from(TICK);
     let linger_ts = types::Timespec::from(LINGER);
     let mut stop_buf = [0u8; 8];
+    let mut wake_buf = [0u8; 8];
+    let mut draining = vec![false; d.queues.len()];
+    let mut drain_msgs: Vec<Box<handoff::Incoming>> = d.queues.iter().map(|_| Box::new(handoff::Incoming::new())).collect();
 
     for (i, &fd) in d.listeners.iter().enumerate() {
         pending.push(accept(fd, i));
@@ -115,6 +161,7 @@ pub fn run(d: Dispatcher) -> io::Result<()> {
     pending.push(
         opcode::Read::new(types::Fd(d.stop), stop_buf.as_mut_ptr(), 8).build().user_data(ud(OP_STOP, 0)),
     );
+    pending.push(opcode::Read::new(types::Fd(d.wake), wake_buf.as_mut_ptr(), 8).build().user_data(ud(OP_WAKE, 0)));
 
     loop {
         {
@@ -152,6 +199,58 @@ pub fn run(d: Dispatcher) -> io::Result<()> {
                     }
                     pending.push(opcode::Timeout::new(&tick).build().user_data(ud(OP_TICK, 0)));
                 }
+                OP_WAKE => {
+                    pending.push(
+                        opcode::Read::new(types::Fd(d.wake), wake_buf.as_mut_ptr(), 8).build().user_data(ud(OP_WAKE, 0)),
+                    );
+                    for (p, q) in d.queues.iter().enumerate() {
+                        let stopped = d.flags.get(p) & PoolFlags::STOPPED != 0;
+                        if stopped && !draining[p] {
+                            // Connections already queued for a stopped pool get 503 too.
+                            log::info!("dispatcher: answering pool {p}'s queue with 503 while it is stopped");
+                            for (j, &fd) in q.listeners.iter().enumerate() {
+                                pending.push(drain_accept(fd, p, j));
+                            }
+                            pending.push(drain_msgs[p].recv(q.handoff, ud(OP_DRAIN_HANDOFF, p)));
+                            draining[p] = true;
+                        } else if !stopped && draining[p] {
+                            for j in 0..q.listeners.len() {
+                                pending.push(cancel(ud(OP_DRAIN_ACCEPT, p << 8 | j)));
+                            }
+                            pending.push(cancel(ud(OP_DRAIN_HANDOFF, p)));
+                            draining[p] = false;
+                        }
+                    }
+                }
+                OP_DRAIN_ACCEPT => {
+                    let (p, j) = (index >> 8, index & 0xff);
+                    if !cqueue::more(flags) && draining.get(p).copied().unwrap_or(false) {
+                        pending.push(drain_accept(d.queues[p].listeners[j], p, j));
+                    }
+                    if res >= 0 {
+                        let slot = insert(&mut conns, &mut free, res, &d);
+                        if let Some(c) = conns[slot].as_mut() {
+                            start_reply(c, 503, "the application pool is stopped", &d.stats);
+                            pending.push(send(c, slot));
+                        }
+                    }
+                }
+                OP_DRAIN_HANDOFF => {
+                    let p = index;
+                    if res >= 0 {
+                        if let Some(fd) = drain_msgs[p].take_fd() {
+                            let slot = insert(&mut conns, &mut free, fd, &d);
+                            if let Some(c) = conns[slot].as_mut() {
+                                start_reply(c, 503, "the application pool is stopped", &d.stats);
+                                pending.push(send(c, slot));
+                            }
+                        }
+                    }
+                    if res != -libc::ECANCELED && draining.get(p).copied().unwrap_or(false) {
+                        pending.push(drain_msgs[p].recv(d.queues[p].handoff, ud(OP_DRAIN_HANDOFF, p)));
+                    }
+                }
+                OP_CANCEL => {}
                 OP_ACCEPT => {
                     if !cqueue::more(flags) {
                         pending.push(accept(d.listeners[index], index));
@@ -163,21 +262,7 @@ pub fn run(d: Dispatcher) -> io::Result<()> {
                         continue;
                     }
                     d.stats.accepted.fetch_add(1, Relaxed);
-                    let conn = Conn {
-                        fd: res,
-                        buf: vec![0; d.limits.max_request_head.max(d.limits.max_url + 64) + 1],
-                        filled: 0,
-                        state: State::Reading,
-                        deadline: Instant::now() + d.header_timeout,
-                        reply: Vec::new(),
-                        sent: 0,
-                        inflight: 0,
-                    };
-                    let slot = free.pop().unwrap_or_else(|| {
-                        conns.push(None);
-                        conns.len() - 1
-                    });
-                    conns[slot] = Some(conn);
+                    let slot = insert(&mut conns, &mut free, res, &d);
                     if let Some(c) = conns[slot].as_mut() {
                         pending.push(recv(c, slot));
                     }
@@ -194,6 +279,14 @@ pub fn run(d: Dispatcher) -> io::Result<()> {
                         Decision::NeedMore if c.filled < c.buf.len() => pending.push(recv(c, index)),
                         Decision::NeedMore => {
                             start_reply(c, 431, "the request head is too large", &d.stats);
+                            pending.push(send(c, index));
+                        }
+                        Decision::Pool(pool) if d.flags.get(pool) & PoolFlags::STOPPED != 0 => {
+                            start_reply(c, 503, "the application pool is stopped", &d.stats);
+                            pending.push(send(c, index));
+                        }
+                        Decision::Pool(pool) if d.flags.get(pool) & PoolFlags::FULL != 0 => {
+                            start_reply(c, 503, "the application's queue is full", &d.stats);
                             pending.push(send(c, index));
                         }
                         Decision::Pool(pool) => match handoff::send(d.handoff[pool], c.fd, &c.buf[..c.filled]) {
@@ -255,6 +348,36 @@ pub fn run(d: Dispatcher) -> io::Result<()> {
             }
         }
     }
+}
+
+fn insert(conns: &mut Vec<Option<Conn>>, free: &mut Vec<usize>, fd: RawFd, d: &Dispatcher) -> usize {
+    let conn = Conn {
+        fd,
+        buf: vec![0; d.limits.max_request_head.max(d.limits.max_url + 64) + 1],
+        filled: 0,
+        state: State::Reading,
+        deadline: Instant::now() + d.header_timeout,
+        reply: Vec::new(),
+        sent: 0,
+        inflight: 0,
+    };
+    let slot = free.pop().unwrap_or_else(|| {
+        conns.push(None);
+        conns.len() - 1
+    });
+    conns[slot] = Some(conn);
+    slot
+}
+
+fn drain_accept(fd: RawFd, pool: usize, listener: usize) -> squeue::Entry {
+    opcode::AcceptMulti::new(types::Fd(fd))
+        .flags(libc::SOCK_CLOEXEC)
+        .build()
+        .user_data(ud(OP_DRAIN_ACCEPT, pool << 8 | listener))
+}
+
+fn cancel(target: u64) -> squeue::Entry {
+    opcode::AsyncCancel::new(target).build().user_data(ud(OP_CANCEL, 0))
 }
 
 fn accept(fd: RawFd, index: usize) -> squeue::Entry {

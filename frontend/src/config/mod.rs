@@ -4,6 +4,7 @@
 use std::{
     collections::HashSet,
     fmt,
+    time::Duration,
     net::SocketAddr,
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
@@ -13,6 +14,9 @@ use serde::Deserialize;
 use sluice_common::{MAX_POOLS, MAX_PREFIX, MAX_ROUTES, SOCKET_SLOTS};
 
 use crate::route;
+
+mod identity;
+mod units;
 
 /// One problem in a config file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -80,6 +84,8 @@ struct RawServer {
     set_sysctls: bool,
     #[serde(default = "default_admin_socket")]
     admin_socket: PathBuf,
+    /// Address of the Prometheus text endpoint; none by default.
+    metrics: Option<String>,
 }
 
 fn default_steering() -> Steering {
@@ -106,6 +112,86 @@ struct RawPool {
     /// Listening sockets per listen address; connections spread over them by hash.
     #[serde(default = "default_sockets")]
     sockets: u32,
+    #[serde(default)]
+    start: Start,
+    idle_timeout: Option<String>,
+    rapid_fail: Option<RawRapidFail>,
+    ping_interval: Option<String>,
+    ping_timeout: Option<String>,
+    startup_time_limit: Option<String>,
+    shutdown_time_limit: Option<String>,
+    recycle: Option<RawRecycle>,
+    user: Option<String>,
+    group: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRapidFail {
+    failures: Option<u32>,
+    interval: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRecycle {
+    time: Option<String>,
+    requests: Option<u64>,
+    memory: Option<String>,
+}
+
+/// When a pool's workers start.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Start {
+    /// When the first connection waits in the pool's queue (IIS's OnDemand).
+    #[default]
+    OnDemand,
+    /// With the front end (IIS's AlwaysRunning).
+    Always,
+}
+
+/// How the front end runs a pool's workers; defaults are IIS's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Activation {
+    pub start: Start,
+    /// Stop the workers after this long without a request; zero: never.
+    pub idle_timeout: Duration,
+    /// Stop the pool after this many failures within `rapid_fail_interval`; zero: never.
+    pub rapid_fail_failures: u32,
+    pub rapid_fail_interval: Duration,
+    /// Zero: no pings (the worker need not speak the control protocol).
+    pub ping_interval: Duration,
+    pub ping_timeout: Duration,
+    pub startup_time_limit: Duration,
+    pub shutdown_time_limit: Duration,
+    /// Recycle a worker after this long (zero: never), this many requests, this much memory.
+    pub recycle_time: Duration,
+    pub recycle_requests: u64,
+    pub recycle_memory: u64,
+    /// Run the workers as this uid/gid (default: the front end's).
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+}
+
+impl Default for Activation {
+    fn default() -> Self {
+        Activation {
+            start: Start::OnDemand,
+            idle_timeout: Duration::from_secs(20 * 60),
+            rapid_fail_failures: 5,
+            rapid_fail_interval: Duration::from_secs(5 * 60),
+            ping_interval: Duration::from_secs(30),
+            ping_timeout: Duration::from_secs(90),
+            startup_time_limit: Duration::from_secs(90),
+            shutdown_time_limit: Duration::from_secs(90),
+            recycle_time: Duration::from_secs(29 * 3600),
+            recycle_requests: 0,
+            recycle_memory: 0,
+            uid: None,
+            gid: None,
+        }
+    }
 }
 
 fn default_processes() -> u32 {
@@ -135,6 +221,7 @@ pub struct Config {
     pub steering: Steering,
     pub set_sysctls: bool,
     pub admin_socket: PathBuf,
+    pub metrics: Option<SocketAddr>,
     pub pools: Vec<Pool>,
     pub routes: Vec<Route>,
 }
@@ -149,6 +236,7 @@ pub struct Pool {
     pub queue_length: u32,
     pub threads: Option<u32>,
     pub sockets: u32,
+    pub activation: Activation,
 }
 
 #[derive(Debug, Clone)]
@@ -199,6 +287,16 @@ impl Config {
                 ),
             }
         }
+        let metrics = match &raw.server.metrics {
+            None => None,
+            Some(m) => match m.parse::<SocketAddr>() {
+                Ok(a) => Some(a),
+                Err(_) => {
+                    bad("server.metrics".into(), format!("`{m}` is not an address:port"));
+                    None
+                }
+            },
+        };
         if raw.server.admin_socket.as_os_str().is_empty() {
             bad("server.admin_socket".into(), "must not be empty".into());
         }
@@ -247,6 +345,7 @@ impl Config {
                 bad(key("sockets"), format!("{} is out of range 1..={MAX_SOCKETS_PER_POOL}", p.sockets));
             }
             slots += p.sockets;
+            let activation = activation(p, &mut |k, r| bad(key(k), r));
             pools.push(Pool {
                 name: p.name.clone(),
                 program,
@@ -255,6 +354,7 @@ impl Config {
                 queue_length: p.queue_length,
                 threads: p.threads,
                 sockets: p.sockets,
+                activation,
             });
         }
         if slots > SOCKET_SLOTS {
@@ -306,6 +406,7 @@ impl Config {
             steering: raw.server.steering,
             set_sysctls: raw.server.set_sysctls,
             admin_socket: raw.server.admin_socket,
+            metrics,
             pools,
             routes,
         })
@@ -320,6 +421,66 @@ impl Config {
             .map(|(_, p)| p.name.as_str())
             .collect()
     }
+}
+
+/// The pool's activation settings; problems go to `bad(key, reason)`.
+fn activation(p: &RawPool, bad: &mut dyn FnMut(&str, String)) -> Activation {
+    let mut a = Activation { start: p.start, ..Activation::default() };
+    let mut dur = |key: &str, v: &Option<String>, into: &mut Duration| {
+        if let Some(text) = v {
+            match units::duration(text) {
+                Ok(d) => *into = d,
+                Err(reason) => bad(key, reason),
+            }
+        }
+    };
+    dur("idle_timeout", &p.idle_timeout, &mut a.idle_timeout);
+    dur("ping_interval", &p.ping_interval, &mut a.ping_interval);
+    dur("ping_timeout", &p.ping_timeout, &mut a.ping_timeout);
+    dur("startup_time_limit", &p.startup_time_limit, &mut a.startup_time_limit);
+    dur("shutdown_time_limit", &p.shutdown_time_limit, &mut a.shutdown_time_limit);
+    if let Some(rf) = &p.rapid_fail {
+        if let Some(f) = rf.failures {
+            a.rapid_fail_failures = f;
+        }
+        dur("rapid_fail.interval", &rf.interval, &mut a.rapid_fail_interval);
+    }
+    if let Some(r) = &p.recycle {
+        dur("recycle.time", &r.time, &mut a.recycle_time);
+        if let Some(n) = r.requests {
+            a.recycle_requests = n;
+        }
+        if let Some(m) = &r.memory {
+            match units::size(m) {
+                Ok(n) => a.recycle_memory = n,
+                Err(reason) => bad("recycle.memory", reason),
+            }
+        }
+    }
+    for (key, d) in [("ping_timeout", a.ping_timeout), ("startup_time_limit", a.startup_time_limit), ("shutdown_time_limit", a.shutdown_time_limit)] {
+        if d.is_zero() {
+            bad(key, "must be more than 0".into());
+        }
+    }
+    if a.rapid_fail_failures > 0 && a.rapid_fail_interval.is_zero() {
+        bad("rapid_fail.interval", "must be more than 0 when rapid_fail.failures is set".into());
+    }
+    if let Some(user) = &p.user {
+        match identity::uid(user) {
+            Ok((uid, gid)) => {
+                a.uid = Some(uid);
+                a.gid = Some(gid);
+            }
+            Err(reason) => bad("user", reason),
+        }
+    }
+    if let Some(group) = &p.group {
+        match identity::gid(group) {
+            Ok(gid) => a.gid = Some(gid),
+            Err(reason) => bad("group", reason),
+        }
+    }
+    a
 }
 
 /// Resolves a worker program: a path with `/` against the config's folder, a bare name on PATH.
@@ -412,6 +573,32 @@ mod tests {
         assert!(p[2].reason.contains("not found"), "{}", p[2].reason);
         assert!(p[6].reason.contains("no pool is named `nope`"));
         assert!(p[8].reason.contains("same prefix"));
+    }
+
+    #[test]
+    fn activation_keys_default_to_iis_and_name_bad_values() {
+        let c = check(&format!("[server]\nlisten = [\"127.0.0.1:8080\"]\n{POOL}")).unwrap();
+        assert_eq!(c.pools[0].activation, Activation::default());
+        assert_eq!(c.pools[0].activation.start, Start::OnDemand);
+        assert_eq!(c.pools[0].activation.idle_timeout, Duration::from_secs(1200));
+        let c = check(&format!(
+            "[server]\nlisten = [\"127.0.0.1:8080\"]\n{POOL}start = \"always\"\nidle_timeout = \"0\"\n\
+             rapid_fail = {{ failures = 3, interval = \"1m\" }}\nrecycle = {{ time = \"2h\", requests = 10, memory = \"64MiB\" }}\n"
+        ))
+        .unwrap();
+        let a = &c.pools[0].activation;
+        assert_eq!((a.start, a.idle_timeout, a.rapid_fail_failures), (Start::Always, Duration::ZERO, 3));
+        assert_eq!((a.recycle_time, a.recycle_requests, a.recycle_memory), (Duration::from_secs(7200), 10, 64 << 20));
+        let p = problems(&format!(
+            "[server]\nlisten = [\"127.0.0.1:8080\"]\nmetrics = \"nope\"\n{POOL}ping_timeout = \"0\"\nidle_timeout = \"5\"\n\
+             user = \"no-such-user-here\"\nrecycle = {{ memory = \"lots\" }}\n"
+        ));
+        let keys: Vec<&str> = p.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            ["server.metrics", "pool[0].idle_timeout", "pool[0].recycle.memory", "pool[0].ping_timeout", "pool[0].user"],
+            "{p:#?}"
+        );
     }
 
     #[test]

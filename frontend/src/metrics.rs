@@ -1,0 +1,51 @@
+//! The Prometheus text endpoint: a small thread that answers `GET /metrics` with what the
+//! controller gives on its admin socket (`metrics`), so it reads nothing the controller owns.
+
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    path::PathBuf,
+    time::Duration,
+};
+
+use anyhow::{Context, Result};
+
+pub fn serve(addr: SocketAddr, admin: PathBuf) -> Result<()> {
+    let listener = TcpListener::bind(addr).with_context(|| format!("binding the metrics address {addr}"))?;
+    std::thread::Builder::new().name("metrics".into()).spawn(move || {
+        for stream in listener.incoming().flatten() {
+            if let Err(e) = answer(stream, &admin) {
+                log::debug!("metrics: {e}");
+            }
+        }
+    })?;
+    Ok(())
+}
+
+fn answer(mut stream: TcpStream, admin: &PathBuf) -> std::io::Result<()> {
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 8192 {
+        let n = stream.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        head.extend_from_slice(&buf[..n]);
+    }
+    let line = String::from_utf8_lossy(&head);
+    let target = line.split_whitespace().nth(1).unwrap_or("");
+    let (status, body) = if target == "/metrics" || target == "/" {
+        match crate::admin::ask(admin, "metrics") {
+            Ok(text) => ("200 OK", text),
+            Err(e) => ("503 Service Unavailable", format!("{e}\n")),
+        }
+    } else {
+        ("404 Not Found", "try /metrics\n".to_owned())
+    };
+    write!(
+        stream,
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+}

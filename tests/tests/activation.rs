@@ -1,0 +1,358 @@
+//! Process activation (WAS's job): on-demand start, idle stop, rapid-fail protection, health
+//! pings, overlapped recycling, queue-full answers, worker identity and isolation.
+
+use std::{
+    io::Write,
+    net::{SocketAddr, TcpStream},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use sluice_tests::*;
+
+fn v4() -> SocketAddr {
+    "127.0.0.1:8080".parse().expect("addr")
+}
+
+fn admin(s: &Sluice, words: &[&str]) -> String {
+    let out = Command::new(sluice_bin()).args(words).arg("--admin").arg(&s.admin).output().expect("sluice");
+    assert!(out.status.success(), "sluice {words:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn get(ns: &Netns, path: &str) -> Response {
+    ns.enter(|| exchange(v4(), &get_request(path))).unwrap_or_else(|e| panic!("GET {path}: {e}"))
+}
+
+#[test]
+fn on_demand_pool_starts_with_its_first_request_and_stops_when_idle() {
+    let ns = Netns::new("ondemand");
+    let s = Sluice::start(
+        &ns,
+        r#"
+[server]
+listen = ["127.0.0.1:8080"]
+steering = "first-segment"
+set_sysctls = true
+admin_socket = "{admin}"
+
+[[pool]]
+name = "api"
+command = ["{hello}"]
+processes = 2
+threads = 1
+idle_timeout = "2s"
+
+[[route]]
+prefix = "/"
+pool = "api"
+"#,
+    );
+    let st = s.status();
+    assert_eq!(pool(&st, "api")["state"], "idle", "{st}");
+    assert_eq!(worker_pids(&st, "api").len(), 0, "{st}");
+    for round in 0..2 {
+        let r = get(&ns, "/first");
+        assert_eq!(r.status, 200, "round {round}");
+        let st = wait_for(&s, Duration::from_secs(10), "two workers", |st| worker_pids(st, "api").len() == 2);
+        assert_eq!(pool(&st, "api")["state"], "running", "{st}");
+        // No request for the idle timeout: the workers stop, nothing is lost.
+        wait_for(&s, Duration::from_secs(10), "the pool to go idle", |st| {
+            pool(st, "api")["state"] == "idle" && worker_pids(st, "api").is_empty()
+        });
+    }
+}
+
+const CRASHY: &str = r#"
+[server]
+listen = ["127.0.0.1:8080"]
+steering = "first-segment"
+set_sysctls = true
+admin_socket = "{admin}"
+
+[[pool]]
+name = "crashy"
+command = ["{crash}", "--exit-on", "/crashy/die"]
+threads = 1
+start = "always"
+rapid_fail = { failures = 3, interval = "1m" }
+
+[[pool]]
+name = "web"
+command = ["{hello}"]
+threads = 1
+start = "always"
+
+[[route]]
+prefix = "/crashy/"
+pool = "crashy"
+
+[[route]]
+prefix = "/"
+pool = "web"
+"#;
+
+#[test]
+fn a_crash_loop_stops_the_pool_with_503_until_pool_start() {
+    let ns = Netns::new("rapid");
+    let s = Sluice::start(&ns, CRASHY);
+    wait_for(&s, Duration::from_secs(10), "workers", |st| {
+        worker_pids(st, "crashy").len() == 1 && worker_pids(st, "web").len() == 1
+    });
+    let web = worker_pids(&s.status(), "web");
+    for i in 0..3 {
+        wait_for(&s, Duration::from_secs(10), "a crashy worker", |st| {
+            pool(st, "crashy")["state"] != "running" || worker_pids(st, "crashy").len() == 1
+        });
+        // The worker exits without answering: the client sees the connection close.
+        let r = ns.enter(|| exchange(v4(), &get_request("/crashy/die")));
+        assert!(r.is_err() || r.as_ref().is_ok_and(|r| r.status == 503), "crash {i}: {r:?}");
+        // The other pool serves normally throughout.
+        assert_eq!(get(&ns, "/page").pool(), Some("web"));
+    }
+    let st = wait_for(&s, Duration::from_secs(10), "rapid-fail to stop the pool", |st| pool(st, "crashy")["state"] == "stopped");
+    assert!(worker_pids(&st, "crashy").is_empty() || pool(&st, "crashy")["workers"].as_array().is_some(), "{st}");
+    for _ in 0..5 {
+        let started = Instant::now();
+        let r = get(&ns, "/crashy/ok");
+        let took = started.elapsed();
+        assert_eq!(r.status, 503, "{r:?}");
+        assert!(r.header("retry-after").is_some(), "503 without Retry-After: {r:?}");
+        assert!(took < Duration::from_millis(100), "503 took {took:?}");
+    }
+    assert_eq!(get(&ns, "/page").pool(), Some("web"));
+    assert_eq!(worker_pids(&s.status(), "web"), web, "the other pool's worker was disturbed");
+
+    let out = admin(&s, &["pool", "start", "crashy"]);
+    assert!(out.contains("started"), "{out}");
+    wait_for(&s, Duration::from_secs(10), "the pool to run again", |st| {
+        pool(st, "crashy")["state"] == "running" && worker_pids(st, "crashy").len() == 1
+    });
+    let r = get(&ns, "/crashy/ok");
+    assert_eq!((r.status, r.pool()), (200, Some("crashy")));
+}
+
+#[test]
+fn a_hung_worker_is_detected_by_ping_and_replaced() {
+    let ns = Netns::new("hang");
+    let s = Sluice::start(
+        &ns,
+        r#"
+[server]
+listen = ["127.0.0.1:8080"]
+steering = "first-segment"
+set_sysctls = true
+admin_socket = "{admin}"
+
+[[pool]]
+name = "api"
+command = ["{crash}", "--hang-on", "/hang"]
+threads = 1
+start = "always"
+ping_interval = "1s"
+ping_timeout = "2s"
+
+[[route]]
+prefix = "/"
+pool = "api"
+"#,
+    );
+    let st = wait_for(&s, Duration::from_secs(10), "a ready worker", |st| {
+        pool(st, "api")["workers"].as_array().is_some_and(|w| w.len() == 1 && w[0]["ready"] == true)
+    });
+    let hung = worker_pids(&st, "api")[0];
+    // This request never gets an answer; keep its connection open while the worker hangs.
+    let _stuck = ns.enter(|| {
+        let mut c = TcpStream::connect(v4()).expect("connect");
+        c.write_all(&get_request("/hang")).expect("send");
+        c
+    });
+    let st = wait_for(&s, Duration::from_secs(15), "the hung worker to be replaced", |st| {
+        let pids = worker_pids(st, "api");
+        pids.len() == 1 && pids[0] != hung
+    });
+    assert!(s.log_text().contains("did not answer a ping"), "{}", s.log_text());
+    let _ = st;
+    let r = get(&ns, "/after");
+    assert_eq!(r.status, 200);
+}
+
+#[test]
+fn overlapped_recycle_under_wrk_load_fails_no_request() {
+    let ns = Netns::new("recycle");
+    let s = Sluice::start(&ns, &two_pools("first-segment"));
+    let before = worker_pids(&s.status(), "api");
+    assert_eq!(before.len(), 2);
+    let load = std::thread::scope(|scope| {
+        let w = scope.spawn(|| wrk(&ns, &["-t1", "-c20", "-d6s", "http://127.0.0.1:8080/api/load"]));
+        std::thread::sleep(Duration::from_secs(1));
+        admin(&s, &["pool", "recycle", "api"]);
+        std::thread::sleep(Duration::from_secs(2));
+        admin(&s, &["pool", "recycle", "api"]);
+        w.join().expect("wrk thread")
+    });
+    assert!(load.requests > 1000, "{}", load.output);
+    assert_eq!(load.non_2xx, 0, "{}", load.output);
+    assert_eq!(load.socket_errors, 0, "{}", load.output);
+    let st = wait_for(&s, Duration::from_secs(20), "two fresh workers", |st| {
+        let pids = worker_pids(st, "api");
+        pids.len() == 2 && pids.iter().all(|p| !before.contains(p))
+    });
+    let _ = st;
+}
+
+#[test]
+fn a_full_queue_answers_503_and_recovers_when_it_drains() {
+    let ns = Netns::new("full");
+    let s = Sluice::start(
+        &ns,
+        r#"
+[server]
+listen = ["127.0.0.1:8080"]
+steering = "first-segment"
+set_sysctls = true
+admin_socket = "{admin}"
+
+[[pool]]
+name = "api"
+command = ["{hello}"]
+threads = 1
+start = "always"
+queue_length = 5
+
+[[route]]
+prefix = "/"
+pool = "api"
+"#,
+    );
+    let st = wait_for(&s, Duration::from_secs(10), "a worker", |st| worker_pids(st, "api").len() == 1);
+    let pid = worker_pids(&st, "api")[0];
+    // SAFETY: signalling the worker this test's sluice started.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    std::thread::sleep(Duration::from_millis(200));
+    let mut clients: Vec<TcpStream> = ns.enter(|| {
+        (0..6)
+            .map(|i| {
+                let mut c = TcpStream::connect(v4()).expect("connect");
+                c.write_all(&get_request(&format!("/queued/{i}"))).expect("send");
+                c
+            })
+            .collect()
+    });
+    wait_for(&s, Duration::from_secs(5), "a full queue", |st| pool(st, "api")["queued"].as_u64().unwrap_or(0) >= 5);
+    // Over the limit: answered at once with 503, not a hang or a silent drop.
+    let started = Instant::now();
+    let r = get(&ns, "/over");
+    assert_eq!(r.status, 503, "{r:?}");
+    assert!(started.elapsed() < Duration::from_secs(2), "503 took {:?}", started.elapsed());
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    for (i, c) in clients.iter_mut().enumerate() {
+        c.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+        let r = read_response(c).unwrap_or_else(|e| panic!("queued {i}: {e}"));
+        assert_eq!(r.status, 200, "queued {i}");
+    }
+    wait_for(&s, Duration::from_secs(5), "the queue to drain", |st| pool(st, "api")["queued"] == 0);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let r = get(&ns, "/again");
+        if r.status == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the pool did not recover: {r:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn socket_inodes(pid: i32) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("fd dir")
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .map(|l| l.display().to_string())
+        .filter(|l| l.starts_with("socket:"))
+        .collect()
+}
+
+#[test]
+fn workers_run_as_their_user_with_only_their_own_pool_sockets() {
+    let ns = Netns::new("ident");
+    let s = Sluice::start(
+        &ns,
+        r#"
+[server]
+listen = ["127.0.0.1:8080", "[::1]:8080"]
+steering = "syn"
+admin_socket = "{admin}"
+metrics = "127.0.0.1:9464"
+
+[[pool]]
+name = "api"
+command = ["{hello}"]
+threads = 1
+start = "always"
+user = "nobody"
+
+[[pool]]
+name = "web"
+command = ["{hello}"]
+threads = 1
+start = "always"
+
+[[route]]
+prefix = "/api/"
+pool = "api"
+
+[[route]]
+prefix = "/"
+pool = "web"
+"#,
+    );
+    let st = wait_for(&s, Duration::from_secs(10), "workers", |st| {
+        worker_pids(st, "api").len() == 1 && worker_pids(st, "web").len() == 1
+    });
+    let api = worker_pids(&st, "api")[0];
+    let web = worker_pids(&st, "web")[0];
+    let status = std::fs::read_to_string(format!("/proc/{api}/status")).expect("status");
+    let uid = status.lines().find(|l| l.starts_with("Uid:")).expect("Uid line");
+    assert!(uid.split_whitespace().skip(1).all(|u| u == "65534"), "api worker is not nobody: {uid}");
+    // Its own process group.
+    let stat = std::fs::read_to_string(format!("/proc/{api}/stat")).expect("stat");
+    let fields: Vec<&str> = stat.rsplit_once(") ").expect("stat").1.split_whitespace().collect();
+    assert_eq!(fields[2], api.to_string(), "worker is not its own process group leader");
+    // Two pool sockets (IPv4, IPv6), the handoff channel and its control channel, no more.
+    let a = socket_inodes(api);
+    let w = socket_inodes(web);
+    assert_eq!(a.len(), 4, "api worker sockets: {a:?}");
+    assert!(a.iter().all(|x| !w.contains(x)), "api and web share a socket: {a:?} {w:?}");
+    assert_eq!(get(&ns, "/api/who").pool(), Some("api"));
+    // The Prometheus endpoint shows the same figures.
+    let metrics = ns.enter(|| {
+        exchange("127.0.0.1:9464".parse().expect("addr"), b"GET /metrics HTTP/1.1\r\nHost: m\r\n\r\n").expect("metrics")
+    });
+    let text = String::from_utf8_lossy(&metrics.body).into_owned();
+    assert!(text.contains("sluice_pool_state{pool=\"api\",state=\"running\"} 1"), "{text}");
+    assert!(text.contains("sluice_handed_off_total{pool=\"api\"} 1"), "{text}");
+}
+
+#[test]
+fn killing_workers_under_load_loses_only_their_open_connections() {
+    let ns = Netns::new("kills");
+    let s = Sluice::start(&ns, &two_pools("first-segment"));
+    let load = std::thread::scope(|scope| {
+        let w = scope.spawn(|| wrk(&ns, &["-t1", "-c20", "-d6s", "http://127.0.0.1:8080/api/load"]));
+        for _ in 0..4 {
+            std::thread::sleep(Duration::from_millis(1200));
+            if let Some(&pid) = worker_pids(&s.status(), "api").first() {
+                // SAFETY: a worker of this test's sluice.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+        w.join().expect("wrk thread")
+    });
+    assert!(load.requests > 1000, "{}", load.output);
+    assert_eq!(load.non_2xx, 0, "{}", load.output);
+    // At most the connections open on the killed workers fail (20 per kill at worst).
+    assert!(load.socket_errors <= 4 * 20, "{}", load.output);
+    let st = wait_for(&s, Duration::from_secs(10), "replacements", |st| worker_pids(st, "api").len() == 2);
+    assert_eq!(pool(&st, "api")["state"], "running", "{st}");
+}
