@@ -356,3 +356,55 @@ fn killing_workers_under_load_loses_only_their_open_connections() {
     let st = wait_for(&s, Duration::from_secs(10), "replacements", |st| worker_pids(st, "api").len() == 2);
     assert_eq!(pool(&st, "api")["state"], "running", "{st}");
 }
+
+#[test]
+fn connections_queued_for_a_pool_that_stops_are_answered_503() {
+    let ns = Netns::new("drain");
+    let s = Sluice::start(
+        &ns,
+        r#"
+[server]
+listen = ["127.0.0.1:8080"]
+steering = "first-segment"
+set_sysctls = true
+admin_socket = "{admin}"
+
+[[pool]]
+name = "api"
+command = ["{hello}"]
+threads = 1
+start = "always"
+rapid_fail = { failures = 1, interval = "1m" }
+
+[[route]]
+prefix = "/"
+pool = "api"
+"#,
+    );
+    let st = wait_for(&s, Duration::from_secs(10), "a worker", |st| worker_pids(st, "api").len() == 1);
+    let pid = worker_pids(&st, "api")[0];
+    // SAFETY: the worker of this test's sluice.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    std::thread::sleep(Duration::from_millis(200));
+    let mut clients: Vec<TcpStream> = ns.enter(|| {
+        (0..20)
+            .map(|i| {
+                let mut c = TcpStream::connect(v4()).expect("connect");
+                c.write_all(&get_request(&format!("/waiting/{i}"))).expect("send");
+                c
+            })
+            .collect()
+    });
+    wait_for(&s, Duration::from_secs(5), "20 queued", |st| pool(st, "api")["queued"] == 20);
+    // One failure is enough here: the pool stops with 20 connections in its queue.
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    wait_for(&s, Duration::from_secs(5), "the pool to stop", |st| pool(st, "api")["state"] == "stopped");
+    for (i, c) in clients.iter_mut().enumerate() {
+        c.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+        let r = read_response(c).unwrap_or_else(|e| panic!("queued {i} left hanging: {e}"));
+        assert_eq!(r.status, 503, "queued {i}");
+        assert!(r.header("retry-after").is_some());
+    }
+    assert_eq!(pool(&s.status(), "api")["queued"], 0);
+}
