@@ -1,20 +1,9 @@
 //! `sluice`: the front end. `check` validates a config, `run` serves it, `status` asks a
 //! running front end over its admin socket.
 
-mod activation;
-mod admin;
-mod canonical;
-mod config;
-mod dispatcher;
-mod metrics;
-mod route;
-mod server;
-mod sockets;
-mod status;
-mod steering;
-mod sysctl;
-
 use std::path::PathBuf;
+
+use sluice::{admin, config, server, status};
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};

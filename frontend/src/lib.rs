@@ -1,0 +1,15 @@
+//! The sluice front end as a library: the `sluice` binary is a thin CLI over it, and the
+//! fuzz targets reach the parsers through it.
+
+pub mod activation;
+pub mod admin;
+pub mod canonical;
+pub mod config;
+pub mod dispatcher;
+pub mod metrics;
+pub mod route;
+pub mod server;
+pub mod sockets;
+pub mod status;
+pub mod steering;
+pub mod sysctl;
