@@ -23,6 +23,9 @@ pub const MAX_GATED_PORTS: u32 = 64;
 
 /// `CONFIG[CFG_MODE]`: how SYNs without data are counted.
 pub const CFG_MODE: u32 = 0;
+/// `CONFIG[CFG_ROUTES]`: which prefix map is live, 0 (`ROUTES_A`) or 1 (`ROUTES_B`). A
+/// reload fills the other one, then flips this: the route table changes at once.
+pub const CFG_ROUTES: u32 = 1;
 pub const CFG_LEN: u32 = 4;
 pub const MODE_SYN: u32 = 0;
 pub const MODE_FIRST_SEGMENT: u32 = 1;

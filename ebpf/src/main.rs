@@ -25,7 +25,7 @@ use aya_ebpf::{
     programs::SkReuseportContext,
 };
 use sluice_common::{
-    CFG_LEN, CFG_MODE, DISPATCHER_SLOT, LINE_WINDOW, MAX_POOLS, MAX_PREFIX, MAX_ROUTES,
+    CFG_LEN, CFG_MODE, CFG_ROUTES, DISPATCHER_SLOT, LINE_WINDOW, MAX_POOLS, MAX_PREFIX, MAX_ROUTES,
     MODE_FIRST_SEGMENT, POOL_FLAG_STOPPED, PoolSlots, SOCKET_SLOTS, counter,
 };
 
@@ -37,9 +37,12 @@ const IPPROTO_TCP: u32 = 6;
 #[map]
 static SOCKETS: ReusePortSockArray = ReusePortSockArray::with_max_entries(SOCKET_SLOTS, 0);
 
-/// Path prefix (normalized to end in `/`) -> pool index.
+/// Path prefix (normalized to end in `/`) -> pool index; two copies, `CONFIG[CFG_ROUTES]`
+/// says which is live (see `sluice_common::CFG_ROUTES`).
 #[map]
-static ROUTES: LpmTrie<[u8; MAX_PREFIX], u32> = LpmTrie::with_max_entries(MAX_ROUTES, 0);
+static ROUTES_A: LpmTrie<[u8; MAX_PREFIX], u32> = LpmTrie::with_max_entries(MAX_ROUTES, 0);
+#[map]
+static ROUTES_B: LpmTrie<[u8; MAX_PREFIX], u32> = LpmTrie::with_max_entries(MAX_ROUTES, 0);
 
 /// Pool index -> its slots in `SOCKETS` and its state.
 #[map]
@@ -69,6 +72,16 @@ pub(crate) fn bump(index: u32) {
     if let Some(p) = COUNTERS.get_ptr_mut(index) {
         // SAFETY: a per-CPU slot, written only by this CPU while the program runs.
         unsafe { *p += 1 };
+    }
+}
+
+/// The pool of the longest prefix of `key` in the live route map.
+#[inline(always)]
+pub(crate) fn route(key: &Key<[u8; MAX_PREFIX]>) -> Option<u32> {
+    if CONFIG.get(CFG_ROUTES).copied() == Some(1) {
+        ROUTES_B.get(key).copied()
+    } else {
+        ROUTES_A.get(key).copied()
     }
 }
 

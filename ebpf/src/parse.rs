@@ -121,8 +121,8 @@ pub(crate) fn request_line(scratch: &mut Scratch, n: usize) -> Verdict {
         k += 1;
     }
     key.prefix_len = (k * 8) as u32;
-    match crate::ROUTES.get(&*key) {
-        Some(pool) => Verdict::Pool(*pool),
+    match crate::route(key) {
+        Some(pool) => Verdict::Pool(pool),
         None => Verdict::Fallback(counter::NO_ROUTE),
     }
 }

@@ -33,6 +33,16 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Re-read the running front end's config file and apply it (like SIGHUP); a config that
+    /// does not check is refused and the running one stays.
+    Reload {
+        /// The admin socket (default: the one in --config, else /run/sluice/admin.sock).
+        #[arg(long)]
+        admin: Option<PathBuf>,
+        /// Read the admin socket path from this config file.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
     /// Act on one pool of a running front end.
     Pool {
         #[command(subcommand)]
@@ -92,6 +102,10 @@ fn real_main() -> Result<()> {
         Command::Run { config } => {
             let c = config::Config::load(&config)?;
             server::run(c)
+        }
+        Command::Reload { admin, config } => {
+            print!("{}", admin::ask(&admin_path(admin, config)?, "reload")?);
+            Ok(())
         }
         Command::Pool { action, admin, config } => {
             let path = admin_path(admin, config)?;

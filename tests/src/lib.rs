@@ -196,6 +196,11 @@ impl Sluice {
         Sluice { child: Some(child), dir, admin, log }
     }
 
+    /// Replaces the config file (for a reload).
+    pub fn rewrite(&self, template: &str) {
+        fs::write(self.dir.join("sluice.toml"), config(template, &self.admin)).expect("write config");
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().map(|c| c.id()).unwrap_or(0)
     }

@@ -408,3 +408,86 @@ pool = "api"
     }
     assert_eq!(pool(&s.status(), "api")["queued"], 0);
 }
+
+const RELOADED: &str = r#"
+[server]
+listen = ["127.0.0.1:8080", "[::1]:8080"]
+steering = "first-segment"
+set_sysctls = true
+admin_socket = "{admin}"
+
+[[pool]]
+name = "api"
+command = ["{hello}"]
+processes = 1
+threads = 1
+start = "always"
+
+[[pool]]
+name = "fresh"
+command = ["{hello}"]
+threads = 1
+
+[[route]]
+prefix = "/api/"
+pool = "api"
+
+[[route]]
+prefix = "/fresh/"
+pool = "fresh"
+
+[[route]]
+prefix = "/"
+pool = "api"
+"#;
+
+#[test]
+fn reload_under_load_adds_changes_and_removes_pools_without_failing_a_request() {
+    let ns = Netns::new("reload");
+    let s = Sluice::start(&ns, &two_pools("first-segment"));
+    let api_before = worker_pids(&s.status(), "api");
+    let web_before = worker_pids(&s.status(), "web");
+    assert_eq!(get(&ns, "/").pool(), Some("web"));
+    // A config that does not check is refused; the running one keeps serving.
+    s.rewrite("[server]\nlisten = [\"127.0.0.1:8080\"]\nbogus = 1\n");
+    let out = Command::new(sluice_bin()).arg("reload").arg("--admin").arg(&s.admin).output().expect("reload");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("bogus") && err.contains("running configuration stays"), "{err}");
+    assert_eq!(get(&ns, "/api/x").pool(), Some("api"));
+
+    s.rewrite(RELOADED);
+    let load = std::thread::scope(|scope| {
+        let w = scope.spawn(|| wrk(&ns, &["-t1", "-c20", "-d5s", "http://127.0.0.1:8080/api/load"]));
+        std::thread::sleep(Duration::from_secs(1));
+        // SIGHUP, as an operator's `kill -HUP` would.
+        // SAFETY: signalling the sluice this test started.
+        unsafe { libc::kill(s.pid() as i32, libc::SIGHUP) };
+        w.join().expect("wrk thread")
+    });
+    assert!(load.requests > 1000, "{}", load.output);
+    assert_eq!(load.non_2xx, 0, "{}", load.output);
+    assert_eq!(load.socket_errors, 0, "{}", load.output);
+    assert!(s.log_text().contains("reloaded: added pool fresh"), "{}", s.log_text());
+    // The routes changed at once: / now goes to api, /fresh/ to the new pool.
+    assert_eq!(get(&ns, "/").pool(), Some("api"));
+    assert_eq!(get(&ns, "/fresh/x").pool(), Some("fresh"));
+    assert_eq!(get(&ns, "/api/y").pool(), Some("api"));
+    let st = wait_for(&s, Duration::from_secs(20), "api recycled to one worker, web gone", |st| {
+        let api = worker_pids(st, "api");
+        api.len() == 1 && !api_before.contains(&api[0]) && st["pools"].as_array().is_some_and(|p| p.iter().all(|p| p["name"] != "web"))
+    });
+    for pid in web_before {
+        assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists() || std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default().contains(") Z"), "web worker {pid} still runs");
+    }
+    // Kernel steering still works for old and new pools.
+    let _ = st;
+    let before = s.status();
+    get(&ns, "/fresh/kernel");
+    let after = s.status();
+    assert_eq!(
+        pool(&after, "fresh")["steered_kernel"].as_u64().unwrap_or(0),
+        pool(&before, "fresh")["steered_kernel"].as_u64().unwrap_or(0) + 1,
+        "{after}"
+    );
+}

@@ -30,6 +30,8 @@ pub enum PoolState {
     Running,
     /// Rapid-fail protection stopped it: the dispatcher answers 503 until `pool start`.
     Stopped,
+    /// A reload removed it: its workers finish their requests and are not replaced.
+    Removed,
 }
 
 impl PoolState {
@@ -38,6 +40,7 @@ impl PoolState {
             PoolState::Idle => "idle",
             PoolState::Running => "running",
             PoolState::Stopped => "stopped",
+            PoolState::Removed => "removed",
         }
     }
 }
@@ -140,41 +143,87 @@ fn signal(pid: libc::pid_t, sig: i32) {
 
 impl Supervisor {
     pub fn new(pools: Vec<PoolLaunch>) -> io::Result<Supervisor> {
+        let mut s = Supervisor { pools: Vec::new(), seq: 0 };
+        for p in pools {
+            s.add(p)?;
+        }
+        Ok(s)
+    }
+
+    fn launch(p: &PoolLaunch) -> io::Result<Launch> {
+        let (fds, names): (Vec<RawFd>, Vec<String>) = p.fds.iter().cloned().unzip();
+        let mut env = vec![("SLUICE_POOL".to_owned(), p.name.clone())];
+        if let Some(t) = p.threads {
+            env.push(("SLUICE_THREADS".to_owned(), t.to_string()));
+        }
+        let identity = match (p.activation.uid, p.activation.gid) {
+            (None, None) => None,
+            // SAFETY: getuid/getgid have no preconditions.
+            (u, g) => Some((u.unwrap_or(unsafe { libc::getuid() }), g.unwrap_or(unsafe { libc::getgid() }))),
+        };
+        Launch::new(&p.program, &p.args, fds, &names, &env, identity)
+    }
+
+    /// A new pool, with the next id.
+    pub fn add(&mut self, p: PoolLaunch) -> io::Result<()> {
         let now = Instant::now();
-        let pools = pools
-            .into_iter()
-            .map(|p| {
-                let (fds, names): (Vec<RawFd>, Vec<String>) = p.fds.into_iter().unzip();
-                let mut env = vec![("SLUICE_POOL".to_owned(), p.name.clone())];
-                if let Some(t) = p.threads {
-                    env.push(("SLUICE_THREADS".to_owned(), t.to_string()));
-                }
-                let identity = match (p.activation.uid, p.activation.gid) {
-                    (None, None) => None,
-                    // SAFETY: getuid/getgid have no preconditions.
-                    (u, g) => Some((u.unwrap_or(unsafe { libc::getuid() }), g.unwrap_or(unsafe { libc::getgid() }))),
-                };
-                let launch = Launch::new(&p.program, &p.args, fds, &names, &env, identity)?;
-                let state = if p.activation.start == Start::Always { PoolState::Running } else { PoolState::Idle };
-                Ok(Pool {
-                    name: p.name,
-                    policy: p.activation,
-                    processes: p.processes,
-                    launch,
-                    demand: p.demand,
-                    state,
-                    workers: Vec::new(),
-                    failures: VecDeque::new(),
-                    quick_exits: 0,
-                    next_start: now,
-                    vacated: Vec::new(),
-                    requests_gone: 0,
-                    last_total: 0,
-                    last_activity: now,
-                })
-            })
-            .collect::<io::Result<Vec<_>>>()?;
-        Ok(Supervisor { pools, seq: 0 })
+        let launch = Self::launch(&p)?;
+        let state = if p.activation.start == Start::Always { PoolState::Running } else { PoolState::Idle };
+        self.pools.push(Pool {
+            name: p.name,
+            policy: p.activation,
+            processes: p.processes,
+            launch,
+            demand: p.demand,
+            state,
+            workers: Vec::new(),
+            failures: VecDeque::new(),
+            quick_exits: 0,
+            next_start: now,
+            vacated: Vec::new(),
+            requests_gone: 0,
+            last_total: 0,
+            last_activity: now,
+        });
+        Ok(())
+    }
+
+    /// New settings for pool `id` (a reload): its workers are recycled, overlapped.
+    pub fn update(&mut self, id: usize, p: PoolLaunch) -> io::Result<()> {
+        let launch = Self::launch(&p)?;
+        let Some(pool) = self.pools.get_mut(id) else { return Ok(()) };
+        pool.launch = launch;
+        pool.policy = p.activation;
+        pool.processes = p.processes;
+        pool.demand = p.demand;
+        if pool.policy.start == Start::Always && pool.state == PoolState::Idle {
+            pool.state = PoolState::Running;
+        }
+        let mut n = 0;
+        for w in pool.workers.iter_mut().filter(|w| w.retiring.is_none()) {
+            w.recycle = true;
+            n += 1;
+        }
+        log::info!("pool {}: new settings; recycling {n} worker(s)", pool.name);
+        Ok(())
+    }
+
+    /// Pool `id` was removed (a reload): its workers finish their requests and exit.
+    pub fn remove(&mut self, id: usize) {
+        let now = Instant::now();
+        if let Some(p) = self.pools.get_mut(id) {
+            p.state = PoolState::Removed;
+            p.vacated.clear();
+            for w in &mut p.workers {
+                retire(w, now);
+            }
+            log::info!("pool {}: removed; its workers finish their requests", p.name);
+        }
+    }
+
+    /// The pool has no worker left (a removed pool can be forgotten).
+    pub fn is_empty(&self, id: usize) -> bool {
+        self.pools.get(id).is_none_or(|p| p.workers.is_empty())
     }
 
     /// fds the controller must poll: (fd, pool, worker pid or 0 for demand).
@@ -459,6 +508,9 @@ impl Supervisor {
     /// `sluice pool start NAME`: a stopped (or idle) pool runs again.
     pub fn start(&mut self, name: &str, now: Instant) -> Result<Vec<Event>, String> {
         let (i, p) = self.find(name)?;
+        if p.state == PoolState::Removed {
+            return Err(format!("pool `{name}` was removed by a reload"));
+        }
         let was = p.state;
         p.failures.clear();
         p.quick_exits = 0;
@@ -485,7 +537,7 @@ impl Supervisor {
         self.pools
             .iter_mut()
             .enumerate()
-            .find(|(_, p)| p.name == name)
+            .find(|(_, p)| p.name == name && p.state != PoolState::Removed)
             .ok_or_else(|| format!("no pool is named `{name}`"))
     }
 

@@ -76,27 +76,73 @@ impl PoolFlags {
     }
 }
 
-/// A pool's queues as the dispatcher drains them while the pool is stopped.
-pub struct PoolQueues {
-    pub listeners: Vec<RawFd>,
-    /// The workers' end of the pool's handoff channel (the front end holds it too).
+/// What the dispatcher knows of one pool.
+#[derive(Debug, Clone)]
+pub struct PoolEntry {
+    /// The front end's end of the pool's handoff channel.
     pub handoff: RawFd,
+    /// The pool's listening sockets, drained while the pool is stopped.
+    pub listeners: Vec<RawFd>,
+    /// The workers' end of the handoff channel (the front end holds it too), drained likewise.
+    pub handoff_workers: RawFd,
+}
+
+/// The routes and pools the dispatcher works with; a reload swaps in a new one.
+#[derive(Debug, Default)]
+pub struct Table {
+    pub routes: RouteTable,
+    /// By pool id; `None` for ids of removed pools.
+    pub pools: Vec<Option<PoolEntry>>,
+}
+
+/// The current table, and the generation of it the dispatcher has started using (the front
+/// end closes a removed pool's fds only once the dispatcher no longer holds them).
+#[derive(Debug, Default)]
+pub struct SharedTable {
+    table: std::sync::RwLock<(u64, Arc<Table>)>,
+    seen: AtomicU64,
+}
+
+impl SharedTable {
+    pub fn new(table: Table) -> SharedTable {
+        SharedTable { table: std::sync::RwLock::new((1, Arc::new(table))), seen: AtomicU64::new(0) }
+    }
+
+    /// Installs a new table; returns its generation.
+    pub fn replace(&self, table: Table) -> u64 {
+        let mut t = self.table.write().unwrap_or_else(|e| e.into_inner());
+        t.0 += 1;
+        t.1 = Arc::new(table);
+        t.0
+    }
+
+    fn current(&self) -> (u64, Arc<Table>) {
+        let t = self.table.read().unwrap_or_else(|e| e.into_inner());
+        (t.0, t.1.clone())
+    }
+
+    /// The generation of the current table.
+    pub fn generation(&self) -> u64 {
+        self.table.read().unwrap_or_else(|e| e.into_inner()).0
+    }
+
+    /// The newest generation the dispatcher has switched to.
+    pub fn seen(&self) -> u64 {
+        self.seen.load(std::sync::atomic::Ordering::Acquire)
+    }
 }
 
 /// Everything the dispatcher thread needs; it owns none of the fds.
 pub struct Dispatcher {
     pub listeners: Vec<RawFd>,
-    /// Per pool: the front end's end of its handoff channel.
-    pub handoff: Vec<RawFd>,
-    pub routes: RouteTable,
+    pub table: Arc<SharedTable>,
     pub limits: Limits,
     pub header_timeout: Duration,
     pub stats: Arc<DispatchStats>,
     /// Readable (eventfd) when the dispatcher must stop.
     pub stop: RawFd,
     pub flags: Arc<PoolFlags>,
-    pub queues: Vec<PoolQueues>,
-    /// Readable (eventfd) when `flags` changed.
+    /// Readable (eventfd) when `flags` or the table changed.
     pub wake: RawFd,
 }
 
@@ -151,8 +197,13 @@ pub fn run(d: Dispatcher) -> io::Result<()> {
     let linger_ts = types::Timespec::from(LINGER);
     let mut stop_buf = [0u8; 8];
     let mut wake_buf = [0u8; 8];
-    let mut draining = vec![false; d.queues.len()];
-    let mut drain_msgs: Vec<Box<handoff::Incoming>> = d.queues.iter().map(|_| Box::new(handoff::Incoming::new())).collect();
+    let pools_max = sluice_common::MAX_POOLS as usize;
+    let mut draining = vec![false; pools_max];
+    // Listening sockets each draining pool had when its accepts were armed.
+    let mut drained_listeners = vec![0usize; pools_max];
+    let mut drain_msgs: Vec<Box<handoff::Incoming>> = (0..pools_max).map(|_| Box::new(handoff::Incoming::new())).collect();
+    let (mut generation, mut table) = d.table.current();
+    d.table.seen.store(generation, std::sync::atomic::Ordering::Release);
 
     for (i, &fd) in d.listeners.iter().enumerate() {
         pending.push(accept(fd, i));
@@ -182,6 +233,11 @@ pub fn run(d: Dispatcher) -> io::Result<()> {
             Err(e) => return Err(e),
         }
         let cqes: Vec<(u64, i32, u32)> = ring.completion().map(|c: cqueue::Entry| (c.user_data(), c.result(), c.flags())).collect();
+        let (g, t) = d.table.current();
+        if g != generation {
+            (generation, table) = (g, t);
+            d.table.seen.store(generation, std::sync::atomic::Ordering::Release);
+        }
         for (user_data, res, flags) in cqes {
             let op = user_data >> 32;
             let index = (user_data & 0xffff_ffff) as usize;
@@ -203,18 +259,20 @@ pub fn run(d: Dispatcher) -> io::Result<()> {
                     pending.push(
                         opcode::Read::new(types::Fd(d.wake), wake_buf.as_mut_ptr(), 8).build().user_data(ud(OP_WAKE, 0)),
                     );
-                    for (p, q) in d.queues.iter().enumerate() {
-                        let stopped = d.flags.get(p) & PoolFlags::STOPPED != 0;
-                        if stopped && !draining[p] {
+                    for p in 0..pools_max {
+                        let entry = table.pools.get(p).and_then(Option::as_ref);
+                        let stopped = entry.is_some() && d.flags.get(p) & PoolFlags::STOPPED != 0;
+                        if let (true, false, Some(q)) = (stopped, draining[p], entry) {
                             // Connections already queued for a stopped pool get 503 too.
                             log::info!("dispatcher: answering pool {p}'s queue with 503 while it is stopped");
                             for (j, &fd) in q.listeners.iter().enumerate() {
                                 pending.push(drain_accept(fd, p, j));
                             }
-                            pending.push(drain_msgs[p].recv(q.handoff, ud(OP_DRAIN_HANDOFF, p)));
+                            pending.push(drain_msgs[p].recv(q.handoff_workers, ud(OP_DRAIN_HANDOFF, p)));
                             draining[p] = true;
+                            drained_listeners[p] = q.listeners.len();
                         } else if !stopped && draining[p] {
-                            for j in 0..q.listeners.len() {
+                            for j in 0..drained_listeners[p] {
                                 pending.push(cancel(ud(OP_DRAIN_ACCEPT, p << 8 | j)));
                             }
                             pending.push(cancel(ud(OP_DRAIN_HANDOFF, p)));
@@ -225,7 +283,9 @@ pub fn run(d: Dispatcher) -> io::Result<()> {
                 OP_DRAIN_ACCEPT => {
                     let (p, j) = (index >> 8, index & 0xff);
                     if !cqueue::more(flags) && draining.get(p).copied().unwrap_or(false) {
-                        pending.push(drain_accept(d.queues[p].listeners[j], p, j));
+                        if let Some(fd) = table.pools.get(p).and_then(Option::as_ref).and_then(|q| q.listeners.get(j)) {
+                            pending.push(drain_accept(*fd, p, j));
+                        }
                     }
                     if res >= 0 {
                         let slot = insert(&mut conns, &mut free, res, &d);
@@ -247,7 +307,9 @@ pub fn run(d: Dispatcher) -> io::Result<()> {
                         }
                     }
                     if res != -libc::ECANCELED && draining.get(p).copied().unwrap_or(false) {
-                        pending.push(drain_msgs[p].recv(d.queues[p].handoff, ud(OP_DRAIN_HANDOFF, p)));
+                        if let Some(q) = table.pools.get(p).and_then(Option::as_ref) {
+                            pending.push(drain_msgs[p].recv(q.handoff_workers, ud(OP_DRAIN_HANDOFF, p)));
+                        }
                     }
                 }
                 OP_CANCEL => {}
@@ -275,7 +337,13 @@ pub fn run(d: Dispatcher) -> io::Result<()> {
                         continue;
                     }
                     c.filled += res as usize;
-                    match head::decide(&c.buf[..c.filled], &d.limits, &d.routes) {
+                    let decision = match head::decide(&c.buf[..c.filled], &d.limits, &table.routes) {
+                        Decision::Pool(p) if table.pools.get(p).and_then(Option::as_ref).is_none() => {
+                            Decision::Refuse(503, "the application pool is being removed")
+                        }
+                        other => other,
+                    };
+                    match decision {
                         Decision::NeedMore if c.filled < c.buf.len() => pending.push(recv(c, index)),
                         Decision::NeedMore => {
                             start_reply(c, 431, "the request head is too large", &d.stats);
@@ -289,9 +357,15 @@ pub fn run(d: Dispatcher) -> io::Result<()> {
                             start_reply(c, 503, "the application's queue is full", &d.stats);
                             pending.push(send(c, index));
                         }
-                        Decision::Pool(pool) => match handoff::send(d.handoff[pool], c.fd, &c.buf[..c.filled]) {
+                        Decision::Pool(pool) => match handoff::send(
+                            table.pools.get(pool).and_then(Option::as_ref).map(|e| e.handoff).unwrap_or(-1),
+                            c.fd,
+                            &c.buf[..c.filled],
+                        ) {
                             Ok(()) => {
-                                d.stats.handed_off[pool].fetch_add(1, Relaxed);
+                                    if let Some(n) = d.stats.handed_off.get(pool) {
+                                    n.fetch_add(1, Relaxed);
+                                }
                                 close(&mut conns, &mut free, index);
                             }
                             Err(e) => {

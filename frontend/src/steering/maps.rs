@@ -6,7 +6,7 @@ use aya::{
     Ebpf,
     maps::{Array, HashMap, LpmTrie, MapError, PerCpuArray, ReusePortSockArray, lpm_trie::Key},
 };
-use sluice_common::{CFG_MODE, MAX_PREFIX, PoolSlots, counter};
+use sluice_common::{MAX_PREFIX, PoolSlots, counter};
 
 use super::SteeringError;
 
@@ -19,9 +19,9 @@ fn map<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut aya::maps::
     ebpf.map_mut(name).ok_or(SteeringError::Missing(name))
 }
 
-pub(super) fn set_mode(ebpf: &mut Ebpf, mode: u32) -> Result<(), SteeringError> {
+pub(super) fn set_config(ebpf: &mut Ebpf, index: u32, value: u32) -> Result<(), SteeringError> {
     let mut config: Array<_, u32> = map(ebpf, "CONFIG")?.try_into().map_err(map_error("CONFIG"))?;
-    config.set(CFG_MODE, mode, 0).map_err(map_error("CONFIG[mode]"))
+    config.set(index, value, 0).map_err(map_error(format!("CONFIG[{index}]")))
 }
 
 pub(super) fn set_socket(ebpf: &mut Ebpf, slot: u32, socket: &impl AsRawFd) -> Result<(), SteeringError> {
@@ -42,10 +42,29 @@ pub(super) fn route_key(prefix: &str) -> Key<[u8; MAX_PREFIX]> {
     Key::new((n * 8) as u32, data)
 }
 
-pub(super) fn set_route(ebpf: &mut Ebpf, prefix: &str, pool: u32) -> Result<(), SteeringError> {
-    let mut routes: LpmTrie<_, [u8; MAX_PREFIX], u32> =
-        map(ebpf, "ROUTES")?.try_into().map_err(map_error("ROUTES"))?;
-    routes.insert(&route_key(prefix), pool, 0).map_err(map_error(format!("ROUTES[{prefix}]")))
+fn route_map(which: u32) -> &'static str {
+    if which == 1 { "ROUTES_B" } else { "ROUTES_A" }
+}
+
+/// Makes route map `which` hold exactly `routes`.
+pub(super) fn fill_routes(ebpf: &mut Ebpf, which: u32, routes: &[(String, u32)]) -> Result<(), SteeringError> {
+    clear_routes(ebpf, which)?;
+    let name = route_map(which);
+    let mut map: LpmTrie<_, [u8; MAX_PREFIX], u32> = map(ebpf, name)?.try_into().map_err(map_error(name))?;
+    for (prefix, pool) in routes {
+        map.insert(&route_key(prefix), *pool, 0).map_err(map_error(format!("{name}[{prefix}]")))?;
+    }
+    Ok(())
+}
+
+pub(super) fn clear_routes(ebpf: &mut Ebpf, which: u32) -> Result<(), SteeringError> {
+    let name = route_map(which);
+    let mut map: LpmTrie<_, [u8; MAX_PREFIX], u32> = map(ebpf, name)?.try_into().map_err(map_error(name))?;
+    let keys: Vec<Key<[u8; MAX_PREFIX]>> = map.keys().filter_map(Result::ok).collect();
+    for k in keys {
+        map.remove(&k).map_err(map_error(format!("{name}: removing a route")))?;
+    }
+    Ok(())
 }
 
 pub(super) fn set_gated_ports(ebpf: &mut Ebpf, ports: &[u16]) -> Result<(), SteeringError> {
@@ -89,4 +108,17 @@ pub(super) fn counters(ebpf: &Ebpf) -> Result<Counters, SteeringError> {
         *slot = values.iter().sum();
     }
     Ok(Counters(out))
+}
+
+pub(super) fn reset_counter(ebpf: &mut Ebpf, index: u32) -> Result<(), SteeringError> {
+    let mut array: PerCpuArray<_, u64> = map(ebpf, "COUNTERS")?.try_into().map_err(map_error("COUNTERS"))?;
+    let cpus = aya::util::nr_cpus().map_err(|(_, e)| SteeringError::Map {
+        what: "counting CPUs".into(),
+        source: MapError::SyscallError(aya::sys::SyscallError { call: "nr_cpus", io_error: e }),
+    })?;
+    let zeros = aya::maps::PerCpuValues::try_from(vec![0u64; cpus]).map_err(|e| SteeringError::Map {
+        what: "zero counters".into(),
+        source: MapError::SyscallError(aya::sys::SyscallError { call: "PerCpuValues", io_error: e }),
+    })?;
+    array.set(index, zeros, 0).map_err(map_error(format!("COUNTERS[{index}]")))
 }

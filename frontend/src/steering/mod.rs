@@ -61,6 +61,8 @@ fn program_error(what: impl Into<String>) -> impl FnOnce(ProgramError) -> Steeri
 pub struct Steering {
     groups: Vec<Ebpf>,
     gated: Vec<String>,
+    /// Which of the two route maps is live.
+    live_routes: u32,
 }
 
 impl Steering {
@@ -77,7 +79,7 @@ impl Steering {
             prog.load().map_err(program_error(format!("verifying {STEER_PROGRAM} (group {g})")))?;
             loaded.push(ebpf);
         }
-        Ok(Steering { groups: loaded, gated: Vec::new() })
+        Ok(Steering { groups: loaded, gated: Vec::new(), live_routes: 0 })
     }
 
     /// Attaches the steering program to the group `socket` belongs to.
@@ -113,7 +115,7 @@ impl Steering {
     }
 
     pub fn set_mode(&mut self, mode: u32) -> Result<(), SteeringError> {
-        self.groups.iter_mut().try_for_each(|e| maps::set_mode(e, mode))
+        self.groups.iter_mut().try_for_each(|e| maps::set_config(e, sluice_common::CFG_MODE, mode))
     }
 
     pub fn set_socket(&mut self, group: usize, slot: u32, socket: &impl AsRawFd) -> Result<(), SteeringError> {
@@ -124,8 +126,25 @@ impl Steering {
         self.groups.iter_mut().try_for_each(|e| maps::set_pool(e, pool, slots))
     }
 
-    pub fn set_route(&mut self, prefix: &str, pool: u32) -> Result<(), SteeringError> {
-        self.groups.iter_mut().try_for_each(|e| maps::set_route(e, prefix, pool))
+    /// Replaces the whole route table at once: the spare map is filled, then made live.
+    pub fn set_routes(&mut self, routes: &[(String, u32)]) -> Result<(), SteeringError> {
+        let next = 1 - self.live_routes;
+        for e in &mut self.groups {
+            maps::fill_routes(e, next, routes)?;
+        }
+        for e in &mut self.groups {
+            maps::set_config(e, sluice_common::CFG_ROUTES, next)?;
+        }
+        let old = self.live_routes;
+        self.live_routes = next;
+        // A lookup still running on the old map finds nothing and goes to the dispatcher,
+        // which routes with the new table: clearing it is safe.
+        self.groups.iter_mut().try_for_each(|e| maps::clear_routes(e, old))
+    }
+
+    /// Zeroes a pool's kernel counter (a pool id that is used again).
+    pub fn reset_pool_counter(&mut self, pool: u32) -> Result<(), SteeringError> {
+        self.groups.iter_mut().try_for_each(|e| maps::reset_counter(e, sluice_common::counter::POOL_BASE + pool))
     }
 
     /// The counters summed over CPUs and groups.

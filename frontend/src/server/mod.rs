@@ -1,0 +1,341 @@
+//! `sluice run`: builds the kernel tables and sockets from the config, starts the workers and
+//! the dispatcher, then runs the controller loop until SIGINT/SIGTERM. SIGHUP (or
+//! `sluice reload`) applies a changed config without dropping anything (see `reload`).
+//!
+//! Data flows one way: config -> route table -> kernel maps and sockets -> workers.
+
+mod pools;
+mod reload;
+mod signals;
+mod status;
+
+use std::{
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    sync::{Arc, atomic::Ordering::Relaxed},
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use sluice_common::{DISPATCHER_SLOT, MAX_POOLS, MODE_FIRST_SEGMENT, MODE_SYN, POOL_FLAG_STOPPED, PoolSlots};
+
+use self::{pools::PoolRt, signals::Signals};
+use crate::{
+    activation::{Event, Supervisor},
+    admin::AdminSocket,
+    config::{Config, Steering as Mode},
+    dispatcher::{self, DispatchStats, Dispatcher, PoolFlags, SharedTable, head::Limits},
+    metrics,
+    sockets::{self, DISPATCHER_BACKLOG},
+    steering::{self, Steering},
+    sysctl,
+};
+
+/// How often the controller looks at queues and workers while a pool runs, and otherwise.
+const TICK_BUSY: Duration = Duration::from_millis(50);
+const TICK_IDLE: Duration = Duration::from_millis(500);
+/// HTTP.sys's header wait timeout.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Everything a running front end holds.
+struct Frontend {
+    config: Config,
+    steering: Steering,
+    /// One per listen address: the dispatcher's own socket in that group.
+    dispatch_sockets: Vec<OwnedFd>,
+    /// By pool id (stable across reloads; ids are not reused).
+    pools: Vec<PoolRt>,
+    /// Next free slot in every group's socket array.
+    next_slot: u32,
+    supervisor: Supervisor,
+    stats: Arc<DispatchStats>,
+    flags: Arc<PoolFlags>,
+    table: Arc<SharedTable>,
+    kernel_flags: Vec<u32>,
+    stop: OwnedFd,
+    wake: OwnedFd,
+    dispatch_thread: Option<JoinHandle<std::io::Result<()>>>,
+    /// Restores changed sysctls on drop (last).
+    restore: sysctl::Restore,
+}
+
+pub fn run(config: Config) -> Result<()> {
+    let signals = Signals::block()?;
+    let mut fe = Frontend::start(config)?;
+    let admin = AdminSocket::bind(&fe.config.admin_socket)?;
+    if let Some(addr) = fe.config.metrics {
+        metrics::serve(addr, fe.config.admin_socket.clone())?;
+        log::info!("Prometheus metrics on http://{addr}/metrics");
+    }
+    log::info!(
+        "sluice serving {} ({}) with {} pool(s), steering {} (admin socket {})",
+        fe.config.listen.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(", "),
+        fe.config.path.display(),
+        fe.config.pools.len(),
+        fe.config.steering.as_str(),
+        fe.config.admin_socket.display()
+    );
+
+    loop {
+        let watched = fe.supervisor.watched();
+        let mut fds = vec![
+            libc::pollfd { fd: signals.fd(), events: libc::POLLIN, revents: 0 },
+            libc::pollfd { fd: admin.fd(), events: libc::POLLIN, revents: 0 },
+        ];
+        fds.extend(watched.iter().map(|&(fd, _, _)| libc::pollfd { fd, events: libc::POLLIN, revents: 0 }));
+        let wait = if fe.supervisor.busy() || fe.pools.iter().any(|p| p.removed.is_some()) { TICK_BUSY } else { TICK_IDLE };
+        // SAFETY: poll(2) over a live array of pollfds.
+        unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as u64, wait.as_millis() as i32) };
+        let mut quit = false;
+        for sig in signals.read() {
+            match sig {
+                libc::SIGINT | libc::SIGTERM => quit = true,
+                libc::SIGHUP => {
+                    if let Err(e) = fe.reload() {
+                        log::error!("reload refused, the running configuration stays: {e:#}");
+                    }
+                }
+                _ => {}
+            }
+        }
+        if quit {
+            break;
+        }
+        let now = Instant::now();
+        for (pfd, &(_, pool, pid)) in fds[2..].iter().zip(&watched) {
+            if pfd.revents != 0 {
+                fe.supervisor.readable(pool, pid, now);
+            }
+        }
+        fe.step(now)?;
+        if fds[1].revents & libc::POLLIN != 0 {
+            admin.serve(|command| fe.command(command));
+        }
+    }
+    drop(admin);
+    fe.shutdown();
+    Ok(())
+}
+
+impl Frontend {
+    fn start(config: Config) -> Result<Frontend> {
+        let mut restore = sysctl::Restore::default();
+        match config.steering {
+            Mode::FirstSegment => restore.require("net.ipv4.tcp_syncookies", "2", config.set_sysctls)?,
+            Mode::Syn => {
+                let tfo = sysctl::read("net.ipv4.tcp_fastopen").ok().and_then(|v| v.parse::<u32>().ok()).unwrap_or(0);
+                if tfo & 0x2 == 0 {
+                    log::warn!(
+                        "net.ipv4.tcp_fastopen={tfo:#x} has no server bit (0x2): no SYN carries data, so every \
+                         connection goes through the dispatcher"
+                    );
+                }
+            }
+        }
+        let mut steering = Steering::load(config.listen.len()).context("loading the steering programs")?;
+        steering.set_mode(match config.steering {
+            Mode::Syn => MODE_SYN,
+            Mode::FirstSegment => MODE_FIRST_SEGMENT,
+        })?;
+        // Per listen address: the dispatcher socket first, with the program attached.
+        let mut dispatch_sockets = Vec::new();
+        for (g, &addr) in config.listen.iter().enumerate() {
+            let d = sockets::listener(addr, DISPATCHER_BACKLOG)?;
+            steering.set_socket(g, DISPATCHER_SLOT, &d)?;
+            steering.attach(g, &d)?;
+            dispatch_sockets.push(d);
+        }
+        let stats = Arc::new(DispatchStats::new(MAX_POOLS as usize));
+        let flags = Arc::new(PoolFlags::new(MAX_POOLS as usize));
+        let stop = eventfd()?;
+        let wake = eventfd()?;
+        let table = Arc::new(SharedTable::new(Default::default()));
+        let mut fe = Frontend {
+            config: config.clone(),
+            steering,
+            dispatch_sockets,
+            pools: Vec::new(),
+            next_slot: DISPATCHER_SLOT + 1,
+            supervisor: Supervisor::new(Vec::new())?,
+            stats,
+            flags,
+            table,
+            kernel_flags: vec![0; MAX_POOLS as usize],
+            stop,
+            wake,
+            dispatch_thread: None,
+            restore,
+        };
+        let ids: Vec<usize> = config.pools.iter().map(|p| fe.add_pool(p)).collect::<Result<_>>()?;
+        fe.install_routes(&config, &ids)?;
+        if config.steering == Mode::FirstSegment {
+            let ifaces = steering::interfaces_for(&config.listen)?;
+            let mut ports: Vec<u16> = config.listen.iter().map(|a| a.port()).collect();
+            ports.sort_unstable();
+            ports.dedup();
+            fe.steering.attach_gate(&ifaces, &ports)?;
+        }
+        for p in config.unrouted_pools() {
+            log::warn!("pool {p} has no route: it gets no requests");
+        }
+        let dispatcher = Dispatcher {
+            listeners: fe.dispatch_sockets.iter().map(|fd| fd.as_raw_fd()).collect(),
+            table: fe.table.clone(),
+            limits: Limits::default(),
+            header_timeout: HEADER_TIMEOUT,
+            stats: fe.stats.clone(),
+            stop: fe.stop.as_raw_fd(),
+            flags: fe.flags.clone(),
+            wake: fe.wake.as_raw_fd(),
+        };
+        fe.dispatch_thread = Some(
+            std::thread::Builder::new()
+                .name("dispatcher".into())
+                .spawn(move || dispatcher::run(dispatcher))
+                .context("starting the dispatcher thread")?,
+        );
+        Ok(fe)
+    }
+
+    /// The pool ids of `config`'s pools, in its order (after `add_pool`/reload matched them).
+    fn ids_of(&self, config: &Config) -> Vec<usize> {
+        config
+            .pools
+            .iter()
+            .map(|p| self.pools.iter().position(|r| r.name == p.name && r.removed.is_none()).unwrap_or(usize::MAX))
+            .collect()
+    }
+
+    /// Routes of `config` (pool indexes mapped to ids by `ids`) into the kernel and the
+    /// dispatcher, each switched at once.
+    fn install_routes(&mut self, config: &Config, ids: &[usize]) -> Result<()> {
+        let routes: Vec<(String, usize)> = config.routes.iter().map(|r| (r.prefix.clone(), ids[r.pool])).collect();
+        let kernel: Vec<(String, u32)> = routes.iter().map(|(p, id)| (p.clone(), *id as u32)).collect();
+        self.steering.set_routes(&kernel)?;
+        let table = dispatcher::Table {
+            routes: crate::route::RouteTable::new(routes),
+            pools: self.pools.iter().map(|p| p.removed.is_none().then(|| p.entry())).collect(),
+        };
+        self.table.replace(table);
+        self.wake_dispatcher();
+        Ok(())
+    }
+
+    fn wake_dispatcher(&self) {
+        // SAFETY: writes 8 bytes to our eventfd.
+        unsafe { libc::write(self.wake.as_raw_fd(), (&1u64 as *const u64).cast(), 8) };
+    }
+
+    /// Sets or clears a pool flag, in the dispatcher and (as "go to the dispatcher") in the
+    /// kernel's pool map.
+    fn set_flag(&mut self, pool: usize, flag: u32, on: bool) -> Result<()> {
+        if self.flags.set(pool, flag, on) {
+            let kernel = if self.flags.get(pool) != 0 { POOL_FLAG_STOPPED } else { 0 };
+            if kernel != self.kernel_flags[pool] {
+                self.kernel_flags[pool] = kernel;
+                self.steering.set_pool(pool as u32, PoolSlots { flags: kernel, ..self.pools[pool].slots })?;
+            }
+            if flag == PoolFlags::STOPPED {
+                self.wake_dispatcher();
+            }
+        }
+        Ok(())
+    }
+
+    /// One controller step: reap, run the supervisor, watch queues, finish removals.
+    fn step(&mut self, now: Instant) -> Result<()> {
+        let mut events = self.supervisor.reap(now);
+        let counters = self.steering.counters().unwrap_or_default();
+        let activity: Vec<u64> = (0..self.pools.len())
+            .map(|i| counters.steered(i) + self.stats.handed_off.get(i).map(|n| n.load(Relaxed)).unwrap_or(0))
+            .collect();
+        let queued: Vec<u64> = self.pools.iter().map(PoolRt::queued).collect();
+        events.extend(self.supervisor.tick(now, &activity, &queued));
+        for e in events {
+            match e {
+                Event::Stopped(i) => self.set_flag(i, PoolFlags::STOPPED, true)?,
+                Event::Restarted(i) => self.set_flag(i, PoolFlags::STOPPED, false)?,
+            }
+        }
+        // Queue full (HTTP.sys QueueFull): new connections get 503 from the dispatcher until
+        // the workers catch up.
+        for i in 0..self.pools.len() {
+            if self.pools[i].removed.is_some() {
+                continue;
+            }
+            let full = self.pools[i].full();
+            if full != (self.flags.get(i) & PoolFlags::FULL != 0) {
+                if full {
+                    log::warn!("pool {}: queue full ({} waiting); answering 503 until it drains", self.pools[i].name, queued[i]);
+                } else {
+                    log::info!("pool {}: queue drained", self.pools[i].name);
+                }
+                self.set_flag(i, PoolFlags::FULL, full)?;
+            }
+        }
+        self.finish_removals();
+        Ok(())
+    }
+
+    fn command(&mut self, command: &str) -> String {
+        let words: Vec<&str> = command.split_whitespace().collect();
+        match words.as_slice() {
+            ["status"] => serde_json::to_string(&self.status()).unwrap_or_else(|e| format!("error: {e}")),
+            ["metrics"] => self.status().prometheus(),
+            ["reload"] => match self.reload() {
+                Ok(summary) => summary,
+                Err(e) => {
+                    log::error!("reload refused, the running configuration stays: {e:#}");
+                    format!("error: reload refused, the running configuration stays: {e:#}")
+                }
+            },
+            ["pool", "start", name] => match self.supervisor.start(name, Instant::now()) {
+                Ok(events) => {
+                    for e in events {
+                        if let Event::Restarted(i) = e {
+                            if let Err(err) = self.set_flag(i, PoolFlags::STOPPED, false) {
+                                return format!("error: {err:#}");
+                            }
+                        }
+                    }
+                    format!("pool {name} started\n")
+                }
+                Err(e) => format!("error: {e}"),
+            },
+            ["pool", "recycle", name] => match self.supervisor.recycle(name) {
+                Ok(n) => format!("pool {name}: recycling {n} worker(s)\n"),
+                Err(e) => format!("error: {e}"),
+            },
+            _ => format!("error: unknown command `{command}` (known: status, metrics, reload, pool start NAME, pool recycle NAME)"),
+        }
+    }
+
+    fn shutdown(mut self) {
+        log::info!("stopping: workers first, then the dispatcher");
+        self.supervisor.stop_all();
+        // SAFETY: writes 8 bytes to our eventfd.
+        unsafe { libc::write(self.stop.as_raw_fd(), (&1u64 as *const u64).cast(), 8) };
+        match self.dispatch_thread.take().map(JoinHandle::join) {
+            Some(Ok(Err(e))) => log::error!("dispatcher: {e}"),
+            Some(Err(_)) => log::error!("dispatcher thread panicked"),
+            _ => {}
+        }
+        // Sockets, then programs (dropping the objects detaches the ack gate), then sysctls.
+        self.dispatch_sockets.clear();
+        self.pools.clear();
+        let Frontend { steering, restore, .. } = self;
+        drop(steering);
+        drop(restore);
+        log::info!("stopped");
+    }
+}
+
+fn eventfd() -> Result<OwnedFd> {
+    // SAFETY: eventfd(2) returns a new fd that we own.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+    if fd < 0 {
+        bail!("eventfd: {}", std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just created and is owned by nothing else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}

@@ -1,0 +1,117 @@
+//! A pool's kernel-side resources: its listening sockets in every reuseport group, its slots
+//! in the socket arrays, its handoff channel; created when the pool appears and closed once a
+//! removed pool is no longer used by the dispatcher.
+
+use std::{
+    os::fd::{AsRawFd, OwnedFd, RawFd},
+    time::Instant,
+};
+
+use anyhow::{Result, bail};
+use sluice_common::{MAX_POOLS, PoolSlots, SOCKET_SLOTS};
+
+use super::Frontend;
+use crate::{
+    activation::PoolLaunch,
+    config,
+    dispatcher::PoolEntry,
+    sockets::{self, HandoffPair},
+};
+
+pub(super) struct PoolRt {
+    pub name: String,
+    pub config: config::Pool,
+    /// One per (listen address, socket index), in slot order per group.
+    pub listeners: Vec<OwnedFd>,
+    pub handoff: HandoffPair,
+    pub slots: PoolSlots,
+    /// Removed by a reload: the table generation after which its fds may close.
+    pub removed: Option<u64>,
+}
+
+impl PoolRt {
+    pub fn entry(&self) -> PoolEntry {
+        PoolEntry {
+            handoff: self.handoff.frontend.as_raw_fd(),
+            listeners: self.listeners.iter().map(|fd| fd.as_raw_fd()).collect(),
+            handoff_workers: self.handoff.workers.as_raw_fd(),
+        }
+    }
+
+    pub fn queued(&self) -> u64 {
+        self.listeners.iter().map(|fd| sockets::queued(fd.as_raw_fd()).unwrap_or(0) as u64).sum()
+    }
+
+    /// Some socket of the pool holds `queue_length` connections.
+    pub fn full(&self) -> bool {
+        self.listeners.iter().any(|fd| sockets::queued(fd.as_raw_fd()).unwrap_or(0) >= self.config.queue_length)
+    }
+
+    pub fn launch(&self) -> PoolLaunch {
+        let mut fds: Vec<(RawFd, String)> = self.listeners.iter().map(|fd| (fd.as_raw_fd(), "pool".to_owned())).collect();
+        fds.push((self.handoff.workers.as_raw_fd(), "handoff".to_owned()));
+        let mut demand: Vec<RawFd> = self.listeners.iter().map(|fd| fd.as_raw_fd()).collect();
+        demand.push(self.handoff.workers.as_raw_fd());
+        PoolLaunch {
+            name: self.config.name.clone(),
+            program: self.config.program.clone(),
+            args: self.config.args.clone(),
+            processes: self.config.processes,
+            threads: self.config.threads,
+            activation: self.config.activation.clone(),
+            fds,
+            demand,
+        }
+    }
+}
+
+impl Frontend {
+    /// Opens a new pool's sockets in every group and registers it; returns its id.
+    pub(super) fn add_pool(&mut self, pool: &config::Pool) -> Result<usize> {
+        let id = self.pools.len();
+        if id >= MAX_POOLS as usize {
+            bail!("pool {}: this front end has had {MAX_POOLS} pools already (removed ones included); restart it", pool.name);
+        }
+        let first = self.next_slot;
+        if first + pool.sockets > SOCKET_SLOTS {
+            bail!("pool {}: no socket-array slots left; restart sluice", pool.name);
+        }
+        let mut listeners = Vec::new();
+        for (g, &addr) in self.config.listen.iter().enumerate() {
+            for k in 0..pool.sockets {
+                let fd = sockets::listener(addr, pool.queue_length as i32)?;
+                self.steering.set_socket(g, first + k, &fd)?;
+                listeners.push(fd);
+            }
+        }
+        self.next_slot += pool.sockets;
+        let slots = PoolSlots { first, count: pool.sockets, flags: 0, _pad: 0 };
+        self.steering.set_pool(id as u32, slots)?;
+        self.steering.reset_pool_counter(id as u32)?;
+        let rt = PoolRt {
+            name: pool.name.clone(),
+            config: pool.clone(),
+            listeners,
+            handoff: sockets::handoff_pair()?,
+            slots,
+            removed: None,
+        };
+        self.supervisor.add(rt.launch())?;
+        self.pools.push(rt);
+        Ok(id)
+    }
+
+    /// Closes the sockets of removed pools once the dispatcher has let go of them; the
+    /// kernel moves what is still queued in them to the dispatcher (the migrate program).
+    pub(super) fn finish_removals(&mut self) {
+        let seen = self.table.seen();
+        for (id, p) in self.pools.iter_mut().enumerate() {
+            let Some(generation) = p.removed else { continue };
+            if seen >= generation && !p.listeners.is_empty() && self.supervisor.is_empty(id) {
+                log::info!("pool {}: removed; closing its {} socket(s)", p.name, p.listeners.len());
+                p.listeners.clear();
+                let _ = Instant::now();
+            }
+        }
+    }
+}

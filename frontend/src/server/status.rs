@@ -1,0 +1,65 @@
+//! The status report, built from what the front end holds.
+
+use std::{collections::BTreeMap, sync::atomic::Ordering::Relaxed, time::Instant};
+
+use sluice_common::counter;
+
+use super::Frontend;
+use crate::status::{DispatcherStatus, KernelStatus, PoolStatus, Status, WorkerStatus};
+
+impl Frontend {
+    pub(super) fn status(&self) -> Status {
+        let counters = self.steering.counters().unwrap_or_else(|e| {
+            log::warn!("reading steering counters: {e}");
+            Default::default()
+        });
+        let info = self.supervisor.info(Instant::now());
+        let pools = self
+            .pools
+            .iter()
+            .enumerate()
+            .filter(|(id, p)| p.removed.is_none() || info.get(*id).is_some_and(|i| !i.workers.is_empty()))
+            .map(|(id, p)| {
+                let i = info.get(id);
+                PoolStatus {
+                    name: p.name.clone(),
+                    state: i.map(|p| p.state.as_str()).unwrap_or("unknown").to_owned(),
+                    requests: i.map(|p| p.requests).unwrap_or(0),
+                    workers: i
+                        .map(|p| {
+                            p.workers
+                                .iter()
+                                .map(|w| WorkerStatus {
+                                    pid: w.pid,
+                                    uptime_s: w.uptime.as_secs(),
+                                    requests: w.requests,
+                                    restarts: w.restarts,
+                                    ready: w.ready,
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default(),
+                    queued: p.queued(),
+                    steered_kernel: counters.steered(id),
+                    handed_off: self.stats.handed_off.get(id).map(|n| n.load(Relaxed)).unwrap_or(0),
+                }
+            })
+            .collect();
+        Status {
+            steering: self.config.steering.as_str().to_owned(),
+            listen: self.config.listen.iter().map(|a| a.to_string()).collect(),
+            pools,
+            fallbacks: counter::FALLBACKS.iter().map(|&(i, name)| (name.to_owned(), counters.get(i))).collect(),
+            dispatcher: DispatcherStatus {
+                accepted: self.stats.accepted.load(Relaxed),
+                refused: self.stats.refused.iter().map(|(c, n)| (c.to_string(), n.load(Relaxed))).collect::<BTreeMap<_, _>>(),
+                header_timeouts: self.stats.timeouts.load(Relaxed),
+            },
+            kernel: KernelStatus {
+                program_runs: counters.get(counter::RUNS),
+                syn_cookies: counters.get(counter::SYN_COOKIE),
+                ack_gate_drops: counters.get(counter::ACK_GATE_DROPS),
+            },
+        }
+    }
+}
