@@ -61,7 +61,13 @@ pub fn canonicalize(raw: &[u8]) -> Result<String, CanonicalError> {
     let mut out = String::with_capacity(text.len());
     for s in &segments {
         out.push('/');
-        out.push_str(s);
+        // A `%` here was sent as `%25`: keep it escaped so the canonical form is a fixed
+        // point, not decoded a second time (or refused) when canonicalized again.
+        if s.contains('%') {
+            out.push_str(&s.replace('%', "%25"));
+        } else {
+            out.push_str(s);
+        }
     }
     if out.is_empty() || trailing {
         out.push('/');
@@ -91,6 +97,16 @@ mod tests {
         assert_eq!(c("/a/./b/.").unwrap(), "/a/b/");
         assert_eq!(c("/a\\b").unwrap(), "/a/b");
         assert_eq!(c("/%61pi").unwrap(), "/api");
+    }
+
+    #[test]
+    fn canonical_form_is_a_fixed_point_for_escaped_percent() {
+        // Found by fuzz/fuzz_targets/canonicalize.rs: `%25` decoded to a bare `%`, which a
+        // second pass refused (or decoded again).
+        let once = canonicalize(b"/%61p%61pi%2F%2e%25y").unwrap();
+        assert_eq!(once, "/apapi/.%25y");
+        assert_eq!(canonicalize(once.as_bytes()), Ok(once));
+        assert_eq!(c("/a%2541").unwrap(), "/a%2541");
     }
 
     #[test]

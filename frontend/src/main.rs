@@ -33,6 +33,14 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Show which pool a config's user-space router picks for each path (after URL
+    /// canonicalization), as the dispatcher would; the kernel program agrees wherever it steers.
+    Route {
+        config: PathBuf,
+        /// Request targets, such as `/api/x?q=1` or `/a/../b`.
+        #[arg(required = true)]
+        paths: Vec<String>,
+    },
     /// Re-read the running front end's config file and apply it (like SIGHUP); a config that
     /// does not check is refused and the running one stays.
     Reload {
@@ -102,6 +110,22 @@ fn real_main() -> Result<()> {
         Command::Run { config } => {
             let c = config::Config::load(&config)?;
             server::run(c)
+        }
+        Command::Route { config, paths } => {
+            let c = config::Config::load(&config)?;
+            let table = sluice::route::RouteTable::new(c.routes.iter().map(|r| (r.prefix.clone(), r.pool)));
+            for target in paths {
+                let raw = target.split(['?', '#']).next().unwrap_or("");
+                let answer = match sluice::canonical::canonicalize(raw.as_bytes()) {
+                    Err(e) => format!("400 ({e})"),
+                    Ok(path) => match table.lookup(&path) {
+                        Some(i) => format!("{} {path}", c.pools[i].name),
+                        None => format!("400 (no route for {path})"),
+                    },
+                };
+                println!("{target}\t{answer}");
+            }
+            Ok(())
         }
         Command::Reload { admin, config } => {
             print!("{}", admin::ask(&admin_path(admin, config)?, "reload")?);
