@@ -115,7 +115,7 @@ fn real_main() -> Result<()> {
             let c = config::Config::load(&config)?;
             let table = sluice::route::RouteTable::new(c.routes.iter().map(|r| (r.prefix.clone(), r.pool)));
             for target in paths {
-                let raw = target.split(['?', '#']).next().unwrap_or("");
+                let raw = target.split('?').next().unwrap_or("");
                 let answer = match sluice::canonical::canonicalize(raw.as_bytes()) {
                     Err(e) => format!("400 ({e})"),
                     Ok(path) => match table.lookup(&path) {

@@ -49,6 +49,9 @@ pub struct DispatcherStatus {
     /// Requests refused, by status code.
     pub refused: BTreeMap<String, u64>,
     pub header_timeouts: u64,
+    /// Unrouted connections dropped to stay within `limits.max_pending`.
+    #[serde(default)]
+    pub dropped_pending: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -148,10 +151,11 @@ impl Status {
         out.push_str(&format!("dispatcher fallbacks: {}\n", fallbacks.join(" ")));
         let refused: Vec<String> = self.dispatcher.refused.iter().map(|(k, v)| format!("{k}={v}")).collect();
         out.push_str(&format!(
-            "dispatcher: accepted={} refused: {} header_timeouts={}\n",
+            "dispatcher: accepted={} refused: {} header_timeouts={} dropped_pending={}\n",
             self.dispatcher.accepted,
             refused.join(" "),
-            self.dispatcher.header_timeouts
+            self.dispatcher.header_timeouts,
+            self.dispatcher.dropped_pending
         ));
         out.push_str(&format!(
             "kernel: program_runs={} syn_cookies={} ack_gate_drops={}\n",

@@ -412,7 +412,10 @@ pub mod fuzzing {
         let split = split_at.min(input.len());
         let whole = feed(&[input]);
         let pieces = feed(&[&input[..split], &input[split..]]);
-        assert_eq!(whole, pieces, "a split at {split} changed how the input was parsed");
+        assert_eq!(
+            whole, pieces,
+            "a split at {split} changed how the input was parsed"
+        );
     }
 
     /// (method, target, body) of every handled request, final responses, ended with Close.
@@ -423,8 +426,17 @@ pub mod fuzzing {
         let (mut rbuf, mut wbuf, mut seen) = (Vec::new(), Vec::new(), Vec::new());
         let mut handler = |req: &Request<'_>| {
             // Touch every accessor so the borrowed slices are all read.
-            let _ = (req.path(), req.query(), req.header("host"), req.headers().count());
-            seen.push((req.method().to_owned(), req.target().to_owned(), req.body().to_vec()));
+            let _ = (
+                req.path(),
+                req.query(),
+                req.header("host"),
+                req.headers().count(),
+            );
+            seen.push((
+                req.method().to_owned(),
+                req.target().to_owned(),
+                req.body().to_vec(),
+            ));
             Response::new(200)
         };
         let mut closed = false;

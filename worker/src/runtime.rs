@@ -940,7 +940,9 @@ impl<'s, H: Handler> Worker<'s, H> {
     fn sweep(&mut self) -> Result<(), Error> {
         let tick = self.tick;
         let idle_ticks = self.shared.idle_ticks;
-        let grace_over = self.stop_tick.is_some_and(|stop| tick >= stop + STOP_GRACE_TICKS);
+        let grace_over = self
+            .stop_tick
+            .is_some_and(|stop| tick >= stop + STOP_GRACE_TICKS);
         let cut_all = self
             .stop_tick
             .is_some_and(|stop| tick >= stop + STOP_DEADLINE_TICKS);
@@ -1126,7 +1128,8 @@ mod tests {
         send(&front, "stop");
         // The idle connection may send one more request: it is answered and closed.
         thread::sleep(Duration::from_millis(200));
-        idle.write_all(b"GET /last HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+        idle.write_all(b"GET /last HTTP/1.1\r\nHost: t\r\n\r\n")
+            .unwrap();
         idle.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
         let mut last = String::new();
         idle.read_to_string(&mut last).unwrap();

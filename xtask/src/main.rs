@@ -3,6 +3,7 @@
 //! time.
 
 mod bench;
+mod fuzz;
 mod toolchain;
 
 use std::{
@@ -40,6 +41,12 @@ enum Task {
     },
     /// Benchmark sluice against the direct worker and nginx (see docs/benchmarks.md).
     Bench(bench::Args),
+    /// Run each fuzz target in fuzz/ (installs cargo-fuzz; needs nightly); fails on a crash.
+    Fuzz {
+        /// Seconds of fuzzing per target.
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
+    },
 }
 
 fn main() -> Result<()> {
@@ -50,6 +57,7 @@ fn main() -> Result<()> {
         Task::Demo => demo(),
         Task::Test { args } => test(&args),
         Task::Bench(args) => bench::run(args),
+        Task::Fuzz { seconds } => fuzz::run_all(seconds),
     }
 }
 

@@ -67,6 +67,8 @@ pub struct PoolLaunch {
     /// Readable when a connection waits for this pool (its listening sockets and the workers'
     /// end of its handoff channel).
     pub demand: Vec<RawFd>,
+    /// More environment for the workers.
+    pub env: Vec<(String, String)>,
 }
 
 struct Worker {
@@ -153,6 +155,7 @@ impl Supervisor {
     fn launch(p: &PoolLaunch) -> io::Result<Launch> {
         let (fds, names): (Vec<RawFd>, Vec<String>) = p.fds.iter().cloned().unzip();
         let mut env = vec![("SLUICE_POOL".to_owned(), p.name.clone())];
+        env.extend(p.env.iter().cloned());
         if let Some(t) = p.threads {
             env.push(("SLUICE_THREADS".to_owned(), t.to_string()));
         }

@@ -72,6 +72,50 @@ struct RawConfig {
     pools: Vec<RawPool>,
     #[serde(default, rename = "route")]
     routes: Vec<RawRoute>,
+    #[serde(default)]
+    limits: RawLimits,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    max_request_head: Option<usize>,
+    max_url: Option<usize>,
+    header_timeout: Option<String>,
+    idle_timeout: Option<String>,
+    min_send_rate: Option<u64>,
+    max_pending: Option<usize>,
+}
+
+/// Limits on clients, HTTP.sys's defaults.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Request line and headers, bytes (431 past it).
+    pub max_request_head: usize,
+    /// Request target, bytes (414 past it).
+    pub max_url: usize,
+    /// Time to receive a whole request head (the connection is closed after it).
+    pub header_timeout: Duration,
+    /// Time a keep-alive connection may wait for its next request.
+    pub idle_timeout: Duration,
+    /// Bytes per second a client must take a response at (a slower one is cut off).
+    pub min_send_rate: u64,
+    /// Connections the dispatcher holds before their request is routed; past it the oldest is
+    /// dropped, so slow clients cannot starve it.
+    pub max_pending: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_request_head: 16 * 1024,
+            max_url: 16 * 1024,
+            header_timeout: Duration::from_secs(120),
+            idle_timeout: Duration::from_secs(120),
+            min_send_rate: 150,
+            max_pending: 10_000,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -224,6 +268,7 @@ pub struct Config {
     pub metrics: Option<SocketAddr>,
     pub pools: Vec<Pool>,
     pub routes: Vec<Route>,
+    pub limits: Limits,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -397,6 +442,44 @@ impl Config {
             }
         }
 
+        let mut limits = Limits::default();
+        {
+            let l = &raw.limits;
+            let mut bytes = |key: &str, v: Option<usize>, min: usize, into: &mut usize| {
+                if let Some(n) = v {
+                    if n < min || n > 1 << 20 {
+                        bad(format!("limits.{key}"), format!("{n} is out of range {min}..={}", 1 << 20));
+                    } else {
+                        *into = n;
+                    }
+                }
+            };
+            bytes("max_request_head", l.max_request_head, 256, &mut limits.max_request_head);
+            bytes("max_url", l.max_url, 64, &mut limits.max_url);
+            for (key, v, into) in [
+                ("header_timeout", &l.header_timeout, &mut limits.header_timeout),
+                ("idle_timeout", &l.idle_timeout, &mut limits.idle_timeout),
+            ] {
+                if let Some(text) = v {
+                    match units::duration(text) {
+                        Ok(d) if d.is_zero() => bad(format!("limits.{key}"), "must be more than 0".into()),
+                        Ok(d) => *into = d,
+                        Err(reason) => bad(format!("limits.{key}"), reason),
+                    }
+                }
+            }
+            if let Some(r) = l.min_send_rate {
+                limits.min_send_rate = r;
+            }
+            if let Some(n) = l.max_pending {
+                if n == 0 {
+                    bad("limits.max_pending".into(), "must be at least 1".into());
+                } else {
+                    limits.max_pending = n;
+                }
+            }
+        }
+
         if !problems.is_empty() {
             return Err(ConfigError::Invalid { path: path.to_owned(), problems });
         }
@@ -409,6 +492,7 @@ impl Config {
             metrics,
             pools,
             routes,
+            limits,
         })
     }
 

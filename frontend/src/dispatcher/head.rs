@@ -84,12 +84,15 @@ fn origin_path(target: &str) -> Option<&str> {
             .strip_prefix("http://")
             .or_else(|| target.strip_prefix("https://"))
             .or_else(|| target.strip_prefix("HTTP://"))?;
-        match after_scheme.find('/') {
-            Some(i) => &after_scheme[i..],
-            None => "/",
+        // The authority ends at the first `/` or `?`: `http://h?q/x` is the path `/`.
+        match after_scheme.find(['/', '?']) {
+            Some(i) if after_scheme[i..].starts_with('/') => &after_scheme[i..],
+            _ => "/",
         }
     };
-    Some(rest.split(['?', '#']).next().unwrap_or(rest))
+    // Only `?` ends the path. A request target has no fragment, and the kernel program routes
+    // `/api#x` by that whole path: cutting at `#` here would send it to another pool.
+    Some(rest.split('?').next().unwrap_or(rest))
 }
 
 #[cfg(test)]
@@ -130,6 +133,17 @@ mod tests {
         assert!(matches!(d(long.as_bytes()), Decision::Refuse(414, _)));
         let big = format!("GET / HTTP/1.1\r\nX: {}\r\n", "a".repeat(17000));
         assert!(matches!(d(big.as_bytes()), Decision::Refuse(431, _)));
+    }
+
+    #[test]
+    fn hash_is_part_of_the_path_and_query_ends_the_authority() {
+        // Found by fuzz/fuzz_targets/dispatcher_head.rs: the path was cut at `#`, so this was
+        // routed on `/+` although its whole path does not canonicalize (and `/api#x` went to
+        // /api/ here but to / in the kernel program).
+        assert!(matches!(d(b"GET /+#/%2e%2/.p/iwwww%2Fz HTTP/1.1\r\n\r\n"), Decision::Refuse(400, _)));
+        assert_eq!(d(b"GET /api#x HTTP/1.1\r\n\r\n"), Decision::Pool(0));
+        assert_eq!(d(b"GET /api/#x HTTP/1.1\r\n\r\n"), Decision::Pool(1));
+        assert_eq!(d(b"GET http://h?/api/x HTTP/1.1\r\n\r\n"), Decision::Pool(0));
     }
 
     #[test]

@@ -30,6 +30,8 @@ pub struct DispatchStats {
     /// Refusals by status code.
     pub refused: Vec<(u16, AtomicU64)>,
     pub timeouts: AtomicU64,
+    /// Unrouted connections dropped because `max_pending` were waiting.
+    pub dropped: AtomicU64,
 }
 
 const REFUSAL_CODES: [u16; 5] = [400, 408, 414, 431, 503];
@@ -138,6 +140,8 @@ pub struct Dispatcher {
     pub table: Arc<SharedTable>,
     pub limits: Limits,
     pub header_timeout: Duration,
+    /// Most connections held before their request is routed; the oldest goes past it.
+    pub max_pending: usize,
     pub stats: Arc<DispatchStats>,
     /// Readable (eventfd) when the dispatcher must stop.
     pub stop: RawFd,
@@ -186,6 +190,10 @@ struct Conn {
     sent: usize,
     /// Operations in flight; the slot is freed only when none are.
     inflight: u32,
+    /// Tells this connection from an earlier one in the same slot.
+    serial: u64,
+    /// Dropped to make room (see `max_pending`).
+    dropped: bool,
 }
 
 pub fn run(d: Dispatcher) -> io::Result<()> {
@@ -203,6 +211,11 @@ pub fn run(d: Dispatcher) -> io::Result<()> {
     let mut drained_listeners = vec![0usize; pools_max];
     let mut drain_msgs: Vec<Box<handoff::Incoming>> = (0..pools_max).map(|_| Box::new(handoff::Incoming::new())).collect();
     let (mut generation, mut table) = d.table.current();
+    // Unrouted connections in accept order: (slot, serial); stale entries are skipped.
+    let mut reading_order: std::collections::VecDeque<(usize, u64)> = std::collections::VecDeque::new();
+    let mut next_serial = 0u64;
+    // Connections in the Reading state, and those of them dropped but not yet closed.
+    let (mut reading, mut dropping) = (0usize, 0usize);
     d.table.seen.store(generation, std::sync::atomic::Ordering::Release);
 
     for (i, &fd) in d.listeners.iter().enumerate() {
@@ -324,8 +337,27 @@ pub fn run(d: Dispatcher) -> io::Result<()> {
                         continue;
                     }
                     d.stats.accepted.fetch_add(1, Relaxed);
+                    // Bounded: slow clients cannot hold every slot; the oldest unrouted
+                    // connection makes room (its pending read ends and it is closed).
+                    while reading - dropping >= d.max_pending {
+                        let Some((old, serial)) = reading_order.pop_front() else { break };
+                        if let Some(c) = conns.get_mut(old).and_then(Option::as_mut) {
+                            if c.serial == serial && matches!(c.state, State::Reading) && !c.dropped {
+                                c.dropped = true;
+                                dropping += 1;
+                                d.stats.dropped.fetch_add(1, Relaxed);
+                                // SAFETY: shutdown on a connection we own.
+                                unsafe { libc::shutdown(c.fd, libc::SHUT_RDWR) };
+                                break;
+                            }
+                        }
+                    }
                     let slot = insert(&mut conns, &mut free, res, &d);
                     if let Some(c) = conns[slot].as_mut() {
+                        next_serial += 1;
+                        c.serial = next_serial;
+                        reading += 1;
+                        reading_order.push_back((slot, next_serial));
                         pending.push(recv(c, slot));
                     }
                 }
@@ -333,22 +365,32 @@ pub fn run(d: Dispatcher) -> io::Result<()> {
                     let Some(c) = conns[index].as_mut() else { continue };
                     c.inflight -= 1;
                     if res <= 0 {
+                        reading -= 1;
+                        if c.dropped {
+                            dropping -= 1;
+                        }
                         close(&mut conns, &mut free, index);
                         continue;
                     }
                     c.filled += res as usize;
                     let decision = match head::decide(&c.buf[..c.filled], &d.limits, &table.routes) {
+                        Decision::NeedMore if c.filled < c.buf.len() => Decision::NeedMore,
+                        Decision::NeedMore => Decision::Refuse(431, "the request head is too large"),
                         Decision::Pool(p) if table.pools.get(p).and_then(Option::as_ref).is_none() => {
                             Decision::Refuse(503, "the application pool is being removed")
                         }
                         other => other,
                     };
-                    match decision {
-                        Decision::NeedMore if c.filled < c.buf.len() => pending.push(recv(c, index)),
-                        Decision::NeedMore => {
-                            start_reply(c, 431, "the request head is too large", &d.stats);
-                            pending.push(send(c, index));
+                    if decision != Decision::NeedMore {
+                        // Routed or refused: no longer an unrouted connection.
+                        reading -= 1;
+                        if c.dropped {
+                            dropping -= 1;
+                            c.dropped = false;
                         }
+                    }
+                    match decision {
+                        Decision::NeedMore => pending.push(recv(c, index)),
                         Decision::Pool(pool) if d.flags.get(pool) & PoolFlags::STOPPED != 0 => {
                             start_reply(c, 503, "the application pool is stopped", &d.stats);
                             pending.push(send(c, index));
@@ -434,6 +476,8 @@ fn insert(conns: &mut Vec<Option<Conn>>, free: &mut Vec<usize>, fd: RawFd, d: &D
         reply: Vec::new(),
         sent: 0,
         inflight: 0,
+        serial: 0,
+        dropped: false,
     };
     let slot = free.pop().unwrap_or_else(|| {
         conns.push(None);

@@ -34,8 +34,6 @@ use crate::{
 /// How often the controller looks at queues and workers while a pool runs, and otherwise.
 const TICK_BUSY: Duration = Duration::from_millis(50);
 const TICK_IDLE: Duration = Duration::from_millis(500);
-/// HTTP.sys's header wait timeout.
-const HEADER_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Everything a running front end holds.
 struct Frontend {
@@ -181,8 +179,9 @@ impl Frontend {
         let dispatcher = Dispatcher {
             listeners: fe.dispatch_sockets.iter().map(|fd| fd.as_raw_fd()).collect(),
             table: fe.table.clone(),
-            limits: Limits::default(),
-            header_timeout: HEADER_TIMEOUT,
+            limits: Limits { max_request_head: config.limits.max_request_head, max_url: config.limits.max_url },
+            header_timeout: config.limits.header_timeout,
+            max_pending: config.limits.max_pending,
             stats: fe.stats.clone(),
             stop: fe.stop.as_raw_fd(),
             flags: fe.flags.clone(),

@@ -29,6 +29,17 @@ pub(super) struct PoolRt {
     pub removed: Option<u64>,
 }
 
+/// What every worker is told about the client limits.
+pub(super) fn limits_env(l: &config::Limits) -> Vec<(String, String)> {
+    vec![
+        ("SLUICE_IDLE_TIMEOUT".into(), l.idle_timeout.as_secs().max(1).to_string()),
+        ("SLUICE_HEADER_TIMEOUT".into(), l.header_timeout.as_secs().max(1).to_string()),
+        ("SLUICE_MAX_REQUEST_HEAD".into(), l.max_request_head.to_string()),
+        ("SLUICE_MAX_URL".into(), l.max_url.to_string()),
+        ("SLUICE_MIN_SEND_RATE".into(), l.min_send_rate.to_string()),
+    ]
+}
+
 impl PoolRt {
     pub fn entry(&self) -> PoolEntry {
         PoolEntry {
@@ -47,7 +58,7 @@ impl PoolRt {
         self.listeners.iter().any(|fd| sockets::queued(fd.as_raw_fd()).unwrap_or(0) >= self.config.queue_length)
     }
 
-    pub fn launch(&self) -> PoolLaunch {
+    pub fn launch(&self, limits: &config::Limits) -> PoolLaunch {
         let mut fds: Vec<(RawFd, String)> = self.listeners.iter().map(|fd| (fd.as_raw_fd(), "pool".to_owned())).collect();
         fds.push((self.handoff.workers.as_raw_fd(), "handoff".to_owned()));
         let mut demand: Vec<RawFd> = self.listeners.iter().map(|fd| fd.as_raw_fd()).collect();
@@ -61,6 +72,7 @@ impl PoolRt {
             activation: self.config.activation.clone(),
             fds,
             demand,
+            env: limits_env(limits),
         }
     }
 }
@@ -96,7 +108,7 @@ impl Frontend {
             slots,
             removed: None,
         };
-        self.supervisor.add(rt.launch())?;
+        self.supervisor.add(rt.launch(&self.config.limits))?;
         self.pools.push(rt);
         Ok(id)
     }

@@ -21,6 +21,7 @@ impl Frontend {
             ("server.set_sysctls", old.set_sysctls != new.set_sysctls),
             ("server.admin_socket", old.admin_socket != new.admin_socket),
             ("server.metrics", old.metrics != new.metrics),
+            ("limits", old.limits != new.limits),
         ];
         for (key, changed) in fixed {
             if changed {
@@ -60,7 +61,7 @@ impl Frontend {
                 }
             }
             rt.config = p.clone();
-            let launch = rt.launch();
+            let launch = rt.launch(&new.limits);
             self.supervisor.update(id, launch)?;
             summary.push(format!("changed pool {} (recycling its workers)", p.name));
         }

@@ -54,6 +54,7 @@ impl Frontend {
                 accepted: self.stats.accepted.load(Relaxed),
                 refused: self.stats.refused.iter().map(|(c, n)| (c.to_string(), n.load(Relaxed))).collect::<BTreeMap<_, _>>(),
                 header_timeouts: self.stats.timeouts.load(Relaxed),
+                dropped_pending: self.stats.dropped.load(Relaxed),
             },
             kernel: KernelStatus {
                 program_runs: counters.get(counter::RUNS),
