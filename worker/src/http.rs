@@ -97,6 +97,11 @@ impl HttpConn {
         self.responses
     }
 
+    /// True while a request head is partly received (its header timeout runs).
+    pub(crate) fn in_head(&self, rbuf: &[u8]) -> bool {
+        self.pending.is_none() && !rbuf.is_empty()
+    }
+
     /// True when no request is partly received: the connection is idle between requests.
     pub(crate) fn is_idle(&self, rbuf: &[u8]) -> bool {
         self.pending.is_none() && rbuf.is_empty()

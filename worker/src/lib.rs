@@ -287,6 +287,16 @@ pub struct Options {
     pub idle_timeout: Duration,
     /// Largest request body accepted (default 64 MiB; more is answered 413).
     pub max_body: usize,
+    /// Time to receive a request head (`SLUICE_HEADER_TIMEOUT`, seconds; default 120); the
+    /// connection is closed after it.
+    pub header_timeout: Duration,
+    /// Longest request head (`SLUICE_MAX_REQUEST_HEAD`, bytes; default 16 KiB; more: 431).
+    pub max_request_head: usize,
+    /// Longest request target (`SLUICE_MAX_URL`, bytes; default 16 KiB; more: 414).
+    pub max_url: usize,
+    /// Slowest a client may take a response, bytes per second (`SLUICE_MIN_SEND_RATE`;
+    /// default 150, HTTP.sys's; 0: no limit beyond the idle timeout).
+    pub min_send_rate: u64,
 }
 
 impl Default for Options {
@@ -297,13 +307,18 @@ impl Default for Options {
             threads: std::thread::available_parallelism().map_or(1, usize::from),
             idle_timeout: Duration::from_secs(120),
             max_body: 64 * 1024 * 1024,
+            header_timeout: Duration::from_secs(120),
+            max_request_head: 16 * 1024,
+            max_url: 16 * 1024,
+            min_send_rate: 150,
         }
     }
 }
 
 impl Options {
-    /// Defaults overridden by `SLUICE_LISTEN`, `SLUICE_POOL`, `SLUICE_THREADS` and
-    /// `SLUICE_IDLE_TIMEOUT`.
+    /// Defaults overridden by `SLUICE_LISTEN`, `SLUICE_POOL`, `SLUICE_THREADS`,
+    /// `SLUICE_IDLE_TIMEOUT`, `SLUICE_HEADER_TIMEOUT`, `SLUICE_MAX_REQUEST_HEAD`, `SLUICE_MAX_URL`
+    /// and `SLUICE_MIN_SEND_RATE` (the front end sets these from its `[limits]`).
     pub fn from_env() -> Result<Self, Error> {
         let mut options = Options::default();
         if let Some(list) = env("SLUICE_LISTEN") {
@@ -327,6 +342,18 @@ impl Options {
         }
         if let Some(secs) = env("SLUICE_IDLE_TIMEOUT") {
             options.idle_timeout = Duration::from_secs(parse_env("SLUICE_IDLE_TIMEOUT", &secs)?);
+        }
+        if let Some(secs) = env("SLUICE_HEADER_TIMEOUT") {
+            options.header_timeout = Duration::from_secs(parse_env("SLUICE_HEADER_TIMEOUT", &secs)?);
+        }
+        if let Some(n) = env("SLUICE_MAX_REQUEST_HEAD") {
+            options.max_request_head = parse_env("SLUICE_MAX_REQUEST_HEAD", &n)?;
+        }
+        if let Some(n) = env("SLUICE_MAX_URL") {
+            options.max_url = parse_env("SLUICE_MAX_URL", &n)?;
+        }
+        if let Some(n) = env("SLUICE_MIN_SEND_RATE") {
+            options.min_send_rate = parse_env("SLUICE_MIN_SEND_RATE", &n)?;
         }
         Ok(options)
     }

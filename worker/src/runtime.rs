@@ -24,6 +24,7 @@ use crate::{Context, Error, Handler, Options, Request, Response};
 const RING_ENTRIES: u32 = 1024;
 const CQ_ENTRIES: u32 = 8192;
 const TICK: Duration = Duration::from_millis(500);
+const TICKS_PER_SECOND: u64 = 2;
 /// Ticks a lingering close waits for the client's FIN (~2 s).
 const LINGER_TICKS: u64 = 4;
 /// Ticks a keep-alive connection idle at a stop request gets to send one more request, which
@@ -69,6 +70,10 @@ struct Shared<H> {
     control: Option<RawFd>,
     limits: Limits,
     idle_ticks: u64,
+    /// Ticks a request head may take to arrive.
+    header_ticks: u64,
+    /// Bytes per second a client must take responses at (0: no limit).
+    min_send_rate: u64,
     /// Responses written by this process (all threads).
     requests: AtomicU64,
     /// Set when a stop was asked for on the control channel (or the front end went away);
@@ -94,9 +99,12 @@ pub(crate) fn serve<H: Handler>(
         control: sockets.control.as_ref().map(AsRawFd::as_raw_fd),
         limits: Limits {
             max_body: options.max_body,
-            ..Limits::default()
+            max_head: options.max_request_head,
+            max_url: options.max_url,
         },
         idle_ticks: (options.idle_timeout.as_millis() / TICK.as_millis()).max(1) as u64,
+        header_ticks: (options.header_timeout.as_millis() / TICK.as_millis()).max(1) as u64,
+        min_send_rate: options.min_send_rate,
         requests: AtomicU64::new(0),
         stop_requested: AtomicBool::new(false),
     });
@@ -300,6 +308,10 @@ struct Conn {
     /// How many more bytes the current request needs, when known.
     want: usize,
     last_active: u64,
+    /// Tick the request head now arriving began (its header timeout runs from there).
+    head_since: Option<u64>,
+    /// Tick the response now being sent began.
+    write_since: u64,
 }
 
 /// Connection table with generation-tagged slots, so a stale completion never reaches a newer
@@ -718,6 +730,8 @@ impl<'s, H: Handler> Worker<'s, H> {
             close_after_send: false,
             want: 0,
             last_active: self.tick,
+            head_since: None,
+            write_since: self.tick,
         };
         let (index, generation) = self.conns.insert(conn);
         if has_input {
@@ -776,6 +790,7 @@ impl<'s, H: Handler> Worker<'s, H> {
             Outcome::NeedMore { hint } => conn.want = hint,
             Outcome::Close => conn.close_after_send = true,
         }
+        conn.head_since = if conn.http.in_head(&conn.rbuf) { conn.head_since.or(Some(self.tick)) } else { None };
         let written = conn.http.responses() - before;
         if written > 0 {
             shared.requests.fetch_add(written, Ordering::Relaxed);
@@ -821,6 +836,9 @@ impl<'s, H: Handler> Worker<'s, H> {
         let Some(conn) = self.conns.get_mut(index, generation) else {
             return Ok(());
         };
+        if conn.sent == 0 {
+            conn.write_since = self.tick;
+        }
         let pending = &conn.wbuf[conn.sent..];
         let len = pending.len().min(u32::MAX as usize) as u32;
         let ud = user_data(OP_SEND, index, generation);
@@ -940,6 +958,7 @@ impl<'s, H: Handler> Worker<'s, H> {
     fn sweep(&mut self) -> Result<(), Error> {
         let tick = self.tick;
         let idle_ticks = self.shared.idle_ticks;
+        let header_ticks = self.shared.header_ticks;
         let grace_over = self
             .stop_tick
             .is_some_and(|stop| tick >= stop + STOP_GRACE_TICKS);
@@ -956,9 +975,15 @@ impl<'s, H: Handler> Worker<'s, H> {
                 Phase::Lingering { until } => tick >= until,
                 Phase::Reading => {
                     tick.saturating_sub(conn.last_active) >= idle_ticks
+                        || conn.head_since.is_some_and(|t| tick.saturating_sub(t) >= header_ticks)
                         || (grace_over && conn.http.is_idle(&conn.rbuf))
                 }
-                Phase::Writing => tick.saturating_sub(conn.last_active) >= idle_ticks,
+                // A client must take the response at min_send_rate (plus two seconds); without
+                // a rate, only the idle timeout applies.
+                Phase::Writing => match self.shared.min_send_rate {
+                    0 => tick.saturating_sub(conn.last_active) >= idle_ticks,
+                    rate => tick.saturating_sub(conn.write_since) >= (conn.wbuf.len() as u64 / rate + 2) * TICKS_PER_SECOND,
+                },
             };
             if expired || cut_all {
                 conn.cancelled = true;
