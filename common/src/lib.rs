@@ -2,7 +2,12 @@
 //!
 //! Everything here is part of the contract between the BPF object and user space: change
 //! both sides together.
-#![no_std]
+#![cfg_attr(not(feature = "std"), no_std)]
+
+#[cfg(feature = "std")]
+pub mod canonical;
+#[cfg(feature = "std")]
+pub mod route;
 
 /// Bytes of a path prefix an LPM-trie key holds. Routes longer than this are refused by
 /// the config check; longer request paths are still steered by their first bytes.
