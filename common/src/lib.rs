@@ -23,6 +23,8 @@ pub const MAX_ROUTES: u32 = 1024;
 pub const SOCKET_SLOTS: u32 = 256;
 /// Slot of the front end's dispatcher socket in every group.
 pub const DISPATCHER_SLOT: u32 = 0;
+/// Most paths in the kernel's set of cached paths.
+pub const MAX_CACHED_PATHS: u32 = 4096;
 /// Most listening ports the ack gate knows.
 pub const MAX_GATED_PORTS: u32 = 64;
 
@@ -77,6 +79,9 @@ pub mod counter {
     pub const ACK_GATE_DROPS: u32 = 9;
     /// Total runs of the steering program.
     pub const RUNS: u32 = 10;
+    /// Not a fallback: the first request's path is in the front end's cache, so the
+    /// connection goes to the dispatcher, which answers it without a worker.
+    pub const CACHED: u32 = 11;
     /// Connections steered in the kernel to pool `i` count at `POOL_BASE + i`.
     pub const POOL_BASE: u32 = 16;
     pub const LEN: u32 = POOL_BASE + super::MAX_POOLS;

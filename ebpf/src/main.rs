@@ -21,11 +21,11 @@ use aya_ebpf::{
     bindings::sk_action::{SK_DROP, SK_PASS},
     helpers::bpf_skb_load_bytes,
     macros::{map, sk_reuseport},
-    maps::{Array, LpmTrie, PerCpuArray, ReusePortSockArray, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, PerCpuArray, ReusePortSockArray, lpm_trie::Key},
     programs::SkReuseportContext,
 };
 use sluice_common::{
-    CFG_LEN, CFG_MODE, CFG_ROUTES, DISPATCHER_SLOT, LINE_WINDOW, MAX_POOLS, MAX_PREFIX, MAX_ROUTES,
+    CFG_LEN, CFG_MODE, CFG_ROUTES, DISPATCHER_SLOT, LINE_WINDOW, MAX_CACHED_PATHS, MAX_POOLS, MAX_PREFIX, MAX_ROUTES,
     MODE_FIRST_SEGMENT, POOL_FLAG_STOPPED, PoolSlots, SOCKET_SLOTS, counter,
 };
 
@@ -43,6 +43,11 @@ static SOCKETS: ReusePortSockArray = ReusePortSockArray::with_max_entries(SOCKET
 static ROUTES_A: LpmTrie<[u8; MAX_PREFIX], u32> = LpmTrie::with_max_entries(MAX_ROUTES, 0);
 #[map]
 static ROUTES_B: LpmTrie<[u8; MAX_PREFIX], u32> = LpmTrie::with_max_entries(MAX_ROUTES, 0);
+
+/// Paths the front end answers from its cache, keyed like a route key's data (the path, a `/`
+/// appended, zero-padded): a connection whose first request is one goes to the dispatcher.
+#[map]
+pub(crate) static CACHED: HashMap<[u8; MAX_PREFIX], u8> = HashMap::with_max_entries(MAX_CACHED_PATHS, 0);
 
 /// Pool index -> its slots in `SOCKETS` and its state.
 #[map]
@@ -156,6 +161,10 @@ fn steer_new(ctx: &SkReuseportContext) -> u32 {
     bump(counter::RUNS);
     let pool = match classify(ctx) {
         Verdict::Pool(p) => p,
+        Verdict::Cached => {
+            bump(counter::CACHED);
+            return to_dispatcher(ctx);
+        }
         Verdict::Cookie => {
             bump(counter::SYN_COOKIE);
             return to_dispatcher(ctx);

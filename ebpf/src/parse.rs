@@ -16,6 +16,8 @@ pub(crate) enum Verdict {
     Fallback(u32),
     /// First-segment mode: a data-less SYN answered by cookie; decided again on the data.
     Cookie,
+    /// The path is in the front end's cache.
+    Cached,
 }
 
 const MAX_METHOD: usize = 16;
@@ -106,6 +108,8 @@ pub(crate) fn request_line(scratch: &mut Scratch, n: usize) -> Verdict {
     let path_len = launder(&mut scratch.tmp, end.wrapping_sub(start));
     let line = &scratch.line;
     let key = &mut scratch.key;
+    // Zeroed first: the cached-path lookup compares all of it.
+    key.data = [0; MAX_PREFIX];
     let mut k = 0;
     while k < MAX_PREFIX {
         if k >= path_len {
@@ -121,6 +125,10 @@ pub(crate) fn request_line(scratch: &mut Scratch, n: usize) -> Verdict {
         k += 1;
     }
     key.prefix_len = (k * 8) as u32;
+    // SAFETY: reading a plain byte value from a hash map.
+    if unsafe { crate::CACHED.get(&key.data) }.is_some() {
+        return Verdict::Cached;
+    }
     match crate::route(key) {
         Some(pool) => Verdict::Pool(pool),
         None => Verdict::Fallback(counter::NO_ROUTE),

@@ -3,6 +3,7 @@
 
 pub mod activation;
 pub mod admin;
+pub mod cache;
 pub mod canonical;
 pub mod config;
 pub mod dispatcher;

@@ -51,6 +51,17 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// The front end's response cache.
+    Cache {
+        #[command(subcommand)]
+        action: CacheAction,
+        /// The admin socket (default: the one in --config, else /run/sluice/admin.sock).
+        #[arg(long, global = true)]
+        admin: Option<PathBuf>,
+        /// Read the admin socket path from this config file.
+        #[arg(long, global = true)]
+        config: Option<PathBuf>,
+    },
     /// Act on one pool of a running front end.
     Pool {
         #[command(subcommand)]
@@ -62,6 +73,17 @@ enum Command {
         #[arg(long, global = true)]
         config: Option<PathBuf>,
     },
+}
+
+#[derive(Subcommand)]
+enum CacheAction {
+    /// Every cached response: path, size, age, time to live, hits, origin.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Drop one cached path, or everything.
+    Purge { path: Option<String> },
 }
 
 #[derive(Subcommand)]
@@ -124,6 +146,32 @@ fn real_main() -> Result<()> {
                     },
                 };
                 println!("{target}\t{answer}");
+            }
+            Ok(())
+        }
+        Command::Cache { action, admin, config } => {
+            let path = admin_path(admin, config)?;
+            match action {
+                CacheAction::List { json } => {
+                    let answer = admin::ask(&path, "cache list")?;
+                    if json {
+                        println!("{}", answer.trim());
+                    } else {
+                        let list: Vec<sluice::cache::Listed> =
+                            serde_json::from_str(&answer).context("reading the cache list")?;
+                        println!("{:<40} {:>9} {:>7} {:>9} {:>8}  origin", "path", "bytes", "age_s", "ttl_left", "hits");
+                        for e in list {
+                            println!("{:<40} {:>9} {:>7} {:>9} {:>8}  {}", e.path, e.bytes, e.age_s, e.ttl_left_s, e.hits, e.origin);
+                        }
+                    }
+                }
+                CacheAction::Purge { path: p } => {
+                    let command = match p {
+                        Some(p) => format!("cache purge {p}"),
+                        None => "cache purge".to_owned(),
+                    };
+                    print!("{}", admin::ask(&path, &command)?);
+                }
             }
             Ok(())
         }

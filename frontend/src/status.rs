@@ -13,6 +13,8 @@ pub struct Status {
     pub fallbacks: BTreeMap<String, u64>,
     pub dispatcher: DispatcherStatus,
     pub kernel: KernelStatus,
+    #[serde(default)]
+    pub cache: crate::cache::CacheStats,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -52,6 +54,9 @@ pub struct DispatcherStatus {
     /// Unrouted connections dropped to stay within `limits.max_pending`.
     #[serde(default)]
     pub dropped_pending: u64,
+    /// Connections workers handed back for a request routed elsewhere.
+    #[serde(default)]
+    pub handed_back: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -62,6 +67,9 @@ pub struct KernelStatus {
     pub syn_cookies: u64,
     /// First-segment mode: handshake ACKs dropped by the ack gate.
     pub ack_gate_drops: u64,
+    /// Connections whose first request is a cached path, sent to the front end's cache.
+    #[serde(default)]
+    pub cache_steered: u64,
 }
 
 impl Status {
@@ -122,6 +130,10 @@ impl Status {
             "Requests the dispatcher refused, by status code.",
             self.dispatcher.refused.iter().map(|(k, v)| (format!("{{code=\"{k}\"}}"), *v)).collect(),
         );
+        family("sluice_cache_entries", "gauge", "Responses in the front-end cache.", vec![(String::new(), self.cache.entries as u64)]);
+        family("sluice_cache_bytes", "gauge", "Bytes in the front-end cache.", vec![(String::new(), self.cache.bytes as u64)]);
+        family("sluice_cache_hits_total", "counter", "Requests answered from the cache.", vec![(String::new(), self.cache.hits)]);
+        family("sluice_cache_misses_total", "counter", "Cache-eligible requests not in the cache.", vec![(String::new(), self.cache.misses)]);
         family("sluice_syn_cookies_total", "counter", "Data-less SYNs answered by cookie (first-segment mode).", vec![(String::new(), self.kernel.syn_cookies)]);
         family("sluice_ack_gate_drops_total", "counter", "Handshake ACKs dropped by the ack gate.", vec![(String::new(), self.kernel.ack_gate_drops)]);
         out
@@ -158,8 +170,12 @@ impl Status {
             self.dispatcher.dropped_pending
         ));
         out.push_str(&format!(
-            "kernel: program_runs={} syn_cookies={} ack_gate_drops={}\n",
-            self.kernel.program_runs, self.kernel.syn_cookies, self.kernel.ack_gate_drops
+            "kernel: program_runs={} syn_cookies={} ack_gate_drops={} cache_steered={}\n",
+            self.kernel.program_runs, self.kernel.syn_cookies, self.kernel.ack_gate_drops, self.kernel.cache_steered
+        ));
+        out.push_str(&format!(
+            "cache: entries={} bytes={} hits={} misses={}\n",
+            self.cache.entries, self.cache.bytes, self.cache.hits, self.cache.misses
         ));
         out
     }

@@ -13,7 +13,14 @@ use std::{
 pub enum Message {
     Pong { seq: u64, requests: Option<u64>, rss_kib: Option<u64> },
     Stats { requests: u64 },
+    /// `cache <ttl> <path>\n<response>`: the whole message, for the cache to parse.
+    Cache(Vec<u8>),
 }
+
+/// Largest control message (a cache publication of up to 256 KiB and its first line).
+const MAX_MESSAGE: usize = 300 * 1024;
+/// Socket buffers big enough for a few publications in flight.
+const BUFFER: i32 = 2 << 20;
 
 pub fn parse(text: &str) -> Option<Message> {
     let mut words = text.split_ascii_whitespace();
@@ -42,10 +49,16 @@ pub fn pair() -> io::Result<(OwnedFd, OwnedFd)> {
     }
     // SAFETY: both fds are new and owned by nothing else.
     let (ours, theirs) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-    // SAFETY: fcntl on our own fd.
+    // SAFETY: fcntl and setsockopt on our own fds, with a live i32.
     unsafe {
         let flags = libc::fcntl(ours.as_raw_fd(), libc::F_GETFL);
         libc::fcntl(ours.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK);
+        // As root the buffers may exceed the sysctl maximum: a 256 KiB publication must fit.
+        let size = (&BUFFER as *const i32).cast();
+        let len = std::mem::size_of::<i32>() as u32;
+        libc::setsockopt(theirs.as_raw_fd(), libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, size, len);
+        libc::setsockopt(ours.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, size, len);
+        libc::setsockopt(ours.as_raw_fd(), libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, size, len);
     }
     Ok((ours, theirs))
 }
@@ -59,7 +72,7 @@ pub fn send(fd: RawFd, text: &str) -> io::Result<()> {
 /// Everything waiting on `fd`; `Err` when the worker's end is closed.
 pub fn receive(fd: RawFd) -> io::Result<Vec<Message>> {
     let mut out = Vec::new();
-    let mut buf = [0u8; 512];
+    let mut buf = vec![0u8; MAX_MESSAGE];
     loop {
         // SAFETY: receives into a live buffer of the given size.
         let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
@@ -73,7 +86,12 @@ pub fn receive(fd: RawFd) -> io::Result<Vec<Message>> {
         if n == 0 {
             return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "control channel closed"));
         }
-        match std::str::from_utf8(&buf[..n as usize]).ok().and_then(parse) {
+        let msg = &buf[..n as usize];
+        if msg.starts_with(b"cache ") {
+            out.push(Message::Cache(msg.to_vec()));
+            continue;
+        }
+        match std::str::from_utf8(msg).ok().and_then(parse) {
             Some(m) => out.push(m),
             None => log::debug!("control: ignored {:?}", String::from_utf8_lossy(&buf[..n as usize])),
         }

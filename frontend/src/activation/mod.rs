@@ -129,6 +129,8 @@ pub struct PoolInfo {
 pub struct Supervisor {
     pools: Vec<Pool>,
     seq: u64,
+    /// Sent to every worker when it starts (the route table and the cached paths).
+    greeting: Vec<String>,
 }
 
 fn backoff(quick_exits: u32) -> Duration {
@@ -145,7 +147,7 @@ fn signal(pid: libc::pid_t, sig: i32) {
 
 impl Supervisor {
     pub fn new(pools: Vec<PoolLaunch>) -> io::Result<Supervisor> {
-        let mut s = Supervisor { pools: Vec::new(), seq: 0 };
+        let mut s = Supervisor { pools: Vec::new(), seq: 0, greeting: Vec::new() };
         for p in pools {
             s.add(p)?;
         }
@@ -241,18 +243,33 @@ impl Supervisor {
         out
     }
 
-    /// A watched fd is readable.
-    pub fn readable(&mut self, pool: usize, pid: libc::pid_t, now: Instant) {
-        let Some(p) = self.pools.get_mut(pool) else { return };
+    /// Sets what every worker is told when it starts, and tells the running ones now.
+    pub fn greet(&mut self, messages: Vec<String>) {
+        for p in &self.pools {
+            for w in p.workers.iter().filter(|w| w.retiring.is_none()) {
+                for m in &messages {
+                    if let Err(e) = control::send(w.control.as_raw_fd(), m) {
+                        log::warn!("pool {}: telling worker {}: {e}", p.name, w.pid);
+                    }
+                }
+            }
+        }
+        self.greeting = messages;
+    }
+
+    /// A watched fd is readable; returns the cache publications it carried.
+    pub fn readable(&mut self, pool: usize, pid: libc::pid_t, now: Instant) -> Vec<Vec<u8>> {
+        let mut published = Vec::new();
+        let Some(p) = self.pools.get_mut(pool) else { return published };
         if pid == 0 {
             if p.state == PoolState::Idle {
                 log::info!("pool {}: a connection is waiting; starting its workers", p.name);
                 p.state = PoolState::Running;
                 p.last_activity = now;
             }
-            return;
+            return published;
         }
-        let Some(w) = p.workers.iter_mut().find(|w| w.pid == pid) else { return };
+        let Some(w) = p.workers.iter_mut().find(|w| w.pid == pid) else { return published };
         match control::receive(w.control.as_raw_fd()) {
             Ok(messages) => {
                 for m in messages {
@@ -270,6 +287,7 @@ impl Supervisor {
                             w.rss_kib = rss_kib.unwrap_or(w.rss_kib);
                         }
                         control::Message::Stats { requests } => w.requests = requests,
+                        control::Message::Cache(raw) => published.push(raw),
                     }
                 }
             }
@@ -277,6 +295,7 @@ impl Supervisor {
                 // The worker closed its end: it is exiting; reap() will see it.
             }
         }
+        published
     }
 
     /// One step of every pool's state machine. `activity[i]`: a counter of pool i's
@@ -387,7 +406,7 @@ impl Supervisor {
             if fresh < wanted_fresh && now >= p.next_start {
                 for _ in fresh..wanted_fresh {
                     let restarts = p.vacated.pop().map(|r| r + 1).unwrap_or(0);
-                    if let Err(e) = Self::spawn(p, now, restarts, &mut self.seq) {
+                    if let Err(e) = Self::spawn(p, now, restarts, &mut self.seq, &self.greeting) {
                         log::error!("pool {}: cannot start a worker: {e}", p.name);
                         p.next_start = now + Duration::from_secs(1);
                         if Self::failure(p, now) {
@@ -402,8 +421,12 @@ impl Supervisor {
         events
     }
 
-    fn spawn(p: &mut Pool, now: Instant, restarts: u32, seq: &mut u64) -> io::Result<()> {
+    fn spawn(p: &mut Pool, now: Instant, restarts: u32, seq: &mut u64, greeting: &[String]) -> io::Result<()> {
         let (ours, theirs) = control::pair()?;
+        // Queued before the worker runs: it reads them when it starts.
+        for m in greeting {
+            control::send(ours.as_raw_fd(), m)?;
+        }
         let pid = p.launch.spawn(theirs.as_raw_fd())?;
         drop(theirs);
         log::info!("pool {}: started worker {pid}", p.name);

@@ -74,6 +74,53 @@ struct RawConfig {
     routes: Vec<RawRoute>,
     #[serde(default)]
     limits: RawLimits,
+    #[serde(default)]
+    cache: RawCache,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCache {
+    max_entry_bytes: Option<u64>,
+    max_total_bytes: Option<String>,
+    #[serde(default, rename = "static")]
+    statics: Vec<RawStatic>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStatic {
+    path: String,
+    file: PathBuf,
+    content_type: Option<String>,
+    ttl: Option<String>,
+}
+
+/// The front end's response cache (HTTP.sys's kernel cache); defaults are HTTP.sys's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheConfig {
+    /// Largest response kept (default 256 KiB).
+    pub max_entry_bytes: u64,
+    /// All responses kept together (default 64 MiB); the least recently used go first.
+    pub max_total_bytes: u64,
+    pub statics: Vec<StaticEntry>,
+}
+
+/// A response preloaded from a file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StaticEntry {
+    /// Canonical path it answers.
+    pub path: String,
+    pub file: PathBuf,
+    pub content_type: String,
+    /// Kept this long, then read again from the file.
+    pub ttl: Duration,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig { max_entry_bytes: 256 * 1024, max_total_bytes: 64 << 20, statics: Vec::new() }
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -269,6 +316,7 @@ pub struct Config {
     pub pools: Vec<Pool>,
     pub routes: Vec<Route>,
     pub limits: Limits,
+    pub cache: CacheConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -480,6 +528,54 @@ impl Config {
             }
         }
 
+        let mut cache = CacheConfig::default();
+        if let Some(n) = raw.cache.max_entry_bytes {
+            cache.max_entry_bytes = n;
+        }
+        if let Some(t) = &raw.cache.max_total_bytes {
+            match units::size(t) {
+                Ok(n) => cache.max_total_bytes = n,
+                Err(reason) => bad("cache.max_total_bytes".into(), reason),
+            }
+        }
+        if cache.max_entry_bytes > cache.max_total_bytes {
+            bad("cache.max_entry_bytes".into(), "is larger than cache.max_total_bytes".into());
+        }
+        for (i, st) in raw.cache.statics.iter().enumerate() {
+            let key = |k: &str| format!("cache.static[{i}].{k}");
+            let path = match crate::canonical::canonicalize(st.path.as_bytes()) {
+                Ok(c) if c == st.path => c,
+                _ => {
+                    bad(key("path"), format!("`{}` is not a canonical path", st.path));
+                    continue;
+                }
+            };
+            let file = if st.file.is_absolute() { st.file.clone() } else { base.join(&st.file) };
+            match std::fs::metadata(&file) {
+                Ok(m) if m.is_file() && m.len() <= cache.max_entry_bytes => {}
+                Ok(m) if m.is_file() => bad(key("file"), format!("`{}` is larger than cache.max_entry_bytes", file.display())),
+                _ => bad(key("file"), format!("`{}` is not a readable file", file.display())),
+            }
+            let ttl = match st.ttl.as_deref().map(units::duration) {
+                None => Duration::from_secs(3600),
+                Some(Ok(d)) if !d.is_zero() => d,
+                Some(Ok(_)) => {
+                    bad(key("ttl"), "must be more than 0".into());
+                    continue;
+                }
+                Some(Err(reason)) => {
+                    bad(key("ttl"), reason);
+                    continue;
+                }
+            };
+            if cache.statics.iter().any(|s: &StaticEntry| s.path == path) {
+                bad(key("path"), format!("`{path}` is listed twice"));
+                continue;
+            }
+            let content_type = st.content_type.clone().unwrap_or_else(|| "application/octet-stream".into());
+            cache.statics.push(StaticEntry { path, file, content_type, ttl });
+        }
+
         if !problems.is_empty() {
             return Err(ConfigError::Invalid { path: path.to_owned(), problems });
         }
@@ -493,6 +589,7 @@ impl Config {
             pools,
             routes,
             limits,
+            cache,
         })
     }
 

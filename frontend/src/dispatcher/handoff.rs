@@ -28,6 +28,10 @@ pub fn send(channel: RawFd, conn: RawFd, bytes: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
+/// Largest handoff message: a request head, or what a worker hands back (it answers 503
+/// instead of handing back more).
+pub const MAX_MESSAGE: usize = 256 * 1024;
+
 /// Room to receive one handoff message (the dispatcher drains a stopped pool's channel).
 pub struct Incoming {
     msg: libc::msghdr,
@@ -39,7 +43,7 @@ pub struct Incoming {
 impl Incoming {
     pub fn new() -> Incoming {
         // SAFETY: msghdr and iovec are plain data; all-zero is valid and filled in by recv().
-        unsafe { Incoming { msg: std::mem::zeroed(), iov: std::mem::zeroed(), buf: vec![0; 65536], control: [0; 8] } }
+        unsafe { Incoming { msg: std::mem::zeroed(), iov: std::mem::zeroed(), buf: vec![0; MAX_MESSAGE], control: [0; 8] } }
     }
 
     /// A RecvMsg for `channel`; `self` must stay put (it is boxed) until it completes.
@@ -57,6 +61,16 @@ impl Incoming {
             .flags(libc::MSG_CMSG_CLOEXEC as u32)
             .build()
             .user_data(user_data)
+    }
+
+    /// The first `n` bytes of the last message.
+    pub fn bytes(&self, n: usize) -> &[u8] {
+        &self.buf[..n.min(self.buf.len())]
+    }
+
+    /// The last message did not fit.
+    pub fn truncated(&self) -> bool {
+        self.msg.msg_flags & libc::MSG_TRUNC != 0
     }
 
     /// The connection fd the last message carried.

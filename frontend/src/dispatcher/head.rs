@@ -28,7 +28,36 @@ pub enum Decision {
 
 const MAX_HEADERS: usize = 128;
 
+/// A request the cache may answer: `GET`/`HEAD` without query, body, `Authorization` or
+/// `Range`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheQuery {
+    pub path: String,
+    pub head_only: bool,
+}
+
+/// Everything the dispatcher learns from a complete head.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Inspection {
+    pub decision: Decision,
+    /// Bytes of the head (the request ends there when it has no body).
+    pub head_len: usize,
+    pub cache: Option<CacheQuery>,
+    /// The client wants the connection closed after this answer.
+    pub close: bool,
+}
+
 pub fn decide(buf: &[u8], limits: &Limits, routes: &RouteTable) -> Decision {
+    inspect(buf, limits, routes).decision
+}
+
+pub fn inspect(buf: &[u8], limits: &Limits, routes: &RouteTable) -> Inspection {
+    let mut out = Inspection { decision: Decision::NeedMore, head_len: 0, cache: None, close: true };
+    out.decision = decide_into(buf, limits, routes, &mut out);
+    out
+}
+
+fn decide_into(buf: &[u8], limits: &Limits, routes: &RouteTable, out: &mut Inspection) -> Decision {
     // The request line is the method, the URL and the version: longer than the URL limit
     // plus room for those is a URL over the limit, whatever else is wrong.
     let line_len = buf.windows(2).position(|w| w == b"\r\n").unwrap_or(buf.len());
@@ -45,6 +74,7 @@ pub fn decide(buf: &[u8], limits: &Limits, routes: &RouteTable) -> Decision {
     if head_end > limits.max_request_head {
         return Decision::Refuse(431, "the request head is too large");
     }
+    out.head_len = head_end;
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
     let target = match req.parse(&buf[..head_end]) {
@@ -64,6 +94,22 @@ pub fn decide(buf: &[u8], limits: &Limits, routes: &RouteTable) -> Decision {
         Ok(p) => p,
         Err(_) => return Decision::Refuse(400, "the request URL is not valid"),
     };
+    let header = |name: &str| req.headers.iter().find(|h| h.name.eq_ignore_ascii_case(name)).map(|h| h.value);
+    let has = |name: &str, word: &str| {
+        header(name).is_some_and(|v| String::from_utf8_lossy(v).split(',').any(|t| t.trim().eq_ignore_ascii_case(word)))
+    };
+    out.close = if req.version == Some(0) { !has("connection", "keep-alive") } else { has("connection", "close") };
+    let method = req.method.unwrap_or("");
+    let no_body = header("transfer-encoding").is_none()
+        && header("content-length").is_none_or(|v| v.iter().all(|b| *b == b'0' || *b == b' '));
+    if (method == "GET" || method == "HEAD")
+        && !target.contains('?')
+        && no_body
+        && header("authorization").is_none()
+        && header("range").is_none()
+    {
+        out.cache = Some(CacheQuery { path: path.clone(), head_only: method == "HEAD" });
+    }
     match routes.lookup(&path) {
         Some(pool) => Decision::Pool(pool),
         None => Decision::Refuse(400, "no application is configured for this URL"),

@@ -4,6 +4,7 @@
 //!
 //! Data flows one way: config -> route table -> kernel maps and sockets -> workers.
 
+mod cache;
 mod pools;
 mod reload;
 mod signals;
@@ -49,7 +50,10 @@ struct Frontend {
     stats: Arc<DispatchStats>,
     flags: Arc<PoolFlags>,
     table: Arc<SharedTable>,
+    cache: Arc<std::sync::Mutex<crate::cache::Cache>>,
     kernel_flags: Vec<u32>,
+    /// The `routes` control message every worker gets.
+    routes_message: String,
     stop: OwnedFd,
     wake: OwnedFd,
     dispatch_thread: Option<JoinHandle<std::io::Result<()>>>,
@@ -102,7 +106,9 @@ pub fn run(config: Config) -> Result<()> {
         let now = Instant::now();
         for (pfd, &(_, pool, pid)) in fds[2..].iter().zip(&watched) {
             if pfd.revents != 0 {
-                fe.supervisor.readable(pool, pid, now);
+                for raw in fe.supervisor.readable(pool, pid, now) {
+                    fe.publish(&raw, now);
+                }
             }
         }
         fe.step(now)?;
@@ -158,13 +164,16 @@ impl Frontend {
             stats,
             flags,
             table,
+            cache: Arc::new(std::sync::Mutex::new(crate::cache::Cache::new(&config.cache))),
             kernel_flags: vec![0; MAX_POOLS as usize],
+            routes_message: String::new(),
             stop,
             wake,
             dispatch_thread: None,
             restore,
         };
         let ids: Vec<usize> = config.pools.iter().map(|p| fe.add_pool(p)).collect::<Result<_>>()?;
+        fe.load_statics()?;
         fe.install_routes(&config, &ids)?;
         if config.steering == Mode::FirstSegment {
             let ifaces = steering::interfaces_for(&config.listen)?;
@@ -186,6 +195,8 @@ impl Frontend {
             stop: fe.stop.as_raw_fd(),
             flags: fe.flags.clone(),
             wake: fe.wake.as_raw_fd(),
+            cache: fe.cache.clone(),
+            idle_timeout: config.limits.idle_timeout,
         };
         fe.dispatch_thread = Some(
             std::thread::Builder::new()
@@ -211,6 +222,13 @@ impl Frontend {
         let routes: Vec<(String, usize)> = config.routes.iter().map(|r| (r.prefix.clone(), ids[r.pool])).collect();
         let kernel: Vec<(String, u32)> = routes.iter().map(|(p, id)| (p.clone(), *id as u32)).collect();
         self.steering.set_routes(&kernel)?;
+        // Workers hand back requests that route elsewhere: they get the table too.
+        let mut text = String::from("routes\n");
+        for r in &config.routes {
+            text.push_str(&format!("{} {}\n", r.prefix, config.pools[r.pool].name));
+        }
+        self.routes_message = text;
+        self.greet_workers();
         let table = dispatcher::Table {
             routes: crate::route::RouteTable::new(routes),
             pools: self.pools.iter().map(|p| p.removed.is_none().then(|| p.entry())).collect(),
@@ -273,6 +291,7 @@ impl Frontend {
             }
         }
         self.finish_removals();
+        self.expire_cache(now)?;
         Ok(())
     }
 
@@ -281,6 +300,9 @@ impl Frontend {
         match words.as_slice() {
             ["status"] => serde_json::to_string(&self.status()).unwrap_or_else(|e| format!("error: {e}")),
             ["metrics"] => self.status().prometheus(),
+            ["cache", "list"] => self.cache_list(),
+            ["cache", "purge"] => self.cache_purge(None),
+            ["cache", "purge", path] => self.cache_purge(Some(path)),
             ["reload"] => match self.reload() {
                 Ok(summary) => summary,
                 Err(e) => {
@@ -305,7 +327,7 @@ impl Frontend {
                 Ok(n) => format!("pool {name}: recycling {n} worker(s)\n"),
                 Err(e) => format!("error: {e}"),
             },
-            _ => format!("error: unknown command `{command}` (known: status, metrics, reload, pool start NAME, pool recycle NAME)"),
+            _ => format!("error: unknown command `{command}` (known: status, metrics, reload, pool start NAME, pool recycle NAME, cache list, cache purge [PATH])"),
         }
     }
 

@@ -55,12 +55,15 @@ impl Frontend {
                 refused: self.stats.refused.iter().map(|(c, n)| (c.to_string(), n.load(Relaxed))).collect::<BTreeMap<_, _>>(),
                 header_timeouts: self.stats.timeouts.load(Relaxed),
                 dropped_pending: self.stats.dropped.load(Relaxed),
+                handed_back: self.stats.handed_back.load(Relaxed),
             },
             kernel: KernelStatus {
                 program_runs: counters.get(counter::RUNS),
                 syn_cookies: counters.get(counter::SYN_COOKIE),
                 ack_gate_drops: counters.get(counter::ACK_GATE_DROPS),
+                cache_steered: counters.get(counter::CACHED),
             },
+            cache: self.lock_cache().stats(),
         }
     }
 }

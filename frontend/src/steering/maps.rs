@@ -122,3 +122,29 @@ pub(super) fn reset_counter(ebpf: &mut Ebpf, index: u32) -> Result<(), SteeringE
     })?;
     array.set(index, zeros, 0).map_err(map_error(format!("COUNTERS[{index}]")))
 }
+
+/// The kernel's key for a cached path: like a route key's data (the path, then `/`), zero
+/// padded. Paths too long for it are not steered to the cache (the dispatcher still answers
+/// them when their connection reaches it).
+pub(super) fn cached_key(path: &str) -> Option<[u8; MAX_PREFIX]> {
+    if path.len() + 1 > MAX_PREFIX {
+        return None;
+    }
+    let mut data = [0u8; MAX_PREFIX];
+    data[..path.len()].copy_from_slice(path.as_bytes());
+    data[path.len()] = b'/';
+    Some(data)
+}
+
+pub(super) fn set_cached(ebpf: &mut Ebpf, path: &str, cached: bool) -> Result<(), SteeringError> {
+    let Some(key) = cached_key(path) else { return Ok(()) };
+    let mut map: HashMap<_, [u8; MAX_PREFIX], u8> = map(ebpf, "CACHED")?.try_into().map_err(map_error("CACHED"))?;
+    if cached {
+        map.insert(key, 1, 0).map_err(map_error(format!("CACHED[{path}]")))
+    } else {
+        match map.remove(&key) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(map_error(format!("CACHED[{path}]"))(e)),
+        }
+    }
+}

@@ -142,6 +142,11 @@ impl Steering {
         self.groups.iter_mut().try_for_each(|e| maps::clear_routes(e, old))
     }
 
+    /// Steers connections whose first request is `path` to the dispatcher (its cache), or not.
+    pub fn set_cached(&mut self, path: &str, cached: bool) -> Result<(), SteeringError> {
+        self.groups.iter_mut().try_for_each(|e| maps::set_cached(e, path, cached))
+    }
+
     /// Zeroes a pool's kernel counter (a pool id that is used again).
     pub fn reset_pool_counter(&mut self, pool: u32) -> Result<(), SteeringError> {
         self.groups.iter_mut().try_for_each(|e| maps::reset_counter(e, sluice_common::counter::POOL_BASE + pool))

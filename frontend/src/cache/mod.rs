@@ -1,0 +1,325 @@
+//! The front end's response cache (HTTP.sys's kernel-mode cache): complete responses to
+//! `GET`/`HEAD` without query, kept by canonical path, answered by the dispatcher without
+//! touching a worker. Filled by workers' publications (responses marked `Cache-Control:
+//! public` with a max-age) and by static entries from the config; bounded per entry and in
+//! total, least recently used first out; every answer gets a fresh `Date` and an `Age`.
+
+mod publication;
+
+use std::{
+    collections::HashMap,
+    time::{Duration, Instant, SystemTime},
+};
+
+pub use publication::{Publication, parse as parse_publication};
+
+use crate::config::{CacheConfig, StaticEntry};
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CacheError {
+    #[error("the response is {0} bytes, more than cache.max_entry_bytes")]
+    TooLarge(usize),
+    #[error("malformed publication: {0}")]
+    Malformed(&'static str),
+}
+
+/// Where an entry came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    Worker,
+    Static,
+}
+
+#[derive(Debug, Clone)]
+struct Entry {
+    /// Status line and headers, each ending in CRLF, without Date, Age, Connection and
+    /// Content-Length (added per answer).
+    head: Vec<u8>,
+    body: Vec<u8>,
+    stored: Instant,
+    expires: Instant,
+    last_used: u64,
+    hits: u64,
+    origin: Origin,
+}
+
+impl Entry {
+    fn size(&self) -> usize {
+        self.head.len() + self.body.len()
+    }
+}
+
+/// What `sluice cache list` shows of an entry.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Listed {
+    pub path: String,
+    pub bytes: usize,
+    pub age_s: u64,
+    pub ttl_left_s: u64,
+    pub hits: u64,
+    pub origin: String,
+}
+
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct CacheStats {
+    pub entries: usize,
+    pub bytes: usize,
+    pub hits: u64,
+    pub misses: u64,
+}
+
+pub struct Cache {
+    entries: HashMap<String, Entry>,
+    total: usize,
+    max_entry: usize,
+    max_total: usize,
+    clock: u64,
+    hits: u64,
+    misses: u64,
+    statics: Vec<StaticEntry>,
+}
+
+impl Cache {
+    pub fn new(config: &CacheConfig) -> Cache {
+        Cache {
+            entries: HashMap::new(),
+            total: 0,
+            max_entry: config.max_entry_bytes as usize,
+            max_total: config.max_total_bytes as usize,
+            clock: 0,
+            hits: 0,
+            misses: 0,
+            statics: config.statics.clone(),
+        }
+    }
+
+    /// Loads (or reloads) the static entries from their files; returns the paths stored.
+    pub fn load_statics(&mut self, now: Instant) -> Vec<String> {
+        let mut stored = Vec::new();
+        for st in self.statics.clone() {
+            match std::fs::read(&st.file) {
+                Ok(body) => {
+                    let head = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: {}\r\nCache-Control: public, max-age={}\r\nServer: sluice\r\n",
+                        st.content_type,
+                        st.ttl.as_secs()
+                    );
+                    match self.insert(&st.path, head.into_bytes(), body, st.ttl, Origin::Static, now) {
+                        Ok(()) => stored.push(st.path.clone()),
+                        Err(e) => log::warn!("cache: static {}: {e}", st.path),
+                    }
+                }
+                Err(e) => log::warn!("cache: static {} from {}: {e}", st.path, st.file.display()),
+            }
+        }
+        stored
+    }
+
+    /// Stores a response; evicts the least recently used entries to make room.
+    pub fn insert(
+        &mut self,
+        path: &str,
+        head: Vec<u8>,
+        body: Vec<u8>,
+        ttl: Duration,
+        origin: Origin,
+        now: Instant,
+    ) -> Result<(), CacheError> {
+        let size = head.len() + body.len();
+        if size > self.max_entry || size > self.max_total {
+            return Err(CacheError::TooLarge(size));
+        }
+        self.remove(path);
+        while self.total + size > self.max_total {
+            let Some(victim) = self.entries.iter().min_by_key(|(_, e)| e.last_used).map(|(k, _)| k.clone()) else {
+                break;
+            };
+            log::debug!("cache: evicting {victim}");
+            self.remove(&victim);
+        }
+        self.clock += 1;
+        self.total += size;
+        self.entries.insert(
+            path.to_owned(),
+            Entry { head, body, stored: now, expires: now + ttl, last_used: self.clock, hits: 0, origin },
+        );
+        Ok(())
+    }
+
+    fn remove(&mut self, path: &str) -> bool {
+        match self.entries.remove(path) {
+            Some(e) => {
+                self.total -= e.size();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The full answer for `path`, if cached and fresh: counts a hit or a miss.
+    pub fn answer(&mut self, path: &str, now: Instant, head_only: bool, close: bool) -> Option<Vec<u8>> {
+        self.clock += 1;
+        let clock = self.clock;
+        let Some(e) = self.entries.get_mut(path).filter(|e| e.expires > now) else {
+            self.misses += 1;
+            return None;
+        };
+        e.last_used = clock;
+        e.hits += 1;
+        self.hits += 1;
+        let age = now.duration_since(e.stored).as_secs();
+        let mut out = Vec::with_capacity(e.head.len() + e.body.len() + 128);
+        out.extend_from_slice(&e.head);
+        out.extend_from_slice(format!("Date: {}\r\nAge: {age}\r\nContent-Length: {}\r\n", http_date(SystemTime::now()), e.body.len()).as_bytes());
+        if close {
+            out.extend_from_slice(b"Connection: close\r\n");
+        }
+        out.extend_from_slice(b"\r\n");
+        if !head_only {
+            out.extend_from_slice(&e.body);
+        }
+        Some(out)
+    }
+
+    pub fn contains(&self, path: &str) -> bool {
+        self.entries.contains_key(path)
+    }
+
+    /// Drops expired entries; returns their paths. Expired static entries are read again.
+    pub fn expire(&mut self, now: Instant) -> (Vec<String>, Vec<String>) {
+        let gone: Vec<(String, Origin)> =
+            self.entries.iter().filter(|(_, e)| e.expires <= now).map(|(k, e)| (k.clone(), e.origin.clone())).collect();
+        let mut removed = Vec::new();
+        let mut reloaded = Vec::new();
+        let statics: Vec<StaticEntry> = self.statics.clone();
+        for (path, origin) in gone {
+            self.remove(&path);
+            if origin == Origin::Static {
+                if let Some(st) = statics.iter().find(|s| s.path == path) {
+                    let keep = std::mem::take(&mut self.statics);
+                    self.statics = vec![st.clone()];
+                    let ok = !self.load_statics(now).is_empty();
+                    self.statics = keep;
+                    if ok {
+                        reloaded.push(path);
+                        continue;
+                    }
+                }
+            }
+            removed.push(path);
+        }
+        (removed, reloaded)
+    }
+
+    /// Removes one entry, or all; returns the paths removed.
+    pub fn purge(&mut self, path: Option<&str>) -> Vec<String> {
+        let paths: Vec<String> = match path {
+            Some(p) => self.entries.keys().filter(|k| *k == p).cloned().collect(),
+            None => self.entries.keys().cloned().collect(),
+        };
+        for p in &paths {
+            self.remove(p);
+        }
+        paths
+    }
+
+    pub fn paths(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.entries.keys().cloned().collect();
+        v.sort();
+        v
+    }
+
+    pub fn list(&self, now: Instant) -> Vec<Listed> {
+        let mut v: Vec<Listed> = self
+            .entries
+            .iter()
+            .map(|(k, e)| Listed {
+                path: k.clone(),
+                bytes: e.size(),
+                age_s: now.duration_since(e.stored).as_secs(),
+                ttl_left_s: e.expires.saturating_duration_since(now).as_secs(),
+                hits: e.hits,
+                origin: match e.origin {
+                    Origin::Worker => "worker".into(),
+                    Origin::Static => "static".into(),
+                },
+            })
+            .collect();
+        v.sort_by(|a, b| a.path.cmp(&b.path));
+        v
+    }
+
+    pub fn stats(&self) -> CacheStats {
+        CacheStats { entries: self.entries.len(), bytes: self.total, hits: self.hits, misses: self.misses }
+    }
+}
+
+/// An IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`).
+pub fn http_date(t: SystemTime) -> String {
+    let secs = t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let days = secs / 86400;
+    let (h, m, s) = ((secs % 86400) / 3600, (secs % 3600) / 60, secs % 60);
+    let weekday = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"][(days % 7) as usize];
+    // Civil from days (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let mon = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"][(month - 1) as usize];
+    format!("{weekday}, {day:02} {mon} {year} {h:02}:{m:02}:{s:02} GMT")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cache(max_entry: u64, max_total: u64) -> Cache {
+        Cache::new(&CacheConfig { max_entry_bytes: max_entry, max_total_bytes: max_total, statics: vec![] })
+    }
+
+    #[test]
+    fn answers_fresh_entries_with_date_age_and_length() {
+        let mut c = cache(1000, 10_000);
+        let t0 = Instant::now();
+        c.insert("/a", b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n".to_vec(), b"hello".to_vec(), Duration::from_secs(10), Origin::Worker, t0)
+            .unwrap();
+        let out = String::from_utf8(c.answer("/a", t0 + Duration::from_secs(3), false, false).unwrap()).unwrap();
+        assert!(out.starts_with("HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nDate: "), "{out}");
+        assert!(out.contains("\r\nAge: 3\r\nContent-Length: 5\r\n\r\nhello"), "{out}");
+        let head = String::from_utf8(c.answer("/a", t0, true, true).unwrap()).unwrap();
+        assert!(head.ends_with("Connection: close\r\n\r\n"), "{head}");
+        assert!(c.answer("/a", t0 + Duration::from_secs(11), false, false).is_none(), "expired");
+        assert!(c.answer("/b", t0, false, false).is_none());
+        assert_eq!((c.stats().hits, c.stats().misses), (2, 2));
+    }
+
+    #[test]
+    fn evicts_least_recently_used_and_refuses_oversized() {
+        let mut c = cache(100, 250);
+        let t0 = Instant::now();
+        let ttl = Duration::from_secs(60);
+        for p in ["/1", "/2"] {
+            c.insert(p, vec![b'h'; 20], vec![b'b'; 80], ttl, Origin::Worker, t0).unwrap();
+        }
+        c.answer("/1", t0, false, false);
+        c.insert("/3", vec![b'h'; 20], vec![b'b'; 80], ttl, Origin::Worker, t0).unwrap();
+        assert_eq!(c.paths(), ["/1", "/3"], "the least recently used went");
+        assert_eq!(
+            c.insert("/4", vec![], vec![0; 101], ttl, Origin::Worker, t0),
+            Err(CacheError::TooLarge(101))
+        );
+        assert_eq!(c.stats().bytes, 200);
+        assert_eq!(c.purge(None).len(), 2);
+        assert_eq!(c.stats().bytes, 0);
+    }
+
+    #[test]
+    fn http_date_is_imf_fixdate() {
+        assert_eq!(http_date(SystemTime::UNIX_EPOCH + Duration::from_secs(784_111_777)), "Sun, 06 Nov 1994 08:49:37 GMT");
+    }
+}

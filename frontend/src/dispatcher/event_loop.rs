@@ -1,0 +1,588 @@
+//! The dispatcher's io_uring loop. Connections come from the dispatcher sockets (what the
+//! kernel did not steer, or steered here for the cache), from workers handing a connection
+//! back (a later request for another pool or the cache), and — while a pool is stopped — from
+//! that pool's queues (answered 503). Each one is read until its request head is complete,
+//! then answered from the cache (the connection stays open for the next request), handed to
+//! its pool with the bytes already read, or refused.
+
+use std::{
+    collections::VecDeque,
+    io,
+    os::fd::RawFd,
+    sync::{Arc, atomic::Ordering},
+    time::{Duration, Instant},
+};
+
+use io_uring::{IoUring, cqueue, opcode, squeue, types};
+use sluice_common::MAX_POOLS;
+
+use super::{
+    Dispatcher, PoolFlags, Table, handoff,
+    head::{self, Decision},
+    reply,
+};
+
+const RING_ENTRIES: u32 = 1024;
+/// How long a connection we answered and close may take to close its side.
+const LINGER: Duration = Duration::from_secs(2);
+const TICK: Duration = Duration::from_secs(1);
+
+// user_data: op << 32 | index
+const OP_ACCEPT: u64 = 1;
+const OP_RECV: u64 = 2;
+const OP_SEND: u64 = 3;
+const OP_LINGER: u64 = 4;
+const OP_LINGER_TIMEOUT: u64 = 5;
+const OP_TICK: u64 = 6;
+const OP_STOP: u64 = 7;
+const OP_WAKE: u64 = 8;
+/// index: pool << 8 | listener
+const OP_DRAIN_ACCEPT: u64 = 9;
+/// index: pool
+const OP_DRAIN_HANDOFF: u64 = 10;
+const OP_CANCEL: u64 = 11;
+/// index: pool
+const OP_HANDBACK: u64 = 12;
+
+fn ud(op: u64, index: usize) -> u64 {
+    op << 32 | index as u64
+}
+
+enum State {
+    /// Waiting for a complete request head (unrouted).
+    Reading,
+    /// Sending `reply`; then keep the connection (having consumed `consumed` bytes) or close.
+    Replying { keep: Option<usize> },
+    Lingering,
+}
+
+struct Conn {
+    fd: RawFd,
+    buf: Vec<u8>,
+    filled: usize,
+    state: State,
+    deadline: Instant,
+    reply: Vec<u8>,
+    sent: usize,
+    /// Operations in flight; the slot is freed only when none are.
+    inflight: u32,
+    /// Tells this connection from an earlier one in the same slot.
+    serial: u64,
+    /// Counted among the unrouted connections (see `max_pending`).
+    counted: bool,
+    /// Dropped to make room (see `max_pending`).
+    dropped: bool,
+    /// The lingering read is over; close when the linked timeout completes.
+    done: bool,
+}
+
+pub struct Loop {
+    d: Dispatcher,
+    ring: IoUring,
+    conns: Vec<Option<Conn>>,
+    free: Vec<usize>,
+    pending: Vec<squeue::Entry>,
+    tick: Box<types::Timespec>,
+    linger: Box<types::Timespec>,
+    stop_buf: Box<[u8; 8]>,
+    wake_buf: Box<[u8; 8]>,
+    generation: u64,
+    table: Arc<Table>,
+    draining: Vec<bool>,
+    drained_listeners: Vec<usize>,
+    drain_msgs: Vec<Box<handoff::Incoming>>,
+    handback_armed: Vec<bool>,
+    handback_msgs: Vec<Box<handoff::Incoming>>,
+    /// Unrouted connections in arrival order: (slot, serial); stale entries are skipped.
+    order: VecDeque<(usize, u64)>,
+    next_serial: u64,
+    /// Unrouted connections, and those of them dropped but not yet closed.
+    reading: usize,
+    dropping: usize,
+    buf_len: usize,
+}
+
+impl Loop {
+    pub fn new(d: Dispatcher) -> io::Result<Loop> {
+        let ring = IoUring::builder().setup_coop_taskrun().build(RING_ENTRIES)?;
+        let (generation, table) = d.table.current();
+        d.table.seen.store(generation, Ordering::Release);
+        let pools = MAX_POOLS as usize;
+        let buf_len = d.limits.max_request_head.max(d.limits.max_url + 64) + 1;
+        Ok(Loop {
+            ring,
+            conns: Vec::new(),
+            free: Vec::new(),
+            pending: Vec::new(),
+            tick: Box::new(types::Timespec::from(TICK)),
+            linger: Box::new(types::Timespec::from(LINGER)),
+            stop_buf: Box::new([0; 8]),
+            wake_buf: Box::new([0; 8]),
+            generation,
+            table,
+            draining: vec![false; pools],
+            drained_listeners: vec![0; pools],
+            drain_msgs: (0..pools).map(|_| Box::new(handoff::Incoming::new())).collect(),
+            handback_armed: vec![false; pools],
+            handback_msgs: (0..pools).map(|_| Box::new(handoff::Incoming::new())).collect(),
+            order: VecDeque::new(),
+            next_serial: 0,
+            reading: 0,
+            dropping: 0,
+            buf_len,
+            d,
+        })
+    }
+
+    pub fn run(mut self) -> io::Result<()> {
+        for (i, &fd) in self.d.listeners.clone().iter().enumerate() {
+            self.pending.push(accept(fd, OP_ACCEPT, i));
+        }
+        self.pending.push(opcode::Timeout::new(&*self.tick).build().user_data(ud(OP_TICK, 0)));
+        self.pending.push(opcode::Read::new(types::Fd(self.d.stop), self.stop_buf.as_mut_ptr(), 8).build().user_data(ud(OP_STOP, 0)));
+        self.arm_wake();
+        self.table_changed();
+        loop {
+            self.submit()?;
+            let cqes: Vec<(u64, i32, u32)> =
+                self.ring.completion().map(|c: cqueue::Entry| (c.user_data(), c.result(), c.flags())).collect();
+            let (g, t) = self.d.table.current();
+            if g != self.generation {
+                (self.generation, self.table) = (g, t);
+                self.d.table.seen.store(g, Ordering::Release);
+                self.table_changed();
+            }
+            for (user_data, res, flags) in cqes {
+                let (op, index) = (user_data >> 32, (user_data & 0xffff_ffff) as usize);
+                match op {
+                    OP_STOP => return Ok(()),
+                    OP_TICK => self.on_tick(),
+                    OP_WAKE => {
+                        self.arm_wake();
+                        self.table_changed();
+                    }
+                    OP_ACCEPT => self.on_accept(index, res, flags),
+                    OP_DRAIN_ACCEPT => self.on_drain_accept(index, res, flags),
+                    OP_DRAIN_HANDOFF => self.on_drain_handoff(index, res),
+                    OP_HANDBACK => self.on_handback(index, res),
+                    OP_RECV => self.on_recv(index, res),
+                    OP_SEND => self.on_send(index, res),
+                    OP_LINGER => self.on_linger(index, res),
+                    OP_LINGER_TIMEOUT => self.on_linger_timeout(index),
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    fn submit(&mut self) -> io::Result<()> {
+        {
+            let mut sq = self.ring.submission();
+            for e in self.pending.drain(..) {
+                // SAFETY: every buffer an entry points at is owned by this loop and stays put
+                // until its completion: connection buffers (heap storage not touched while an
+                // operation is in flight), the boxed messages, timespecs and eventfd buffers.
+                while unsafe { sq.push(&e) }.is_err() {
+                    drop(sq);
+                    self.ring.submit()?;
+                    sq = self.ring.submission();
+                }
+            }
+        }
+        match self.ring.submit_and_wait(1) {
+            Ok(_) => Ok(()),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EBUSY)) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn arm_wake(&mut self) {
+        self.pending.push(opcode::Read::new(types::Fd(self.d.wake), self.wake_buf.as_mut_ptr(), 8).build().user_data(ud(OP_WAKE, 0)));
+    }
+
+    /// Brings the per-pool operations in line with the table and the pool flags: hand-back
+    /// reads for every pool, queue draining for stopped ones.
+    fn table_changed(&mut self) {
+        for p in 0..MAX_POOLS as usize {
+            let entry = self.table.pools.get(p).and_then(Option::as_ref).cloned();
+            // Hand-backs from the pool's workers arrive on the front end's end of its channel.
+            match (&entry, self.handback_armed[p]) {
+                (Some(e), false) => {
+                    self.pending.push(self.handback_msgs[p].recv(e.handoff, ud(OP_HANDBACK, p)));
+                    self.handback_armed[p] = true;
+                }
+                (None, true) => {
+                    self.pending.push(cancel(ud(OP_HANDBACK, p)));
+                    self.handback_armed[p] = false;
+                }
+                _ => {}
+            }
+            let stopped = entry.is_some() && self.d.flags.get(p) & PoolFlags::STOPPED != 0;
+            if let (true, false, Some(q)) = (stopped, self.draining[p], &entry) {
+                // Connections already queued for a stopped pool get 503 too.
+                log::info!("dispatcher: answering pool {p}'s queue with 503 while it is stopped");
+                for (j, &fd) in q.listeners.iter().enumerate() {
+                    self.pending.push(accept(fd, OP_DRAIN_ACCEPT, p << 8 | j));
+                }
+                self.pending.push(self.drain_msgs[p].recv(q.handoff_workers, ud(OP_DRAIN_HANDOFF, p)));
+                self.draining[p] = true;
+                self.drained_listeners[p] = q.listeners.len();
+            } else if !stopped && self.draining[p] {
+                for j in 0..self.drained_listeners[p] {
+                    self.pending.push(cancel(ud(OP_DRAIN_ACCEPT, p << 8 | j)));
+                }
+                self.pending.push(cancel(ud(OP_DRAIN_HANDOFF, p)));
+                self.draining[p] = false;
+            }
+        }
+    }
+
+    fn on_tick(&mut self) {
+        let now = Instant::now();
+        for c in self.conns.iter_mut().flatten() {
+            if !matches!(c.state, State::Lingering) && now > c.deadline {
+                if matches!(c.state, State::Reading) {
+                    self.d.stats.timeouts.fetch_add(1, Ordering::Relaxed);
+                }
+                // Ends the pending operation (a read returns 0); the normal path closes.
+                // SAFETY: shutdown on a connection we own.
+                unsafe { libc::shutdown(c.fd, libc::SHUT_RDWR) };
+            }
+        }
+        self.pending.push(opcode::Timeout::new(&*self.tick).build().user_data(ud(OP_TICK, 0)));
+    }
+
+    fn insert(&mut self, fd: RawFd, bytes: &[u8]) -> usize {
+        let mut buf = vec![0; self.buf_len.max(bytes.len() + 1)];
+        buf[..bytes.len()].copy_from_slice(bytes);
+        let conn = Conn {
+            fd,
+            buf,
+            filled: bytes.len(),
+            state: State::Reading,
+            deadline: Instant::now() + self.d.header_timeout,
+            reply: Vec::new(),
+            sent: 0,
+            inflight: 0,
+            serial: 0,
+            counted: false,
+            dropped: false,
+            done: false,
+        };
+        let slot = self.free.pop().unwrap_or_else(|| {
+            self.conns.push(None);
+            self.conns.len() - 1
+        });
+        self.conns[slot] = Some(conn);
+        slot
+    }
+
+    /// A new unrouted connection: bounded, so slow clients cannot hold every slot; the oldest
+    /// unrouted connection makes room (its pending read ends and it is closed).
+    fn admit(&mut self, fd: RawFd, bytes: &[u8]) -> usize {
+        while self.reading - self.dropping >= self.d.max_pending {
+            let Some((old, serial)) = self.order.pop_front() else { break };
+            if let Some(c) = self.conns.get_mut(old).and_then(Option::as_mut) {
+                if c.serial == serial && c.counted && !c.dropped {
+                    c.dropped = true;
+                    self.dropping += 1;
+                    self.d.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                    // SAFETY: shutdown on a connection we own.
+                    unsafe { libc::shutdown(c.fd, libc::SHUT_RDWR) };
+                    break;
+                }
+            }
+        }
+        let slot = self.insert(fd, bytes);
+        self.next_serial += 1;
+        let serial = self.next_serial;
+        if let Some(c) = self.conns[slot].as_mut() {
+            c.serial = serial;
+            c.counted = true;
+        }
+        self.reading += 1;
+        self.order.push_back((slot, serial));
+        slot
+    }
+
+    /// The connection leaves the unrouted count.
+    fn uncount(&mut self, slot: usize) {
+        if let Some(c) = self.conns[slot].as_mut() {
+            if c.counted {
+                c.counted = false;
+                self.reading -= 1;
+                if c.dropped {
+                    c.dropped = false;
+                    self.dropping -= 1;
+                }
+            }
+        }
+    }
+
+    fn on_accept(&mut self, index: usize, res: i32, flags: u32) {
+        if !cqueue::more(flags) {
+            self.pending.push(accept(self.d.listeners[index], OP_ACCEPT, index));
+        }
+        if res < 0 {
+            if res != -libc::EINTR && res != -libc::ECONNABORTED {
+                log::warn!("dispatcher accept: {}", io::Error::from_raw_os_error(-res));
+            }
+            return;
+        }
+        self.d.stats.accepted.fetch_add(1, Ordering::Relaxed);
+        let slot = self.admit(res, &[]);
+        self.recv(slot);
+    }
+
+    fn on_drain_accept(&mut self, index: usize, res: i32, flags: u32) {
+        let (p, j) = (index >> 8, index & 0xff);
+        if !cqueue::more(flags) && self.draining.get(p).copied().unwrap_or(false) {
+            if let Some(&fd) = self.table.pools.get(p).and_then(Option::as_ref).and_then(|q| q.listeners.get(j)) {
+                self.pending.push(accept(fd, OP_DRAIN_ACCEPT, index));
+            }
+        }
+        if res >= 0 {
+            let slot = self.insert(res, &[]);
+            self.refuse(slot, 503, "the application pool is stopped");
+        }
+    }
+
+    fn on_drain_handoff(&mut self, p: usize, res: i32) {
+        if res >= 0 {
+            if let Some(fd) = self.drain_msgs[p].take_fd() {
+                let slot = self.insert(fd, &[]);
+                self.refuse(slot, 503, "the application pool is stopped");
+            }
+        }
+        if res != -libc::ECANCELED && self.draining.get(p).copied().unwrap_or(false) {
+            if let Some(q) = self.table.pools.get(p).and_then(Option::as_ref) {
+                let fd = q.handoff_workers;
+                self.pending.push(self.drain_msgs[p].recv(fd, ud(OP_DRAIN_HANDOFF, p)));
+            }
+        }
+    }
+
+    fn on_handback(&mut self, p: usize, res: i32) {
+        if res >= 0 {
+            if let Some(fd) = self.handback_msgs[p].take_fd() {
+                self.d.stats.handed_back.fetch_add(1, Ordering::Relaxed);
+                if self.handback_msgs[p].truncated() {
+                    log::warn!("a connection handed back by pool {p} carried more than {} bytes", handoff::MAX_MESSAGE);
+                    let slot = self.insert(fd, &[]);
+                    self.refuse(slot, 503, "the request could not be passed between pools");
+                } else {
+                    let bytes = self.handback_msgs[p].bytes(res as usize).to_vec();
+                    let slot = self.admit(fd, &bytes);
+                    self.process(slot);
+                }
+            }
+        }
+        if res == -libc::ECANCELED {
+            return;
+        }
+        match self.table.pools.get(p).and_then(Option::as_ref) {
+            Some(e) => {
+                let fd = e.handoff;
+                self.pending.push(self.handback_msgs[p].recv(fd, ud(OP_HANDBACK, p)));
+            }
+            None => self.handback_armed[p] = false,
+        }
+    }
+
+    fn recv(&mut self, slot: usize) {
+        let Some(c) = self.conns[slot].as_mut() else { return };
+        c.inflight += 1;
+        let rest = &mut c.buf[c.filled..];
+        self.pending.push(
+            opcode::Recv::new(types::Fd(c.fd), rest.as_mut_ptr(), rest.len() as u32).build().user_data(ud(OP_RECV, slot)),
+        );
+    }
+
+    fn on_recv(&mut self, slot: usize, res: i32) {
+        let Some(c) = self.conns[slot].as_mut() else { return };
+        c.inflight -= 1;
+        if res <= 0 {
+            self.uncount(slot);
+            self.close(slot);
+            return;
+        }
+        c.filled += res as usize;
+        self.process(slot);
+    }
+
+    /// Decides what to do with what the connection has sent so far.
+    fn process(&mut self, slot: usize) {
+        let Some(c) = self.conns[slot].as_ref() else { return };
+        let seen = head::inspect(&c.buf[..c.filled], &self.d.limits, &self.table.routes);
+        let full = c.filled >= c.buf.len();
+        if seen.decision == Decision::NeedMore && !full {
+            self.recv(slot);
+            return;
+        }
+        self.uncount(slot);
+        // The cache first: a cached path is answered whatever pool it would route to.
+        if let Some(q) = &seen.cache {
+            let answer = match self.d.cache.lock() {
+                Ok(mut cache) => cache.answer(&q.path, Instant::now(), q.head_only, seen.close),
+                Err(_) => None,
+            };
+            if let Some(bytes) = answer {
+                self.d.stats.cache_answers.fetch_add(1, Ordering::Relaxed);
+                let keep = (!seen.close).then_some(seen.head_len);
+                self.start_reply(slot, bytes, keep);
+                return;
+            }
+        }
+        let decision = match seen.decision {
+            Decision::NeedMore => Decision::Refuse(431, "the request head is too large"),
+            Decision::Pool(p) if self.table.pools.get(p).and_then(Option::as_ref).is_none() => {
+                Decision::Refuse(503, "the application pool is being removed")
+            }
+            Decision::Pool(p) if self.d.flags.get(p) & PoolFlags::STOPPED != 0 => {
+                Decision::Refuse(503, "the application pool is stopped")
+            }
+            Decision::Pool(p) if self.d.flags.get(p) & PoolFlags::FULL != 0 => {
+                Decision::Refuse(503, "the application's queue is full")
+            }
+            other => other,
+        };
+        match decision {
+            Decision::Pool(p) => {
+                let channel = self.table.pools.get(p).and_then(Option::as_ref).map(|e| e.handoff).unwrap_or(-1);
+                let Some(c) = self.conns[slot].as_ref() else { return };
+                match handoff::send(channel, c.fd, &c.buf[..c.filled]) {
+                    Ok(()) => {
+                        if let Some(n) = self.d.stats.handed_off.get(p) {
+                            n.fetch_add(1, Ordering::Relaxed);
+                        }
+                        self.close(slot);
+                    }
+                    Err(e) => {
+                        log::warn!("handoff to pool {p} failed: {e}");
+                        self.refuse(slot, 503, "the application's queue is full");
+                    }
+                }
+            }
+            Decision::Refuse(code, why) => self.refuse(slot, code, why),
+            Decision::NeedMore => {}
+        }
+    }
+
+    fn refuse(&mut self, slot: usize, code: u16, why: &str) {
+        self.d.stats.refuse(code);
+        self.start_reply(slot, reply(code, why), None);
+    }
+
+    fn start_reply(&mut self, slot: usize, bytes: Vec<u8>, keep: Option<usize>) {
+        let Some(c) = self.conns[slot].as_mut() else { return };
+        c.state = State::Replying { keep };
+        c.deadline = Instant::now() + LINGER.max(self.d.idle_timeout.min(Duration::from_secs(30)));
+        c.reply = bytes;
+        c.sent = 0;
+        self.send(slot);
+    }
+
+    fn send(&mut self, slot: usize) {
+        let Some(c) = self.conns[slot].as_mut() else { return };
+        c.inflight += 1;
+        let rest = &c.reply[c.sent..];
+        self.pending.push(
+            opcode::Send::new(types::Fd(c.fd), rest.as_ptr(), rest.len() as u32)
+                .flags(libc::MSG_NOSIGNAL)
+                .build()
+                .user_data(ud(OP_SEND, slot)),
+        );
+    }
+
+    fn on_send(&mut self, slot: usize, res: i32) {
+        let Some(c) = self.conns[slot].as_mut() else { return };
+        c.inflight -= 1;
+        if res <= 0 {
+            self.close(slot);
+            return;
+        }
+        c.sent += res as usize;
+        if c.sent < c.reply.len() {
+            self.send(slot);
+            return;
+        }
+        match c.state {
+            State::Replying { keep: Some(consumed) } => {
+                // Keep-alive after a cached answer: the next request may be pipelined already.
+                c.buf.copy_within(consumed..c.filled, 0);
+                c.filled -= consumed;
+                c.state = State::Reading;
+                c.reply = Vec::new();
+                c.deadline = Instant::now() + if c.filled > 0 { self.d.header_timeout } else { self.d.idle_timeout };
+                self.next_serial += 1;
+                let serial = self.next_serial;
+                if let Some(c) = self.conns[slot].as_mut() {
+                    c.serial = serial;
+                    c.counted = true;
+                }
+                self.reading += 1;
+                self.order.push_back((slot, serial));
+                self.process(slot);
+            }
+            _ => {
+                // Let the client close first: the answer says `Connection: close` and has a
+                // length, so the client closes once it has read it; wait briefly for its FIN.
+                // Whoever sends the first FIN keeps the TIME_WAIT, and a server-side
+                // TIME_WAIT defeats first-segment steering of that client's next SYN.
+                c.state = State::Lingering;
+                self.linger(slot);
+            }
+        }
+    }
+
+    fn linger(&mut self, slot: usize) {
+        let Some(c) = self.conns[slot].as_mut() else { return };
+        c.inflight += 2;
+        c.filled = 0;
+        let buf = &mut c.buf[..];
+        self.pending.push(
+            opcode::Recv::new(types::Fd(c.fd), buf.as_mut_ptr(), buf.len() as u32)
+                .build()
+                .flags(squeue::Flags::IO_LINK)
+                .user_data(ud(OP_LINGER, slot)),
+        );
+        self.pending.push(opcode::LinkTimeout::new(&*self.linger).build().user_data(ud(OP_LINGER_TIMEOUT, slot)));
+    }
+
+    fn on_linger(&mut self, slot: usize, res: i32) {
+        let Some(c) = self.conns[slot].as_mut() else { return };
+        c.inflight -= 1;
+        if res > 0 && Instant::now() < c.deadline {
+            self.linger(slot);
+        } else if c.inflight == 0 {
+            self.close(slot);
+        } else {
+            // The linked timeout is still to complete; close then.
+            c.done = true;
+        }
+    }
+
+    fn on_linger_timeout(&mut self, slot: usize) {
+        let Some(c) = self.conns[slot].as_mut() else { return };
+        c.inflight -= 1;
+        if c.inflight == 0 && c.done {
+            self.close(slot);
+        }
+    }
+
+    fn close(&mut self, slot: usize) {
+        if let Some(c) = self.conns[slot].take() {
+            // SAFETY: the connection's fd is ours and no operation on it is in flight.
+            unsafe { libc::close(c.fd) };
+            self.free.push(slot);
+        }
+    }
+}
+
+fn accept(fd: RawFd, op: u64, index: usize) -> squeue::Entry {
+    opcode::AcceptMulti::new(types::Fd(fd)).flags(libc::SOCK_CLOEXEC).build().user_data(ud(op, index))
+}
+
+fn cancel(target: u64) -> squeue::Entry {
+    opcode::AsyncCancel::new(target).build().user_data(ud(OP_CANCEL, 0))
+}
