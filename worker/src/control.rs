@@ -4,9 +4,16 @@
 //! Front end -> worker:
 //! - `ping <seq>` (decimal u64): answered with `pong <seq> requests=<n> rss_kib=<n>`.
 //! - `stop`: graceful stop, as SIGTERM.
+//! - `routes\n<prefix> <pool>\n...`: the whole route table (normalized prefixes ending in `/`),
+//!   replacing the previous one; `routes` alone is an empty table (never hand back).
+//! - `cached\n<canonical-path>\n...`: the whole set of paths the front end serves from its
+//!   cache, replacing the previous one.
 //!
 //! Worker -> front end, unsolicited: `stats requests=<n>`, at most once per second and only
-//! when the count changed since the last `stats` or `pong`.
+//! when the count changed since the last `stats` or `pong`; and `cache <ttl> <canonical-path>\n`
+//! followed by a complete response to cache (see `publish.rs`).
+//!
+//! Messages are at most [`MAX_MESSAGE`] bytes (the `routes` and `cached` lists can be long).
 //!
 //! `requests` counts the HTTP responses this process has written since it started (all
 //! threads); `rss_kib` is `VmRSS` from `/proc/self/status`. EOF or an error on the socket means
@@ -16,14 +23,20 @@
 use std::io;
 use std::os::fd::RawFd;
 
+use sluice_common::route::normalize_prefix;
+
 /// Largest message accepted; anything longer is ignored.
-pub(crate) const MAX_MESSAGE: usize = 256;
+pub(crate) const MAX_MESSAGE: usize = 256 * 1024;
 
 /// A message from the front end.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Command {
     Ping(u64),
     Stop,
+    /// The whole route table: (normalized prefix, pool name).
+    Routes(Vec<(String, String)>),
+    /// The whole set of canonical paths the front end serves from its cache.
+    Cached(Vec<String>),
 }
 
 /// Why a message from the front end was not understood.
@@ -35,12 +48,27 @@ pub(crate) enum ControlError {
     BadSeq(String),
     #[error("control message longer than {MAX_MESSAGE} bytes")]
     TooLong,
+    #[error("bad line {line:?} in a `{list}` control message: {reason}")]
+    BadLine {
+        list: &'static str,
+        line: String,
+        reason: &'static str,
+    },
+    #[error("a `{0}` control message is not UTF-8")]
+    NotUtf8(&'static str),
 }
 
 /// Parses one datagram. A single trailing newline is tolerated.
 pub(crate) fn parse(msg: &[u8]) -> Result<Command, ControlError> {
     if msg.len() > MAX_MESSAGE {
         return Err(ControlError::TooLong);
+    }
+    let first_line = msg.split(|&b| b == b'\n').next().unwrap_or(msg);
+    let first_line = first_line.strip_suffix(b"\r").unwrap_or(first_line);
+    match first_line {
+        b"routes" => return parse_routes(msg),
+        b"cached" => return parse_cached(msg),
+        _ => {}
     }
     let msg = msg.strip_suffix(b"\n").unwrap_or(msg);
     let msg = msg.strip_suffix(b"\r").unwrap_or(msg);
@@ -53,6 +81,58 @@ pub(crate) fn parse(msg: &[u8]) -> Result<Command, ControlError> {
             .ok_or_else(|| ControlError::BadSeq(text.into_owned())),
         _ => Err(ControlError::Unknown(text.into_owned())),
     }
+}
+
+/// The lines after the first one, without empty lines (a trailing newline is fine).
+fn list_lines<'m>(
+    msg: &'m [u8],
+    list: &'static str,
+) -> Result<impl Iterator<Item = &'m str>, ControlError> {
+    let text = std::str::from_utf8(msg).map_err(|_| ControlError::NotUtf8(list))?;
+    Ok(text.lines().skip(1).filter(|line| !line.is_empty()))
+}
+
+/// `routes\n<prefix> <pool>\n...`. Prefixes must be normalized (as `normalize_prefix` leaves
+/// them); pool names are one non-empty field. One bad line refuses the whole message.
+fn parse_routes(msg: &[u8]) -> Result<Command, ControlError> {
+    let bad = |line: &str, reason| ControlError::BadLine {
+        list: "routes",
+        line: line.to_owned(),
+        reason,
+    };
+    let mut routes = Vec::new();
+    for line in list_lines(msg, "routes")? {
+        let mut fields = line.split(' ');
+        let (Some(prefix), Some(pool), None) = (fields.next(), fields.next(), fields.next()) else {
+            return Err(bad(line, "expected `<prefix> <pool>`"));
+        };
+        if pool.is_empty() {
+            return Err(bad(line, "empty pool name"));
+        }
+        match normalize_prefix(prefix) {
+            Ok(normalized) if normalized == prefix => {}
+            Ok(_) => return Err(bad(line, "the prefix does not end in `/`")),
+            Err(reason) => return Err(bad(line, reason)),
+        }
+        routes.push((prefix.to_owned(), pool.to_owned()));
+    }
+    Ok(Command::Routes(routes))
+}
+
+/// `cached\n<canonical-path>\n...`. Each path must start with `/`.
+fn parse_cached(msg: &[u8]) -> Result<Command, ControlError> {
+    let mut paths = Vec::new();
+    for line in list_lines(msg, "cached")? {
+        if !line.starts_with('/') || line.bytes().any(|b| b < 0x20 || b == 0x7f) {
+            return Err(ControlError::BadLine {
+                list: "cached",
+                line: line.to_owned(),
+                reason: "not a canonical path",
+            });
+        }
+        paths.push(line.to_owned());
+    }
+    Ok(Command::Cached(paths))
 }
 
 /// A plain decimal u64: digits only (no sign, no spaces), no overflow.
@@ -99,6 +179,11 @@ pub(crate) fn current_rss_kib() -> u64 {
 
 /// Sends one message without blocking (MSG_DONTWAIT | MSG_NOSIGNAL). A full socket drops it.
 pub(crate) fn send(fd: RawFd, msg: &str) -> io::Result<()> {
+    send_bytes(fd, msg.as_bytes())
+}
+
+/// [`send`] for a message that is not text (a `cache` message carries a response body).
+pub(crate) fn send_bytes(fd: RawFd, msg: &[u8]) -> io::Result<()> {
     // SAFETY: `msg` is a live buffer of `msg.len()` bytes; send(2) only reads it.
     let rc = unsafe {
         libc::send(
@@ -176,7 +261,80 @@ mod tests {
                 "{bad:?}"
             );
         }
-        assert_eq!(parse(&[b'x'; MAX_MESSAGE + 1]), Err(ControlError::TooLong));
+        assert_eq!(parse(&vec![b'x'; MAX_MESSAGE + 1]), Err(ControlError::TooLong));
+    }
+
+    #[test]
+    fn routes_message_is_parsed_into_prefix_and_pool_pairs() {
+        assert_eq!(
+            parse(b"routes\n/api/ api\n/ web\n"),
+            Ok(Command::Routes(vec![
+                ("/api/".into(), "api".into()),
+                ("/".into(), "web".into())
+            ]))
+        );
+        assert_eq!(
+            parse(b"routes\r\n/a/b/ p1\r\n"),
+            Ok(Command::Routes(vec![("/a/b/".into(), "p1".into())]))
+        );
+    }
+
+    #[test]
+    fn empty_routes_message_is_an_empty_table() {
+        assert_eq!(parse(b"routes"), Ok(Command::Routes(vec![])));
+        assert_eq!(parse(b"routes\n"), Ok(Command::Routes(vec![])));
+    }
+
+    #[test]
+    fn routes_message_with_a_bad_line_is_refused() {
+        for bad in [
+            &b"routes\n/api/\n"[..],
+            b"routes\n/api/ api extra\n",
+            b"routes\n/api api\n",
+            b"routes\napi/ api\n",
+            b"routes\n/a/../b/ api\n",
+            b"routes\n/api/  api\n",
+            b"routes\n/x/ \xff\n",
+        ] {
+            assert!(
+                matches!(
+                    parse(bad),
+                    Err(ControlError::BadLine { .. } | ControlError::NotUtf8(_))
+                ),
+                "{bad:?} -> {:?}",
+                parse(bad)
+            );
+        }
+        assert!(matches!(
+            parse(b"routes now"),
+            Err(ControlError::Unknown(_))
+        ));
+    }
+
+    #[test]
+    fn cached_message_is_parsed_into_paths() {
+        assert_eq!(
+            parse(b"cached\n/index.html\n/a b/c\n"),
+            Ok(Command::Cached(vec!["/index.html".into(), "/a b/c".into()]))
+        );
+        assert_eq!(parse(b"cached"), Ok(Command::Cached(vec![])));
+        assert_eq!(parse(b"cached\n"), Ok(Command::Cached(vec![])));
+        assert!(matches!(
+            parse(b"cached\nindex.html\n"),
+            Err(ControlError::BadLine { .. })
+        ));
+    }
+
+    #[test]
+    fn long_lists_up_to_the_limit_are_accepted() {
+        let mut msg = b"cached\n".to_vec();
+        while msg.len() < MAX_MESSAGE - 40 {
+            msg.extend_from_slice(format!("/some/long/path/{}\n", msg.len()).as_bytes());
+        }
+        let Ok(Command::Cached(paths)) = parse(&msg) else {
+            panic!("not parsed")
+        };
+        assert!(paths.len() > 5000);
     }
 
     #[test]

@@ -41,6 +41,31 @@ pub(crate) enum Outcome {
     NeedMore { hint: usize },
     /// Send what is in the write buffer, then close the connection (lingering close).
     Close,
+    /// The next request belongs to the front end (another pool, its cache, no route): send
+    /// what is in the write buffer, then hand the connection back. The read buffer starts at
+    /// that request's first byte.
+    HandBack,
+}
+
+/// What answers the requests of a connection.
+pub(crate) trait Dispatch {
+    /// Called for every complete request head before it is answered (`has_body`: a body
+    /// follows the head); true hands the connection back to the front end from this request on.
+    fn hand_back(&mut self, _req: &Request<'_>, _has_body: bool) -> bool {
+        false
+    }
+
+    /// Answers a complete request.
+    fn respond(&mut self, req: &Request<'_>) -> Response;
+}
+
+impl<F> Dispatch for F
+where
+    F: FnMut(&Request<'_>) -> Response,
+{
+    fn respond(&mut self, req: &Request<'_>) -> Response {
+        self(req)
+    }
 }
 
 /// How the body of a request is framed.
@@ -68,6 +93,8 @@ struct Pending {
     info: HeadInfo,
     chunked: Option<ChunkedDecoder>,
     continue_sent: bool,
+    /// The canonical path, if computed from the head (by routing).
+    canonical: Option<Result<String, sluice_common::canonical::CanonicalError>>,
 }
 
 /// Per-connection HTTP state.
@@ -118,7 +145,7 @@ impl HttpConn {
         handler: &mut F,
     ) -> Outcome
     where
-        F: FnMut(&Request<'_>) -> Response,
+        F: Dispatch,
     {
         let mut pos = 0;
         let outcome = loop {
@@ -158,6 +185,7 @@ impl HttpConn {
                     write_error(wbuf, status);
                     break Outcome::Close;
                 }
+                Step::HandBack => break Outcome::HandBack,
             }
         };
         if outcome == Outcome::Close {
@@ -179,7 +207,7 @@ impl HttpConn {
         handler: &mut F,
     ) -> Step
     where
-        F: FnMut(&Request<'_>) -> Response,
+        F: Dispatch,
     {
         let limits = self.limits;
         let input = &rbuf[pos..];
@@ -204,30 +232,33 @@ impl HttpConn {
             Err(reject) => return Step::Rejected(reject),
         };
         let keep_alive = info.keep_alive && !closing;
-        match info.framing {
-            Framing::None => {
-                let req = Request::from_parsed(&parsed, &[]);
+        // The request whole when its body is already here (the common case), else its head.
+        let complete = match info.framing {
+            Framing::None => Some(head_len),
+            Framing::Length(n) if input.len() - head_len >= n => Some(head_len + n),
+            Framing::Length(_) | Framing::Chunked => None,
+        };
+        let body = complete.map_or(&[][..], |end| &input[head_len..end]);
+        let req = Request::from_parsed(&parsed, body);
+        if handler.hand_back(&req, info.framing != Framing::None) {
+            return Step::HandBack;
+        }
+        match complete {
+            Some(consumed) => {
                 respond(wbuf, &req, keep_alive, info.http10, handler);
                 Step::Done {
-                    consumed: head_len,
+                    consumed,
                     keep_alive,
                 }
             }
-            Framing::Length(n) if input.len() - head_len >= n => {
-                let req = Request::from_parsed(&parsed, &input[head_len..head_len + n]);
-                respond(wbuf, &req, keep_alive, info.http10, handler);
-                Step::Done {
-                    consumed: head_len + n,
-                    keep_alive,
-                }
-            }
-            Framing::Length(_) | Framing::Chunked => {
+            None => {
                 let chunked =
                     (info.framing == Framing::Chunked).then(|| ChunkedDecoder::new(head_len));
                 self.pending = Some(Pending {
                     info,
                     chunked,
                     continue_sent: false,
+                    canonical: req.take_canonical(),
                 });
                 Step::BodyPending
             }
@@ -244,7 +275,7 @@ impl HttpConn {
         handler: &mut F,
     ) -> Step
     where
-        F: FnMut(&Request<'_>) -> Response,
+        F: Dispatch,
     {
         let Some(pending) = self.pending.as_mut() else {
             return Step::Incomplete;
@@ -266,7 +297,7 @@ impl HttpConn {
                 Err(reject) => return Step::Rejected(reject),
             },
         };
-        self.pending = None;
+        let canonical = self.pending.take().and_then(|p| p.canonical);
         let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let mut parsed = httparse::Request::new(&mut headers);
         if !matches!(
@@ -276,7 +307,8 @@ impl HttpConn {
             return Step::Rejected(Reject(500));
         }
         let keep_alive = info.keep_alive && !closing;
-        let req = Request::from_parsed(&parsed, &rbuf[info.head_len..body_end]);
+        let req = Request::from_parsed(&parsed, &rbuf[info.head_len..body_end])
+            .with_canonical(canonical);
         respond(wbuf, &req, keep_alive, info.http10, handler);
         Step::Done {
             consumed,
@@ -296,6 +328,8 @@ enum Step {
     /// More input is needed.
     Incomplete,
     Rejected(Reject),
+    /// The request at the current position goes back to the front end.
+    HandBack,
 }
 
 impl Pending {
@@ -421,9 +455,9 @@ fn respond<F>(
     http10: bool,
     handler: &mut F,
 ) where
-    F: FnMut(&Request<'_>) -> Response,
+    F: Dispatch,
 {
-    let resp = handler(req);
+    let resp = handler.respond(req);
     let keep_alive = keep_alive && !resp.close;
     let head_only = req.method() == "HEAD";
     write_response(wbuf, &resp, keep_alive, http10, head_only);
@@ -437,6 +471,23 @@ pub(crate) fn write_response(
     http10: bool,
     head_only: bool,
 ) {
+    serialize(wbuf, resp, Some((keep_alive, http10)), head_only);
+}
+
+/// `resp` as [`write_response`] puts it on the wire for a GET, but without the `Date` and
+/// `Connection` headers: what the front end's cache stores (it adds those per answer).
+pub(crate) fn write_cacheable(wbuf: &mut Vec<u8>, resp: &Response) {
+    serialize(wbuf, resp, None, false);
+}
+
+/// `connection`: (keep_alive, http10) for the wire; None for the cache (no `Date`, no
+/// `Connection`).
+fn serialize(
+    wbuf: &mut Vec<u8>,
+    resp: &Response,
+    connection: Option<(bool, bool)>,
+    head_only: bool,
+) {
     let status = resp.status;
     wbuf.reserve(128 + resp.headers.len() + resp.body.len());
     wbuf.extend_from_slice(b"HTTP/1.1 ");
@@ -447,22 +498,32 @@ pub(crate) fn write_response(
     if !resp.has_server {
         wbuf.extend_from_slice(b"Server: sluice-worker\r\n");
     }
-    if !resp.has_date {
-        wbuf.extend_from_slice(b"Date: ");
-        push_date(wbuf);
-        wbuf.extend_from_slice(b"\r\n");
+    if connection.is_none() {
+        // The handler's own `Date`, if any, is left out too.
+        for line in resp.headers.split_inclusive(|&b| b == b'\n') {
+            let is_date = line.len() > 5 && line[..5].eq_ignore_ascii_case(b"date:");
+            if !is_date {
+                wbuf.extend_from_slice(line);
+            }
+        }
+    } else {
+        if !resp.has_date {
+            wbuf.extend_from_slice(b"Date: ");
+            push_date(wbuf);
+            wbuf.extend_from_slice(b"\r\n");
+        }
+        wbuf.extend_from_slice(&resp.headers);
     }
-    wbuf.extend_from_slice(&resp.headers);
     let bodiless = (100..200).contains(&status) || status == 204 || status == 304;
     if !bodiless {
         wbuf.extend_from_slice(b"Content-Length: ");
         push_decimal(wbuf, resp.body.len() as u64);
         wbuf.extend_from_slice(b"\r\n");
     }
-    if !keep_alive {
-        wbuf.extend_from_slice(b"Connection: close\r\n");
-    } else if http10 {
-        wbuf.extend_from_slice(b"Connection: keep-alive\r\n");
+    match connection {
+        Some((false, _)) => wbuf.extend_from_slice(b"Connection: close\r\n"),
+        Some((true, true)) => wbuf.extend_from_slice(b"Connection: keep-alive\r\n"),
+        Some((true, false)) | None => {}
     }
     wbuf.extend_from_slice(b"\r\n");
     if !head_only && !bodiless {
@@ -1055,6 +1116,71 @@ mod tests {
         });
         assert_eq!(statuses(&String::from_utf8_lossy(&wbuf)), ["100"]);
         assert_eq!(conn.responses(), 0);
+    }
+
+    /// Hands back every request whose path starts with `/web`.
+    struct HandBackWeb(Vec<String>);
+
+    impl Dispatch for HandBackWeb {
+        fn hand_back(&mut self, req: &Request<'_>, _has_body: bool) -> bool {
+            req.path().starts_with("/web")
+        }
+
+        fn respond(&mut self, req: &Request<'_>) -> Response {
+            self.0.push(req.path().to_owned());
+            Response::new(200).body(req.path().to_owned())
+        }
+    }
+
+    #[test]
+    fn foreign_request_stops_processing_and_keeps_its_bytes_for_the_hand_back() {
+        let mut conn = HttpConn::new(Limits::default());
+        let mut rbuf = b"GET /api/a HTTP/1.1\r\nHost: x\r\n\r\nGET /web/b HTTP/1.1\r\nHost: x\r\n\r\nGET /api/c HTTP/1.1\r\nHost: x\r\n\r\nGET /api/d HT".to_vec();
+        let mut wbuf = Vec::new();
+        let mut dispatch = HandBackWeb(Vec::new());
+        let outcome = conn.process(&mut rbuf, &mut wbuf, false, &mut dispatch);
+        assert_eq!(outcome, Outcome::HandBack);
+        assert_eq!(dispatch.0, ["/api/a"], "nothing after the foreign request is answered");
+        assert_eq!(statuses(&String::from_utf8_lossy(&wbuf)), ["200"]);
+        assert_eq!(
+            rbuf,
+            b"GET /web/b HTTP/1.1\r\nHost: x\r\n\r\nGET /api/c HTTP/1.1\r\nHost: x\r\n\r\nGET /api/d HT"
+        );
+        assert_eq!(conn.responses(), 1, "a hand-back is not a response");
+    }
+
+    #[test]
+    fn foreign_request_with_a_body_is_handed_back_before_its_body_or_100_continue() {
+        let mut conn = HttpConn::new(Limits::default());
+        let input = b"POST /web/u HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 10\r\n\r\nabc";
+        let mut rbuf = input.to_vec();
+        let mut wbuf = Vec::new();
+        let outcome = conn.process(&mut rbuf, &mut wbuf, false, &mut HandBackWeb(Vec::new()));
+        assert_eq!(outcome, Outcome::HandBack);
+        assert!(wbuf.is_empty());
+        assert_eq!(rbuf, input);
+    }
+
+    #[test]
+    fn canonical_path_computed_from_the_head_reaches_the_handler_after_the_body() {
+        let mut conn = HttpConn::new(Limits::default());
+        let mut rbuf = b"POST /a/./b HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n".to_vec();
+        let mut wbuf = Vec::new();
+        struct Check;
+        impl Dispatch for Check {
+            fn hand_back(&mut self, req: &Request<'_>, has_body: bool) -> bool {
+                assert!(has_body);
+                assert_eq!(req.canonical_path(), Some("/a/b"));
+                false
+            }
+            fn respond(&mut self, req: &Request<'_>) -> Response {
+                Response::new(200).body(format!("{:?}", req.canonical_path()))
+            }
+        }
+        conn.process(&mut rbuf, &mut wbuf, false, &mut Check);
+        rbuf.extend_from_slice(b"hi");
+        conn.process(&mut rbuf, &mut wbuf, false, &mut Check);
+        assert!(String::from_utf8_lossy(&wbuf).ends_with("Some(\"/a/b\")"));
     }
 
     #[test]

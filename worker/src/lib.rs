@@ -11,6 +11,16 @@
 //! does not answer) and `stop` (as SIGTERM); the worker sends `stats requests=<n>` at most once a
 //! second when its response count changed. EOF on it stops the worker gracefully.
 //!
+//! Routing is per request, as in HTTP.sys: the front end also sends the whole route table
+//! (`routes\n<prefix> <pool>\n...`) and the set of paths it serves from its cache
+//! (`cached\n<path>\n...`). A request whose canonical path routes to another pool, to no pool,
+//! to a cached path (for a cache-eligible request) or cannot be canonicalized is not answered:
+//! once the earlier responses on its connection are sent, the connection goes back to the front
+//! end on the `handoff` socket with every unconsumed byte from that request on. An empty table
+//! (or no handoff socket) turns this off. Responses a handler marks cacheable
+//! (`Cache-Control: public, max-age=N` and the rules in `publish.rs`) are published to the
+//! front end's cache on the control socket (`cache <N> <path>\n` + the response).
+//!
 //! A graceful stop (SIGTERM, SIGINT, `stop`) stops accepting, answers the request in progress
 //! on each keep-alive connection with `Connection: close`, closes idle connections at once and
 //! returns when no connection remains (in-progress ones are cut after about 5 s; after 10 s
@@ -27,11 +37,16 @@
 mod control;
 mod handoff;
 mod http;
+mod publish;
+mod routing;
 mod runtime;
 mod sockets;
 
 use std::net::SocketAddr;
+use std::sync::OnceLock;
 use std::time::Duration;
+
+use sluice_common::canonical::{CanonicalError, canonicalize};
 
 /// Everything that can stop a worker from starting or running. Its `Debug` output is the
 /// message itself, so `fn main() -> Result<(), Error>` reports it readably.
@@ -86,6 +101,8 @@ pub struct Request<'a> {
     minor_version: u8,
     headers: &'a [httparse::Header<'a>],
     body: &'a [u8],
+    /// The canonical path, computed on first use (routing or the handler) and kept.
+    canonical: OnceLock<Result<String, CanonicalError>>,
 }
 
 impl<'a> Request<'a> {
@@ -96,7 +113,37 @@ impl<'a> Request<'a> {
             minor_version: parsed.version.unwrap_or(1),
             headers: &*parsed.headers,
             body,
+            canonical: OnceLock::new(),
         }
+    }
+
+    /// Carries a canonical path already computed for this request (from its head, before the
+    /// body arrived), so it is computed once.
+    pub(crate) fn with_canonical(self, canonical: Option<Result<String, CanonicalError>>) -> Self {
+        if let Some(canonical) = canonical {
+            let _ = self.canonical.set(canonical);
+        }
+        self
+    }
+
+    /// Takes the canonical path if it was computed.
+    pub(crate) fn take_canonical(self) -> Option<Result<String, CanonicalError>> {
+        self.canonical.into_inner()
+    }
+
+    /// The canonical path or why there is none.
+    pub(crate) fn canonical_result(&self) -> &Result<String, CanonicalError> {
+        self.canonical
+            .get_or_init(|| canonicalize(routing::target_path(self.target).as_bytes()))
+    }
+
+    /// The canonical path, as the front end routes by it: the path of the target (an
+    /// absolute-form `http://host/p` gives `/p`) with escapes decoded, `\` as `/`, empty, `.`
+    /// and `..` segments resolved (see `sluice_common::canonical`). None when the path cannot
+    /// be made canonical (bad escape, control byte, climbs above `/`, not UTF-8, `*`).
+    /// Computed once per request.
+    pub fn canonical_path(&self) -> Option<&str> {
+        self.canonical_result().as_ref().ok().map(String::as_str)
     }
 
     /// The method, e.g. `GET`.
@@ -237,6 +284,18 @@ impl Response {
     pub fn body_bytes(&self) -> &[u8] {
         &self.body
     }
+
+    /// The headers set so far as (name, value), in order (not the ones the server adds).
+    pub(crate) fn header_lines(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.headers
+            .split(|&b| b == b'\n')
+            .filter(|line| !line.is_empty())
+            .filter_map(|line| {
+                let line = line.strip_suffix(b"\r").unwrap_or(line);
+                let colon = line.iter().position(|&b| b == b':')?;
+                Some((&line[..colon], line[colon + 1..].trim_ascii()))
+            })
+    }
 }
 
 /// Facts about the worker process, passed to every handler call.
@@ -297,6 +356,9 @@ pub struct Options {
     /// Slowest a client may take a response, bytes per second (`SLUICE_MIN_SEND_RATE`;
     /// default 150, HTTP.sys's; 0: no limit beyond the idle timeout).
     pub min_send_rate: u64,
+    /// Largest serialized response published to the front end's cache
+    /// (`SLUICE_CACHE_MAX_ENTRY`, bytes; default 256 KiB; 0: never publish).
+    pub cache_max_entry: usize,
 }
 
 impl Default for Options {
@@ -311,14 +373,16 @@ impl Default for Options {
             max_request_head: 16 * 1024,
             max_url: 16 * 1024,
             min_send_rate: 150,
+            cache_max_entry: 256 * 1024,
         }
     }
 }
 
 impl Options {
     /// Defaults overridden by `SLUICE_LISTEN`, `SLUICE_POOL`, `SLUICE_THREADS`,
-    /// `SLUICE_IDLE_TIMEOUT`, `SLUICE_HEADER_TIMEOUT`, `SLUICE_MAX_REQUEST_HEAD`, `SLUICE_MAX_URL`
-    /// and `SLUICE_MIN_SEND_RATE` (the front end sets these from its `[limits]`).
+    /// `SLUICE_IDLE_TIMEOUT`, `SLUICE_HEADER_TIMEOUT`, `SLUICE_MAX_REQUEST_HEAD`, `SLUICE_MAX_URL`,
+    /// `SLUICE_MIN_SEND_RATE` (the front end sets these from its `[limits]`) and
+    /// `SLUICE_CACHE_MAX_ENTRY`.
     pub fn from_env() -> Result<Self, Error> {
         let mut options = Options::default();
         if let Some(list) = env("SLUICE_LISTEN") {
@@ -354,6 +418,9 @@ impl Options {
         }
         if let Some(n) = env("SLUICE_MIN_SEND_RATE") {
             options.min_send_rate = parse_env("SLUICE_MIN_SEND_RATE", &n)?;
+        }
+        if let Some(n) = env("SLUICE_CACHE_MAX_ENTRY") {
+            options.cache_max_entry = parse_env("SLUICE_CACHE_MAX_ENTRY", &n)?;
         }
         Ok(options)
     }
@@ -528,5 +595,33 @@ mod tests {
         let req = Request::from_parsed(&parsed, b"");
         assert_eq!((req.path(), req.query()), ("/a/b", Some("x=1&y")));
         assert_eq!(req.header("HOST"), Some(&b"h"[..]));
+    }
+
+    #[test]
+    fn request_canonical_path_is_decoded_and_resolved_raw_path_is_kept() {
+        let canonical = |raw: &[u8]| {
+            let mut headers = [httparse::EMPTY_HEADER; 4];
+            let mut parsed = httparse::Request::new(&mut headers);
+            parsed.parse(raw).unwrap();
+            let req = Request::from_parsed(&parsed, b"");
+            (req.path().to_owned(), req.canonical_path().map(str::to_owned))
+        };
+        assert_eq!(
+            canonical(b"GET /a/%62/../c//d?q=1 HTTP/1.1\r\n\r\n"),
+            ("/a/%62/../c//d".to_owned(), Some("/a/c/d".to_owned()))
+        );
+        assert_eq!(
+            canonical(b"GET http://host:80/x/./y HTTP/1.1\r\n\r\n").1.as_deref(),
+            Some("/x/y")
+        );
+        assert_eq!(canonical(b"GET /../x HTTP/1.1\r\n\r\n").1, None);
+        assert_eq!(canonical(b"OPTIONS * HTTP/1.1\r\n\r\n").1, None);
+    }
+
+    #[test]
+    fn response_header_lines_are_listed() {
+        let r = Response::new(200).header("Cache-Control", "public, max-age=5").header("x", "");
+        let lines: Vec<_> = r.header_lines().collect();
+        assert_eq!(lines, [(&b"Cache-Control"[..], &b"public, max-age=5"[..]), (b"x", b"")]);
     }
 }

@@ -3,7 +3,12 @@
 //! wakes it for a graceful stop; each connection runs a recv -> handle -> send state machine
 //! with at most one operation in flight. Thread 0's ring also reads the control socket and
 //! answers it after each completion batch, so a worker whose threads are stuck in handlers
-//! stops answering pings.
+//! stops answering pings; it also stores the `routes` and `cached` lists it receives there for
+//! every thread (`routing.rs`).
+//!
+//! Before a request is answered, routing may decide it belongs to the front end: the responses
+//! to the earlier requests on the connection are sent first, then the connection goes back on
+//! the handoff socket with every unconsumed byte from that request on (`handoff::send`).
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -16,8 +21,10 @@ use std::time::{Duration, Instant};
 use io_uring::{IoUring, cqueue, opcode, squeue, types};
 
 use crate::control::{self, Command};
-use crate::handoff::{HandoffError, RecvBuf};
-use crate::http::{HttpConn, Limits, Outcome};
+use crate::handoff::{self, HandoffError, RecvBuf};
+use crate::http::{self, Dispatch, HttpConn, Limits, Outcome};
+use crate::publish::Publisher;
+use crate::routing::{Routing, RoutingView, SharedRouting};
 use crate::sockets::{Sockets, setsockopt_int};
 use crate::{Context, Error, Handler, Options, Request, Response};
 
@@ -42,6 +49,9 @@ const STOP_LIMIT: Duration = Duration::from_secs(10);
 const STATS_TICKS: u64 = 2;
 const READ_CHUNK: usize = 4096;
 const MAX_READ_CHUNK: usize = 1 << 20;
+/// Send buffer asked for on the control and handoff sockets, so a `cache` message with a
+/// 256 KiB response fits (the kernel caps it at twice `net.core.wmem_max`).
+const SEQPACKET_SNDBUF: libc::c_int = 1 << 20;
 
 // Operation kinds, in the low byte of user_data.
 const OP_ACCEPT: u8 = 1;
@@ -79,6 +89,10 @@ struct Shared<H> {
     /// Set when a stop was asked for on the control channel (or the front end went away);
     /// the main thread polls it between signal waits (every 250 ms) and stops every thread.
     stop_requested: AtomicBool,
+    /// The route table and cached paths from the front end (written by thread 0).
+    routing: SharedRouting,
+    /// Publishes cacheable responses on the control socket.
+    publisher: Publisher,
 }
 
 /// Serves `sockets` until SIGTERM/SIGINT, then stops gracefully.
@@ -88,6 +102,12 @@ pub(crate) fn serve<H: Handler>(
     handler: H,
 ) -> Result<(), Error> {
     let signals = block_stop_signals()?;
+    for fd in [sockets.control.as_ref(), sockets.handoff.as_ref()].into_iter().flatten() {
+        if let Err(e) = setsockopt_int(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_SNDBUF, SEQPACKET_SNDBUF) {
+            log::debug!("SO_SNDBUF on fd {}: {e}", fd.as_raw_fd());
+        }
+    }
+    let control_fd = sockets.control.as_ref().map(AsRawFd::as_raw_fd);
     let shared = Arc::new(Shared {
         handler,
         ctx: Context {
@@ -107,6 +127,8 @@ pub(crate) fn serve<H: Handler>(
         min_send_rate: options.min_send_rate,
         requests: AtomicU64::new(0),
         stop_requested: AtomicBool::new(false),
+        routing: SharedRouting::default(),
+        publisher: Publisher::new(control_fd, options.cache_max_entry),
     });
     log::info!(
         "sluice-worker pid {} pool {}: {} thread(s), {} {} pool socket(s){}{}",
@@ -312,6 +334,9 @@ struct Conn {
     head_since: Option<u64>,
     /// Tick the response now being sent began.
     write_since: u64,
+    /// Hand the connection back to the front end once `wbuf` is sent; `rbuf` starts at the
+    /// first byte of the request it does not answer.
+    hand_back: bool,
 }
 
 /// Connection table with generation-tagged slots, so a stale completion never reaches a newer
@@ -380,14 +405,16 @@ struct Worker<'s, H> {
     cqes: Vec<(u64, i32, u32)>,
     /// Thread 0 only: the control channel.
     control: Option<ControlChannel>,
+    /// This thread's view of the routing state.
+    routing: RoutingView,
 }
 
 /// Thread 0's side of the control channel (see `control.rs`).
 struct ControlChannel {
     fd: RawFd,
     /// Leaked on purpose, like the handoff buffer: a recv may be in flight when the thread
-    /// exits.
-    buf: &'static mut [u8; control::MAX_MESSAGE],
+    /// exits. MAX_MESSAGE (256 KiB) long, allocated once per process (only thread 0 has one).
+    buf: &'static mut [u8],
     armed: bool,
     /// EOF or an error: never re-armed.
     closed: bool,
@@ -411,7 +438,7 @@ impl<'s, H: Handler> Worker<'s, H> {
             .filter(|_| index == 0)
             .map(|fd| ControlChannel {
                 fd,
-                buf: Box::leak(Box::new([0; control::MAX_MESSAGE])),
+                buf: Box::leak(vec![0; control::MAX_MESSAGE].into_boxed_slice()),
                 armed: false,
                 closed: false,
                 reported: 0,
@@ -434,6 +461,7 @@ impl<'s, H: Handler> Worker<'s, H> {
             tick_spec: Box::new(types::Timespec::from(TICK)),
             cqes: Vec::with_capacity(CQ_ENTRIES as usize),
             control,
+            routing: RoutingView::new(&shared.routing),
         })
     }
 
@@ -590,6 +618,21 @@ impl<'s, H: Handler> Worker<'s, H> {
                 self.arm_control()?;
                 self.stop_from_control()
             }
+            Ok(Command::Routes(routes)) => {
+                log::info!("route table from the front end: {} route(s)", routes.len());
+                let own = self.shared.ctx.pool();
+                self.shared
+                    .routing
+                    .update(|current| current.with_routes(routes, own));
+                self.arm_control()
+            }
+            Ok(Command::Cached(paths)) => {
+                log::debug!("the front end caches {} path(s)", paths.len());
+                self.shared
+                    .routing
+                    .update(|current| current.with_cached(paths));
+                self.arm_control()
+            }
             Err(e) => {
                 log::debug!("ignoring a control message: {e}");
                 self.arm_control()
@@ -732,6 +775,7 @@ impl<'s, H: Handler> Worker<'s, H> {
             last_active: self.tick,
             head_since: None,
             write_since: self.tick,
+            hand_back: false,
         };
         let (index, generation) = self.conns.insert(conn);
         if has_input {
@@ -781,7 +825,12 @@ impl<'s, H: Handler> Worker<'s, H> {
         let Some(conn) = self.conns.get_mut(index, generation) else {
             return Ok(());
         };
-        let mut dispatch = |req: &Request<'_>| call_handler(&shared.handler, req, &shared.ctx);
+        // Without a handoff socket (standalone) there is nobody to hand back to.
+        let routing = shared
+            .handoff
+            .map(|_| self.routing.current(&shared.routing))
+            .filter(|routing| routing.is_active());
+        let mut dispatch = Dispatcher { shared, routing };
         let before = conn.http.responses();
         match conn
             .http
@@ -789,6 +838,7 @@ impl<'s, H: Handler> Worker<'s, H> {
         {
             Outcome::NeedMore { hint } => conn.want = hint,
             Outcome::Close => conn.close_after_send = true,
+            Outcome::HandBack => conn.hand_back = true,
         }
         conn.head_since = if conn.http.in_head(&conn.rbuf) { conn.head_since.or(Some(self.tick)) } else { None };
         let written = conn.http.responses() - before;
@@ -797,10 +847,43 @@ impl<'s, H: Handler> Worker<'s, H> {
         }
         if !conn.wbuf.is_empty() {
             self.submit_send(index, generation)
+        } else if conn.hand_back {
+            self.hand_back(index, generation)
         } else if conn.close_after_send {
             self.start_linger(index, generation)
         } else {
             self.submit_recv(index, generation)
+        }
+    }
+
+    /// Sends the connection back to the front end with its unconsumed input, then closes this
+    /// process's fd (a plain close: the front end now owns the connection). If that fails the
+    /// request is answered `503` with `Connection: close`.
+    fn hand_back(&mut self, index: u32, generation: u32) -> Result<(), Error> {
+        let Some(conn) = self.conns.get_mut(index, generation) else {
+            return Ok(());
+        };
+        conn.hand_back = false;
+        let sent = match self.shared.handoff {
+            Some(sock) => handoff::send(sock, &conn.rbuf, conn.fd.as_raw_fd()),
+            None => Err(io::Error::from_raw_os_error(libc::ENOTCONN)),
+        };
+        match sent {
+            Ok(()) => {
+                log::debug!("handed a connection back with {} byte(s)", conn.rbuf.len());
+                self.close(index);
+                Ok(())
+            }
+            Err(e) => {
+                log::warn!(
+                    "handing a connection back to the front end failed ({e}); answering 503"
+                );
+                conn.rbuf.clear();
+                http::write_error(&mut conn.wbuf, 503);
+                conn.close_after_send = true;
+                self.shared.requests.fetch_add(1, Ordering::Relaxed);
+                self.submit_send(index, generation)
+            }
         }
     }
 
@@ -880,7 +963,9 @@ impl<'s, H: Handler> Worker<'s, H> {
         // While stopping, a connection whose response was not marked `Connection: close`
         // (it was built before the stop) stays open for one more request: that one is
         // answered with `Connection: close`; the sweep closes it after the grace time.
-        if conn.close_after_send {
+        if conn.hand_back {
+            self.hand_back(index, generation)
+        } else if conn.close_after_send {
             self.start_linger(index, generation)
         } else {
             self.submit_recv(index, generation)
@@ -994,6 +1079,35 @@ impl<'s, H: Handler> Worker<'s, H> {
             self.cancel(ud)?;
         }
         Ok(())
+    }
+}
+
+/// Answers a connection's requests: hands foreign ones back (when routing is active), calls
+/// the handler for the others and offers its responses to the front end's cache.
+struct Dispatcher<'a, H> {
+    shared: &'a Shared<H>,
+    /// Some when requests may be handed back (handoff socket and a non-empty route table).
+    routing: Option<&'a Routing>,
+}
+
+impl<H: Handler> Dispatch for Dispatcher<'_, H> {
+    fn hand_back(&mut self, req: &Request<'_>, has_body: bool) -> bool {
+        let Some(routing) = self.routing else {
+            return false;
+        };
+        match routing.decide_request(req, has_body) {
+            None => false,
+            Some(why) => {
+                log::debug!("handing back {} {}: {why}", req.method(), req.target());
+                true
+            }
+        }
+    }
+
+    fn respond(&mut self, req: &Request<'_>) -> Response {
+        let resp = call_handler(&self.shared.handler, req, &self.shared.ctx);
+        self.shared.publisher.offer(req, &resp);
+        resp
     }
 }
 
@@ -1177,6 +1291,148 @@ mod tests {
         send(&front, "ping 1");
         assert!(recv_reply(&front).starts_with("pong 1 requests=0 "));
         drop(front);
+        join_within(server, Duration::from_secs(5));
+    }
+
+    /// Receives one handed-back connection on the front end's end of the handoff pair.
+    fn recv_handback(front: &OwnedFd) -> (Vec<u8>, TcpStream) {
+        let mut pfd = libc::pollfd {
+            fd: front.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one live pollfd.
+        let rc = unsafe { libc::poll(&mut pfd, 1, 5000) };
+        assert_eq!(rc, 1, "a hand-back within 5 s");
+        let mut buf = RecvBuf::new();
+        let msg = buf.prepare();
+        // SAFETY: `msg` points into `buf`, which outlives the call.
+        let n = unsafe { libc::recvmsg(front.as_raw_fd(), msg, libc::MSG_CMSG_CLOEXEC) };
+        assert!(n > 0, "{}", io::Error::last_os_error());
+        let handoff = buf.complete(n as usize).unwrap();
+        (handoff.bytes, TcpStream::from(handoff.fd))
+    }
+
+    fn read_response(c: &mut TcpStream) -> String {
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = c.read(&mut buf).unwrap();
+            assert!(n > 0, "closed after {:?}", String::from_utf8_lossy(&out));
+            out.extend_from_slice(&buf[..n]);
+            let text = String::from_utf8_lossy(&out);
+            if let Some(end) = text.find("\r\n\r\n") {
+                let len: usize = text[..end]
+                    .lines()
+                    .find_map(|l| l.strip_prefix("Content-Length: "))
+                    .map_or(0, |v| v.parse().unwrap());
+                if out.len() >= end + 4 + len {
+                    return text.into_owned();
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn foreign_request_on_a_keep_alive_connection_is_handed_back_after_earlier_responses() {
+        let (front_ctl, worker_ctl) = seqpacket_pair();
+        let (front_handoff, worker_handoff) = seqpacket_pair();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let sockets = Sockets::for_test(
+            vec![OwnedFd::from(listener)],
+            Some(worker_handoff),
+            Some(worker_ctl),
+        );
+        let options = Options {
+            threads: 2,
+            pool: Some("api".into()),
+            ..Options::default()
+        };
+        let server = thread::spawn(move || {
+            serve(sockets, &options, |req: &Request<'_>, _: &Context| {
+                Response::text(200, format!("worker {:?}\n", req.canonical_path()))
+            })
+        });
+        send(&front_ctl, "routes\n/api/ api\n/ web\n");
+        send(&front_ctl, "cached\n/api/cached\n");
+        send(&front_ctl, "ping 1");
+        assert!(recv_reply(&front_ctl).starts_with("pong 1 "));
+
+        let mut c = TcpStream::connect(addr).unwrap();
+        c.write_all(b"GET /api/a HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+        let first = read_response(&mut c);
+        assert!(first.starts_with("HTTP/1.1 200 ") && first.ends_with("worker Some(\"/api/a\")\n"), "{first}");
+        // Pipelined: one for this pool, one for another, then one more for this pool.
+        c.write_all(b"GET /api/%62 HTTP/1.1\r\nHost: t\r\n\r\nGET /web/b HTTP/1.1\r\nHost: t\r\n\r\nGET /api/c HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+        let (bytes, mut conn) = recv_handback(&front_handoff);
+        assert_eq!(
+            bytes,
+            b"GET /web/b HTTP/1.1\r\nHost: t\r\n\r\nGET /api/c HTTP/1.1\r\nHost: t\r\n\r\n"
+        );
+        conn.write_all(b"HTTP/1.1 200 OK\r\nx-from: frontend\r\nContent-Length: 3\r\n\r\nfe\n").unwrap();
+        // The worker's answer to /api/%62, then the front end's to /web/b.
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut both = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !both.ends_with(b"fe\n") {
+            let n = c.read(&mut buf).unwrap();
+            assert!(n > 0, "closed after {:?}", String::from_utf8_lossy(&both));
+            both.extend_from_slice(&buf[..n]);
+        }
+        let both = String::from_utf8_lossy(&both);
+        let worker_at = both.find("worker Some(\"/api/b\")\n").expect("the worker's answer");
+        let frontend_at = both.find("x-from: frontend").expect("the front end's answer");
+        assert!(worker_at < frontend_at, "{both}");
+
+        // A cached path (GET) is handed back; with a query string it is served.
+        let mut c = TcpStream::connect(addr).unwrap();
+        c.write_all(b"GET /api/cached?x HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+        assert!(read_response(&mut c).starts_with("HTTP/1.1 200 "));
+        c.write_all(b"GET /api/cached HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+        let (bytes, _conn) = recv_handback(&front_handoff);
+        assert!(bytes.starts_with(b"GET /api/cached HTTP/1.1\r\n"));
+
+        // An empty table: nothing is handed back.
+        send(&front_ctl, "routes\n");
+        send(&front_ctl, "ping 2");
+        assert!(recv_reply(&front_ctl).starts_with("pong 2 requests=3 "), "hand-backs are not counted");
+        let mut c = TcpStream::connect(addr).unwrap();
+        c.write_all(b"GET /web/x HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+        assert!(read_response(&mut c).ends_with("worker Some(\"/web/x\")\n"));
+
+        send(&front_ctl, "stop");
+        join_within(server, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn failed_hand_back_is_answered_503() {
+        let (front_ctl, worker_ctl) = seqpacket_pair();
+        let (front_handoff, worker_handoff) = seqpacket_pair();
+        drop(front_handoff);
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let sockets = Sockets::for_test(vec![OwnedFd::from(listener)], Some(worker_handoff), Some(worker_ctl));
+        let options = Options {
+            threads: 1,
+            pool: Some("api".into()),
+            ..Options::default()
+        };
+        let server = thread::spawn(move || {
+            serve(sockets, &options, |_: &Request<'_>, _: &Context| Response::text(200, "hi\n"))
+        });
+        send(&front_ctl, "routes\n/api/ api\n");
+        send(&front_ctl, "ping 1");
+        assert!(recv_reply(&front_ctl).starts_with("pong 1 "));
+        let mut c = TcpStream::connect(addr).unwrap();
+        c.write_all(b"GET /api/a HTTP/1.1\r\nHost: t\r\n\r\nGET /other HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+        let mut out = String::new();
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        c.read_to_string(&mut out).unwrap();
+        assert!(out.starts_with("HTTP/1.1 200 "), "{out}");
+        assert!(out.contains("HTTP/1.1 503 ") && out.contains("Connection: close"), "{out}");
+        send(&front_ctl, "stop");
         join_within(server, Duration::from_secs(5));
     }
 

@@ -17,10 +17,11 @@ pub enum Message {
     Cache(Vec<u8>),
 }
 
-/// Largest control message (a cache publication of up to 256 KiB and its first line).
-const MAX_MESSAGE: usize = 300 * 1024;
+/// Largest control message: a cache publication (at most `cache.max_entry_bytes`, itself at
+/// most 1 MiB) and its first line.
+const MAX_MESSAGE: usize = (1 << 20) + 8192;
 /// Socket buffers big enough for a few publications in flight.
-const BUFFER: i32 = 2 << 20;
+const BUFFER: i32 = 4 << 20;
 
 pub fn parse(text: &str) -> Option<Message> {
     let mut words = text.split_ascii_whitespace();

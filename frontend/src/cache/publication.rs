@@ -19,13 +19,14 @@ pub struct Publication {
 pub fn parse(msg: &[u8]) -> Result<Publication, CacheError> {
     let nl = msg.iter().position(|&b| b == b'\n').ok_or(CacheError::Malformed("no first line"))?;
     let first = std::str::from_utf8(&msg[..nl]).map_err(|_| CacheError::Malformed("first line is not text"))?;
-    let mut words = first.split_ascii_whitespace();
+    // The path is the rest of the line: a canonical path may hold decoded spaces.
+    let mut words = first.trim_end_matches('\r').splitn(3, ' ');
     if words.next() != Some("cache") {
         return Err(CacheError::Malformed("not a cache message"));
     }
     let ttl: u64 = words.next().and_then(|w| w.parse().ok()).ok_or(CacheError::Malformed("bad ttl"))?;
     let path = words.next().ok_or(CacheError::Malformed("no path"))?.to_owned();
-    if ttl == 0 || !path.starts_with('/') || words.next().is_some() {
+    if ttl == 0 || !path.starts_with('/') {
         return Err(CacheError::Malformed("bad first line"));
     }
     if crate::canonical::canonicalize(path.as_bytes()).ok().as_deref() != Some(path.as_str()) {

@@ -538,7 +538,9 @@ impl Config {
                 Err(reason) => bad("cache.max_total_bytes".into(), reason),
             }
         }
-        if cache.max_entry_bytes > cache.max_total_bytes {
+        if cache.max_entry_bytes > 1 << 20 {
+            bad("cache.max_entry_bytes".into(), format!("{} is more than 1 MiB", cache.max_entry_bytes));
+        } else if cache.max_entry_bytes > cache.max_total_bytes {
             bad("cache.max_entry_bytes".into(), "is larger than cache.max_total_bytes".into());
         }
         for (i, st) in raw.cache.statics.iter().enumerate() {

@@ -29,9 +29,10 @@ pub(super) struct PoolRt {
     pub removed: Option<u64>,
 }
 
-/// What every worker is told about the client limits.
-pub(super) fn limits_env(l: &config::Limits) -> Vec<(String, String)> {
+/// What every worker is told about the client limits and the cache.
+pub(super) fn worker_env(l: &config::Limits, c: &config::CacheConfig) -> Vec<(String, String)> {
     vec![
+        ("SLUICE_CACHE_MAX_ENTRY".into(), c.max_entry_bytes.to_string()),
         ("SLUICE_IDLE_TIMEOUT".into(), l.idle_timeout.as_secs().max(1).to_string()),
         ("SLUICE_HEADER_TIMEOUT".into(), l.header_timeout.as_secs().max(1).to_string()),
         ("SLUICE_MAX_REQUEST_HEAD".into(), l.max_request_head.to_string()),
@@ -58,7 +59,7 @@ impl PoolRt {
         self.listeners.iter().any(|fd| sockets::queued(fd.as_raw_fd()).unwrap_or(0) >= self.config.queue_length)
     }
 
-    pub fn launch(&self, limits: &config::Limits) -> PoolLaunch {
+    pub fn launch(&self, limits: &config::Limits, cache: &config::CacheConfig) -> PoolLaunch {
         let mut fds: Vec<(RawFd, String)> = self.listeners.iter().map(|fd| (fd.as_raw_fd(), "pool".to_owned())).collect();
         fds.push((self.handoff.workers.as_raw_fd(), "handoff".to_owned()));
         let mut demand: Vec<RawFd> = self.listeners.iter().map(|fd| fd.as_raw_fd()).collect();
@@ -72,7 +73,7 @@ impl PoolRt {
             activation: self.config.activation.clone(),
             fds,
             demand,
-            env: limits_env(limits),
+            env: worker_env(limits, cache),
         }
     }
 }
@@ -108,7 +109,7 @@ impl Frontend {
             slots,
             removed: None,
         };
-        self.supervisor.add(rt.launch(&self.config.limits))?;
+        self.supervisor.add(rt.launch(&self.config.limits, &self.config.cache))?;
         self.pools.push(rt);
         Ok(id)
     }

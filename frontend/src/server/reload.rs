@@ -22,6 +22,7 @@ impl Frontend {
             ("server.admin_socket", old.admin_socket != new.admin_socket),
             ("server.metrics", old.metrics != new.metrics),
             ("limits", old.limits != new.limits),
+            ("cache", old.cache != new.cache),
         ];
         for (key, changed) in fixed {
             if changed {
@@ -61,7 +62,7 @@ impl Frontend {
                 }
             }
             rt.config = p.clone();
-            let launch = rt.launch(&new.limits);
+            let launch = rt.launch(&new.limits, &new.cache);
             self.supervisor.update(id, launch)?;
             summary.push(format!("changed pool {} (recycling its workers)", p.name));
         }
