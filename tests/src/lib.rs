@@ -111,10 +111,10 @@ pub struct Sluice {
     pub log: PathBuf,
 }
 
-/// A config template: `{admin}`, `{hello}`, `{echo}`, `{crash}` are filled in.
+/// A config template: `{admin}`, `{hello}`, `{echo}`, `{crash}`, `{files}` are filled in.
 pub fn config(template: &str, admin: &Path) -> String {
     let mut t = template.replace("{admin}", &admin.display().to_string());
-    for name in ["hello", "echo", "crash"] {
+    for name in ["hello", "echo", "crash", "files"] {
         let key = format!("{{{name}}}");
         if t.contains(&key) {
             t = t.replace(&key, &example(name).display().to_string());
@@ -161,11 +161,14 @@ pool = "web"
 impl Sluice {
     /// Starts sluice with `template` (see `config`) and waits until it answers status.
     pub fn start(ns: &Netns, template: &str) -> Sluice {
-        let s = Sluice::spawn(ns, template);
+        let mut s = Sluice::spawn(ns, template);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if s.try_status().is_some() {
                 return s;
+            }
+            if let Some(Ok(Some(status))) = s.child.as_mut().map(|c| c.try_wait()) {
+                panic!("sluice exited ({status}) before it served; log:\n{}", s.log_text());
             }
             if Instant::now() > deadline {
                 panic!("sluice did not come up within 30 s; log:\n{}", s.log_text());

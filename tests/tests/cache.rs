@@ -128,3 +128,125 @@ fn bad_static_entries_name_their_key() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+fn files_config(root: &std::path::Path) -> String {
+    format!(
+        r#"
+[server]
+listen = ["127.0.0.1:8080"]
+steering = "first-segment"
+set_sysctls = true
+admin_socket = "{{admin}}"
+
+[[pool]]
+name = "files"
+command = ["{{files}}", "--root", "{}", "--cache-control", "public, max-age=5"]
+threads = 1
+start = "always"
+
+[[pool]]
+name = "api"
+command = ["{{hello}}"]
+threads = 1
+start = "always"
+
+[[pool]]
+name = "web"
+command = ["{{hello}}"]
+threads = 1
+start = "always"
+
+[[route]]
+prefix = "/files/"
+pool = "files"
+
+[[route]]
+prefix = "/api/"
+pool = "api"
+
+[[route]]
+prefix = "/"
+pool = "web"
+"#,
+        root.display()
+    )
+}
+
+fn files_root(tag: &str) -> std::path::PathBuf {
+    let root = std::env::temp_dir().join(format!("sluice-files-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(root.join("files")).expect("dir");
+    std::fs::write(root.join("files/index.html"), "<h1>cached page</h1>\n").expect("file");
+    root
+}
+
+fn ready(s: &Sluice) {
+    wait_for(s, Duration::from_secs(10), "ready workers", |st| {
+        st["pools"].as_array().is_some_and(|ps| {
+            ps.iter().all(|p| p["workers"].as_array().is_some_and(|w| w.len() == 1 && w[0]["ready"] == true))
+        })
+    });
+}
+
+#[test]
+fn a_published_response_is_served_from_the_cache_until_its_ttl_ends() {
+    let ns = Netns::new("cpub");
+    let root = files_root("pub");
+    let s = Sluice::start(&ns, &files_config(&root));
+    ready(&s);
+    let first = get_from(&ns, "/files/index.html");
+    assert_eq!((first.status, first.pool()), (200, Some("files")));
+    assert_eq!(first.header("age"), None, "the first answer comes from the worker");
+    wait_for(&s, Duration::from_secs(5), "the publication", |st| st["cache"]["entries"] == 1);
+    let stored = std::time::Instant::now();
+    let load = wrk(&ns, &["-t1", "-c10", "-d2s", "http://127.0.0.1:8080/files/index.html"]);
+    assert_eq!((load.non_2xx, load.socket_errors), (0, 0), "{}", load.output);
+    std::thread::sleep(Duration::from_millis(1200));
+    let r = get_from(&ns, "/files/index.html");
+    assert_eq!(r.body, b"<h1>cached page</h1>\n");
+    let age: u64 = r.header("age").expect("a cached answer has an Age").parse().expect("age");
+    assert!(age >= 2, "Age {age} did not grow");
+    let st = s.status();
+    // While wrk hammered the path, the worker's request count stood still.
+    assert!(requests(&st, "files") <= 2, "the worker answered {} requests: {st}", requests(&st, "files"));
+    assert!(st["cache"]["hits"].as_u64().unwrap_or(0) >= load.requests, "{st}");
+    // After its 5 s the worker is asked again (and publishes again).
+    std::thread::sleep((stored + Duration::from_millis(5500)).saturating_duration_since(std::time::Instant::now()));
+    let again = get_from(&ns, "/files/index.html");
+    assert_eq!(again.header("age"), None, "expired entries are not served: {again:?}");
+    wait_for(&s, Duration::from_secs(5), "the worker's second answer", |st| requests(st, "files") >= 2);
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+fn requests(st: &serde_json::Value, name: &str) -> u64 {
+    pool(st, name)["requests"].as_u64().unwrap_or(0)
+}
+
+#[test]
+fn a_keep_alive_connection_gets_each_request_from_the_right_place() {
+    let ns = Netns::new("cmix");
+    let root = files_root("mix");
+    let s = Sluice::start(&ns, &files_config(&root));
+    ready(&s);
+    get_from(&ns, "/files/index.html");
+    wait_for(&s, Duration::from_secs(5), "the publication", |st| st["cache"]["entries"] == 1);
+    for first in ["/api/x", "/", "/files/index.html"] {
+        let rs = keep_alive(&ns, &[first, "/api/x", "/", "/files/index.html", "/api/y", "/files/missing.txt", "/web/z"]);
+        let got: Vec<(Option<&str>, bool)> = rs.iter().map(|r| (r.pool(), r.header("age").is_some())).collect();
+        assert_eq!(
+            &got[1..],
+            [
+                (Some("api"), false),
+                (Some("web"), false),
+                (Some("files"), true),
+                (Some("api"), false),
+                (Some("files"), false),
+                (Some("web"), false),
+            ],
+            "starting with {first}: {rs:?}"
+        );
+        assert_eq!(rs[5].status, 404);
+    }
+    let st = s.status();
+    assert!(st["dispatcher"]["handed_back"].as_u64().unwrap_or(0) >= 10, "{st}");
+    let _ = std::fs::remove_dir_all(&root);
+}
