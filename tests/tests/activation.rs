@@ -334,12 +334,16 @@ pool = "web"
     assert!(text.contains("sluice_handed_off_total{pool=\"api\"} 1"), "{text}");
 }
 
-#[test]
-fn killing_workers_under_load_loses_only_their_open_connections() {
-    let ns = Netns::new("kills");
+fn kill_workers_under_load(close: bool) {
+    let ns = Netns::new(if close { "killsc" } else { "kills" });
     let s = Sluice::start(&ns, &two_pools("first-segment"));
+    let mut args = vec!["-t1", "-c20", "-d6s"];
+    if close {
+        args.extend(["-H", "Connection: close"]);
+    }
+    args.push("http://127.0.0.1:8080/api/load");
     let load = std::thread::scope(|scope| {
-        let w = scope.spawn(|| wrk(&ns, &["-t1", "-c20", "-d6s", "http://127.0.0.1:8080/api/load"]));
+        let w = scope.spawn(|| wrk(&ns, &args));
         for _ in 0..4 {
             std::thread::sleep(Duration::from_millis(1200));
             if let Some(&pid) = worker_pids(&s.status(), "api").first() {
@@ -351,10 +355,21 @@ fn killing_workers_under_load_loses_only_their_open_connections() {
     });
     assert!(load.requests > 1000, "{}", load.output);
     assert_eq!(load.non_2xx, 0, "{}", load.output);
-    // At most the connections open on the killed workers fail (20 per kill at worst).
+    // At most the connections open on the killed workers fail (20 per kill at worst); every
+    // connection waiting in the queue is answered by the replacement.
     assert!(load.socket_errors <= 4 * 20, "{}", load.output);
     let st = wait_for(&s, Duration::from_secs(10), "replacements", |st| worker_pids(st, "api").len() == 2);
     assert_eq!(pool(&st, "api")["state"], "running", "{st}");
+}
+
+#[test]
+fn killing_workers_under_keep_alive_load_loses_only_their_open_connections() {
+    kill_workers_under_load(false);
+}
+
+#[test]
+fn killing_workers_under_connection_close_load_loses_only_their_open_connections() {
+    kill_workers_under_load(true);
 }
 
 #[test]

@@ -33,7 +33,8 @@ enum Task {
     /// Build, then run the front end on 127.0.0.1:8080 with examples/demo.toml (needs root).
     Demo,
     /// Build, install the test tools (wrk), run every test: unit tests and the integration
-    /// tests that run the real binaries as root in network namespaces.
+    /// tests that run the real binaries as root in network namespaces; then fuzz the parsers
+    /// briefly (SLUICE_FUZZ_SECONDS per target, default 10; 0 skips).
     Test {
         /// Passed to the test binaries (e.g. a test name filter).
         #[arg(trailing_var_arg = true)]
@@ -138,5 +139,11 @@ fn test(args: &[String]) -> Result<()> {
     // the 2-core machine's load, and their timing, predictable.
     cmd.arg("--test-threads=1");
     cmd.args(args);
-    run(&mut cmd)
+    run(&mut cmd)?;
+    // A short fuzzing round of the parsers (SLUICE_FUZZ_SECONDS per target; 0 skips it).
+    let seconds = std::env::var("SLUICE_FUZZ_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(10);
+    if args.is_empty() && seconds > 0 {
+        fuzz::run_all(seconds)?;
+    }
+    Ok(())
 }
