@@ -21,6 +21,12 @@ pub fn canonicalize(raw: &[u8]) -> Result<String, CanonicalError> {
     if raw.first() != Some(&b'/') {
         return Err(CanonicalError::NotAbsolute);
     }
+    // Most paths are canonical already (the rule the kernel program checks): copy them.
+    if is_plain(raw) {
+        if let Ok(text) = std::str::from_utf8(raw) {
+            return Ok(text.to_owned());
+        }
+    }
     let mut decoded = Vec::with_capacity(raw.len());
     let mut i = 0;
     while i < raw.len() {
@@ -75,6 +81,16 @@ pub fn canonicalize(raw: &[u8]) -> Result<String, CanonicalError> {
     Ok(out)
 }
 
+/// Visible ASCII without `%` or `\\`, and no empty, `.` or `..` segment but a final empty one.
+fn is_plain(raw: &[u8]) -> bool {
+    if !raw.iter().all(|&b| b > b' ' && b < 0x7f && b != b'%' && b != b'\\') {
+        return false;
+    }
+    let segments = raw[1..].split(|&b| b == b'/');
+    let n = raw[1..].split(|&b| b == b'/').count();
+    segments.enumerate().all(|(i, s)| !(s == b"." || s == b".." || (s.is_empty() && i + 1 != n)))
+}
+
 fn hex(c: u8) -> Option<u8> {
     (c as char).to_digit(16).map(|d| d as u8)
 }
@@ -107,6 +123,17 @@ mod tests {
         assert_eq!(once, "/apapi/.%25y");
         assert_eq!(canonicalize(once.as_bytes()), Ok(once));
         assert_eq!(c("/a%2541").unwrap(), "/a%2541");
+    }
+
+    #[test]
+    fn plain_paths_take_the_fast_path_unchanged() {
+        for p in ["/", "/api/x", "/api/", "/a.b/c", "/.well-known/x", "/a/...", "/~u/x-y_z"] {
+            assert!(is_plain(p.as_bytes()), "{p}");
+            assert_eq!(c(p).unwrap(), p);
+        }
+        for p in ["//a", "/a//b", "/a/./b", "/a/..", "/a/.", "/a%20b", "/a\\b"] {
+            assert!(!is_plain(p.as_bytes()), "{p}");
+        }
     }
 
     #[test]

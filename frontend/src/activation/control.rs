@@ -72,8 +72,15 @@ pub fn send(fd: RawFd, text: &str) -> io::Result<()> {
 
 /// Everything waiting on `fd`; `Err` when the worker's end is closed.
 pub fn receive(fd: RawFd) -> io::Result<Vec<Message>> {
+    thread_local! {
+        // One receive buffer for the controller thread, not one allocation per message.
+        static BUF: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0u8; MAX_MESSAGE]);
+    }
+    BUF.with(|b| receive_into(fd, &mut b.borrow_mut()))
+}
+
+fn receive_into(fd: RawFd, buf: &mut [u8]) -> io::Result<Vec<Message>> {
     let mut out = Vec::new();
-    let mut buf = vec![0u8; MAX_MESSAGE];
     loop {
         // SAFETY: receives into a live buffer of the given size.
         let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };

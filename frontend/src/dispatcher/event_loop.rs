@@ -90,9 +90,10 @@ pub struct Loop {
     table: Arc<Table>,
     draining: Vec<bool>,
     drained_listeners: Vec<usize>,
-    drain_msgs: Vec<Box<handoff::Incoming>>,
+    /// Message buffers, made when a pool first needs one (256 KiB each).
+    drain_msgs: Vec<Option<Box<handoff::Incoming>>>,
     handback_armed: Vec<bool>,
-    handback_msgs: Vec<Box<handoff::Incoming>>,
+    handback_msgs: Vec<Option<Box<handoff::Incoming>>>,
     /// Unrouted connections in arrival order: (slot, serial); stale entries are skipped.
     order: VecDeque<(usize, u64)>,
     next_serial: u64,
@@ -122,9 +123,9 @@ impl Loop {
             table,
             draining: vec![false; pools],
             drained_listeners: vec![0; pools],
-            drain_msgs: (0..pools).map(|_| Box::new(handoff::Incoming::new())).collect(),
+            drain_msgs: (0..pools).map(|_| None).collect(),
             handback_armed: vec![false; pools],
-            handback_msgs: (0..pools).map(|_| Box::new(handoff::Incoming::new())).collect(),
+            handback_msgs: (0..pools).map(|_| None).collect(),
             order: VecDeque::new(),
             next_serial: 0,
             reading: 0,
@@ -208,7 +209,8 @@ impl Loop {
             // Hand-backs from the pool's workers arrive on the front end's end of its channel.
             match (&entry, self.handback_armed[p]) {
                 (Some(e), false) => {
-                    self.pending.push(self.handback_msgs[p].recv(e.handoff, ud(OP_HANDBACK, p)));
+                    let entry = incoming(&mut self.handback_msgs[p]).recv(e.handoff, ud(OP_HANDBACK, p));
+                    self.pending.push(entry);
                     self.handback_armed[p] = true;
                 }
                 (None, true) => {
@@ -224,7 +226,8 @@ impl Loop {
                 for (j, &fd) in q.listeners.iter().enumerate() {
                     self.pending.push(accept(fd, OP_DRAIN_ACCEPT, p << 8 | j));
                 }
-                self.pending.push(self.drain_msgs[p].recv(q.handoff_workers, ud(OP_DRAIN_HANDOFF, p)));
+                let entry = incoming(&mut self.drain_msgs[p]).recv(q.handoff_workers, ud(OP_DRAIN_HANDOFF, p));
+                self.pending.push(entry);
                 self.draining[p] = true;
                 self.drained_listeners[p] = q.listeners.len();
             } else if !stopped && self.draining[p] {
@@ -349,7 +352,7 @@ impl Loop {
 
     fn on_drain_handoff(&mut self, p: usize, res: i32) {
         if res >= 0 {
-            if let Some(fd) = self.drain_msgs[p].take_fd() {
+            if let Some(fd) = incoming(&mut self.drain_msgs[p]).take_fd() {
                 let slot = self.insert(fd, &[]);
                 self.refuse(slot, 503, "the application pool is stopped");
             }
@@ -357,21 +360,23 @@ impl Loop {
         if res != -libc::ECANCELED && self.draining.get(p).copied().unwrap_or(false) {
             if let Some(q) = self.table.pools.get(p).and_then(Option::as_ref) {
                 let fd = q.handoff_workers;
-                self.pending.push(self.drain_msgs[p].recv(fd, ud(OP_DRAIN_HANDOFF, p)));
+                let entry = incoming(&mut self.drain_msgs[p]).recv(fd, ud(OP_DRAIN_HANDOFF, p));
+                self.pending.push(entry);
             }
         }
     }
 
     fn on_handback(&mut self, p: usize, res: i32) {
         if res >= 0 {
-            if let Some(fd) = self.handback_msgs[p].take_fd() {
+            let msg = incoming(&mut self.handback_msgs[p]);
+            if let Some(fd) = msg.take_fd() {
                 self.d.stats.handed_back.fetch_add(1, Ordering::Relaxed);
-                if self.handback_msgs[p].truncated() {
+                if msg.truncated() {
                     log::warn!("a connection handed back by pool {p} carried more than {} bytes", handoff::MAX_MESSAGE);
                     let slot = self.insert(fd, &[]);
                     self.refuse(slot, 503, "the request could not be passed between pools");
                 } else {
-                    let bytes = self.handback_msgs[p].bytes(res as usize).to_vec();
+                    let bytes = msg.bytes(res as usize).to_vec();
                     let slot = self.admit(fd, &bytes);
                     self.process(slot);
                 }
@@ -383,7 +388,8 @@ impl Loop {
         match self.table.pools.get(p).and_then(Option::as_ref) {
             Some(e) => {
                 let fd = e.handoff;
-                self.pending.push(self.handback_msgs[p].recv(fd, ud(OP_HANDBACK, p)));
+                let entry = incoming(&mut self.handback_msgs[p]).recv(fd, ud(OP_HANDBACK, p));
+                self.pending.push(entry);
             }
             None => self.handback_armed[p] = false,
         }
@@ -577,6 +583,10 @@ impl Loop {
             self.free.push(slot);
         }
     }
+}
+
+fn incoming(slot: &mut Option<Box<handoff::Incoming>>) -> &mut handoff::Incoming {
+    slot.get_or_insert_with(|| Box::new(handoff::Incoming::new()))
 }
 
 fn accept(fd: RawFd, op: u64, index: usize) -> squeue::Entry {

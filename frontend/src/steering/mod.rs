@@ -70,7 +70,9 @@ impl Steering {
     pub fn load(groups: usize) -> Result<Steering, SteeringError> {
         let mut loaded = Vec::with_capacity(groups);
         for g in 0..groups {
-            let mut ebpf = Ebpf::load(OBJECT)?;
+            // No kernel BTF: the programs need no CO-RE relocation, and parsing vmlinux's BTF
+            // would cost tens of MiB of peak memory per copy.
+            let mut ebpf = aya::EbpfLoader::new().btf(None).load(OBJECT)?;
             let prog: &mut SkReuseport = ebpf
                 .program_mut(STEER_PROGRAM)
                 .ok_or(SteeringError::Missing(STEER_PROGRAM))?
