@@ -59,13 +59,14 @@ impl Publisher {
     /// Publishes `resp` (the handler's answer to `req`) when the rules allow it.
     pub(crate) fn offer(&self, req: &Request<'_>, resp: &Response) {
         let Some(fd) = self.control else { return };
-        if self.max_entry == 0 || !cache_eligible(req, !req.body().is_empty(), false) {
+        if self.max_entry == 0 {
             return;
         }
-        if req.header("transfer-encoding").is_some() {
-            return;
-        }
+        // The response's few headers first: most responses say nothing about caching.
         let Ok(ttl) = lifetime(resp) else { return };
+        if !cache_eligible(req, !req.body().is_empty(), false) || req.header("transfer-encoding").is_some() {
+            return;
+        }
         let Some(path) = req.canonical_path() else {
             return;
         };
