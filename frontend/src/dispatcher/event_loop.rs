@@ -304,8 +304,18 @@ impl Loop {
             c.counted = true;
         }
         self.reading += 1;
-        self.order.push_back((slot, serial));
+        self.push_order(slot, serial);
         slot
+    }
+
+    /// Remembers an unrouted connection's arrival; entries of connections routed since are
+    /// dropped now and then, so the queue stays about as long as the unrouted count.
+    fn push_order(&mut self, slot: usize, serial: u64) {
+        self.order.push_back((slot, serial));
+        if self.order.len() > 2 * self.reading + 1024 {
+            let conns = &self.conns;
+            self.order.retain(|&(s, n)| conns.get(s).and_then(Option::as_ref).is_some_and(|c| c.serial == n && c.counted));
+        }
     }
 
     /// The connection leaves the unrouted count.
@@ -527,7 +537,7 @@ impl Loop {
                     c.counted = true;
                 }
                 self.reading += 1;
-                self.order.push_back((slot, serial));
+                self.push_order(slot, serial);
                 self.process(slot);
             }
             _ => {
