@@ -123,6 +123,30 @@ pub fn config(template: &str, admin: &Path) -> String {
     t
 }
 
+/// One pool `api` serving every path on 127.0.0.1:8080 in first-segment mode: `command` is the
+/// TOML array's contents (e.g. `"{hello}"`), `extra` more `[[pool]]` keys, one per line.
+pub fn one_pool(command: &str, extra: &str) -> String {
+    format!(
+        r#"
+[server]
+listen = ["127.0.0.1:8080"]
+steering = "first-segment"
+set_sysctls = true
+admin_socket = "{{admin}}"
+
+[[pool]]
+name = "api"
+command = [{command}]
+threads = 1
+{extra}
+
+[[route]]
+prefix = "/"
+pool = "api"
+"#
+    )
+}
+
 /// Pools `api` (2 processes, `/api/`) and `web` (`/`) of hello workers on 127.0.0.1:8080
 /// and [::1]:8080, in the given steering mode, allowed to set the sysctls it needs.
 pub fn two_pools(steering: &str) -> String {

@@ -20,6 +20,26 @@ fn admin(s: &Sluice, words: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Stops pool api's only worker (SIGSTOP), then opens `n` connections that send a request
+/// each: they wait in the pool's queue. Returns the worker's pid and the clients.
+fn stop_worker_and_queue(ns: &Netns, s: &Sluice, n: usize) -> (i32, Vec<TcpStream>) {
+    let st = wait_for(s, Duration::from_secs(10), "a worker", |st| worker_pids(st, "api").len() == 1);
+    let pid = worker_pids(&st, "api")[0];
+    // SAFETY: signalling the worker this test's sluice started.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    std::thread::sleep(Duration::from_millis(200));
+    let clients = ns.enter(|| {
+        (0..n)
+            .map(|i| {
+                let mut c = TcpStream::connect(v4()).expect("connect");
+                c.write_all(&get_request(&format!("/queued/{i}"))).expect("send");
+                c
+            })
+            .collect()
+    });
+    (pid, clients)
+}
+
 fn get(ns: &Netns, path: &str) -> Response {
     ns.enter(|| exchange(v4(), &get_request(path))).unwrap_or_else(|e| panic!("GET {path}: {e}"))
 }
@@ -29,24 +49,7 @@ fn on_demand_pool_starts_with_its_first_request_and_stops_when_idle() {
     let ns = Netns::new("ondemand");
     let s = Sluice::start(
         &ns,
-        r#"
-[server]
-listen = ["127.0.0.1:8080"]
-steering = "first-segment"
-set_sysctls = true
-admin_socket = "{admin}"
-
-[[pool]]
-name = "api"
-command = ["{hello}"]
-processes = 2
-threads = 1
-idle_timeout = "2s"
-
-[[route]]
-prefix = "/"
-pool = "api"
-"#,
+        &one_pool(r#""{hello}""#, "processes = 2\nidle_timeout = \"2s\""),
     );
     let st = s.status();
     assert_eq!(pool(&st, "api")["state"], "idle", "{st}");
@@ -137,25 +140,7 @@ fn a_hung_worker_is_detected_by_ping_and_replaced() {
     let ns = Netns::new("hang");
     let s = Sluice::start(
         &ns,
-        r#"
-[server]
-listen = ["127.0.0.1:8080"]
-steering = "first-segment"
-set_sysctls = true
-admin_socket = "{admin}"
-
-[[pool]]
-name = "api"
-command = ["{crash}", "--hang-on", "/hang"]
-threads = 1
-start = "always"
-ping_interval = "1s"
-ping_timeout = "2s"
-
-[[route]]
-prefix = "/"
-pool = "api"
-"#,
+        &one_pool(r#""{crash}", "--hang-on", "/hang""#, "start = \"always\"\nping_interval = \"1s\"\nping_timeout = \"2s\""),
     );
     let st = wait_for(&s, Duration::from_secs(10), "a ready worker", |st| {
         pool(st, "api")["workers"].as_array().is_some_and(|w| w.len() == 1 && w[0]["ready"] == true)
@@ -206,39 +191,9 @@ fn a_full_queue_answers_503_and_recovers_when_it_drains() {
     let ns = Netns::new("full");
     let s = Sluice::start(
         &ns,
-        r#"
-[server]
-listen = ["127.0.0.1:8080"]
-steering = "first-segment"
-set_sysctls = true
-admin_socket = "{admin}"
-
-[[pool]]
-name = "api"
-command = ["{hello}"]
-threads = 1
-start = "always"
-queue_length = 5
-
-[[route]]
-prefix = "/"
-pool = "api"
-"#,
+        &one_pool(r#""{hello}""#, "start = \"always\"\nqueue_length = 5"),
     );
-    let st = wait_for(&s, Duration::from_secs(10), "a worker", |st| worker_pids(st, "api").len() == 1);
-    let pid = worker_pids(&st, "api")[0];
-    // SAFETY: signalling the worker this test's sluice started.
-    unsafe { libc::kill(pid, libc::SIGSTOP) };
-    std::thread::sleep(Duration::from_millis(200));
-    let mut clients: Vec<TcpStream> = ns.enter(|| {
-        (0..6)
-            .map(|i| {
-                let mut c = TcpStream::connect(v4()).expect("connect");
-                c.write_all(&get_request(&format!("/queued/{i}"))).expect("send");
-                c
-            })
-            .collect()
-    });
+    let (pid, mut clients) = stop_worker_and_queue(&ns, &s, 6);
     wait_for(&s, Duration::from_secs(5), "a full queue", |st| pool(st, "api")["queued"].as_u64().unwrap_or(0) >= 5);
     // Over the limit: answered at once with 503, not a hang or a silent drop.
     let started = Instant::now();
@@ -377,39 +332,9 @@ fn connections_queued_for_a_pool_that_stops_are_answered_503() {
     let ns = Netns::new("drain");
     let s = Sluice::start(
         &ns,
-        r#"
-[server]
-listen = ["127.0.0.1:8080"]
-steering = "first-segment"
-set_sysctls = true
-admin_socket = "{admin}"
-
-[[pool]]
-name = "api"
-command = ["{hello}"]
-threads = 1
-start = "always"
-rapid_fail = { failures = 1, interval = "1m" }
-
-[[route]]
-prefix = "/"
-pool = "api"
-"#,
+        &one_pool(r#""{hello}""#, "start = \"always\"\nrapid_fail = { failures = 1, interval = \"1m\" }"),
     );
-    let st = wait_for(&s, Duration::from_secs(10), "a worker", |st| worker_pids(st, "api").len() == 1);
-    let pid = worker_pids(&st, "api")[0];
-    // SAFETY: the worker of this test's sluice.
-    unsafe { libc::kill(pid, libc::SIGSTOP) };
-    std::thread::sleep(Duration::from_millis(200));
-    let mut clients: Vec<TcpStream> = ns.enter(|| {
-        (0..20)
-            .map(|i| {
-                let mut c = TcpStream::connect(v4()).expect("connect");
-                c.write_all(&get_request(&format!("/waiting/{i}"))).expect("send");
-                c
-            })
-            .collect()
-    });
+    let (pid, mut clients) = stop_worker_and_queue(&ns, &s, 20);
     wait_for(&s, Duration::from_secs(5), "20 queued", |st| pool(st, "api")["queued"] == 20);
     // One failure is enough here: the pool stops with 20 connections in its queue.
     // SAFETY: as above.
