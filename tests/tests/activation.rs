@@ -431,3 +431,70 @@ fn reload_under_load_adds_changes_and_removes_pools_without_failing_a_request() 
         "{after}"
     );
 }
+
+#[test]
+fn connections_waiting_for_a_pool_a_reload_removes_are_routed_afresh() {
+    let ns = Netns::new("rmq");
+    let before = r#"
+[server]
+listen = ["127.0.0.1:8080"]
+steering = "syn"
+admin_socket = "{admin}"
+
+[[pool]]
+name = "old"
+command = ["{hello}"]
+threads = 1
+start = "always"
+shutdown_time_limit = "1s"
+
+[[pool]]
+name = "web"
+command = ["{hello}"]
+threads = 1
+start = "always"
+
+[[route]]
+prefix = "/old/"
+pool = "old"
+
+[[route]]
+prefix = "/"
+pool = "web"
+"#;
+    let s = Sluice::start(&ns, before);
+    let st = wait_for(&s, Duration::from_secs(10), "workers", |st| {
+        worker_pids(st, "old").len() == 1 && worker_pids(st, "web").len() == 1
+    });
+    let old = worker_pids(&st, "old")[0];
+    // SAFETY: the worker of this test's sluice.
+    unsafe { libc::kill(old, libc::SIGSTOP) };
+    std::thread::sleep(Duration::from_millis(200));
+    // Plain clients in syn mode go through the dispatcher, which hands them to old's channel,
+    // where they wait: its worker is stopped.
+    let mut clients: Vec<TcpStream> = ns.enter(|| {
+        (0..10)
+            .map(|i| {
+                let mut c = TcpStream::connect(v4()).expect("connect");
+                c.write_all(&get_request(&format!("/old/{i}"))).expect("send");
+                c
+            })
+            .collect()
+    });
+    wait_for(&s, Duration::from_secs(5), "10 handoffs", |st| pool(st, "old")["handed_off"] == 10);
+    // The reload removes old; /old/ now belongs to web.
+    s.rewrite(&before.replace("prefix = \"/old/\"\npool = \"old\"", "prefix = \"/old/\"\npool = \"web\"").replace(
+        "[[pool]]\nname = \"old\"\ncommand = [\"{hello}\"]\nthreads = 1\nstart = \"always\"\nshutdown_time_limit = \"1s\"\n",
+        "",
+    ));
+    let out = Command::new(sluice_bin()).arg("reload").arg("--admin").arg(&s.admin).output().expect("reload");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("removed pool old"));
+    for (i, c) in clients.iter_mut().enumerate() {
+        c.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+        let r = read_response(c).unwrap_or_else(|e| panic!("connection {i} left for the removed pool was lost: {e}"));
+        assert_eq!((r.status, r.pool()), (200, Some("web")), "connection {i}");
+    }
+    // SAFETY: as above (it is killed after its shutdown limit anyway).
+    unsafe { libc::kill(old, libc::SIGCONT) };
+}

@@ -43,6 +43,8 @@ const OP_DRAIN_HANDOFF: u64 = 10;
 const OP_CANCEL: u64 = 11;
 /// index: pool
 const OP_HANDBACK: u64 = 12;
+/// index: pool (a removed pool's handoff channel, read from the workers' end)
+const OP_REROUTE: u64 = 13;
 
 fn ud(op: u64, index: usize) -> u64 {
     op << 32 | index as u64
@@ -94,6 +96,8 @@ pub struct Loop {
     drain_msgs: Vec<Option<Box<handoff::Incoming>>>,
     handback_armed: Vec<bool>,
     handback_msgs: Vec<Option<Box<handoff::Incoming>>>,
+    reroute_armed: Vec<bool>,
+    reroute_msgs: Vec<Option<Box<handoff::Incoming>>>,
     /// Unrouted connections in arrival order: (slot, serial); stale entries are skipped.
     order: VecDeque<(usize, u64)>,
     next_serial: u64,
@@ -126,6 +130,8 @@ impl Loop {
             drain_msgs: (0..pools).map(|_| None).collect(),
             handback_armed: vec![false; pools],
             handback_msgs: (0..pools).map(|_| None).collect(),
+            reroute_armed: vec![false; pools],
+            reroute_msgs: (0..pools).map(|_| None).collect(),
             order: VecDeque::new(),
             next_serial: 0,
             reading: 0,
@@ -166,6 +172,7 @@ impl Loop {
                     OP_DRAIN_ACCEPT => self.on_drain_accept(index, res, flags),
                     OP_DRAIN_HANDOFF => self.on_drain_handoff(index, res),
                     OP_HANDBACK => self.on_handback(index, res),
+                    OP_REROUTE => self.on_reroute(index, res),
                     OP_RECV => self.on_recv(index, res),
                     OP_SEND => self.on_send(index, res),
                     OP_LINGER => self.on_linger(index, res),
@@ -206,6 +213,15 @@ impl Loop {
     fn table_changed(&mut self) {
         for p in 0..MAX_POOLS as usize {
             let entry = self.table.pools.get(p).and_then(Option::as_ref).cloned();
+            // A removed pool's workers are gone: what was handed to them and not taken is read
+            // back from their end and routed afresh.
+            if let (Some(e), false) = (&entry, self.reroute_armed[p]) {
+                if e.removed {
+                    let op = incoming(&mut self.reroute_msgs[p]).recv(e.handoff_workers, ud(OP_REROUTE, p));
+                    self.pending.push(op);
+                    self.reroute_armed[p] = true;
+                }
+            }
             // Hand-backs from the pool's workers arrive on the front end's end of its channel.
             match (&entry, self.handback_armed[p]) {
                 (Some(e), false) => {
@@ -219,7 +235,7 @@ impl Loop {
                 }
                 _ => {}
             }
-            let stopped = entry.is_some() && self.d.flags.get(p) & PoolFlags::STOPPED != 0;
+            let stopped = entry.as_ref().is_some_and(|e| !e.removed) && self.d.flags.get(p) & PoolFlags::STOPPED != 0;
             if let (true, false, Some(q)) = (stopped, self.draining[p], &entry) {
                 // Connections already queued for a stopped pool get 503 too.
                 log::info!("dispatcher: answering pool {p}'s queue with 503 while it is stopped");
@@ -405,6 +421,26 @@ impl Loop {
         }
     }
 
+    fn on_reroute(&mut self, p: usize, res: i32) {
+        if res >= 0 {
+            let msg = incoming(&mut self.reroute_msgs[p]);
+            if let Some(fd) = msg.take_fd() {
+                let bytes = msg.bytes(res as usize).to_vec();
+                log::info!("dispatcher: routing a connection left for removed pool {p} afresh");
+                let slot = self.admit(fd, &bytes);
+                self.process(slot);
+            }
+        }
+        if res == -libc::ECANCELED {
+            return;
+        }
+        if let Some(e) = self.table.pools.get(p).and_then(Option::as_ref) {
+            let fd = e.handoff_workers;
+            let op = incoming(&mut self.reroute_msgs[p]).recv(fd, ud(OP_REROUTE, p));
+            self.pending.push(op);
+        }
+    }
+
     fn recv(&mut self, slot: usize) {
         let Some(c) = self.conns[slot].as_mut() else { return };
         c.inflight += 1;
@@ -451,7 +487,7 @@ impl Loop {
         }
         let decision = match seen.decision {
             Decision::NeedMore => Decision::Refuse(431, "the request head is too large"),
-            Decision::Pool(p) if self.table.pools.get(p).and_then(Option::as_ref).is_none() => {
+            Decision::Pool(p) if self.table.pools.get(p).and_then(Option::as_ref).is_none_or(|e| e.removed) => {
                 Decision::Refuse(503, "the application pool is being removed")
             }
             Decision::Pool(p) if self.d.flags.get(p) & PoolFlags::STOPPED != 0 => {

@@ -90,6 +90,9 @@ pub struct PoolEntry {
     pub listeners: Vec<RawFd>,
     /// The workers' end of the handoff channel (the front end holds it too), drained likewise.
     pub handoff_workers: RawFd,
+    /// A reload removed the pool: nothing routes to it, and connections still in its handoff
+    /// channel are routed afresh.
+    pub removed: bool,
 }
 
 /// The routes and pools the dispatcher works with; a reload swaps in a new one.

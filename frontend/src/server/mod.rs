@@ -231,7 +231,7 @@ impl Frontend {
         self.greet_workers();
         let table = dispatcher::Table {
             routes: crate::route::RouteTable::new(routes),
-            pools: self.pools.iter().map(|p| p.removed.is_none().then(|| p.entry())).collect(),
+            pools: self.pools.iter().map(|p| Some(p.entry())).collect(),
         };
         self.table.replace(table);
         self.wake_dispatcher();

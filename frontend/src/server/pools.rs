@@ -47,6 +47,7 @@ impl PoolRt {
             handoff: self.handoff.frontend.as_raw_fd(),
             listeners: self.listeners.iter().map(|fd| fd.as_raw_fd()).collect(),
             handoff_workers: self.handoff.workers.as_raw_fd(),
+            removed: self.removed.is_some(),
         }
     }
 
