@@ -127,7 +127,7 @@ fn demo() -> Result<()> {
 
 fn test(args: &[String]) -> Result<()> {
     build()?;
-    toolchain::ensure_packages(&[("wrk", "wrk"), ("curl", "curl"), ("ip", "iproute2")])?;
+    toolchain::ensure_packages(&[("wrk", "wrk"), ("curl", "curl"), ("ip", "iproute2"), ("sysctl", "procps")])?;
     let root = root();
     let obj = root.join("target/ebpf/bpfel-unknown-none/release/sluice-ebpf");
     let mut cmd = cargo();
