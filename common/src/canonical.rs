@@ -83,12 +83,17 @@ pub fn canonicalize(raw: &[u8]) -> Result<String, CanonicalError> {
 
 /// Visible ASCII without `%` or `\\`, and no empty, `.` or `..` segment but a final empty one.
 fn is_plain(raw: &[u8]) -> bool {
-    if !raw.iter().all(|&b| b > b' ' && b < 0x7f && b != b'%' && b != b'\\') {
+    if !raw
+        .iter()
+        .all(|&b| b > b' ' && b < 0x7f && b != b'%' && b != b'\\')
+    {
         return false;
     }
     let segments = raw[1..].split(|&b| b == b'/');
     let n = raw[1..].split(|&b| b == b'/').count();
-    segments.enumerate().all(|(i, s)| !(s == b"." || s == b".." || (s.is_empty() && i + 1 != n)))
+    segments
+        .enumerate()
+        .all(|(i, s)| !(s == b"." || s == b".." || (s.is_empty() && i + 1 != n)))
 }
 
 fn hex(c: u8) -> Option<u8> {
@@ -127,7 +132,15 @@ mod tests {
 
     #[test]
     fn plain_paths_take_the_fast_path_unchanged() {
-        for p in ["/", "/api/x", "/api/", "/a.b/c", "/.well-known/x", "/a/...", "/~u/x-y_z"] {
+        for p in [
+            "/",
+            "/api/x",
+            "/api/",
+            "/a.b/c",
+            "/.well-known/x",
+            "/a/...",
+            "/~u/x-y_z",
+        ] {
             assert!(is_plain(p.as_bytes()), "{p}");
             assert_eq!(c(p).unwrap(), p);
         }

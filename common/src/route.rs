@@ -8,11 +8,14 @@ pub fn normalize_prefix(prefix: &str) -> Result<String, &'static str> {
     if !prefix.starts_with('/') {
         return Err("must start with `/`");
     }
-    if prefix.bytes().any(|b| b <= b' ' || b >= 0x7f || b == b'%' || b == b'\\' || b == b'?') {
+    if prefix
+        .bytes()
+        .any(|b| b <= b' ' || b >= 0x7f || b == b'%' || b == b'\\' || b == b'?')
+    {
         return Err("must be a plain path: visible ASCII without `%`, `\\` or `?`");
     }
-    let canonical = crate::canonical::canonicalize(prefix.as_bytes())
-        .map_err(|_| "is not a canonical path")?;
+    let canonical =
+        crate::canonical::canonicalize(prefix.as_bytes()).map_err(|_| "is not a canonical path")?;
     let mut p = prefix.to_owned();
     if !p.ends_with('/') {
         p.push('/');
@@ -43,7 +46,10 @@ impl RouteTable {
 
     /// The pool for a canonical path (`/`-rooted, no query).
     pub fn lookup(&self, path: &str) -> Option<usize> {
-        self.entries.iter().find(|(prefix, _)| matches(prefix, path)).map(|(_, pool)| *pool)
+        self.entries
+            .iter()
+            .find(|(prefix, _)| matches(prefix, path))
+            .map(|(_, pool)| *pool)
     }
 }
 

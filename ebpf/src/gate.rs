@@ -126,7 +126,13 @@ fn gate(ctx: &TcContext) -> Result<bool, i64> {
     // SAFETY: `tuple` lives on the stack for the call; the returned reference is released
     // below on every path.
     let sk = unsafe {
-        bpf_skc_lookup_tcp(ctx.as_ptr(), &mut tuple, tuple_len as u32, BPF_F_CURRENT_NETNS as u64, 0)
+        bpf_skc_lookup_tcp(
+            ctx.as_ptr(),
+            &mut tuple,
+            tuple_len as u32,
+            BPF_F_CURRENT_NETNS as u64,
+            0,
+        )
     };
     if sk.is_null() {
         return Ok(false);

@@ -25,8 +25,9 @@ use aya_ebpf::{
     programs::SkReuseportContext,
 };
 use sluice_common::{
-    CFG_LEN, CFG_MODE, CFG_ROUTES, DISPATCHER_SLOT, LINE_WINDOW, MAX_CACHED_PATHS, MAX_POOLS, MAX_PREFIX, MAX_ROUTES,
-    MODE_FIRST_SEGMENT, POOL_FLAG_STOPPED, PoolSlots, SOCKET_SLOTS, counter,
+    CFG_LEN, CFG_MODE, CFG_ROUTES, DISPATCHER_SLOT, LINE_WINDOW, MAX_CACHED_PATHS, MAX_POOLS,
+    MAX_PREFIX, MAX_ROUTES, MODE_FIRST_SEGMENT, POOL_FLAG_STOPPED, PoolSlots, SOCKET_SLOTS,
+    counter,
 };
 
 use crate::parse::Verdict;
@@ -47,7 +48,8 @@ static ROUTES_B: LpmTrie<[u8; MAX_PREFIX], u32> = LpmTrie::with_max_entries(MAX_
 /// Paths the front end answers from its cache, keyed like a route key's data (the path, a `/`
 /// appended, zero-padded): a connection whose first request is one goes to the dispatcher.
 #[map]
-pub(crate) static CACHED: HashMap<[u8; MAX_PREFIX], u8> = HashMap::with_max_entries(MAX_CACHED_PATHS, 0);
+pub(crate) static CACHED: HashMap<[u8; MAX_PREFIX], u8> =
+    HashMap::with_max_entries(MAX_CACHED_PATHS, 0);
 
 /// Pool index -> its slots in `SOCKETS` and its state.
 #[map]
@@ -153,7 +155,11 @@ fn select(ctx: &SkReuseportContext, slot: u32) -> bool {
 /// group (which would hand the connection to an arbitrary pool), so it drops instead.
 #[inline(always)]
 fn to_dispatcher(ctx: &SkReuseportContext) -> u32 {
-    if select(ctx, DISPATCHER_SLOT) { SK_PASS } else { SK_DROP }
+    if select(ctx, DISPATCHER_SLOT) {
+        SK_PASS
+    } else {
+        SK_DROP
+    }
 }
 
 #[inline(always)]

@@ -28,7 +28,11 @@ const MAX_METHOD: usize = 16;
 fn at(line: &[u8; LINE_WINDOW], i: usize) -> u8 {
     // The mask keeps the access provably in bounds for the verifier, whatever LLVM makes of
     // the comparison.
-    if i < LINE_WINDOW { line[i & (LINE_WINDOW - 1)] } else { 0 }
+    if i < LINE_WINDOW {
+        line[i & (LINE_WINDOW - 1)]
+    } else {
+        0
+    }
 }
 
 /// Returns `v` (below LINE_WINDOW) read back from map memory. The verifier tracks exact values in registers and

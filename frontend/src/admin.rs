@@ -17,7 +17,9 @@ pub enum AdminError {
     InUse(PathBuf),
     #[error("admin socket {path}: {source}")]
     Io { path: PathBuf, source: io::Error },
-    #[error("cannot reach sluice at {path}: {source} (is `sluice run` running, with this admin_socket?)")]
+    #[error(
+        "cannot reach sluice at {path}: {source} (is `sluice run` running, with this admin_socket?)"
+    )]
     Connect { path: PathBuf, source: io::Error },
     #[error("sluice answered: {0}")]
     Refused(String),
@@ -32,7 +34,10 @@ pub struct AdminSocket {
 
 impl AdminSocket {
     pub fn bind(path: &Path) -> Result<AdminSocket, AdminError> {
-        let io = |source| AdminError::Io { path: path.to_owned(), source };
+        let io = |source| AdminError::Io {
+            path: path.to_owned(),
+            source,
+        };
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(io)?;
         }
@@ -45,7 +50,10 @@ impl AdminSocket {
         let listener = UnixListener::bind(path).map_err(io)?;
         listener.set_nonblocking(true).map_err(io)?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(io)?;
-        Ok(AdminSocket { listener, path: path.to_owned() })
+        Ok(AdminSocket {
+            listener,
+            path: path.to_owned(),
+        })
     }
 
     pub fn fd(&self) -> std::os::fd::RawFd {
@@ -78,11 +86,20 @@ impl Drop for AdminSocket {
 
 /// Sends one command and returns the answer.
 pub fn ask(path: &Path, command: &str) -> Result<String, AdminError> {
-    let mut stream =
-        UnixStream::connect(path).map_err(|source| AdminError::Connect { path: path.to_owned(), source })?;
-    let io = |source| AdminError::Io { path: path.to_owned(), source };
-    stream.set_read_timeout(Some(Duration::from_secs(10))).map_err(io)?;
-    stream.write_all(format!("{command}\n").as_bytes()).map_err(io)?;
+    let mut stream = UnixStream::connect(path).map_err(|source| AdminError::Connect {
+        path: path.to_owned(),
+        source,
+    })?;
+    let io = |source| AdminError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(io)?;
+    stream
+        .write_all(format!("{command}\n").as_bytes())
+        .map_err(io)?;
     let mut out = String::new();
     stream.read_to_string(&mut out).map_err(io)?;
     if let Some(err) = out.strip_prefix("error: ") {

@@ -9,7 +9,11 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "sluice", version, about = "HTTP front end: eBPF-steered application pools with io_uring workers")]
+#[command(
+    name = "sluice",
+    version,
+    about = "HTTP front end: eBPF-steered application pools with io_uring workers"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -135,7 +139,8 @@ fn real_main() -> Result<()> {
         }
         Command::Route { config, paths } => {
             let c = config::Config::load(&config)?;
-            let table = sluice::route::RouteTable::new(c.routes.iter().map(|r| (r.prefix.clone(), r.pool)));
+            let table =
+                sluice::route::RouteTable::new(c.routes.iter().map(|r| (r.prefix.clone(), r.pool)));
             for target in paths {
                 let raw = target.split('?').next().unwrap_or("");
                 let answer = match sluice::canonical::canonicalize(raw.as_bytes()) {
@@ -149,7 +154,11 @@ fn real_main() -> Result<()> {
             }
             Ok(())
         }
-        Command::Cache { action, admin, config } => {
+        Command::Cache {
+            action,
+            admin,
+            config,
+        } => {
             let path = admin_path(admin, config)?;
             match action {
                 CacheAction::List { json } => {
@@ -159,9 +168,15 @@ fn real_main() -> Result<()> {
                     } else {
                         let list: Vec<sluice::cache::Listed> =
                             serde_json::from_str(&answer).context("reading the cache list")?;
-                        println!("{:<40} {:>9} {:>7} {:>9} {:>8}  origin", "path", "bytes", "age_s", "ttl_left", "hits");
+                        println!(
+                            "{:<40} {:>9} {:>7} {:>9} {:>8}  origin",
+                            "path", "bytes", "age_s", "ttl_left", "hits"
+                        );
                         for e in list {
-                            println!("{:<40} {:>9} {:>7} {:>9} {:>8}  {}", e.path, e.bytes, e.age_s, e.ttl_left_s, e.hits, e.origin);
+                            println!(
+                                "{:<40} {:>9} {:>7} {:>9} {:>8}  {}",
+                                e.path, e.bytes, e.age_s, e.ttl_left_s, e.hits, e.origin
+                            );
                         }
                     }
                 }
@@ -179,7 +194,11 @@ fn real_main() -> Result<()> {
             print!("{}", admin::ask(&admin_path(admin, config)?, "reload")?);
             Ok(())
         }
-        Command::Pool { action, admin, config } => {
+        Command::Pool {
+            action,
+            admin,
+            config,
+        } => {
             let path = admin_path(admin, config)?;
             let command = match action {
                 PoolAction::Start { name } => format!("pool start {name}"),
@@ -188,13 +207,18 @@ fn real_main() -> Result<()> {
             print!("{}", admin::ask(&path, &command)?);
             Ok(())
         }
-        Command::Status { json, admin, config } => {
+        Command::Status {
+            json,
+            admin,
+            config,
+        } => {
             let path = admin_path(admin, config)?;
             let answer = admin::ask(&path, "status")?;
             if json {
                 print!("{answer}");
             } else {
-                let s: status::Status = serde_json::from_str(&answer).context("reading the status answer")?;
+                let s: status::Status =
+                    serde_json::from_str(&answer).context("reading the status answer")?;
                 print!("{}", s.render());
             }
             Ok(())

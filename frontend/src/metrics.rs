@@ -11,14 +11,17 @@ use std::{
 use anyhow::{Context, Result};
 
 pub fn serve(addr: SocketAddr, admin: PathBuf) -> Result<()> {
-    let listener = TcpListener::bind(addr).with_context(|| format!("binding the metrics address {addr}"))?;
-    std::thread::Builder::new().name("metrics".into()).spawn(move || {
-        for stream in listener.incoming().flatten() {
-            if let Err(e) = answer(stream, &admin) {
-                log::debug!("metrics: {e}");
+    let listener =
+        TcpListener::bind(addr).with_context(|| format!("binding the metrics address {addr}"))?;
+    std::thread::Builder::new()
+        .name("metrics".into())
+        .spawn(move || {
+            for stream in listener.incoming().flatten() {
+                if let Err(e) = answer(stream, &admin) {
+                    log::debug!("metrics: {e}");
+                }
             }
-        }
-    })?;
+        })?;
     Ok(())
 }
 

@@ -13,7 +13,11 @@ use std::{
 #[derive(Debug, thiserror::Error)]
 pub enum SocketError {
     #[error("{what} for {addr}: {source}")]
-    Listen { what: &'static str, addr: SocketAddr, source: io::Error },
+    Listen {
+        what: &'static str,
+        addr: SocketAddr,
+        source: io::Error,
+    },
     #[error("handoff socket pair: {0}")]
     Handoff(io::Error),
 }
@@ -24,13 +28,23 @@ pub const DISPATCHER_BACKLOG: i32 = 4096;
 const TFO_QUEUE: i32 = 1024;
 
 fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
-    if r < 0 { Err(io::Error::last_os_error()) } else { Ok(r) }
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
 }
 
 fn setopt(fd: RawFd, level: i32, name: i32, value: i32) -> io::Result<()> {
     // SAFETY: passes a pointer to a live i32 and its size.
     cvt(unsafe {
-        libc::setsockopt(fd, level, name, (&value as *const i32).cast(), size_of::<i32>() as u32)
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            (&value as *const i32).cast(),
+            size_of::<i32>() as u32,
+        )
     })
     .map(drop)
 }
@@ -43,7 +57,9 @@ fn sockaddr(addr: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
             let sin = libc::sockaddr_in {
                 sin_family: libc::AF_INET as u16,
                 sin_port: a.port().to_be(),
-                sin_addr: libc::in_addr { s_addr: u32::from(*a.ip()).to_be() },
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from(*a.ip()).to_be(),
+                },
                 sin_zero: [0; 8],
             };
             // SAFETY: sockaddr_storage is larger than sockaddr_in and suitably aligned.
@@ -55,7 +71,9 @@ fn sockaddr(addr: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
                 sin6_family: libc::AF_INET6 as u16,
                 sin6_port: a.port().to_be(),
                 sin6_flowinfo: a.flowinfo(),
-                sin6_addr: libc::in6_addr { s6_addr: a.ip().octets() },
+                sin6_addr: libc::in6_addr {
+                    s6_addr: a.ip().octets(),
+                },
                 sin6_scope_id: a.scope_id(),
             };
             // SAFETY: sockaddr_storage is larger than sockaddr_in6 and suitably aligned.
@@ -69,7 +87,11 @@ fn sockaddr(addr: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
 /// A listening TCP socket in the reuseport group of `addr`.
 pub fn listener(addr: SocketAddr, backlog: i32) -> Result<OwnedFd, SocketError> {
     let err = |what| move |source| SocketError::Listen { what, addr, source };
-    let family = if addr.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
+    let family = if addr.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
     // SAFETY: plain socket(2); the fd is owned right away.
     let fd = cvt(unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) })
         .map_err(err("socket"))?;
@@ -106,21 +128,33 @@ pub fn handoff_pair() -> Result<HandoffPair, SocketError> {
     let mut fds = [0; 2];
     // SAFETY: socketpair(2) writes two fds into the array.
     cvt(unsafe {
-        libc::socketpair(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC, 0, fds.as_mut_ptr())
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
     })
     .map_err(SocketError::Handoff)?;
     // SAFETY: both fds were just created and are owned by nothing else.
-    let (frontend, workers) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let (frontend, workers) =
+        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
     let raw = frontend.as_raw_fd();
     // As root the limit can be raised past wmem_max; otherwise take what we get.
     if setopt(raw, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, HANDOFF_SNDBUF).is_err() {
         let _ = setopt(raw, libc::SOL_SOCKET, libc::SO_SNDBUF, HANDOFF_SNDBUF);
     }
-    let _ = setopt(workers.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, HANDOFF_SNDBUF);
+    let _ = setopt(
+        workers.as_raw_fd(),
+        libc::SOL_SOCKET,
+        libc::SO_RCVBUFFORCE,
+        HANDOFF_SNDBUF,
+    );
     // SAFETY: fcntl on our own fd.
     unsafe {
         let flags = libc::fcntl(raw, libc::F_GETFL);
-        cvt(libc::fcntl(raw, libc::F_SETFL, flags | libc::O_NONBLOCK)).map_err(SocketError::Handoff)?;
+        cvt(libc::fcntl(raw, libc::F_SETFL, flags | libc::O_NONBLOCK))
+            .map_err(SocketError::Handoff)?;
     }
     Ok(HandoffPair { frontend, workers })
 }
@@ -131,7 +165,13 @@ pub fn queued(fd: RawFd) -> io::Result<u32> {
     unsafe {
         let mut info: libc::tcp_info = std::mem::zeroed();
         let mut len = size_of::<libc::tcp_info>() as libc::socklen_t;
-        cvt(libc::getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_INFO, (&mut info as *mut libc::tcp_info).cast(), &mut len))?;
+        cvt(libc::getsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        ))?;
         // On a LISTEN socket tcpi_unacked is the accept-queue length.
         Ok(info.tcpi_unacked)
     }

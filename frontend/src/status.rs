@@ -83,7 +83,10 @@ impl Status {
             }
         };
         let per_pool = |f: &dyn Fn(&PoolStatus) -> u64| -> Vec<(String, u64)> {
-            self.pools.iter().map(|p| (format!("{{pool=\"{}\"}}", p.name), f(p))).collect()
+            self.pools
+                .iter()
+                .map(|p| (format!("{{pool=\"{}\"}}", p.name), f(p)))
+                .collect()
         };
         family(
             "sluice_pool_state",
@@ -92,63 +95,148 @@ impl Status {
             self.pools
                 .iter()
                 .flat_map(|p| {
-                    ["running", "idle", "stopped"]
-                        .map(|s| (format!("{{pool=\"{}\",state=\"{s}\"}}", p.name), (p.state == s) as u64))
+                    ["running", "idle", "stopped"].map(|s| {
+                        (
+                            format!("{{pool=\"{}\",state=\"{s}\"}}", p.name),
+                            (p.state == s) as u64,
+                        )
+                    })
                 })
                 .collect(),
         );
-        family("sluice_pool_workers", "gauge", "Worker processes running.", per_pool(&|p| p.workers.len() as u64));
-        family("sluice_pool_queued", "gauge", "Connections waiting in the pool's queue.", per_pool(&|p| p.queued));
-        family("sluice_pool_requests_total", "counter", "Requests the pool's workers answered.", per_pool(&|p| p.requests));
+        family(
+            "sluice_pool_workers",
+            "gauge",
+            "Worker processes running.",
+            per_pool(&|p| p.workers.len() as u64),
+        );
+        family(
+            "sluice_pool_queued",
+            "gauge",
+            "Connections waiting in the pool's queue.",
+            per_pool(&|p| p.queued),
+        );
+        family(
+            "sluice_pool_requests_total",
+            "counter",
+            "Requests the pool's workers answered.",
+            per_pool(&|p| p.requests),
+        );
         family(
             "sluice_pool_restarts_total",
             "counter",
             "Worker replacements after failures.",
             per_pool(&|p| p.workers.iter().map(|w| w.restarts as u64).sum()),
         );
-        family("sluice_steered_kernel_total", "counter", "Connections steered in the kernel.", per_pool(&|p| p.steered_kernel));
-        family("sluice_handed_off_total", "counter", "Connections the dispatcher handed to the pool.", per_pool(&|p| p.handed_off));
+        family(
+            "sluice_steered_kernel_total",
+            "counter",
+            "Connections steered in the kernel.",
+            per_pool(&|p| p.steered_kernel),
+        );
+        family(
+            "sluice_handed_off_total",
+            "counter",
+            "Connections the dispatcher handed to the pool.",
+            per_pool(&|p| p.handed_off),
+        );
         family(
             "sluice_worker_uptime_seconds",
             "gauge",
             "Seconds since the worker started.",
             self.pools
                 .iter()
-                .flat_map(|p| p.workers.iter().map(move |w| (format!("{{pool=\"{}\",pid=\"{}\"}}", p.name, w.pid), w.uptime_s)))
+                .flat_map(|p| {
+                    p.workers.iter().map(move |w| {
+                        (
+                            format!("{{pool=\"{}\",pid=\"{}\"}}", p.name, w.pid),
+                            w.uptime_s,
+                        )
+                    })
+                })
                 .collect(),
         );
         family(
             "sluice_fallbacks_total",
             "counter",
             "Connections the kernel program sent to the dispatcher, by reason.",
-            self.fallbacks.iter().map(|(k, v)| (format!("{{reason=\"{k}\"}}"), *v)).collect(),
+            self.fallbacks
+                .iter()
+                .map(|(k, v)| (format!("{{reason=\"{k}\"}}"), *v))
+                .collect(),
         );
-        family("sluice_dispatcher_accepted_total", "counter", "Connections the dispatcher accepted.", vec![(String::new(), self.dispatcher.accepted)]);
+        family(
+            "sluice_dispatcher_accepted_total",
+            "counter",
+            "Connections the dispatcher accepted.",
+            vec![(String::new(), self.dispatcher.accepted)],
+        );
         family(
             "sluice_dispatcher_refused_total",
             "counter",
             "Requests the dispatcher refused, by status code.",
-            self.dispatcher.refused.iter().map(|(k, v)| (format!("{{code=\"{k}\"}}"), *v)).collect(),
+            self.dispatcher
+                .refused
+                .iter()
+                .map(|(k, v)| (format!("{{code=\"{k}\"}}"), *v))
+                .collect(),
         );
-        family("sluice_cache_entries", "gauge", "Responses in the front-end cache.", vec![(String::new(), self.cache.entries as u64)]);
-        family("sluice_cache_bytes", "gauge", "Bytes in the front-end cache.", vec![(String::new(), self.cache.bytes as u64)]);
-        family("sluice_cache_hits_total", "counter", "Requests answered from the cache.", vec![(String::new(), self.cache.hits)]);
-        family("sluice_cache_misses_total", "counter", "Cache-eligible requests not in the cache.", vec![(String::new(), self.cache.misses)]);
-        family("sluice_syn_cookies_total", "counter", "Data-less SYNs answered by cookie (first-segment mode).", vec![(String::new(), self.kernel.syn_cookies)]);
-        family("sluice_ack_gate_drops_total", "counter", "Handshake ACKs dropped by the ack gate.", vec![(String::new(), self.kernel.ack_gate_drops)]);
+        family(
+            "sluice_cache_entries",
+            "gauge",
+            "Responses in the front-end cache.",
+            vec![(String::new(), self.cache.entries as u64)],
+        );
+        family(
+            "sluice_cache_bytes",
+            "gauge",
+            "Bytes in the front-end cache.",
+            vec![(String::new(), self.cache.bytes as u64)],
+        );
+        family(
+            "sluice_cache_hits_total",
+            "counter",
+            "Requests answered from the cache.",
+            vec![(String::new(), self.cache.hits)],
+        );
+        family(
+            "sluice_cache_misses_total",
+            "counter",
+            "Cache-eligible requests not in the cache.",
+            vec![(String::new(), self.cache.misses)],
+        );
+        family(
+            "sluice_syn_cookies_total",
+            "counter",
+            "Data-less SYNs answered by cookie (first-segment mode).",
+            vec![(String::new(), self.kernel.syn_cookies)],
+        );
+        family(
+            "sluice_ack_gate_drops_total",
+            "counter",
+            "Handshake ACKs dropped by the ack gate.",
+            vec![(String::new(), self.kernel.ack_gate_drops)],
+        );
         out
     }
 
     /// The human-readable form of `sluice status`.
     pub fn render(&self) -> String {
-        let mut out = format!("steering: {}   listen: {}\n", self.steering, self.listen.join(", "));
+        let mut out = format!(
+            "steering: {}   listen: {}\n",
+            self.steering,
+            self.listen.join(", ")
+        );
         out.push_str(&format!(
             "{:<16} {:>8} {:>8} {:>14} {:>11}  workers (pid/uptime/requests/restarts)\n",
             "pool", "state", "queued", "steered_kernel", "handed_off"
         ));
         for p in &self.pools {
-            let workers: Vec<String> =
-                p.workers.iter().map(|w| format!("{}/{}s/{}/{}", w.pid, w.uptime_s, w.requests, w.restarts)).collect();
+            let workers: Vec<String> = p
+                .workers
+                .iter()
+                .map(|w| format!("{}/{}s/{}/{}", w.pid, w.uptime_s, w.requests, w.restarts))
+                .collect();
             out.push_str(&format!(
                 "{:<16} {:>8} {:>8} {:>14} {:>11}  {}\n",
                 p.name,
@@ -156,12 +244,25 @@ impl Status {
                 p.queued,
                 p.steered_kernel,
                 p.handed_off,
-                if workers.is_empty() { "-".to_owned() } else { workers.join(" ") }
+                if workers.is_empty() {
+                    "-".to_owned()
+                } else {
+                    workers.join(" ")
+                }
             ));
         }
-        let fallbacks: Vec<String> = self.fallbacks.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let fallbacks: Vec<String> = self
+            .fallbacks
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
         out.push_str(&format!("dispatcher fallbacks: {}\n", fallbacks.join(" ")));
-        let refused: Vec<String> = self.dispatcher.refused.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let refused: Vec<String> = self
+            .dispatcher
+            .refused
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
         out.push_str(&format!(
             "dispatcher: accepted={} refused: {} header_timeouts={} dropped_pending={}\n",
             self.dispatcher.accepted,
@@ -171,7 +272,10 @@ impl Status {
         ));
         out.push_str(&format!(
             "kernel: program_runs={} syn_cookies={} ack_gate_drops={} cache_steered={}\n",
-            self.kernel.program_runs, self.kernel.syn_cookies, self.kernel.ack_gate_drops, self.kernel.cache_steered
+            self.kernel.program_runs,
+            self.kernel.syn_cookies,
+            self.kernel.ack_gate_drops,
+            self.kernel.cache_steered
         ));
         out.push_str(&format!(
             "cache: entries={} bytes={} hits={} misses={}\n",

@@ -9,12 +9,20 @@ pub enum SysctlError {
     #[error("reading {name}: {source}")]
     Read { name: String, source: io::Error },
     #[error("setting {name} = {value}: {source}")]
-    Write { name: String, value: String, source: io::Error },
+    Write {
+        name: String,
+        value: String,
+        source: io::Error,
+    },
     #[error(
         "first-segment steering needs {name} = {want} in this network namespace, but it is {have}; \
          set it (`sysctl -w {name}={want}`) or let sluice set it with `[server] set_sysctls = true`"
     )]
-    NotSet { name: String, want: String, have: String },
+    NotSet {
+        name: String,
+        want: String,
+        have: String,
+    },
 }
 
 fn path(name: &str) -> PathBuf {
@@ -24,7 +32,10 @@ fn path(name: &str) -> PathBuf {
 pub fn read(name: &str) -> Result<String, SysctlError> {
     fs::read_to_string(path(name))
         .map(|s| s.trim().to_owned())
-        .map_err(|source| SysctlError::Read { name: name.to_owned(), source })
+        .map_err(|source| SysctlError::Read {
+            name: name.to_owned(),
+            source,
+        })
 }
 
 fn write(name: &str, value: &str) -> Result<(), SysctlError> {
@@ -48,7 +59,11 @@ impl Restore {
             return Ok(());
         }
         if !may_set {
-            return Err(SysctlError::NotSet { name: name.into(), want: want.into(), have });
+            return Err(SysctlError::NotSet {
+                name: name.into(),
+                want: want.into(),
+                have,
+            });
         }
         write(name, want)?;
         log::warn!("set {name} = {want} (was {have}); it is restored when sluice exits");

@@ -27,25 +27,42 @@ pub fn bin_dir() -> PathBuf {
 
 pub fn sluice_bin() -> PathBuf {
     let p = bin_dir().join("sluice");
-    assert!(p.exists(), "{} is missing: run the tests with `cargo xtask test`", p.display());
+    assert!(
+        p.exists(),
+        "{} is missing: run the tests with `cargo xtask test`",
+        p.display()
+    );
     p
 }
 
 pub fn example(name: &str) -> PathBuf {
     let p = bin_dir().join("examples").join(name);
-    assert!(p.exists(), "{} is missing: run the tests with `cargo xtask test`", p.display());
+    assert!(
+        p.exists(),
+        "{} is missing: run the tests with `cargo xtask test`",
+        p.display()
+    );
     p
 }
 
 fn unique(tag: &str) -> String {
     static N: AtomicU32 = AtomicU32::new(0);
-    format!("sl{}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed), tag)
+    format!(
+        "sl{}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed),
+        tag
+    )
 }
 
 fn must(cmd: &mut Command) -> Output {
     let shown = format!("{cmd:?}");
     let out = cmd.output().unwrap_or_else(|e| panic!("{shown}: {e}"));
-    assert!(out.status.success(), "{shown}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{shown}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     out
 }
 
@@ -57,7 +74,11 @@ pub struct Netns {
 impl Netns {
     pub fn new(tag: &str) -> Netns {
         // SAFETY: geteuid has no preconditions.
-        assert_eq!(unsafe { libc::geteuid() }, 0, "the integration tests run as root (they create network namespaces)");
+        assert_eq!(
+            unsafe { libc::geteuid() },
+            0,
+            "the integration tests run as root (they create network namespaces)"
+        );
         let name = unique(tag);
         must(Command::new("ip").args(["netns", "add", &name]));
         let ns = Netns { name };
@@ -66,11 +87,16 @@ impl Netns {
     }
 
     pub fn sysctl(&self, key: &str, value: &str) {
-        must(self.command("sysctl").args(["-qw", &format!("{key}={value}")]));
+        must(
+            self.command("sysctl")
+                .args(["-qw", &format!("{key}={value}")]),
+        );
     }
 
     pub fn read_sysctl(&self, key: &str) -> String {
-        String::from_utf8_lossy(&must(self.command("sysctl").args(["-n", key])).stdout).trim().to_owned()
+        String::from_utf8_lossy(&must(self.command("sysctl").args(["-n", key])).stdout)
+            .trim()
+            .to_owned()
     }
 
     /// A command that runs inside the namespace.
@@ -99,7 +125,9 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
     }
 }
 
@@ -192,7 +220,10 @@ impl Sluice {
                 return s;
             }
             if let Some(Ok(Some(status))) = s.child.as_mut().map(|c| c.try_wait()) {
-                panic!("sluice exited ({status}) before it served; log:\n{}", s.log_text());
+                panic!(
+                    "sluice exited ({status}) before it served; log:\n{}",
+                    s.log_text()
+                );
             }
             if Instant::now() > deadline {
                 panic!("sluice did not come up within 30 s; log:\n{}", s.log_text());
@@ -220,12 +251,18 @@ impl Sluice {
             .stderr(Stdio::from(err))
             .spawn()
             .expect("start sluice");
-        Sluice { child: Some(child), dir, admin, log }
+        Sluice {
+            child: Some(child),
+            dir,
+            admin,
+            log,
+        }
     }
 
     /// Replaces the config file (for a reload).
     pub fn rewrite(&self, template: &str) {
-        fs::write(self.dir.join("sluice.toml"), config(template, &self.admin)).expect("write config");
+        fs::write(self.dir.join("sluice.toml"), config(template, &self.admin))
+            .expect("write config");
     }
 
     pub fn pid(&self) -> u32 {
@@ -250,7 +287,8 @@ impl Sluice {
 
     /// `sluice status --json`, as a user would run it.
     pub fn status(&self) -> Value {
-        self.try_status().unwrap_or_else(|| panic!("sluice status failed; log:\n{}", self.log_text()))
+        self.try_status()
+            .unwrap_or_else(|| panic!("sluice status failed; log:\n{}", self.log_text()))
     }
 
     /// Waits for the process to end by itself; returns its exit code.
@@ -305,7 +343,12 @@ pub fn pool<'a>(status: &'a Value, name: &str) -> &'a Value {
 pub fn worker_pids(status: &Value, name: &str) -> Vec<i32> {
     pool(status, name)["workers"]
         .as_array()
-        .map(|ws| ws.iter().filter_map(|w| w["pid"].as_i64()).map(|p| p as i32).collect())
+        .map(|ws| {
+            ws.iter()
+                .filter_map(|w| w["pid"].as_i64())
+                .map(|p| p as i32)
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -318,7 +361,10 @@ pub fn wait_for(s: &Sluice, limit: Duration, what: &str, f: impl Fn(&Value) -> b
             return st;
         }
         if Instant::now() > deadline {
-            panic!("timed out waiting for {what}; status: {st}\nlog:\n{}", s.log_text());
+            panic!(
+                "timed out waiting for {what}; status: {st}\nlog:\n{}",
+                s.log_text()
+            );
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -334,7 +380,9 @@ pub struct Response {
 
 impl Response {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.get(&name.to_ascii_lowercase()).map(String::as_str)
+        self.headers
+            .get(&name.to_ascii_lowercase())
+            .map(String::as_str)
     }
 
     pub fn pool(&self) -> Option<&str> {
@@ -353,11 +401,21 @@ pub fn parse_response(raw: &[u8]) -> Option<(Response, usize)> {
         let (k, v) = l.split_once(':')?;
         headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_owned());
     }
-    let len: usize = headers.get("content-length").and_then(|v| v.parse().ok()).unwrap_or(raw.len() - end);
+    let len: usize = headers
+        .get("content-length")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(raw.len() - end);
     if raw.len() < end + len {
         return None;
     }
-    Some((Response { status, headers, body: raw[end..end + len].to_vec() }, end + len))
+    Some((
+        Response {
+            status,
+            headers,
+            body: raw[end..end + len].to_vec(),
+        },
+        end + len,
+    ))
 }
 
 /// Reads one complete response from `stream`.
@@ -373,7 +431,11 @@ pub fn read_response(stream: &mut impl Read) -> std::io::Result<Response> {
             return parse_response(&raw).map(|(r, _)| r).ok_or_else(|| {
                 std::io::Error::new(
                     std::io::ErrorKind::UnexpectedEof,
-                    format!("connection closed after {} bytes: {:?}", raw.len(), String::from_utf8_lossy(&raw)),
+                    format!(
+                        "connection closed after {} bytes: {:?}",
+                        raw.len(),
+                        String::from_utf8_lossy(&raw)
+                    ),
                 )
             });
         }
@@ -405,7 +467,14 @@ pub fn exchange_tfo(addr: SocketAddr, request: &[u8]) -> std::io::Result<Respons
     let mut s = unsafe { TcpStream::from_raw_fd(fd) };
     // SAFETY: sendto with MSG_FASTOPEN connects and sends in the SYN; buffers are live.
     let n = unsafe {
-        libc::sendto(fd, request.as_ptr().cast(), request.len(), libc::MSG_FASTOPEN, (&ss as *const libc::sockaddr_storage).cast(), len)
+        libc::sendto(
+            fd,
+            request.as_ptr().cast(),
+            request.len(),
+            libc::MSG_FASTOPEN,
+            (&ss as *const libc::sockaddr_storage).cast(),
+            len,
+        )
     };
     if n < 0 {
         return Err(std::io::Error::last_os_error());
@@ -425,24 +494,36 @@ fn sockaddr(addr: SocketAddr) -> (i32, libc::sockaddr_storage, libc::socklen_t) 
             let sin = libc::sockaddr_in {
                 sin_family: libc::AF_INET as u16,
                 sin_port: a.port().to_be(),
-                sin_addr: libc::in_addr { s_addr: u32::from(*a.ip()).to_be() },
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from(*a.ip()).to_be(),
+                },
                 sin_zero: [0; 8],
             };
             // SAFETY: sockaddr_storage is big enough and aligned for sockaddr_in.
             unsafe { std::ptr::write((&mut ss as *mut libc::sockaddr_storage).cast(), sin) };
-            (libc::AF_INET, ss, std::mem::size_of::<libc::sockaddr_in>() as u32)
+            (
+                libc::AF_INET,
+                ss,
+                std::mem::size_of::<libc::sockaddr_in>() as u32,
+            )
         }
         SocketAddr::V6(a) => {
             let sin6 = libc::sockaddr_in6 {
                 sin6_family: libc::AF_INET6 as u16,
                 sin6_port: a.port().to_be(),
                 sin6_flowinfo: 0,
-                sin6_addr: libc::in6_addr { s6_addr: a.ip().octets() },
+                sin6_addr: libc::in6_addr {
+                    s6_addr: a.ip().octets(),
+                },
                 sin6_scope_id: 0,
             };
             // SAFETY: as above, for sockaddr_in6.
             unsafe { std::ptr::write((&mut ss as *mut libc::sockaddr_storage).cast(), sin6) };
-            (libc::AF_INET6, ss, std::mem::size_of::<libc::sockaddr_in6>() as u32)
+            (
+                libc::AF_INET6,
+                ss,
+                std::mem::size_of::<libc::sockaddr_in6>() as u32,
+            )
         }
     }
 }
@@ -464,7 +545,10 @@ pub fn wrk(ns: &Netns, args: &[&str]) -> WrkResult {
 }
 
 pub fn parse_wrk(text: &str) -> WrkResult {
-    let mut r = WrkResult { output: text.to_owned(), ..Default::default() };
+    let mut r = WrkResult {
+        output: text.to_owned(),
+        ..Default::default()
+    };
     for line in text.lines().map(str::trim) {
         if let Some(rest) = line.strip_prefix("Non-2xx or 3xx responses:") {
             r.non_2xx = rest.trim().parse().unwrap_or(u64::MAX);
@@ -475,7 +559,11 @@ pub fn parse_wrk(text: &str) -> WrkResult {
                 .filter_map(|n| n.parse::<u64>().ok())
                 .sum();
         } else if line.contains(" requests in ") {
-            r.requests = line.split_whitespace().next().and_then(|n| n.parse().ok()).unwrap_or(0);
+            r.requests = line
+                .split_whitespace()
+                .next()
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0);
         }
     }
     r
@@ -483,5 +571,7 @@ pub fn parse_wrk(text: &str) -> WrkResult {
 
 pub fn sha_like(data: &[u8]) -> u64 {
     // FNV-1a: enough to tell two payloads apart in a test.
-    data.iter().fold(0xcbf29ce484222325u64, |h, &b| (h ^ b as u64).wrapping_mul(0x100000001b3))
+    data.iter().fold(0xcbf29ce484222325u64, |h, &b| {
+        (h ^ b as u64).wrapping_mul(0x100000001b3)
+    })
 }

@@ -15,15 +15,26 @@ fn v4() -> SocketAddr {
 }
 
 fn admin(s: &Sluice, words: &[&str]) -> String {
-    let out = Command::new(sluice_bin()).args(words).arg("--admin").arg(&s.admin).output().expect("sluice");
-    assert!(out.status.success(), "sluice {words:?}: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(sluice_bin())
+        .args(words)
+        .arg("--admin")
+        .arg(&s.admin)
+        .output()
+        .expect("sluice");
+    assert!(
+        out.status.success(),
+        "sluice {words:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Stops pool api's only worker (SIGSTOP), then opens `n` connections that send a request
 /// each: they wait in the pool's queue. Returns the worker's pid and the clients.
 fn stop_worker_and_queue(ns: &Netns, s: &Sluice, n: usize) -> (i32, Vec<TcpStream>) {
-    let st = wait_for(s, Duration::from_secs(10), "a worker", |st| worker_pids(st, "api").len() == 1);
+    let st = wait_for(s, Duration::from_secs(10), "a worker", |st| {
+        worker_pids(st, "api").len() == 1
+    });
     let pid = worker_pids(&st, "api")[0];
     // SAFETY: signalling the worker this test's sluice started.
     unsafe { libc::kill(pid, libc::SIGSTOP) };
@@ -32,7 +43,8 @@ fn stop_worker_and_queue(ns: &Netns, s: &Sluice, n: usize) -> (i32, Vec<TcpStrea
         (0..n)
             .map(|i| {
                 let mut c = TcpStream::connect(v4()).expect("connect");
-                c.write_all(&get_request(&format!("/queued/{i}"))).expect("send");
+                c.write_all(&get_request(&format!("/queued/{i}")))
+                    .expect("send");
                 c
             })
             .collect()
@@ -41,7 +53,8 @@ fn stop_worker_and_queue(ns: &Netns, s: &Sluice, n: usize) -> (i32, Vec<TcpStrea
 }
 
 fn get(ns: &Netns, path: &str) -> Response {
-    ns.enter(|| exchange(v4(), &get_request(path))).unwrap_or_else(|e| panic!("GET {path}: {e}"))
+    ns.enter(|| exchange(v4(), &get_request(path)))
+        .unwrap_or_else(|e| panic!("GET {path}: {e}"))
 }
 
 #[test]
@@ -57,7 +70,9 @@ fn on_demand_pool_starts_with_its_first_request_and_stops_when_idle() {
     for round in 0..2 {
         let r = get(&ns, "/first");
         assert_eq!(r.status, 200, "round {round}");
-        let st = wait_for(&s, Duration::from_secs(10), "two workers", |st| worker_pids(st, "api").len() == 2);
+        let st = wait_for(&s, Duration::from_secs(10), "two workers", |st| {
+            worker_pids(st, "api").len() == 2
+        });
         assert_eq!(pool(&st, "api")["state"], "running", "{st}");
         // No request for the idle timeout: the workers stop, nothing is lost.
         wait_for(&s, Duration::from_secs(10), "the pool to go idle", |st| {
@@ -109,22 +124,41 @@ fn a_crash_loop_stops_the_pool_with_503_until_pool_start() {
         });
         // The worker exits without answering: the client sees the connection close.
         let r = ns.enter(|| exchange(v4(), &get_request("/crashy/die")));
-        assert!(r.is_err() || r.as_ref().is_ok_and(|r| r.status == 503), "crash {i}: {r:?}");
+        assert!(
+            r.is_err() || r.as_ref().is_ok_and(|r| r.status == 503),
+            "crash {i}: {r:?}"
+        );
         // The other pool serves normally throughout.
         assert_eq!(get(&ns, "/page").pool(), Some("web"));
     }
-    let st = wait_for(&s, Duration::from_secs(10), "rapid-fail to stop the pool", |st| pool(st, "crashy")["state"] == "stopped");
-    assert!(worker_pids(&st, "crashy").is_empty() || pool(&st, "crashy")["workers"].as_array().is_some(), "{st}");
+    let st = wait_for(
+        &s,
+        Duration::from_secs(10),
+        "rapid-fail to stop the pool",
+        |st| pool(st, "crashy")["state"] == "stopped",
+    );
+    assert!(
+        worker_pids(&st, "crashy").is_empty()
+            || pool(&st, "crashy")["workers"].as_array().is_some(),
+        "{st}"
+    );
     for _ in 0..5 {
         let started = Instant::now();
         let r = get(&ns, "/crashy/ok");
         let took = started.elapsed();
         assert_eq!(r.status, 503, "{r:?}");
-        assert!(r.header("retry-after").is_some(), "503 without Retry-After: {r:?}");
+        assert!(
+            r.header("retry-after").is_some(),
+            "503 without Retry-After: {r:?}"
+        );
         assert!(took < Duration::from_millis(100), "503 took {took:?}");
     }
     assert_eq!(get(&ns, "/page").pool(), Some("web"));
-    assert_eq!(worker_pids(&s.status(), "web"), web, "the other pool's worker was disturbed");
+    assert_eq!(
+        worker_pids(&s.status(), "web"),
+        web,
+        "the other pool's worker was disturbed"
+    );
 
     let out = admin(&s, &["pool", "start", "crashy"]);
     assert!(out.contains("started"), "{out}");
@@ -140,10 +174,15 @@ fn a_hung_worker_is_detected_by_ping_and_replaced() {
     let ns = Netns::new("hang");
     let s = Sluice::start(
         &ns,
-        &one_pool(r#""{crash}", "--hang-on", "/hang""#, "start = \"always\"\nping_interval = \"1s\"\nping_timeout = \"2s\""),
+        &one_pool(
+            r#""{crash}", "--hang-on", "/hang""#,
+            "start = \"always\"\nping_interval = \"1s\"\nping_timeout = \"2s\"",
+        ),
     );
     let st = wait_for(&s, Duration::from_secs(10), "a ready worker", |st| {
-        pool(st, "api")["workers"].as_array().is_some_and(|w| w.len() == 1 && w[0]["ready"] == true)
+        pool(st, "api")["workers"]
+            .as_array()
+            .is_some_and(|w| w.len() == 1 && w[0]["ready"] == true)
     });
     let hung = worker_pids(&st, "api")[0];
     // This request never gets an answer; keep its connection open while the worker hangs.
@@ -152,11 +191,20 @@ fn a_hung_worker_is_detected_by_ping_and_replaced() {
         c.write_all(&get_request("/hang")).expect("send");
         c
     });
-    let st = wait_for(&s, Duration::from_secs(15), "the hung worker to be replaced", |st| {
-        let pids = worker_pids(st, "api");
-        pids.len() == 1 && pids[0] != hung
-    });
-    assert!(s.log_text().contains("did not answer a ping"), "{}", s.log_text());
+    let st = wait_for(
+        &s,
+        Duration::from_secs(15),
+        "the hung worker to be replaced",
+        |st| {
+            let pids = worker_pids(st, "api");
+            pids.len() == 1 && pids[0] != hung
+        },
+    );
+    assert!(
+        s.log_text().contains("did not answer a ping"),
+        "{}",
+        s.log_text()
+    );
     let _ = st;
     let r = get(&ns, "/after");
     assert_eq!(r.status, 200);
@@ -169,7 +217,12 @@ fn overlapped_recycle_under_wrk_load_fails_no_request() {
     let before = worker_pids(&s.status(), "api");
     assert_eq!(before.len(), 2);
     let load = std::thread::scope(|scope| {
-        let w = scope.spawn(|| wrk(&ns, &["-t1", "-c20", "-d6s", "http://127.0.0.1:8080/api/load"]));
+        let w = scope.spawn(|| {
+            wrk(
+                &ns,
+                &["-t1", "-c20", "-d6s", "http://127.0.0.1:8080/api/load"],
+            )
+        });
         std::thread::sleep(Duration::from_secs(1));
         admin(&s, &["pool", "recycle", "api"]);
         std::thread::sleep(Duration::from_secs(2));
@@ -194,20 +247,29 @@ fn a_full_queue_answers_503_and_recovers_when_it_drains() {
         &one_pool(r#""{hello}""#, "start = \"always\"\nqueue_length = 5"),
     );
     let (pid, mut clients) = stop_worker_and_queue(&ns, &s, 6);
-    wait_for(&s, Duration::from_secs(5), "a full queue", |st| pool(st, "api")["queued"].as_u64().unwrap_or(0) >= 5);
+    wait_for(&s, Duration::from_secs(5), "a full queue", |st| {
+        pool(st, "api")["queued"].as_u64().unwrap_or(0) >= 5
+    });
     // Over the limit: answered at once with 503, not a hang or a silent drop.
     let started = Instant::now();
     let r = get(&ns, "/over");
     assert_eq!(r.status, 503, "{r:?}");
-    assert!(started.elapsed() < Duration::from_secs(2), "503 took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "503 took {:?}",
+        started.elapsed()
+    );
     // SAFETY: as above.
     unsafe { libc::kill(pid, libc::SIGCONT) };
     for (i, c) in clients.iter_mut().enumerate() {
-        c.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+        c.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
         let r = read_response(c).unwrap_or_else(|e| panic!("queued {i}: {e}"));
         assert_eq!(r.status, 200, "queued {i}");
     }
-    wait_for(&s, Duration::from_secs(5), "the queue to drain", |st| pool(st, "api")["queued"] == 0);
+    wait_for(&s, Duration::from_secs(5), "the queue to drain", |st| {
+        pool(st, "api")["queued"] == 0
+    });
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let r = get(&ns, "/again");
@@ -268,25 +330,53 @@ pool = "web"
     let api = worker_pids(&st, "api")[0];
     let web = worker_pids(&st, "web")[0];
     let status = std::fs::read_to_string(format!("/proc/{api}/status")).expect("status");
-    let uid = status.lines().find(|l| l.starts_with("Uid:")).expect("Uid line");
-    assert!(uid.split_whitespace().skip(1).all(|u| u == "65534"), "api worker is not nobody: {uid}");
+    let uid = status
+        .lines()
+        .find(|l| l.starts_with("Uid:"))
+        .expect("Uid line");
+    assert!(
+        uid.split_whitespace().skip(1).all(|u| u == "65534"),
+        "api worker is not nobody: {uid}"
+    );
     // Its own process group.
     let stat = std::fs::read_to_string(format!("/proc/{api}/stat")).expect("stat");
-    let fields: Vec<&str> = stat.rsplit_once(") ").expect("stat").1.split_whitespace().collect();
-    assert_eq!(fields[2], api.to_string(), "worker is not its own process group leader");
+    let fields: Vec<&str> = stat
+        .rsplit_once(") ")
+        .expect("stat")
+        .1
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        fields[2],
+        api.to_string(),
+        "worker is not its own process group leader"
+    );
     // Two pool sockets (IPv4, IPv6), the handoff channel and its control channel, no more.
     let a = socket_inodes(api);
     let w = socket_inodes(web);
     assert_eq!(a.len(), 4, "api worker sockets: {a:?}");
-    assert!(a.iter().all(|x| !w.contains(x)), "api and web share a socket: {a:?} {w:?}");
+    assert!(
+        a.iter().all(|x| !w.contains(x)),
+        "api and web share a socket: {a:?} {w:?}"
+    );
     assert_eq!(get(&ns, "/api/who").pool(), Some("api"));
     // The Prometheus endpoint shows the same figures.
     let metrics = ns.enter(|| {
-        exchange("127.0.0.1:9464".parse().expect("addr"), b"GET /metrics HTTP/1.1\r\nHost: m\r\n\r\n").expect("metrics")
+        exchange(
+            "127.0.0.1:9464".parse().expect("addr"),
+            b"GET /metrics HTTP/1.1\r\nHost: m\r\n\r\n",
+        )
+        .expect("metrics")
     });
     let text = String::from_utf8_lossy(&metrics.body).into_owned();
-    assert!(text.contains("sluice_pool_state{pool=\"api\",state=\"running\"} 1"), "{text}");
-    assert!(text.contains("sluice_handed_off_total{pool=\"api\"} 1"), "{text}");
+    assert!(
+        text.contains("sluice_pool_state{pool=\"api\",state=\"running\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("sluice_handed_off_total{pool=\"api\"} 1"),
+        "{text}"
+    );
 }
 
 fn kill_workers_under_load(close: bool) {
@@ -313,7 +403,9 @@ fn kill_workers_under_load(close: bool) {
     // At most the connections open on the killed workers fail (20 per kill at worst); every
     // connection waiting in the queue is answered by the replacement.
     assert!(load.socket_errors <= 4 * 20, "{}", load.output);
-    let st = wait_for(&s, Duration::from_secs(10), "replacements", |st| worker_pids(st, "api").len() == 2);
+    let st = wait_for(&s, Duration::from_secs(10), "replacements", |st| {
+        worker_pids(st, "api").len() == 2
+    });
     assert_eq!(pool(&st, "api")["state"], "running", "{st}");
 }
 
@@ -332,16 +424,24 @@ fn connections_queued_for_a_pool_that_stops_are_answered_503() {
     let ns = Netns::new("drain");
     let s = Sluice::start(
         &ns,
-        &one_pool(r#""{hello}""#, "start = \"always\"\nrapid_fail = { failures = 1, interval = \"1m\" }"),
+        &one_pool(
+            r#""{hello}""#,
+            "start = \"always\"\nrapid_fail = { failures = 1, interval = \"1m\" }",
+        ),
     );
     let (pid, mut clients) = stop_worker_and_queue(&ns, &s, 20);
-    wait_for(&s, Duration::from_secs(5), "20 queued", |st| pool(st, "api")["queued"] == 20);
+    wait_for(&s, Duration::from_secs(5), "20 queued", |st| {
+        pool(st, "api")["queued"] == 20
+    });
     // One failure is enough here: the pool stops with 20 connections in its queue.
     // SAFETY: as above.
     unsafe { libc::kill(pid, libc::SIGKILL) };
-    wait_for(&s, Duration::from_secs(5), "the pool to stop", |st| pool(st, "api")["state"] == "stopped");
+    wait_for(&s, Duration::from_secs(5), "the pool to stop", |st| {
+        pool(st, "api")["state"] == "stopped"
+    });
     for (i, c) in clients.iter_mut().enumerate() {
-        c.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+        c.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
         let r = read_response(c).unwrap_or_else(|e| panic!("queued {i} left hanging: {e}"));
         assert_eq!(r.status, 503, "queued {i}");
         assert!(r.header("retry-after").is_some());
@@ -390,15 +490,28 @@ fn reload_under_load_adds_changes_and_removes_pools_without_failing_a_request() 
     assert_eq!(get(&ns, "/").pool(), Some("web"));
     // A config that does not check is refused; the running one keeps serving.
     s.rewrite("[server]\nlisten = [\"127.0.0.1:8080\"]\nbogus = 1\n");
-    let out = Command::new(sluice_bin()).arg("reload").arg("--admin").arg(&s.admin).output().expect("reload");
+    let out = Command::new(sluice_bin())
+        .arg("reload")
+        .arg("--admin")
+        .arg(&s.admin)
+        .output()
+        .expect("reload");
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("bogus") && err.contains("running configuration stays"), "{err}");
+    assert!(
+        err.contains("bogus") && err.contains("running configuration stays"),
+        "{err}"
+    );
     assert_eq!(get(&ns, "/api/x").pool(), Some("api"));
 
     s.rewrite(RELOADED);
     let load = std::thread::scope(|scope| {
-        let w = scope.spawn(|| wrk(&ns, &["-t1", "-c20", "-d5s", "http://127.0.0.1:8080/api/load"]));
+        let w = scope.spawn(|| {
+            wrk(
+                &ns,
+                &["-t1", "-c20", "-d5s", "http://127.0.0.1:8080/api/load"],
+            )
+        });
         std::thread::sleep(Duration::from_secs(1));
         // SIGHUP, as an operator's `kill -HUP` would.
         // SAFETY: signalling the sluice this test started.
@@ -408,17 +521,36 @@ fn reload_under_load_adds_changes_and_removes_pools_without_failing_a_request() 
     assert!(load.requests > 1000, "{}", load.output);
     assert_eq!(load.non_2xx, 0, "{}", load.output);
     assert_eq!(load.socket_errors, 0, "{}", load.output);
-    assert!(s.log_text().contains("reloaded: added pool fresh"), "{}", s.log_text());
+    assert!(
+        s.log_text().contains("reloaded: added pool fresh"),
+        "{}",
+        s.log_text()
+    );
     // The routes changed at once: / now goes to api, /fresh/ to the new pool.
     assert_eq!(get(&ns, "/").pool(), Some("api"));
     assert_eq!(get(&ns, "/fresh/x").pool(), Some("fresh"));
     assert_eq!(get(&ns, "/api/y").pool(), Some("api"));
-    let st = wait_for(&s, Duration::from_secs(20), "api recycled to one worker, web gone", |st| {
-        let api = worker_pids(st, "api");
-        api.len() == 1 && !api_before.contains(&api[0]) && st["pools"].as_array().is_some_and(|p| p.iter().all(|p| p["name"] != "web"))
-    });
+    let st = wait_for(
+        &s,
+        Duration::from_secs(20),
+        "api recycled to one worker, web gone",
+        |st| {
+            let api = worker_pids(st, "api");
+            api.len() == 1
+                && !api_before.contains(&api[0])
+                && st["pools"]
+                    .as_array()
+                    .is_some_and(|p| p.iter().all(|p| p["name"] != "web"))
+        },
+    );
     for pid in web_before {
-        assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists() || std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default().contains(") Z"), "web worker {pid} still runs");
+        assert!(
+            !std::path::Path::new(&format!("/proc/{pid}")).exists()
+                || std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                    .unwrap_or_default()
+                    .contains(") Z"),
+            "web worker {pid} still runs"
+        );
     }
     // Kernel steering still works for old and new pools.
     let _ = st;
@@ -426,8 +558,13 @@ fn reload_under_load_adds_changes_and_removes_pools_without_failing_a_request() 
     get(&ns, "/fresh/kernel");
     let after = s.status();
     assert_eq!(
-        pool(&after, "fresh")["steered_kernel"].as_u64().unwrap_or(0),
-        pool(&before, "fresh")["steered_kernel"].as_u64().unwrap_or(0) + 1,
+        pool(&after, "fresh")["steered_kernel"]
+            .as_u64()
+            .unwrap_or(0),
+        pool(&before, "fresh")["steered_kernel"]
+            .as_u64()
+            .unwrap_or(0)
+            + 1,
         "{after}"
     );
 }
@@ -476,23 +613,37 @@ pool = "web"
         (0..10)
             .map(|i| {
                 let mut c = TcpStream::connect(v4()).expect("connect");
-                c.write_all(&get_request(&format!("/old/{i}"))).expect("send");
+                c.write_all(&get_request(&format!("/old/{i}")))
+                    .expect("send");
                 c
             })
             .collect()
     });
-    wait_for(&s, Duration::from_secs(5), "10 handoffs", |st| pool(st, "old")["handed_off"] == 10);
+    wait_for(&s, Duration::from_secs(5), "10 handoffs", |st| {
+        pool(st, "old")["handed_off"] == 10
+    });
     // The reload removes old; /old/ now belongs to web.
     s.rewrite(&before.replace("prefix = \"/old/\"\npool = \"old\"", "prefix = \"/old/\"\npool = \"web\"").replace(
         "[[pool]]\nname = \"old\"\ncommand = [\"{hello}\"]\nthreads = 1\nstart = \"always\"\nshutdown_time_limit = \"1s\"\n",
         "",
     ));
-    let out = Command::new(sluice_bin()).arg("reload").arg("--admin").arg(&s.admin).output().expect("reload");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(sluice_bin())
+        .arg("reload")
+        .arg("--admin")
+        .arg(&s.admin)
+        .output()
+        .expect("reload");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("removed pool old"));
     for (i, c) in clients.iter_mut().enumerate() {
-        c.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
-        let r = read_response(c).unwrap_or_else(|e| panic!("connection {i} left for the removed pool was lost: {e}"));
+        c.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let r = read_response(c)
+            .unwrap_or_else(|e| panic!("connection {i} left for the removed pool was lost: {e}"));
         assert_eq!((r.status, r.pool()), (200, Some("web")), "connection {i}");
     }
     // SAFETY: as above (it is killed after its shutdown limit anyway).

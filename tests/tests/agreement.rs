@@ -61,8 +61,27 @@ impl Rng {
 }
 
 fn paths(n: usize) -> Vec<String> {
-    let plain = ["api", "v2", "static", "apix", "v22", "x", "index.html", "a.b", "...", "~user", "v2x", "API", "-", "_", ".hidden", "..x"];
-    let nasty = [".", "..", "", "%2e", "%2e%2e", "%2F", "%41pi", "%00", "%zz", "%", "a\\b", "ap%69", "é"];
+    let plain = [
+        "api",
+        "v2",
+        "static",
+        "apix",
+        "v22",
+        "x",
+        "index.html",
+        "a.b",
+        "...",
+        "~user",
+        "v2x",
+        "API",
+        "-",
+        "_",
+        ".hidden",
+        "..x",
+    ];
+    let nasty = [
+        ".", "..", "", "%2e", "%2e%2e", "%2F", "%41pi", "%00", "%zz", "%", "a\\b", "ap%69", "é",
+    ];
     let first = ["api", "static", "api/v2", "apix", "x"];
     let mut rng = Rng(0x5eed_1234_abcd_0001);
     let mut out = vec![
@@ -85,7 +104,11 @@ fn paths(n: usize) -> Vec<String> {
         let mut p = format!("/{}", rng.pick(&first));
         for _ in 0..depth {
             p.push('/');
-            let seg = if rng.next() % 5 == 0 { rng.pick(&nasty) } else { rng.pick(&plain) };
+            let seg = if rng.next() % 5 == 0 {
+                rng.pick(&nasty)
+            } else {
+                rng.pick(&plain)
+            };
             p.push_str(seg);
         }
         if rng.next() % 5 == 0 {
@@ -107,7 +130,9 @@ fn paths(n: usize) -> Vec<String> {
 fn kernel_safe(target: &str) -> bool {
     let path = target.split('?').next().unwrap_or("");
     path.len() + 4 < 256
-        && path.bytes().all(|b| b > b' ' && b < 0x7f && b != b'%' && b != b'\\')
+        && path
+            .bytes()
+            .all(|b| b > b' ' && b < 0x7f && b != b'%' && b != b'\\')
         && !path[1..].split('/').enumerate().any(|(i, s)| {
             let last = i == path[1..].split('/').count() - 1;
             s == "." || s == ".." || (s.is_empty() && !last)
@@ -120,29 +145,55 @@ fn kernel_and_user_space_routers_agree_on_random_and_adversarial_paths() {
     let s = Sluice::start(&ns, CONFIG);
     let targets = paths(400);
     let cfg = s.dir.join("sluice.toml");
-    let out = Command::new(sluice_bin()).arg("route").arg(&cfg).args(&targets).output().expect("sluice route");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(sluice_bin())
+        .arg("route")
+        .arg(&cfg)
+        .args(&targets)
+        .output()
+        .expect("sluice route");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let expected: HashMap<String, String> = String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter_map(|l| l.split_once('\t'))
-        .map(|(t, a)| (t.to_owned(), a.split_whitespace().next().unwrap_or("").to_owned()))
+        .map(|(t, a)| {
+            (
+                t.to_owned(),
+                a.split_whitespace().next().unwrap_or("").to_owned(),
+            )
+        })
         .collect();
-    assert_eq!(expected.len(), targets.len(), "sluice route answered every path");
+    assert_eq!(
+        expected.len(),
+        targets.len(),
+        "sluice route answered every path"
+    );
     let addr: SocketAddr = "127.0.0.1:8080".parse().expect("addr");
     let steered = |st: &serde_json::Value| -> u64 {
-        st["pools"].as_array().map(|ps| ps.iter().filter_map(|p| p["steered_kernel"].as_u64()).sum()).unwrap_or(0)
+        st["pools"]
+            .as_array()
+            .map(|ps| ps.iter().filter_map(|p| p["steered_kernel"].as_u64()).sum())
+            .unwrap_or(0)
     };
     let (mut in_kernel, mut in_dispatcher) = (0, 0);
     for t in &targets {
         let want = &expected[t];
         let before = steered(&s.status());
-        let r = ns.enter(|| exchange(addr, &get_request(t))).unwrap_or_else(|e| panic!("{t}: {e}"));
+        let r = ns
+            .enter(|| exchange(addr, &get_request(t)))
+            .unwrap_or_else(|e| panic!("{t}: {e}"));
         let by_kernel = steered(&s.status()) > before;
         let got = match r.pool() {
             Some(p) => p.to_owned(),
             None => r.status.to_string(),
         };
-        assert_eq!(&got, want, "{t}: served by {got}, the user-space router says {want} (kernel steered: {by_kernel})");
+        assert_eq!(
+            &got, want,
+            "{t}: served by {got}, the user-space router says {want} (kernel steered: {by_kernel})"
+        );
         let routable = want != "400";
         assert_eq!(
             by_kernel,
@@ -156,6 +207,12 @@ fn kernel_and_user_space_routers_agree_on_random_and_adversarial_paths() {
             in_dispatcher += 1;
         }
     }
-    eprintln!("{} paths: {in_kernel} steered in the kernel, {in_dispatcher} through the dispatcher", targets.len());
-    assert!(in_kernel > 50 && in_dispatcher > 50, "the generator must exercise both paths");
+    eprintln!(
+        "{} paths: {in_kernel} steered in the kernel, {in_dispatcher} through the dispatcher",
+        targets.len()
+    );
+    assert!(
+        in_kernel > 50 && in_dispatcher > 50,
+        "the generator must exercise both paths"
+    );
 }

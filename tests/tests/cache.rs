@@ -16,8 +16,17 @@ fn v4() -> SocketAddr {
 }
 
 fn cli(s: &Sluice, words: &[&str]) -> String {
-    let out = Command::new(sluice_bin()).args(words).arg("--admin").arg(&s.admin).output().expect("sluice");
-    assert!(out.status.success(), "sluice {words:?}: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(sluice_bin())
+        .args(words)
+        .arg("--admin")
+        .arg(&s.admin)
+        .output()
+        .expect("sluice");
+    assert!(
+        out.status.success(),
+        "sluice {words:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -25,11 +34,13 @@ fn cli(s: &Sluice, words: &[&str]) -> String {
 fn keep_alive(ns: &Netns, paths: &[&str]) -> Vec<Response> {
     ns.enter(|| {
         let mut c = TcpStream::connect(v4()).expect("connect");
-        c.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+        c.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
         paths
             .iter()
             .map(|p| {
-                c.write_all(format!("GET {p} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes()).expect("send");
+                c.write_all(format!("GET {p} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes())
+                    .expect("send");
                 read_response(&mut c).unwrap_or_else(|e| panic!("{p}: {e}"))
             })
             .collect()
@@ -73,25 +84,40 @@ pool = "web"
         ),
     );
     wait_for(&s, Duration::from_secs(10), "a ready worker", |st| {
-        pool(st, "web")["workers"].as_array().is_some_and(|w| w.len() == 1 && w[0]["ready"] == true)
+        pool(st, "web")["workers"]
+            .as_array()
+            .is_some_and(|w| w.len() == 1 && w[0]["ready"] == true)
     });
     let before = s.status();
     let r = get_from(&ns, "/static/logo.txt");
     assert_eq!(r.status, 200);
     assert_eq!(r.body, b"the logo\n");
     assert_eq!(r.header("content-type"), Some("text/plain"));
-    assert!(r.header("date").is_some_and(|d| d.ends_with(" GMT")), "{r:?}");
+    assert!(
+        r.header("date").is_some_and(|d| d.ends_with(" GMT")),
+        "{r:?}"
+    );
     assert!(r.header("age").is_some(), "{r:?}");
     assert_eq!(r.pool(), None, "a worker answered a cached path");
     // Keep-alive: the cache answers, then the next request on the same connection goes to
     // its pool with the bytes already read.
-    let rs = keep_alive(&ns, &["/static/logo.txt", "/page", "/static/logo.txt", "/other"]);
+    let rs = keep_alive(
+        &ns,
+        &["/static/logo.txt", "/page", "/static/logo.txt", "/other"],
+    );
     // The third request reaches web's worker, which hands the connection back for the cache;
     // the fourth goes to web again.
-    assert_eq!(rs.iter().map(|r| r.pool()).collect::<Vec<_>>(), [None, Some("web"), None, Some("web")], "{rs:?}");
+    assert_eq!(
+        rs.iter().map(|r| r.pool()).collect::<Vec<_>>(),
+        [None, Some("web"), None, Some("web")],
+        "{rs:?}"
+    );
     assert_eq!(rs[2].body, b"the logo\n");
     let st = s.status();
-    assert!(st["kernel"]["cache_steered"].as_u64().unwrap_or(0) >= 2, "cached paths steered to the front end: {st}");
+    assert!(
+        st["kernel"]["cache_steered"].as_u64().unwrap_or(0) >= 2,
+        "cached paths steered to the front end: {st}"
+    );
     assert!(st["cache"]["hits"].as_u64().unwrap_or(0) >= 3, "{st}");
     assert_eq!(st["cache"]["entries"], 1, "{st}");
     let _ = before;
@@ -107,7 +133,8 @@ pool = "web"
 }
 
 fn get_from(ns: &Netns, path: &str) -> Response {
-    ns.enter(|| exchange(v4(), &get_request(path))).unwrap_or_else(|e| panic!("GET {path}: {e}"))
+    ns.enter(|| exchange(v4(), &get_request(path)))
+        .unwrap_or_else(|e| panic!("GET {path}: {e}"))
 }
 
 #[test]
@@ -120,10 +147,18 @@ fn bad_static_entries_name_their_key() {
         "[server]\nlisten = [\"127.0.0.1:80\"]\n[cache]\nmax_total_bytes = \"lots\"\n[[cache.static]]\npath = \"/a/../b\"\nfile = \"/nonexistent\"\n[[cache.static]]\npath = \"/c\"\nfile = \"/nonexistent\"\n",
     )
     .expect("write");
-    let out = Command::new(sluice_bin()).arg("check").arg(&path).output().expect("check");
+    let out = Command::new(sluice_bin())
+        .arg("check")
+        .arg(&path)
+        .output()
+        .expect("check");
     let text = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    for key in ["cache.max_total_bytes", "cache.static[0].path", "cache.static[1].file"] {
+    for key in [
+        "cache.max_total_bytes",
+        "cache.static[0].path",
+        "cache.static[1].file",
+    ] {
         assert!(text.contains(key), "{key} missing from: {text}");
     }
     let _ = std::fs::remove_dir_all(&dir);
@@ -182,7 +217,11 @@ fn files_root(tag: &str) -> std::path::PathBuf {
 fn ready(s: &Sluice) {
     wait_for(s, Duration::from_secs(10), "ready workers", |st| {
         st["pools"].as_array().is_some_and(|ps| {
-            ps.iter().all(|p| p["workers"].as_array().is_some_and(|w| w.len() == 1 && w[0]["ready"] == true))
+            ps.iter().all(|p| {
+                p["workers"]
+                    .as_array()
+                    .is_some_and(|w| w.len() == 1 && w[0]["ready"] == true)
+            })
         })
     });
 }
@@ -195,25 +234,66 @@ fn a_published_response_is_served_from_the_cache_until_its_ttl_ends() {
     ready(&s);
     let first = get_from(&ns, "/files/index.html");
     assert_eq!((first.status, first.pool()), (200, Some("files")));
-    assert_eq!(first.header("age"), None, "the first answer comes from the worker");
-    wait_for(&s, Duration::from_secs(5), "the publication", |st| st["cache"]["entries"] == 1);
+    assert_eq!(
+        first.header("age"),
+        None,
+        "the first answer comes from the worker"
+    );
+    wait_for(&s, Duration::from_secs(5), "the publication", |st| {
+        st["cache"]["entries"] == 1
+    });
     let stored = std::time::Instant::now();
-    let load = wrk(&ns, &["-t1", "-c10", "-d2s", "http://127.0.0.1:8080/files/index.html"]);
-    assert_eq!((load.non_2xx, load.socket_errors), (0, 0), "{}", load.output);
+    let load = wrk(
+        &ns,
+        &[
+            "-t1",
+            "-c10",
+            "-d2s",
+            "http://127.0.0.1:8080/files/index.html",
+        ],
+    );
+    assert_eq!(
+        (load.non_2xx, load.socket_errors),
+        (0, 0),
+        "{}",
+        load.output
+    );
     std::thread::sleep(Duration::from_millis(1200));
     let r = get_from(&ns, "/files/index.html");
     assert_eq!(r.body, b"<h1>cached page</h1>\n");
-    let age: u64 = r.header("age").expect("a cached answer has an Age").parse().expect("age");
+    let age: u64 = r
+        .header("age")
+        .expect("a cached answer has an Age")
+        .parse()
+        .expect("age");
     assert!(age >= 2, "Age {age} did not grow");
     let st = s.status();
     // While wrk hammered the path, the worker's request count stood still.
-    assert!(requests(&st, "files") <= 2, "the worker answered {} requests: {st}", requests(&st, "files"));
-    assert!(st["cache"]["hits"].as_u64().unwrap_or(0) >= load.requests, "{st}");
+    assert!(
+        requests(&st, "files") <= 2,
+        "the worker answered {} requests: {st}",
+        requests(&st, "files")
+    );
+    assert!(
+        st["cache"]["hits"].as_u64().unwrap_or(0) >= load.requests,
+        "{st}"
+    );
     // After its 5 s the worker is asked again (and publishes again).
-    std::thread::sleep((stored + Duration::from_millis(5500)).saturating_duration_since(std::time::Instant::now()));
+    std::thread::sleep(
+        (stored + Duration::from_millis(5500)).saturating_duration_since(std::time::Instant::now()),
+    );
     let again = get_from(&ns, "/files/index.html");
-    assert_eq!(again.header("age"), None, "expired entries are not served: {again:?}");
-    wait_for(&s, Duration::from_secs(5), "the worker's second answer", |st| requests(st, "files") >= 2);
+    assert_eq!(
+        again.header("age"),
+        None,
+        "expired entries are not served: {again:?}"
+    );
+    wait_for(
+        &s,
+        Duration::from_secs(5),
+        "the worker's second answer",
+        |st| requests(st, "files") >= 2,
+    );
     let _ = std::fs::remove_dir_all(&root);
 }
 
@@ -228,10 +308,26 @@ fn a_keep_alive_connection_gets_each_request_from_the_right_place() {
     let s = Sluice::start(&ns, &files_config(&root));
     ready(&s);
     get_from(&ns, "/files/index.html");
-    wait_for(&s, Duration::from_secs(5), "the publication", |st| st["cache"]["entries"] == 1);
+    wait_for(&s, Duration::from_secs(5), "the publication", |st| {
+        st["cache"]["entries"] == 1
+    });
     for first in ["/api/x", "/", "/files/index.html"] {
-        let rs = keep_alive(&ns, &[first, "/api/x", "/", "/files/index.html", "/api/y", "/files/missing.txt", "/web/z"]);
-        let got: Vec<(Option<&str>, bool)> = rs.iter().map(|r| (r.pool(), r.header("age").is_some())).collect();
+        let rs = keep_alive(
+            &ns,
+            &[
+                first,
+                "/api/x",
+                "/",
+                "/files/index.html",
+                "/api/y",
+                "/files/missing.txt",
+                "/web/z",
+            ],
+        );
+        let got: Vec<(Option<&str>, bool)> = rs
+            .iter()
+            .map(|r| (r.pool(), r.header("age").is_some()))
+            .collect();
         assert_eq!(
             &got[1..],
             [
@@ -247,6 +343,9 @@ fn a_keep_alive_connection_gets_each_request_from_the_right_place() {
         assert_eq!(rs[5].status, 404);
     }
     let st = s.status();
-    assert!(st["dispatcher"]["handed_back"].as_u64().unwrap_or(0) >= 10, "{st}");
+    assert!(
+        st["dispatcher"]["handed_back"].as_u64().unwrap_or(0) >= 10,
+        "{st}"
+    );
     let _ = std::fs::remove_dir_all(&root);
 }

@@ -10,16 +10,31 @@ fn check(text: &str) -> (bool, String) {
     std::fs::create_dir_all(&dir).expect("dir");
     let path = dir.join("bad.toml");
     std::fs::write(&path, config(text, &dir.join("admin.sock"))).expect("write");
-    let out = Command::new(sluice_bin()).arg("check").arg(&path).output().expect("sluice check");
+    let out = Command::new(sluice_bin())
+        .arg("check")
+        .arg(&path)
+        .output()
+        .expect("sluice check");
     let _ = std::fs::remove_dir_all(&dir);
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
 }
 
 #[test]
 fn check_accepts_the_demo_config() {
     let demo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/demo.toml");
-    let out = Command::new(sluice_bin()).arg("check").arg(&demo).output().expect("sluice check");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(sluice_bin())
+        .arg("check")
+        .arg(&demo)
+        .output()
+        .expect("sluice check");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
@@ -33,12 +48,30 @@ fn malformed_configs_name_the_key_and_the_reason() {
             "[server]\nlisten = [\"127.0.0.1:80\"]\n[[pool]]\nname = \"a\"\ncommand = [\"{hello}\"]\n[[route]]\nprefix = \"/x\"\npool = \"a\"\n[[route]]\nprefix = \"/x/\"\npool = \"a\"\n",
             &["route[1].prefix", "same prefix"],
         ),
-        ("[server]\nlisten = [\"localhost:80\"]\n", &["server.listen[0]", "not an address"]),
-        ("[server]\nlisten = [\"127.0.0.1:80\"]\n[[pool]]\nname = \"a\"\ncommand = [\"./missing-worker\"]\n", &["pool[0].command", "not found"]),
-        ("[server]\nlisten = [\"127.0.0.1:80\"]\nsteering = \"tfo\"\n", &["steering", "first-segment"]),
-        ("[server]\nlisten = [\"127.0.0.1:80\"]\nbogus = 1\n", &["bogus"]),
-        ("[server]\nlisten = [\"127.0.0.1:80\"]\n[[pool]]\nname = \"a\"\ncommand = [\"{hello}\"]\nqueue_length = 0\n", &["pool[0].queue_length", "out of range"]),
-        ("[server]\nlisten = [\"127.0.0.1:80\"]\n[[pool]]\nname = \"a\"\ncommand = [\"{hello}\"]\n[[route]]\nprefix = \"/a/../b\"\npool = \"a\"\n", &["route[0].prefix", "canonical"]),
+        (
+            "[server]\nlisten = [\"localhost:80\"]\n",
+            &["server.listen[0]", "not an address"],
+        ),
+        (
+            "[server]\nlisten = [\"127.0.0.1:80\"]\n[[pool]]\nname = \"a\"\ncommand = [\"./missing-worker\"]\n",
+            &["pool[0].command", "not found"],
+        ),
+        (
+            "[server]\nlisten = [\"127.0.0.1:80\"]\nsteering = \"tfo\"\n",
+            &["steering", "first-segment"],
+        ),
+        (
+            "[server]\nlisten = [\"127.0.0.1:80\"]\nbogus = 1\n",
+            &["bogus"],
+        ),
+        (
+            "[server]\nlisten = [\"127.0.0.1:80\"]\n[[pool]]\nname = \"a\"\ncommand = [\"{hello}\"]\nqueue_length = 0\n",
+            &["pool[0].queue_length", "out of range"],
+        ),
+        (
+            "[server]\nlisten = [\"127.0.0.1:80\"]\n[[pool]]\nname = \"a\"\ncommand = [\"{hello}\"]\n[[route]]\nprefix = \"/a/../b\"\npool = \"a\"\n",
+            &["route[0].prefix", "canonical"],
+        ),
         ("not toml at all", &["sluice"]),
     ];
     for (text, wants) in cases {
@@ -58,8 +91,15 @@ fn first_segment_mode_refuses_to_start_without_syncookies_unless_allowed() {
     let code = s.wait_exit(Duration::from_secs(20));
     assert_eq!(code, Some(1), "log:\n{}", s.log_text());
     let log = s.log_text();
-    assert!(log.contains("net.ipv4.tcp_syncookies") && log.contains("set_sysctls"), "{log}");
-    assert_eq!(ns.read_sysctl("net.ipv4.tcp_syncookies"), "1", "sluice changed a sysctl it was not allowed to");
+    assert!(
+        log.contains("net.ipv4.tcp_syncookies") && log.contains("set_sysctls"),
+        "{log}"
+    );
+    assert_eq!(
+        ns.read_sysctl("net.ipv4.tcp_syncookies"),
+        "1",
+        "sluice changed a sysctl it was not allowed to"
+    );
 }
 
 const SERVE: &str = r#"
@@ -83,25 +123,48 @@ fn malformed_requests_get_their_status_and_the_front_end_keeps_serving() {
     let ns = Netns::new("bad");
     let s = Sluice::start(&ns, SERVE);
     let addr: SocketAddr = "127.0.0.1:8080".parse().expect("addr");
-    let long_url = format!("GET /api/{} HTTP/1.1\r\nHost: t\r\n\r\n", "a".repeat(20_000));
-    let big_head = format!("GET /api/x HTTP/1.1\r\nHost: t\r\nX-Big: {}\r\n\r\n", "b".repeat(20_000));
+    let long_url = format!(
+        "GET /api/{} HTTP/1.1\r\nHost: t\r\n\r\n",
+        "a".repeat(20_000)
+    );
+    let big_head = format!(
+        "GET /api/x HTTP/1.1\r\nHost: t\r\nX-Big: {}\r\n\r\n",
+        "b".repeat(20_000)
+    );
     let cases: Vec<(Vec<u8>, u16)> = vec![
         (b"GARBAGE\r\n\r\n".to_vec(), 400),
         (b"GET /api/x HTTP/7.0\r\n\r\n".to_vec(), 400),
         (b"GET /api/%zz HTTP/1.1\r\nHost: t\r\n\r\n".to_vec(), 400),
-        (b"GET /../etc/passwd HTTP/1.1\r\nHost: t\r\n\r\n".to_vec(), 400),
+        (
+            b"GET /../etc/passwd HTTP/1.1\r\nHost: t\r\n\r\n".to_vec(),
+            400,
+        ),
         (b"GET /api/%00 HTTP/1.1\r\nHost: t\r\n\r\n".to_vec(), 400),
-        (b"GET /nothing/here HTTP/1.1\r\nHost: t\r\n\r\n".to_vec(), 400),
+        (
+            b"GET /nothing/here HTTP/1.1\r\nHost: t\r\n\r\n".to_vec(),
+            400,
+        ),
         (b"GET /api/x HTTP/1.1\r\nBad Header\r\n\r\n".to_vec(), 400),
         (long_url.into_bytes(), 414),
         (big_head.into_bytes(), 431),
     ];
     ns.enter(|| {
         for (req, code) in &cases {
-            let r = exchange(addr, req).unwrap_or_else(|e| panic!("{:?}: {e}", String::from_utf8_lossy(&req[..req.len().min(60)])));
-            assert_eq!(r.status, *code, "{:?}", String::from_utf8_lossy(&req[..req.len().min(60)]));
+            let r = exchange(addr, req).unwrap_or_else(|e| {
+                panic!(
+                    "{:?}: {e}",
+                    String::from_utf8_lossy(&req[..req.len().min(60)])
+                )
+            });
+            assert_eq!(
+                r.status,
+                *code,
+                "{:?}",
+                String::from_utf8_lossy(&req[..req.len().min(60)])
+            );
             assert!(!r.body.is_empty(), "a refusal says why");
-            let ok = exchange(addr, &get_request("/api/after")).expect("serving after a bad request");
+            let ok =
+                exchange(addr, &get_request("/api/after")).expect("serving after a bad request");
             assert_eq!(ok.pool(), Some("api"));
         }
     });

@@ -44,8 +44,10 @@ fn slowloris(steering: &str) {
         let mut slow: Vec<TcpStream> = (0..500)
             .map(|i| {
                 let mut c = TcpStream::connect(addr).expect("connect");
-                c.write_all(format!("GET /slow/{i} HTTP/1.1\r\nHost: t\r\nX-Slow: ").as_bytes()).expect("send");
-                c.set_read_timeout(Some(Duration::from_millis(1))).expect("timeout");
+                c.write_all(format!("GET /slow/{i} HTTP/1.1\r\nHost: t\r\nX-Slow: ").as_bytes())
+                    .expect("send");
+                c.set_read_timeout(Some(Duration::from_millis(1)))
+                    .expect("timeout");
                 c
             })
             .collect();
@@ -68,7 +70,8 @@ fn slowloris(steering: &str) {
             }
             for _ in 0..5 {
                 let t = Instant::now();
-                let r = exchange(addr, &get_request("/normal")).expect("a normal request while slow clients wait");
+                let r = exchange(addr, &get_request("/normal"))
+                    .expect("a normal request while slow clients wait");
                 assert_eq!(r.status, 200);
                 worst = worst.max(t.elapsed());
             }
@@ -76,9 +79,17 @@ fn slowloris(steering: &str) {
         }
         (open.iter().filter(|o| !**o).count(), worst)
     });
-    eprintln!("{steering}: {slow_closed}/500 slow connections closed; slowest normal request {worst:?}");
-    assert_eq!(slow_closed, 500, "slow connections outlived the 3 s header timeout");
-    assert!(worst < Duration::from_secs(1), "a normal request waited {worst:?} behind slow clients");
+    eprintln!(
+        "{steering}: {slow_closed}/500 slow connections closed; slowest normal request {worst:?}"
+    );
+    assert_eq!(
+        slow_closed, 500,
+        "slow connections outlived the 3 s header timeout"
+    );
+    assert!(
+        worst < Duration::from_secs(1),
+        "a normal request waited {worst:?} behind slow clients"
+    );
     let st = s.status();
     assert_eq!(pool(&st, "api")["state"], "running", "{st}");
 }

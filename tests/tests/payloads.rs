@@ -54,7 +54,11 @@ fn post_4mb(steering: &str) {
     assert_eq!(r.status, 200);
     assert_eq!(r.pool(), Some("echo"));
     assert_eq!(r.body.len(), body.len());
-    assert_eq!(sha_like(&r.body), sha_like(&body), "the echoed body differs");
+    assert_eq!(
+        sha_like(&r.body),
+        sha_like(&body),
+        "the echoed body differs"
+    );
     let st = s.status();
     let p = pool(&st, "echo");
     let routed = p["steered_kernel"].as_u64().unwrap_or(0) + p["handed_off"].as_u64().unwrap_or(0);

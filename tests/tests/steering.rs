@@ -12,8 +12,14 @@ fn addr(s: &str) -> SocketAddr {
 }
 
 /// (path, pool it must reach)
-const CASES: [(&str, &str); 6] =
-    [("/api/x", "api"), ("/api", "api"), ("/api/v1/users?id=3", "api"), ("/", "web"), ("/apix", "web"), ("/web/page", "web")];
+const CASES: [(&str, &str); 6] = [
+    ("/api/x", "api"),
+    ("/api", "api"),
+    ("/api/v1/users?id=3", "api"),
+    ("/", "web"),
+    ("/apix", "web"),
+    ("/web/page", "web"),
+];
 
 fn curl(ns: &Netns, url: &str) -> (String, String) {
     let out = ns
@@ -57,14 +63,23 @@ fn first_segment_steers_plain_clients_in_the_kernel() {
     let st = s.status();
     for (pool_name, n) in &expected {
         let p = pool(&st, pool_name);
-        assert_eq!(p["steered_kernel"], *n, "pool {pool_name} steered in the kernel: {st}");
-        assert_eq!(p["handed_off"], 0, "pool {pool_name} went through the dispatcher: {st}");
+        assert_eq!(
+            p["steered_kernel"], *n,
+            "pool {pool_name} steered in the kernel: {st}"
+        );
+        assert_eq!(
+            p["handed_off"], 0,
+            "pool {pool_name} went through the dispatcher: {st}"
+        );
     }
     for (reason, n) in st["fallbacks"].as_object().expect("fallbacks") {
         assert_eq!(n, 0, "fallback {reason}: {st}");
     }
     assert_eq!(st["dispatcher"]["accepted"], 0, "{st}");
-    assert!(st["kernel"]["ack_gate_drops"].as_u64().unwrap_or(0) > 0, "the ack gate dropped nothing: {st}");
+    assert!(
+        st["kernel"]["ack_gate_drops"].as_u64().unwrap_or(0) > 0,
+        "the ack gate dropped nothing: {st}"
+    );
 }
 
 #[test]
@@ -72,7 +87,13 @@ fn first_segment_sends_uncanonical_paths_to_the_dispatcher() {
     let ns = Netns::new("fsu");
     let s = Sluice::start(&ns, &two_pools("first-segment"));
     ns.enter(|| {
-        for (path, want) in [("/web/../api/x", "api"), ("//api/x", "api"), ("/%61pi/x", "api"), ("/api/./x", "api"), ("/api/%2e%2e/w", "web")] {
+        for (path, want) in [
+            ("/web/../api/x", "api"),
+            ("//api/x", "api"),
+            ("/%61pi/x", "api"),
+            ("/api/./x", "api"),
+            ("/api/%2e%2e/w", "web"),
+        ] {
             let r = exchange(addr(V4), &get_request(path)).expect("client");
             assert_eq!(r.pool(), Some(want), "{path}");
         }
@@ -110,25 +131,42 @@ fn syn_mode_steers_tfo_clients_and_dispatches_plain_ones() {
     assert_eq!(pool(&st, "api")["handed_off"], 3, "{st}");
     assert_eq!(pool(&st, "web")["handed_off"], 3, "{st}");
     assert_eq!(st["fallbacks"]["no_payload"], 6, "{st}");
-    assert_eq!(pool(&st, "api")["steered_kernel"], 6, "plain clients must not count as steered: {st}");
+    assert_eq!(
+        pool(&st, "api")["steered_kernel"],
+        6,
+        "plain clients must not count as steered: {st}"
+    );
 }
 
 #[test]
 fn wrk_keepalive_through_first_segment_has_no_errors() {
     let ns = Netns::new("wrk");
     let s = Sluice::start(&ns, &two_pools("first-segment"));
-    let r = wrk(&ns, &["-t1", "-c50", "-d10s", "http://127.0.0.1:8080/api/hello"]);
+    let r = wrk(
+        &ns,
+        &["-t1", "-c50", "-d10s", "http://127.0.0.1:8080/api/hello"],
+    );
     assert!(r.requests > 1000, "too few requests:\n{}", r.output);
     assert_eq!(r.non_2xx, 0, "{}", r.output);
     assert_eq!(r.socket_errors, 0, "{}", r.output);
     let st = s.status();
-    assert_eq!(pool(&st, "api")["steered_kernel"], 50, "every wrk connection steered in the kernel: {st}");
+    assert_eq!(
+        pool(&st, "api")["steered_kernel"],
+        50,
+        "every wrk connection steered in the kernel: {st}"
+    );
     // wrk checks the address with one connection it closes without sending anything; its
     // FIN completes the handshake with no payload, so that one reaches the dispatcher.
-    assert!(st["dispatcher"]["accepted"].as_u64().unwrap_or(9) <= 1, "{st}");
+    assert!(
+        st["dispatcher"]["accepted"].as_u64().unwrap_or(9) <= 1,
+        "{st}"
+    );
     for (reason, n) in st["fallbacks"].as_object().expect("fallbacks") {
         let allowed = if reason == "no_payload" { 1 } else { 0 };
-        assert!(n.as_u64().unwrap_or(9) <= allowed, "fallback {reason}: {st}");
+        assert!(
+            n.as_u64().unwrap_or(9) <= allowed,
+            "fallback {reason}: {st}"
+        );
     }
 }
 
@@ -138,12 +176,23 @@ fn sluice_stops_cleanly_and_restores_what_it_changed() {
     assert_eq!(ns.read_sysctl("net.ipv4.tcp_syncookies"), "1");
     let mut s = Sluice::start(&ns, &two_pools("first-segment"));
     assert_eq!(ns.read_sysctl("net.ipv4.tcp_syncookies"), "2");
-    let pids = [worker_pids(&s.status(), "api"), worker_pids(&s.status(), "web")].concat();
+    let pids = [
+        worker_pids(&s.status(), "api"),
+        worker_pids(&s.status(), "web"),
+    ]
+    .concat();
     assert_eq!(pids.len(), 3);
     assert_eq!(s.stop(), Some(0), "log:\n{}", s.log_text());
-    assert_eq!(ns.read_sysctl("net.ipv4.tcp_syncookies"), "1", "syncookies not restored");
+    assert_eq!(
+        ns.read_sysctl("net.ipv4.tcp_syncookies"),
+        "1",
+        "syncookies not restored"
+    );
     for pid in pids {
-        assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists(), "worker {pid} outlived sluice");
+        assert!(
+            !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+            "worker {pid} outlived sluice"
+        );
     }
     // No ack gate left behind: with cookies on, a handshake to a new listener on the same
     // port completes without the client sending data (the gate would drop its ACK).
@@ -151,13 +200,20 @@ fn sluice_stops_cleanly_and_restores_what_it_changed() {
     ns.enter(|| {
         let l = std::net::TcpListener::bind(V4).expect("bind after sluice stopped");
         l.set_nonblocking(true).expect("nonblocking");
-        let _c = std::net::TcpStream::connect_timeout(&addr(V4), Duration::from_secs(2)).expect("connect");
+        let _c = std::net::TcpStream::connect_timeout(&addr(V4), Duration::from_secs(2))
+            .expect("connect");
         let deadline = std::time::Instant::now() + Duration::from_secs(3);
         while l.accept().is_err() {
-            assert!(std::time::Instant::now() < deadline, "handshake never completed: ack gate still attached?");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "handshake never completed: ack gate still attached?"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     });
     let log = s.log_text();
-    assert!(log.contains("restored net.ipv4.tcp_syncookies = 1"), "{log}");
+    assert!(
+        log.contains("restored net.ipv4.tcp_syncookies = 1"),
+        "{log}"
+    );
 }

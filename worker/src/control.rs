@@ -261,7 +261,10 @@ mod tests {
                 "{bad:?}"
             );
         }
-        assert_eq!(parse(&vec![b'x'; MAX_MESSAGE + 1]), Err(ControlError::TooLong));
+        assert_eq!(
+            parse(&vec![b'x'; MAX_MESSAGE + 1]),
+            Err(ControlError::TooLong)
+        );
     }
 
     #[test]

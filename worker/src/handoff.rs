@@ -195,7 +195,9 @@ mod tests {
     fn pair(ty: libc::c_int) -> (OwnedFd, OwnedFd) {
         let mut fds = [0; 2];
         // SAFETY: socketpair(2) writes two fds into the live array.
-        let rc = unsafe { libc::socketpair(libc::AF_UNIX, ty | libc::SOCK_CLOEXEC, 0, fds.as_mut_ptr()) };
+        let rc = unsafe {
+            libc::socketpair(libc::AF_UNIX, ty | libc::SOCK_CLOEXEC, 0, fds.as_mut_ptr())
+        };
         assert_eq!(rc, 0);
         // SAFETY: both fds are new and owned by nobody else.
         unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
@@ -205,7 +207,12 @@ mod tests {
     fn handed_back_connection_arrives_with_payload_and_fd() {
         let (front, worker) = pair(libc::SOCK_SEQPACKET);
         let (client, conn) = pair(libc::SOCK_STREAM);
-        send(worker.as_raw_fd(), b"GET /web/b HTTP/1.1\r\n", conn.as_raw_fd()).unwrap();
+        send(
+            worker.as_raw_fd(),
+            b"GET /web/b HTTP/1.1\r\n",
+            conn.as_raw_fd(),
+        )
+        .unwrap();
         drop(conn);
         let mut buf = RecvBuf::new();
         let msg = buf.prepare();

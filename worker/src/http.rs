@@ -307,8 +307,8 @@ impl HttpConn {
             return Step::Rejected(Reject(500));
         }
         let keep_alive = info.keep_alive && !closing;
-        let req = Request::from_parsed(&parsed, &rbuf[info.head_len..body_end])
-            .with_canonical(canonical);
+        let req =
+            Request::from_parsed(&parsed, &rbuf[info.head_len..body_end]).with_canonical(canonical);
         respond(wbuf, &req, keep_alive, info.http10, handler);
         Step::Done {
             consumed,
@@ -1140,7 +1140,11 @@ mod tests {
         let mut dispatch = HandBackWeb(Vec::new());
         let outcome = conn.process(&mut rbuf, &mut wbuf, false, &mut dispatch);
         assert_eq!(outcome, Outcome::HandBack);
-        assert_eq!(dispatch.0, ["/api/a"], "nothing after the foreign request is answered");
+        assert_eq!(
+            dispatch.0,
+            ["/api/a"],
+            "nothing after the foreign request is answered"
+        );
         assert_eq!(statuses(&String::from_utf8_lossy(&wbuf)), ["200"]);
         assert_eq!(
             rbuf,

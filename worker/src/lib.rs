@@ -408,7 +408,8 @@ impl Options {
             options.idle_timeout = Duration::from_secs(parse_env("SLUICE_IDLE_TIMEOUT", &secs)?);
         }
         if let Some(secs) = env("SLUICE_HEADER_TIMEOUT") {
-            options.header_timeout = Duration::from_secs(parse_env("SLUICE_HEADER_TIMEOUT", &secs)?);
+            options.header_timeout =
+                Duration::from_secs(parse_env("SLUICE_HEADER_TIMEOUT", &secs)?);
         }
         if let Some(n) = env("SLUICE_MAX_REQUEST_HEAD") {
             options.max_request_head = parse_env("SLUICE_MAX_REQUEST_HEAD", &n)?;
@@ -604,14 +605,19 @@ mod tests {
             let mut parsed = httparse::Request::new(&mut headers);
             parsed.parse(raw).unwrap();
             let req = Request::from_parsed(&parsed, b"");
-            (req.path().to_owned(), req.canonical_path().map(str::to_owned))
+            (
+                req.path().to_owned(),
+                req.canonical_path().map(str::to_owned),
+            )
         };
         assert_eq!(
             canonical(b"GET /a/%62/../c//d?q=1 HTTP/1.1\r\n\r\n"),
             ("/a/%62/../c//d".to_owned(), Some("/a/c/d".to_owned()))
         );
         assert_eq!(
-            canonical(b"GET http://host:80/x/./y HTTP/1.1\r\n\r\n").1.as_deref(),
+            canonical(b"GET http://host:80/x/./y HTTP/1.1\r\n\r\n")
+                .1
+                .as_deref(),
             Some("/x/y")
         );
         assert_eq!(canonical(b"GET /../x HTTP/1.1\r\n\r\n").1, None);
@@ -620,8 +626,16 @@ mod tests {
 
     #[test]
     fn response_header_lines_are_listed() {
-        let r = Response::new(200).header("Cache-Control", "public, max-age=5").header("x", "");
+        let r = Response::new(200)
+            .header("Cache-Control", "public, max-age=5")
+            .header("x", "");
         let lines: Vec<_> = r.header_lines().collect();
-        assert_eq!(lines, [(&b"Cache-Control"[..], &b"public, max-age=5"[..]), (b"x", b"")]);
+        assert_eq!(
+            lines,
+            [
+                (&b"Cache-Control"[..], &b"public, max-age=5"[..]),
+                (b"x", b"")
+            ]
+        );
     }
 }

@@ -64,7 +64,9 @@ impl Publisher {
         }
         // The response's few headers first: most responses say nothing about caching.
         let Ok(ttl) = lifetime(resp) else { return };
-        if !cache_eligible(req, !req.body().is_empty(), false) || req.header("transfer-encoding").is_some() {
+        if !cache_eligible(req, !req.body().is_empty(), false)
+            || req.header("transfer-encoding").is_some()
+        {
             return;
         }
         let Some(path) = req.canonical_path() else {

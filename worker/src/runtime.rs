@@ -102,8 +102,16 @@ pub(crate) fn serve<H: Handler>(
     handler: H,
 ) -> Result<(), Error> {
     let signals = block_stop_signals()?;
-    for fd in [sockets.control.as_ref(), sockets.handoff.as_ref()].into_iter().flatten() {
-        if let Err(e) = setsockopt_int(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_SNDBUF, SEQPACKET_SNDBUF) {
+    for fd in [sockets.control.as_ref(), sockets.handoff.as_ref()]
+        .into_iter()
+        .flatten()
+    {
+        if let Err(e) = setsockopt_int(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUF,
+            SEQPACKET_SNDBUF,
+        ) {
             log::debug!("SO_SNDBUF on fd {}: {e}", fd.as_raw_fd());
         }
     }
@@ -840,7 +848,11 @@ impl<'s, H: Handler> Worker<'s, H> {
             Outcome::Close => conn.close_after_send = true,
             Outcome::HandBack => conn.hand_back = true,
         }
-        conn.head_since = if conn.http.in_head(&conn.rbuf) { conn.head_since.or(Some(self.tick)) } else { None };
+        conn.head_since = if conn.http.in_head(&conn.rbuf) {
+            conn.head_since.or(Some(self.tick))
+        } else {
+            None
+        };
         let written = conn.http.responses() - before;
         if written > 0 {
             shared.requests.fetch_add(written, Ordering::Relaxed);
@@ -1060,14 +1072,19 @@ impl<'s, H: Handler> Worker<'s, H> {
                 Phase::Lingering { until } => tick >= until,
                 Phase::Reading => {
                     tick.saturating_sub(conn.last_active) >= idle_ticks
-                        || conn.head_since.is_some_and(|t| tick.saturating_sub(t) >= header_ticks)
+                        || conn
+                            .head_since
+                            .is_some_and(|t| tick.saturating_sub(t) >= header_ticks)
                         || (grace_over && conn.http.is_idle(&conn.rbuf))
                 }
                 // A client must take the response at min_send_rate (plus two seconds); without
                 // a rate, only the idle timeout applies.
                 Phase::Writing => match self.shared.min_send_rate {
                     0 => tick.saturating_sub(conn.last_active) >= idle_ticks,
-                    rate => tick.saturating_sub(conn.write_since) >= (conn.wbuf.len() as u64 / rate + 2) * TICKS_PER_SECOND,
+                    rate => {
+                        tick.saturating_sub(conn.write_since)
+                            >= (conn.wbuf.len() as u64 / rate + 2) * TICKS_PER_SECOND
+                    }
                 },
             };
             if expired || cut_all {
@@ -1361,9 +1378,13 @@ mod tests {
         assert!(recv_reply(&front_ctl).starts_with("pong 1 "));
 
         let mut c = TcpStream::connect(addr).unwrap();
-        c.write_all(b"GET /api/a HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+        c.write_all(b"GET /api/a HTTP/1.1\r\nHost: t\r\n\r\n")
+            .unwrap();
         let first = read_response(&mut c);
-        assert!(first.starts_with("HTTP/1.1 200 ") && first.ends_with("worker Some(\"/api/a\")\n"), "{first}");
+        assert!(
+            first.starts_with("HTTP/1.1 200 ") && first.ends_with("worker Some(\"/api/a\")\n"),
+            "{first}"
+        );
         // Pipelined: one for this pool, one for another, then one more for this pool.
         c.write_all(b"GET /api/%62 HTTP/1.1\r\nHost: t\r\n\r\nGET /web/b HTTP/1.1\r\nHost: t\r\n\r\nGET /api/c HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
         let (bytes, mut conn) = recv_handback(&front_handoff);
@@ -1371,7 +1392,8 @@ mod tests {
             bytes,
             b"GET /web/b HTTP/1.1\r\nHost: t\r\n\r\nGET /api/c HTTP/1.1\r\nHost: t\r\n\r\n"
         );
-        conn.write_all(b"HTTP/1.1 200 OK\r\nx-from: frontend\r\nContent-Length: 3\r\n\r\nfe\n").unwrap();
+        conn.write_all(b"HTTP/1.1 200 OK\r\nx-from: frontend\r\nContent-Length: 3\r\n\r\nfe\n")
+            .unwrap();
         // The worker's answer to /api/%62, then the front end's to /web/b.
         c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         let mut both = Vec::new();
@@ -1382,24 +1404,34 @@ mod tests {
             both.extend_from_slice(&buf[..n]);
         }
         let both = String::from_utf8_lossy(&both);
-        let worker_at = both.find("worker Some(\"/api/b\")\n").expect("the worker's answer");
-        let frontend_at = both.find("x-from: frontend").expect("the front end's answer");
+        let worker_at = both
+            .find("worker Some(\"/api/b\")\n")
+            .expect("the worker's answer");
+        let frontend_at = both
+            .find("x-from: frontend")
+            .expect("the front end's answer");
         assert!(worker_at < frontend_at, "{both}");
 
         // A cached path (GET) is handed back; with a query string it is served.
         let mut c = TcpStream::connect(addr).unwrap();
-        c.write_all(b"GET /api/cached?x HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+        c.write_all(b"GET /api/cached?x HTTP/1.1\r\nHost: t\r\n\r\n")
+            .unwrap();
         assert!(read_response(&mut c).starts_with("HTTP/1.1 200 "));
-        c.write_all(b"GET /api/cached HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+        c.write_all(b"GET /api/cached HTTP/1.1\r\nHost: t\r\n\r\n")
+            .unwrap();
         let (bytes, _conn) = recv_handback(&front_handoff);
         assert!(bytes.starts_with(b"GET /api/cached HTTP/1.1\r\n"));
 
         // An empty table: nothing is handed back.
         send(&front_ctl, "routes\n");
         send(&front_ctl, "ping 2");
-        assert!(recv_reply(&front_ctl).starts_with("pong 2 requests=3 "), "hand-backs are not counted");
+        assert!(
+            recv_reply(&front_ctl).starts_with("pong 2 requests=3 "),
+            "hand-backs are not counted"
+        );
         let mut c = TcpStream::connect(addr).unwrap();
-        c.write_all(b"GET /web/x HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+        c.write_all(b"GET /web/x HTTP/1.1\r\nHost: t\r\n\r\n")
+            .unwrap();
         assert!(read_response(&mut c).ends_with("worker Some(\"/web/x\")\n"));
 
         send(&front_ctl, "stop");
@@ -1413,25 +1445,37 @@ mod tests {
         drop(front_handoff);
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
-        let sockets = Sockets::for_test(vec![OwnedFd::from(listener)], Some(worker_handoff), Some(worker_ctl));
+        let sockets = Sockets::for_test(
+            vec![OwnedFd::from(listener)],
+            Some(worker_handoff),
+            Some(worker_ctl),
+        );
         let options = Options {
             threads: 1,
             pool: Some("api".into()),
             ..Options::default()
         };
         let server = thread::spawn(move || {
-            serve(sockets, &options, |_: &Request<'_>, _: &Context| Response::text(200, "hi\n"))
+            serve(sockets, &options, |_: &Request<'_>, _: &Context| {
+                Response::text(200, "hi\n")
+            })
         });
         send(&front_ctl, "routes\n/api/ api\n");
         send(&front_ctl, "ping 1");
         assert!(recv_reply(&front_ctl).starts_with("pong 1 "));
         let mut c = TcpStream::connect(addr).unwrap();
-        c.write_all(b"GET /api/a HTTP/1.1\r\nHost: t\r\n\r\nGET /other HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+        c.write_all(
+            b"GET /api/a HTTP/1.1\r\nHost: t\r\n\r\nGET /other HTTP/1.1\r\nHost: t\r\n\r\n",
+        )
+        .unwrap();
         let mut out = String::new();
         c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         c.read_to_string(&mut out).unwrap();
         assert!(out.starts_with("HTTP/1.1 200 "), "{out}");
-        assert!(out.contains("HTTP/1.1 503 ") && out.contains("Connection: close"), "{out}");
+        assert!(
+            out.contains("HTTP/1.1 503 ") && out.contains("Connection: close"),
+            "{out}"
+        );
         send(&front_ctl, "stop");
         join_within(server, Duration::from_secs(5));
     }

@@ -78,7 +78,11 @@ struct Procs(Vec<Child>);
 impl Procs {
     fn spawn(&mut self, cmd: &mut Command, log: &Path) -> Result<u32> {
         let out = fs::File::create(log)?;
-        let child = cmd.stdout(out.try_clone()?).stderr(out).spawn().with_context(|| format!("{cmd:?}"))?;
+        let child = cmd
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .with_context(|| format!("{cmd:?}"))?;
         let pid = child.id();
         self.0.push(child);
         Ok(pid)
@@ -108,7 +112,11 @@ impl Drop for Procs {
 fn wait_http(ns: &Netns, url: &str) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let ok = ns.cmd("curl").args(["-sf", "-m", "2", "-o", "/dev/null", url]).status().map(|s| s.success());
+        let ok = ns
+            .cmd("curl")
+            .args(["-sf", "-m", "2", "-o", "/dev/null", url])
+            .status()
+            .map(|s| s.success());
         if ok.unwrap_or(false) {
             return Ok(());
         }
@@ -122,7 +130,13 @@ fn wait_http(ns: &Netns, url: &str) -> Result<()> {
 /// The body both the front-end cache and nginx's `return 200` answer with.
 const CACHED_BODY: &str = "hello from pool api pid 0000000\n";
 
-fn sluice_config(dir: &Path, name: &str, listen: &str, steering: &str, hello: &Path) -> Result<(PathBuf, PathBuf)> {
+fn sluice_config(
+    dir: &Path,
+    name: &str,
+    listen: &str,
+    steering: &str,
+    hello: &Path,
+) -> Result<(PathBuf, PathBuf)> {
     let admin = dir.join(format!("{name}.sock"));
     let cfg = dir.join(format!("{name}.toml"));
     let cached = dir.join("cached.txt");
@@ -143,7 +157,10 @@ fn sluice_config(dir: &Path, name: &str, listen: &str, steering: &str, hello: &P
 }
 
 fn status(sluice: &Path, admin: &Path) -> Result<Value> {
-    let out = Command::new(sluice).args(["status", "--json", "--admin"]).arg(admin).output()?;
+    let out = Command::new(sluice)
+        .args(["status", "--json", "--admin"])
+        .arg(admin)
+        .output()?;
     if !out.status.success() {
         bail!("sluice status: {}", String::from_utf8_lossy(&out.stderr));
     }
@@ -162,14 +179,22 @@ fn worker_pids(st: &Value) -> Vec<u32> {
 }
 
 fn fallbacks(st: &Value) -> u64 {
-    let program: u64 = st["fallbacks"].as_object().map(|m| m.values().filter_map(Value::as_u64).sum()).unwrap_or(0);
+    let program: u64 = st["fallbacks"]
+        .as_object()
+        .map(|m| m.values().filter_map(Value::as_u64).sum())
+        .unwrap_or(0);
     program.max(st["dispatcher"]["accepted"].as_u64().unwrap_or(0))
 }
 
 fn peak_rss_kib(pid: u32) -> u64 {
     fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
-        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("VmHWM:").map(|v| v.trim().trim_end_matches(" kB").trim().to_owned())))
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix("VmHWM:")
+                    .map(|v| v.trim().trim_end_matches(" kB").trim().to_owned())
+            })
+        })
         .and_then(|v| v.parse().ok())
         .unwrap_or(0)
 }
@@ -216,7 +241,10 @@ fn parse_wrk(text: &str) -> Run {
         } else if let Some(v) = line.strip_prefix("99%") {
             r.p99_ms = parse_duration_ms(v);
         } else if let Some(v) = line.strip_prefix("Socket errors:") {
-            r.errors = v.split(',').filter_map(|p| p.split_whitespace().last()?.parse::<u64>().ok()).sum();
+            r.errors = v
+                .split(',')
+                .filter_map(|p| p.split_whitespace().last()?.parse::<u64>().ok())
+                .sum();
         } else if let Some(v) = line.strip_prefix("Non-2xx or 3xx responses:") {
             r.non_2xx = v.trim().parse().unwrap_or(0);
         }
@@ -226,7 +254,12 @@ fn parse_wrk(text: &str) -> Run {
 
 fn wrk(ns: &Netns, t: &Target, seconds: u64) -> Result<(Run, String)> {
     let mut c = ns.cmd("wrk");
-    c.args(["-t1", &format!("-c{CONNECTIONS}"), &format!("-d{seconds}s"), "--latency"]);
+    c.args([
+        "-t1",
+        &format!("-c{CONNECTIONS}"),
+        &format!("-d{seconds}s"),
+        "--latency",
+    ]);
     if t.close {
         c.args(["-H", "Connection: close"]);
     }
@@ -234,7 +267,11 @@ fn wrk(ns: &Netns, t: &Target, seconds: u64) -> Result<(Run, String)> {
     let out = c.output().context("running wrk")?;
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     if !out.status.success() {
-        bail!("wrk against {} failed: {}", t.name, String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "wrk against {} failed: {}",
+            t.name,
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     Ok((parse_wrk(&text), text))
 }
@@ -251,7 +288,12 @@ fn median(v: &mut [f64]) -> f64 {
 fn version(cmd: &mut Command) -> String {
     cmd.output()
         .map(|o| {
-            let s = String::from_utf8_lossy(if o.stdout.is_empty() { &o.stderr } else { &o.stdout }).into_owned();
+            let s = String::from_utf8_lossy(if o.stdout.is_empty() {
+                &o.stderr
+            } else {
+                &o.stdout
+            })
+            .into_owned();
             s.lines().next().unwrap_or("").trim().to_owned()
         })
         .unwrap_or_default()
@@ -272,25 +314,45 @@ pub fn run(args: Args) -> Result<()> {
 
     let fs_ns = Netns::new("sluice-bench-fs")?;
     let base = Netns::new("sluice-bench")?;
-    fs_ns.cmd("sysctl").args(["-qw", "net.ipv4.tcp_syncookies=2"]).status()?;
+    fs_ns
+        .cmd("sysctl")
+        .args(["-qw", "net.ipv4.tcp_syncookies=2"])
+        .status()?;
     // With `Connection: close` the side that closes first keeps the TIME_WAIT. sluice lets
     // the client close first (first-segment steering needs that), so wrk's ports sit in
     // TIME_WAIT and, with the default range (28,232 ports, reusable after 1 s), cap any such
     // server near 14k connections/s on one client. A wide range takes that cap away for all.
     for ns in [&fs_ns, &base] {
-        ns.cmd("sysctl").args(["-qw", "net.ipv4.ip_local_port_range=1024 65535"]).status()?;
+        ns.cmd("sysctl")
+            .args(["-qw", "net.ipv4.ip_local_port_range=1024 65535"])
+            .status()?;
     }
     let mut procs = Procs::default();
 
     // sluice, first-segment, in its own namespace (syncookies=2 there only).
-    let (cfg, admin_fs) = sluice_config(&dir, "first-segment", "127.0.0.1:8080", "first-segment", &hello)?;
-    let sluice_fs = procs.spawn(fs_ns.cmd(&sluice).arg("run").arg(&cfg), &dir.join("sluice-fs.log"))?;
+    let (cfg, admin_fs) = sluice_config(
+        &dir,
+        "first-segment",
+        "127.0.0.1:8080",
+        "first-segment",
+        &hello,
+    )?;
+    let sluice_fs = procs.spawn(
+        fs_ns.cmd(&sluice).arg("run").arg(&cfg),
+        &dir.join("sluice-fs.log"),
+    )?;
     // sluice, syn mode (plain clients go through the dispatcher), with the default sysctls.
     let (cfg, admin_syn) = sluice_config(&dir, "syn", "127.0.0.1:8081", "syn", &hello)?;
-    let sluice_syn = procs.spawn(base.cmd(&sluice).arg("run").arg(&cfg), &dir.join("sluice-syn.log"))?;
+    let sluice_syn = procs.spawn(
+        base.cmd(&sluice).arg("run").arg(&cfg),
+        &dir.join("sluice-syn.log"),
+    )?;
     // The same worker binary alone on a plain listening socket: the limit.
     let direct = procs.spawn(
-        base.cmd(&hello).env("SLUICE_LISTEN", "127.0.0.1:9001").env("SLUICE_THREADS", "1").env("RUST_LOG", "warn"),
+        base.cmd(&hello)
+            .env("SLUICE_LISTEN", "127.0.0.1:9001")
+            .env("SLUICE_THREADS", "1")
+            .env("RUST_LOG", "warn"),
         &dir.join("direct.log"),
     )?;
     // nginx, one worker, proxying to that worker with upstream keep-alive; plus `return 200`.
@@ -307,10 +369,18 @@ pub fn run(args: Args) -> Result<()> {
             dir = dir.display()
         ),
     )?;
-    let nginx = procs.spawn(base.cmd("nginx").arg("-c").arg(&nginx_conf), &dir.join("nginx.log"))?;
+    let nginx = procs.spawn(
+        base.cmd("nginx").arg("-c").arg(&nginx_conf),
+        &dir.join("nginx.log"),
+    )?;
 
     wait_http(&fs_ns, "http://127.0.0.1:8080/api/hello")?;
-    for url in ["http://127.0.0.1:8081/api/hello", "http://127.0.0.1:9001/api/hello", "http://127.0.0.1:8090/api/hello", "http://127.0.0.1:8091/"] {
+    for url in [
+        "http://127.0.0.1:8081/api/hello",
+        "http://127.0.0.1:9001/api/hello",
+        "http://127.0.0.1:8090/api/hello",
+        "http://127.0.0.1:8091/",
+    ] {
         wait_http(&base, url)?;
     }
     let fs_workers = worker_pids(&status(&sluice, &admin_fs)?);
@@ -324,7 +394,12 @@ pub fn run(args: Args) -> Result<()> {
     let mut pids_nginx = vec![("nginx master", nginx), ("worker", direct)];
     pids_nginx.extend(nginx_workers.iter().map(|&p| ("nginx worker", p)));
 
-    let target = |name, ns: &'static str, url: &str, close, pids: &Vec<(&'static str, u32)>, admin: Option<&PathBuf>| Target {
+    let target = |name,
+                  ns: &'static str,
+                  url: &str,
+                  close,
+                  pids: &Vec<(&'static str, u32)>,
+                  admin: Option<&PathBuf>| Target {
         name,
         ns,
         url: url.to_owned(),
@@ -333,15 +408,78 @@ pub fn run(args: Args) -> Result<()> {
         admin: admin.cloned(),
     };
     let targets = vec![
-        target("steered_keepalive", "fs", "http://127.0.0.1:8080/api/hello", false, &pids_fs, Some(&admin_fs)),
-        target("direct_keepalive", "base", "http://127.0.0.1:9001/api/hello", false, &vec![("worker", direct)], None),
-        target("nginx_keepalive", "base", "http://127.0.0.1:8090/api/hello", false, &pids_nginx, None),
-        target("close_first_segment", "fs", "http://127.0.0.1:8080/api/hello", true, &pids_fs, Some(&admin_fs)),
-        target("close_syn", "base", "http://127.0.0.1:8081/api/hello", true, &pids_syn, Some(&admin_syn)),
-        target("close_direct", "base", "http://127.0.0.1:9001/api/hello", true, &vec![("worker", direct)], None),
-        target("close_nginx", "base", "http://127.0.0.1:8090/api/hello", true, &pids_nginx, None),
-        target("nginx_return", "base", "http://127.0.0.1:8091/", false, &pids_nginx, None),
-        target("cache_keepalive", "fs", "http://127.0.0.1:8080/cached", false, &pids_fs, Some(&admin_fs)),
+        target(
+            "steered_keepalive",
+            "fs",
+            "http://127.0.0.1:8080/api/hello",
+            false,
+            &pids_fs,
+            Some(&admin_fs),
+        ),
+        target(
+            "direct_keepalive",
+            "base",
+            "http://127.0.0.1:9001/api/hello",
+            false,
+            &vec![("worker", direct)],
+            None,
+        ),
+        target(
+            "nginx_keepalive",
+            "base",
+            "http://127.0.0.1:8090/api/hello",
+            false,
+            &pids_nginx,
+            None,
+        ),
+        target(
+            "close_first_segment",
+            "fs",
+            "http://127.0.0.1:8080/api/hello",
+            true,
+            &pids_fs,
+            Some(&admin_fs),
+        ),
+        target(
+            "close_syn",
+            "base",
+            "http://127.0.0.1:8081/api/hello",
+            true,
+            &pids_syn,
+            Some(&admin_syn),
+        ),
+        target(
+            "close_direct",
+            "base",
+            "http://127.0.0.1:9001/api/hello",
+            true,
+            &vec![("worker", direct)],
+            None,
+        ),
+        target(
+            "close_nginx",
+            "base",
+            "http://127.0.0.1:8090/api/hello",
+            true,
+            &pids_nginx,
+            None,
+        ),
+        target(
+            "nginx_return",
+            "base",
+            "http://127.0.0.1:8091/",
+            false,
+            &pids_nginx,
+            None,
+        ),
+        target(
+            "cache_keepalive",
+            "fs",
+            "http://127.0.0.1:8080/cached",
+            false,
+            &pids_fs,
+            Some(&admin_fs),
+        ),
     ];
 
     let mut runs: BTreeMap<&str, Vec<Run>> = BTreeMap::new();
@@ -349,11 +487,18 @@ pub fn run(args: Args) -> Result<()> {
     for round in 0..rounds {
         for t in &targets {
             let ns = if t.ns == "fs" { &fs_ns } else { &base };
-            let before = t.admin.as_ref().map(|a| status(&sluice, a).map(|s| fallbacks(&s))).transpose()?;
+            let before = t
+                .admin
+                .as_ref()
+                .map(|a| status(&sluice, a).map(|s| fallbacks(&s)))
+                .transpose()?;
             let (r, text) = wrk(ns, t, seconds)?;
             fs::write(dir.join(format!("wrk-{}-{round}.txt", t.name)), &text)?;
             if let (Some(a), Some(b)) = (&t.admin, before) {
-                fallback_counts.entry(t.name).or_default().push(fallbacks(&status(&sluice, a)?).saturating_sub(b));
+                fallback_counts
+                    .entry(t.name)
+                    .or_default()
+                    .push(fallbacks(&status(&sluice, a)?).saturating_sub(b));
             }
             eprintln!(
                 "round {}/{rounds} {:<22} {:>10.0} req/s  p50 {:.3} ms  p99 {:.3} ms  errors {} non-2xx {}",
@@ -370,17 +515,37 @@ pub fn run(args: Args) -> Result<()> {
     }
 
     let ratio_pairs = [
-        ("steered_keepalive_vs_direct", "steered_keepalive", "direct_keepalive"),
-        ("steered_keepalive_vs_nginx", "steered_keepalive", "nginx_keepalive"),
-        ("close_first_segment_vs_direct", "close_first_segment", "close_direct"),
+        (
+            "steered_keepalive_vs_direct",
+            "steered_keepalive",
+            "direct_keepalive",
+        ),
+        (
+            "steered_keepalive_vs_nginx",
+            "steered_keepalive",
+            "nginx_keepalive",
+        ),
+        (
+            "close_first_segment_vs_direct",
+            "close_first_segment",
+            "close_direct",
+        ),
         ("close_syn_vs_direct", "close_syn", "close_direct"),
-        ("close_first_segment_vs_nginx", "close_first_segment", "close_nginx"),
+        (
+            "close_first_segment_vs_nginx",
+            "close_first_segment",
+            "close_nginx",
+        ),
         ("close_syn_vs_nginx", "close_syn", "close_nginx"),
         ("cache_vs_nginx_return", "cache_keepalive", "nginx_return"),
     ];
     let mut ratios = serde_json::Map::new();
     for (name, a, b) in ratio_pairs {
-        let mut per_round: Vec<f64> = runs[a].iter().zip(&runs[b]).map(|(x, y)| x.rps / y.rps).collect();
+        let mut per_round: Vec<f64> = runs[a]
+            .iter()
+            .zip(&runs[b])
+            .map(|(x, y)| x.rps / y.rps)
+            .collect();
         ratios.insert(name.into(), json!(median(&mut per_round)));
     }
     let mut scenarios = serde_json::Map::new();
@@ -389,10 +554,11 @@ pub fn run(args: Args) -> Result<()> {
         let mut rps: Vec<f64> = rs.iter().map(|r| r.rps).collect();
         let mut p50: Vec<f64> = rs.iter().map(|r| r.p50_ms).collect();
         let mut p99: Vec<f64> = rs.iter().map(|r| r.p99_ms).collect();
-        let rss: BTreeMap<String, u64> = t.pids.iter().fold(BTreeMap::new(), |mut m, (role, pid)| {
-            *m.entry(role.to_string()).or_default() += peak_rss_kib(*pid);
-            m
-        });
+        let rss: BTreeMap<String, u64> =
+            t.pids.iter().fold(BTreeMap::new(), |mut m, (role, pid)| {
+                *m.entry(role.to_string()).or_default() += peak_rss_kib(*pid);
+                m
+            });
         scenarios.insert(
             t.name.into(),
             json!({
@@ -439,12 +605,20 @@ pub fn run(args: Args) -> Result<()> {
     fs::write(&json_path, serde_json::to_string_pretty(&report)?)?;
     let command = format!(
         "cargo xtask bench{}",
-        if args.quick { " --quick".to_owned() } else { format!(" --rounds {rounds} --seconds {seconds}") }
+        if args.quick {
+            " --quick".to_owned()
+        } else {
+            format!(" --rounds {rounds} --seconds {seconds}")
+        }
     );
     fs::create_dir_all(root.join("docs"))?;
     fs::write(root.join("docs/benchmarks.md"), markdown(&report, &command))?;
     fs::write(root.join("docs/benchmarks.svg"), svg(&report))?;
-    eprintln!("\nwrote {}, docs/benchmarks.md and docs/benchmarks.svg in {} s", json_path.display(), started.elapsed().as_secs());
+    eprintln!(
+        "\nwrote {}, docs/benchmarks.md and docs/benchmarks.svg in {} s",
+        json_path.display(),
+        started.elapsed().as_secs()
+    );
     for (k, v) in &ratios {
         eprintln!("  {k:<32} {:.3}", v.as_f64().unwrap_or(f64::NAN));
     }
@@ -493,7 +667,15 @@ fn markdown(r: &Value, command: &str) -> String {
                 .as_object()
                 .map(|m| m.iter().map(|(k, n)| format!("{k} {n}")).collect())
                 .unwrap_or_default();
-            let fb = v["dispatcher_fallbacks"].as_array().map(|a| a.iter().map(|x| x.to_string()).collect::<Vec<_>>().join("/")).unwrap_or("–".into());
+            let fb = v["dispatcher_fallbacks"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .map(|x| x.to_string())
+                        .collect::<Vec<_>>()
+                        .join("/")
+                })
+                .unwrap_or("–".into());
             md.push_str(&format!(
                 "| {name} | {:.0} | {:.0}–{:.0} | {:.3} | {:.3} | {} | {} | {} | {fb} |\n",
                 v["rps_median"].as_f64().unwrap_or(0.0),

@@ -15,7 +15,10 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "cargo xtask", about = "sluice's build, demo, test and benchmark tasks")]
+#[command(
+    name = "cargo xtask",
+    about = "sluice's build, demo, test and benchmark tasks"
+)]
 struct Cli {
     #[command(subcommand)]
     task: Task,
@@ -63,7 +66,10 @@ fn main() -> Result<()> {
 }
 
 pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
 }
 
 pub fn run(cmd: &mut Command) -> Result<()> {
@@ -111,7 +117,16 @@ pub fn build() -> Result<()> {
     run(cargo()
         .current_dir(root())
         .env("SLUICE_EBPF_OBJECT", &obj)
-        .args(["build", "--release", "-p", "sluice", "-p", "sluice-worker", "--bins", "--examples"]))
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "sluice",
+            "-p",
+            "sluice-worker",
+            "--bins",
+            "--examples",
+        ]))
     .context("building the release binaries")
 }
 
@@ -120,28 +135,45 @@ fn demo() -> Result<()> {
     let root = root();
     let sluice = root.join("target/release/sluice");
     let config = root.join("examples/demo.toml");
-    eprintln!("\nsluice demo: try `curl http://127.0.0.1:8080/api/hello` and `curl http://127.0.0.1:8080/`,");
+    eprintln!(
+        "\nsluice demo: try `curl http://127.0.0.1:8080/api/hello` and `curl http://127.0.0.1:8080/`,"
+    );
     eprintln!("`target/release/sluice status --config examples/demo.toml`; Ctrl-C stops it.\n");
     run(Command::new(sluice).arg("run").arg(config))
 }
 
 fn test(args: &[String]) -> Result<()> {
     build()?;
-    toolchain::ensure_packages(&[("wrk", "wrk"), ("curl", "curl"), ("ip", "iproute2"), ("sysctl", "procps")])?;
+    toolchain::ensure_packages(&[
+        ("wrk", "wrk"),
+        ("curl", "curl"),
+        ("ip", "iproute2"),
+        ("sysctl", "procps"),
+    ])?;
     let root = root();
     let obj = root.join("target/ebpf/bpfel-unknown-none/release/sluice-ebpf");
     let mut cmd = cargo();
     cmd.current_dir(&root)
         .env("SLUICE_EBPF_OBJECT", &obj)
         .env("SLUICE_BIN_DIR", root.join("target/release"))
-        .args(["test", "--release", "--workspace", "--exclude", "xtask", "--"]);
+        .args([
+            "test",
+            "--release",
+            "--workspace",
+            "--exclude",
+            "xtask",
+            "--",
+        ]);
     // The integration tests each make a network namespace; running them one at a time keeps
     // the 2-core machine's load, and their timing, predictable.
     cmd.arg("--test-threads=1");
     cmd.args(args);
     run(&mut cmd)?;
     // A short fuzzing round of the parsers (SLUICE_FUZZ_SECONDS per target; 0 skips it).
-    let seconds = std::env::var("SLUICE_FUZZ_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(10);
+    let seconds = std::env::var("SLUICE_FUZZ_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10);
     if args.is_empty() && seconds > 0 {
         fuzz::run_all(seconds)?;
     }

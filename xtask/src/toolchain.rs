@@ -16,7 +16,10 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 
 pub fn setup() -> Result<()> {
     let tools = setup_quiet()?;
-    println!("eBPF toolchain ready: nightly with rust-src, {}", tools.join("bin/bpf-linker").display());
+    println!(
+        "eBPF toolchain ready: nightly with rust-src, {}",
+        tools.join("bin/bpf-linker").display()
+    );
     Ok(())
 }
 
@@ -26,21 +29,38 @@ pub fn setup_quiet() -> Result<PathBuf> {
     let sysroot = output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))
         .context("the nightly toolchain is needed for the eBPF build (`rustup toolchain list`)")?;
     let sysroot = PathBuf::from(sysroot.trim());
-    if !sysroot.join("lib/rustlib/src/rust/library/Cargo.lock").exists() {
+    if !sysroot
+        .join("lib/rustlib/src/rust/library/Cargo.lock")
+        .exists()
+    {
         eprintln!("xtask: adding rust-src to the nightly toolchain");
-        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+        run(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
     }
     let linker = tools.join("bin/bpf-linker");
     let llvm_major = llvm_major()?;
-    let stamp = tools.join(format!("bpf-linker-{BPF_LINKER_VERSION}-llvm-{llvm_major}.stamp"));
+    let stamp = tools.join(format!(
+        "bpf-linker-{BPF_LINKER_VERSION}-llvm-{llvm_major}.stamp"
+    ));
     if !linker.exists() || !stamp.exists() {
-        eprintln!("xtask: building bpf-linker {BPF_LINKER_VERSION} against the nightly's LLVM {llvm_major} (about a minute, once)");
+        eprintln!(
+            "xtask: building bpf-linker {BPF_LINKER_VERSION} against the nightly's LLVM {llvm_major} (about a minute, once)"
+        );
         let llvm = tools.join("llvm/lib");
         std::fs::create_dir_all(&llvm)?;
         let mut found = false;
         for entry in std::fs::read_dir(sysroot.join("lib"))? {
             let path = entry?.path();
-            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("").to_owned();
+            let name = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or("")
+                .to_owned();
             if name.starts_with("libLLVM") && name.contains(".so") {
                 for link in [llvm.join("libLLVM.so"), llvm.join(&name)] {
                     let _ = std::fs::remove_file(&link);
@@ -50,12 +70,21 @@ pub fn setup_quiet() -> Result<PathBuf> {
             }
         }
         if !found {
-            bail!("no libLLVM in {}/lib: cannot build bpf-linker against the nightly's LLVM", sysroot.display());
+            bail!(
+                "no libLLVM in {}/lib: cannot build bpf-linker against the nightly's LLVM",
+                sysroot.display()
+            );
         }
         run(Command::new("cargo")
             .env("LLVM_PREFIX", tools.join("llvm"))
             .env_remove("RUSTUP_TOOLCHAIN")
-            .args(["+stable", "install", &format!("bpf-linker@{BPF_LINKER_VERSION}"), "--locked", "--no-default-features"])
+            .args([
+                "+stable",
+                "install",
+                &format!("bpf-linker@{BPF_LINKER_VERSION}"),
+                "--locked",
+                "--no-default-features",
+            ])
             .args(["--features", &format!("llvm-{llvm_major}"), "--root"])
             .arg(&tools))
         .context("building bpf-linker")?;
@@ -77,7 +106,10 @@ fn output(cmd: &mut Command) -> Result<String> {
     let shown = format!("{cmd:?}");
     let out = cmd.output().with_context(|| format!("starting {shown}"))?;
     if !out.status.success() {
-        bail!("{shown} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "{shown} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -91,12 +123,18 @@ fn on_path(binary: &str) -> bool {
 
 /// Installs the Debian packages whose binaries are missing: (binary, package).
 pub fn ensure_packages(wanted: &[(&str, &str)]) -> Result<()> {
-    let missing: Vec<&str> = wanted.iter().filter(|(b, _)| !on_path(b)).map(|(_, p)| *p).collect();
+    let missing: Vec<&str> = wanted
+        .iter()
+        .filter(|(b, _)| !on_path(b))
+        .map(|(_, p)| *p)
+        .collect();
     if missing.is_empty() {
         return Ok(());
     }
     eprintln!("xtask: installing {}", missing.join(" "));
-    run(Command::new("apt-get").args(["update", "-q"]).env("DEBIAN_FRONTEND", "noninteractive"))?;
+    run(Command::new("apt-get")
+        .args(["update", "-q"])
+        .env("DEBIAN_FRONTEND", "noninteractive"))?;
     run(Command::new("apt-get")
         .args(["install", "-y", "-q", "--no-install-recommends"])
         .args(&missing)

@@ -147,7 +147,11 @@ fn signal(pid: libc::pid_t, sig: i32) {
 
 impl Supervisor {
     pub fn new(pools: Vec<PoolLaunch>) -> io::Result<Supervisor> {
-        let mut s = Supervisor { pools: Vec::new(), seq: 0, greeting: Vec::new() };
+        let mut s = Supervisor {
+            pools: Vec::new(),
+            seq: 0,
+            greeting: Vec::new(),
+        };
         for p in pools {
             s.add(p)?;
         }
@@ -164,7 +168,10 @@ impl Supervisor {
         let identity = match (p.activation.uid, p.activation.gid) {
             (None, None) => None,
             // SAFETY: getuid/getgid have no preconditions.
-            (u, g) => Some((u.unwrap_or(unsafe { libc::getuid() }), g.unwrap_or(unsafe { libc::getgid() }))),
+            (u, g) => Some((
+                u.unwrap_or(unsafe { libc::getuid() }),
+                g.unwrap_or(unsafe { libc::getgid() }),
+            )),
         };
         Launch::new(&p.program, &p.args, fds, &names, &env, identity)
     }
@@ -173,7 +180,11 @@ impl Supervisor {
     pub fn add(&mut self, p: PoolLaunch) -> io::Result<()> {
         let now = Instant::now();
         let launch = Self::launch(&p)?;
-        let state = if p.activation.start == Start::Always { PoolState::Running } else { PoolState::Idle };
+        let state = if p.activation.start == Start::Always {
+            PoolState::Running
+        } else {
+            PoolState::Idle
+        };
         self.pools.push(Pool {
             name: p.name,
             policy: p.activation,
@@ -196,7 +207,9 @@ impl Supervisor {
     /// New settings for pool `id` (a reload): its workers are recycled, overlapped.
     pub fn update(&mut self, id: usize, p: PoolLaunch) -> io::Result<()> {
         let launch = Self::launch(&p)?;
-        let Some(pool) = self.pools.get_mut(id) else { return Ok(()) };
+        let Some(pool) = self.pools.get_mut(id) else {
+            return Ok(());
+        };
         pool.launch = launch;
         pool.policy = p.activation;
         pool.processes = p.processes;
@@ -222,7 +235,10 @@ impl Supervisor {
             for w in &mut p.workers {
                 retire(w, now);
             }
-            log::info!("pool {}: removed; its workers finish their requests", p.name);
+            log::info!(
+                "pool {}: removed; its workers finish their requests",
+                p.name
+            );
         }
     }
 
@@ -260,21 +276,32 @@ impl Supervisor {
     /// A watched fd is readable; returns the cache publications it carried.
     pub fn readable(&mut self, pool: usize, pid: libc::pid_t, now: Instant) -> Vec<Vec<u8>> {
         let mut published = Vec::new();
-        let Some(p) = self.pools.get_mut(pool) else { return published };
+        let Some(p) = self.pools.get_mut(pool) else {
+            return published;
+        };
         if pid == 0 {
             if p.state == PoolState::Idle {
-                log::info!("pool {}: a connection is waiting; starting its workers", p.name);
+                log::info!(
+                    "pool {}: a connection is waiting; starting its workers",
+                    p.name
+                );
                 p.state = PoolState::Running;
                 p.last_activity = now;
             }
             return published;
         }
-        let Some(w) = p.workers.iter_mut().find(|w| w.pid == pid) else { return published };
+        let Some(w) = p.workers.iter_mut().find(|w| w.pid == pid) else {
+            return published;
+        };
         match control::receive(w.control.as_raw_fd()) {
             Ok(messages) => {
                 for m in messages {
                     match m {
-                        control::Message::Pong { seq, requests, rss_kib } => {
+                        control::Message::Pong {
+                            seq,
+                            requests,
+                            rss_kib,
+                        } => {
                             if w.ping.is_some_and(|(s, _)| s == seq) {
                                 w.ping = None;
                             }
@@ -326,7 +353,11 @@ impl Supervisor {
                 && now.duration_since(p.last_activity) >= p.policy.idle_timeout
                 && !waiting
             {
-                log::info!("pool {}: idle for {:?}; stopping its workers", p.name, p.policy.idle_timeout);
+                log::info!(
+                    "pool {}: idle for {:?}; stopping its workers",
+                    p.name,
+                    p.policy.idle_timeout
+                );
                 for w in &mut p.workers {
                     retire(w, now);
                 }
@@ -340,7 +371,12 @@ impl Supervisor {
                     continue;
                 }
                 if !w.ready && now.duration_since(w.started) > p.policy.startup_time_limit {
-                    log::warn!("pool {}: worker {} did not start within {:?}; killing it", p.name, w.pid, p.policy.startup_time_limit);
+                    log::warn!(
+                        "pool {}: worker {} did not start within {:?}; killing it",
+                        p.name,
+                        w.pid,
+                        p.policy.startup_time_limit
+                    );
                     signal(w.pid, libc::SIGKILL);
                     w.retiring = Some(now);
                     failed += 1;
@@ -349,7 +385,12 @@ impl Supervisor {
                 if !p.policy.ping_interval.is_zero() && w.ready {
                     match w.ping {
                         Some((_, sent)) if now.duration_since(sent) > p.policy.ping_timeout => {
-                            log::warn!("pool {}: worker {} did not answer a ping within {:?}; killing it", p.name, w.pid, p.policy.ping_timeout);
+                            log::warn!(
+                                "pool {}: worker {} did not answer a ping within {:?}; killing it",
+                                p.name,
+                                w.pid,
+                                p.policy.ping_timeout
+                            );
                             signal(w.pid, libc::SIGKILL);
                             w.retiring = Some(now);
                             failed += 1;
@@ -357,7 +398,9 @@ impl Supervisor {
                         }
                         None if now.duration_since(w.last_pong) >= p.policy.ping_interval => {
                             self.seq += 1;
-                            if control::send(w.control.as_raw_fd(), &format!("ping {}", self.seq)).is_ok() {
+                            if control::send(w.control.as_raw_fd(), &format!("ping {}", self.seq))
+                                .is_ok()
+                            {
                                 w.ping = Some((self.seq, now));
                             }
                         }
@@ -366,7 +409,9 @@ impl Supervisor {
                 }
                 // Recycling conditions.
                 let pol = &p.policy;
-                let why = if !pol.recycle_time.is_zero() && now.duration_since(w.started) >= pol.recycle_time {
+                let why = if !pol.recycle_time.is_zero()
+                    && now.duration_since(w.started) >= pol.recycle_time
+                {
                     Some("its time limit")
                 } else if pol.recycle_requests > 0 && w.requests >= pol.recycle_requests {
                     Some("its request limit")
@@ -390,11 +435,23 @@ impl Supervisor {
                 continue;
             }
             // Overlapped recycle: retire a worker marked for it once a replacement is ready.
-            let ready_fresh = p.workers.iter().filter(|w| w.retiring.is_none() && !w.recycle && w.ready).count();
+            let ready_fresh = p
+                .workers
+                .iter()
+                .filter(|w| w.retiring.is_none() && !w.recycle && w.ready)
+                .count();
             let wanted_fresh = p.processes as usize;
-            let mut surplus = (ready_fresh + p.workers.iter().filter(|w| w.retiring.is_none() && w.recycle).count())
-                .saturating_sub(wanted_fresh);
-            for w in p.workers.iter_mut().filter(|w| w.retiring.is_none() && w.recycle) {
+            let mut surplus = (ready_fresh
+                + p.workers
+                    .iter()
+                    .filter(|w| w.retiring.is_none() && w.recycle)
+                    .count())
+            .saturating_sub(wanted_fresh);
+            for w in p
+                .workers
+                .iter_mut()
+                .filter(|w| w.retiring.is_none() && w.recycle)
+            {
                 if surplus == 0 {
                     break;
                 }
@@ -402,7 +459,11 @@ impl Supervisor {
                 surplus -= 1;
             }
             // Start what is missing: one per missing slot, plus one per worker to recycle.
-            let fresh = p.workers.iter().filter(|w| w.retiring.is_none() && !w.recycle).count();
+            let fresh = p
+                .workers
+                .iter()
+                .filter(|w| w.retiring.is_none() && !w.recycle)
+                .count();
             if fresh < wanted_fresh && now >= p.next_start {
                 for _ in fresh..wanted_fresh {
                     let restarts = p.vacated.pop().map(|r| r + 1).unwrap_or(0);
@@ -421,7 +482,13 @@ impl Supervisor {
         events
     }
 
-    fn spawn(p: &mut Pool, now: Instant, restarts: u32, seq: &mut u64, greeting: &[String]) -> io::Result<()> {
+    fn spawn(
+        p: &mut Pool,
+        now: Instant,
+        restarts: u32,
+        seq: &mut u64,
+        greeting: &[String],
+    ) -> io::Result<()> {
         let (ours, theirs) = control::pair()?;
         // Queued before the worker runs: it reads them when it starts.
         for m in greeting {
@@ -458,7 +525,12 @@ impl Supervisor {
         for w in &p.workers {
             if let Some(t) = w.retiring {
                 if now.duration_since(t) > p.policy.shutdown_time_limit {
-                    log::warn!("pool {}: worker {} did not stop within {:?}; killing it", p.name, w.pid, p.policy.shutdown_time_limit);
+                    log::warn!(
+                        "pool {}: worker {} did not stop within {:?}; killing it",
+                        p.name,
+                        w.pid,
+                        p.policy.shutdown_time_limit
+                    );
                     signal(w.pid, libc::SIGKILL);
                 }
             }
@@ -472,7 +544,11 @@ impl Supervisor {
             return false;
         }
         p.failures.push_back(now);
-        while p.failures.front().is_some_and(|&t| now.duration_since(t) > pol.rapid_fail_interval) {
+        while p
+            .failures
+            .front()
+            .is_some_and(|&t| now.duration_since(t) > pol.rapid_fail_interval)
+        {
             p.failures.pop_front();
         }
         if p.failures.len() < pol.rapid_fail_failures as usize || p.state == PoolState::Stopped {
@@ -504,15 +580,26 @@ impl Supervisor {
                 return events;
             }
             for (i, p) in self.pools.iter_mut().enumerate() {
-                let Some(at) = p.workers.iter().position(|w| w.pid == pid) else { continue };
+                let Some(at) = p.workers.iter().position(|w| w.pid == pid) else {
+                    continue;
+                };
                 let w = p.workers.remove(at);
                 p.requests_gone += w.requests;
                 let lived = now.duration_since(w.started);
                 if w.retiring.is_some() {
-                    log::info!("pool {}: worker {pid} {} after {:.1}s", p.name, describe(status), lived.as_secs_f64());
+                    log::info!(
+                        "pool {}: worker {pid} {} after {:.1}s",
+                        p.name,
+                        describe(status),
+                        lived.as_secs_f64()
+                    );
                     break;
                 }
-                p.quick_exits = if lived < HEALTHY_UPTIME { p.quick_exits + 1 } else { 1 };
+                p.quick_exits = if lived < HEALTHY_UPTIME {
+                    p.quick_exits + 1
+                } else {
+                    1
+                };
                 let wait = backoff(p.quick_exits);
                 p.next_start = now + wait;
                 p.vacated.push(w.restarts);
@@ -521,7 +608,11 @@ impl Supervisor {
                     p.name,
                     describe(status),
                     lived.as_secs_f64(),
-                    if wait.is_zero() { String::new() } else { format!(" in {wait:?}") }
+                    if wait.is_zero() {
+                        String::new()
+                    } else {
+                        format!(" in {wait:?}")
+                    }
                 );
                 if Self::failure(p, now) {
                     events.push(Event::Stopped(i));
@@ -544,7 +635,11 @@ impl Supervisor {
         p.state = PoolState::Running;
         p.last_activity = now;
         log::info!("pool {name}: started by command (was {})", was.as_str());
-        Ok(if was == PoolState::Stopped { vec![Event::Restarted(i)] } else { vec![] })
+        Ok(if was == PoolState::Stopped {
+            vec![Event::Restarted(i)]
+        } else {
+            vec![]
+        })
     }
 
     /// `sluice pool recycle NAME`: every worker is replaced, overlapped.
@@ -569,7 +664,9 @@ impl Supervisor {
 
     /// The earliest moment a tick has something to do, to bound the controller's wait.
     pub fn busy(&self) -> bool {
-        self.pools.iter().any(|p| p.state == PoolState::Running || p.workers.iter().any(|w| w.retiring.is_some()))
+        self.pools.iter().any(|p| {
+            p.state == PoolState::Running || p.workers.iter().any(|w| w.retiring.is_some())
+        })
     }
 
     /// Stops every worker: `stop` and SIGTERM, then SIGKILL after each pool's limit.
@@ -587,7 +684,12 @@ impl Supervisor {
         loop {
             let now = Instant::now();
             self.reap(now);
-            let left: Vec<libc::pid_t> = self.pools.iter().flat_map(|p| &p.workers).map(|w| w.pid).collect();
+            let left: Vec<libc::pid_t> = self
+                .pools
+                .iter()
+                .flat_map(|p| &p.workers)
+                .map(|w| w.pid)
+                .collect();
             if left.is_empty() {
                 return;
             }

@@ -29,7 +29,8 @@ pub struct Launch {
 }
 
 fn cstring(bytes: &[u8]) -> io::Result<CString> {
-    CString::new(bytes).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL byte in a worker argument"))
+    CString::new(bytes)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL byte in a worker argument"))
 }
 
 impl Launch {
@@ -57,7 +58,8 @@ impl Launch {
             env.push(e);
         };
         let overridden = |k: &OsStr| {
-            k.as_bytes().starts_with(b"LISTEN_") || extra_env.iter().any(|(x, _)| x.as_bytes() == k.as_bytes())
+            k.as_bytes().starts_with(b"LISTEN_")
+                || extra_env.iter().any(|(x, _)| x.as_bytes() == k.as_bytes())
         };
         for (k, v) in std::env::vars_os() {
             if !overridden(&k) && !k.as_bytes().contains(&0) && !v.as_bytes().contains(&0) {
@@ -67,12 +69,24 @@ impl Launch {
         for (k, v) in extra_env {
             push(OsStr::new(k), OsStr::new(v));
         }
-        push(OsStr::new("LISTEN_FDS"), OsStr::new(&(fds.len() + 1).to_string()));
-        push(OsStr::new("LISTEN_FDNAMES"), OsStr::new(&format!("{}:control", names.join(":"))));
+        push(
+            OsStr::new("LISTEN_FDS"),
+            OsStr::new(&(fds.len() + 1).to_string()),
+        );
+        push(
+            OsStr::new("LISTEN_FDNAMES"),
+            OsStr::new(&format!("{}:control", names.join(":"))),
+        );
         let mut pid_slot = LISTEN_PID.to_vec();
         pid_slot.resize(LISTEN_PID.len() + PID_ROOM, 0);
         env.push(pid_slot);
-        Ok(Launch { program, argv, env, fds, identity })
+        Ok(Launch {
+            program,
+            argv,
+            env,
+            fds,
+            identity,
+        })
     }
 
     /// Forks and execs the worker with `control` as its last fd; returns its pid once exec
@@ -87,7 +101,8 @@ impl Launch {
         for b in &mut self.env[pid_at][LISTEN_PID.len()..] {
             *b = 0;
         }
-        let mut envp: Vec<*mut libc::c_char> = self.env.iter_mut().map(|e| e.as_mut_ptr().cast()).collect();
+        let mut envp: Vec<*mut libc::c_char> =
+            self.env.iter_mut().map(|e| e.as_mut_ptr().cast()).collect();
         envp.push(std::ptr::null_mut());
         let pid_digits: *mut u8 = envp[pid_at].cast::<u8>().wrapping_add(LISTEN_PID.len());
 
@@ -113,7 +128,18 @@ impl Launch {
         }
         if pid == 0 {
             // SAFETY: in the child, see above.
-            unsafe { child(&self.program, &argv, &envp, pid_digits, &fds, n, identity, pipe[1]) }
+            unsafe {
+                child(
+                    &self.program,
+                    &argv,
+                    &envp,
+                    pid_digits,
+                    &fds,
+                    n,
+                    identity,
+                    pipe[1],
+                )
+            }
         }
         // SAFETY: parent side of the pipe: close the write end, read the child's verdict.
         unsafe {
@@ -183,7 +209,12 @@ unsafe fn child(
         }
         // Nothing else leaks into the worker: mark every other fd close-on-exec (the report
         // pipe stays usable until exec).
-        libc::syscall(libc::SYS_close_range, (3 + n) as u32, u32::MAX, libc::CLOSE_RANGE_CLOEXEC);
+        libc::syscall(
+            libc::SYS_close_range,
+            (3 + n) as u32,
+            u32::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        );
         // Drop privileges last: group list, group, then user.
         if let Some((uid, gid)) = identity {
             if libc::setgroups(1, &gid) < 0 || libc::setgid(gid) < 0 || libc::setuid(uid) < 0 {

@@ -104,7 +104,14 @@ impl Cache {
                         st.content_type,
                         st.ttl.as_secs()
                     );
-                    match self.insert(&st.path, head.into_bytes(), body, st.ttl, Origin::Static, now) {
+                    match self.insert(
+                        &st.path,
+                        head.into_bytes(),
+                        body,
+                        st.ttl,
+                        Origin::Static,
+                        now,
+                    ) {
                         Ok(()) => stored.push(st.path.clone()),
                         Err(e) => log::warn!("cache: static {}: {e}", st.path),
                     }
@@ -131,7 +138,12 @@ impl Cache {
         }
         self.remove(path);
         while self.total + size > self.max_total {
-            let Some(victim) = self.entries.iter().min_by_key(|(_, e)| e.last_used).map(|(k, _)| k.clone()) else {
+            let Some(victim) = self
+                .entries
+                .iter()
+                .min_by_key(|(_, e)| e.last_used)
+                .map(|(k, _)| k.clone())
+            else {
                 break;
             };
             log::debug!("cache: evicting {victim}");
@@ -141,7 +153,15 @@ impl Cache {
         self.total += size;
         self.entries.insert(
             path.to_owned(),
-            Entry { head, body, stored: now, expires: now + ttl, last_used: self.clock, hits: 0, origin },
+            Entry {
+                head,
+                body,
+                stored: now,
+                expires: now + ttl,
+                last_used: self.clock,
+                hits: 0,
+                origin,
+            },
         );
         Ok(())
     }
@@ -157,7 +177,13 @@ impl Cache {
     }
 
     /// The full answer for `path`, if cached and fresh: counts a hit or a miss.
-    pub fn answer(&mut self, path: &str, now: Instant, head_only: bool, close: bool) -> Option<Vec<u8>> {
+    pub fn answer(
+        &mut self,
+        path: &str,
+        now: Instant,
+        head_only: bool,
+        close: bool,
+    ) -> Option<Vec<u8>> {
         self.clock += 1;
         let clock = self.clock;
         let Some(e) = self.entries.get_mut(path).filter(|e| e.expires > now) else {
@@ -170,7 +196,14 @@ impl Cache {
         let age = now.duration_since(e.stored).as_secs();
         let mut out = Vec::with_capacity(e.head.len() + e.body.len() + 128);
         out.extend_from_slice(&e.head);
-        out.extend_from_slice(format!("Date: {}\r\nAge: {age}\r\nContent-Length: {}\r\n", http_date(SystemTime::now()), e.body.len()).as_bytes());
+        out.extend_from_slice(
+            format!(
+                "Date: {}\r\nAge: {age}\r\nContent-Length: {}\r\n",
+                http_date(SystemTime::now()),
+                e.body.len()
+            )
+            .as_bytes(),
+        );
         if close {
             out.extend_from_slice(b"Connection: close\r\n");
         }
@@ -187,8 +220,12 @@ impl Cache {
 
     /// Drops expired entries; returns their paths. Expired static entries are read again.
     pub fn expire(&mut self, now: Instant) -> (Vec<String>, Vec<String>) {
-        let gone: Vec<(String, Origin)> =
-            self.entries.iter().filter(|(_, e)| e.expires <= now).map(|(k, e)| (k.clone(), e.origin.clone())).collect();
+        let gone: Vec<(String, Origin)> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| e.expires <= now)
+            .map(|(k, e)| (k.clone(), e.origin.clone()))
+            .collect();
         let mut removed = Vec::new();
         let mut reloaded = Vec::new();
         let statics: Vec<StaticEntry> = self.statics.clone();
@@ -250,13 +287,21 @@ impl Cache {
     }
 
     pub fn stats(&self) -> CacheStats {
-        CacheStats { entries: self.entries.len(), bytes: self.total, hits: self.hits, misses: self.misses }
+        CacheStats {
+            entries: self.entries.len(),
+            bytes: self.total,
+            hits: self.hits,
+            misses: self.misses,
+        }
     }
 }
 
 /// An IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`).
 pub fn http_date(t: SystemTime) -> String {
-    let secs = t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let secs = t
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     let days = secs / 86400;
     let (h, m, s) = ((secs % 86400) / 3600, (secs % 3600) / 60, secs % 60);
     let weekday = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"][(days % 7) as usize];
@@ -270,7 +315,9 @@ pub fn http_date(t: SystemTime) -> String {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    let mon = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"][(month - 1) as usize];
+    let mon = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ][(month - 1) as usize];
     format!("{weekday}, {day:02} {mon} {year} {h:02}:{m:02}:{s:02} GMT")
 }
 
@@ -279,21 +326,46 @@ mod tests {
     use super::*;
 
     fn cache(max_entry: u64, max_total: u64) -> Cache {
-        Cache::new(&CacheConfig { max_entry_bytes: max_entry, max_total_bytes: max_total, statics: vec![] })
+        Cache::new(&CacheConfig {
+            max_entry_bytes: max_entry,
+            max_total_bytes: max_total,
+            statics: vec![],
+        })
     }
 
     #[test]
     fn answers_fresh_entries_with_date_age_and_length() {
         let mut c = cache(1000, 10_000);
         let t0 = Instant::now();
-        c.insert("/a", b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n".to_vec(), b"hello".to_vec(), Duration::from_secs(10), Origin::Worker, t0)
-            .unwrap();
-        let out = String::from_utf8(c.answer("/a", t0 + Duration::from_secs(3), false, false).unwrap()).unwrap();
-        assert!(out.starts_with("HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nDate: "), "{out}");
-        assert!(out.contains("\r\nAge: 3\r\nContent-Length: 5\r\n\r\nhello"), "{out}");
+        c.insert(
+            "/a",
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n".to_vec(),
+            b"hello".to_vec(),
+            Duration::from_secs(10),
+            Origin::Worker,
+            t0,
+        )
+        .unwrap();
+        let out = String::from_utf8(
+            c.answer("/a", t0 + Duration::from_secs(3), false, false)
+                .unwrap(),
+        )
+        .unwrap();
+        assert!(
+            out.starts_with("HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nDate: "),
+            "{out}"
+        );
+        assert!(
+            out.contains("\r\nAge: 3\r\nContent-Length: 5\r\n\r\nhello"),
+            "{out}"
+        );
         let head = String::from_utf8(c.answer("/a", t0, true, true).unwrap()).unwrap();
         assert!(head.ends_with("Connection: close\r\n\r\n"), "{head}");
-        assert!(c.answer("/a", t0 + Duration::from_secs(11), false, false).is_none(), "expired");
+        assert!(
+            c.answer("/a", t0 + Duration::from_secs(11), false, false)
+                .is_none(),
+            "expired"
+        );
         assert!(c.answer("/b", t0, false, false).is_none());
         assert_eq!((c.stats().hits, c.stats().misses), (2, 2));
     }
@@ -304,10 +376,19 @@ mod tests {
         let t0 = Instant::now();
         let ttl = Duration::from_secs(60);
         for p in ["/1", "/2"] {
-            c.insert(p, vec![b'h'; 20], vec![b'b'; 80], ttl, Origin::Worker, t0).unwrap();
+            c.insert(p, vec![b'h'; 20], vec![b'b'; 80], ttl, Origin::Worker, t0)
+                .unwrap();
         }
         c.answer("/1", t0, false, false);
-        c.insert("/3", vec![b'h'; 20], vec![b'b'; 80], ttl, Origin::Worker, t0).unwrap();
+        c.insert(
+            "/3",
+            vec![b'h'; 20],
+            vec![b'b'; 80],
+            ttl,
+            Origin::Worker,
+            t0,
+        )
+        .unwrap();
         assert_eq!(c.paths(), ["/1", "/3"], "the least recently used went");
         assert_eq!(
             c.insert("/4", vec![], vec![0; 101], ttl, Origin::Worker, t0),
@@ -320,6 +401,9 @@ mod tests {
 
     #[test]
     fn http_date_is_imf_fixdate() {
-        assert_eq!(http_date(SystemTime::UNIX_EPOCH + Duration::from_secs(784_111_777)), "Sun, 06 Nov 1994 08:49:37 GMT");
+        assert_eq!(
+            http_date(SystemTime::UNIX_EPOCH + Duration::from_secs(784_111_777)),
+            "Sun, 06 Nov 1994 08:49:37 GMT"
+        );
     }
 }

@@ -17,19 +17,33 @@ pub struct Publication {
 }
 
 pub fn parse(msg: &[u8]) -> Result<Publication, CacheError> {
-    let nl = msg.iter().position(|&b| b == b'\n').ok_or(CacheError::Malformed("no first line"))?;
-    let first = std::str::from_utf8(&msg[..nl]).map_err(|_| CacheError::Malformed("first line is not text"))?;
+    let nl = msg
+        .iter()
+        .position(|&b| b == b'\n')
+        .ok_or(CacheError::Malformed("no first line"))?;
+    let first = std::str::from_utf8(&msg[..nl])
+        .map_err(|_| CacheError::Malformed("first line is not text"))?;
     // The path is the rest of the line: a canonical path may hold decoded spaces.
     let mut words = first.trim_end_matches('\r').splitn(3, ' ');
     if words.next() != Some("cache") {
         return Err(CacheError::Malformed("not a cache message"));
     }
-    let ttl: u64 = words.next().and_then(|w| w.parse().ok()).ok_or(CacheError::Malformed("bad ttl"))?;
-    let path = words.next().ok_or(CacheError::Malformed("no path"))?.to_owned();
+    let ttl: u64 = words
+        .next()
+        .and_then(|w| w.parse().ok())
+        .ok_or(CacheError::Malformed("bad ttl"))?;
+    let path = words
+        .next()
+        .ok_or(CacheError::Malformed("no path"))?
+        .to_owned();
     if ttl == 0 || !path.starts_with('/') {
         return Err(CacheError::Malformed("bad first line"));
     }
-    if crate::canonical::canonicalize(path.as_bytes()).ok().as_deref() != Some(path.as_str()) {
+    if crate::canonical::canonicalize(path.as_bytes())
+        .ok()
+        .as_deref()
+        != Some(path.as_str())
+    {
         return Err(CacheError::Malformed("path is not canonical"));
     }
     let response = &msg[nl + 1..];
@@ -47,9 +61,15 @@ pub fn parse(msg: &[u8]) -> Result<Publication, CacheError> {
     for h in parsed.headers.iter() {
         let name = h.name.to_ascii_lowercase();
         match name.as_str() {
-            "content-length" => length = std::str::from_utf8(h.value).ok().and_then(|v| v.trim().parse::<usize>().ok()),
+            "content-length" => {
+                length = std::str::from_utf8(h.value)
+                    .ok()
+                    .and_then(|v| v.trim().parse::<usize>().ok())
+            }
             "date" | "age" | "connection" | "keep-alive" => {}
-            "transfer-encoding" | "set-cookie" => return Err(CacheError::Malformed("a header that must not be cached")),
+            "transfer-encoding" | "set-cookie" => {
+                return Err(CacheError::Malformed("a header that must not be cached"));
+            }
             _ => {
                 head.extend_from_slice(h.name.as_bytes());
                 head.extend_from_slice(b": ");
@@ -60,9 +80,16 @@ pub fn parse(msg: &[u8]) -> Result<Publication, CacheError> {
     }
     let body = &response[head_len..];
     if length != Some(body.len()) {
-        return Err(CacheError::Malformed("Content-Length does not match the body"));
+        return Err(CacheError::Malformed(
+            "Content-Length does not match the body",
+        ));
     }
-    Ok(Publication { path, ttl: Duration::from_secs(ttl), head, body: body.to_vec() })
+    Ok(Publication {
+        path,
+        ttl: Duration::from_secs(ttl),
+        head,
+        body: body.to_vec(),
+    })
 }
 
 #[cfg(test)]
@@ -79,7 +106,10 @@ mod tests {
         assert_eq!(p.ttl, Duration::from_secs(60));
         assert_eq!(p.body, b"hello");
         let head = String::from_utf8(p.head).unwrap();
-        assert_eq!(head, "HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nCache-Control: public, max-age=60\r\nx-sluice-pool: files\r\n");
+        assert_eq!(
+            head,
+            "HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nCache-Control: public, max-age=60\r\nx-sluice-pool: files\r\n"
+        );
     }
 
     #[test]

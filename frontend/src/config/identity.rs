@@ -10,7 +10,13 @@ pub fn uid(name: &str) -> Result<(u32, u32), String> {
     unsafe {
         let mut pwd: libc::passwd = std::mem::zeroed();
         let mut out: *mut libc::passwd = std::ptr::null_mut();
-        let r = libc::getpwnam_r(c.as_ptr(), &mut pwd, buf.as_mut_ptr().cast(), buf.len(), &mut out);
+        let r = libc::getpwnam_r(
+            c.as_ptr(),
+            &mut pwd,
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            &mut out,
+        );
         if r == 0 && !out.is_null() {
             return Ok((pwd.pw_uid, pwd.pw_gid));
         }
@@ -29,10 +35,17 @@ pub fn gid(name: &str) -> Result<u32, String> {
     unsafe {
         let mut grp: libc::group = std::mem::zeroed();
         let mut out: *mut libc::group = std::ptr::null_mut();
-        let r = libc::getgrnam_r(c.as_ptr(), &mut grp, buf.as_mut_ptr().cast(), buf.len(), &mut out);
+        let r = libc::getgrnam_r(
+            c.as_ptr(),
+            &mut grp,
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            &mut out,
+        );
         if r == 0 && !out.is_null() {
             return Ok(grp.gr_gid);
         }
     }
-    name.parse::<u32>().map_err(|_| format!("no group `{name}` on this system"))
+    name.parse::<u32>()
+        .map_err(|_| format!("no group `{name}` on this system"))
 }

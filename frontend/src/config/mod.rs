@@ -4,10 +4,10 @@
 use std::{
     collections::HashSet,
     fmt,
-    time::Duration,
     net::SocketAddr,
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 use serde::Deserialize;
@@ -35,15 +35,25 @@ impl fmt::Display for Problem {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}: {message}")]
     Syntax { path: PathBuf, message: String },
     #[error("{path}: {} problem(s):\n{}", problems.len(), list(problems))]
-    Invalid { path: PathBuf, problems: Vec<Problem> },
+    Invalid {
+        path: PathBuf,
+        problems: Vec<Problem>,
+    },
 }
 
 fn list(problems: &[Problem]) -> String {
-    problems.iter().map(|p| format!("  {p}")).collect::<Vec<_>>().join("\n")
+    problems
+        .iter()
+        .map(|p| format!("  {p}"))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -119,7 +129,11 @@ pub struct StaticEntry {
 
 impl Default for CacheConfig {
     fn default() -> Self {
-        CacheConfig { max_entry_bytes: 256 * 1024, max_total_bytes: 64 << 20, statics: Vec::new() }
+        CacheConfig {
+            max_entry_bytes: 256 * 1024,
+            max_total_bytes: 64 << 20,
+            statics: Vec::new(),
+        }
     }
 }
 
@@ -346,8 +360,10 @@ pub const MAX_QUEUE_LENGTH: u32 = 65535;
 
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
         Config::parse(&text, path)
     }
 
@@ -363,16 +379,21 @@ impl Config {
 
         let mut listen = Vec::new();
         if raw.server.listen.is_empty() {
-            bad("server.listen".into(), "needs at least one address, e.g. \"127.0.0.1:8080\"".into());
+            bad(
+                "server.listen".into(),
+                "needs at least one address, e.g. \"127.0.0.1:8080\"".into(),
+            );
         }
         for (i, a) in raw.server.listen.iter().enumerate() {
             match a.parse::<SocketAddr>() {
-                Ok(addr) if addr.port() == 0 => {
-                    bad(format!("server.listen[{i}]"), format!("`{a}` needs a port other than 0"))
-                }
-                Ok(addr) if listen.contains(&addr) => {
-                    bad(format!("server.listen[{i}]"), format!("`{a}` is listed twice"))
-                }
+                Ok(addr) if addr.port() == 0 => bad(
+                    format!("server.listen[{i}]"),
+                    format!("`{a}` needs a port other than 0"),
+                ),
+                Ok(addr) if listen.contains(&addr) => bad(
+                    format!("server.listen[{i}]"),
+                    format!("`{a}` is listed twice"),
+                ),
                 Ok(addr) => listen.push(addr),
                 Err(_) => bad(
                     format!("server.listen[{i}]"),
@@ -385,7 +406,10 @@ impl Config {
             Some(m) => match m.parse::<SocketAddr>() {
                 Ok(a) => Some(a),
                 Err(_) => {
-                    bad("server.metrics".into(), format!("`{m}` is not an address:port"));
+                    bad(
+                        "server.metrics".into(),
+                        format!("`{m}` is not an address:port"),
+                    );
                     None
                 }
             },
@@ -395,7 +419,10 @@ impl Config {
         }
 
         if raw.pools.len() > MAX_POOLS as usize {
-            bad("pool".into(), format!("{} pools; at most {MAX_POOLS}", raw.pools.len()));
+            bad(
+                "pool".into(),
+                format!("{} pools; at most {MAX_POOLS}", raw.pools.len()),
+            );
         }
         let mut names = HashSet::new();
         let mut pools = Vec::new();
@@ -403,15 +430,24 @@ impl Config {
         for (i, p) in raw.pools.iter().enumerate() {
             let key = |k: &str| format!("pool[{i}].{k}");
             if p.name.is_empty()
-                || !p.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+                || !p
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
             {
-                bad(key("name"), format!("`{}` must be letters, digits, `-` or `_`", p.name));
+                bad(
+                    key("name"),
+                    format!("`{}` must be letters, digits, `-` or `_`", p.name),
+                );
             } else if !names.insert(p.name.clone()) {
                 bad(key("name"), format!("pool `{}` is defined twice", p.name));
             }
             let program = match p.command.first() {
                 None => {
-                    bad(key("command"), "is empty; give the worker program and its arguments".into());
+                    bad(
+                        key("command"),
+                        "is empty; give the worker program and its arguments".into(),
+                    );
                     PathBuf::new()
                 }
                 Some(prog) => match resolve_program(prog, &base) {
@@ -423,7 +459,10 @@ impl Config {
                 },
             };
             if p.processes == 0 || p.processes > MAX_PROCESSES {
-                bad(key("processes"), format!("{} is out of range 1..={MAX_PROCESSES}", p.processes));
+                bad(
+                    key("processes"),
+                    format!("{} is out of range 1..={MAX_PROCESSES}", p.processes),
+                );
             }
             if p.queue_length == 0 || p.queue_length > MAX_QUEUE_LENGTH {
                 bad(
@@ -435,7 +474,10 @@ impl Config {
                 bad(key("threads"), "must be at least 1".into());
             }
             if p.sockets == 0 || p.sockets > MAX_SOCKETS_PER_POOL {
-                bad(key("sockets"), format!("{} is out of range 1..={MAX_SOCKETS_PER_POOL}", p.sockets));
+                bad(
+                    key("sockets"),
+                    format!("{} is out of range 1..={MAX_SOCKETS_PER_POOL}", p.sockets),
+                );
             }
             slots += p.sockets;
             let activation = activation(p, &mut |k, r| bad(key(k), r));
@@ -451,11 +493,17 @@ impl Config {
             });
         }
         if slots > SOCKET_SLOTS {
-            bad("pool".into(), format!("{slots} sockets in all; at most {SOCKET_SLOTS}"));
+            bad(
+                "pool".into(),
+                format!("{slots} sockets in all; at most {SOCKET_SLOTS}"),
+            );
         }
 
         if raw.routes.len() > MAX_ROUTES as usize {
-            bad("route".into(), format!("{} routes; at most {MAX_ROUTES}", raw.routes.len()));
+            bad(
+                "route".into(),
+                format!("{} routes; at most {MAX_ROUTES}", raw.routes.len()),
+            );
         }
         let mut routes: Vec<Route> = Vec::new();
         for (i, r) in raw.routes.iter().enumerate() {
@@ -469,19 +517,28 @@ impl Config {
                 }
                 Ok(p) => Some(p),
                 Err(reason) => {
-                    bad(format!("route[{i}].prefix"), format!("`{}` {reason}", r.prefix));
+                    bad(
+                        format!("route[{i}].prefix"),
+                        format!("`{}` {reason}", r.prefix),
+                    );
                     None
                 }
             };
             let pool = raw.pools.iter().position(|p| p.name == r.pool);
             if pool.is_none() {
-                bad(format!("route[{i}].pool"), format!("no pool is named `{}`", r.pool));
+                bad(
+                    format!("route[{i}].pool"),
+                    format!("no pool is named `{}`", r.pool),
+                );
             }
             if let (Some(prefix), Some(pool)) = (prefix, pool) {
                 if let Some(j) = routes.iter().position(|x| x.prefix == prefix) {
                     bad(
                         format!("route[{i}].prefix"),
-                        format!("`{}` is the same prefix as an earlier route ({prefix})", r.prefix),
+                        format!(
+                            "`{}` is the same prefix as an earlier route ({prefix})",
+                            r.prefix
+                        ),
                     );
                     let _ = j;
                 } else {
@@ -496,21 +553,35 @@ impl Config {
             let mut bytes = |key: &str, v: Option<usize>, min: usize, into: &mut usize| {
                 if let Some(n) = v {
                     if n < min || n > 1 << 20 {
-                        bad(format!("limits.{key}"), format!("{n} is out of range {min}..={}", 1 << 20));
+                        bad(
+                            format!("limits.{key}"),
+                            format!("{n} is out of range {min}..={}", 1 << 20),
+                        );
                     } else {
                         *into = n;
                     }
                 }
             };
-            bytes("max_request_head", l.max_request_head, 256, &mut limits.max_request_head);
+            bytes(
+                "max_request_head",
+                l.max_request_head,
+                256,
+                &mut limits.max_request_head,
+            );
             bytes("max_url", l.max_url, 64, &mut limits.max_url);
             for (key, v, into) in [
-                ("header_timeout", &l.header_timeout, &mut limits.header_timeout),
+                (
+                    "header_timeout",
+                    &l.header_timeout,
+                    &mut limits.header_timeout,
+                ),
                 ("idle_timeout", &l.idle_timeout, &mut limits.idle_timeout),
             ] {
                 if let Some(text) = v {
                     match units::duration(text) {
-                        Ok(d) if d.is_zero() => bad(format!("limits.{key}"), "must be more than 0".into()),
+                        Ok(d) if d.is_zero() => {
+                            bad(format!("limits.{key}"), "must be more than 0".into())
+                        }
                         Ok(d) => *into = d,
                         Err(reason) => bad(format!("limits.{key}"), reason),
                     }
@@ -539,24 +610,43 @@ impl Config {
             }
         }
         if cache.max_entry_bytes > 1 << 20 {
-            bad("cache.max_entry_bytes".into(), format!("{} is more than 1 MiB", cache.max_entry_bytes));
+            bad(
+                "cache.max_entry_bytes".into(),
+                format!("{} is more than 1 MiB", cache.max_entry_bytes),
+            );
         } else if cache.max_entry_bytes > cache.max_total_bytes {
-            bad("cache.max_entry_bytes".into(), "is larger than cache.max_total_bytes".into());
+            bad(
+                "cache.max_entry_bytes".into(),
+                "is larger than cache.max_total_bytes".into(),
+            );
         }
         for (i, st) in raw.cache.statics.iter().enumerate() {
             let key = |k: &str| format!("cache.static[{i}].{k}");
             let path = match crate::canonical::canonicalize(st.path.as_bytes()) {
                 Ok(c) if c == st.path => c,
                 _ => {
-                    bad(key("path"), format!("`{}` is not a canonical path", st.path));
+                    bad(
+                        key("path"),
+                        format!("`{}` is not a canonical path", st.path),
+                    );
                     continue;
                 }
             };
-            let file = if st.file.is_absolute() { st.file.clone() } else { base.join(&st.file) };
+            let file = if st.file.is_absolute() {
+                st.file.clone()
+            } else {
+                base.join(&st.file)
+            };
             match std::fs::metadata(&file) {
                 Ok(m) if m.is_file() && m.len() <= cache.max_entry_bytes => {}
-                Ok(m) if m.is_file() => bad(key("file"), format!("`{}` is larger than cache.max_entry_bytes", file.display())),
-                _ => bad(key("file"), format!("`{}` is not a readable file", file.display())),
+                Ok(m) if m.is_file() => bad(
+                    key("file"),
+                    format!("`{}` is larger than cache.max_entry_bytes", file.display()),
+                ),
+                _ => bad(
+                    key("file"),
+                    format!("`{}` is not a readable file", file.display()),
+                ),
             }
             let ttl = match st.ttl.as_deref().map(units::duration) {
                 None => Duration::from_secs(3600),
@@ -574,12 +664,23 @@ impl Config {
                 bad(key("path"), format!("`{path}` is listed twice"));
                 continue;
             }
-            let content_type = st.content_type.clone().unwrap_or_else(|| "application/octet-stream".into());
-            cache.statics.push(StaticEntry { path, file, content_type, ttl });
+            let content_type = st
+                .content_type
+                .clone()
+                .unwrap_or_else(|| "application/octet-stream".into());
+            cache.statics.push(StaticEntry {
+                path,
+                file,
+                content_type,
+                ttl,
+            });
         }
 
         if !problems.is_empty() {
-            return Err(ConfigError::Invalid { path: path.to_owned(), problems });
+            return Err(ConfigError::Invalid {
+                path: path.to_owned(),
+                problems,
+            });
         }
         Ok(Config {
             path: path.to_owned(),
@@ -608,7 +709,10 @@ impl Config {
 
 /// The pool's activation settings; problems go to `bad(key, reason)`.
 fn activation(p: &RawPool, bad: &mut dyn FnMut(&str, String)) -> Activation {
-    let mut a = Activation { start: p.start, ..Activation::default() };
+    let mut a = Activation {
+        start: p.start,
+        ..Activation::default()
+    };
     let mut dur = |key: &str, v: &Option<String>, into: &mut Duration| {
         if let Some(text) = v {
             match units::duration(text) {
@@ -620,13 +724,25 @@ fn activation(p: &RawPool, bad: &mut dyn FnMut(&str, String)) -> Activation {
     dur("idle_timeout", &p.idle_timeout, &mut a.idle_timeout);
     dur("ping_interval", &p.ping_interval, &mut a.ping_interval);
     dur("ping_timeout", &p.ping_timeout, &mut a.ping_timeout);
-    dur("startup_time_limit", &p.startup_time_limit, &mut a.startup_time_limit);
-    dur("shutdown_time_limit", &p.shutdown_time_limit, &mut a.shutdown_time_limit);
+    dur(
+        "startup_time_limit",
+        &p.startup_time_limit,
+        &mut a.startup_time_limit,
+    );
+    dur(
+        "shutdown_time_limit",
+        &p.shutdown_time_limit,
+        &mut a.shutdown_time_limit,
+    );
     if let Some(rf) = &p.rapid_fail {
         if let Some(f) = rf.failures {
             a.rapid_fail_failures = f;
         }
-        dur("rapid_fail.interval", &rf.interval, &mut a.rapid_fail_interval);
+        dur(
+            "rapid_fail.interval",
+            &rf.interval,
+            &mut a.rapid_fail_interval,
+        );
     }
     if let Some(r) = &p.recycle {
         dur("recycle.time", &r.time, &mut a.recycle_time);
@@ -640,13 +756,20 @@ fn activation(p: &RawPool, bad: &mut dyn FnMut(&str, String)) -> Activation {
             }
         }
     }
-    for (key, d) in [("ping_timeout", a.ping_timeout), ("startup_time_limit", a.startup_time_limit), ("shutdown_time_limit", a.shutdown_time_limit)] {
+    for (key, d) in [
+        ("ping_timeout", a.ping_timeout),
+        ("startup_time_limit", a.startup_time_limit),
+        ("shutdown_time_limit", a.shutdown_time_limit),
+    ] {
         if d.is_zero() {
             bad(key, "must be more than 0".into());
         }
     }
     if a.rapid_fail_failures > 0 && a.rapid_fail_interval.is_zero() {
-        bad("rapid_fail.interval", "must be more than 0 when rapid_fail.failures is set".into());
+        bad(
+            "rapid_fail.interval",
+            "must be more than 0 when rapid_fail.failures is set".into(),
+        );
     }
     if let Some(user) = &p.user {
         match identity::uid(user) {
@@ -670,7 +793,11 @@ fn activation(p: &RawPool, bad: &mut dyn FnMut(&str, String)) -> Activation {
 fn resolve_program(prog: &str, base: &Path) -> Result<PathBuf, String> {
     let candidates: Vec<PathBuf> = if prog.contains('/') {
         let p = Path::new(prog);
-        vec![if p.is_absolute() { p.to_path_buf() } else { base.join(p) }]
+        vec![if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            base.join(p)
+        }]
     } else {
         std::env::var_os("PATH")
             .map(|path| std::env::split_paths(&path).map(|d| d.join(prog)).collect())
@@ -763,15 +890,24 @@ mod tests {
         let c = check(&format!("[server]\nlisten = [\"127.0.0.1:8080\"]\n{POOL}")).unwrap();
         assert_eq!(c.pools[0].activation, Activation::default());
         assert_eq!(c.pools[0].activation.start, Start::OnDemand);
-        assert_eq!(c.pools[0].activation.idle_timeout, Duration::from_secs(1200));
+        assert_eq!(
+            c.pools[0].activation.idle_timeout,
+            Duration::from_secs(1200)
+        );
         let c = check(&format!(
             "[server]\nlisten = [\"127.0.0.1:8080\"]\n{POOL}start = \"always\"\nidle_timeout = \"0\"\n\
              rapid_fail = {{ failures = 3, interval = \"1m\" }}\nrecycle = {{ time = \"2h\", requests = 10, memory = \"64MiB\" }}\n"
         ))
         .unwrap();
         let a = &c.pools[0].activation;
-        assert_eq!((a.start, a.idle_timeout, a.rapid_fail_failures), (Start::Always, Duration::ZERO, 3));
-        assert_eq!((a.recycle_time, a.recycle_requests, a.recycle_memory), (Duration::from_secs(7200), 10, 64 << 20));
+        assert_eq!(
+            (a.start, a.idle_timeout, a.rapid_fail_failures),
+            (Start::Always, Duration::ZERO, 3)
+        );
+        assert_eq!(
+            (a.recycle_time, a.recycle_requests, a.recycle_memory),
+            (Duration::from_secs(7200), 10, 64 << 20)
+        );
         let p = problems(&format!(
             "[server]\nlisten = [\"127.0.0.1:8080\"]\nmetrics = \"nope\"\n{POOL}ping_timeout = \"0\"\nidle_timeout = \"5\"\n\
              user = \"no-such-user-here\"\nrecycle = {{ memory = \"lots\" }}\n"
@@ -779,16 +915,26 @@ mod tests {
         let keys: Vec<&str> = p.iter().map(|p| p.key.as_str()).collect();
         assert_eq!(
             keys,
-            ["server.metrics", "pool[0].idle_timeout", "pool[0].recycle.memory", "pool[0].ping_timeout", "pool[0].user"],
+            [
+                "server.metrics",
+                "pool[0].idle_timeout",
+                "pool[0].recycle.memory",
+                "pool[0].ping_timeout",
+                "pool[0].user"
+            ],
             "{p:#?}"
         );
     }
 
     #[test]
     fn unknown_key_and_bad_steering_are_syntax_errors_naming_the_key() {
-        let e = check("[server]\nlisten = [\"127.0.0.1:1\"]\nlisen = 1\n").unwrap_err().to_string();
+        let e = check("[server]\nlisten = [\"127.0.0.1:1\"]\nlisen = 1\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("lisen"), "{e}");
-        let e = check("[server]\nlisten = [\"127.0.0.1:1\"]\nsteering = \"fast\"\n").unwrap_err().to_string();
+        let e = check("[server]\nlisten = [\"127.0.0.1:1\"]\nsteering = \"fast\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("fast") && e.contains("first-segment"), "{e}");
     }
 }

@@ -10,7 +10,9 @@ pub fn duration(text: &str) -> Result<Duration, String> {
     }
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let n: u64 = num.parse().map_err(|_| format!("`{text}` is not a duration like \"90s\", \"20m\" or \"29h\""))?;
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("`{text}` is not a duration like \"90s\", \"20m\" or \"29h\""))?;
     let secs = match unit {
         "ms" => return Ok(Duration::from_millis(n)),
         "s" => n,
@@ -26,7 +28,9 @@ pub fn size(text: &str) -> Result<u64, String> {
     let t = text.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let n: u64 = num.parse().map_err(|_| format!("`{text}` is not a size like \"512MiB\""))?;
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("`{text}` is not a size like \"512MiB\""))?;
     let scale = match unit.trim() {
         "" | "B" => 1,
         "KiB" | "K" | "KB" => 1 << 10,
@@ -34,7 +38,8 @@ pub fn size(text: &str) -> Result<u64, String> {
         "GiB" | "G" | "GB" => 1 << 30,
         _ => return Err(format!("`{text}` has no known unit (B, KiB, MiB, GiB)")),
     };
-    n.checked_mul(scale).ok_or_else(|| format!("`{text}` is too large"))
+    n.checked_mul(scale)
+        .ok_or_else(|| format!("`{text}` is too large"))
 }
 
 #[cfg(test)]

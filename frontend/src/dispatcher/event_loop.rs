@@ -54,7 +54,9 @@ enum State {
     /// Waiting for a complete request head (unrouted).
     Reading,
     /// Sending `reply`; then keep the connection (having consumed `consumed` bytes) or close.
-    Replying { keep: Option<usize> },
+    Replying {
+        keep: Option<usize>,
+    },
     Lingering,
 }
 
@@ -109,7 +111,9 @@ pub struct Loop {
 
 impl Loop {
     pub fn new(d: Dispatcher) -> io::Result<Loop> {
-        let ring = IoUring::builder().setup_coop_taskrun().build(RING_ENTRIES)?;
+        let ring = IoUring::builder()
+            .setup_coop_taskrun()
+            .build(RING_ENTRIES)?;
         let (generation, table) = d.table.current();
         d.table.seen.store(generation, Ordering::Release);
         let pools = MAX_POOLS as usize;
@@ -145,14 +149,25 @@ impl Loop {
         for (i, &fd) in self.d.listeners.clone().iter().enumerate() {
             self.pending.push(accept(fd, OP_ACCEPT, i));
         }
-        self.pending.push(opcode::Timeout::new(&*self.tick).build().user_data(ud(OP_TICK, 0)));
-        self.pending.push(opcode::Read::new(types::Fd(self.d.stop), self.stop_buf.as_mut_ptr(), 8).build().user_data(ud(OP_STOP, 0)));
+        self.pending.push(
+            opcode::Timeout::new(&*self.tick)
+                .build()
+                .user_data(ud(OP_TICK, 0)),
+        );
+        self.pending.push(
+            opcode::Read::new(types::Fd(self.d.stop), self.stop_buf.as_mut_ptr(), 8)
+                .build()
+                .user_data(ud(OP_STOP, 0)),
+        );
         self.arm_wake();
         self.table_changed();
         loop {
             self.submit()?;
-            let cqes: Vec<(u64, i32, u32)> =
-                self.ring.completion().map(|c: cqueue::Entry| (c.user_data(), c.result(), c.flags())).collect();
+            let cqes: Vec<(u64, i32, u32)> = self
+                .ring
+                .completion()
+                .map(|c: cqueue::Entry| (c.user_data(), c.result(), c.flags()))
+                .collect();
             let (g, t) = self.d.table.current();
             if g != self.generation {
                 (self.generation, self.table) = (g, t);
@@ -205,7 +220,11 @@ impl Loop {
     }
 
     fn arm_wake(&mut self) {
-        self.pending.push(opcode::Read::new(types::Fd(self.d.wake), self.wake_buf.as_mut_ptr(), 8).build().user_data(ud(OP_WAKE, 0)));
+        self.pending.push(
+            opcode::Read::new(types::Fd(self.d.wake), self.wake_buf.as_mut_ptr(), 8)
+                .build()
+                .user_data(ud(OP_WAKE, 0)),
+        );
     }
 
     /// Brings the per-pool operations in line with the table and the pool flags: hand-back
@@ -217,7 +236,8 @@ impl Loop {
             // back from their end and routed afresh.
             if let (Some(e), false) = (&entry, self.reroute_armed[p]) {
                 if e.removed {
-                    let op = incoming(&mut self.reroute_msgs[p]).recv(e.handoff_workers, ud(OP_REROUTE, p));
+                    let op = incoming(&mut self.reroute_msgs[p])
+                        .recv(e.handoff_workers, ud(OP_REROUTE, p));
                     self.pending.push(op);
                     self.reroute_armed[p] = true;
                 }
@@ -225,7 +245,8 @@ impl Loop {
             // Hand-backs from the pool's workers arrive on the front end's end of its channel.
             match (&entry, self.handback_armed[p]) {
                 (Some(e), false) => {
-                    let entry = incoming(&mut self.handback_msgs[p]).recv(e.handoff, ud(OP_HANDBACK, p));
+                    let entry =
+                        incoming(&mut self.handback_msgs[p]).recv(e.handoff, ud(OP_HANDBACK, p));
                     self.pending.push(entry);
                     self.handback_armed[p] = true;
                 }
@@ -235,14 +256,16 @@ impl Loop {
                 }
                 _ => {}
             }
-            let stopped = entry.as_ref().is_some_and(|e| !e.removed) && self.d.flags.get(p) & PoolFlags::STOPPED != 0;
+            let stopped = entry.as_ref().is_some_and(|e| !e.removed)
+                && self.d.flags.get(p) & PoolFlags::STOPPED != 0;
             if let (true, false, Some(q)) = (stopped, self.draining[p], &entry) {
                 // Connections already queued for a stopped pool get 503 too.
                 log::info!("dispatcher: answering pool {p}'s queue with 503 while it is stopped");
                 for (j, &fd) in q.listeners.iter().enumerate() {
                     self.pending.push(accept(fd, OP_DRAIN_ACCEPT, p << 8 | j));
                 }
-                let entry = incoming(&mut self.drain_msgs[p]).recv(q.handoff_workers, ud(OP_DRAIN_HANDOFF, p));
+                let entry = incoming(&mut self.drain_msgs[p])
+                    .recv(q.handoff_workers, ud(OP_DRAIN_HANDOFF, p));
                 self.pending.push(entry);
                 self.draining[p] = true;
                 self.drained_listeners[p] = q.listeners.len();
@@ -268,7 +291,11 @@ impl Loop {
                 unsafe { libc::shutdown(c.fd, libc::SHUT_RDWR) };
             }
         }
-        self.pending.push(opcode::Timeout::new(&*self.tick).build().user_data(ud(OP_TICK, 0)));
+        self.pending.push(
+            opcode::Timeout::new(&*self.tick)
+                .build()
+                .user_data(ud(OP_TICK, 0)),
+        );
     }
 
     fn insert(&mut self, fd: RawFd, bytes: &[u8]) -> usize {
@@ -300,7 +327,9 @@ impl Loop {
     /// unrouted connection makes room (its pending read ends and it is closed).
     fn admit(&mut self, fd: RawFd, bytes: &[u8]) -> usize {
         while self.reading - self.dropping >= self.d.max_pending {
-            let Some((old, serial)) = self.order.pop_front() else { break };
+            let Some((old, serial)) = self.order.pop_front() else {
+                break;
+            };
             if let Some(c) = self.conns.get_mut(old).and_then(Option::as_mut) {
                 if c.serial == serial && c.counted && !c.dropped {
                     c.dropped = true;
@@ -330,7 +359,12 @@ impl Loop {
         self.order.push_back((slot, serial));
         if self.order.len() > 2 * self.reading + 1024 {
             let conns = &self.conns;
-            self.order.retain(|&(s, n)| conns.get(s).and_then(Option::as_ref).is_some_and(|c| c.serial == n && c.counted));
+            self.order.retain(|&(s, n)| {
+                conns
+                    .get(s)
+                    .and_then(Option::as_ref)
+                    .is_some_and(|c| c.serial == n && c.counted)
+            });
         }
     }
 
@@ -350,7 +384,8 @@ impl Loop {
 
     fn on_accept(&mut self, index: usize, res: i32, flags: u32) {
         if !cqueue::more(flags) {
-            self.pending.push(accept(self.d.listeners[index], OP_ACCEPT, index));
+            self.pending
+                .push(accept(self.d.listeners[index], OP_ACCEPT, index));
         }
         if res < 0 {
             if res != -libc::EINTR && res != -libc::ECONNABORTED {
@@ -366,7 +401,13 @@ impl Loop {
     fn on_drain_accept(&mut self, index: usize, res: i32, flags: u32) {
         let (p, j) = (index >> 8, index & 0xff);
         if !cqueue::more(flags) && self.draining.get(p).copied().unwrap_or(false) {
-            if let Some(&fd) = self.table.pools.get(p).and_then(Option::as_ref).and_then(|q| q.listeners.get(j)) {
+            if let Some(&fd) = self
+                .table
+                .pools
+                .get(p)
+                .and_then(Option::as_ref)
+                .and_then(|q| q.listeners.get(j))
+            {
                 self.pending.push(accept(fd, OP_DRAIN_ACCEPT, index));
             }
         }
@@ -398,7 +439,10 @@ impl Loop {
             if let Some(fd) = msg.take_fd() {
                 self.d.stats.handed_back.fetch_add(1, Ordering::Relaxed);
                 if msg.truncated() {
-                    log::warn!("a connection handed back by pool {p} carried more than {} bytes", handoff::MAX_MESSAGE);
+                    log::warn!(
+                        "a connection handed back by pool {p} carried more than {} bytes",
+                        handoff::MAX_MESSAGE
+                    );
                     let slot = self.insert(fd, &[]);
                     self.refuse(slot, 503, "the request could not be passed between pools");
                 } else {
@@ -442,16 +486,22 @@ impl Loop {
     }
 
     fn recv(&mut self, slot: usize) {
-        let Some(c) = self.conns[slot].as_mut() else { return };
+        let Some(c) = self.conns[slot].as_mut() else {
+            return;
+        };
         c.inflight += 1;
         let rest = &mut c.buf[c.filled..];
         self.pending.push(
-            opcode::Recv::new(types::Fd(c.fd), rest.as_mut_ptr(), rest.len() as u32).build().user_data(ud(OP_RECV, slot)),
+            opcode::Recv::new(types::Fd(c.fd), rest.as_mut_ptr(), rest.len() as u32)
+                .build()
+                .user_data(ud(OP_RECV, slot)),
         );
     }
 
     fn on_recv(&mut self, slot: usize, res: i32) {
-        let Some(c) = self.conns[slot].as_mut() else { return };
+        let Some(c) = self.conns[slot].as_mut() else {
+            return;
+        };
         c.inflight -= 1;
         if res <= 0 {
             self.uncount(slot);
@@ -464,7 +514,9 @@ impl Loop {
 
     /// Decides what to do with what the connection has sent so far.
     fn process(&mut self, slot: usize) {
-        let Some(c) = self.conns[slot].as_ref() else { return };
+        let Some(c) = self.conns[slot].as_ref() else {
+            return;
+        };
         let seen = head::inspect(&c.buf[..c.filled], &self.d.limits, &self.table.routes);
         let full = c.filled >= c.buf.len();
         if seen.decision == Decision::NeedMore && !full {
@@ -487,7 +539,14 @@ impl Loop {
         }
         let decision = match seen.decision {
             Decision::NeedMore => Decision::Refuse(431, "the request head is too large"),
-            Decision::Pool(p) if self.table.pools.get(p).and_then(Option::as_ref).is_none_or(|e| e.removed) => {
+            Decision::Pool(p)
+                if self
+                    .table
+                    .pools
+                    .get(p)
+                    .and_then(Option::as_ref)
+                    .is_none_or(|e| e.removed) =>
+            {
                 Decision::Refuse(503, "the application pool is being removed")
             }
             Decision::Pool(p) if self.d.flags.get(p) & PoolFlags::STOPPED != 0 => {
@@ -500,8 +559,16 @@ impl Loop {
         };
         match decision {
             Decision::Pool(p) => {
-                let channel = self.table.pools.get(p).and_then(Option::as_ref).map(|e| e.handoff).unwrap_or(-1);
-                let Some(c) = self.conns[slot].as_ref() else { return };
+                let channel = self
+                    .table
+                    .pools
+                    .get(p)
+                    .and_then(Option::as_ref)
+                    .map(|e| e.handoff)
+                    .unwrap_or(-1);
+                let Some(c) = self.conns[slot].as_ref() else {
+                    return;
+                };
                 match handoff::send(channel, c.fd, &c.buf[..c.filled]) {
                     Ok(()) => {
                         if let Some(n) = self.d.stats.handed_off.get(p) {
@@ -526,7 +593,9 @@ impl Loop {
     }
 
     fn start_reply(&mut self, slot: usize, bytes: Vec<u8>, keep: Option<usize>) {
-        let Some(c) = self.conns[slot].as_mut() else { return };
+        let Some(c) = self.conns[slot].as_mut() else {
+            return;
+        };
         c.state = State::Replying { keep };
         c.deadline = Instant::now() + LINGER.max(self.d.idle_timeout.min(Duration::from_secs(30)));
         c.reply = bytes;
@@ -535,7 +604,9 @@ impl Loop {
     }
 
     fn send(&mut self, slot: usize) {
-        let Some(c) = self.conns[slot].as_mut() else { return };
+        let Some(c) = self.conns[slot].as_mut() else {
+            return;
+        };
         c.inflight += 1;
         let rest = &c.reply[c.sent..];
         self.pending.push(
@@ -547,7 +618,9 @@ impl Loop {
     }
 
     fn on_send(&mut self, slot: usize, res: i32) {
-        let Some(c) = self.conns[slot].as_mut() else { return };
+        let Some(c) = self.conns[slot].as_mut() else {
+            return;
+        };
         c.inflight -= 1;
         if res <= 0 {
             self.close(slot);
@@ -559,13 +632,20 @@ impl Loop {
             return;
         }
         match c.state {
-            State::Replying { keep: Some(consumed) } => {
+            State::Replying {
+                keep: Some(consumed),
+            } => {
                 // Keep-alive after a cached answer: the next request may be pipelined already.
                 c.buf.copy_within(consumed..c.filled, 0);
                 c.filled -= consumed;
                 c.state = State::Reading;
                 c.reply = Vec::new();
-                c.deadline = Instant::now() + if c.filled > 0 { self.d.header_timeout } else { self.d.idle_timeout };
+                c.deadline = Instant::now()
+                    + if c.filled > 0 {
+                        self.d.header_timeout
+                    } else {
+                        self.d.idle_timeout
+                    };
                 self.next_serial += 1;
                 let serial = self.next_serial;
                 if let Some(c) = self.conns[slot].as_mut() {
@@ -588,7 +668,9 @@ impl Loop {
     }
 
     fn linger(&mut self, slot: usize) {
-        let Some(c) = self.conns[slot].as_mut() else { return };
+        let Some(c) = self.conns[slot].as_mut() else {
+            return;
+        };
         c.inflight += 2;
         c.filled = 0;
         let buf = &mut c.buf[..];
@@ -598,11 +680,17 @@ impl Loop {
                 .flags(squeue::Flags::IO_LINK)
                 .user_data(ud(OP_LINGER, slot)),
         );
-        self.pending.push(opcode::LinkTimeout::new(&*self.linger).build().user_data(ud(OP_LINGER_TIMEOUT, slot)));
+        self.pending.push(
+            opcode::LinkTimeout::new(&*self.linger)
+                .build()
+                .user_data(ud(OP_LINGER_TIMEOUT, slot)),
+        );
     }
 
     fn on_linger(&mut self, slot: usize, res: i32) {
-        let Some(c) = self.conns[slot].as_mut() else { return };
+        let Some(c) = self.conns[slot].as_mut() else {
+            return;
+        };
         c.inflight -= 1;
         if res > 0 && Instant::now() < c.deadline {
             self.linger(slot);
@@ -615,7 +703,9 @@ impl Loop {
     }
 
     fn on_linger_timeout(&mut self, slot: usize) {
-        let Some(c) = self.conns[slot].as_mut() else { return };
+        let Some(c) = self.conns[slot].as_mut() else {
+            return;
+        };
         c.inflight -= 1;
         if c.inflight == 0 && c.done {
             self.close(slot);
@@ -636,9 +726,14 @@ fn incoming(slot: &mut Option<Box<handoff::Incoming>>) -> &mut handoff::Incoming
 }
 
 fn accept(fd: RawFd, op: u64, index: usize) -> squeue::Entry {
-    opcode::AcceptMulti::new(types::Fd(fd)).flags(libc::SOCK_CLOEXEC).build().user_data(ud(op, index))
+    opcode::AcceptMulti::new(types::Fd(fd))
+        .flags(libc::SOCK_CLOEXEC)
+        .build()
+        .user_data(ud(op, index))
 }
 
 fn cancel(target: u64) -> squeue::Entry {
-    opcode::AsyncCancel::new(target).build().user_data(ud(OP_CANCEL, 0))
+    opcode::AsyncCancel::new(target)
+        .build()
+        .user_data(ud(OP_CANCEL, 0))
 }

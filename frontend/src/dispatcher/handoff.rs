@@ -4,7 +4,10 @@
 use std::{io, os::fd::RawFd};
 
 pub fn send(channel: RawFd, conn: RawFd, bytes: &[u8]) -> io::Result<()> {
-    let mut iov = libc::iovec { iov_base: bytes.as_ptr() as *mut libc::c_void, iov_len: bytes.len() };
+    let mut iov = libc::iovec {
+        iov_base: bytes.as_ptr() as *mut libc::c_void,
+        iov_len: bytes.len(),
+    };
     // Room for one cmsghdr carrying one int, u64-aligned.
     let mut control = [0u64; 4];
     // SAFETY: builds a msghdr over live buffers and sends it; CMSG_* stay within `control`.
@@ -43,12 +46,22 @@ pub struct Incoming {
 impl Incoming {
     pub fn new() -> Incoming {
         // SAFETY: msghdr and iovec are plain data; all-zero is valid and filled in by recv().
-        unsafe { Incoming { msg: std::mem::zeroed(), iov: std::mem::zeroed(), buf: vec![0; MAX_MESSAGE], control: [0; 8] } }
+        unsafe {
+            Incoming {
+                msg: std::mem::zeroed(),
+                iov: std::mem::zeroed(),
+                buf: vec![0; MAX_MESSAGE],
+                control: [0; 8],
+            }
+        }
     }
 
     /// A RecvMsg for `channel`; `self` must stay put (it is boxed) until it completes.
     pub fn recv(&mut self, channel: RawFd, user_data: u64) -> io_uring::squeue::Entry {
-        self.iov = libc::iovec { iov_base: self.buf.as_mut_ptr().cast(), iov_len: self.buf.len() };
+        self.iov = libc::iovec {
+            iov_base: self.buf.as_mut_ptr().cast(),
+            iov_len: self.buf.len(),
+        };
         self.control = [0; 8];
         self.msg.msg_name = std::ptr::null_mut();
         self.msg.msg_namelen = 0;

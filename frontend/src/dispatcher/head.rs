@@ -12,7 +12,10 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_request_head: 16 * 1024, max_url: 16 * 1024 }
+        Limits {
+            max_request_head: 16 * 1024,
+            max_url: 16 * 1024,
+        }
     }
 }
 
@@ -52,7 +55,12 @@ pub fn decide(buf: &[u8], limits: &Limits, routes: &RouteTable) -> Decision {
 }
 
 pub fn inspect(buf: &[u8], limits: &Limits, routes: &RouteTable) -> Inspection {
-    let mut out = Inspection { decision: Decision::NeedMore, head_len: 0, cache: None, close: true };
+    let mut out = Inspection {
+        decision: Decision::NeedMore,
+        head_len: 0,
+        cache: None,
+        close: true,
+    };
     out.decision = decide_into(buf, limits, routes, &mut out);
     out
 }
@@ -60,7 +68,10 @@ pub fn inspect(buf: &[u8], limits: &Limits, routes: &RouteTable) -> Inspection {
 fn decide_into(buf: &[u8], limits: &Limits, routes: &RouteTable, out: &mut Inspection) -> Decision {
     // The request line is the method, the URL and the version: longer than the URL limit
     // plus room for those is a URL over the limit, whatever else is wrong.
-    let line_len = buf.windows(2).position(|w| w == b"\r\n").unwrap_or(buf.len());
+    let line_len = buf
+        .windows(2)
+        .position(|w| w == b"\r\n")
+        .unwrap_or(buf.len());
     if line_len > limits.max_url + 32 {
         return Decision::Refuse(414, "the request URL is too long");
     }
@@ -79,9 +90,15 @@ fn decide_into(buf: &[u8], limits: &Limits, routes: &RouteTable, out: &mut Inspe
     let mut req = httparse::Request::new(&mut headers);
     let target = match req.parse(&buf[..head_end]) {
         Ok(httparse::Status::Complete(_)) => req.path.unwrap_or(""),
-        Ok(httparse::Status::Partial) => return Decision::Refuse(400, "the request head is malformed"),
-        Err(httparse::Error::TooManyHeaders) => return Decision::Refuse(431, "the request has too many headers"),
-        Err(httparse::Error::Version) => return Decision::Refuse(400, "the request's HTTP version is not supported"),
+        Ok(httparse::Status::Partial) => {
+            return Decision::Refuse(400, "the request head is malformed");
+        }
+        Err(httparse::Error::TooManyHeaders) => {
+            return Decision::Refuse(431, "the request has too many headers");
+        }
+        Err(httparse::Error::Version) => {
+            return Decision::Refuse(400, "the request's HTTP version is not supported");
+        }
         Err(_) => return Decision::Refuse(400, "the request head is malformed"),
     };
     if target.len() > limits.max_url {
@@ -94,11 +111,24 @@ fn decide_into(buf: &[u8], limits: &Limits, routes: &RouteTable, out: &mut Inspe
         Ok(p) => p,
         Err(_) => return Decision::Refuse(400, "the request URL is not valid"),
     };
-    let header = |name: &str| req.headers.iter().find(|h| h.name.eq_ignore_ascii_case(name)).map(|h| h.value);
-    let has = |name: &str, word: &str| {
-        header(name).is_some_and(|v| String::from_utf8_lossy(v).split(',').any(|t| t.trim().eq_ignore_ascii_case(word)))
+    let header = |name: &str| {
+        req.headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(name))
+            .map(|h| h.value)
     };
-    out.close = if req.version == Some(0) { !has("connection", "keep-alive") } else { has("connection", "close") };
+    let has = |name: &str, word: &str| {
+        header(name).is_some_and(|v| {
+            String::from_utf8_lossy(v)
+                .split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case(word))
+        })
+    };
+    out.close = if req.version == Some(0) {
+        !has("connection", "keep-alive")
+    } else {
+        has("connection", "close")
+    };
     let method = req.method.unwrap_or("");
     let no_body = header("transfer-encoding").is_none()
         && header("content-length").is_none_or(|v| v.iter().all(|b| *b == b'0' || *b == b' '));
@@ -108,7 +138,10 @@ fn decide_into(buf: &[u8], limits: &Limits, routes: &RouteTable, out: &mut Inspe
         && header("authorization").is_none()
         && header("range").is_none()
     {
-        out.cache = Some(CacheQuery { path: path.clone(), head_only: method == "HEAD" });
+        out.cache = Some(CacheQuery {
+            path: path.clone(),
+            head_only: method == "HEAD",
+        });
     }
     match routes.lookup(&path) {
         Some(pool) => Decision::Pool(pool),
@@ -155,9 +188,15 @@ mod tests {
 
     #[test]
     fn routes_complete_heads_by_canonical_path() {
-        assert_eq!(d(b"GET /api/x HTTP/1.1\r\nHost: a\r\n\r\n"), Decision::Pool(1));
+        assert_eq!(
+            d(b"GET /api/x HTTP/1.1\r\nHost: a\r\n\r\n"),
+            Decision::Pool(1)
+        );
         assert_eq!(d(b"GET /apix HTTP/1.1\r\n\r\n"), Decision::Pool(0));
-        assert_eq!(d(b"GET /x/../api/y?q=1 HTTP/1.1\r\n\r\n"), Decision::Pool(1));
+        assert_eq!(
+            d(b"GET /x/../api/y?q=1 HTTP/1.1\r\n\r\n"),
+            Decision::Pool(1)
+        );
         assert_eq!(d(b"GET http://h/api/ HTTP/1.1\r\n\r\n"), Decision::Pool(1));
         assert_eq!(d(b"GET //api/x HTTP/1.1\r\n\r\n"), Decision::Pool(1));
     }
@@ -170,11 +209,26 @@ mod tests {
 
     #[test]
     fn refuses_malformed_and_oversized_requests() {
-        assert!(matches!(d(b"GET /a HTTP/9.9\r\n\r\n"), Decision::Refuse(400, _)));
-        assert!(matches!(d(b"G\x01T / HTTP/1.1\r\n\r\n"), Decision::Refuse(400, _)));
-        assert!(matches!(d(b"GET /%zz HTTP/1.1\r\n\r\n"), Decision::Refuse(400, _)));
-        assert!(matches!(d(b"GET /../x HTTP/1.1\r\n\r\n"), Decision::Refuse(400, _)));
-        assert!(matches!(d(b"GET * HTTP/1.1\r\n\r\n"), Decision::Refuse(400, _)));
+        assert!(matches!(
+            d(b"GET /a HTTP/9.9\r\n\r\n"),
+            Decision::Refuse(400, _)
+        ));
+        assert!(matches!(
+            d(b"G\x01T / HTTP/1.1\r\n\r\n"),
+            Decision::Refuse(400, _)
+        ));
+        assert!(matches!(
+            d(b"GET /%zz HTTP/1.1\r\n\r\n"),
+            Decision::Refuse(400, _)
+        ));
+        assert!(matches!(
+            d(b"GET /../x HTTP/1.1\r\n\r\n"),
+            Decision::Refuse(400, _)
+        ));
+        assert!(matches!(
+            d(b"GET * HTTP/1.1\r\n\r\n"),
+            Decision::Refuse(400, _)
+        ));
         let long = format!("GET /{} HTTP/1.1\r\n\r\n", "a".repeat(17000));
         assert!(matches!(d(long.as_bytes()), Decision::Refuse(414, _)));
         let big = format!("GET / HTTP/1.1\r\nX: {}\r\n", "a".repeat(17000));
@@ -186,15 +240,24 @@ mod tests {
         // Found by fuzz/fuzz_targets/dispatcher_head.rs: the path was cut at `#`, so this was
         // routed on `/+` although its whole path does not canonicalize (and `/api#x` went to
         // /api/ here but to / in the kernel program).
-        assert!(matches!(d(b"GET /+#/%2e%2/.p/iwwww%2Fz HTTP/1.1\r\n\r\n"), Decision::Refuse(400, _)));
+        assert!(matches!(
+            d(b"GET /+#/%2e%2/.p/iwwww%2Fz HTTP/1.1\r\n\r\n"),
+            Decision::Refuse(400, _)
+        ));
         assert_eq!(d(b"GET /api#x HTTP/1.1\r\n\r\n"), Decision::Pool(0));
         assert_eq!(d(b"GET /api/#x HTTP/1.1\r\n\r\n"), Decision::Pool(1));
-        assert_eq!(d(b"GET http://h?/api/x HTTP/1.1\r\n\r\n"), Decision::Pool(0));
+        assert_eq!(
+            d(b"GET http://h?/api/x HTTP/1.1\r\n\r\n"),
+            Decision::Pool(0)
+        );
     }
 
     #[test]
     fn no_route_is_400() {
         let t = RouteTable::new([("/api/".to_owned(), 1)]);
-        assert!(matches!(decide(b"GET /web HTTP/1.1\r\n\r\n", &Limits::default(), &t), Decision::Refuse(400, _)));
+        assert!(matches!(
+            decide(b"GET /web HTTP/1.1\r\n\r\n", &Limits::default(), &t),
+            Decision::Refuse(400, _)
+        ));
     }
 }

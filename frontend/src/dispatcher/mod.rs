@@ -43,7 +43,10 @@ impl DispatchStats {
     pub fn new(pools: usize) -> DispatchStats {
         DispatchStats {
             handed_off: (0..pools).map(|_| AtomicU64::new(0)).collect(),
-            refused: REFUSAL_CODES.iter().map(|&c| (c, AtomicU64::new(0))).collect(),
+            refused: REFUSAL_CODES
+                .iter()
+                .map(|&c| (c, AtomicU64::new(0)))
+                .collect(),
             ..Default::default()
         }
     }
@@ -66,7 +69,11 @@ impl PoolFlags {
     pub const FULL: u32 = 2;
 
     pub fn new(pools: usize) -> PoolFlags {
-        PoolFlags((0..pools).map(|_| std::sync::atomic::AtomicU32::new(0)).collect())
+        PoolFlags(
+            (0..pools)
+                .map(|_| std::sync::atomic::AtomicU32::new(0))
+                .collect(),
+        )
     }
 
     pub fn get(&self, pool: usize) -> u32 {
@@ -75,8 +82,14 @@ impl PoolFlags {
 
     /// Sets or clears `flag`; true if that changed anything.
     pub fn set(&self, pool: usize, flag: u32, on: bool) -> bool {
-        let Some(f) = self.0.get(pool) else { return false };
-        let old = if on { f.fetch_or(flag, Relaxed) } else { f.fetch_and(!flag, Relaxed) };
+        let Some(f) = self.0.get(pool) else {
+            return false;
+        };
+        let old = if on {
+            f.fetch_or(flag, Relaxed)
+        } else {
+            f.fetch_and(!flag, Relaxed)
+        };
         (old & flag != 0) != on
     }
 }
@@ -113,7 +126,10 @@ pub struct SharedTable {
 
 impl SharedTable {
     pub fn new(table: Table) -> SharedTable {
-        SharedTable { table: std::sync::RwLock::new((1, Arc::new(table))), seen: AtomicU64::new(0) }
+        SharedTable {
+            table: std::sync::RwLock::new((1, Arc::new(table))),
+            seen: AtomicU64::new(0),
+        }
     }
 
     /// Installs a new table; returns its generation.
@@ -174,11 +190,14 @@ pub fn reply(code: u16, why: &str) -> Vec<u8> {
         _ => "Error",
     };
     let body = format!("{code} {reason}: {why}\n");
-    let retry = if code == 503 { "Retry-After: 1\r\n" } else { "" };
+    let retry = if code == 503 {
+        "Retry-After: 1\r\n"
+    } else {
+        ""
+    };
     format!(
         "HTTP/1.1 {code} {reason}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\n{retry}Connection: close\r\nServer: sluice\r\n\r\n{body}",
         body.len()
     )
     .into_bytes()
 }
-

@@ -29,7 +29,9 @@ impl Frontend {
             }
         };
         let fresh = !self.lock_cache().contains(&p.path);
-        let stored = self.lock_cache().insert(&p.path, p.head, p.body, p.ttl, Origin::Worker, now);
+        let stored = self
+            .lock_cache()
+            .insert(&p.path, p.head, p.body, p.ttl, Origin::Worker, now);
         match stored {
             Ok(()) => {
                 log::debug!("cache: stored {} for {:?}", p.path, p.ttl);
@@ -70,7 +72,11 @@ impl Frontend {
         if let Err(e) = self.uncache(&removed) {
             return format!("error: {e:#}");
         }
-        format!("purged {} entr{}\n", removed.len(), if removed.len() == 1 { "y" } else { "ies" })
+        format!(
+            "purged {} entr{}\n",
+            removed.len(),
+            if removed.len() == 1 { "y" } else { "ies" }
+        )
     }
 
     /// Tells every worker the route table and the cached paths (and every new one later).
@@ -80,7 +86,8 @@ impl Frontend {
             cached.push_str(&p);
             cached.push('\n');
         }
-        self.supervisor.greet(vec![self.routes_message.clone(), cached]);
+        self.supervisor
+            .greet(vec![self.routes_message.clone(), cached]);
     }
 
     pub(super) fn lock_cache(&self) -> std::sync::MutexGuard<'_, cache::Cache> {

@@ -18,7 +18,9 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use sluice_common::{DISPATCHER_SLOT, MAX_POOLS, MODE_FIRST_SEGMENT, MODE_SYN, POOL_FLAG_STOPPED, PoolSlots};
+use sluice_common::{
+    DISPATCHER_SLOT, MAX_POOLS, MODE_FIRST_SEGMENT, MODE_SYN, POOL_FLAG_STOPPED, PoolSlots,
+};
 
 use self::{pools::PoolRt, signals::Signals};
 use crate::{
@@ -71,7 +73,12 @@ pub fn run(config: Config) -> Result<()> {
     }
     log::info!(
         "sluice serving {} ({}) with {} pool(s), steering {} (admin socket {})",
-        fe.config.listen.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(", "),
+        fe.config
+            .listen
+            .iter()
+            .map(|a| a.to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
         fe.config.path.display(),
         fe.config.pools.len(),
         fe.config.steering.as_str(),
@@ -81,11 +88,27 @@ pub fn run(config: Config) -> Result<()> {
     loop {
         let watched = fe.supervisor.watched();
         let mut fds = vec![
-            libc::pollfd { fd: signals.fd(), events: libc::POLLIN, revents: 0 },
-            libc::pollfd { fd: admin.fd(), events: libc::POLLIN, revents: 0 },
+            libc::pollfd {
+                fd: signals.fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: admin.fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
         ];
-        fds.extend(watched.iter().map(|&(fd, _, _)| libc::pollfd { fd, events: libc::POLLIN, revents: 0 }));
-        let wait = if fe.supervisor.busy() || fe.pools.iter().any(|p| p.removed.is_some()) { TICK_BUSY } else { TICK_IDLE };
+        fds.extend(watched.iter().map(|&(fd, _, _)| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        }));
+        let wait = if fe.supervisor.busy() || fe.pools.iter().any(|p| p.removed.is_some()) {
+            TICK_BUSY
+        } else {
+            TICK_IDLE
+        };
         // SAFETY: poll(2) over a live array of pollfds.
         unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as u64, wait.as_millis() as i32) };
         let mut quit = false;
@@ -125,9 +148,14 @@ impl Frontend {
     fn start(config: Config) -> Result<Frontend> {
         let mut restore = sysctl::Restore::default();
         match config.steering {
-            Mode::FirstSegment => restore.require("net.ipv4.tcp_syncookies", "2", config.set_sysctls)?,
+            Mode::FirstSegment => {
+                restore.require("net.ipv4.tcp_syncookies", "2", config.set_sysctls)?
+            }
             Mode::Syn => {
-                let tfo = sysctl::read("net.ipv4.tcp_fastopen").ok().and_then(|v| v.parse::<u32>().ok()).unwrap_or(0);
+                let tfo = sysctl::read("net.ipv4.tcp_fastopen")
+                    .ok()
+                    .and_then(|v| v.parse::<u32>().ok())
+                    .unwrap_or(0);
                 if tfo & 0x2 == 0 {
                     log::warn!(
                         "net.ipv4.tcp_fastopen={tfo:#x} has no server bit (0x2): no SYN carries data, so every \
@@ -136,7 +164,8 @@ impl Frontend {
                 }
             }
         }
-        let mut steering = Steering::load(config.listen.len()).context("loading the steering programs")?;
+        let mut steering =
+            Steering::load(config.listen.len()).context("loading the steering programs")?;
         steering.set_mode(match config.steering {
             Mode::Syn => MODE_SYN,
             Mode::FirstSegment => MODE_FIRST_SEGMENT,
@@ -164,7 +193,9 @@ impl Frontend {
             stats,
             flags,
             table,
-            cache: Arc::new(std::sync::Mutex::new(crate::cache::Cache::new(&config.cache))),
+            cache: Arc::new(std::sync::Mutex::new(crate::cache::Cache::new(
+                &config.cache,
+            ))),
             kernel_flags: vec![0; MAX_POOLS as usize],
             routes_message: String::new(),
             stop,
@@ -172,7 +203,11 @@ impl Frontend {
             dispatch_thread: None,
             restore,
         };
-        let ids: Vec<usize> = config.pools.iter().map(|p| fe.add_pool(p)).collect::<Result<_>>()?;
+        let ids: Vec<usize> = config
+            .pools
+            .iter()
+            .map(|p| fe.add_pool(p))
+            .collect::<Result<_>>()?;
         fe.load_statics()?;
         fe.install_routes(&config, &ids)?;
         if config.steering == Mode::FirstSegment {
@@ -186,9 +221,16 @@ impl Frontend {
             log::warn!("pool {p} has no route: it gets no requests");
         }
         let dispatcher = Dispatcher {
-            listeners: fe.dispatch_sockets.iter().map(|fd| fd.as_raw_fd()).collect(),
+            listeners: fe
+                .dispatch_sockets
+                .iter()
+                .map(|fd| fd.as_raw_fd())
+                .collect(),
             table: fe.table.clone(),
-            limits: Limits { max_request_head: config.limits.max_request_head, max_url: config.limits.max_url },
+            limits: Limits {
+                max_request_head: config.limits.max_request_head,
+                max_url: config.limits.max_url,
+            },
             header_timeout: config.limits.header_timeout,
             max_pending: config.limits.max_pending,
             stats: fe.stats.clone(),
@@ -212,15 +254,27 @@ impl Frontend {
         config
             .pools
             .iter()
-            .map(|p| self.pools.iter().position(|r| r.name == p.name && r.removed.is_none()).unwrap_or(usize::MAX))
+            .map(|p| {
+                self.pools
+                    .iter()
+                    .position(|r| r.name == p.name && r.removed.is_none())
+                    .unwrap_or(usize::MAX)
+            })
             .collect()
     }
 
     /// Routes of `config` (pool indexes mapped to ids by `ids`) into the kernel and the
     /// dispatcher, each switched at once.
     fn install_routes(&mut self, config: &Config, ids: &[usize]) -> Result<()> {
-        let routes: Vec<(String, usize)> = config.routes.iter().map(|r| (r.prefix.clone(), ids[r.pool])).collect();
-        let kernel: Vec<(String, u32)> = routes.iter().map(|(p, id)| (p.clone(), *id as u32)).collect();
+        let routes: Vec<(String, usize)> = config
+            .routes
+            .iter()
+            .map(|r| (r.prefix.clone(), ids[r.pool]))
+            .collect();
+        let kernel: Vec<(String, u32)> = routes
+            .iter()
+            .map(|(p, id)| (p.clone(), *id as u32))
+            .collect();
         self.steering.set_routes(&kernel)?;
         // Workers hand back requests that route elsewhere: they get the table too.
         let mut text = String::from("routes\n");
@@ -247,10 +301,20 @@ impl Frontend {
     /// kernel's pool map.
     fn set_flag(&mut self, pool: usize, flag: u32, on: bool) -> Result<()> {
         if self.flags.set(pool, flag, on) {
-            let kernel = if self.flags.get(pool) != 0 { POOL_FLAG_STOPPED } else { 0 };
+            let kernel = if self.flags.get(pool) != 0 {
+                POOL_FLAG_STOPPED
+            } else {
+                0
+            };
             if kernel != self.kernel_flags[pool] {
                 self.kernel_flags[pool] = kernel;
-                self.steering.set_pool(pool as u32, PoolSlots { flags: kernel, ..self.pools[pool].slots })?;
+                self.steering.set_pool(
+                    pool as u32,
+                    PoolSlots {
+                        flags: kernel,
+                        ..self.pools[pool].slots
+                    },
+                )?;
             }
             if flag == PoolFlags::STOPPED {
                 self.wake_dispatcher();
@@ -264,7 +328,15 @@ impl Frontend {
         let mut events = self.supervisor.reap(now);
         let counters = self.steering.counters().unwrap_or_default();
         let activity: Vec<u64> = (0..self.pools.len())
-            .map(|i| counters.steered(i) + self.stats.handed_off.get(i).map(|n| n.load(Relaxed)).unwrap_or(0))
+            .map(|i| {
+                counters.steered(i)
+                    + self
+                        .stats
+                        .handed_off
+                        .get(i)
+                        .map(|n| n.load(Relaxed))
+                        .unwrap_or(0)
+            })
             .collect();
         let queued: Vec<u64> = self.pools.iter().map(PoolRt::queued).collect();
         events.extend(self.supervisor.tick(now, &activity, &queued));
@@ -283,7 +355,11 @@ impl Frontend {
             let full = self.pools[i].full();
             if full != (self.flags.get(i) & PoolFlags::FULL != 0) {
                 if full {
-                    log::warn!("pool {}: queue full ({} waiting); answering 503 until it drains", self.pools[i].name, queued[i]);
+                    log::warn!(
+                        "pool {}: queue full ({} waiting); answering 503 until it drains",
+                        self.pools[i].name,
+                        queued[i]
+                    );
                 } else {
                     log::info!("pool {}: queue drained", self.pools[i].name);
                 }
@@ -298,7 +374,9 @@ impl Frontend {
     fn command(&mut self, command: &str) -> String {
         let words: Vec<&str> = command.split_whitespace().collect();
         match words.as_slice() {
-            ["status"] => serde_json::to_string(&self.status()).unwrap_or_else(|e| format!("error: {e}")),
+            ["status"] => {
+                serde_json::to_string(&self.status()).unwrap_or_else(|e| format!("error: {e}"))
+            }
             ["metrics"] => self.status().prometheus(),
             ["cache", "list"] => self.cache_list(),
             ["cache", "purge"] => self.cache_purge(None),
@@ -327,7 +405,9 @@ impl Frontend {
                 Ok(n) => format!("pool {name}: recycling {n} worker(s)\n"),
                 Err(e) => format!("error: {e}"),
             },
-            _ => format!("error: unknown command `{command}` (known: status, metrics, reload, pool start NAME, pool recycle NAME, cache list, cache purge [PATH])"),
+            _ => format!(
+                "error: unknown command `{command}` (known: status, metrics, reload, pool start NAME, pool recycle NAME, cache list, cache purge [PATH])"
+            ),
         }
     }
 
@@ -344,7 +424,9 @@ impl Frontend {
         // Sockets, then programs (dropping the objects detaches the ack gate), then sysctls.
         self.dispatch_sockets.clear();
         self.pools.clear();
-        let Frontend { steering, restore, .. } = self;
+        let Frontend {
+            steering, restore, ..
+        } = self;
         drop(steering);
         drop(restore);
         log::info!("stopped");

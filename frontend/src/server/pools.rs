@@ -32,10 +32,22 @@ pub(super) struct PoolRt {
 /// What every worker is told about the client limits and the cache.
 pub(super) fn worker_env(l: &config::Limits, c: &config::CacheConfig) -> Vec<(String, String)> {
     vec![
-        ("SLUICE_CACHE_MAX_ENTRY".into(), c.max_entry_bytes.to_string()),
-        ("SLUICE_IDLE_TIMEOUT".into(), l.idle_timeout.as_secs().max(1).to_string()),
-        ("SLUICE_HEADER_TIMEOUT".into(), l.header_timeout.as_secs().max(1).to_string()),
-        ("SLUICE_MAX_REQUEST_HEAD".into(), l.max_request_head.to_string()),
+        (
+            "SLUICE_CACHE_MAX_ENTRY".into(),
+            c.max_entry_bytes.to_string(),
+        ),
+        (
+            "SLUICE_IDLE_TIMEOUT".into(),
+            l.idle_timeout.as_secs().max(1).to_string(),
+        ),
+        (
+            "SLUICE_HEADER_TIMEOUT".into(),
+            l.header_timeout.as_secs().max(1).to_string(),
+        ),
+        (
+            "SLUICE_MAX_REQUEST_HEAD".into(),
+            l.max_request_head.to_string(),
+        ),
         ("SLUICE_MAX_URL".into(), l.max_url.to_string()),
         ("SLUICE_MIN_SEND_RATE".into(), l.min_send_rate.to_string()),
     ]
@@ -52,16 +64,25 @@ impl PoolRt {
     }
 
     pub fn queued(&self) -> u64 {
-        self.listeners.iter().map(|fd| sockets::queued(fd.as_raw_fd()).unwrap_or(0) as u64).sum()
+        self.listeners
+            .iter()
+            .map(|fd| sockets::queued(fd.as_raw_fd()).unwrap_or(0) as u64)
+            .sum()
     }
 
     /// Some socket of the pool holds `queue_length` connections.
     pub fn full(&self) -> bool {
-        self.listeners.iter().any(|fd| sockets::queued(fd.as_raw_fd()).unwrap_or(0) >= self.config.queue_length)
+        self.listeners
+            .iter()
+            .any(|fd| sockets::queued(fd.as_raw_fd()).unwrap_or(0) >= self.config.queue_length)
     }
 
     pub fn launch(&self, limits: &config::Limits, cache: &config::CacheConfig) -> PoolLaunch {
-        let mut fds: Vec<(RawFd, String)> = self.listeners.iter().map(|fd| (fd.as_raw_fd(), "pool".to_owned())).collect();
+        let mut fds: Vec<(RawFd, String)> = self
+            .listeners
+            .iter()
+            .map(|fd| (fd.as_raw_fd(), "pool".to_owned()))
+            .collect();
         fds.push((self.handoff.workers.as_raw_fd(), "handoff".to_owned()));
         let mut demand: Vec<RawFd> = self.listeners.iter().map(|fd| fd.as_raw_fd()).collect();
         demand.push(self.handoff.workers.as_raw_fd());
@@ -84,11 +105,17 @@ impl Frontend {
     pub(super) fn add_pool(&mut self, pool: &config::Pool) -> Result<usize> {
         let id = self.pools.len();
         if id >= MAX_POOLS as usize {
-            bail!("pool {}: this front end has had {MAX_POOLS} pools already (removed ones included); restart it", pool.name);
+            bail!(
+                "pool {}: this front end has had {MAX_POOLS} pools already (removed ones included); restart it",
+                pool.name
+            );
         }
         let first = self.next_slot;
         if first + pool.sockets > SOCKET_SLOTS {
-            bail!("pool {}: no socket-array slots left; restart sluice", pool.name);
+            bail!(
+                "pool {}: no socket-array slots left; restart sluice",
+                pool.name
+            );
         }
         let mut listeners = Vec::new();
         for (g, &addr) in self.config.listen.iter().enumerate() {
@@ -99,7 +126,12 @@ impl Frontend {
             }
         }
         self.next_slot += pool.sockets;
-        let slots = PoolSlots { first, count: pool.sockets, flags: 0, _pad: 0 };
+        let slots = PoolSlots {
+            first,
+            count: pool.sockets,
+            flags: 0,
+            _pad: 0,
+        };
         self.steering.set_pool(id as u32, slots)?;
         self.steering.reset_pool_counter(id as u32)?;
         let rt = PoolRt {
@@ -110,7 +142,8 @@ impl Frontend {
             slots,
             removed: None,
         };
-        self.supervisor.add(rt.launch(&self.config.limits, &self.config.cache))?;
+        self.supervisor
+            .add(rt.launch(&self.config.limits, &self.config.cache))?;
         self.pools.push(rt);
         Ok(id)
     }
@@ -120,9 +153,15 @@ impl Frontend {
     pub(super) fn finish_removals(&mut self) {
         let seen = self.table.seen();
         for (id, p) in self.pools.iter_mut().enumerate() {
-            let Some(generation) = p.removed else { continue };
+            let Some(generation) = p.removed else {
+                continue;
+            };
             if seen >= generation && !p.listeners.is_empty() && self.supervisor.is_empty(id) {
-                log::info!("pool {}: removed; closing its {} socket(s)", p.name, p.listeners.len());
+                log::info!(
+                    "pool {}: removed; closing its {} socket(s)",
+                    p.name,
+                    p.listeners.len()
+                );
                 p.listeners.clear();
                 let _ = Instant::now();
             }

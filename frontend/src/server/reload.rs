@@ -32,13 +32,21 @@ impl Frontend {
         for (i, p) in new.pools.iter().enumerate() {
             if let Some(o) = old.pools.iter().find(|o| o.name == p.name) {
                 if o.sockets != p.sockets {
-                    bail!("pool[{i}].sockets cannot change while sluice runs (pool {})", p.name);
+                    bail!(
+                        "pool[{i}].sockets cannot change while sluice runs (pool {})",
+                        p.name
+                    );
                 }
             }
         }
-        let added: Vec<usize> = (0..new.pools.len()).filter(|&i| !old.pools.iter().any(|o| o.name == new.pools[i].name)).collect();
+        let added: Vec<usize> = (0..new.pools.len())
+            .filter(|&i| !old.pools.iter().any(|o| o.name == new.pools[i].name))
+            .collect();
         if self.pools.len() + added.len() > sluice_common::MAX_POOLS as usize {
-            bail!("too many pools over this front end's life (at most {}); restart sluice", sluice_common::MAX_POOLS);
+            bail!(
+                "too many pools over this front end's life (at most {}); restart sluice",
+                sluice_common::MAX_POOLS
+            );
         }
 
         let mut summary = Vec::new();
@@ -49,7 +57,13 @@ impl Frontend {
         }
         // 2. Changed pools: new settings, workers recycled overlapped.
         for p in &new.pools {
-            let Some(id) = self.pools.iter().position(|r| r.name == p.name && r.removed.is_none()) else { continue };
+            let Some(id) = self
+                .pools
+                .iter()
+                .position(|r| r.name == p.name && r.removed.is_none())
+            else {
+                continue;
+            };
             let rt = &mut self.pools[id];
             if rt.config == *p {
                 continue;
@@ -58,7 +72,9 @@ impl Frontend {
                 for fd in &rt.listeners {
                     // listen(2) on a listening socket only changes its backlog.
                     // SAFETY: listen on our own socket.
-                    unsafe { libc::listen(std::os::fd::AsRawFd::as_raw_fd(fd), p.queue_length as i32) };
+                    unsafe {
+                        libc::listen(std::os::fd::AsRawFd::as_raw_fd(fd), p.queue_length as i32)
+                    };
                 }
             }
             rt.config = p.clone();
@@ -89,7 +105,11 @@ impl Frontend {
             summary.push(format!("{} route(s) in place", new.routes.len()));
         }
         self.config = new;
-        let text = if summary.is_empty() { "reloaded: nothing changed".to_owned() } else { format!("reloaded: {}", summary.join("; ")) };
+        let text = if summary.is_empty() {
+            "reloaded: nothing changed".to_owned()
+        } else {
+            format!("reloaded: {}", summary.join("; "))
+        };
         log::info!("{text}");
         Ok(text + "\n")
     }

@@ -18,7 +18,9 @@ impl Frontend {
             .pools
             .iter()
             .enumerate()
-            .filter(|(id, p)| p.removed.is_none() || info.get(*id).is_some_and(|i| !i.workers.is_empty()))
+            .filter(|(id, p)| {
+                p.removed.is_none() || info.get(*id).is_some_and(|i| !i.workers.is_empty())
+            })
             .map(|(id, p)| {
                 let i = info.get(id);
                 PoolStatus {
@@ -41,7 +43,12 @@ impl Frontend {
                         .unwrap_or_default(),
                     queued: p.queued(),
                     steered_kernel: counters.steered(id),
-                    handed_off: self.stats.handed_off.get(id).map(|n| n.load(Relaxed)).unwrap_or(0),
+                    handed_off: self
+                        .stats
+                        .handed_off
+                        .get(id)
+                        .map(|n| n.load(Relaxed))
+                        .unwrap_or(0),
                 }
             })
             .collect();
@@ -49,10 +56,18 @@ impl Frontend {
             steering: self.config.steering.as_str().to_owned(),
             listen: self.config.listen.iter().map(|a| a.to_string()).collect(),
             pools,
-            fallbacks: counter::FALLBACKS.iter().map(|&(i, name)| (name.to_owned(), counters.get(i))).collect(),
+            fallbacks: counter::FALLBACKS
+                .iter()
+                .map(|&(i, name)| (name.to_owned(), counters.get(i)))
+                .collect(),
             dispatcher: DispatcherStatus {
                 accepted: self.stats.accepted.load(Relaxed),
-                refused: self.stats.refused.iter().map(|(c, n)| (c.to_string(), n.load(Relaxed))).collect::<BTreeMap<_, _>>(),
+                refused: self
+                    .stats
+                    .refused
+                    .iter()
+                    .map(|(c, n)| (c.to_string(), n.load(Relaxed)))
+                    .collect::<BTreeMap<_, _>>(),
                 header_timeouts: self.stats.timeouts.load(Relaxed),
                 dropped_pending: self.stats.dropped.load(Relaxed),
                 handed_back: self.stats.handed_back.load(Relaxed),

@@ -1,6 +1,10 @@
 //! Which interfaces the ack gate must watch for a set of listen addresses.
 
-use std::{collections::BTreeSet, ffi::CStr, net::{IpAddr, SocketAddr}};
+use std::{
+    collections::BTreeSet,
+    ffi::CStr,
+    net::{IpAddr, SocketAddr},
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum InterfaceError {
@@ -22,7 +26,10 @@ pub fn interfaces_for(addrs: &[SocketAddr]) -> Result<Vec<String>, InterfaceErro
         } else if ip.is_loopback() {
             out.insert("lo".to_owned());
         } else {
-            let owner = all.iter().find(|(_, addr)| *addr == Some(ip)).ok_or(InterfaceError::NoInterface(ip))?;
+            let owner = all
+                .iter()
+                .find(|(_, addr)| *addr == Some(ip))
+                .ok_or(InterfaceError::NoInterface(ip))?;
             out.insert(owner.0.clone());
             // Traffic to a local address from this host itself arrives on loopback.
             out.insert("lo".to_owned());
@@ -44,7 +51,9 @@ fn interfaces() -> Result<Vec<(String, Option<IpAddr>)>, InterfaceError> {
         // SAFETY: `cur` is a node of the list getifaddrs returned, not yet freed.
         let ifa = unsafe { &*cur };
         // SAFETY: ifa_name is a NUL-terminated string owned by the list.
-        let name = unsafe { CStr::from_ptr(ifa.ifa_name) }.to_string_lossy().into_owned();
+        let name = unsafe { CStr::from_ptr(ifa.ifa_name) }
+            .to_string_lossy()
+            .into_owned();
         let addr = if ifa.ifa_addr.is_null() {
             None
         } else {
@@ -53,7 +62,9 @@ fn interfaces() -> Result<Vec<(String, Option<IpAddr>)>, InterfaceError> {
                 match (*ifa.ifa_addr).sa_family as i32 {
                     libc::AF_INET => {
                         let sin = &*(ifa.ifa_addr as *const libc::sockaddr_in);
-                        Some(IpAddr::from(u32::from_be(sin.sin_addr.s_addr).to_be_bytes()))
+                        Some(IpAddr::from(
+                            u32::from_be(sin.sin_addr.s_addr).to_be_bytes(),
+                        ))
                     }
                     libc::AF_INET6 => {
                         let sin6 = &*(ifa.ifa_addr as *const libc::sockaddr_in6);
@@ -63,7 +74,10 @@ fn interfaces() -> Result<Vec<(String, Option<IpAddr>)>, InterfaceError> {
                 }
             }
         };
-        if !out.iter().any(|(n, _): &(String, Option<IpAddr>)| *n == name) {
+        if !out
+            .iter()
+            .any(|(n, _): &(String, Option<IpAddr>)| *n == name)
+        {
             out.push((name.clone(), None));
         }
         if addr.is_some() {

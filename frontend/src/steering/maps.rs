@@ -15,23 +15,41 @@ fn map_error(what: impl Into<String>) -> impl FnOnce(MapError) -> SteeringError 
     move |source| SteeringError::Map { what, source }
 }
 
-fn map<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut aya::maps::Map, SteeringError> {
+fn map<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut aya::maps::Map, SteeringError> {
     ebpf.map_mut(name).ok_or(SteeringError::Missing(name))
 }
 
 pub(super) fn set_config(ebpf: &mut Ebpf, index: u32, value: u32) -> Result<(), SteeringError> {
-    let mut config: Array<_, u32> = map(ebpf, "CONFIG")?.try_into().map_err(map_error("CONFIG"))?;
-    config.set(index, value, 0).map_err(map_error(format!("CONFIG[{index}]")))
+    let mut config: Array<_, u32> = map(ebpf, "CONFIG")?
+        .try_into()
+        .map_err(map_error("CONFIG"))?;
+    config
+        .set(index, value, 0)
+        .map_err(map_error(format!("CONFIG[{index}]")))
 }
 
-pub(super) fn set_socket(ebpf: &mut Ebpf, slot: u32, socket: &impl AsRawFd) -> Result<(), SteeringError> {
-    let mut sockets: ReusePortSockArray<_> = map(ebpf, "SOCKETS")?.try_into().map_err(map_error("SOCKETS"))?;
-    sockets.set(slot, socket, 0).map_err(map_error(format!("SOCKETS[{slot}]")))
+pub(super) fn set_socket(
+    ebpf: &mut Ebpf,
+    slot: u32,
+    socket: &impl AsRawFd,
+) -> Result<(), SteeringError> {
+    let mut sockets: ReusePortSockArray<_> = map(ebpf, "SOCKETS")?
+        .try_into()
+        .map_err(map_error("SOCKETS"))?;
+    sockets
+        .set(slot, socket, 0)
+        .map_err(map_error(format!("SOCKETS[{slot}]")))
 }
 
 pub(super) fn set_pool(ebpf: &mut Ebpf, pool: u32, slots: PoolSlots) -> Result<(), SteeringError> {
-    let mut pools: Array<_, PoolSlots> = map(ebpf, "POOLS")?.try_into().map_err(map_error("POOLS"))?;
-    pools.set(pool, slots, 0).map_err(map_error(format!("POOLS[{pool}]")))
+    let mut pools: Array<_, PoolSlots> =
+        map(ebpf, "POOLS")?.try_into().map_err(map_error("POOLS"))?;
+    pools
+        .set(pool, slots, 0)
+        .map_err(map_error(format!("POOLS[{pool}]")))
 }
 
 /// The trie key for a normalized prefix (ends in `/`): its bytes, length in bits.
@@ -47,31 +65,42 @@ fn route_map(which: u32) -> &'static str {
 }
 
 /// Makes route map `which` hold exactly `routes`.
-pub(super) fn fill_routes(ebpf: &mut Ebpf, which: u32, routes: &[(String, u32)]) -> Result<(), SteeringError> {
+pub(super) fn fill_routes(
+    ebpf: &mut Ebpf,
+    which: u32,
+    routes: &[(String, u32)],
+) -> Result<(), SteeringError> {
     clear_routes(ebpf, which)?;
     let name = route_map(which);
-    let mut map: LpmTrie<_, [u8; MAX_PREFIX], u32> = map(ebpf, name)?.try_into().map_err(map_error(name))?;
+    let mut map: LpmTrie<_, [u8; MAX_PREFIX], u32> =
+        map(ebpf, name)?.try_into().map_err(map_error(name))?;
     for (prefix, pool) in routes {
-        map.insert(&route_key(prefix), *pool, 0).map_err(map_error(format!("{name}[{prefix}]")))?;
+        map.insert(&route_key(prefix), *pool, 0)
+            .map_err(map_error(format!("{name}[{prefix}]")))?;
     }
     Ok(())
 }
 
 pub(super) fn clear_routes(ebpf: &mut Ebpf, which: u32) -> Result<(), SteeringError> {
     let name = route_map(which);
-    let mut map: LpmTrie<_, [u8; MAX_PREFIX], u32> = map(ebpf, name)?.try_into().map_err(map_error(name))?;
+    let mut map: LpmTrie<_, [u8; MAX_PREFIX], u32> =
+        map(ebpf, name)?.try_into().map_err(map_error(name))?;
     let keys: Vec<Key<[u8; MAX_PREFIX]>> = map.keys().filter_map(Result::ok).collect();
     for k in keys {
-        map.remove(&k).map_err(map_error(format!("{name}: removing a route")))?;
+        map.remove(&k)
+            .map_err(map_error(format!("{name}: removing a route")))?;
     }
     Ok(())
 }
 
 pub(super) fn set_gated_ports(ebpf: &mut Ebpf, ports: &[u16]) -> Result<(), SteeringError> {
-    let mut gated: HashMap<_, u16, u8> =
-        map(ebpf, "GATED_PORTS")?.try_into().map_err(map_error("GATED_PORTS"))?;
+    let mut gated: HashMap<_, u16, u8> = map(ebpf, "GATED_PORTS")?
+        .try_into()
+        .map_err(map_error("GATED_PORTS"))?;
     for &port in ports {
-        gated.insert(port, 1, 0).map_err(map_error(format!("GATED_PORTS[{port}]")))?;
+        gated
+            .insert(port, 1, 0)
+            .map_err(map_error(format!("GATED_PORTS[{port}]")))?;
     }
     Ok(())
 }
@@ -100,27 +129,42 @@ impl Counters {
 }
 
 pub(super) fn counters(ebpf: &Ebpf) -> Result<Counters, SteeringError> {
-    let m = ebpf.map("COUNTERS").ok_or(SteeringError::Missing("COUNTERS"))?;
+    let m = ebpf
+        .map("COUNTERS")
+        .ok_or(SteeringError::Missing("COUNTERS"))?;
     let array: PerCpuArray<_, u64> = m.try_into().map_err(map_error("COUNTERS"))?;
     let mut out = vec![0u64; counter::LEN as usize];
     for (i, slot) in out.iter_mut().enumerate() {
-        let values = array.get(&(i as u32), 0).map_err(map_error(format!("COUNTERS[{i}]")))?;
+        let values = array
+            .get(&(i as u32), 0)
+            .map_err(map_error(format!("COUNTERS[{i}]")))?;
         *slot = values.iter().sum();
     }
     Ok(Counters(out))
 }
 
 pub(super) fn reset_counter(ebpf: &mut Ebpf, index: u32) -> Result<(), SteeringError> {
-    let mut array: PerCpuArray<_, u64> = map(ebpf, "COUNTERS")?.try_into().map_err(map_error("COUNTERS"))?;
+    let mut array: PerCpuArray<_, u64> = map(ebpf, "COUNTERS")?
+        .try_into()
+        .map_err(map_error("COUNTERS"))?;
     let cpus = aya::util::nr_cpus().map_err(|(_, e)| SteeringError::Map {
         what: "counting CPUs".into(),
-        source: MapError::SyscallError(aya::sys::SyscallError { call: "nr_cpus", io_error: e }),
+        source: MapError::SyscallError(aya::sys::SyscallError {
+            call: "nr_cpus",
+            io_error: e,
+        }),
     })?;
-    let zeros = aya::maps::PerCpuValues::try_from(vec![0u64; cpus]).map_err(|e| SteeringError::Map {
-        what: "zero counters".into(),
-        source: MapError::SyscallError(aya::sys::SyscallError { call: "PerCpuValues", io_error: e }),
-    })?;
-    array.set(index, zeros, 0).map_err(map_error(format!("COUNTERS[{index}]")))
+    let zeros =
+        aya::maps::PerCpuValues::try_from(vec![0u64; cpus]).map_err(|e| SteeringError::Map {
+            what: "zero counters".into(),
+            source: MapError::SyscallError(aya::sys::SyscallError {
+                call: "PerCpuValues",
+                io_error: e,
+            }),
+        })?;
+    array
+        .set(index, zeros, 0)
+        .map_err(map_error(format!("COUNTERS[{index}]")))
 }
 
 /// The kernel's key for a cached path: like a route key's data (the path, then `/`), zero
@@ -137,10 +181,15 @@ pub(super) fn cached_key(path: &str) -> Option<[u8; MAX_PREFIX]> {
 }
 
 pub(super) fn set_cached(ebpf: &mut Ebpf, path: &str, cached: bool) -> Result<(), SteeringError> {
-    let Some(key) = cached_key(path) else { return Ok(()) };
-    let mut map: HashMap<_, [u8; MAX_PREFIX], u8> = map(ebpf, "CACHED")?.try_into().map_err(map_error("CACHED"))?;
+    let Some(key) = cached_key(path) else {
+        return Ok(());
+    };
+    let mut map: HashMap<_, [u8; MAX_PREFIX], u8> = map(ebpf, "CACHED")?
+        .try_into()
+        .map_err(map_error("CACHED"))?;
     if cached {
-        map.insert(key, 1, 0).map_err(map_error(format!("CACHED[{path}]")))
+        map.insert(key, 1, 0)
+            .map_err(map_error(format!("CACHED[{path}]")))
     } else {
         match map.remove(&key) {
             Ok(()) | Err(MapError::KeyNotFound) => Ok(()),

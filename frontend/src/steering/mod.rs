@@ -33,7 +33,10 @@ pub enum SteeringError {
     #[error("{what}: {source}")]
     Program { what: String, source: ProgramError },
     #[error("{what}: {source}")]
-    Map { what: String, source: aya::maps::MapError },
+    Map {
+        what: String,
+        source: aya::maps::MapError,
+    },
 }
 
 fn program_error(what: impl Into<String>) -> impl FnOnce(ProgramError) -> SteeringError {
@@ -78,10 +81,16 @@ impl Steering {
                 .ok_or(SteeringError::Missing(STEER_PROGRAM))?
                 .try_into()
                 .map_err(program_error(STEER_PROGRAM))?;
-            prog.load().map_err(program_error(format!("verifying {STEER_PROGRAM} (group {g})")))?;
+            prog.load().map_err(program_error(format!(
+                "verifying {STEER_PROGRAM} (group {g})"
+            )))?;
             loaded.push(ebpf);
         }
-        Ok(Steering { groups: loaded, gated: Vec::new(), live_routes: 0 })
+        Ok(Steering {
+            groups: loaded,
+            gated: Vec::new(),
+            live_routes: 0,
+        })
     }
 
     /// Attaches the steering program to the group `socket` belongs to.
@@ -92,24 +101,34 @@ impl Steering {
             .ok_or(SteeringError::Missing(STEER_PROGRAM))?
             .try_into()
             .map_err(program_error(STEER_PROGRAM))?;
-        prog.attach(socket).map_err(program_error(format!("attaching {STEER_PROGRAM}")))
+        prog.attach(socket)
+            .map_err(program_error(format!("attaching {STEER_PROGRAM}")))
     }
 
     /// Attaches the ack gate (first-segment mode) to `interfaces`, for `ports`.
-    pub fn attach_gate(&mut self, interfaces: &[String], ports: &[u16]) -> Result<(), SteeringError> {
-        let Some(ebpf) = self.groups.first_mut() else { return Ok(()) };
+    pub fn attach_gate(
+        &mut self,
+        interfaces: &[String],
+        ports: &[u16],
+    ) -> Result<(), SteeringError> {
+        let Some(ebpf) = self.groups.first_mut() else {
+            return Ok(());
+        };
         maps::set_gated_ports(ebpf, ports)?;
         let prog: &mut SchedClassifier = ebpf
             .program_mut(GATE_PROGRAM)
             .ok_or(SteeringError::Missing(GATE_PROGRAM))?
             .try_into()
             .map_err(program_error(GATE_PROGRAM))?;
-        prog.load().map_err(program_error(format!("verifying {GATE_PROGRAM}")))?;
+        prog.load()
+            .map_err(program_error(format!("verifying {GATE_PROGRAM}")))?;
         for iface in interfaces {
             // TCX (kernel 6.6+) needs no qdisc; older kernels need clsact. Already there is fine.
             let _ = aya::programs::tc::qdisc_add_clsact(iface);
             prog.attach(iface, TcAttachType::Ingress)
-                .map_err(program_error(format!("attaching {GATE_PROGRAM} to {iface} ingress")))?;
+                .map_err(program_error(format!(
+                    "attaching {GATE_PROGRAM} to {iface} ingress"
+                )))?;
             log::info!("ack gate attached to {iface} ingress for ports {ports:?}");
             self.gated.push(iface.clone());
         }
@@ -117,15 +136,28 @@ impl Steering {
     }
 
     pub fn set_mode(&mut self, mode: u32) -> Result<(), SteeringError> {
-        self.groups.iter_mut().try_for_each(|e| maps::set_config(e, sluice_common::CFG_MODE, mode))
+        self.groups
+            .iter_mut()
+            .try_for_each(|e| maps::set_config(e, sluice_common::CFG_MODE, mode))
     }
 
-    pub fn set_socket(&mut self, group: usize, slot: u32, socket: &impl AsRawFd) -> Result<(), SteeringError> {
+    pub fn set_socket(
+        &mut self,
+        group: usize,
+        slot: u32,
+        socket: &impl AsRawFd,
+    ) -> Result<(), SteeringError> {
         maps::set_socket(&mut self.groups[group], slot, socket)
     }
 
-    pub fn set_pool(&mut self, pool: u32, slots: sluice_common::PoolSlots) -> Result<(), SteeringError> {
-        self.groups.iter_mut().try_for_each(|e| maps::set_pool(e, pool, slots))
+    pub fn set_pool(
+        &mut self,
+        pool: u32,
+        slots: sluice_common::PoolSlots,
+    ) -> Result<(), SteeringError> {
+        self.groups
+            .iter_mut()
+            .try_for_each(|e| maps::set_pool(e, pool, slots))
     }
 
     /// Replaces the whole route table at once: the spare map is filled, then made live.
@@ -141,17 +173,23 @@ impl Steering {
         self.live_routes = next;
         // A lookup still running on the old map finds nothing and goes to the dispatcher,
         // which routes with the new table: clearing it is safe.
-        self.groups.iter_mut().try_for_each(|e| maps::clear_routes(e, old))
+        self.groups
+            .iter_mut()
+            .try_for_each(|e| maps::clear_routes(e, old))
     }
 
     /// Steers connections whose first request is `path` to the dispatcher (its cache), or not.
     pub fn set_cached(&mut self, path: &str, cached: bool) -> Result<(), SteeringError> {
-        self.groups.iter_mut().try_for_each(|e| maps::set_cached(e, path, cached))
+        self.groups
+            .iter_mut()
+            .try_for_each(|e| maps::set_cached(e, path, cached))
     }
 
     /// Zeroes a pool's kernel counter (a pool id that is used again).
     pub fn reset_pool_counter(&mut self, pool: u32) -> Result<(), SteeringError> {
-        self.groups.iter_mut().try_for_each(|e| maps::reset_counter(e, sluice_common::counter::POOL_BASE + pool))
+        self.groups
+            .iter_mut()
+            .try_for_each(|e| maps::reset_counter(e, sluice_common::counter::POOL_BASE + pool))
     }
 
     /// The counters summed over CPUs and groups.
