@@ -18,6 +18,34 @@ use std::{
 
 use serde_json::Value;
 
+/// The IPv4 address every test's front end listens on.
+pub fn v4() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8080))
+}
+
+/// Runs `sluice WORDS --admin ADMIN` against a running front end, as an operator would;
+/// returns what it printed (the command must succeed).
+pub fn sluice_admin(s: &Sluice, words: &[&str]) -> String {
+    let out = Command::new(sluice_bin())
+        .args(words)
+        .arg("--admin")
+        .arg(&s.admin)
+        .output()
+        .expect("sluice");
+    assert!(
+        out.status.success(),
+        "sluice {words:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `GET path` on a new connection inside the namespace.
+pub fn get_in(ns: &Netns, path: &str) -> Response {
+    ns.enter(|| exchange(v4(), &get_request(path)))
+        .unwrap_or_else(|e| panic!("GET {path}: {e}"))
+}
+
 /// Where the release binaries are (`cargo xtask test` sets SLUICE_BIN_DIR).
 pub fn bin_dir() -> PathBuf {
     std::env::var_os("SLUICE_BIN_DIR")

@@ -3,31 +3,12 @@
 
 use std::{
     io::Write,
-    net::{SocketAddr, TcpStream},
+    net::TcpStream,
     process::Command,
     time::{Duration, Instant},
 };
 
 use sluice_tests::*;
-
-fn v4() -> SocketAddr {
-    "127.0.0.1:8080".parse().expect("addr")
-}
-
-fn admin(s: &Sluice, words: &[&str]) -> String {
-    let out = Command::new(sluice_bin())
-        .args(words)
-        .arg("--admin")
-        .arg(&s.admin)
-        .output()
-        .expect("sluice");
-    assert!(
-        out.status.success(),
-        "sluice {words:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 /// Stops pool api's only worker (SIGSTOP), then opens `n` connections that send a request
 /// each: they wait in the pool's queue. Returns the worker's pid and the clients.
@@ -52,11 +33,6 @@ fn stop_worker_and_queue(ns: &Netns, s: &Sluice, n: usize) -> (i32, Vec<TcpStrea
     (pid, clients)
 }
 
-fn get(ns: &Netns, path: &str) -> Response {
-    ns.enter(|| exchange(v4(), &get_request(path)))
-        .unwrap_or_else(|e| panic!("GET {path}: {e}"))
-}
-
 #[test]
 fn on_demand_pool_starts_with_its_first_request_and_stops_when_idle() {
     let ns = Netns::new("ondemand");
@@ -68,7 +44,7 @@ fn on_demand_pool_starts_with_its_first_request_and_stops_when_idle() {
     assert_eq!(pool(&st, "api")["state"], "idle", "{st}");
     assert_eq!(worker_pids(&st, "api").len(), 0, "{st}");
     for round in 0..2 {
-        let r = get(&ns, "/first");
+        let r = get_in(&ns, "/first");
         assert_eq!(r.status, 200, "round {round}");
         let st = wait_for(&s, Duration::from_secs(10), "two workers", |st| {
             worker_pids(st, "api").len() == 2
@@ -129,7 +105,7 @@ fn a_crash_loop_stops_the_pool_with_503_until_pool_start() {
             "crash {i}: {r:?}"
         );
         // The other pool serves normally throughout.
-        assert_eq!(get(&ns, "/page").pool(), Some("web"));
+        assert_eq!(get_in(&ns, "/page").pool(), Some("web"));
     }
     let st = wait_for(
         &s,
@@ -144,7 +120,7 @@ fn a_crash_loop_stops_the_pool_with_503_until_pool_start() {
     );
     for _ in 0..5 {
         let started = Instant::now();
-        let r = get(&ns, "/crashy/ok");
+        let r = get_in(&ns, "/crashy/ok");
         let took = started.elapsed();
         assert_eq!(r.status, 503, "{r:?}");
         assert!(
@@ -153,19 +129,19 @@ fn a_crash_loop_stops_the_pool_with_503_until_pool_start() {
         );
         assert!(took < Duration::from_millis(100), "503 took {took:?}");
     }
-    assert_eq!(get(&ns, "/page").pool(), Some("web"));
+    assert_eq!(get_in(&ns, "/page").pool(), Some("web"));
     assert_eq!(
         worker_pids(&s.status(), "web"),
         web,
         "the other pool's worker was disturbed"
     );
 
-    let out = admin(&s, &["pool", "start", "crashy"]);
+    let out = sluice_admin(&s, &["pool", "start", "crashy"]);
     assert!(out.contains("started"), "{out}");
     wait_for(&s, Duration::from_secs(10), "the pool to run again", |st| {
         pool(st, "crashy")["state"] == "running" && worker_pids(st, "crashy").len() == 1
     });
-    let r = get(&ns, "/crashy/ok");
+    let r = get_in(&ns, "/crashy/ok");
     assert_eq!((r.status, r.pool()), (200, Some("crashy")));
 }
 
@@ -206,7 +182,7 @@ fn a_hung_worker_is_detected_by_ping_and_replaced() {
         s.log_text()
     );
     let _ = st;
-    let r = get(&ns, "/after");
+    let r = get_in(&ns, "/after");
     assert_eq!(r.status, 200);
 }
 
@@ -224,9 +200,9 @@ fn overlapped_recycle_under_wrk_load_fails_no_request() {
             )
         });
         std::thread::sleep(Duration::from_secs(1));
-        admin(&s, &["pool", "recycle", "api"]);
+        sluice_admin(&s, &["pool", "recycle", "api"]);
         std::thread::sleep(Duration::from_secs(2));
-        admin(&s, &["pool", "recycle", "api"]);
+        sluice_admin(&s, &["pool", "recycle", "api"]);
         w.join().expect("wrk thread")
     });
     assert!(load.requests > 1000, "{}", load.output);
@@ -252,7 +228,7 @@ fn a_full_queue_answers_503_and_recovers_when_it_drains() {
     });
     // Over the limit: answered at once with 503, not a hang or a silent drop.
     let started = Instant::now();
-    let r = get(&ns, "/over");
+    let r = get_in(&ns, "/over");
     assert_eq!(r.status, 503, "{r:?}");
     assert!(
         started.elapsed() < Duration::from_secs(2),
@@ -272,7 +248,7 @@ fn a_full_queue_answers_503_and_recovers_when_it_drains() {
     });
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let r = get(&ns, "/again");
+        let r = get_in(&ns, "/again");
         if r.status == 200 {
             break;
         }
@@ -359,7 +335,7 @@ pool = "web"
         a.iter().all(|x| !w.contains(x)),
         "api and web share a socket: {a:?} {w:?}"
     );
-    assert_eq!(get(&ns, "/api/who").pool(), Some("api"));
+    assert_eq!(get_in(&ns, "/api/who").pool(), Some("api"));
     // The Prometheus endpoint shows the same figures.
     let metrics = ns.enter(|| {
         exchange(
@@ -487,7 +463,7 @@ fn reload_under_load_adds_changes_and_removes_pools_without_failing_a_request() 
     let s = Sluice::start(&ns, &two_pools("first-segment"));
     let api_before = worker_pids(&s.status(), "api");
     let web_before = worker_pids(&s.status(), "web");
-    assert_eq!(get(&ns, "/").pool(), Some("web"));
+    assert_eq!(get_in(&ns, "/").pool(), Some("web"));
     // A config that does not check is refused; the running one keeps serving.
     s.rewrite("[server]\nlisten = [\"127.0.0.1:8080\"]\nbogus = 1\n");
     let out = Command::new(sluice_bin())
@@ -502,7 +478,7 @@ fn reload_under_load_adds_changes_and_removes_pools_without_failing_a_request() 
         err.contains("bogus") && err.contains("running configuration stays"),
         "{err}"
     );
-    assert_eq!(get(&ns, "/api/x").pool(), Some("api"));
+    assert_eq!(get_in(&ns, "/api/x").pool(), Some("api"));
 
     s.rewrite(RELOADED);
     let load = std::thread::scope(|scope| {
@@ -527,9 +503,9 @@ fn reload_under_load_adds_changes_and_removes_pools_without_failing_a_request() 
         s.log_text()
     );
     // The routes changed at once: / now goes to api, /fresh/ to the new pool.
-    assert_eq!(get(&ns, "/").pool(), Some("api"));
-    assert_eq!(get(&ns, "/fresh/x").pool(), Some("fresh"));
-    assert_eq!(get(&ns, "/api/y").pool(), Some("api"));
+    assert_eq!(get_in(&ns, "/").pool(), Some("api"));
+    assert_eq!(get_in(&ns, "/fresh/x").pool(), Some("fresh"));
+    assert_eq!(get_in(&ns, "/api/y").pool(), Some("api"));
     let st = wait_for(
         &s,
         Duration::from_secs(20),
@@ -555,7 +531,7 @@ fn reload_under_load_adds_changes_and_removes_pools_without_failing_a_request() 
     // Kernel steering still works for old and new pools.
     let _ = st;
     let before = s.status();
-    get(&ns, "/fresh/kernel");
+    get_in(&ns, "/fresh/kernel");
     let after = s.status();
     assert_eq!(
         pool(&after, "fresh")["steered_kernel"]

@@ -2,33 +2,9 @@
 //! from workers' publications, with Date and Age, expiring, and per-request routing around it
 //! on keep-alive connections.
 
-use std::{
-    io::Write,
-    net::{SocketAddr, TcpStream},
-    process::Command,
-    time::Duration,
-};
+use std::{io::Write, net::TcpStream, process::Command, time::Duration};
 
 use sluice_tests::*;
-
-fn v4() -> SocketAddr {
-    "127.0.0.1:8080".parse().expect("addr")
-}
-
-fn cli(s: &Sluice, words: &[&str]) -> String {
-    let out = Command::new(sluice_bin())
-        .args(words)
-        .arg("--admin")
-        .arg(&s.admin)
-        .output()
-        .expect("sluice");
-    assert!(
-        out.status.success(),
-        "sluice {words:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 /// Sends requests one after another on one keep-alive connection; returns the responses.
 fn keep_alive(ns: &Netns, paths: &[&str]) -> Vec<Response> {
@@ -89,7 +65,7 @@ pool = "web"
             .is_some_and(|w| w.len() == 1 && w[0]["ready"] == true)
     });
     let before = s.status();
-    let r = get_from(&ns, "/static/logo.txt");
+    let r = get_in(&ns, "/static/logo.txt");
     assert_eq!(r.status, 200);
     assert_eq!(r.body, b"the logo\n");
     assert_eq!(r.header("content-type"), Some("text/plain"));
@@ -122,19 +98,14 @@ pool = "web"
     assert_eq!(st["cache"]["entries"], 1, "{st}");
     let _ = before;
 
-    let list = cli(&s, &["cache", "list", "--json"]);
+    let list = sluice_admin(&s, &["cache", "list", "--json"]);
     let list: serde_json::Value = serde_json::from_str(&list).expect("json");
     assert_eq!(list[0]["path"], "/static/logo.txt", "{list}");
     assert_eq!(list[0]["origin"], "static", "{list}");
-    assert!(cli(&s, &["cache", "purge", "/static/logo.txt"]).contains("purged 1 entry"));
+    assert!(sluice_admin(&s, &["cache", "purge", "/static/logo.txt"]).contains("purged 1 entry"));
     // Not cached any more: the request goes to the pool.
-    assert_eq!(get_from(&ns, "/static/logo.txt").pool(), Some("web"));
+    assert_eq!(get_in(&ns, "/static/logo.txt").pool(), Some("web"));
     let _ = std::fs::remove_dir_all(&dir);
-}
-
-fn get_from(ns: &Netns, path: &str) -> Response {
-    ns.enter(|| exchange(v4(), &get_request(path)))
-        .unwrap_or_else(|e| panic!("GET {path}: {e}"))
 }
 
 #[test]
@@ -232,7 +203,7 @@ fn a_published_response_is_served_from_the_cache_until_its_ttl_ends() {
     let root = files_root("pub");
     let s = Sluice::start(&ns, &files_config(&root));
     ready(&s);
-    let first = get_from(&ns, "/files/index.html");
+    let first = get_in(&ns, "/files/index.html");
     assert_eq!((first.status, first.pool()), (200, Some("files")));
     assert_eq!(
         first.header("age"),
@@ -259,7 +230,7 @@ fn a_published_response_is_served_from_the_cache_until_its_ttl_ends() {
         load.output
     );
     std::thread::sleep(Duration::from_millis(1200));
-    let r = get_from(&ns, "/files/index.html");
+    let r = get_in(&ns, "/files/index.html");
     assert_eq!(r.body, b"<h1>cached page</h1>\n");
     let age: u64 = r
         .header("age")
@@ -282,7 +253,7 @@ fn a_published_response_is_served_from_the_cache_until_its_ttl_ends() {
     std::thread::sleep(
         (stored + Duration::from_millis(5500)).saturating_duration_since(std::time::Instant::now()),
     );
-    let again = get_from(&ns, "/files/index.html");
+    let again = get_in(&ns, "/files/index.html");
     assert_eq!(
         again.header("age"),
         None,
@@ -307,7 +278,7 @@ fn a_keep_alive_connection_gets_each_request_from_the_right_place() {
     let root = files_root("mix");
     let s = Sluice::start(&ns, &files_config(&root));
     ready(&s);
-    get_from(&ns, "/files/index.html");
+    get_in(&ns, "/files/index.html");
     wait_for(&s, Duration::from_secs(5), "the publication", |st| {
         st["cache"]["entries"] == 1
     });
