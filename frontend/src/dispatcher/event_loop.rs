@@ -26,6 +26,8 @@ const RING_ENTRIES: u32 = 1024;
 /// How long a connection we answered and close may take to close its side.
 const LINGER: Duration = Duration::from_secs(2);
 const TICK: Duration = Duration::from_secs(1);
+/// Connection buffers kept for reuse (each `max_request_head`-sized).
+const MAX_SPARE_BUFFERS: usize = 256;
 
 // user_data: op << 32 | index
 const OP_ACCEPT: u64 = 1;
@@ -107,6 +109,8 @@ pub struct Loop {
     reading: usize,
     dropping: usize,
     buf_len: usize,
+    /// Buffers of closed connections, for the next ones.
+    spare: Vec<Vec<u8>>,
 }
 
 impl Loop {
@@ -141,6 +145,7 @@ impl Loop {
             reading: 0,
             dropping: 0,
             buf_len,
+            spare: Vec::new(),
             d,
         })
     }
@@ -299,7 +304,11 @@ impl Loop {
     }
 
     fn insert(&mut self, fd: RawFd, bytes: &[u8]) -> usize {
-        let mut buf = vec![0; self.buf_len.max(bytes.len() + 1)];
+        // Buffers of closed connections are used again: no allocation per connection.
+        let mut buf = match self.spare.pop() {
+            Some(b) if bytes.len() < b.len() => b,
+            _ => vec![0; self.buf_len.max(bytes.len() + 1)],
+        };
         buf[..bytes.len()].copy_from_slice(bytes);
         let conn = Conn {
             fd,
@@ -446,9 +455,7 @@ impl Loop {
                     let slot = self.insert(fd, &[]);
                     self.refuse(slot, 503, "the request could not be passed between pools");
                 } else {
-                    let bytes = msg.bytes(res as usize).to_vec();
-                    let slot = self.admit(fd, &bytes);
-                    self.process(slot);
+                    self.admit_message(fd, p, res as usize, false);
                 }
             }
         }
@@ -465,14 +472,31 @@ impl Loop {
         }
     }
 
+    /// Takes the connection of pool `p`'s last hand-back (or reroute) message, with its first
+    /// `len` bytes copied once, straight into the connection's buffer, and routes it.
+    fn admit_message(&mut self, fd: RawFd, p: usize, len: usize, reroute: bool) {
+        let msgs = if reroute {
+            &mut self.reroute_msgs
+        } else {
+            &mut self.handback_msgs
+        };
+        let Some(msg) = msgs[p].take() else { return };
+        let slot = self.admit(fd, msg.bytes(len));
+        let msgs = if reroute {
+            &mut self.reroute_msgs
+        } else {
+            &mut self.handback_msgs
+        };
+        msgs[p] = Some(msg);
+        self.process(slot);
+    }
+
     fn on_reroute(&mut self, p: usize, res: i32) {
         if res >= 0 {
             let msg = incoming(&mut self.reroute_msgs[p]);
             if let Some(fd) = msg.take_fd() {
-                let bytes = msg.bytes(res as usize).to_vec();
                 log::info!("dispatcher: routing a connection left for removed pool {p} afresh");
-                let slot = self.admit(fd, &bytes);
-                self.process(slot);
+                self.admit_message(fd, p, res as usize, true);
             }
         }
         if res == -libc::ECANCELED {
@@ -717,6 +741,9 @@ impl Loop {
             // SAFETY: the connection's fd is ours and no operation on it is in flight.
             unsafe { libc::close(c.fd) };
             self.free.push(slot);
+            if c.buf.len() == self.buf_len && self.spare.len() < MAX_SPARE_BUFFERS {
+                self.spare.push(c.buf);
+            }
         }
     }
 }

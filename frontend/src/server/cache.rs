@@ -28,10 +28,14 @@ impl Frontend {
                 return;
             }
         };
-        let fresh = !self.lock_cache().contains(&p.path);
-        let stored = self
-            .lock_cache()
-            .insert(&p.path, p.head, p.body, p.ttl, Origin::Worker, now);
+        let (fresh, stored) = {
+            let mut cache = self.lock_cache();
+            let fresh = !cache.contains(&p.path);
+            (
+                fresh,
+                cache.insert(&p.path, p.head, p.body, p.ttl, Origin::Worker, now),
+            )
+        };
         match stored {
             Ok(()) => {
                 log::debug!("cache: stored {} for {:?}", p.path, p.ttl);

@@ -326,7 +326,10 @@ impl Frontend {
     /// One controller step: reap, run the supervisor, watch queues, finish removals.
     fn step(&mut self, now: Instant) -> Result<()> {
         let mut events = self.supervisor.reap(now);
-        let counters = self.steering.counters().unwrap_or_default();
+        let counters = self
+            .steering
+            .steered_counters(self.pools.len())
+            .unwrap_or_default();
         let activity: Vec<u64> = (0..self.pools.len())
             .map(|i| {
                 counters.steered(i)
@@ -338,7 +341,8 @@ impl Frontend {
                         .unwrap_or(0)
             })
             .collect();
-        let queued: Vec<u64> = self.pools.iter().map(PoolRt::queued).collect();
+        let queues: Vec<(u64, bool)> = self.pools.iter().map(PoolRt::queue).collect();
+        let queued: Vec<u64> = queues.iter().map(|q| q.0).collect();
         events.extend(self.supervisor.tick(now, &activity, &queued));
         for e in events {
             match e {
@@ -352,7 +356,7 @@ impl Frontend {
             if self.pools[i].removed.is_some() {
                 continue;
             }
-            let full = self.pools[i].full();
+            let full = queues[i].1;
             if full != (self.flags.get(i) & PoolFlags::FULL != 0) {
                 if full {
                     log::warn!(

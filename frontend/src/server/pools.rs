@@ -64,17 +64,16 @@ impl PoolRt {
     }
 
     pub fn queued(&self) -> u64 {
-        self.listeners
-            .iter()
-            .map(|fd| sockets::queued(fd.as_raw_fd()).unwrap_or(0) as u64)
-            .sum()
+        self.queue().0
     }
 
-    /// Some socket of the pool holds `queue_length` connections.
-    pub fn full(&self) -> bool {
-        self.listeners
-            .iter()
-            .any(|fd| sockets::queued(fd.as_raw_fd()).unwrap_or(0) >= self.config.queue_length)
+    /// Connections waiting in all of the pool's sockets, and whether one of them holds
+    /// `queue_length` (full): one TCP_INFO read per socket for both.
+    pub fn queue(&self) -> (u64, bool) {
+        self.listeners.iter().fold((0, false), |(sum, full), fd| {
+            let n = sockets::queued(fd.as_raw_fd()).unwrap_or(0);
+            (sum + n as u64, full || n >= self.config.queue_length)
+        })
     }
 
     pub fn launch(&self, limits: &config::Limits, cache: &config::CacheConfig) -> PoolLaunch {

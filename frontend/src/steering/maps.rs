@@ -128,13 +128,21 @@ impl Counters {
     }
 }
 
-pub(super) fn counters(ebpf: &Ebpf) -> Result<Counters, SteeringError> {
+/// The counters at `indexes` (others read as 0): one syscall per index.
+pub(super) fn counters(
+    ebpf: &Ebpf,
+    indexes: std::ops::Range<u32>,
+) -> Result<Counters, SteeringError> {
     let m = ebpf
         .map("COUNTERS")
         .ok_or(SteeringError::Missing("COUNTERS"))?;
     let array: PerCpuArray<_, u64> = m.try_into().map_err(map_error("COUNTERS"))?;
     let mut out = vec![0u64; counter::LEN as usize];
-    for (i, slot) in out.iter_mut().enumerate() {
+    for (i, slot) in out
+        .iter_mut()
+        .enumerate()
+        .filter(|(i, _)| indexes.contains(&(*i as u32)))
+    {
         let values = array
             .get(&(i as u32), 0)
             .map_err(map_error(format!("COUNTERS[{i}]")))?;

@@ -194,9 +194,20 @@ impl Steering {
 
     /// The counters summed over CPUs and groups.
     pub fn counters(&self) -> Result<Counters, SteeringError> {
+        self.counters_in(0..sluice_common::counter::LEN)
+    }
+
+    /// Only the per-pool "steered" counters of the first `pools` pools (the controller reads
+    /// them every tick; status reads everything).
+    pub fn steered_counters(&self, pools: usize) -> Result<Counters, SteeringError> {
+        let base = sluice_common::counter::POOL_BASE;
+        self.counters_in(base..base + pools as u32)
+    }
+
+    fn counters_in(&self, indexes: std::ops::Range<u32>) -> Result<Counters, SteeringError> {
         let mut total = Counters::default();
         for e in &self.groups {
-            total.add(&maps::counters(e)?);
+            total.add(&maps::counters(e, indexes.clone())?);
         }
         Ok(total)
     }
