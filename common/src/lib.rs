@@ -1,13 +1,9 @@
 //! Layout shared by the kernel programs (`sluice-ebpf`) and the front end.
 //!
 //! Everything here is part of the contract between the BPF object and user space: change
-//! both sides together.
+//! both sides together. The user-space contract between the front end and its workers is
+//! `sluice-proto`.
 #![cfg_attr(not(feature = "std"), no_std)]
-
-#[cfg(feature = "std")]
-pub mod canonical;
-#[cfg(feature = "std")]
-pub mod route;
 
 /// Bytes of a path prefix an LPM-trie key holds. Routes longer than this are refused by
 /// the config check; longer request paths are still steered by their first bytes.
@@ -60,7 +56,7 @@ pub mod counter {
     pub const NO_PAYLOAD: u32 = 0;
     /// Fallback: the payload does not start with `METHOD SP /`.
     pub const NOT_HTTP: u32 = 1;
-    /// Fallback: the path holds `%`, `\`, `//`, `/./`, `/../` or a byte outside visible ASCII.
+    /// Fallback: the path holds `%`, `\`, `#`, `//`, `/./`, `/../` or a byte outside visible ASCII.
     pub const UNSAFE_PATH: u32 = 2;
     /// Fallback: the path does not end within the segment's first `LINE_WINDOW` bytes.
     pub const INCOMPLETE: u32 = 3;

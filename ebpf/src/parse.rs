@@ -1,8 +1,8 @@
 //! `METHOD SP PATH` from the first bytes of a segment, and the trie key for the path.
 //!
 //! Only a path the program can prove canonical is steered: anything with `%`, `\`, `//`,
-//! a `.` or `..` segment, or a byte outside visible ASCII goes to the dispatcher, which
-//! canonicalizes it. The key is the path up to `?` or SP with a `/` appended, so that the
+//! a `.` or `..` segment, a `#` (never valid in a request-target: the dispatcher answers it
+//! 400), or a byte outside visible ASCII goes to the dispatcher, which canonicalizes it. The key is the path up to `?` or SP with a `/` appended, so that the
 //! prefix `/api/` matches `/api` and `/api/x` but not `/apix` (HTTP.sys URL-group rules).
 
 use sluice_common::{LINE_WINDOW, MAX_PREFIX, counter};
@@ -96,7 +96,7 @@ pub(crate) fn request_line(scratch: &mut Scratch, n: usize) -> Verdict {
             if a == b'/' || (a == b'.' && (segment_end(b) || (b == b'.' && segment_end(c)))) {
                 return Verdict::Fallback(counter::UNSAFE_PATH);
             }
-        } else if c == b'%' || c == b'\\' || c <= b' ' || c >= 0x7f {
+        } else if c == b'%' || c == b'\\' || c == b'#' || c <= b' ' || c >= 0x7f {
             return Verdict::Fallback(counter::UNSAFE_PATH);
         }
         j += 1;

@@ -15,12 +15,12 @@ use std::{
 pub enum AdminError {
     #[error("another sluice is already answering on {0}")]
     InUse(PathBuf),
-    #[error("admin socket {path}: {source}")]
-    Io { path: PathBuf, source: io::Error },
+    #[error("admin socket {path}: {cause}")]
+    Io { path: PathBuf, cause: io::Error },
     #[error(
-        "cannot reach sluice at {path}: {source} (is `sluice run` running, with this admin_socket?)"
+        "cannot reach sluice at {path}: {cause} (is `sluice run` running, with this admin_socket?)"
     )]
-    Connect { path: PathBuf, source: io::Error },
+    Connect { path: PathBuf, cause: io::Error },
     #[error("sluice answered: {0}")]
     Refused(String),
 }
@@ -34,9 +34,9 @@ pub struct AdminSocket {
 
 impl AdminSocket {
     pub fn bind(path: &Path) -> Result<AdminSocket, AdminError> {
-        let io = |source| AdminError::Io {
+        let io = |cause| AdminError::Io {
             path: path.to_owned(),
-            source,
+            cause,
         };
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(io)?;
@@ -86,13 +86,13 @@ impl Drop for AdminSocket {
 
 /// Sends one command and returns the answer.
 pub fn ask(path: &Path, command: &str) -> Result<String, AdminError> {
-    let mut stream = UnixStream::connect(path).map_err(|source| AdminError::Connect {
+    let mut stream = UnixStream::connect(path).map_err(|cause| AdminError::Connect {
         path: path.to_owned(),
-        source,
+        cause,
     })?;
-    let io = |source| AdminError::Io {
+    let io = |cause| AdminError::Io {
         path: path.to_owned(),
-        source,
+        cause,
     };
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))

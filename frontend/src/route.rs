@@ -1,2 +1,2 @@
 //! Prefix routing lives in `sluice_common`, shared with the workers.
-pub use sluice_common::route::*;
+pub use sluice_proto::route::*;

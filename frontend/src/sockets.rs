@@ -12,11 +12,11 @@ use std::{
 
 #[derive(Debug, thiserror::Error)]
 pub enum SocketError {
-    #[error("{what} for {addr}: {source}")]
+    #[error("{what} for {addr}: {cause}")]
     Listen {
         what: &'static str,
         addr: SocketAddr,
-        source: io::Error,
+        cause: io::Error,
     },
     #[error("handoff socket pair: {0}")]
     Handoff(io::Error),
@@ -86,7 +86,7 @@ fn sockaddr(addr: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
 
 /// A listening TCP socket in the reuseport group of `addr`.
 pub fn listener(addr: SocketAddr, backlog: i32) -> Result<OwnedFd, SocketError> {
-    let err = |what| move |source| SocketError::Listen { what, addr, source };
+    let err = |what| move |cause| SocketError::Listen { what, addr, cause };
     let family = if addr.is_ipv4() {
         libc::AF_INET
     } else {

@@ -6,13 +6,13 @@ use std::{fs, io, path::PathBuf};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SysctlError {
-    #[error("reading {name}: {source}")]
-    Read { name: String, source: io::Error },
-    #[error("setting {name} = {value}: {source}")]
+    #[error("reading {name}: {cause}")]
+    Read { name: String, cause: io::Error },
+    #[error("setting {name} = {value}: {cause}")]
     Write {
         name: String,
         value: String,
-        source: io::Error,
+        cause: io::Error,
     },
     #[error(
         "first-segment steering needs {name} = {want} in this network namespace, but it is {have}; \
@@ -32,17 +32,17 @@ fn path(name: &str) -> PathBuf {
 pub fn read(name: &str) -> Result<String, SysctlError> {
     fs::read_to_string(path(name))
         .map(|s| s.trim().to_owned())
-        .map_err(|source| SysctlError::Read {
+        .map_err(|cause| SysctlError::Read {
             name: name.to_owned(),
-            source,
+            cause,
         })
 }
 
 fn write(name: &str, value: &str) -> Result<(), SysctlError> {
-    fs::write(path(name), value).map_err(|source| SysctlError::Write {
+    fs::write(path(name), value).map_err(|cause| SysctlError::Write {
         name: name.to_owned(),
         value: value.to_owned(),
-        source,
+        cause,
     })
 }
 

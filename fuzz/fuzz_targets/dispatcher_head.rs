@@ -15,7 +15,10 @@ fuzz_target!(|data: &[u8]| {
     match decide(data, &Limits::default(), &routes) {
         Decision::NeedMore => {}
         Decision::Refuse(code, _) => {
-            assert!(matches!(code, 400 | 414 | 431), "refused with {code}")
+            assert!(
+                matches!(code, 400 | 413 | 414 | 417 | 431 | 501 | 505),
+                "refused with {code}"
+            )
         }
         Decision::Pool(p) => {
             assert!(p <= 1, "pool {p} is not in the table");

@@ -133,7 +133,7 @@ fn malformed_requests_get_their_status_and_the_front_end_keeps_serving() {
     );
     let cases: Vec<(Vec<u8>, u16)> = vec![
         (b"GARBAGE\r\n\r\n".to_vec(), 400),
-        (b"GET /api/x HTTP/7.0\r\n\r\n".to_vec(), 400),
+        (b"GET /api/x HTTP/7.0\r\n\r\n".to_vec(), 505),
         (b"GET /api/%zz HTTP/1.1\r\nHost: t\r\n\r\n".to_vec(), 400),
         (
             b"GET /../etc/passwd HTTP/1.1\r\nHost: t\r\n\r\n".to_vec(),
@@ -169,7 +169,8 @@ fn malformed_requests_get_their_status_and_the_front_end_keeps_serving() {
         }
     });
     let st = s.status();
-    assert_eq!(st["dispatcher"]["refused"]["400"], 7, "{st}");
+    assert_eq!(st["dispatcher"]["refused"]["400"], 6, "{st}");
+    assert_eq!(st["dispatcher"]["refused"]["505"], 1, "{st}");
     assert_eq!(st["dispatcher"]["refused"]["414"], 1, "{st}");
     assert_eq!(st["dispatcher"]["refused"]["431"], 1, "{st}");
 }

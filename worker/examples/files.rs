@@ -99,10 +99,7 @@ fn serve(root: &Path, cache_control: &str, req: &Request<'_>, ctx: &Context) -> 
             .header("allow", "GET, HEAD")
             .header("x-sluice-pool", pool);
     }
-    let Some(canonical) = req.canonical_path() else {
-        return Response::text(400, "bad path\n").header("x-sluice-pool", pool);
-    };
-    let Some(file) = resolve(root, canonical) else {
+    let Some(file) = resolve(root, req.canonical_path()) else {
         return Response::not_found().header("x-sluice-pool", pool);
     };
     match std::fs::read(&file) {

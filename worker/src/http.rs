@@ -5,33 +5,16 @@
 use std::cell::RefCell;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use sluice_proto::limits::MAX_HEADERS;
+use sluice_proto::request::{self, Parsed, Refusal};
+
 use crate::{Request, Response};
 
-/// Most header lines accepted in one request head (more -> 431).
-const MAX_HEADERS: usize = 100;
 /// Longest chunk-extension or trailer section accepted in a chunked body.
 const MAX_CHUNK_META: usize = 16 * 1024;
 
-/// Size limits for one request.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Limits {
-    /// Longest request head (request line + headers + blank line); more -> 431.
-    pub max_head: usize,
-    /// Longest request target; more -> 414.
-    pub max_url: usize,
-    /// Largest decoded body; more -> 413.
-    pub max_body: usize,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Limits {
-            max_head: 16 * 1024,
-            max_url: 16 * 1024,
-            max_body: 64 * 1024 * 1024,
-        }
-    }
-}
+/// Size limits for one request: the shared ones.
+pub(crate) type Limits = sluice_proto::limits::HeadLimits;
 
 /// What the connection should do after [`HttpConn::process`].
 #[derive(Debug, PartialEq, Eq)]
@@ -49,9 +32,9 @@ pub(crate) enum Outcome {
 
 /// What answers the requests of a connection.
 pub(crate) trait Dispatch {
-    /// Called for every complete request head before it is answered (`has_body`: a body
-    /// follows the head); true hands the connection back to the front end from this request on.
-    fn hand_back(&mut self, _req: &Request<'_>, _has_body: bool) -> bool {
+    /// Called for every complete request head before it is answered; true hands the
+    /// connection back to the front end from this request on.
+    fn hand_back(&mut self, _req: &Request<'_>) -> bool {
         false
     }
 
@@ -86,6 +69,23 @@ struct HeadInfo {
     expect_continue: bool,
 }
 
+impl HeadInfo {
+    fn of(head: &request::Head<'_>) -> HeadInfo {
+        HeadInfo {
+            head_len: head.head_len,
+            framing: match head.framing {
+                request::Framing::None => Framing::None,
+                // At most `max_request_body`, which fits.
+                request::Framing::Length(n) => Framing::Length(n as usize),
+                request::Framing::Chunked => Framing::Chunked,
+            },
+            keep_alive: head.keep_alive,
+            http10: head.minor_version == 0,
+            expect_continue: head.expect_continue,
+        }
+    }
+}
+
 /// A request whose head is complete but whose body is still arriving. It starts at offset 0 of
 /// the read buffer (the buffer is compacted after every `process`).
 #[derive(Debug)]
@@ -93,8 +93,6 @@ struct Pending {
     info: HeadInfo,
     chunked: Option<ChunkedDecoder>,
     continue_sent: bool,
-    /// The canonical path, if computed from the head (by routing).
-    canonical: Option<Result<String, sluice_common::canonical::CanonicalError>>,
 }
 
 /// Per-connection HTTP state.
@@ -107,8 +105,18 @@ pub(crate) struct HttpConn {
 }
 
 /// A request-level error answered with a status and `Connection: close`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Reject(u16);
+type Reject = Refusal;
+
+/// A body that breaks the chunked syntax.
+const BAD_CHUNK: Reject = Refusal {
+    status: 400,
+    reason: "the chunked request body is malformed",
+};
+/// A body over the limit.
+const TOO_LARGE: Reject = Refusal {
+    status: 413,
+    reason: "the request body is larger than this server accepts",
+};
 
 impl HttpConn {
     pub(crate) fn new(limits: Limits) -> Self {
@@ -179,10 +187,10 @@ impl HttpConn {
                         .map_or(0, |p| p.bytes_wanted(rbuf.len()));
                     break Outcome::NeedMore { hint };
                 }
-                Step::Rejected(Reject(status)) => {
+                Step::Rejected(refusal) => {
                     self.pending = None;
                     self.responses += 1;
-                    write_error(wbuf, status);
+                    write_refusal(wbuf, &refusal);
                     break Outcome::Close;
                 }
                 Step::HandBack => break Outcome::HandBack,
@@ -209,28 +217,18 @@ impl HttpConn {
     where
         F: Dispatch,
     {
-        let limits = self.limits;
         let input = &rbuf[pos..];
         let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut parsed = httparse::Request::new(&mut headers);
-        let head_len = match parsed.parse(input) {
-            Ok(httparse::Status::Complete(n)) => n,
-            Ok(httparse::Status::Partial) => {
-                return match oversized_head(input, limits) {
-                    Some(reject) => Step::Rejected(reject),
-                    None => Step::Incomplete,
-                };
-            }
-            Err(httparse::Error::TooManyHeaders) => return Step::Rejected(Reject(431)),
-            Err(e) => {
-                log::debug!("malformed request head: {e}");
-                return Step::Rejected(Reject(400));
+        let (parsed, head) = match request::parse(input, &self.limits, &mut headers) {
+            Ok(Parsed::Partial) => return Step::Incomplete,
+            Ok(Parsed::Complete(parsed, head)) => (parsed, head),
+            Err(refusal) => {
+                log::debug!("refusing a request: {}", refusal.reason);
+                return Step::Rejected(refusal);
             }
         };
-        let info = match head_info(&parsed, head_len, limits) {
-            Ok(info) => info,
-            Err(reject) => return Step::Rejected(reject),
-        };
+        let info = HeadInfo::of(&head);
+        let head_len = info.head_len;
         let keep_alive = info.keep_alive && !closing;
         // The request whole when its body is already here (the common case), else its head.
         let complete = match info.framing {
@@ -239,8 +237,8 @@ impl HttpConn {
             Framing::Length(_) | Framing::Chunked => None,
         };
         let body = complete.map_or(&[][..], |end| &input[head_len..end]);
-        let req = Request::from_parsed(&parsed, body);
-        if handler.hand_back(&req, info.framing != Framing::None) {
+        let req = Request::new(head, parsed.headers, body);
+        if handler.hand_back(&req) {
             return Step::HandBack;
         }
         match complete {
@@ -258,7 +256,6 @@ impl HttpConn {
                     info,
                     chunked,
                     continue_sent: false,
-                    canonical: req.take_canonical(),
                 });
                 Step::BodyPending
             }
@@ -284,31 +281,30 @@ impl HttpConn {
         let (body_end, consumed) = match pending.chunked.as_mut() {
             None => {
                 let Framing::Length(n) = info.framing else {
-                    return Step::Rejected(Reject(500));
+                    return Step::Rejected(BAD_CHUNK);
                 };
                 if rbuf.len() < info.head_len + n {
                     return pending.incomplete(wbuf);
                 }
                 (info.head_len + n, info.head_len + n)
             }
-            Some(decoder) => match decoder.decode(rbuf, self.limits.max_body) {
+            Some(decoder) => match decoder.decode(rbuf, self.limits.max_request_body as usize) {
                 Ok(Decoded::Done { body_end, consumed }) => (body_end, consumed),
                 Ok(Decoded::NeedMore) => return pending.incomplete(wbuf),
                 Err(reject) => return Step::Rejected(reject),
             },
         };
-        let canonical = self.pending.take().and_then(|p| p.canonical);
+        self.pending = None;
+        let (head_bytes, rest) = rbuf.split_at(info.head_len);
         let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut parsed = httparse::Request::new(&mut headers);
-        if !matches!(
-            parsed.parse(&rbuf[..info.head_len]),
-            Ok(httparse::Status::Complete(_))
-        ) {
-            return Step::Rejected(Reject(500));
-        }
+        let Ok(Parsed::Complete(parsed, head)) =
+            request::parse(head_bytes, &self.limits, &mut headers)
+        else {
+            // The same bytes were judged valid when the head arrived.
+            return Step::Rejected(BAD_CHUNK);
+        };
         let keep_alive = info.keep_alive && !closing;
-        let req =
-            Request::from_parsed(&parsed, &rbuf[info.head_len..body_end]).with_canonical(canonical);
+        let req = Request::new(head, parsed.headers, &rest[..body_end - info.head_len]);
         respond(wbuf, &req, keep_alive, info.http10, handler);
         Step::Done {
             consumed,
@@ -349,102 +345,6 @@ impl Pending {
             _ => 0,
         }
     }
-}
-
-/// Decides between 414 and 431 for a head that has not ended within the limits.
-fn oversized_head(input: &[u8], limits: Limits) -> Option<Reject> {
-    let line_end = input.iter().position(|&b| b == b'\n');
-    match line_end {
-        None if input.len() > limits.max_url => Some(Reject(414)),
-        Some(n) if n > limits.max_url => Some(Reject(414)),
-        _ if input.len() > limits.max_head => Some(Reject(431)),
-        _ => None,
-    }
-}
-
-fn head_info(
-    parsed: &httparse::Request<'_, '_>,
-    head_len: usize,
-    limits: Limits,
-) -> Result<HeadInfo, Reject> {
-    let target = parsed.path.unwrap_or("");
-    if target.len() > limits.max_url {
-        return Err(Reject(414));
-    }
-    if head_len > limits.max_head {
-        return Err(Reject(431));
-    }
-    let http10 = parsed.version == Some(0);
-    let mut content_length: Option<usize> = None;
-    let mut chunked = false;
-    let mut has_host = false;
-    let mut conn_close = false;
-    let mut conn_keep_alive = false;
-    let mut expect_continue = false;
-    for h in parsed.headers.iter() {
-        let name = h.name;
-        if name.eq_ignore_ascii_case("content-length") {
-            let n = parse_content_length(h.value).ok_or(Reject(400))?;
-            if content_length.is_some_and(|prev| prev != n) {
-                return Err(Reject(400));
-            }
-            content_length = Some(n);
-        } else if name.eq_ignore_ascii_case("transfer-encoding") {
-            if chunked || !trim(h.value).eq_ignore_ascii_case(b"chunked") {
-                // Only a single, final `chunked` coding is understood.
-                return Err(Reject(if chunked { 400 } else { 501 }));
-            }
-            chunked = true;
-        } else if name.eq_ignore_ascii_case("connection") {
-            for token in h.value.split(|&b| b == b',').map(trim) {
-                conn_close |= token.eq_ignore_ascii_case(b"close");
-                conn_keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
-            }
-        } else if name.eq_ignore_ascii_case("host") {
-            has_host = true;
-        } else if name.eq_ignore_ascii_case("expect") {
-            if !trim(h.value).eq_ignore_ascii_case(b"100-continue") {
-                return Err(Reject(417));
-            }
-            expect_continue = !http10;
-        }
-    }
-    if !http10 && !has_host {
-        return Err(Reject(400));
-    }
-    let framing = match (chunked, content_length) {
-        (true, Some(_)) => return Err(Reject(400)),
-        (true, None) => Framing::Chunked,
-        (false, Some(n)) if n > limits.max_body => return Err(Reject(413)),
-        (false, Some(0)) | (false, None) => Framing::None,
-        (false, Some(n)) => Framing::Length(n),
-    };
-    let keep_alive = if http10 {
-        conn_keep_alive && !conn_close
-    } else {
-        !conn_close
-    };
-    Ok(HeadInfo {
-        head_len,
-        framing,
-        keep_alive,
-        http10,
-        expect_continue,
-    })
-}
-
-fn parse_content_length(value: &[u8]) -> Option<usize> {
-    let v = trim(value);
-    if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    v.iter().try_fold(0usize, |acc, &d| {
-        acc.checked_mul(10)?.checked_add(usize::from(d - b'0'))
-    })
-}
-
-fn trim(v: &[u8]) -> &[u8] {
-    v.trim_ascii()
 }
 
 /// Calls the handler and serializes its response.
@@ -531,9 +431,14 @@ fn serialize(
     }
 }
 
+/// Appends the answer to a refused request, which closes the connection.
+pub(crate) fn write_refusal(wbuf: &mut Vec<u8>, refusal: &Refusal) {
+    write_error(wbuf, refusal.status, refusal.reason);
+}
+
 /// Appends a short error response that closes the connection.
-pub(crate) fn write_error(wbuf: &mut Vec<u8>, status: u16) {
-    let body = format!("{} {}\n", status, reason(status));
+pub(crate) fn write_error(wbuf: &mut Vec<u8>, status: u16, why: &str) {
+    let body = format!("{} {}: {why}\n", status, reason(status));
     let resp = Response::new(status)
         .header("content-type", "text/plain")
         .body(body);
@@ -727,7 +632,7 @@ impl ChunkedDecoder {
 
     fn decode(&mut self, buf: &mut [u8], max_body: usize) -> Result<Decoded, Reject> {
         use ChunkState::*;
-        const BAD: Reject = Reject(400);
+        const BAD: Reject = BAD_CHUNK;
         while self.raw < buf.len() {
             if let Data(left) = self.state {
                 let n = left.min(buf.len() - self.raw);
@@ -746,9 +651,9 @@ impl ChunkedDecoder {
                         .size
                         .checked_mul(16)
                         .and_then(|s| s.checked_add(digit))
-                        .ok_or(Reject(413))?;
+                        .ok_or(TOO_LARGE)?;
                     if self.out - self.head_len + self.size > max_body {
-                        return Err(Reject(413));
+                        return Err(TOO_LARGE);
                     }
                     self.digits += 1;
                     Size
@@ -776,7 +681,7 @@ impl ChunkedDecoder {
                 (TrailerStart | TrailerLine, _) => {
                     self.meta += 1;
                     if self.meta > MAX_CHUNK_META {
-                        return Err(Reject(431));
+                        return Err(BAD_CHUNK);
                     }
                     if b == b'\r' {
                         TrailerLineLf
@@ -826,6 +731,11 @@ mod tests {
 
     fn statuses(out: &str) -> Vec<&str> {
         out.match_indices("HTTP/1.1 ")
+            .filter(|(i, _)| {
+                out.as_bytes()
+                    .get(i + 9..i + 12)
+                    .is_some_and(|d| d.iter().all(u8::is_ascii_digit))
+            })
             .map(|(i, _)| &out[i + 9..i + 12])
             .collect()
     }
@@ -937,7 +847,7 @@ mod tests {
     #[test]
     fn oversized_body_is_rejected_with_413_before_reading_it() {
         let limits = Limits {
-            max_body: 100,
+            max_request_body: 100,
             ..Limits::default()
         };
         let (out, outcome) = run(
@@ -951,7 +861,7 @@ mod tests {
     #[test]
     fn oversized_chunked_body_is_rejected_with_413() {
         let limits = Limits {
-            max_body: 8,
+            max_request_body: 8,
             ..Limits::default()
         };
         let input = b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n5\r\nworld\r\n0\r\n\r\n";
@@ -1122,7 +1032,7 @@ mod tests {
     struct HandBackWeb(Vec<String>);
 
     impl Dispatch for HandBackWeb {
-        fn hand_back(&mut self, req: &Request<'_>, _has_body: bool) -> bool {
+        fn hand_back(&mut self, req: &Request<'_>) -> bool {
             req.path().starts_with("/web")
         }
 
@@ -1172,9 +1082,9 @@ mod tests {
         let mut wbuf = Vec::new();
         struct Check;
         impl Dispatch for Check {
-            fn hand_back(&mut self, req: &Request<'_>, has_body: bool) -> bool {
-                assert!(has_body);
-                assert_eq!(req.canonical_path(), Some("/a/b"));
+            fn hand_back(&mut self, req: &Request<'_>) -> bool {
+                assert!(req.head().has_body());
+                assert_eq!(req.canonical_path(), "/a/b");
                 false
             }
             fn respond(&mut self, req: &Request<'_>) -> Response {
@@ -1184,7 +1094,7 @@ mod tests {
         conn.process(&mut rbuf, &mut wbuf, false, &mut Check);
         rbuf.extend_from_slice(b"hi");
         conn.process(&mut rbuf, &mut wbuf, false, &mut Check);
-        assert!(String::from_utf8_lossy(&wbuf).ends_with("Some(\"/a/b\")"));
+        assert!(String::from_utf8_lossy(&wbuf).ends_with("\"/a/b\""));
     }
 
     #[test]

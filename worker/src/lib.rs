@@ -35,7 +35,6 @@
 //! ```
 
 mod control;
-mod handoff;
 mod http;
 mod publish;
 mod routing;
@@ -43,10 +42,11 @@ mod runtime;
 mod sockets;
 
 use std::net::SocketAddr;
-use std::sync::OnceLock;
 use std::time::Duration;
 
-use sluice_common::canonical::{CanonicalError, canonicalize};
+use sluice_proto::env::{self as names, Reader};
+use sluice_proto::limits::{self, HeadLimits};
+use sluice_proto::request::Head;
 
 /// Everything that can stop a worker from starting or running. Its `Debug` output is the
 /// message itself, so `fn main() -> Result<(), Error>` reports it readably.
@@ -85,6 +85,18 @@ pub enum Error {
     Ring(std::io::Error),
     #[error("worker thread failed: {0}")]
     Thread(String),
+    #[error("cannot start: {0}")]
+    Startup(String),
+}
+
+impl From<names::BadVar> for Error {
+    fn from(e: names::BadVar) -> Self {
+        Error::InvalidEnv {
+            name: e.name,
+            value: e.value,
+            reason: e.reason,
+        }
+    }
 }
 
 impl std::fmt::Debug for Error {
@@ -93,84 +105,66 @@ impl std::fmt::Debug for Error {
     }
 }
 
-/// One parsed HTTP request, borrowed from the connection's buffer.
+/// One parsed HTTP request, borrowed from the connection's buffer. Its head was judged by
+/// `sluice_proto::request`, the rule the front end applies too.
 #[derive(Debug)]
 pub struct Request<'a> {
-    method: &'a str,
-    target: &'a str,
-    minor_version: u8,
+    head: Head<'a>,
     headers: &'a [httparse::Header<'a>],
     body: &'a [u8],
-    /// The canonical path, computed on first use (routing or the handler) and kept.
-    canonical: OnceLock<Result<String, CanonicalError>>,
 }
 
 impl<'a> Request<'a> {
-    pub(crate) fn from_parsed(parsed: &'a httparse::Request<'_, 'a>, body: &'a [u8]) -> Self {
+    pub(crate) fn new(head: Head<'a>, headers: &'a [httparse::Header<'a>], body: &'a [u8]) -> Self {
         Request {
-            method: parsed.method.unwrap_or(""),
-            target: parsed.path.unwrap_or(""),
-            minor_version: parsed.version.unwrap_or(1),
-            headers: &*parsed.headers,
+            head,
+            headers,
             body,
-            canonical: OnceLock::new(),
         }
     }
 
-    /// Carries a canonical path already computed for this request (from its head, before the
-    /// body arrived), so it is computed once.
-    pub(crate) fn with_canonical(self, canonical: Option<Result<String, CanonicalError>>) -> Self {
-        if let Some(canonical) = canonical {
-            let _ = self.canonical.set(canonical);
-        }
-        self
-    }
-
-    /// Takes the canonical path if it was computed.
-    pub(crate) fn take_canonical(self) -> Option<Result<String, CanonicalError>> {
-        self.canonical.into_inner()
-    }
-
-    /// The canonical path or why there is none.
-    pub(crate) fn canonical_result(&self) -> &Result<String, CanonicalError> {
-        self.canonical
-            .get_or_init(|| canonicalize(routing::target_path(self.target).as_bytes()))
+    /// What the shared head rule found.
+    pub(crate) fn head(&self) -> &Head<'a> {
+        &self.head
     }
 
     /// The canonical path, as the front end routes by it: the path of the target (an
     /// absolute-form `http://host/p` gives `/p`) with escapes decoded, `\` as `/`, empty, `.`
-    /// and `..` segments resolved (see `sluice_common::canonical`). None when the path cannot
-    /// be made canonical (bad escape, control byte, climbs above `/`, not UTF-8, `*`).
-    /// Computed once per request.
-    pub fn canonical_path(&self) -> Option<&str> {
-        self.canonical_result().as_ref().ok().map(String::as_str)
+    /// and `..` segments resolved (see `sluice_proto::canonical`).
+    pub fn canonical_path(&self) -> &str {
+        &self.head.canonical
+    }
+
+    /// The host the request names (an absolute-form target's authority, else `Host`), without
+    /// its port; None for an HTTP/1.0 request without one.
+    pub fn host(&self) -> Option<&'a str> {
+        self.head.host.map(|h| h.name)
     }
 
     /// The method, e.g. `GET`.
     pub fn method(&self) -> &'a str {
-        self.method
+        self.head.method
     }
 
     /// The raw request target, as sent (path and query).
     pub fn target(&self) -> &'a str {
-        self.target
+        self.head.target
     }
 
-    /// The raw path: the target up to `?`.
+    /// The raw path: the target up to `?` (for an absolute-form target, the part after the
+    /// authority).
     pub fn path(&self) -> &'a str {
-        self.target
-            .split_once('?')
-            .map_or(self.target, |(path, _)| path)
+        self.head.path
     }
 
     /// The raw query: the target after the first `?`, if any.
     pub fn query(&self) -> Option<&'a str> {
-        self.target.split_once('?').map(|(_, query)| query)
+        self.head.query
     }
 
     /// The minor HTTP version: 1 for HTTP/1.1, 0 for HTTP/1.0.
     pub fn minor_version(&self) -> u8 {
-        self.minor_version
+        self.head.minor_version
     }
 
     /// The value of the first header called `name` (case-insensitive).
@@ -189,6 +183,18 @@ impl<'a> Request<'a> {
     /// The request body (de-chunked when it was sent chunked).
     pub fn body(&self) -> &'a [u8] {
         self.body
+    }
+}
+
+/// Parses `raw` as one request (it must be a complete, valid head) and calls `f` with it.
+#[cfg(test)]
+pub(crate) fn with_request<T>(raw: &[u8], body: &[u8], f: impl FnOnce(&Request<'_>) -> T) -> T {
+    let mut headers = [httparse::EMPTY_HEADER; sluice_proto::limits::MAX_HEADERS];
+    match sluice_proto::request::parse(raw, &Default::default(), &mut headers) {
+        Ok(sluice_proto::request::Parsed::Complete(parsed, head)) => {
+            f(&Request::new(head, parsed.headers, body))
+        }
+        other => panic!("not a valid request head: {other:?}"),
     }
 }
 
@@ -332,7 +338,8 @@ where
     }
 }
 
-/// How a worker runs. [`Options::from_env`] reads the `SLUICE_*` variables.
+/// How a worker runs. [`Options::from_env`] reads the `SLUICE_*` variables the front end sets
+/// (`sluice_proto::env`).
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct Options {
@@ -344,8 +351,9 @@ pub struct Options {
     pub threads: usize,
     /// Idle keep-alive (and slow request) timeout (`SLUICE_IDLE_TIMEOUT`, seconds; default 120).
     pub idle_timeout: Duration,
-    /// Largest request body accepted (default 64 MiB; more is answered 413).
-    pub max_body: usize,
+    /// Largest request body accepted (`SLUICE_MAX_REQUEST_BODY`, bytes; default 30,000,000,
+    /// IIS's; more is answered 413).
+    pub max_request_body: u64,
     /// Time to receive a request head (`SLUICE_HEADER_TIMEOUT`, seconds; default 120); the
     /// connection is closed after it.
     pub header_timeout: Duration,
@@ -359,6 +367,9 @@ pub struct Options {
     /// Largest serialized response published to the front end's cache
     /// (`SLUICE_CACHE_MAX_ENTRY`, bytes; default 256 KiB; 0: never publish).
     pub cache_max_entry: usize,
+    /// How long a graceful stop lets responses in progress finish before they are cut
+    /// (`SLUICE_SHUTDOWN_TIME_LIMIT`, seconds; default 90, IIS's).
+    pub shutdown_time_limit: Duration,
 }
 
 impl Default for Options {
@@ -368,62 +379,73 @@ impl Default for Options {
             pool: None,
             threads: std::thread::available_parallelism().map_or(1, usize::from),
             idle_timeout: Duration::from_secs(120),
-            max_body: 64 * 1024 * 1024,
+            max_request_body: limits::DEFAULT_MAX_REQUEST_BODY,
             header_timeout: Duration::from_secs(120),
-            max_request_head: 16 * 1024,
-            max_url: 16 * 1024,
+            max_request_head: limits::DEFAULT_MAX_REQUEST_HEAD,
+            max_url: limits::DEFAULT_MAX_URL,
             min_send_rate: 150,
             cache_max_entry: 256 * 1024,
+            shutdown_time_limit: Duration::from_secs(90),
         }
     }
 }
 
 impl Options {
-    /// Defaults overridden by `SLUICE_LISTEN`, `SLUICE_POOL`, `SLUICE_THREADS`,
-    /// `SLUICE_IDLE_TIMEOUT`, `SLUICE_HEADER_TIMEOUT`, `SLUICE_MAX_REQUEST_HEAD`, `SLUICE_MAX_URL`,
-    /// `SLUICE_MIN_SEND_RATE` (the front end sets these from its `[limits]`) and
-    /// `SLUICE_CACHE_MAX_ENTRY`.
+    /// Defaults overridden by the `SLUICE_*` variables (`sluice_proto::env`): the front end
+    /// sets them from its config; `SLUICE_LISTEN` is for running standalone.
     pub fn from_env() -> Result<Self, Error> {
-        let mut options = Options::default();
-        if let Some(list) = env("SLUICE_LISTEN") {
-            options.listen = list
+        Options::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// [`Options::from_env`] over any source of variables.
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, Error> {
+        let r = Reader(lookup);
+        let mut o = Options::default();
+        if let Some(list) = r.text(names::LISTEN) {
+            o.listen = list
                 .split(',')
                 .map(str::trim)
                 .filter(|s| !s.is_empty())
-                .map(|s| parse_env("SLUICE_LISTEN", s))
+                .map(|s| {
+                    s.parse()
+                        .map_err(|e: std::net::AddrParseError| Error::InvalidEnv {
+                            name: names::LISTEN,
+                            value: s.to_owned(),
+                            reason: e.to_string(),
+                        })
+                })
                 .collect::<Result<_, _>>()?;
         }
-        options.pool = env("SLUICE_POOL").filter(|p| !p.is_empty());
-        if let Some(threads) = env("SLUICE_THREADS") {
-            options.threads = parse_env::<usize>("SLUICE_THREADS", &threads)?;
-            if options.threads == 0 {
-                return Err(invalid_env(
-                    "SLUICE_THREADS",
-                    &threads,
-                    "must be at least 1",
-                ));
-            }
+        o.pool = r.text(names::POOL);
+        r.number(names::THREADS, &mut o.threads)?;
+        if o.threads == 0 {
+            return Err(invalid_env(names::THREADS, "0", "must be at least 1"));
         }
-        if let Some(secs) = env("SLUICE_IDLE_TIMEOUT") {
-            options.idle_timeout = Duration::from_secs(parse_env("SLUICE_IDLE_TIMEOUT", &secs)?);
+        r.seconds(names::IDLE_TIMEOUT, &mut o.idle_timeout)?;
+        r.seconds(names::HEADER_TIMEOUT, &mut o.header_timeout)?;
+        r.number(names::MAX_REQUEST_HEAD, &mut o.max_request_head)?;
+        r.number(names::MAX_URL, &mut o.max_url)?;
+        r.number(names::MAX_REQUEST_BODY, &mut o.max_request_body)?;
+        r.number(names::MIN_SEND_RATE, &mut o.min_send_rate)?;
+        r.number(names::CACHE_MAX_ENTRY, &mut o.cache_max_entry)?;
+        r.seconds(names::SHUTDOWN_TIME_LIMIT, &mut o.shutdown_time_limit)?;
+        if o.max_request_head > limits::MAX_HEAD_LIMIT || o.max_url > limits::MAX_HEAD_LIMIT {
+            return Err(invalid_env(
+                names::MAX_REQUEST_HEAD,
+                &o.max_request_head.max(o.max_url).to_string(),
+                "head limits are at most 64 KiB",
+            ));
         }
-        if let Some(secs) = env("SLUICE_HEADER_TIMEOUT") {
-            options.header_timeout =
-                Duration::from_secs(parse_env("SLUICE_HEADER_TIMEOUT", &secs)?);
+        Ok(o)
+    }
+
+    /// The limits a request head is judged by.
+    pub(crate) fn head_limits(&self) -> HeadLimits {
+        HeadLimits {
+            max_request_head: self.max_request_head,
+            max_url: self.max_url,
+            max_request_body: self.max_request_body,
         }
-        if let Some(n) = env("SLUICE_MAX_REQUEST_HEAD") {
-            options.max_request_head = parse_env("SLUICE_MAX_REQUEST_HEAD", &n)?;
-        }
-        if let Some(n) = env("SLUICE_MAX_URL") {
-            options.max_url = parse_env("SLUICE_MAX_URL", &n)?;
-        }
-        if let Some(n) = env("SLUICE_MIN_SEND_RATE") {
-            options.min_send_rate = parse_env("SLUICE_MIN_SEND_RATE", &n)?;
-        }
-        if let Some(n) = env("SLUICE_CACHE_MAX_ENTRY") {
-            options.cache_max_entry = parse_env("SLUICE_CACHE_MAX_ENTRY", &n)?;
-        }
-        Ok(options)
     }
 
     /// Applies command-line arguments: `--listen ADDR` (or `--listen=ADDR`, repeatable)
@@ -452,21 +474,6 @@ impl Options {
         }
         Ok(self)
     }
-}
-
-fn env(name: &str) -> Option<String> {
-    std::env::var(name).ok()
-}
-
-fn parse_env<T>(name: &'static str, value: &str) -> Result<T, Error>
-where
-    T: std::str::FromStr,
-    T::Err: std::fmt::Display,
-{
-    value
-        .trim()
-        .parse()
-        .map_err(|e: T::Err| invalid_env(name, value, &e.to_string()))
 }
 
 fn invalid_env(name: &'static str, value: &str, reason: &str) -> Error {
@@ -588,40 +595,64 @@ mod tests {
 
     #[test]
     fn request_splits_path_and_query() {
-        let mut headers = [httparse::EMPTY_HEADER; 4];
-        let mut parsed = httparse::Request::new(&mut headers);
-        parsed
-            .parse(b"GET /a/b?x=1&y HTTP/1.1\r\nHost: h\r\n\r\n")
-            .unwrap();
-        let req = Request::from_parsed(&parsed, b"");
-        assert_eq!((req.path(), req.query()), ("/a/b", Some("x=1&y")));
-        assert_eq!(req.header("HOST"), Some(&b"h"[..]));
+        with_request(b"GET /a/b?x=1&y HTTP/1.1\r\nHost: h\r\n\r\n", b"", |req| {
+            assert_eq!((req.path(), req.query()), ("/a/b", Some("x=1&y")));
+            assert_eq!(req.header("HOST"), Some(&b"h"[..]));
+            assert_eq!(req.host(), Some("h"));
+        });
     }
 
     #[test]
     fn request_canonical_path_is_decoded_and_resolved_raw_path_is_kept() {
         let canonical = |raw: &[u8]| {
-            let mut headers = [httparse::EMPTY_HEADER; 4];
-            let mut parsed = httparse::Request::new(&mut headers);
-            parsed.parse(raw).unwrap();
-            let req = Request::from_parsed(&parsed, b"");
-            (
-                req.path().to_owned(),
-                req.canonical_path().map(str::to_owned),
-            )
+            with_request(raw, b"", |req| {
+                (req.path().to_owned(), req.canonical_path().to_owned())
+            })
         };
         assert_eq!(
-            canonical(b"GET /a/%62/../c//d?q=1 HTTP/1.1\r\n\r\n"),
-            ("/a/%62/../c//d".to_owned(), Some("/a/c/d".to_owned()))
+            canonical(b"GET /a/%62/../c//d?q=1 HTTP/1.1\r\nHost: h\r\n\r\n"),
+            ("/a/%62/../c//d".to_owned(), "/a/c/d".to_owned())
         );
         assert_eq!(
-            canonical(b"GET http://host:80/x/./y HTTP/1.1\r\n\r\n")
-                .1
-                .as_deref(),
-            Some("/x/y")
+            canonical(b"GET http://host:80/x/./y HTTP/1.1\r\nHost: h\r\n\r\n").1,
+            "/x/y"
         );
-        assert_eq!(canonical(b"GET /../x HTTP/1.1\r\n\r\n").1, None);
-        assert_eq!(canonical(b"OPTIONS * HTTP/1.1\r\n\r\n").1, None);
+    }
+
+    #[test]
+    fn options_read_back_what_the_front_end_writes() {
+        let settings = sluice_proto::env::WorkerSettings {
+            pool: "api".into(),
+            threads: Some(3),
+            idle_timeout: Duration::from_secs(7),
+            header_timeout: Duration::from_secs(9),
+            max_request_head: 4000,
+            max_url: 300,
+            max_request_body: 5,
+            min_send_rate: 0,
+            cache_max_entry: 1,
+            shutdown_time_limit: Duration::from_secs(11),
+        };
+        let vars = settings.vars();
+        let o = Options::from_lookup(|name| {
+            vars.iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, v)| v.clone())
+        })
+        .unwrap();
+        assert_eq!(o.pool.as_deref(), Some("api"));
+        assert_eq!(o.threads, 3);
+        assert_eq!(
+            (o.idle_timeout, o.header_timeout),
+            (Duration::from_secs(7), Duration::from_secs(9))
+        );
+        assert_eq!(
+            (o.max_request_head, o.max_url, o.max_request_body),
+            (4000, 300, 5)
+        );
+        assert_eq!((o.min_send_rate, o.cache_max_entry), (0, 1));
+        assert_eq!(o.shutdown_time_limit, Duration::from_secs(11));
+        assert!(Options::from_lookup(|n| (n == names::MAX_URL).then(|| "x".into())).is_err());
     }
 
     #[test]

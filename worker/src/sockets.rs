@@ -7,8 +7,9 @@ use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 
 use crate::Error;
 
-/// First inherited fd in the socket-activation convention.
-const LISTEN_FDS_START: RawFd = 3;
+use sluice_proto::env::{
+    FD_CONTROL, FD_HANDOFF, FD_POOL, LISTEN_FDNAMES, LISTEN_FDS, LISTEN_FDS_START, LISTEN_PID,
+};
 const BACKLOG: libc::c_int = 1024;
 const FASTOPEN_QUEUE: libc::c_int = 1024;
 
@@ -78,12 +79,12 @@ impl Sockets {
 
 /// Reads (and unsets) `LISTEN_FDS`, `LISTEN_PID` and `LISTEN_FDNAMES`.
 fn inherited() -> Result<Option<Sockets>, Error> {
-    let Ok(count) = std::env::var("LISTEN_FDS") else {
+    let Ok(count) = std::env::var(LISTEN_FDS) else {
         return Ok(None);
     };
-    let pid = std::env::var("LISTEN_PID").ok();
-    let names = std::env::var("LISTEN_FDNAMES").unwrap_or_default();
-    for var in ["LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"] {
+    let pid = std::env::var(LISTEN_PID).ok();
+    let names = std::env::var(LISTEN_FDNAMES).unwrap_or_default();
+    for var in [LISTEN_FDS, LISTEN_PID, LISTEN_FDNAMES] {
         // SAFETY: `run`/`run_with` are documented to be called from `main` before other
         // threads exist; nothing else reads or writes the environment concurrently.
         unsafe { std::env::remove_var(var) };
@@ -102,7 +103,7 @@ fn inherited() -> Result<Option<Sockets>, Error> {
             .trim()
             .parse()
             .map_err(|e: std::num::ParseIntError| Error::InvalidEnv {
-                name: "LISTEN_FDS",
+                name: LISTEN_FDS,
                 value: count.clone(),
                 reason: e.to_string(),
             })?;
@@ -124,7 +125,7 @@ fn inherited() -> Result<Option<Sockets>, Error> {
             source,
         })?;
         match name {
-            "pool" => {
+            FD_POOL => {
                 if getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_ACCEPTCONN).ok() != Some(1) {
                     return Err(Error::BadInheritedFd {
                         fd,
@@ -134,7 +135,7 @@ fn inherited() -> Result<Option<Sockets>, Error> {
                 }
                 sockets.pools.push(owned);
             }
-            "handoff" if sockets.handoff.is_none() => {
+            FD_HANDOFF if sockets.handoff.is_none() => {
                 if getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_TYPE).ok()
                     != Some(libc::SOCK_SEQPACKET)
                 {
@@ -146,7 +147,7 @@ fn inherited() -> Result<Option<Sockets>, Error> {
                 }
                 sockets.handoff = Some(owned);
             }
-            "control" if sockets.control.is_none() => {
+            FD_CONTROL if sockets.control.is_none() => {
                 if getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_TYPE).ok()
                     != Some(libc::SOCK_SEQPACKET)
                 {

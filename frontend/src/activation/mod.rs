@@ -4,7 +4,8 @@
 //! stop idle pools. The pool sockets stay open in the front end throughout, so connections
 //! queued while no worker runs wait for the next one.
 
-mod control;
+pub mod control;
+mod identity;
 mod spawn;
 
 use std::{
@@ -15,8 +16,10 @@ use std::{
     time::{Duration, Instant},
 };
 
+use sluice_proto::{cache::CacheKey, env::WorkerSettings};
 pub use spawn::Launch;
 
+use self::control::{ToFrontend, ToWorker};
 use crate::config::{Activation, Start};
 
 /// A worker that lived this long before exiting is not restarted with back-off.
@@ -67,8 +70,22 @@ pub struct PoolLaunch {
     /// Readable when a connection waits for this pool (its listening sockets and the workers'
     /// end of its handoff channel).
     pub demand: Vec<RawFd>,
-    /// More environment for the workers.
+    /// The contract's settings (`SLUICE_*`).
+    pub settings: WorkerSettings,
+    /// The pool's own `env`.
     pub env: Vec<(String, String)>,
+}
+
+/// A cache publication from a worker, with what the front end needs to judge its sender.
+#[derive(Debug)]
+pub struct Published {
+    pub pool: usize,
+    pub pid: libc::pid_t,
+    /// The sender is a current worker of a running pool (not one being recycled, stopped or
+    /// removed).
+    pub live: bool,
+    pub key: CacheKey,
+    pub response: Vec<u8>,
 }
 
 struct Worker {
@@ -129,8 +146,8 @@ pub struct PoolInfo {
 pub struct Supervisor {
     pools: Vec<Pool>,
     seq: u64,
-    /// Sent to every worker when it starts (the route table and the cached paths).
-    greeting: Vec<String>,
+    /// Sent to every worker before it starts (the route table and the cached keys).
+    greeting: Vec<Vec<u8>>,
 }
 
 fn backoff(quick_exits: u32) -> Duration {
@@ -158,28 +175,36 @@ impl Supervisor {
         Ok(s)
     }
 
-    fn launch(p: &PoolLaunch) -> io::Result<Launch> {
+    /// How pool `id`'s workers are started: with a pool without `user` running as a uid of
+    /// its own (see `identity`).
+    fn launch(id: usize, p: &PoolLaunch) -> io::Result<Launch> {
         let (fds, names): (Vec<RawFd>, Vec<String>) = p.fds.iter().cloned().unzip();
-        let mut env = vec![("SLUICE_POOL".to_owned(), p.name.clone())];
-        env.extend(p.env.iter().cloned());
-        if let Some(t) = p.threads {
-            env.push(("SLUICE_THREADS".to_owned(), t.to_string()));
-        }
-        let identity = match (p.activation.uid, p.activation.gid) {
-            (None, None) => None,
-            // SAFETY: getuid/getgid have no preconditions.
-            (u, g) => Some((
-                u.unwrap_or(unsafe { libc::getuid() }),
-                g.unwrap_or(unsafe { libc::getgid() }),
-            )),
+        let mut env = p.env.clone();
+        env.extend(
+            p.settings
+                .vars()
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v)),
+        );
+        let (uid, gid) = match p.activation.uid {
+            Some(uid) => (uid, p.activation.gid.unwrap_or(uid)),
+            None => {
+                let own = identity::dynamic(id);
+                (own, p.activation.gid.unwrap_or(own))
+            }
         };
-        Launch::new(&p.program, &p.args, fds, &names, &env, identity)
+        Launch::new(&p.program, &p.args, fds, &names, &env, Some((uid, gid)))
+    }
+
+    /// The uid pool `id`'s workers run as.
+    pub fn uid_of(id: usize, activation: &Activation) -> u32 {
+        activation.uid.unwrap_or_else(|| identity::dynamic(id))
     }
 
     /// A new pool, with the next id.
     pub fn add(&mut self, p: PoolLaunch) -> io::Result<()> {
         let now = Instant::now();
-        let launch = Self::launch(&p)?;
+        let launch = Self::launch(self.pools.len(), &p)?;
         let state = if p.activation.start == Start::Always {
             PoolState::Running
         } else {
@@ -206,7 +231,7 @@ impl Supervisor {
 
     /// New settings for pool `id` (a reload): its workers are recycled, overlapped.
     pub fn update(&mut self, id: usize, p: PoolLaunch) -> io::Result<()> {
-        let launch = Self::launch(&p)?;
+        let launch = Self::launch(id, &p)?;
         let Some(pool) = self.pools.get_mut(id) else {
             return Ok(());
         };
@@ -259,8 +284,9 @@ impl Supervisor {
         out
     }
 
-    /// Sets what every worker is told when it starts, and tells the running ones now.
-    pub fn greet(&mut self, messages: Vec<String>) {
+    /// Sets what every worker is told before it starts, and tells the running ones now.
+    pub fn greet(&mut self, messages: Vec<ToWorker>) {
+        let messages: Vec<Vec<u8>> = messages.iter().map(ToWorker::encode).collect();
         for p in &self.pools {
             for w in p.workers.iter().filter(|w| w.retiring.is_none()) {
                 for m in &messages {
@@ -274,7 +300,7 @@ impl Supervisor {
     }
 
     /// A watched fd is readable; returns the cache publications it carried.
-    pub fn readable(&mut self, pool: usize, pid: libc::pid_t, now: Instant) -> Vec<Vec<u8>> {
+    pub fn readable(&mut self, pool: usize, pid: libc::pid_t, now: Instant) -> Vec<Published> {
         let mut published = Vec::new();
         let Some(p) = self.pools.get_mut(pool) else {
             return published;
@@ -290,6 +316,7 @@ impl Supervisor {
             }
             return published;
         }
+        let pool_running = p.state == PoolState::Running;
         let Some(w) = p.workers.iter_mut().find(|w| w.pid == pid) else {
             return published;
         };
@@ -297,7 +324,7 @@ impl Supervisor {
             Ok(messages) => {
                 for m in messages {
                     match m {
-                        control::Message::Pong {
+                        ToFrontend::Pong {
                             seq,
                             requests,
                             rss_kib,
@@ -310,11 +337,17 @@ impl Supervisor {
                                 w.ready = true;
                                 log::info!("pool {}: worker {} is ready", p.name, w.pid);
                             }
-                            w.requests = requests.unwrap_or(w.requests);
-                            w.rss_kib = rss_kib.unwrap_or(w.rss_kib);
+                            w.requests = requests;
+                            w.rss_kib = rss_kib;
                         }
-                        control::Message::Stats { requests } => w.requests = requests,
-                        control::Message::Cache(raw) => published.push(raw),
+                        ToFrontend::Stats { requests } => w.requests = requests,
+                        ToFrontend::Cache { key, response } => published.push(Published {
+                            pool,
+                            pid,
+                            live: pool_running && w.retiring.is_none() && !w.recycle,
+                            key,
+                            response,
+                        }),
                     }
                 }
             }
@@ -398,9 +431,8 @@ impl Supervisor {
                         }
                         None if now.duration_since(w.last_pong) >= p.policy.ping_interval => {
                             self.seq += 1;
-                            if control::send(w.control.as_raw_fd(), &format!("ping {}", self.seq))
-                                .is_ok()
-                            {
+                            let ping = ToWorker::Ping(self.seq).encode();
+                            if control::send(w.control.as_raw_fd(), &ping).is_ok() {
                                 w.ping = Some((self.seq, now));
                             }
                         }
@@ -487,7 +519,7 @@ impl Supervisor {
         now: Instant,
         restarts: u32,
         seq: &mut u64,
-        greeting: &[String],
+        greeting: &[Vec<u8>],
     ) -> io::Result<()> {
         let (ours, theirs) = control::pair()?;
         // Queued before the worker runs: it reads them when it starts.
@@ -514,7 +546,7 @@ impl Supervisor {
         if pings {
             // The first pong says the worker is up.
             *seq += 1;
-            let _ = control::send(w.control.as_raw_fd(), &format!("ping {seq}"));
+            let _ = control::send(w.control.as_raw_fd(), &ToWorker::Ping(*seq).encode());
             w.ping = Some((*seq, now));
         }
         p.workers.push(w);
@@ -732,7 +764,7 @@ impl Supervisor {
 fn retire(w: &mut Worker, now: Instant) {
     if w.retiring.is_none() {
         w.retiring = Some(now);
-        let _ = control::send(w.control.as_raw_fd(), "stop");
+        let _ = control::send(w.control.as_raw_fd(), &ToWorker::Stop.encode());
         signal(w.pid, libc::SIGTERM);
     }
 }

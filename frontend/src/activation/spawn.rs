@@ -4,15 +4,23 @@
 //! `LISTEN_PID` must be the child's own pid, which std's `Command` cannot put in the child's
 //! environment, so this forks by hand. Everything the child touches after `fork` is prepared
 //! before it: the child only makes async-signal-safe calls.
+//!
+//! A worker gets nothing of the front end's but what the contract gives it: its fds, an
+//! environment made only of the pool's `env` and the `SLUICE_*`/`LISTEN_*` variables (and a
+//! default `PATH`), no capabilities, `PR_SET_NO_NEW_PRIVS`, and its pool's identity.
 
 use std::{
-    ffi::{CString, OsStr},
+    ffi::CString,
     io,
     os::{fd::RawFd, unix::ffi::OsStrExt},
     path::Path,
 };
 
+use sluice_proto::env::{FD_CONTROL, LISTEN_FDNAMES, LISTEN_FDS};
+
 const LISTEN_PID: &[u8] = b"LISTEN_PID=";
+/// `PATH` when the pool's `env` sets none (systemd's default for services).
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 /// Room for the decimal pid after `LISTEN_PID=`, NUL-padded.
 const PID_ROOM: usize = 21;
 
@@ -35,13 +43,14 @@ fn cstring(bytes: &[u8]) -> io::Result<CString> {
 
 impl Launch {
     /// `fds` are passed as 3.. under `names`, then the worker's control fd as `control`;
-    /// `extra_env` is added to this process's environment (without any `LISTEN_*` of ours).
+    /// `env` is the worker's whole environment but the `LISTEN_*` variables (entries with a
+    /// NUL or a `LISTEN_` name are left out).
     pub fn new(
         program: &Path,
         args: &[String],
         fds: Vec<RawFd>,
         names: &[String],
-        extra_env: &[(String, String)],
+        env: &[(String, String)],
         identity: Option<(u32, u32)>,
     ) -> io::Result<Launch> {
         let program = cstring(program.as_os_str().as_bytes())?;
@@ -49,34 +58,25 @@ impl Launch {
         for a in args {
             argv.push(cstring(a.as_bytes())?);
         }
-        let mut env: Vec<Vec<u8>> = Vec::new();
-        let mut push = |k: &OsStr, v: &OsStr| {
+        let mut entries: Vec<Vec<u8>> = Vec::new();
+        let mut push = |k: &str, v: &str| {
             let mut e = k.as_bytes().to_vec();
             e.push(b'=');
             e.extend_from_slice(v.as_bytes());
             e.push(0);
-            env.push(e);
+            entries.push(e);
         };
-        let overridden = |k: &OsStr| {
-            k.as_bytes().starts_with(b"LISTEN_")
-                || extra_env.iter().any(|(x, _)| x.as_bytes() == k.as_bytes())
-        };
-        for (k, v) in std::env::vars_os() {
-            if !overridden(&k) && !k.as_bytes().contains(&0) && !v.as_bytes().contains(&0) {
-                push(&k, &v);
+        if !env.iter().any(|(k, _)| k == "PATH") {
+            push("PATH", DEFAULT_PATH);
+        }
+        for (k, v) in env {
+            if !k.starts_with("LISTEN_") && !k.contains(['\0', '=']) && !v.contains('\0') {
+                push(k, v);
             }
         }
-        for (k, v) in extra_env {
-            push(OsStr::new(k), OsStr::new(v));
-        }
-        push(
-            OsStr::new("LISTEN_FDS"),
-            OsStr::new(&(fds.len() + 1).to_string()),
-        );
-        push(
-            OsStr::new("LISTEN_FDNAMES"),
-            OsStr::new(&format!("{}:control", names.join(":"))),
-        );
+        push(LISTEN_FDS, &(fds.len() + 1).to_string());
+        push(LISTEN_FDNAMES, &format!("{}:{FD_CONTROL}", names.join(":")));
+        let mut env = entries;
         let mut pid_slot = LISTEN_PID.to_vec();
         pid_slot.resize(LISTEN_PID.len() + PID_ROOM, 0);
         env.push(pid_slot);
@@ -215,8 +215,19 @@ unsafe fn child(
             u32::MAX,
             libc::CLOSE_RANGE_CLOEXEC,
         );
-        // Drop privileges last: group list, group, then user.
+        // No privilege can be gained by exec (setuid binaries, file capabilities).
+        if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0 {
+            fail(report);
+        }
+        // Drop privileges last: the capability bounding set, the group list, group, then
+        // user. A non-root uid ends with no capabilities at all (setuid from root clears
+        // them); root, written in the config as `user = "root"`, keeps its own.
         if let Some((uid, gid)) = identity {
+            if uid != 0 {
+                for cap in 0..64 {
+                    libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0);
+                }
+            }
             if libc::setgroups(1, &gid) < 0 || libc::setgid(gid) < 0 || libc::setuid(uid) < 0 {
                 fail(report);
             }

@@ -1,17 +1,16 @@
 //! The front end's response cache (HTTP.sys's kernel-mode cache): complete responses to
-//! `GET`/`HEAD` without query, kept by canonical path, answered by the dispatcher without
-//! touching a worker. Filled by workers' publications (responses marked `Cache-Control:
-//! public` with a max-age) and by static entries from the config; bounded per entry and in
-//! total, least recently used first out; every answer gets a fresh `Date` and an `Age`.
-
-mod publication;
+//! `GET`/`HEAD` without query, kept by `CacheKey` (canonical path, and the `Accept-Encoding`
+//! of a response that varies on it), answered by the dispatcher without touching a worker.
+//! Filled by workers' publications (checked by `sluice_proto::cache`, the rules the workers
+//! publish by) and by static entries from the config; bounded per entry and in total, least
+//! recently used first out; every answer gets a fresh `Date` and an `Age`.
 
 use std::{
     collections::HashMap,
     time::{Duration, Instant, SystemTime},
 };
 
-pub use publication::{Publication, parse as parse_publication};
+pub use sluice_proto::cache::CacheKey;
 
 use crate::config::{CacheConfig, StaticEntry};
 
@@ -53,6 +52,9 @@ impl Entry {
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Listed {
     pub path: String,
+    /// The `Accept-Encoding` value the entry answers, for a response that varies on it.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub accept_encoding: Option<String>,
     pub bytes: usize,
     pub age_s: u64,
     pub ttl_left_s: u64,
@@ -69,7 +71,7 @@ pub struct CacheStats {
 }
 
 pub struct Cache {
-    entries: HashMap<String, Entry>,
+    entries: HashMap<CacheKey, Entry>,
     total: usize,
     max_entry: usize,
     max_total: usize,
@@ -104,14 +106,11 @@ impl Cache {
                         st.content_type,
                         st.ttl.as_secs()
                     );
-                    match self.insert(
-                        &st.path,
-                        head.into_bytes(),
-                        body,
-                        st.ttl,
-                        Origin::Static,
-                        now,
-                    ) {
+                    let key = CacheKey {
+                        path: st.path.clone(),
+                        variant: None,
+                    };
+                    match self.insert(&key, head.into_bytes(), body, st.ttl, Origin::Static, now) {
                         Ok(()) => stored.push(st.path.clone()),
                         Err(e) => log::warn!("cache: static {}: {e}", st.path),
                     }
@@ -125,7 +124,7 @@ impl Cache {
     /// Stores a response; evicts the least recently used entries to make room.
     pub fn insert(
         &mut self,
-        path: &str,
+        key: &CacheKey,
         head: Vec<u8>,
         body: Vec<u8>,
         ttl: Duration,
@@ -136,7 +135,7 @@ impl Cache {
         if size > self.max_entry || size > self.max_total {
             return Err(CacheError::TooLarge(size));
         }
-        self.remove(path);
+        self.remove(key);
         while self.total + size > self.max_total {
             let Some(victim) = self
                 .entries
@@ -146,18 +145,19 @@ impl Cache {
             else {
                 break;
             };
-            log::debug!("cache: evicting {victim}");
+            log::debug!("cache: evicting {}", victim.path);
             self.remove(&victim);
         }
         self.clock += 1;
         self.total += size;
         self.entries.insert(
-            path.to_owned(),
+            key.clone(),
             Entry {
                 head,
                 body,
                 stored: now,
-                expires: now + ttl,
+                // A lifetime is at most a year (`MAX_TTL_SECS`); the clock cannot overflow.
+                expires: now.checked_add(ttl).unwrap_or(now),
                 last_used: self.clock,
                 hits: 0,
                 origin,
@@ -166,8 +166,8 @@ impl Cache {
         Ok(())
     }
 
-    fn remove(&mut self, path: &str) -> bool {
-        match self.entries.remove(path) {
+    fn remove(&mut self, key: &CacheKey) -> bool {
+        match self.entries.remove(key) {
             Some(e) => {
                 self.total -= e.size();
                 true
@@ -176,17 +176,25 @@ impl Cache {
         }
     }
 
-    /// The full answer for `path`, if cached and fresh: counts a hit or a miss.
+    /// The full answer to a request for `path` with `accept_encoding`, if an entry answers
+    /// it and is fresh: counts a hit or a miss.
     pub fn answer(
         &mut self,
         path: &str,
+        accept_encoding: Option<&[u8]>,
         now: Instant,
         head_only: bool,
         close: bool,
     ) -> Option<Vec<u8>> {
         self.clock += 1;
         let clock = self.clock;
-        let Some(e) = self.entries.get_mut(path).filter(|e| e.expires > now) else {
+        let [plain, varied] = CacheKey::candidates(path, accept_encoding);
+        let key = if self.entries.contains_key(&plain) {
+            plain
+        } else {
+            varied
+        };
+        let Some(e) = self.entries.get_mut(&key).filter(|e| e.expires > now) else {
             self.misses += 1;
             return None;
         };
@@ -214,13 +222,23 @@ impl Cache {
         Some(out)
     }
 
-    pub fn contains(&self, path: &str) -> bool {
-        self.entries.contains_key(path)
+    pub fn contains(&self, key: &CacheKey) -> bool {
+        self.entries.contains_key(key)
     }
 
-    /// Drops expired entries; returns their paths. Expired static entries are read again.
-    pub fn expire(&mut self, now: Instant) -> (Vec<String>, Vec<String>) {
-        let gone: Vec<(String, Origin)> = self
+    /// Whether any entry is kept for `path` (the kernel's set of cached paths has it).
+    pub fn has_path(&self, path: &str) -> bool {
+        self.entries.keys().any(|k| k.path == path)
+    }
+
+    /// When the next entry expires.
+    pub fn next_expiry(&self) -> Option<Instant> {
+        self.entries.values().map(|e| e.expires).min()
+    }
+
+    /// Drops expired entries; returns their keys. Expired static entries are read again.
+    pub fn expire(&mut self, now: Instant) -> (Vec<CacheKey>, Vec<CacheKey>) {
+        let gone: Vec<(CacheKey, Origin)> = self
             .entries
             .iter()
             .filter(|(_, e)| e.expires <= now)
@@ -229,39 +247,42 @@ impl Cache {
         let mut removed = Vec::new();
         let mut reloaded = Vec::new();
         let statics: Vec<StaticEntry> = self.statics.clone();
-        for (path, origin) in gone {
-            self.remove(&path);
+        for (key, origin) in gone {
+            self.remove(&key);
             if origin == Origin::Static {
-                if let Some(st) = statics.iter().find(|s| s.path == path) {
+                if let Some(st) = statics.iter().find(|s| s.path == key.path) {
                     let keep = std::mem::take(&mut self.statics);
                     self.statics = vec![st.clone()];
                     let ok = !self.load_statics(now).is_empty();
                     self.statics = keep;
                     if ok {
-                        reloaded.push(path);
+                        reloaded.push(key);
                         continue;
                     }
                 }
             }
-            removed.push(path);
+            removed.push(key);
         }
         (removed, reloaded)
     }
 
-    /// Removes one entry, or all; returns the paths removed.
-    pub fn purge(&mut self, path: Option<&str>) -> Vec<String> {
-        let paths: Vec<String> = match path {
-            Some(p) => self.entries.keys().filter(|k| *k == p).cloned().collect(),
-            None => self.entries.keys().cloned().collect(),
-        };
-        for p in &paths {
-            self.remove(p);
+    /// Removes the entries of one path (every variant), or all; returns the keys removed.
+    pub fn purge(&mut self, path: Option<&str>) -> Vec<CacheKey> {
+        let keys: Vec<CacheKey> = self
+            .entries
+            .keys()
+            .filter(|k| path.is_none_or(|p| k.path == p))
+            .cloned()
+            .collect();
+        for k in &keys {
+            self.remove(k);
         }
-        paths
+        keys
     }
 
-    pub fn paths(&self) -> Vec<String> {
-        let mut v: Vec<String> = self.entries.keys().cloned().collect();
+    /// Every key, sorted.
+    pub fn keys(&self) -> Vec<CacheKey> {
+        let mut v: Vec<CacheKey> = self.entries.keys().cloned().collect();
         v.sort();
         v
     }
@@ -271,7 +292,8 @@ impl Cache {
             .entries
             .iter()
             .map(|(k, e)| Listed {
-                path: k.clone(),
+                path: k.path.clone(),
+                accept_encoding: k.variant.clone(),
                 bytes: e.size(),
                 age_s: now.duration_since(e.stored).as_secs(),
                 ttl_left_s: e.expires.saturating_duration_since(now).as_secs(),
@@ -325,6 +347,13 @@ pub fn http_date(t: SystemTime) -> String {
 mod tests {
     use super::*;
 
+    fn k(path: &str) -> CacheKey {
+        CacheKey {
+            path: path.into(),
+            variant: None,
+        }
+    }
+
     fn cache(max_entry: u64, max_total: u64) -> Cache {
         Cache::new(&CacheConfig {
             max_entry_bytes: max_entry,
@@ -338,7 +367,7 @@ mod tests {
         let mut c = cache(1000, 10_000);
         let t0 = Instant::now();
         c.insert(
-            "/a",
+            &k("/a"),
             b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n".to_vec(),
             b"hello".to_vec(),
             Duration::from_secs(10),
@@ -347,7 +376,7 @@ mod tests {
         )
         .unwrap();
         let out = String::from_utf8(
-            c.answer("/a", t0 + Duration::from_secs(3), false, false)
+            c.answer("/a", None, t0 + Duration::from_secs(3), false, false)
                 .unwrap(),
         )
         .unwrap();
@@ -359,14 +388,14 @@ mod tests {
             out.contains("\r\nAge: 3\r\nContent-Length: 5\r\n\r\nhello"),
             "{out}"
         );
-        let head = String::from_utf8(c.answer("/a", t0, true, true).unwrap()).unwrap();
+        let head = String::from_utf8(c.answer("/a", None, t0, true, true).unwrap()).unwrap();
         assert!(head.ends_with("Connection: close\r\n\r\n"), "{head}");
         assert!(
-            c.answer("/a", t0 + Duration::from_secs(11), false, false)
+            c.answer("/a", None, t0 + Duration::from_secs(11), false, false)
                 .is_none(),
             "expired"
         );
-        assert!(c.answer("/b", t0, false, false).is_none());
+        assert!(c.answer("/b", None, t0, false, false).is_none());
         assert_eq!((c.stats().hits, c.stats().misses), (2, 2));
     }
 
@@ -376,12 +405,19 @@ mod tests {
         let t0 = Instant::now();
         let ttl = Duration::from_secs(60);
         for p in ["/1", "/2"] {
-            c.insert(p, vec![b'h'; 20], vec![b'b'; 80], ttl, Origin::Worker, t0)
-                .unwrap();
+            c.insert(
+                &k(p),
+                vec![b'h'; 20],
+                vec![b'b'; 80],
+                ttl,
+                Origin::Worker,
+                t0,
+            )
+            .unwrap();
         }
-        c.answer("/1", t0, false, false);
+        c.answer("/1", None, t0, false, false);
         c.insert(
-            "/3",
+            &k("/3"),
             vec![b'h'; 20],
             vec![b'b'; 80],
             ttl,
@@ -389,14 +425,39 @@ mod tests {
             t0,
         )
         .unwrap();
-        assert_eq!(c.paths(), ["/1", "/3"], "the least recently used went");
+        assert_eq!(c.keys(), [k("/1"), k("/3")], "the least recently used went");
         assert_eq!(
-            c.insert("/4", vec![], vec![0; 101], ttl, Origin::Worker, t0),
+            c.insert(&k("/4"), vec![], vec![0; 101], ttl, Origin::Worker, t0),
             Err(CacheError::TooLarge(101))
         );
         assert_eq!(c.stats().bytes, 200);
         assert_eq!(c.purge(None).len(), 2);
         assert_eq!(c.stats().bytes, 0);
+    }
+
+    #[test]
+    fn a_varying_entry_answers_only_its_own_accept_encoding() {
+        let mut c = cache(1000, 10_000);
+        let t0 = Instant::now();
+        let gz = CacheKey {
+            path: "/v".into(),
+            variant: Some("gzip".into()),
+        };
+        let ttl = Duration::from_secs(9);
+        c.insert(
+            &gz,
+            b"HTTP/1.1 200 OK\r\n".to_vec(),
+            b"z".to_vec(),
+            ttl,
+            Origin::Worker,
+            t0,
+        )
+        .unwrap();
+        assert!(c.answer("/v", Some(b"gzip"), t0, false, false).is_some());
+        assert!(c.answer("/v", Some(b"br"), t0, false, false).is_none());
+        assert!(c.answer("/v", None, t0, false, false).is_none());
+        assert!(c.has_path("/v") && !c.has_path("/w"));
+        assert_eq!(c.next_expiry(), Some(t0 + ttl));
     }
 
     #[test]

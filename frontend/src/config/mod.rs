@@ -34,10 +34,10 @@ impl fmt::Display for Problem {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}: {cause}")]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("{path}: {message}")]
     Syntax { path: PathBuf, message: String },
@@ -142,10 +142,28 @@ impl Default for CacheConfig {
 struct RawLimits {
     max_request_head: Option<usize>,
     max_url: Option<usize>,
+    max_request_body: Option<Size>,
     header_timeout: Option<String>,
     idle_timeout: Option<String>,
     min_send_rate: Option<u64>,
     max_pending: Option<usize>,
+}
+
+/// A size written as a number of bytes or as text with a unit (`"30MB"`, `"64MiB"`).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Size {
+    Bytes(u64),
+    Text(String),
+}
+
+impl Size {
+    fn bytes(&self) -> Result<u64, String> {
+        match self {
+            Size::Bytes(n) => Ok(*n),
+            Size::Text(t) => units::size(t),
+        }
+    }
 }
 
 /// Limits on clients, HTTP.sys's defaults.
@@ -155,6 +173,8 @@ pub struct Limits {
     pub max_request_head: usize,
     /// Request target, bytes (414 past it).
     pub max_url: usize,
+    /// Request body, bytes (413 past it; IIS's 30,000,000 by default).
+    pub max_request_body: u64,
     /// Time to receive a whole request head (the connection is closed after it).
     pub header_timeout: Duration,
     /// Time a keep-alive connection may wait for its next request.
@@ -169,8 +189,9 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Limits {
-            max_request_head: 16 * 1024,
-            max_url: 16 * 1024,
+            max_request_head: sluice_proto::limits::DEFAULT_MAX_REQUEST_HEAD,
+            max_url: sluice_proto::limits::DEFAULT_MAX_URL,
+            max_request_body: sluice_proto::limits::DEFAULT_MAX_REQUEST_BODY,
             header_timeout: Duration::from_secs(120),
             idle_timeout: Duration::from_secs(120),
             min_send_rate: 150,
@@ -228,6 +249,9 @@ struct RawPool {
     recycle: Option<RawRecycle>,
     user: Option<String>,
     group: Option<String>,
+    /// The workers' whole environment (but the contract's `SLUICE_*` and `LISTEN_*`).
+    #[serde(default)]
+    env: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -274,7 +298,8 @@ pub struct Activation {
     pub recycle_time: Duration,
     pub recycle_requests: u64,
     pub recycle_memory: u64,
-    /// Run the workers as this uid/gid (default: the front end's).
+    /// Run the workers as this uid/gid; without `user`, a uid of the pool's own (see
+    /// `activation::identity`).
     pub uid: Option<u32>,
     pub gid: Option<u32>,
 }
@@ -344,6 +369,8 @@ pub struct Pool {
     pub threads: Option<u32>,
     pub sockets: u32,
     pub activation: Activation,
+    /// The pool's `env` table.
+    pub env: Vec<(String, String)>,
 }
 
 #[derive(Debug, Clone)]
@@ -360,9 +387,9 @@ pub const MAX_QUEUE_LENGTH: u32 = 65535;
 
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = std::fs::read_to_string(path).map_err(|cause| ConfigError::Read {
             path: path.to_owned(),
-            source,
+            cause,
         })?;
         Config::parse(&text, path)
     }
@@ -481,6 +508,19 @@ impl Config {
             }
             slots += p.sockets;
             let activation = activation(p, &mut |k, r| bad(key(k), r));
+            for (k, v) in &p.env {
+                if k.is_empty() || k.contains(['=', '\0']) || v.contains('\0') {
+                    bad(
+                        key("env"),
+                        format!("`{k}` is not a variable name with a value"),
+                    );
+                } else if k.starts_with("LISTEN_") || k.starts_with("SLUICE_") {
+                    bad(
+                        key("env"),
+                        format!("`{k}` is set by sluice itself (the worker contract)"),
+                    );
+                }
+            }
             pools.push(Pool {
                 name: p.name.clone(),
                 program,
@@ -490,6 +530,7 @@ impl Config {
                 threads: p.threads,
                 sockets: p.sockets,
                 activation,
+                env: p.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
             });
         }
         if slots > SOCKET_SLOTS {
@@ -550,12 +591,14 @@ impl Config {
         let mut limits = Limits::default();
         {
             let l = &raw.limits;
+            // Every buffer a head passes through holds MAX_HEAD_LIMIT bytes: no larger limit.
+            let max = sluice_proto::limits::MAX_HEAD_LIMIT;
             let mut bytes = |key: &str, v: Option<usize>, min: usize, into: &mut usize| {
                 if let Some(n) = v {
-                    if n < min || n > 1 << 20 {
+                    if n < min || n > max {
                         bad(
                             format!("limits.{key}"),
-                            format!("{n} is out of range {min}..={}", 1 << 20),
+                            format!("{n} is out of range {min}..={max}"),
                         );
                     } else {
                         *into = n;
@@ -569,6 +612,16 @@ impl Config {
                 &mut limits.max_request_head,
             );
             bytes("max_url", l.max_url, 64, &mut limits.max_url);
+            if let Some(size) = &l.max_request_body {
+                match size.bytes() {
+                    Ok(0) => bad(
+                        "limits.max_request_body".into(),
+                        "must be more than 0".into(),
+                    ),
+                    Ok(n) => limits.max_request_body = n,
+                    Err(reason) => bad("limits.max_request_body".into(), reason),
+                }
+            }
             for (key, v, into) in [
                 (
                     "header_timeout",
@@ -694,6 +747,46 @@ impl Config {
             limits,
             cache,
         })
+    }
+
+    /// What is allowed but probably unwise, each naming its key: pools that share a user
+    /// (their workers can reach each other's processes and sockets), a pool that runs as
+    /// root, a metrics endpoint on every address.
+    pub fn warnings(&self) -> Vec<Problem> {
+        let mut out = Vec::new();
+        for (i, p) in self.pools.iter().enumerate() {
+            let Some(uid) = p.activation.uid else {
+                continue;
+            };
+            if uid == 0 {
+                out.push(Problem {
+                    key: format!("pool[{i}].user"),
+                    reason: format!("pool {} runs as root", p.name),
+                });
+            } else if let Some(other) = self.pools[..i]
+                .iter()
+                .find(|o| o.activation.uid == Some(uid))
+            {
+                out.push(Problem {
+                    key: format!("pool[{i}].user"),
+                    reason: format!(
+                        "pools {} and {} run as the same user (uid {uid}): each can reach the \
+                         other's processes and sockets; leave `user` out to give every pool a \
+                         uid of its own",
+                        other.name, p.name
+                    ),
+                });
+            }
+        }
+        if let Some(m) = self.metrics {
+            if m.ip().is_unspecified() {
+                out.push(Problem {
+                    key: "server.metrics".into(),
+                    reason: format!("{m} serves the metrics on every address of this host"),
+                });
+            }
+        }
+        out
     }
 
     /// Names of pools no route leads to (served only if a later config routes to them).

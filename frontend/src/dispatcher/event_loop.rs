@@ -8,7 +8,7 @@
 use std::{
     collections::VecDeque,
     io,
-    os::fd::RawFd,
+    os::fd::{IntoRawFd, RawFd},
     sync::{Arc, atomic::Ordering},
     time::{Duration, Instant},
 };
@@ -428,7 +428,11 @@ impl Loop {
 
     fn on_drain_handoff(&mut self, p: usize, res: i32) {
         if res >= 0 {
-            if let Some(fd) = incoming(&mut self.drain_msgs[p]).take_fd() {
+            let fd = incoming(&mut self.drain_msgs[p])
+                .complete(res as usize)
+                .ok()
+                .map(|m| m.fd.into_raw_fd());
+            if let Some(fd) = fd {
                 let slot = self.insert(fd, &[]);
                 self.refuse(slot, 503, "the application pool is stopped");
             }
@@ -444,20 +448,8 @@ impl Loop {
 
     fn on_handback(&mut self, p: usize, res: i32) {
         if res >= 0 {
-            let msg = incoming(&mut self.handback_msgs[p]);
-            if let Some(fd) = msg.take_fd() {
-                self.d.stats.handed_back.fetch_add(1, Ordering::Relaxed);
-                if msg.truncated() {
-                    log::warn!(
-                        "a connection handed back by pool {p} carried more than {} bytes",
-                        handoff::MAX_MESSAGE
-                    );
-                    let slot = self.insert(fd, &[]);
-                    self.refuse(slot, 503, "the request could not be passed between pools");
-                } else {
-                    self.admit_message(fd, p, res as usize, false);
-                }
-            }
+            self.d.stats.handed_back.fetch_add(1, Ordering::Relaxed);
+            self.admit_message(p, res as usize, false);
         }
         if res == -libc::ECANCELED {
             return;
@@ -472,32 +464,43 @@ impl Loop {
         }
     }
 
-    /// Takes the connection of pool `p`'s last hand-back (or reroute) message, with its first
-    /// `len` bytes copied once, straight into the connection's buffer, and routes it.
-    fn admit_message(&mut self, fd: RawFd, p: usize, len: usize, reroute: bool) {
+    /// Takes the connection of pool `p`'s last hand-back (or reroute) message of `len` bytes,
+    /// with its bytes copied once, straight into the connection's buffer, and routes it. A
+    /// message that carries no connection (a hostile or broken worker) is dropped and logged.
+    fn admit_message(&mut self, p: usize, len: usize, reroute: bool) {
         let msgs = if reroute {
             &mut self.reroute_msgs
         } else {
             &mut self.handback_msgs
         };
-        let Some(msg) = msgs[p].take() else { return };
-        let slot = self.admit(fd, msg.bytes(len));
+        let Some(mut msg) = msgs[p].take() else {
+            return;
+        };
+        let slot = match msg.complete(len) {
+            Ok(m) => {
+                let fd = m.fd.into_raw_fd();
+                Some(self.admit(fd, m.bytes))
+            }
+            Err(e) => {
+                log::warn!("pool {p}'s handoff channel: {e}");
+                None
+            }
+        };
         let msgs = if reroute {
             &mut self.reroute_msgs
         } else {
             &mut self.handback_msgs
         };
         msgs[p] = Some(msg);
-        self.process(slot);
+        if let Some(slot) = slot {
+            self.process(slot);
+        }
     }
 
     fn on_reroute(&mut self, p: usize, res: i32) {
         if res >= 0 {
-            let msg = incoming(&mut self.reroute_msgs[p]);
-            if let Some(fd) = msg.take_fd() {
-                log::info!("dispatcher: routing a connection left for removed pool {p} afresh");
-                self.admit_message(fd, p, res as usize, true);
-            }
+            log::info!("dispatcher: routing a connection left for removed pool {p} afresh");
+            self.admit_message(p, res as usize, true);
         }
         if res == -libc::ECANCELED {
             return;
@@ -551,7 +554,13 @@ impl Loop {
         // The cache first: a cached path is answered whatever pool it would route to.
         if let Some(q) = &seen.cache {
             let answer = match self.d.cache.lock() {
-                Ok(mut cache) => cache.answer(&q.path, Instant::now(), q.head_only, seen.close),
+                Ok(mut cache) => cache.answer(
+                    &q.path,
+                    q.accept_encoding.as_deref(),
+                    Instant::now(),
+                    q.head_only,
+                    seen.close,
+                ),
                 Err(_) => None,
             };
             if let Some(bytes) = answer {
@@ -593,7 +602,7 @@ impl Loop {
                 let Some(c) = self.conns[slot].as_ref() else {
                     return;
                 };
-                match handoff::send(channel, c.fd, &c.buf[..c.filled]) {
+                match handoff::send(channel, c.fd, handoff::ROUTED, &c.buf[..c.filled]) {
                     Ok(()) => {
                         if let Some(n) = self.d.stats.handed_off.get(p) {
                             n.fetch_add(1, Ordering::Relaxed);

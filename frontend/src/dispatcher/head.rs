@@ -1,23 +1,13 @@
 //! What the dispatcher does with the bytes a connection has sent so far: wait for more,
-//! route the request to a pool, or refuse it with a status code.
+//! route the request to a pool, or refuse it with a status code. The head is judged by
+//! `sluice_proto::request`, the rule every worker applies too.
 
-use crate::{canonical, route::RouteTable};
+use sluice_proto::limits::MAX_HEADERS;
+use sluice_proto::request::{self, Parsed};
 
-/// Limits on a request head (HTTP.sys defaults).
-#[derive(Debug, Clone, Copy)]
-pub struct Limits {
-    pub max_request_head: usize,
-    pub max_url: usize,
-}
+pub use sluice_proto::limits::HeadLimits as Limits;
 
-impl Default for Limits {
-    fn default() -> Self {
-        Limits {
-            max_request_head: 16 * 1024,
-            max_url: 16 * 1024,
-        }
-    }
-}
+use crate::route::RouteTable;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
@@ -29,14 +19,13 @@ pub enum Decision {
     Refuse(u16, &'static str),
 }
 
-const MAX_HEADERS: usize = 128;
-
 /// A request the cache may answer: `GET`/`HEAD` without query, body, `Authorization` or
-/// `Range`.
+/// `Range` (`sluice_proto::cache::request_eligible`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CacheQuery {
     pub path: String,
     pub head_only: bool,
+    pub accept_encoding: Option<Vec<u8>>,
 }
 
 /// Everything the dispatcher learns from a complete head.
@@ -55,123 +44,41 @@ pub fn decide(buf: &[u8], limits: &Limits, routes: &RouteTable) -> Decision {
 }
 
 pub fn inspect(buf: &[u8], limits: &Limits, routes: &RouteTable) -> Inspection {
-    let mut out = Inspection {
-        decision: Decision::NeedMore,
-        head_len: 0,
-        cache: None,
-        close: true,
-    };
-    out.decision = decide_into(buf, limits, routes, &mut out);
-    out
-}
-
-fn decide_into(buf: &[u8], limits: &Limits, routes: &RouteTable, out: &mut Inspection) -> Decision {
-    // The request line is the method, the URL and the version: longer than the URL limit
-    // plus room for those is a URL over the limit, whatever else is wrong.
-    let line_len = buf
-        .windows(2)
-        .position(|w| w == b"\r\n")
-        .unwrap_or(buf.len());
-    if line_len > limits.max_url + 32 {
-        return Decision::Refuse(414, "the request URL is too long");
-    }
-    let head_end = match find_head_end(buf) {
-        Some(end) => end,
-        None if buf.len() >= limits.max_request_head => {
-            return Decision::Refuse(431, "the request head is too large");
-        }
-        None => return Decision::NeedMore,
-    };
-    if head_end > limits.max_request_head {
-        return Decision::Refuse(431, "the request head is too large");
-    }
-    out.head_len = head_end;
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut req = httparse::Request::new(&mut headers);
-    let target = match req.parse(&buf[..head_end]) {
-        Ok(httparse::Status::Complete(_)) => req.path.unwrap_or(""),
-        Ok(httparse::Status::Partial) => {
-            return Decision::Refuse(400, "the request head is malformed");
+    let head = match request::parse(buf, limits, &mut headers) {
+        Ok(Parsed::Partial) => {
+            return Inspection {
+                decision: Decision::NeedMore,
+                head_len: 0,
+                cache: None,
+                close: true,
+            };
         }
-        Err(httparse::Error::TooManyHeaders) => {
-            return Decision::Refuse(431, "the request has too many headers");
+        Ok(Parsed::Complete(_, head)) => head,
+        Err(r) => {
+            return Inspection {
+                decision: Decision::Refuse(r.status, r.reason),
+                head_len: 0,
+                cache: None,
+                close: true,
+            };
         }
-        Err(httparse::Error::Version) => {
-            return Decision::Refuse(400, "the request's HTTP version is not supported");
-        }
-        Err(_) => return Decision::Refuse(400, "the request head is malformed"),
     };
-    if target.len() > limits.max_url {
-        return Decision::Refuse(414, "the request URL is too long");
-    }
-    let Some(raw_path) = origin_path(target) else {
-        return Decision::Refuse(400, "the request target is not a path");
-    };
-    let path = match canonical::canonicalize(raw_path.as_bytes()) {
-        Ok(p) => p,
-        Err(_) => return Decision::Refuse(400, "the request URL is not valid"),
-    };
-    let header = |name: &str| {
-        req.headers
-            .iter()
-            .find(|h| h.name.eq_ignore_ascii_case(name))
-            .map(|h| h.value)
-    };
-    let has = |name: &str, word: &str| {
-        header(name).is_some_and(|v| {
-            String::from_utf8_lossy(v)
-                .split(',')
-                .any(|t| t.trim().eq_ignore_ascii_case(word))
-        })
-    };
-    out.close = if req.version == Some(0) {
-        !has("connection", "keep-alive")
-    } else {
-        has("connection", "close")
-    };
-    let method = req.method.unwrap_or("");
-    let no_body = header("transfer-encoding").is_none()
-        && header("content-length").is_none_or(|v| v.iter().all(|b| *b == b'0' || *b == b' '));
-    if (method == "GET" || method == "HEAD")
-        && !target.contains('?')
-        && no_body
-        && header("authorization").is_none()
-        && header("range").is_none()
-    {
-        out.cache = Some(CacheQuery {
-            path: path.clone(),
-            head_only: method == "HEAD",
-        });
-    }
-    match routes.lookup(&path) {
+    let cache = sluice_proto::cache::request_eligible(&head, true).then(|| CacheQuery {
+        path: head.canonical.clone().into_owned(),
+        head_only: head.method == "HEAD",
+        accept_encoding: head.accept_encoding.map(<[u8]>::to_vec),
+    });
+    let decision = match routes.lookup(&head.canonical) {
         Some(pool) => Decision::Pool(pool),
         None => Decision::Refuse(400, "no application is configured for this URL"),
-    }
-}
-
-/// Index just past the blank line that ends the head.
-fn find_head_end(buf: &[u8]) -> Option<usize> {
-    buf.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4)
-}
-
-/// The path of an origin-form (`/p?q`) or absolute-form (`http://h/p?q`) target.
-fn origin_path(target: &str) -> Option<&str> {
-    let rest = if target.starts_with('/') {
-        target
-    } else {
-        let after_scheme = target
-            .strip_prefix("http://")
-            .or_else(|| target.strip_prefix("https://"))
-            .or_else(|| target.strip_prefix("HTTP://"))?;
-        // The authority ends at the first `/` or `?`: `http://h?q/x` is the path `/`.
-        match after_scheme.find(['/', '?']) {
-            Some(i) if after_scheme[i..].starts_with('/') => &after_scheme[i..],
-            _ => "/",
-        }
     };
-    // Only `?` ends the path. A request target has no fragment, and the kernel program routes
-    // `/api#x` by that whole path: cutting at `#` here would send it to another pool.
-    Some(rest.split('?').next().unwrap_or(rest))
+    Inspection {
+        decision,
+        head_len: head.head_len,
+        cache,
+        close: !head.keep_alive,
+    }
 }
 
 #[cfg(test)]
@@ -192,13 +99,19 @@ mod tests {
             d(b"GET /api/x HTTP/1.1\r\nHost: a\r\n\r\n"),
             Decision::Pool(1)
         );
-        assert_eq!(d(b"GET /apix HTTP/1.1\r\n\r\n"), Decision::Pool(0));
         assert_eq!(
-            d(b"GET /x/../api/y?q=1 HTTP/1.1\r\n\r\n"),
+            d(b"GET /apix HTTP/1.1\r\nHost: a\r\n\r\n"),
+            Decision::Pool(0)
+        );
+        assert_eq!(
+            d(b"GET /x/../api/y?q=1 HTTP/1.1\r\nHost: a\r\n\r\n"),
             Decision::Pool(1)
         );
-        assert_eq!(d(b"GET http://h/api/ HTTP/1.1\r\n\r\n"), Decision::Pool(1));
-        assert_eq!(d(b"GET //api/x HTTP/1.1\r\n\r\n"), Decision::Pool(1));
+        assert_eq!(
+            d(b"GET http://h/api/ HTTP/1.1\r\nHost: a\r\n\r\n"),
+            Decision::Pool(1)
+        );
+        assert_eq!(d(b"GET //api/x HTTP/1.0\r\n\r\n"), Decision::Pool(1));
     }
 
     #[test]
@@ -208,56 +121,36 @@ mod tests {
     }
 
     #[test]
-    fn refuses_malformed_and_oversized_requests() {
+    fn a_fragment_in_the_target_is_refused_not_routed() {
+        // It was kept in the path, and `..` climbed out of /api/ into another pool.
         assert!(matches!(
-            d(b"GET /a HTTP/9.9\r\n\r\n"),
+            d(b"GET /api/x#/../../admin/ HTTP/1.1\r\nHost: a\r\n\r\n"),
             Decision::Refuse(400, _)
         ));
         assert!(matches!(
-            d(b"G\x01T / HTTP/1.1\r\n\r\n"),
+            d(b"GET http://x#/admin/ HTTP/1.1\r\nHost: a\r\n\r\n"),
             Decision::Refuse(400, _)
         ));
-        assert!(matches!(
-            d(b"GET /%zz HTTP/1.1\r\n\r\n"),
-            Decision::Refuse(400, _)
-        ));
-        assert!(matches!(
-            d(b"GET /../x HTTP/1.1\r\n\r\n"),
-            Decision::Refuse(400, _)
-        ));
-        assert!(matches!(
-            d(b"GET * HTTP/1.1\r\n\r\n"),
-            Decision::Refuse(400, _)
-        ));
-        let long = format!("GET /{} HTTP/1.1\r\n\r\n", "a".repeat(17000));
-        assert!(matches!(d(long.as_bytes()), Decision::Refuse(414, _)));
-        let big = format!("GET / HTTP/1.1\r\nX: {}\r\n", "a".repeat(17000));
-        assert!(matches!(d(big.as_bytes()), Decision::Refuse(431, _)));
-    }
-
-    #[test]
-    fn hash_is_part_of_the_path_and_query_ends_the_authority() {
-        // Found by fuzz/fuzz_targets/dispatcher_head.rs: the path was cut at `#`, so this was
-        // routed on `/+` although its whole path does not canonicalize (and `/api#x` went to
-        // /api/ here but to / in the kernel program).
-        assert!(matches!(
-            d(b"GET /+#/%2e%2/.p/iwwww%2Fz HTTP/1.1\r\n\r\n"),
-            Decision::Refuse(400, _)
-        ));
-        assert_eq!(d(b"GET /api#x HTTP/1.1\r\n\r\n"), Decision::Pool(0));
-        assert_eq!(d(b"GET /api/#x HTTP/1.1\r\n\r\n"), Decision::Pool(1));
         assert_eq!(
-            d(b"GET http://h?/api/x HTTP/1.1\r\n\r\n"),
+            d(b"GET http://h?/api/x HTTP/1.1\r\nHost: a\r\n\r\n"),
             Decision::Pool(0)
         );
     }
 
     #[test]
-    fn no_route_is_400() {
-        let t = RouteTable::new([("/api/".to_owned(), 1)]);
-        assert!(matches!(
-            decide(b"GET /web HTTP/1.1\r\n\r\n", &Limits::default(), &t),
-            Decision::Refuse(400, _)
-        ));
+    fn a_cached_answer_needs_a_request_without_any_body_framing() {
+        let seen = |raw: &[u8]| inspect(raw, &Limits::default(), &routes());
+        assert!(seen(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n").cache.is_some());
+        // Duplicate, empty and listed lengths are refused, not read as "no body".
+        for raw in [
+            &b"GET /a HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nContent-Length: 41\r\n\r\n"[..],
+            b"GET /a HTTP/1.1\r\nHost: x\r\nContent-Length:\r\n\r\n",
+            b"GET /a HTTP/1.1\r\nHost: x\r\nContent-Length: 0 0\r\n\r\n",
+        ] {
+            let s = seen(raw);
+            assert!(matches!(s.decision, Decision::Refuse(400, _)), "{s:?}");
+            assert!(s.cache.is_none());
+        }
+        assert!(seen(b"GET /a HTTP/1.1\r\n\r\n").cache.is_none(), "no Host");
     }
 }

@@ -37,7 +37,7 @@ pub struct DispatchStats {
     pub cache_answers: AtomicU64,
 }
 
-const REFUSAL_CODES: [u16; 5] = [400, 408, 414, 431, 503];
+const REFUSAL_CODES: [u16; 9] = [400, 408, 413, 414, 417, 431, 501, 503, 505];
 
 impl DispatchStats {
     pub fn new(pools: usize) -> DispatchStats {
@@ -184,9 +184,13 @@ pub fn reply(code: u16, why: &str) -> Vec<u8> {
     let reason = match code {
         400 => "Bad Request",
         408 => "Request Timeout",
+        413 => "Content Too Large",
         414 => "URI Too Long",
+        417 => "Expectation Failed",
         431 => "Request Header Fields Too Large",
+        501 => "Not Implemented",
         503 => "Service Unavailable",
+        505 => "HTTP Version Not Supported",
         _ => "Error",
     };
     let body = format!("{code} {reason}: {why}\n");

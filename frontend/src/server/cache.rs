@@ -1,11 +1,14 @@
-//! The controller's side of the response cache: publications from workers go in, expired
-//! entries go out, and the kernel's set of cached paths and the workers' copy of it follow.
+//! The controller's side of the response cache: publications from workers go in (after the
+//! checks that keep one pool out of another's cache), expired entries go out, and the
+//! kernel's set of cached paths and the workers' copy of the keys follow.
 
 use std::time::Instant;
 
 use anyhow::Result;
+use sluice_proto::cache::{CacheKey, check_response};
 
 use super::Frontend;
+use crate::activation::{Published, control::ToWorker};
 use crate::cache::{self, Origin};
 
 impl Frontend {
@@ -19,34 +22,59 @@ impl Frontend {
         Ok(())
     }
 
-    /// A worker's publication of a cacheable response.
-    pub(super) fn publish(&mut self, raw: &[u8], now: Instant) {
-        let p = match cache::parse_publication(raw) {
-            Ok(p) => p,
-            Err(e) => {
-                log::warn!("cache: {e}");
-                return;
-            }
+    /// A worker's publication of a cacheable response. It is stored only when its path
+    /// routes to the publisher's pool (known from the channel it came on, not from anything
+    /// the worker says), the publisher is a current worker of that running pool, and the
+    /// response passes the same rules the worker published it by.
+    pub(super) fn publish(&mut self, p: Published, now: Instant) {
+        let pool_name = self
+            .pools
+            .get(p.pool)
+            .map_or("?", |r| r.name.as_str())
+            .to_owned();
+        let refuse = |why: &str| {
+            log::warn!(
+                "cache: refused a publication of {} from worker {} of pool {pool_name}: {why}",
+                p.key.path,
+                p.pid
+            );
         };
-        let (fresh, stored) = {
+        if !p.live {
+            return refuse("the worker is being retired or its pool is not running");
+        }
+        let (_, table) = self.table.current();
+        if table.routes.lookup(&p.key.path) != Some(p.pool) {
+            return refuse("the path does not route to this pool");
+        }
+        let max_entry = self.config.cache.max_entry_bytes as usize;
+        let stored = match check_response(&p.response, max_entry) {
+            Ok(s) => s,
+            Err(e) => return refuse(&e.to_string()),
+        };
+        let ttl = std::time::Duration::from_secs(stored.lifetime.ttl);
+        let (new_path, result) = {
             let mut cache = self.lock_cache();
-            let fresh = !cache.contains(&p.path);
-            (
-                fresh,
-                cache.insert(&p.path, p.head, p.body, p.ttl, Origin::Worker, now),
-            )
+            let new_path = !cache.has_path(&p.key.path);
+            let fresh = !cache.contains(&p.key);
+            let r = cache.insert(&p.key, stored.head, stored.body, ttl, Origin::Worker, now);
+            (new_path, r.map(|()| fresh))
         };
-        match stored {
-            Ok(()) => {
-                log::debug!("cache: stored {} for {:?}", p.path, p.ttl);
-                if fresh {
-                    if let Err(e) = self.steering.set_cached(&p.path, true) {
+        match result {
+            Ok(fresh) => {
+                log::debug!(
+                    "cache: stored {} for {ttl:?} from pool {pool_name}",
+                    p.key.path
+                );
+                if new_path {
+                    if let Err(e) = self.steering.set_cached(&p.key.path, true) {
                         log::warn!("cache: {e}");
                     }
+                }
+                if fresh {
                     self.greet_workers();
                 }
             }
-            Err(e) => log::info!("cache: not storing {}: {e}", p.path),
+            Err(e) => log::info!("cache: not storing {}: {e}", p.key.path),
         }
     }
 
@@ -55,12 +83,16 @@ impl Frontend {
         self.uncache(&removed)
     }
 
-    fn uncache(&mut self, paths: &[String]) -> Result<()> {
-        if paths.is_empty() {
+    /// Entries are gone: the kernel forgets their paths (when no variant is left) and the
+    /// workers the keys, at once, so no request is handed back for what is no longer there.
+    fn uncache(&mut self, keys: &[CacheKey]) -> Result<()> {
+        if keys.is_empty() {
             return Ok(());
         }
-        for path in paths {
-            self.steering.set_cached(path, false)?;
+        for k in keys {
+            if !self.lock_cache().has_path(&k.path) {
+                self.steering.set_cached(&k.path, false)?;
+            }
         }
         self.greet_workers();
         Ok(())
@@ -83,13 +115,10 @@ impl Frontend {
         )
     }
 
-    /// Tells every worker the route table and the cached paths (and every new one later).
+    /// Tells every worker the route table and the cached keys (and every new one before it
+    /// starts).
     pub(super) fn greet_workers(&mut self) {
-        let mut cached = String::from("cached\n");
-        for p in self.lock_cache().paths() {
-            cached.push_str(&p);
-            cached.push('\n');
-        }
+        let cached = ToWorker::cached_within(self.lock_cache().keys());
         self.supervisor
             .greet(vec![self.routes_message.clone(), cached]);
     }

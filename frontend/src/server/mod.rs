@@ -24,7 +24,7 @@ use sluice_common::{
 
 use self::{pools::PoolRt, signals::Signals};
 use crate::{
-    activation::{Event, Supervisor},
+    activation::{Event, Supervisor, control::ToWorker},
     admin::AdminSocket,
     config::{Config, Steering as Mode},
     dispatcher::{self, DispatchStats, Dispatcher, PoolFlags, SharedTable, head::Limits},
@@ -55,7 +55,7 @@ struct Frontend {
     cache: Arc<std::sync::Mutex<crate::cache::Cache>>,
     kernel_flags: Vec<u32>,
     /// The `routes` control message every worker gets.
-    routes_message: String,
+    routes_message: ToWorker,
     stop: OwnedFd,
     wake: OwnedFd,
     dispatch_thread: Option<JoinHandle<std::io::Result<()>>>,
@@ -129,8 +129,8 @@ pub fn run(config: Config) -> Result<()> {
         let now = Instant::now();
         for (pfd, &(_, pool, pid)) in fds[2..].iter().zip(&watched) {
             if pfd.revents != 0 {
-                for raw in fe.supervisor.readable(pool, pid, now) {
-                    fe.publish(&raw, now);
+                for published in fe.supervisor.readable(pool, pid, now) {
+                    fe.publish(published, now);
                 }
             }
         }
@@ -197,7 +197,7 @@ impl Frontend {
                 &config.cache,
             ))),
             kernel_flags: vec![0; MAX_POOLS as usize],
-            routes_message: String::new(),
+            routes_message: ToWorker::Routes(Vec::new()),
             stop,
             wake,
             dispatch_thread: None,
@@ -230,6 +230,7 @@ impl Frontend {
             limits: Limits {
                 max_request_head: config.limits.max_request_head,
                 max_url: config.limits.max_url,
+                max_request_body: config.limits.max_request_body,
             },
             header_timeout: config.limits.header_timeout,
             max_pending: config.limits.max_pending,
@@ -277,11 +278,13 @@ impl Frontend {
             .collect();
         self.steering.set_routes(&kernel)?;
         // Workers hand back requests that route elsewhere: they get the table too.
-        let mut text = String::from("routes\n");
-        for r in &config.routes {
-            text.push_str(&format!("{} {}\n", r.prefix, config.pools[r.pool].name));
-        }
-        self.routes_message = text;
+        self.routes_message = ToWorker::Routes(
+            config
+                .routes
+                .iter()
+                .map(|r| (r.prefix.clone(), config.pools[r.pool].name.clone()))
+                .collect(),
+        );
         self.greet_workers();
         let table = dispatcher::Table {
             routes: crate::route::RouteTable::new(routes),

@@ -9,6 +9,7 @@ use std::{
 
 use anyhow::{Result, bail};
 use sluice_common::{MAX_POOLS, PoolSlots, SOCKET_SLOTS};
+use sluice_proto::env::{FD_HANDOFF, FD_POOL, WorkerSettings};
 
 use super::Frontend;
 use crate::{
@@ -29,28 +30,24 @@ pub(super) struct PoolRt {
     pub removed: Option<u64>,
 }
 
-/// What every worker is told about the client limits and the cache.
-pub(super) fn worker_env(l: &config::Limits, c: &config::CacheConfig) -> Vec<(String, String)> {
-    vec![
-        (
-            "SLUICE_CACHE_MAX_ENTRY".into(),
-            c.max_entry_bytes.to_string(),
-        ),
-        (
-            "SLUICE_IDLE_TIMEOUT".into(),
-            l.idle_timeout.as_secs().max(1).to_string(),
-        ),
-        (
-            "SLUICE_HEADER_TIMEOUT".into(),
-            l.header_timeout.as_secs().max(1).to_string(),
-        ),
-        (
-            "SLUICE_MAX_REQUEST_HEAD".into(),
-            l.max_request_head.to_string(),
-        ),
-        ("SLUICE_MAX_URL".into(), l.max_url.to_string()),
-        ("SLUICE_MIN_SEND_RATE".into(), l.min_send_rate.to_string()),
-    ]
+/// The contract's settings for a pool's workers (`sluice_proto::env`).
+pub(super) fn worker_settings(
+    pool: &config::Pool,
+    l: &config::Limits,
+    c: &config::CacheConfig,
+) -> WorkerSettings {
+    WorkerSettings {
+        pool: pool.name.clone(),
+        threads: pool.threads,
+        idle_timeout: l.idle_timeout,
+        header_timeout: l.header_timeout,
+        max_request_head: l.max_request_head,
+        max_url: l.max_url,
+        max_request_body: l.max_request_body,
+        min_send_rate: l.min_send_rate,
+        cache_max_entry: c.max_entry_bytes as usize,
+        shutdown_time_limit: pool.activation.shutdown_time_limit,
+    }
 }
 
 impl PoolRt {
@@ -80,9 +77,9 @@ impl PoolRt {
         let mut fds: Vec<(RawFd, String)> = self
             .listeners
             .iter()
-            .map(|fd| (fd.as_raw_fd(), "pool".to_owned()))
+            .map(|fd| (fd.as_raw_fd(), FD_POOL.to_owned()))
             .collect();
-        fds.push((self.handoff.workers.as_raw_fd(), "handoff".to_owned()));
+        fds.push((self.handoff.workers.as_raw_fd(), FD_HANDOFF.to_owned()));
         let mut demand: Vec<RawFd> = self.listeners.iter().map(|fd| fd.as_raw_fd()).collect();
         demand.push(self.handoff.workers.as_raw_fd());
         PoolLaunch {
@@ -94,7 +91,8 @@ impl PoolRt {
             activation: self.config.activation.clone(),
             fds,
             demand,
-            env: worker_env(limits, cache),
+            settings: worker_settings(&self.config, limits, cache),
+            env: self.config.env.clone(),
         }
     }
 }

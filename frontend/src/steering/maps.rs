@@ -12,7 +12,7 @@ use super::SteeringError;
 
 fn map_error(what: impl Into<String>) -> impl FnOnce(MapError) -> SteeringError {
     let what = what.into();
-    move |source| SteeringError::Map { what, source }
+    move |cause| SteeringError::Map { what, cause }
 }
 
 fn map<'a>(
@@ -157,7 +157,7 @@ pub(super) fn reset_counter(ebpf: &mut Ebpf, index: u32) -> Result<(), SteeringE
         .map_err(map_error("COUNTERS"))?;
     let cpus = aya::util::nr_cpus().map_err(|(_, e)| SteeringError::Map {
         what: "counting CPUs".into(),
-        source: MapError::SyscallError(aya::sys::SyscallError {
+        cause: MapError::SyscallError(aya::sys::SyscallError {
             call: "nr_cpus",
             io_error: e,
         }),
@@ -165,7 +165,7 @@ pub(super) fn reset_counter(ebpf: &mut Ebpf, index: u32) -> Result<(), SteeringE
     let zeros =
         aya::maps::PerCpuValues::try_from(vec![0u64; cpus]).map_err(|e| SteeringError::Map {
             what: "zero counters".into(),
-            source: MapError::SyscallError(aya::sys::SyscallError {
+            cause: MapError::SyscallError(aya::sys::SyscallError {
                 call: "PerCpuValues",
                 io_error: e,
             }),

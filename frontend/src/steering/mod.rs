@@ -30,20 +30,20 @@ pub enum SteeringError {
     Load(#[from] aya::EbpfError),
     #[error("the eBPF object has no {0}")]
     Missing(&'static str),
-    #[error("{what}: {source}")]
-    Program { what: String, source: ProgramError },
-    #[error("{what}: {source}")]
+    #[error("{what}: {cause}")]
+    Program { what: String, cause: ProgramError },
+    #[error("{what}: {cause}")]
     Map {
         what: String,
-        source: aya::maps::MapError,
+        cause: aya::maps::MapError,
     },
 }
 
 fn program_error(what: impl Into<String>) -> impl FnOnce(ProgramError) -> SteeringError {
     let what = what.into();
-    move |source| {
+    move |cause| {
         // The verifier log is the only useful part of a load failure.
-        let what = match &source {
+        let what = match &cause {
             ProgramError::LoadError { verifier_log, .. } => {
                 let log = verifier_log.to_string();
                 let lines: Vec<&str> = log.lines().collect();
@@ -52,11 +52,11 @@ fn program_error(what: impl Into<String>) -> impl FnOnce(ProgramError) -> Steeri
             }
             _ => what,
         };
-        let source = match source {
+        let cause = match cause {
             ProgramError::LoadError { io_error, .. } => ProgramError::IOError(io_error),
             other => other,
         };
-        SteeringError::Program { what, source }
+        SteeringError::Program { what, cause }
     }
 }
 

@@ -16,6 +16,14 @@ pub enum CanonicalError {
     NotUtf8,
 }
 
+/// [`canonicalize`] without a copy for a path that is canonical already (most are).
+pub fn canonical_cow(raw: &str) -> Result<std::borrow::Cow<'_, str>, CanonicalError> {
+    if raw.starts_with('/') && is_plain(raw.as_bytes()) {
+        return Ok(std::borrow::Cow::Borrowed(raw));
+    }
+    canonicalize(raw.as_bytes()).map(std::borrow::Cow::Owned)
+}
+
 /// Canonical form of a raw path (without query) from a request line.
 pub fn canonicalize(raw: &[u8]) -> Result<String, CanonicalError> {
     if raw.first() != Some(&b'/') {

@@ -1,0 +1,400 @@
+//! The control channel between the front end and one worker process: a private AF_UNIX
+//! SOCK_SEQPACKET pair (fd name `control`), one message per datagram, at most
+//! [`MAX_MESSAGE`] bytes. Text, fields separated by one space, lists one item a line:
+//!
+//! front end -> worker ([`ToWorker`]):
+//! - `ping <seq>`: answered with `pong`.
+//! - `stop`: graceful stop, as SIGTERM.
+//! - `routes\n<prefix> <pool>\n...`: the whole route table (normalized prefixes), replacing
+//!   the previous one. The front end sends it, then `cached`, before the worker starts; a
+//!   worker serves nothing before it has both.
+//! - `cached\n<path>[\t<accept-encoding>]\n...`: the keys the front end's cache holds.
+//!
+//! worker -> front end ([`ToFrontend`]):
+//! - `pong <seq> requests=<n> rss_kib=<n>`
+//! - `stats requests=<n>`: at most once a second, when the count changed.
+//! - `cache <path>[\t<accept-encoding>]\n<response>`: a response to store (see `cache`).
+//!
+//! Every number is a plain decimal u64 (digits only, no overflow); anything else, and any
+//! message of an unknown shape, is an error the reader logs and drops.
+
+use std::io;
+use std::os::fd::RawFd;
+
+use crate::cache::CacheKey;
+use crate::route::normalize_prefix;
+
+/// Largest message either way: a publication of the largest entry plus its first line, or
+/// a long `cached` list (the front end leaves out what does not fit).
+pub const MAX_MESSAGE: usize = crate::cache::MAX_ENTRY_LIMIT + 64 * 1024;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ToWorker {
+    Ping(u64),
+    Stop,
+    /// (normalized prefix, pool name).
+    Routes(Vec<(String, String)>),
+    Cached(Vec<CacheKey>),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ToFrontend {
+    Pong {
+        seq: u64,
+        requests: u64,
+        rss_kib: u64,
+    },
+    Stats {
+        requests: u64,
+    },
+    Cache {
+        key: CacheKey,
+        response: Vec<u8>,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ControlError {
+    #[error("control message longer than {MAX_MESSAGE} bytes")]
+    TooLong,
+    #[error("control message is not text")]
+    NotText,
+    #[error("unknown control message {0:?}")]
+    Unknown(String),
+    #[error("bad number {0:?} in a control message")]
+    BadNumber(String),
+    #[error("bad line {line:?} in a `{list}` message: {reason}")]
+    BadLine {
+        list: &'static str,
+        line: String,
+        reason: &'static str,
+    },
+}
+
+fn unknown(msg: &[u8]) -> ControlError {
+    let shown = &msg[..msg.len().min(80)];
+    ControlError::Unknown(String::from_utf8_lossy(shown).into_owned())
+}
+
+/// A plain decimal u64.
+fn number(s: &str) -> Result<u64, ControlError> {
+    if s.is_empty() || s.len() > 20 || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(ControlError::BadNumber(s.chars().take(24).collect()));
+    }
+    s.parse().map_err(|_| ControlError::BadNumber(s.to_owned()))
+}
+
+/// `name=<n>`.
+fn field(s: Option<&str>, name: &str) -> Result<u64, ControlError> {
+    let s = s.ok_or_else(|| ControlError::Unknown(format!("missing {name}=")))?;
+    let v = s
+        .strip_prefix(name)
+        .and_then(|v| v.strip_prefix('='))
+        .ok_or_else(|| ControlError::Unknown(s.chars().take(40).collect()))?;
+    number(v)
+}
+
+/// `<path>[\t<variant>]`.
+fn key_text(key: &CacheKey) -> String {
+    match &key.variant {
+        None => key.path.clone(),
+        Some(v) => format!("{}\t{v}", key.path),
+    }
+}
+
+fn parse_key(line: &str, list: &'static str) -> Result<CacheKey, ControlError> {
+    let key = match line.split_once('\t') {
+        None => CacheKey {
+            path: line.to_owned(),
+            variant: None,
+        },
+        Some((path, v)) => CacheKey {
+            path: path.to_owned(),
+            variant: Some(v.to_owned()),
+        },
+    };
+    let canonical = crate::canonical::canonicalize(key.path.as_bytes()).ok();
+    if !key.is_valid() || canonical.as_deref() != Some(key.path.as_str()) {
+        return Err(ControlError::BadLine {
+            list,
+            line: line.chars().take(80).collect(),
+            reason: "not a canonical path and an optional Accept-Encoding value",
+        });
+    }
+    Ok(key)
+}
+
+fn text(msg: &[u8]) -> Result<&str, ControlError> {
+    if msg.len() > MAX_MESSAGE {
+        return Err(ControlError::TooLong);
+    }
+    std::str::from_utf8(msg).map_err(|_| ControlError::NotText)
+}
+
+impl ToWorker {
+    pub fn encode(&self) -> Vec<u8> {
+        match self {
+            ToWorker::Ping(seq) => format!("ping {seq}").into_bytes(),
+            ToWorker::Stop => b"stop".to_vec(),
+            ToWorker::Routes(routes) => {
+                let mut s = String::from("routes\n");
+                for (prefix, pool) in routes {
+                    s.push_str(prefix);
+                    s.push(' ');
+                    s.push_str(pool);
+                    s.push('\n');
+                }
+                s.into_bytes()
+            }
+            ToWorker::Cached(keys) => {
+                let mut s = String::from("cached\n");
+                for k in keys {
+                    s.push_str(&key_text(k));
+                    s.push('\n');
+                }
+                s.into_bytes()
+            }
+        }
+    }
+
+    /// A `cached` message with as many of `keys` as fit in [`MAX_MESSAGE`] (a worker that
+    /// does not know a key serves that path itself, as its pool would; nothing is lost).
+    pub fn cached_within(keys: impl IntoIterator<Item = CacheKey>) -> ToWorker {
+        let mut size = "cached\n".len();
+        let mut kept = Vec::new();
+        for k in keys {
+            size += key_text(&k).len() + 1;
+            if size > MAX_MESSAGE {
+                break;
+            }
+            kept.push(k);
+        }
+        ToWorker::Cached(kept)
+    }
+
+    pub fn decode(msg: &[u8]) -> Result<ToWorker, ControlError> {
+        let text = text(msg)?;
+        let (first, rest) = text.split_once('\n').unwrap_or((text, ""));
+        match first {
+            "routes" => {
+                let mut routes = Vec::new();
+                for line in rest.lines().filter(|l| !l.is_empty()) {
+                    let bad = |reason| ControlError::BadLine {
+                        list: "routes",
+                        line: line.chars().take(80).collect(),
+                        reason,
+                    };
+                    let mut fields = line.split(' ');
+                    let (Some(prefix), Some(pool), None) =
+                        (fields.next(), fields.next(), fields.next())
+                    else {
+                        return Err(bad("expected `<prefix> <pool>`"));
+                    };
+                    if pool.is_empty() {
+                        return Err(bad("empty pool name"));
+                    }
+                    match normalize_prefix(prefix) {
+                        Ok(n) if n == prefix => {}
+                        Ok(_) => return Err(bad("the prefix does not end in `/`")),
+                        Err(reason) => return Err(bad(reason)),
+                    }
+                    routes.push((prefix.to_owned(), pool.to_owned()));
+                }
+                Ok(ToWorker::Routes(routes))
+            }
+            "cached" => rest
+                .lines()
+                .filter(|l| !l.is_empty())
+                .map(|l| parse_key(l, "cached"))
+                .collect::<Result<_, _>>()
+                .map(ToWorker::Cached),
+            _ if !rest.is_empty() => Err(unknown(msg)),
+            "stop" => Ok(ToWorker::Stop),
+            _ => match first.split_once(' ') {
+                Some(("ping", seq)) => number(seq).map(ToWorker::Ping),
+                _ => Err(unknown(msg)),
+            },
+        }
+    }
+}
+
+impl ToFrontend {
+    pub fn encode(&self) -> Vec<u8> {
+        match self {
+            ToFrontend::Pong {
+                seq,
+                requests,
+                rss_kib,
+            } => format!("pong {seq} requests={requests} rss_kib={rss_kib}").into_bytes(),
+            ToFrontend::Stats { requests } => format!("stats requests={requests}").into_bytes(),
+            ToFrontend::Cache { key, response } => {
+                let mut out = format!("cache {}\n", key_text(key)).into_bytes();
+                out.extend_from_slice(response);
+                out
+            }
+        }
+    }
+
+    pub fn decode(msg: &[u8]) -> Result<ToFrontend, ControlError> {
+        if msg.len() > MAX_MESSAGE {
+            return Err(ControlError::TooLong);
+        }
+        if let Some(rest) = msg.strip_prefix(b"cache ") {
+            let nl = rest
+                .iter()
+                .position(|&b| b == b'\n')
+                .ok_or_else(|| unknown(msg))?;
+            let line = std::str::from_utf8(&rest[..nl]).map_err(|_| ControlError::NotText)?;
+            let key = parse_key(line, "cache")?;
+            return Ok(ToFrontend::Cache {
+                key,
+                response: rest[nl + 1..].to_vec(),
+            });
+        }
+        let text = text(msg)?;
+        let mut words = text.split(' ');
+        let decoded = match words.next() {
+            Some("pong") => ToFrontend::Pong {
+                seq: number(words.next().unwrap_or(""))?,
+                requests: field(words.next(), "requests")?,
+                rss_kib: field(words.next(), "rss_kib")?,
+            },
+            Some("stats") => ToFrontend::Stats {
+                requests: field(words.next(), "requests")?,
+            },
+            _ => return Err(unknown(msg)),
+        };
+        if words.next().is_some() {
+            return Err(unknown(msg));
+        }
+        Ok(decoded)
+    }
+}
+
+/// Sends one datagram without blocking (MSG_DONTWAIT | MSG_NOSIGNAL): a full socket is an
+/// error, never a wait.
+pub fn send(fd: RawFd, msg: &[u8]) -> io::Result<()> {
+    // SAFETY: `msg` is a live buffer of `msg.len()` bytes; send(2) only reads it.
+    let rc = unsafe {
+        libc::send(
+            fd,
+            msg.as_ptr().cast(),
+            msg.len(),
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        )
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(path: &str, variant: Option<&str>) -> CacheKey {
+        CacheKey {
+            path: path.into(),
+            variant: variant.map(Into::into),
+        }
+    }
+
+    #[test]
+    fn every_message_to_a_worker_decodes_as_it_was_encoded() {
+        for m in [
+            ToWorker::Ping(0),
+            ToWorker::Ping(u64::MAX),
+            ToWorker::Stop,
+            ToWorker::Routes(vec![]),
+            ToWorker::Routes(vec![
+                ("/api/".into(), "api".into()),
+                ("/".into(), "web".into()),
+            ]),
+            ToWorker::Cached(vec![]),
+            ToWorker::Cached(vec![key("/a b/c", None), key("/x", Some("gzip, br"))]),
+        ] {
+            assert_eq!(ToWorker::decode(&m.encode()), Ok(m.clone()), "{m:?}");
+        }
+    }
+
+    #[test]
+    fn every_message_to_the_front_end_decodes_as_it_was_encoded() {
+        for m in [
+            ToFrontend::Pong {
+                seq: 7,
+                requests: u64::MAX,
+                rss_kib: 0,
+            },
+            ToFrontend::Stats { requests: 3 },
+            ToFrontend::Cache {
+                key: key("/i.html", Some("")),
+                response: b"HTTP/1.1 200 OK\r\n\r\n\n\xff".to_vec(),
+            },
+        ] {
+            assert_eq!(ToFrontend::decode(&m.encode()), Ok(m.clone()), "{m:?}");
+        }
+    }
+
+    #[test]
+    fn hostile_messages_are_errors_not_panics() {
+        for bad in [
+            &b""[..],
+            b"ping",
+            b"ping ",
+            b"ping -1",
+            b"ping +1",
+            b"ping 18446744073709551616",
+            b"ping 1 2",
+            b"PING 1",
+            b"stop now",
+            b"stop\nx",
+            b"routes\n/api/\n",
+            b"routes\n/a/../b/ x\n",
+            b"routes\n/api x\n",
+            b"cached\nrel\n",
+            b"cached\n/a/../b\n",
+            b"cached\n/x\tgz\x01ip\n",
+            b"\xff\xfe",
+        ] {
+            assert!(
+                ToWorker::decode(bad).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        for bad in [
+            &b"cache 18446744073709551615 /x\nHTTP/1.1 200 OK\r\n\r\n"[..],
+            b"cache /x",
+            b"cache x\n",
+            b"cache /a/./b\n",
+            b"pong 1",
+            b"pong 1 requests=1",
+            b"pong 1 requests=1 rss_kib=99999999999999999999",
+            b"pong 1 rss_kib=1 requests=1",
+            b"stats requests=-1",
+            b"stats requests=1 extra",
+            b"hello",
+        ] {
+            assert!(
+                ToFrontend::decode(bad).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        assert_eq!(
+            ToWorker::decode(&vec![b'x'; MAX_MESSAGE + 1]),
+            Err(ControlError::TooLong)
+        );
+    }
+
+    #[test]
+    fn a_cached_list_longer_than_a_message_is_cut_to_fit() {
+        let keys = (0..100_000).map(|i| key(&format!("/some/long/path/{i:08}"), None));
+        let m = ToWorker::cached_within(keys);
+        let ToWorker::Cached(kept) = &m else { panic!() };
+        assert!(kept.len() > 10_000 && kept.len() < 100_000);
+        assert!(m.encode().len() <= MAX_MESSAGE);
+    }
+}
