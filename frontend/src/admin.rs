@@ -23,6 +23,11 @@ pub enum AdminError {
     Connect { path: PathBuf, cause: io::Error },
     #[error("sluice answered: {0}")]
     Refused(String),
+    #[error(
+        "admin socket {0} names a file that is not a socket; sluice does not remove it (choose \
+         another server.admin_socket)"
+    )]
+    NotASocket(PathBuf),
 }
 
 const TIMEOUT: Duration = Duration::from_secs(2);
@@ -41,7 +46,11 @@ impl AdminSocket {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(io)?;
         }
-        if path.exists() {
+        if let Ok(meta) = std::fs::symlink_metadata(path) {
+            // Only a stale socket is replaced: any other file stays where it is.
+            if !std::os::unix::fs::FileTypeExt::is_socket(&meta.file_type()) {
+                return Err(AdminError::NotASocket(path.to_owned()));
+            }
             if UnixStream::connect(path).is_ok() {
                 return Err(AdminError::InUse(path.to_owned()));
             }

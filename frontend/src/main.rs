@@ -37,12 +37,17 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
-    /// Show which pool a config's user-space router picks for each path (after URL
-    /// canonicalization), as the dispatcher would; the kernel program agrees wherever it steers.
+    /// Show which pool a config's router picks for each request target, by the rule the
+    /// dispatcher and every worker apply (`GET TARGET HTTP/1.1` with a `Host`); the kernel
+    /// program agrees wherever it steers.
     Route {
         config: PathBuf,
-        /// Request targets, such as `/api/x?q=1` or `/a/../b`.
-        #[arg(required = true)]
+        /// Whole request heads instead, one per line of this file, hex-encoded: each is judged
+        /// as the dispatcher judges it (`pool NAME`, `refuse STATUS REASON` or `partial`).
+        #[arg(long, conflicts_with = "paths")]
+        heads: Option<PathBuf>,
+        /// Request targets, such as `/api/x?q=1`, `/a/../b` or `http://host/x`.
+        #[arg(required_unless_present = "heads")]
         paths: Vec<String>,
     },
     /// Re-read the running front end's config file and apply it (like SIGHUP); a config that
@@ -106,6 +111,17 @@ fn admin_path(admin: Option<PathBuf>, config: Option<PathBuf>) -> Result<PathBuf
     })
 }
 
+/// Bytes from their hex digits.
+fn hex(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
 fn main() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
         .format_timestamp_millis()
@@ -131,26 +147,52 @@ fn real_main() -> Result<()> {
             for p in c.unrouted_pools() {
                 println!("warning: pool {p} has no route");
             }
+            for w in c.warnings() {
+                println!("warning: {w}");
+            }
             Ok(())
         }
         Command::Run { config } => {
+            // SAFETY: geteuid has no preconditions.
+            if unsafe { libc::geteuid() } != 0 {
+                anyhow::bail!(
+                    "sluice run needs root: CAP_BPF and CAP_NET_ADMIN to load and attach its kernel \
+                     programs, CAP_SETUID and CAP_SETGID to run each pool's workers as its own user"
+                );
+            }
             let c = config::Config::load(&config)?;
             server::run(c)
         }
-        Command::Route { config, paths } => {
+        Command::Route {
+            config,
+            heads,
+            paths,
+        } => {
             let c = config::Config::load(&config)?;
             let table =
                 sluice::route::RouteTable::new(c.routes.iter().map(|r| (r.prefix.clone(), r.pool)));
+            let limits = c.limits.head_limits();
+            let judge = |head: &[u8]| {
+                use sluice::dispatcher::head::{Decision, inspect};
+                match inspect(head, &limits, &table).decision {
+                    Decision::Pool(i) => format!("pool {}", c.pools[i].name),
+                    Decision::Refuse(code, why) => format!("refuse {code} {why}"),
+                    Decision::NeedMore => "partial".to_owned(),
+                }
+            };
+            if let Some(file) = heads {
+                let text = std::fs::read_to_string(&file)
+                    .with_context(|| format!("reading {}", file.display()))?;
+                for (n, line) in text.lines().enumerate() {
+                    let head = hex(line.trim())
+                        .with_context(|| format!("{}:{}: not hex", file.display(), n + 1))?;
+                    println!("{}", judge(&head));
+                }
+                return Ok(());
+            }
             for target in paths {
-                let raw = target.split('?').next().unwrap_or("");
-                let answer = match sluice::canonical::canonicalize(raw.as_bytes()) {
-                    Err(e) => format!("400 ({e})"),
-                    Ok(path) => match table.lookup(&path) {
-                        Some(i) => format!("{} {path}", c.pools[i].name),
-                        None => format!("400 (no route for {path})"),
-                    },
-                };
-                println!("{target}\t{answer}");
+                let head = format!("GET {target} HTTP/1.1\r\nHost: route\r\n\r\n");
+                println!("{target}\t{}", judge(head.as_bytes()));
             }
             Ok(())
         }

@@ -15,6 +15,9 @@ pub struct Status {
     pub kernel: KernelStatus,
     #[serde(default)]
     pub cache: crate::cache::CacheStats,
+    /// Listeners that are not sluice's seen on its listen addresses since it started.
+    #[serde(default)]
+    pub foreign_listeners: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -160,10 +160,10 @@ fn kernel_and_user_space_routers_agree_on_random_and_adversarial_paths() {
         .lines()
         .filter_map(|l| l.split_once('\t'))
         .map(|(t, a)| {
-            (
-                t.to_owned(),
-                a.split_whitespace().next().unwrap_or("").to_owned(),
-            )
+            // `pool NAME` or `refuse STATUS REASON`: the pool's name, or the status.
+            let mut words = a.split_whitespace();
+            let _kind = words.next();
+            (t.to_owned(), words.next().unwrap_or("").to_owned())
         })
         .collect();
     assert_eq!(

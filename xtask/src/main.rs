@@ -65,11 +65,25 @@ fn main() -> Result<()> {
     }
 }
 
+/// The checkout this task runs in: `cargo xtask` (cargo run) names the xtask package's folder
+/// at run time; failing that, the nearest folder up from here with the workspace's Cargo.toml.
+/// Never the folder it was compiled in, which may be another copy of the checkout.
 pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_default()
+    if let Some(dir) = std::env::var_os("CARGO_MANIFEST_DIR") {
+        if let Some(parent) = Path::new(&dir).parent() {
+            return parent.to_path_buf();
+        }
+    }
+    let mut dir = std::env::current_dir().unwrap_or_default();
+    loop {
+        let manifest = std::fs::read_to_string(dir.join("Cargo.toml")).unwrap_or_default();
+        if manifest.contains("[workspace]") && dir.join("xtask").is_dir() {
+            return dir;
+        }
+        if !dir.pop() {
+            return std::env::current_dir().unwrap_or_default();
+        }
+    }
 }
 
 pub fn run(cmd: &mut Command) -> Result<()> {

@@ -186,6 +186,17 @@ pub struct Limits {
     pub max_pending: usize,
 }
 
+impl Limits {
+    /// The limits a request head is judged by (`sluice_proto::request`).
+    pub fn head_limits(&self) -> sluice_proto::limits::HeadLimits {
+        sluice_proto::limits::HeadLimits {
+            max_request_head: self.max_request_head,
+            max_url: self.max_url,
+            max_request_body: self.max_request_body,
+        }
+    }
+}
+
 impl Default for Limits {
     fn default() -> Self {
         Limits {

@@ -5,6 +5,7 @@
 //! Data flows one way: config -> route table -> kernel maps and sockets -> workers.
 
 mod cache;
+mod guard;
 mod pools;
 mod reload;
 mod signals;
@@ -22,12 +23,12 @@ use sluice_common::{
     DISPATCHER_SLOT, MAX_POOLS, MODE_FIRST_SEGMENT, MODE_SYN, POOL_FLAG_STOPPED, PoolSlots,
 };
 
-use self::{pools::PoolRt, signals::Signals};
+use self::{guard::Guard, pools::PoolRt, signals::Signals};
 use crate::{
     activation::{Event, Supervisor, control::ToWorker},
     admin::AdminSocket,
     config::{Config, Steering as Mode},
-    dispatcher::{self, DispatchStats, Dispatcher, PoolFlags, SharedTable, head::Limits},
+    dispatcher::{self, DispatchStats, Dispatcher, PoolFlags, SharedTable},
     metrics,
     sockets::{self, DISPATCHER_BACKLOG},
     steering::{self, Steering},
@@ -59,6 +60,8 @@ struct Frontend {
     stop: OwnedFd,
     wake: OwnedFd,
     dispatch_thread: Option<JoinHandle<std::io::Result<()>>>,
+    /// Watches the listen addresses for listeners that are not ours.
+    guard: Guard,
     /// Restores changed sysctls on drop (last).
     restore: sysctl::Restore,
 }
@@ -109,6 +112,12 @@ pub fn run(config: Config) -> Result<()> {
         } else {
             TICK_IDLE
         };
+        // Wake when the next cache entry expires: the kernel and the workers forget it then,
+        // not a tick later.
+        let next_expiry = fe.lock_cache().next_expiry();
+        let wait = next_expiry.map_or(wait, |t| {
+            wait.min(t.saturating_duration_since(Instant::now()) + Duration::from_millis(1))
+        });
         // SAFETY: poll(2) over a live array of pollfds.
         unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as u64, wait.as_millis() as i32) };
         let mut quit = false;
@@ -146,6 +155,13 @@ pub fn run(config: Config) -> Result<()> {
 
 impl Frontend {
     fn start(config: Config) -> Result<Frontend> {
+        // Before anything changes: another listener on an address would take its traffic.
+        for &addr in &config.listen {
+            guard::probe(addr)?;
+        }
+        for w in config.warnings() {
+            log::warn!("{w}");
+        }
         let mut restore = sysctl::Restore::default();
         match config.steering {
             Mode::FirstSegment => {
@@ -201,6 +217,7 @@ impl Frontend {
             stop,
             wake,
             dispatch_thread: None,
+            guard: Guard::new(&config.listen),
             restore,
         };
         let ids: Vec<usize> = config
@@ -227,11 +244,7 @@ impl Frontend {
                 .map(|fd| fd.as_raw_fd())
                 .collect(),
             table: fe.table.clone(),
-            limits: Limits {
-                max_request_head: config.limits.max_request_head,
-                max_url: config.limits.max_url,
-                max_request_body: config.limits.max_request_body,
-            },
+            limits: config.limits.head_limits(),
             header_timeout: config.limits.header_timeout,
             max_pending: config.limits.max_pending,
             stats: fe.stats.clone(),
@@ -375,7 +388,27 @@ impl Frontend {
         }
         self.finish_removals();
         self.expire_cache(now)?;
+        self.guard_groups(now);
         Ok(())
+    }
+
+    /// A listener that is not ours joined a group: the group gets our program back.
+    fn guard_groups(&mut self, now: Instant) {
+        let ours: Vec<std::os::fd::RawFd> = self
+            .dispatch_sockets
+            .iter()
+            .map(|fd| fd.as_raw_fd())
+            .chain(
+                self.pools
+                    .iter()
+                    .flat_map(|p| p.listeners.iter().map(|fd| fd.as_raw_fd())),
+            )
+            .collect();
+        for g in self.guard.check(now, &ours) {
+            if let Err(e) = self.steering.attach(g, &self.dispatch_sockets[g]) {
+                log::error!("attaching the steering program again: {e}");
+            }
+        }
     }
 
     fn command(&mut self, command: &str) -> String {

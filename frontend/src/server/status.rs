@@ -79,6 +79,7 @@ impl Frontend {
                 cache_steered: counters.get(counter::CACHED),
             },
             cache: self.lock_cache().stats(),
+            foreign_listeners: self.guard.foreign,
         }
     }
 }

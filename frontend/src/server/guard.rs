@@ -1,0 +1,216 @@
+//! Keeping the reuseport groups sluice's own. A second front end (or any root process with
+//! SO_REUSEPORT) that binds a listen address joins its group and can replace the steering
+//! program, taking the traffic; when it exits, the group is left with a program whose socket
+//! array is empty, and every connection is refused. So: refuse to start on an address that
+//! already has a listener (`probe`), and watch for listeners that are not ours (`Guard`): one
+//! that appears is logged, counted, and the group gets sluice's program back.
+
+use std::{
+    collections::HashSet,
+    net::{IpAddr, SocketAddr},
+    os::fd::RawFd,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Result, bail};
+
+/// How often the listening sockets of the namespace are looked at.
+const EVERY: Duration = Duration::from_secs(1);
+
+/// Fails when something already listens on `addr` (a listener that shares the address,
+/// including a wildcard one on its port).
+pub fn probe(addr: SocketAddr) -> Result<()> {
+    let family = if addr.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    // SAFETY: plain socket(2); closed below.
+    let fd = unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        bail!("probing {addr}: {}", std::io::Error::last_os_error());
+    }
+    // SO_REUSEADDR without SO_REUSEPORT: TIME_WAIT leftovers do not count, listeners do.
+    let one: libc::c_int = 1;
+    let (ss, len) = crate::sockets::sockaddr(&addr);
+    // SAFETY: setsockopt/bind on our own fd with live, correctly sized arguments.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_REUSEADDR,
+            (&raw const one).cast(),
+            4,
+        );
+        if addr.is_ipv6() {
+            libc::setsockopt(
+                fd,
+                libc::IPPROTO_IPV6,
+                libc::IPV6_V6ONLY,
+                (&raw const one).cast(),
+                4,
+            );
+        }
+        libc::bind(fd, (&raw const ss).cast(), len)
+    };
+    let err = std::io::Error::last_os_error();
+    // SAFETY: closing the probe socket we made.
+    unsafe { libc::close(fd) };
+    if rc < 0 && err.raw_os_error() == Some(libc::EADDRINUSE) {
+        bail!(
+            "{addr} already has a listener (another sluice, or another server on that address or \
+             on its port's wildcard address): stop it first; see `ss -ltnp 'sport = :{}'`",
+            addr.port()
+        );
+    }
+    Ok(())
+}
+
+/// Watches the listen addresses for sockets that are not the front end's.
+pub struct Guard {
+    addrs: Vec<SocketAddr>,
+    next: Instant,
+    /// Foreign socket inodes already reported.
+    reported: HashSet<u64>,
+    /// Foreign listeners seen since the start.
+    pub foreign: u64,
+}
+
+impl Guard {
+    pub fn new(addrs: &[SocketAddr]) -> Guard {
+        Guard {
+            addrs: addrs.to_vec(),
+            next: Instant::now() + EVERY,
+            reported: HashSet::new(),
+            foreign: 0,
+        }
+    }
+
+    /// At most once a second: the groups (by index into the listen addresses) that have a
+    /// listener not among `ours` that was not reported before.
+    pub fn check(&mut self, now: Instant, ours: &[RawFd]) -> Vec<usize> {
+        if now < self.next {
+            return Vec::new();
+        }
+        self.next = now + EVERY;
+        let ours: HashSet<u64> = ours.iter().filter_map(|&fd| inode(fd)).collect();
+        let mut groups = Vec::new();
+        for (addr, ino) in listeners() {
+            if ours.contains(&ino) || self.reported.contains(&ino) {
+                continue;
+            }
+            let Some(g) = self.addrs.iter().position(|a| shares(a, &addr)) else {
+                continue;
+            };
+            self.reported.insert(ino);
+            self.foreign += 1;
+            log::error!(
+                "a listener that is not sluice's appeared on {addr} (socket inode {ino}): it can \
+                 take this address's connections; sluice attached its steering program again, \
+                 so it gets none. Stop the other server"
+            );
+            if !groups.contains(&g) {
+                groups.push(g);
+            }
+        }
+        groups
+    }
+}
+
+/// Whether a listener on `other` takes part in `ours`'s group (same port, same address or a
+/// wildcard one).
+fn shares(ours: &SocketAddr, other: &SocketAddr) -> bool {
+    ours.port() == other.port()
+        && (ours.ip() == other.ip() || other.ip().is_unspecified())
+        && ours.is_ipv4() == other.is_ipv4()
+}
+
+fn inode(fd: RawFd) -> Option<u64> {
+    // SAFETY: fstat writes into the live `st`.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: as above, on an fd we hold.
+    (unsafe { libc::fstat(fd, &mut st) } == 0).then_some(st.st_ino)
+}
+
+/// Every TCP listener of this network namespace: (address, socket inode).
+fn listeners() -> Vec<(SocketAddr, u64)> {
+    let mut out = Vec::new();
+    for (file, v6) in [("/proc/net/tcp", false), ("/proc/net/tcp6", true)] {
+        let Ok(text) = std::fs::read_to_string(file) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // sl local rem st tx:rx tr:when retrnsmt uid timeout inode
+            if f.len() < 10 || f[3] != "0A" {
+                continue;
+            }
+            if let (Some(addr), Ok(ino)) = (parse_addr(f[1], v6), f[9].parse()) {
+                out.push((addr, ino));
+            }
+        }
+    }
+    out
+}
+
+/// `0100007F:1F90` (IPv4, host-order words) or the 32-digit IPv6 form.
+fn parse_addr(text: &str, v6: bool) -> Option<SocketAddr> {
+    let (ip, port) = text.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    let words: Vec<u32> = (0..ip.len() / 8)
+        .map(|i| u32::from_str_radix(&ip[i * 8..i * 8 + 8], 16).ok())
+        .collect::<Option<_>>()?;
+    let ip = match (v6, words.as_slice()) {
+        (false, [w]) => IpAddr::from(w.to_ne_bytes()),
+        (true, [a, b, c, d]) => {
+            let mut o = [0u8; 16];
+            for (i, w) in [a, b, c, d].iter().enumerate() {
+                o[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+            }
+            IpAddr::from(o)
+        }
+        _ => return None,
+    };
+    Some(SocketAddr::new(ip, port))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsRawFd;
+
+    use super::*;
+
+    #[test]
+    fn proc_net_addresses_are_read_in_host_order() {
+        assert_eq!(
+            parse_addr("0100007F:1F90", false),
+            Some("127.0.0.1:8080".parse().unwrap())
+        );
+        assert_eq!(
+            parse_addr("00000000000000000000000001000000:1F90", true),
+            Some("[::1]:8080".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn a_listener_on_a_bound_address_is_found_and_refused() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        assert!(probe(addr).is_err());
+        assert!(listeners().iter().any(|(a, _)| *a == addr));
+        let mut g = Guard::new(&[addr]);
+        g.next = Instant::now();
+        assert_eq!(g.check(Instant::now(), &[]), vec![0]);
+        g.next = Instant::now();
+        assert!(g.check(Instant::now(), &[]).is_empty(), "reported once");
+        g.next = Instant::now();
+        let mut g2 = Guard::new(&[addr]);
+        g2.next = Instant::now();
+        assert!(
+            g2.check(Instant::now(), &[l.as_raw_fd()]).is_empty(),
+            "ours"
+        );
+        drop(l);
+        assert!(probe(addr).is_ok());
+    }
+}
