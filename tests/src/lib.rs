@@ -242,10 +242,17 @@ impl Sluice {
     /// Starts sluice with `template` (see `config`) and waits until it answers status.
     pub fn start(ns: &Netns, template: &str) -> Sluice {
         let mut s = Sluice::spawn(ns, template);
+        s.wait_ready();
+        s
+    }
+
+    /// Waits until sluice answers status; panics with its log if it exits first.
+    fn wait_ready(&mut self) {
+        let s = self;
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if s.try_status().is_some() {
-                return s;
+                return;
             }
             if let Some(Ok(Some(status))) = s.child.as_mut().map(|c| c.try_wait()) {
                 panic!(
@@ -260,8 +267,19 @@ impl Sluice {
         }
     }
 
+    /// [`Sluice::start`] with more variables in sluice's own environment.
+    pub fn start_env(ns: &Netns, template: &str, env: &[(&str, &str)]) -> Sluice {
+        let mut s = Sluice::spawn_env(ns, template, env);
+        s.wait_ready();
+        s
+    }
+
     /// Starts sluice without waiting for it.
     pub fn spawn(ns: &Netns, template: &str) -> Sluice {
+        Sluice::spawn_env(ns, template, &[])
+    }
+
+    fn spawn_env(ns: &Netns, template: &str, env: &[(&str, &str)]) -> Sluice {
         let dir = std::env::temp_dir().join(unique("run"));
         fs::create_dir_all(&dir).expect("temp dir");
         let admin = dir.join("admin.sock");
@@ -275,6 +293,7 @@ impl Sluice {
             .arg("run")
             .arg(&cfg)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::from(out))
             .stderr(Stdio::from(err))
             .spawn()

@@ -80,7 +80,21 @@ fn paths(n: usize) -> Vec<String> {
         "..x",
     ];
     let nasty = [
-        ".", "..", "", "%2e", "%2e%2e", "%2F", "%41pi", "%00", "%zz", "%", "a\\b", "ap%69", "é",
+        ".",
+        "..",
+        "",
+        "%2e",
+        "%2e%2e",
+        "%2F",
+        "%41pi",
+        "%00",
+        "%zz",
+        "%",
+        "a\\b",
+        "ap%69",
+        "é",
+        "#",
+        "x#/../../static",
     ];
     let first = ["api", "static", "api/v2", "apix", "x"];
     let mut rng = Rng(0x5eed_1234_abcd_0001);
@@ -96,6 +110,8 @@ fn paths(n: usize) -> Vec<String> {
         "//api/x".to_owned(),
         "/static/./a".to_owned(),
         "/api?x=/static/".to_owned(),
+        "/api/x#/../../static/".to_owned(),
+        "/api#".to_owned(),
         format!("/api/{}", "a".repeat(300)),
         format!("/static/{}", "b".repeat(120)),
     ];
@@ -125,14 +141,14 @@ fn paths(n: usize) -> Vec<String> {
     out
 }
 
-/// What the kernel program can prove canonical: visible ASCII without `%` or `\`, no empty,
-/// `.` or `..` segment, ending within its 256-byte window after "GET ".
+/// What the kernel program can prove canonical: visible ASCII without `%`, `\` or `#`, no
+/// empty, `.` or `..` segment, ending within its 256-byte window after "GET ".
 fn kernel_safe(target: &str) -> bool {
     let path = target.split('?').next().unwrap_or("");
     path.len() + 4 < 256
         && path
             .bytes()
-            .all(|b| b > b' ' && b < 0x7f && b != b'%' && b != b'\\')
+            .all(|b| b > b' ' && b < 0x7f && b != b'%' && b != b'\\' && b != b'#')
         && !path[1..].split('/').enumerate().any(|(i, s)| {
             let last = i == path[1..].split('/').count() - 1;
             s == "." || s == ".." || (s.is_empty() && !last)

@@ -320,3 +320,94 @@ fn a_keep_alive_connection_gets_each_request_from_the_right_place() {
     );
     let _ = std::fs::remove_dir_all(&root);
 }
+
+/// Sends `bytes`, closes the sending side, and returns everything until the server closes.
+fn send_all(ns: &Netns, bytes: &[u8]) -> Vec<u8> {
+    ns.enter(|| {
+        use std::io::Read;
+        let mut c = TcpStream::connect(v4()).expect("connect");
+        c.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        c.write_all(bytes).expect("send");
+        c.shutdown(std::net::Shutdown::Write).expect("shutdown");
+        let mut out = Vec::new();
+        let _ = c.read_to_end(&mut out);
+        out
+    })
+}
+
+#[test]
+fn smuggling_forms_on_the_cache_path_get_one_400_and_nothing_else() {
+    let ns = Netns::new("csmug");
+    let root = files_root("smug");
+    let s = Sluice::start(&ns, &files_config(&root));
+    ready(&s);
+    let first = get_in(&ns, "/files/index.html");
+    assert_eq!(first.pool(), Some("files"));
+    wait_for(&s, Duration::from_secs(5), "the publication", |st| {
+        st["cache"]["entries"] == 1
+    });
+    let smuggled = "GET /api/smuggled HTTP/1.1\r\nHost: x\r\n\r\n";
+    for framing in [
+        format!("Content-Length: 0\r\nContent-Length: {}", smuggled.len()),
+        "Content-Length:".to_owned(),
+        "Content-Length: 0 0".to_owned(),
+        format!(
+            "Content-Length: {}\r\nTransfer-Encoding: chunked",
+            smuggled.len()
+        ),
+    ] {
+        let raw =
+            format!("GET /files/index.html HTTP/1.1\r\nHost: x\r\n{framing}\r\n\r\n{smuggled}");
+        let out = String::from_utf8_lossy(&send_all(&ns, raw.as_bytes())).into_owned();
+        assert!(out.starts_with("HTTP/1.1 400 "), "{framing:?}: {out}");
+        assert_eq!(out.matches("HTTP/1.1 ").count(), 1, "{framing:?}: {out}");
+        assert!(!out.contains("x-sluice-pool"), "{framing:?}: {out}");
+    }
+    // A cached path over HTTP/1.1 without Host is refused by the cache as by the workers.
+    let out = String::from_utf8_lossy(&send_all(&ns, b"GET /files/index.html HTTP/1.1\r\n\r\n"))
+        .into_owned();
+    assert!(out.starts_with("HTTP/1.1 400 "), "{out}");
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+#[test]
+fn an_expired_entry_bounces_no_request_between_the_front_end_and_its_pool() {
+    let ns = Netns::new("cbounce");
+    let root = files_root("bounce");
+    let s = Sluice::start(
+        &ns,
+        &files_config(&root).replace("public, max-age=5", "public, max-age=1"),
+    );
+    ready(&s);
+    // The connection is the files pool's from its first request on (a 404, not cached).
+    let answers = ns.enter(|| {
+        let mut c = TcpStream::connect(v4()).expect("connect");
+        c.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let mut ask = |path: &str| {
+            c.write_all(format!("GET {path} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes())
+                .expect("send");
+            read_response(&mut c).unwrap_or_else(|e| panic!("{path}: {e}"))
+        };
+        assert_eq!(ask("/files/missing").status, 404);
+        let until = std::time::Instant::now() + Duration::from_secs(4);
+        let mut n = 0u64;
+        while std::time::Instant::now() < until {
+            let r = ask("/files/index.html");
+            assert_eq!(r.body, b"<h1>cached page</h1>\n");
+            n += 1;
+        }
+        n
+    });
+    let st = s.status();
+    let handed_back = st["dispatcher"]["handed_back"].as_u64().unwrap_or(0);
+    eprintln!("{answers} answers, {handed_back} hand-backs");
+    assert!(answers > 100, "{answers}");
+    // Each request is handed back at most once (to reach the cache); none bounces.
+    assert!(
+        handed_back <= answers,
+        "{handed_back} hand-backs for {answers} answers: {st}"
+    );
+    let _ = std::fs::remove_dir_all(&root);
+}

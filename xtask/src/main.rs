@@ -156,6 +156,48 @@ fn demo() -> Result<()> {
     run(Command::new(sluice).arg("run").arg(config))
 }
 
+/// Where the tests find the binaries and worker scripts: the checkout's own, when every folder
+/// above them lets other users through (workers of a pool without `user` run as a uid of
+/// their own, which must be able to execute them); else copies in a fresh folder under /tmp.
+fn reachable_binaries(root: &Path) -> Result<(PathBuf, PathBuf)> {
+    use std::os::unix::fs::PermissionsExt;
+    let release = root.join("target/release");
+    let workers = root.join("tests/workers");
+    let open = release
+        .ancestors()
+        .all(|dir| std::fs::metadata(dir).is_ok_and(|m| m.permissions().mode() & 0o001 != 0));
+    if open {
+        return Ok((release, workers));
+    }
+    let copy = std::env::temp_dir().join(format!("sluice-test-bin-{}", std::process::id()));
+    eprintln!(
+        "{} is not reachable by other users; the tests use copies in {}",
+        release.display(),
+        copy.display()
+    );
+    std::fs::create_dir_all(copy.join("examples"))?;
+    std::fs::create_dir_all(copy.join("workers"))?;
+    std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755))?;
+    std::fs::copy(release.join("sluice"), copy.join("sluice"))?;
+    for dir in ["examples", "workers"] {
+        let from = if dir == "workers" {
+            workers.clone()
+        } else {
+            release.join(dir)
+        };
+        for entry in std::fs::read_dir(&from)? {
+            let path = entry?.path();
+            let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+            if let Some(name) =
+                name.filter(|n| path.is_file() && !n.contains('-') && !n.ends_with(".d"))
+            {
+                std::fs::copy(&path, copy.join(dir).join(name))?;
+            }
+        }
+    }
+    Ok((copy.clone(), copy.join("workers")))
+}
+
 fn test(args: &[String]) -> Result<()> {
     build()?;
     toolchain::ensure_packages(&[
@@ -166,10 +208,12 @@ fn test(args: &[String]) -> Result<()> {
     ])?;
     let root = root();
     let obj = root.join("target/ebpf/bpfel-unknown-none/release/sluice-ebpf");
+    let (bins, workers) = reachable_binaries(&root)?;
     let mut cmd = cargo();
     cmd.current_dir(&root)
         .env("SLUICE_EBPF_OBJECT", &obj)
-        .env("SLUICE_BIN_DIR", root.join("target/release"))
+        .env("SLUICE_BIN_DIR", &bins)
+        .env("SLUICE_TEST_WORKERS", &workers)
         .args([
             "test",
             "--release",

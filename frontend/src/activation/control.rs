@@ -60,8 +60,20 @@ pub fn pair() -> io::Result<(OwnedFd, OwnedFd)> {
     Ok((ours, theirs))
 }
 
-/// Everything waiting on `fd`; `Err` when the worker's end is closed.
-pub fn receive(fd: RawFd) -> io::Result<Vec<ToFrontend>> {
+/// Most messages taken from one worker per call, so a worker that floods its channel cannot
+/// keep the controller from its other work; the rest wait for the next call.
+const MAX_PER_CALL: usize = 256;
+
+/// What one call of [`receive`] found.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Received {
+    pub messages: Vec<ToFrontend>,
+    /// The worker's end is closed (it is exiting).
+    pub closed: bool,
+}
+
+/// The messages waiting on `fd` (malformed ones are logged and dropped).
+pub fn receive(fd: RawFd) -> Received {
     thread_local! {
         // One receive buffer for the controller thread, not one allocation per message.
         static BUF: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0u8; MAX_MESSAGE]);
@@ -69,9 +81,9 @@ pub fn receive(fd: RawFd) -> io::Result<Vec<ToFrontend>> {
     BUF.with(|b| receive_into(fd, &mut b.borrow_mut()))
 }
 
-fn receive_into(fd: RawFd, buf: &mut [u8]) -> io::Result<Vec<ToFrontend>> {
-    let mut out = Vec::new();
-    loop {
+fn receive_into(fd: RawFd, buf: &mut [u8]) -> Received {
+    let mut out = Received::default();
+    while out.messages.len() < MAX_PER_CALL {
         // SAFETY: receives into a live buffer of the given size.
         let n = unsafe {
             libc::recv(
@@ -83,26 +95,42 @@ fn receive_into(fd: RawFd, buf: &mut [u8]) -> io::Result<Vec<ToFrontend>> {
         };
         if n < 0 {
             let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::WouldBlock {
-                return Ok(out);
+            if e.kind() != io::ErrorKind::WouldBlock && e.kind() != io::ErrorKind::Interrupted {
+                out.closed = true;
             }
-            return Err(e);
+            return out;
         }
         if n == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "control channel closed",
-            ));
+            // EOF, or an empty datagram (which says nothing): only a hang-up ends the channel.
+            if hung_up(fd) {
+                out.closed = true;
+                return out;
+            }
+            log::warn!("control: dropped an empty message");
+            continue;
         }
         if n as usize > MAX_MESSAGE {
             log::warn!("control: dropped a message longer than {MAX_MESSAGE} bytes");
             continue;
         }
         match ToFrontend::decode(&buf[..n as usize]) {
-            Ok(m) => out.push(m),
+            Ok(m) => out.messages.push(m),
             Err(e) => log::warn!("control: dropped a message: {e}"),
         }
     }
+    out
+}
+
+/// Whether the peer of `fd` has closed its end.
+fn hung_up(fd: RawFd) -> bool {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN | libc::POLLRDHUP,
+        revents: 0,
+    };
+    // SAFETY: one live pollfd; a zero timeout never blocks.
+    let rc = unsafe { libc::poll(&mut pfd, 1, 0) };
+    rc < 0 || pfd.revents & (libc::POLLHUP | libc::POLLRDHUP | libc::POLLERR) != 0
 }
 
 #[cfg(test)]
@@ -113,15 +141,22 @@ mod tests {
     fn what_a_worker_sends_arrives_decoded_and_garbage_is_dropped() {
         let (ours, theirs) = pair().unwrap();
         let stats = ToFrontend::Stats { requests: 12 };
+        send(theirs.as_raw_fd(), &stats.encode()).unwrap();
+        // An empty datagram once ended the read and lost the messages around it.
         for m in [
             &b"pong 1"[..],
+            b"",
             b"cache 18446744073709551615 /x\nHTTP/1.1 200 OK\r\n\r\n",
         ] {
             send(theirs.as_raw_fd(), m).unwrap();
         }
         send(theirs.as_raw_fd(), &stats.encode()).unwrap();
-        assert_eq!(receive(ours.as_raw_fd()).unwrap(), vec![stats]);
+        let got = receive(ours.as_raw_fd());
+        assert_eq!(got.messages, vec![stats.clone(), stats.clone()]);
+        assert!(!got.closed);
+        send(theirs.as_raw_fd(), &stats.encode()).unwrap();
         drop(theirs);
-        assert!(receive(ours.as_raw_fd()).is_err());
+        let last = receive(ours.as_raw_fd());
+        assert_eq!((last.messages, last.closed), (vec![stats], true));
     }
 }

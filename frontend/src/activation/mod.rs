@@ -320,39 +320,34 @@ impl Supervisor {
         let Some(w) = p.workers.iter_mut().find(|w| w.pid == pid) else {
             return published;
         };
-        match control::receive(w.control.as_raw_fd()) {
-            Ok(messages) => {
-                for m in messages {
-                    match m {
-                        ToFrontend::Pong {
-                            seq,
-                            requests,
-                            rss_kib,
-                        } => {
-                            if w.ping.is_some_and(|(s, _)| s == seq) {
-                                w.ping = None;
-                            }
-                            w.last_pong = now;
-                            if !w.ready {
-                                w.ready = true;
-                                log::info!("pool {}: worker {} is ready", p.name, w.pid);
-                            }
-                            w.requests = requests;
-                            w.rss_kib = rss_kib;
-                        }
-                        ToFrontend::Stats { requests } => w.requests = requests,
-                        ToFrontend::Cache { key, response } => published.push(Published {
-                            pool,
-                            pid,
-                            live: pool_running && w.retiring.is_none() && !w.recycle,
-                            key,
-                            response,
-                        }),
+        let received = control::receive(w.control.as_raw_fd());
+        // A closed end means the worker is exiting: reap() will see it.
+        for m in received.messages {
+            match m {
+                ToFrontend::Pong {
+                    seq,
+                    requests,
+                    rss_kib,
+                } => {
+                    if w.ping.is_some_and(|(s, _)| s == seq) {
+                        w.ping = None;
                     }
+                    w.last_pong = now;
+                    if !w.ready {
+                        w.ready = true;
+                        log::info!("pool {}: worker {} is ready", p.name, w.pid);
+                    }
+                    w.requests = requests;
+                    w.rss_kib = rss_kib;
                 }
-            }
-            Err(_) => {
-                // The worker closed its end: it is exiting; reap() will see it.
+                ToFrontend::Stats { requests } => w.requests = requests,
+                ToFrontend::Cache { key, response } => published.push(Published {
+                    pool,
+                    pid,
+                    live: pool_running && w.retiring.is_none() && !w.recycle,
+                    key,
+                    response,
+                }),
             }
         }
         published
@@ -500,7 +495,17 @@ impl Supervisor {
                 for _ in fresh..wanted_fresh {
                     let restarts = p.vacated.pop().map(|r| r + 1).unwrap_or(0);
                     if let Err(e) = Self::spawn(p, now, restarts, &mut self.seq, &self.greeting) {
-                        log::error!("pool {}: cannot start a worker: {e}", p.name);
+                        let hint = if e.kind() == io::ErrorKind::PermissionDenied {
+                            format!(
+                                " (its workers run as uid {}, which must be able to reach and \
+                                 execute {}; or set the pool's `user`)",
+                                p.launch.uid(),
+                                p.launch.program().display()
+                            )
+                        } else {
+                            String::new()
+                        };
+                        log::error!("pool {}: cannot start a worker: {e}{hint}", p.name);
                         p.next_start = now + Duration::from_secs(1);
                         if Self::failure(p, now) {
                             events.push(Event::Stopped(i));

@@ -89,6 +89,18 @@ impl Launch {
         })
     }
 
+    /// The uid the worker runs as.
+    pub fn uid(&self) -> u32 {
+        // SAFETY: getuid has no preconditions.
+        self.identity
+            .map_or(unsafe { libc::getuid() }, |(uid, _)| uid)
+    }
+
+    /// The program it runs.
+    pub fn program(&self) -> &Path {
+        Path::new(std::ffi::OsStr::from_bytes(self.program.as_bytes()))
+    }
+
     /// Forks and execs the worker with `control` as its last fd; returns its pid once exec
     /// has succeeded.
     pub fn spawn(&mut self, control: RawFd) -> io::Result<libc::pid_t> {

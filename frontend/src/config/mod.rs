@@ -945,6 +945,57 @@ mod tests {
     const POOL: &str = "[[pool]]\nname = \"api\"\ncommand = [\"/bin/true\"]\n";
 
     #[test]
+    fn head_limits_past_what_every_buffer_holds_are_refused() {
+        let p = problems(&format!(
+            "[server]\nlisten = [\"127.0.0.1:80\"]\n[limits]\nmax_request_head = 1048576\n\
+             max_url = 65537\nmax_request_body = \"x\"\n{POOL}"
+        ));
+        let keys: Vec<&str> = p.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "limits.max_request_head",
+                "limits.max_url",
+                "limits.max_request_body"
+            ],
+            "{p:?}"
+        );
+        let c = check(&format!(
+            "[server]\nlisten = [\"127.0.0.1:80\"]\n[limits]\nmax_request_head = 65536\n\
+             max_request_body = \"1MiB\"\n{POOL}"
+        ))
+        .unwrap();
+        assert_eq!(
+            (c.limits.max_request_head, c.limits.max_request_body),
+            (65536, 1 << 20)
+        );
+        assert_eq!(
+            Limits::default().max_request_body,
+            sluice_proto::limits::DEFAULT_MAX_REQUEST_BODY
+        );
+    }
+
+    #[test]
+    fn a_pool_env_may_not_set_the_contracts_variables_and_shared_users_are_warned_of() {
+        let p = problems(&format!(
+            "[server]\nlisten = [\"127.0.0.1:80\"]\n{POOL}env = {{ SLUICE_POOL = \"x\" }}\n"
+        ));
+        assert_eq!(p[0].key, "pool[0].env", "{p:?}");
+        let c = check(
+            "[server]\nlisten = [\"127.0.0.1:80\"]\nmetrics = \"0.0.0.0:9090\"\n\
+             [[pool]]\nname = \"a\"\ncommand = [\"/bin/true\"]\nuser = \"nobody\"\n\
+             [[pool]]\nname = \"b\"\ncommand = [\"/bin/true\"]\nuser = \"nobody\"\n\
+             [[pool]]\nname = \"c\"\ncommand = [\"/bin/true\"]\nenv = { A = \"1\" }\n",
+        )
+        .unwrap();
+        let w = c.warnings();
+        let keys: Vec<&str> = w.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(keys, ["pool[1].user", "server.metrics"], "{w:?}");
+        assert_eq!(c.pools[2].env, [("A".to_owned(), "1".to_owned())]);
+        assert_eq!(c.pools[2].activation.uid, None, "no user: a uid of its own");
+    }
+
+    #[test]
     fn minimal_config_gets_http_sys_defaults() {
         let c = check(&format!(
             "[server]\nlisten = [\"127.0.0.1:8080\", \"[::1]:8080\"]\n{POOL}[[route]]\nprefix = \"/api\"\npool = \"api\"\n"
