@@ -8,6 +8,7 @@ pub mod canonical;
 pub mod config;
 pub mod dispatcher;
 pub mod metrics;
+pub mod pool;
 pub mod route;
 pub mod server;
 pub mod sockets;

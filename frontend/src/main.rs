@@ -169,13 +169,17 @@ fn real_main() -> Result<()> {
             paths,
         } => {
             let c = config::Config::load(&config)?;
-            let table =
-                sluice::route::RouteTable::new(c.routes.iter().map(|r| (r.prefix.clone(), r.pool)));
+            // The ids a fresh front end gives the config's pools: their places in it.
+            let table = sluice::route::RouteTable::new(
+                c.routes
+                    .iter()
+                    .map(|r| (r.prefix.clone(), sluice::pool::PoolId::new(r.pool))),
+            );
             let limits = c.limits.head_limits();
             let judge = |head: &[u8]| {
                 use sluice::dispatcher::head::{Decision, inspect};
                 match inspect(head, &limits, &table).decision {
-                    Decision::Pool(i) => format!("pool {}", c.pools[i].name),
+                    Decision::Pool(id) => format!("pool {}", c.pools[id.index()].name),
                     Decision::Refuse(code, why) => format!("refuse {code} {why}"),
                     Decision::NeedMore => "partial".to_owned(),
                 }

@@ -7,11 +7,15 @@ use libfuzzer_sys::fuzz_target;
 use sluice::{
     canonical::canonicalize,
     dispatcher::head::{Decision, Limits, decide},
+    pool::PoolId,
     route::RouteTable,
 };
 
 fuzz_target!(|data: &[u8]| {
-    let routes = RouteTable::new([("/api/".to_owned(), 1), ("/".to_owned(), 0)]);
+    let routes = RouteTable::new([
+        ("/api/".to_owned(), PoolId::new(1)),
+        ("/".to_owned(), PoolId::new(0)),
+    ]);
     match decide(data, &Limits::default(), &routes) {
         Decision::NeedMore => {}
         Decision::Refuse(code, _) => {
@@ -21,7 +25,7 @@ fuzz_target!(|data: &[u8]| {
             )
         }
         Decision::Pool(p) => {
-            assert!(p <= 1, "pool {p} is not in the table");
+            assert!(p.index() <= 1, "pool {p} is not in the table");
             // Re-parse independently of decide(): a routed request is a complete, valid head.
             let mut headers = [httparse::EMPTY_HEADER; 128];
             let mut req = httparse::Request::new(&mut headers);

@@ -30,22 +30,31 @@ pub fn normalize_prefix(prefix: &str) -> Result<String, &'static str> {
     Ok(p)
 }
 
-/// The routing table in user space: same content as the kernel's prefix map.
-#[derive(Debug, Clone, Default)]
-pub struct RouteTable {
-    /// (normalized prefix, pool index), longest first.
-    entries: Vec<(String, usize)>,
+/// The routing table in user space: same content as the kernel's prefix map. `T` is what a
+/// route leads to (the front end's pool id, a worker's index into its list of pool names).
+#[derive(Debug, Clone)]
+pub struct RouteTable<T = usize> {
+    /// (normalized prefix, pool), longest first.
+    entries: Vec<(String, T)>,
 }
 
-impl RouteTable {
-    pub fn new(routes: impl IntoIterator<Item = (String, usize)>) -> RouteTable {
+impl<T> Default for RouteTable<T> {
+    fn default() -> Self {
+        RouteTable {
+            entries: Vec::new(),
+        }
+    }
+}
+
+impl<T: Copy> RouteTable<T> {
+    pub fn new(routes: impl IntoIterator<Item = (String, T)>) -> RouteTable<T> {
         let mut entries: Vec<_> = routes.into_iter().collect();
         entries.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then_with(|| a.0.cmp(&b.0)));
         RouteTable { entries }
     }
 
     /// The pool for a canonical path (`/`-rooted, no query).
-    pub fn lookup(&self, path: &str) -> Option<usize> {
+    pub fn lookup(&self, path: &str) -> Option<T> {
         self.entries
             .iter()
             .find(|(prefix, _)| matches(prefix, path))

@@ -21,6 +21,7 @@ pub use spawn::Launch;
 
 use self::control::{ToFrontend, ToWorker};
 use crate::config::{Activation, Start};
+use crate::pool::PoolId;
 
 /// A worker that lived this long before exiting is not restarted with back-off.
 const HEALTHY_UPTIME: Duration = Duration::from_secs(10);
@@ -52,9 +53,9 @@ impl PoolState {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     /// Rapid-fail protection stopped the pool: steer it to the dispatcher, answer 503.
-    Stopped(usize),
+    Stopped(PoolId),
     /// The pool runs again (after `pool start`).
-    Restarted(usize),
+    Restarted(PoolId),
 }
 
 /// What a pool is started with.
@@ -79,7 +80,7 @@ pub struct PoolLaunch {
 /// A cache publication from a worker, with what the front end needs to judge its sender.
 #[derive(Debug)]
 pub struct Published {
-    pub pool: usize,
+    pub pool: PoolId,
     pub pid: libc::pid_t,
     /// The sender is a current worker of a running pool (not one being recycled, stopped or
     /// removed).
@@ -177,7 +178,7 @@ impl Supervisor {
 
     /// How pool `id`'s workers are started: with a pool without `user` running as a uid of
     /// its own (see `identity`).
-    fn launch(id: usize, p: &PoolLaunch) -> io::Result<Launch> {
+    fn launch(id: PoolId, p: &PoolLaunch) -> io::Result<Launch> {
         let (fds, names): (Vec<RawFd>, Vec<String>) = p.fds.iter().cloned().unzip();
         let mut env = p.env.clone();
         env.extend(
@@ -189,22 +190,17 @@ impl Supervisor {
         let (uid, gid) = match p.activation.uid {
             Some(uid) => (uid, p.activation.gid.unwrap_or(uid)),
             None => {
-                let own = identity::dynamic(id);
+                let own = identity::dynamic(id.index());
                 (own, p.activation.gid.unwrap_or(own))
             }
         };
         Launch::new(&p.program, &p.args, fds, &names, &env, Some((uid, gid)))
     }
 
-    /// The uid pool `id`'s workers run as.
-    pub fn uid_of(id: usize, activation: &Activation) -> u32 {
-        activation.uid.unwrap_or_else(|| identity::dynamic(id))
-    }
-
     /// A new pool, with the next id.
     pub fn add(&mut self, p: PoolLaunch) -> io::Result<()> {
         let now = Instant::now();
-        let launch = Self::launch(self.pools.len(), &p)?;
+        let launch = Self::launch(PoolId::new(self.pools.len()), &p)?;
         let state = if p.activation.start == Start::Always {
             PoolState::Running
         } else {
@@ -230,9 +226,9 @@ impl Supervisor {
     }
 
     /// New settings for pool `id` (a reload): its workers are recycled, overlapped.
-    pub fn update(&mut self, id: usize, p: PoolLaunch) -> io::Result<()> {
+    pub fn update(&mut self, id: PoolId, p: PoolLaunch) -> io::Result<()> {
         let launch = Self::launch(id, &p)?;
-        let Some(pool) = self.pools.get_mut(id) else {
+        let Some(pool) = self.pools.get_mut(id.index()) else {
             return Ok(());
         };
         pool.launch = launch;
@@ -252,9 +248,9 @@ impl Supervisor {
     }
 
     /// Pool `id` was removed (a reload): its workers finish their requests and exit.
-    pub fn remove(&mut self, id: usize) {
+    pub fn remove(&mut self, id: PoolId) {
         let now = Instant::now();
-        if let Some(p) = self.pools.get_mut(id) {
+        if let Some(p) = self.pools.get_mut(id.index()) {
             p.state = PoolState::Removed;
             p.vacated.clear();
             for w in &mut p.workers {
@@ -268,14 +264,17 @@ impl Supervisor {
     }
 
     /// The pool has no worker left (a removed pool can be forgotten).
-    pub fn is_empty(&self, id: usize) -> bool {
-        self.pools.get(id).is_none_or(|p| p.workers.is_empty())
+    pub fn is_empty(&self, id: PoolId) -> bool {
+        self.pools
+            .get(id.index())
+            .is_none_or(|p| p.workers.is_empty())
     }
 
     /// fds the controller must poll: (fd, pool, worker pid or 0 for demand).
-    pub fn watched(&self) -> Vec<(RawFd, usize, libc::pid_t)> {
+    pub fn watched(&self) -> Vec<(RawFd, PoolId, libc::pid_t)> {
         let mut out = Vec::new();
         for (i, p) in self.pools.iter().enumerate() {
+            let i = PoolId::new(i);
             if p.state == PoolState::Idle {
                 out.extend(p.demand.iter().map(|&fd| (fd, i, 0)));
             }
@@ -300,9 +299,9 @@ impl Supervisor {
     }
 
     /// A watched fd is readable; returns the cache publications it carried.
-    pub fn readable(&mut self, pool: usize, pid: libc::pid_t, now: Instant) -> Vec<Published> {
+    pub fn readable(&mut self, pool: PoolId, pid: libc::pid_t, now: Instant) -> Vec<Published> {
         let mut published = Vec::new();
-        let Some(p) = self.pools.get_mut(pool) else {
+        let Some(p) = self.pools.get_mut(pool.index()) else {
             return published;
         };
         if pid == 0 {
@@ -358,15 +357,16 @@ impl Supervisor {
     /// queue length now.
     pub fn tick(&mut self, now: Instant, activity: &[u64], queued: &[u64]) -> Vec<Event> {
         let mut events = Vec::new();
-        for (i, p) in self.pools.iter_mut().enumerate() {
-            let total = activity.get(i).copied().unwrap_or(0)
+        for (index, p) in self.pools.iter_mut().enumerate() {
+            let i = PoolId::new(index);
+            let total = activity.get(index).copied().unwrap_or(0)
                 + p.requests_gone
                 + p.workers.iter().map(|w| w.requests).sum::<u64>();
             if total != p.last_total {
                 p.last_total = total;
                 p.last_activity = now;
             }
-            let waiting = queued.get(i).copied().unwrap_or(0) > 0;
+            let waiting = queued.get(index).copied().unwrap_or(0) > 0;
             if p.state == PoolState::Idle && waiting {
                 p.state = PoolState::Running;
                 p.last_activity = now;
@@ -617,6 +617,7 @@ impl Supervisor {
                 return events;
             }
             for (i, p) in self.pools.iter_mut().enumerate() {
+                let i = PoolId::new(i);
                 let Some(at) = p.workers.iter().position(|w| w.pid == pid) else {
                     continue;
                 };
@@ -691,11 +692,12 @@ impl Supervisor {
         Ok(n)
     }
 
-    fn find(&mut self, name: &str) -> Result<(usize, &mut Pool), String> {
+    fn find(&mut self, name: &str) -> Result<(PoolId, &mut Pool), String> {
         self.pools
             .iter_mut()
             .enumerate()
             .find(|(_, p)| p.name == name && p.state != PoolState::Removed)
+            .map(|(i, p)| (PoolId::new(i), p))
             .ok_or_else(|| format!("no pool is named `{name}`"))
     }
 

@@ -17,7 +17,7 @@ use io_uring::{IoUring, cqueue, opcode, squeue, types};
 use sluice_common::MAX_POOLS;
 
 use super::{
-    Dispatcher, PoolFlags, Table, handoff,
+    Dispatcher, PoolFlags, PoolId, Table, handoff,
     head::{self, Decision},
     reply,
 };
@@ -262,7 +262,7 @@ impl Loop {
                 _ => {}
             }
             let stopped = entry.as_ref().is_some_and(|e| !e.removed)
-                && self.d.flags.get(p) & PoolFlags::STOPPED != 0;
+                && self.d.flags.get(PoolId::new(p)) & PoolFlags::STOPPED != 0;
             if let (true, false, Some(q)) = (stopped, self.draining[p], &entry) {
                 // Connections already queued for a stopped pool get 503 too.
                 log::info!("dispatcher: answering pool {p}'s queue with 503 while it is stopped");
@@ -572,14 +572,7 @@ impl Loop {
         }
         let decision = match seen.decision {
             Decision::NeedMore => Decision::Refuse(431, "the request head is too large"),
-            Decision::Pool(p)
-                if self
-                    .table
-                    .pools
-                    .get(p)
-                    .and_then(Option::as_ref)
-                    .is_none_or(|e| e.removed) =>
-            {
+            Decision::Pool(p) if self.table.pool(p).is_none_or(|e| e.removed) => {
                 Decision::Refuse(503, "the application pool is being removed")
             }
             Decision::Pool(p) if self.d.flags.get(p) & PoolFlags::STOPPED != 0 => {
@@ -592,19 +585,13 @@ impl Loop {
         };
         match decision {
             Decision::Pool(p) => {
-                let channel = self
-                    .table
-                    .pools
-                    .get(p)
-                    .and_then(Option::as_ref)
-                    .map(|e| e.handoff)
-                    .unwrap_or(-1);
+                let channel = self.table.pool(p).map_or(-1, |e| e.handoff);
                 let Some(c) = self.conns[slot].as_ref() else {
                     return;
                 };
                 match handoff::send(channel, c.fd, handoff::ROUTED, &c.buf[..c.filled]) {
                     Ok(()) => {
-                        if let Some(n) = self.d.stats.handed_off.get(p) {
+                        if let Some(n) = self.d.stats.handed_off.get(p.index()) {
                             n.fetch_add(1, Ordering::Relaxed);
                         }
                         self.close(slot);

@@ -7,14 +7,14 @@ use sluice_proto::request::{self, Parsed};
 
 pub use sluice_proto::limits::HeadLimits as Limits;
 
-use crate::route::RouteTable;
+use crate::{pool::PoolId, route::RouteTable};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
     /// The head is not complete yet.
     NeedMore,
     /// Hand the connection to this pool.
-    Pool(usize),
+    Pool(PoolId),
     /// Answer with this status and a short reason, then close.
     Refuse(u16, &'static str),
 }
@@ -39,11 +39,11 @@ pub struct Inspection {
     pub close: bool,
 }
 
-pub fn decide(buf: &[u8], limits: &Limits, routes: &RouteTable) -> Decision {
+pub fn decide(buf: &[u8], limits: &Limits, routes: &RouteTable<PoolId>) -> Decision {
     inspect(buf, limits, routes).decision
 }
 
-pub fn inspect(buf: &[u8], limits: &Limits, routes: &RouteTable) -> Inspection {
+pub fn inspect(buf: &[u8], limits: &Limits, routes: &RouteTable<PoolId>) -> Inspection {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let head = match request::parse(buf, limits, &mut headers) {
         Ok(Parsed::Partial) => {
@@ -85,8 +85,14 @@ pub fn inspect(buf: &[u8], limits: &Limits, routes: &RouteTable) -> Inspection {
 mod tests {
     use super::*;
 
-    fn routes() -> RouteTable {
-        RouteTable::new([("/api/".to_owned(), 1), ("/".to_owned(), 0)])
+    const WEB: Decision = Decision::Pool(PoolId::new(0));
+    const API: Decision = Decision::Pool(PoolId::new(1));
+
+    fn routes() -> RouteTable<PoolId> {
+        RouteTable::new([
+            ("/api/".to_owned(), PoolId::new(1)),
+            ("/".to_owned(), PoolId::new(0)),
+        ])
     }
 
     fn d(req: &[u8]) -> Decision {
@@ -95,23 +101,11 @@ mod tests {
 
     #[test]
     fn routes_complete_heads_by_canonical_path() {
-        assert_eq!(
-            d(b"GET /api/x HTTP/1.1\r\nHost: a\r\n\r\n"),
-            Decision::Pool(1)
-        );
-        assert_eq!(
-            d(b"GET /apix HTTP/1.1\r\nHost: a\r\n\r\n"),
-            Decision::Pool(0)
-        );
-        assert_eq!(
-            d(b"GET /x/../api/y?q=1 HTTP/1.1\r\nHost: a\r\n\r\n"),
-            Decision::Pool(1)
-        );
-        assert_eq!(
-            d(b"GET http://h/api/ HTTP/1.1\r\nHost: a\r\n\r\n"),
-            Decision::Pool(1)
-        );
-        assert_eq!(d(b"GET //api/x HTTP/1.0\r\n\r\n"), Decision::Pool(1));
+        assert_eq!(d(b"GET /api/x HTTP/1.1\r\nHost: a\r\n\r\n"), API);
+        assert_eq!(d(b"GET /apix HTTP/1.1\r\nHost: a\r\n\r\n"), WEB);
+        assert_eq!(d(b"GET /x/../api/y?q=1 HTTP/1.1\r\nHost: a\r\n\r\n"), API);
+        assert_eq!(d(b"GET http://h/api/ HTTP/1.1\r\nHost: a\r\n\r\n"), API);
+        assert_eq!(d(b"GET //api/x HTTP/1.0\r\n\r\n"), API);
     }
 
     #[test]
@@ -131,10 +125,7 @@ mod tests {
             d(b"GET http://x#/admin/ HTTP/1.1\r\nHost: a\r\n\r\n"),
             Decision::Refuse(400, _)
         ));
-        assert_eq!(
-            d(b"GET http://h?/api/x HTTP/1.1\r\nHost: a\r\n\r\n"),
-            Decision::Pool(0)
-        );
+        assert_eq!(d(b"GET http://h?/api/x HTTP/1.1\r\nHost: a\r\n\r\n"), WEB);
     }
 
     #[test]

@@ -18,6 +18,7 @@ use std::{
 };
 
 use self::head::Limits;
+pub use crate::pool::PoolId;
 use crate::route::RouteTable;
 
 /// Counters the dispatcher keeps for status.
@@ -76,13 +77,16 @@ impl PoolFlags {
         )
     }
 
-    pub fn get(&self, pool: usize) -> u32 {
-        self.0.get(pool).map(|f| f.load(Relaxed)).unwrap_or(0)
+    pub fn get(&self, pool: PoolId) -> u32 {
+        self.0
+            .get(pool.index())
+            .map(|f| f.load(Relaxed))
+            .unwrap_or(0)
     }
 
     /// Sets or clears `flag`; true if that changed anything.
-    pub fn set(&self, pool: usize, flag: u32, on: bool) -> bool {
-        let Some(f) = self.0.get(pool) else {
+    pub fn set(&self, pool: PoolId, flag: u32, on: bool) -> bool {
+        let Some(f) = self.0.get(pool.index()) else {
             return false;
         };
         let old = if on {
@@ -111,9 +115,16 @@ pub struct PoolEntry {
 /// The routes and pools the dispatcher works with; a reload swaps in a new one.
 #[derive(Debug, Default)]
 pub struct Table {
-    pub routes: RouteTable,
+    pub routes: RouteTable<PoolId>,
     /// By pool id; `None` for ids of removed pools.
     pub pools: Vec<Option<PoolEntry>>,
+}
+
+impl Table {
+    /// What the dispatcher knows of pool `id`.
+    pub fn pool(&self, id: PoolId) -> Option<&PoolEntry> {
+        self.pools.get(id.index()).and_then(Option::as_ref)
+    }
 }
 
 /// The current table, and the generation of it the dispatcher has started using (the front

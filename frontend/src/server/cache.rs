@@ -29,7 +29,7 @@ impl Frontend {
     pub(super) fn publish(&mut self, p: Published, now: Instant) {
         let pool_name = self
             .pools
-            .get(p.pool)
+            .get(p.pool.index())
             .map_or("?", |r| r.name.as_str())
             .to_owned();
         let refuse = |why: &str| {

@@ -30,6 +30,7 @@ use crate::{
     config::{Config, Steering as Mode},
     dispatcher::{self, DispatchStats, Dispatcher, PoolFlags, SharedTable},
     metrics,
+    pool::PoolId,
     sockets::{self, DISPATCHER_BACKLOG},
     steering::{self, Steering},
     sysctl,
@@ -220,10 +221,10 @@ impl Frontend {
             guard: Guard::new(&config.listen),
             restore,
         };
-        let ids: Vec<usize> = config
+        let ids: Vec<Option<PoolId>> = config
             .pools
             .iter()
-            .map(|p| fe.add_pool(p))
+            .map(|p| fe.add_pool(p).map(Some))
             .collect::<Result<_>>()?;
         fe.load_statics()?;
         fe.install_routes(&config, &ids)?;
@@ -263,32 +264,30 @@ impl Frontend {
         Ok(fe)
     }
 
-    /// The pool ids of `config`'s pools, in its order (after `add_pool`/reload matched them).
-    fn ids_of(&self, config: &Config) -> Vec<usize> {
-        config
-            .pools
+    /// The id of the live pool called `name`.
+    fn id_of(&self, name: &str) -> Option<PoolId> {
+        self.pools
             .iter()
-            .map(|p| {
-                self.pools
-                    .iter()
-                    .position(|r| r.name == p.name && r.removed.is_none())
-                    .unwrap_or(usize::MAX)
-            })
-            .collect()
+            .position(|r| r.name == name && r.removed.is_none())
+            .map(PoolId::new)
+    }
+
+    /// The pool ids of `config`'s pools, in its order (after `add_pool`/reload made them);
+    /// None for a pool that has none (never, once they are added).
+    fn ids_of(&self, config: &Config) -> Vec<Option<PoolId>> {
+        config.pools.iter().map(|p| self.id_of(&p.name)).collect()
     }
 
     /// Routes of `config` (pool indexes mapped to ids by `ids`) into the kernel and the
     /// dispatcher, each switched at once.
-    fn install_routes(&mut self, config: &Config, ids: &[usize]) -> Result<()> {
-        let routes: Vec<(String, usize)> = config
+    fn install_routes(&mut self, config: &Config, ids: &[Option<PoolId>]) -> Result<()> {
+        let routes: Vec<(String, PoolId)> = config
             .routes
             .iter()
-            .map(|r| (r.prefix.clone(), ids[r.pool]))
+            .filter_map(|r| Some((r.prefix.clone(), (*ids.get(r.pool)?)?)))
             .collect();
-        let kernel: Vec<(String, u32)> = routes
-            .iter()
-            .map(|(p, id)| (p.clone(), *id as u32))
-            .collect();
+        let kernel: Vec<(String, u32)> =
+            routes.iter().map(|(p, id)| (p.clone(), id.raw())).collect();
         self.steering.set_routes(&kernel)?;
         // Workers hand back requests that route elsewhere: they get the table too.
         self.routes_message = ToWorker::Routes(
@@ -315,20 +314,21 @@ impl Frontend {
 
     /// Sets or clears a pool flag, in the dispatcher and (as "go to the dispatcher") in the
     /// kernel's pool map.
-    fn set_flag(&mut self, pool: usize, flag: u32, on: bool) -> Result<()> {
+    fn set_flag(&mut self, pool: PoolId, flag: u32, on: bool) -> Result<()> {
         if self.flags.set(pool, flag, on) {
             let kernel = if self.flags.get(pool) != 0 {
                 POOL_FLAG_STOPPED
             } else {
                 0
             };
-            if kernel != self.kernel_flags[pool] {
-                self.kernel_flags[pool] = kernel;
+            let i = pool.index();
+            if kernel != self.kernel_flags[i] {
+                self.kernel_flags[i] = kernel;
                 self.steering.set_pool(
-                    pool as u32,
+                    pool.raw(),
                     PoolSlots {
                         flags: kernel,
-                        ..self.pools[pool].slots
+                        ..self.pools[i].slots
                     },
                 )?;
             }
@@ -372,8 +372,9 @@ impl Frontend {
             if self.pools[i].removed.is_some() {
                 continue;
             }
+            let id = PoolId::new(i);
             let full = queues[i].1;
-            if full != (self.flags.get(i) & PoolFlags::FULL != 0) {
+            if full != (self.flags.get(id) & PoolFlags::FULL != 0) {
                 if full {
                     log::warn!(
                         "pool {}: queue full ({} waiting); answering 503 until it drains",
@@ -383,7 +384,7 @@ impl Frontend {
                 } else {
                     log::info!("pool {}: queue drained", self.pools[i].name);
                 }
-                self.set_flag(i, PoolFlags::FULL, full)?;
+                self.set_flag(id, PoolFlags::FULL, full)?;
             }
         }
         self.finish_removals();

@@ -16,6 +16,7 @@ use crate::{
     activation::PoolLaunch,
     config,
     dispatcher::PoolEntry,
+    pool::PoolId,
     sockets::{self, HandoffPair},
 };
 
@@ -99,9 +100,8 @@ impl PoolRt {
 
 impl Frontend {
     /// Opens a new pool's sockets in every group and registers it; returns its id.
-    pub(super) fn add_pool(&mut self, pool: &config::Pool) -> Result<usize> {
-        let id = self.pools.len();
-        if id >= MAX_POOLS as usize {
+    pub(super) fn add_pool(&mut self, pool: &config::Pool) -> Result<PoolId> {
+        if self.pools.len() >= MAX_POOLS as usize {
             bail!(
                 "pool {}: this front end has had {MAX_POOLS} pools already (removed ones included); restart it",
                 pool.name
@@ -129,8 +129,9 @@ impl Frontend {
             flags: 0,
             _pad: 0,
         };
-        self.steering.set_pool(id as u32, slots)?;
-        self.steering.reset_pool_counter(id as u32)?;
+        let id = PoolId::new(self.pools.len());
+        self.steering.set_pool(id.raw(), slots)?;
+        self.steering.reset_pool_counter(id.raw())?;
         let rt = PoolRt {
             name: pool.name.clone(),
             config: pool.clone(),
@@ -153,7 +154,10 @@ impl Frontend {
             let Some(generation) = p.removed else {
                 continue;
             };
-            if seen >= generation && !p.listeners.is_empty() && self.supervisor.is_empty(id) {
+            if seen >= generation
+                && !p.listeners.is_empty()
+                && self.supervisor.is_empty(PoolId::new(id))
+            {
                 log::info!(
                     "pool {}: removed; closing its {} socket(s)",
                     p.name,

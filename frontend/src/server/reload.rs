@@ -57,14 +57,10 @@ impl Frontend {
         }
         // 2. Changed pools: new settings, workers recycled overlapped.
         for p in &new.pools {
-            let Some(id) = self
-                .pools
-                .iter()
-                .position(|r| r.name == p.name && r.removed.is_none())
-            else {
+            let Some(id) = self.id_of(&p.name) else {
                 continue;
             };
-            let rt = &mut self.pools[id];
+            let rt = &mut self.pools[id.index()];
             if rt.config == *p {
                 continue;
             }
@@ -92,7 +88,7 @@ impl Frontend {
             if rt.removed.is_none() && !new.pools.iter().any(|p| p.name == rt.name) {
                 summary.push(format!("removed pool {}", rt.name));
                 self.pools[id].removed = Some(generation);
-                self.supervisor.remove(id);
+                self.supervisor.remove(crate::pool::PoolId::new(id));
             }
         }
         // Pools removed are no longer in the dispatcher's table: install it again without them.
