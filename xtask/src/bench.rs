@@ -5,6 +5,12 @@
 //!
 //! Everything runs in network namespaces the benchmark makes (sysctls stay there): one with
 //! `tcp_syncookies=2` for first-segment steering, one with the defaults for the rest.
+//!
+//! Beside throughput, every run measures CPU time per request: the server's processes
+//! (`utime + stime` from `/proc/PID/stat`: front end and workers, or nginx and its upstream)
+//! and the whole machine (busy time from `/proc/stat`, steal excluded). At saturation wrk and
+//! the server share the two cores, which pulls throughput ratios toward 1; CPU per request
+//! says what the server itself costs, and moves less between rounds.
 
 use std::{
     collections::BTreeMap,
@@ -24,10 +30,10 @@ pub struct Args {
     /// One short round of each scenario (under 3 minutes in all).
     #[arg(long)]
     quick: bool,
-    /// Rounds (default 5; 1 with --quick).
+    /// Rounds (default 10; 1 with --quick).
     #[arg(long)]
     rounds: Option<usize>,
-    /// Seconds per wrk run (default 10; 3 with --quick).
+    /// Seconds per wrk run (default 5; 3 with --quick).
     #[arg(long)]
     seconds: Option<u64>,
     /// Where to write every figure as JSON (default target/bench.json).
@@ -211,10 +217,49 @@ fn children(pid: u32) -> Vec<u32> {
 #[derive(Debug, Clone, Default)]
 struct Run {
     rps: f64,
+    requests: u64,
     p50_ms: f64,
     p99_ms: f64,
     errors: u64,
     non_2xx: u64,
+    /// CPU µs per request: the server's processes, and the whole machine (steal excluded).
+    server_us: f64,
+    machine_us: f64,
+}
+
+/// `utime + stime` of `pid` (all its threads), in clock ticks.
+fn process_ticks(pid: u32) -> u64 {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name, which may hold spaces: state is field 3, utime 14.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .skip(1)
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    f.get(10).copied().unwrap_or(0) + f.get(11).copied().unwrap_or(0)
+}
+
+/// Busy ticks of the whole machine: all but idle, iowait and steal (`/proc/stat`).
+fn machine_ticks() -> u64 {
+    let stat = fs::read_to_string("/proc/stat").unwrap_or_default();
+    let f: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .skip(1)
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    // user nice system idle iowait irq softirq steal (guest time is inside user).
+    let at = |i: usize| f.get(i).copied().unwrap_or(0);
+    at(0) + at(1) + at(2) + at(5) + at(6)
+}
+
+fn ticks_per_second() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 { t as f64 } else { 100.0 }
 }
 
 fn parse_duration_ms(s: &str) -> f64 {
@@ -236,6 +281,12 @@ fn parse_wrk(text: &str) -> Run {
     for line in text.lines().map(str::trim) {
         if let Some(v) = line.strip_prefix("Requests/sec:") {
             r.rps = v.trim().parse().unwrap_or(0.0);
+        } else if line.contains(" requests in ") {
+            r.requests = line
+                .split_whitespace()
+                .next()
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0);
         } else if let Some(v) = line.strip_prefix("50%") {
             r.p50_ms = parse_duration_ms(v);
         } else if let Some(v) = line.strip_prefix("99%") {
@@ -264,7 +315,15 @@ fn wrk(ns: &Netns, t: &Target, seconds: u64) -> Result<(Run, String)> {
         c.args(["-H", "Connection: close"]);
     }
     c.arg(&t.url);
+    let server = || {
+        t.pids
+            .iter()
+            .map(|&(_, pid)| process_ticks(pid))
+            .sum::<u64>()
+    };
+    let (server0, machine0) = (server(), machine_ticks());
     let out = c.output().context("running wrk")?;
+    let (server1, machine1) = (server(), machine_ticks());
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     if !out.status.success() {
         bail!(
@@ -273,7 +332,12 @@ fn wrk(ns: &Netns, t: &Target, seconds: u64) -> Result<(Run, String)> {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    Ok((parse_wrk(&text), text))
+    let mut run = parse_wrk(&text);
+    let per_request =
+        |ticks: u64| ticks as f64 / ticks_per_second() * 1e6 / run.requests.max(1) as f64;
+    run.server_us = per_request(server1.saturating_sub(server0));
+    run.machine_us = per_request(machine1.saturating_sub(machine0));
+    Ok((run, text))
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -301,8 +365,8 @@ fn version(cmd: &mut Command) -> String {
 
 pub fn run(args: Args) -> Result<()> {
     let started = Instant::now();
-    let rounds = args.rounds.unwrap_or(if args.quick { 1 } else { 5 });
-    let seconds = args.seconds.unwrap_or(if args.quick { 3 } else { 10 });
+    let rounds = args.rounds.unwrap_or(if args.quick { 1 } else { 10 });
+    let seconds = args.seconds.unwrap_or(if args.quick { 3 } else { 5 });
     toolchain::ensure_packages(&[("wrk", "wrk"), ("nginx", "nginx"), ("curl", "curl")])?;
     crate::build()?;
     let root = root();
@@ -501,12 +565,15 @@ pub fn run(args: Args) -> Result<()> {
                     .push(fallbacks(&status(&sluice, a)?).saturating_sub(b));
             }
             eprintln!(
-                "round {}/{rounds} {:<22} {:>10.0} req/s  p50 {:.3} ms  p99 {:.3} ms  errors {} non-2xx {}",
+                "round {}/{rounds} {:<22} {:>10.0} req/s  p50 {:.3} ms  p99 {:.3} ms  \
+                 cpu {:.2} µs/req (machine {:.2})  errors {} non-2xx {}",
                 round + 1,
                 t.name,
                 r.rps,
                 r.p50_ms,
                 r.p99_ms,
+                r.server_us,
+                r.machine_us,
                 r.errors,
                 r.non_2xx
             );
@@ -540,13 +607,30 @@ pub fn run(args: Args) -> Result<()> {
         ("cache_vs_nginx_return", "cache_keepalive", "nginx_return"),
     ];
     let mut ratios = serde_json::Map::new();
+    let mut cpu_ratios = serde_json::Map::new();
     for (name, a, b) in ratio_pairs {
-        let mut per_round: Vec<f64> = runs[a]
-            .iter()
-            .zip(&runs[b])
-            .map(|(x, y)| x.rps / y.rps)
-            .collect();
-        ratios.insert(name.into(), json!(median(&mut per_round)));
+        let per_round = |f: &dyn Fn(&Run) -> f64| -> Vec<f64> {
+            runs[a]
+                .iter()
+                .zip(&runs[b])
+                .map(|(x, y)| f(x) / f(y))
+                .collect()
+        };
+        ratios.insert(name.into(), json!(median(&mut per_round(&|r| r.rps))));
+        let summary = |mut v: Vec<f64>| {
+            json!({
+                "median": median(&mut v),
+                "min": v.iter().cloned().fold(f64::INFINITY, f64::min),
+                "max": v.iter().cloned().fold(0.0, f64::max),
+            })
+        };
+        cpu_ratios.insert(
+            name.into(),
+            json!({
+                "server": summary(per_round(&|r| r.server_us)),
+                "machine": summary(per_round(&|r| r.machine_us)),
+            }),
+        );
     }
     let mut scenarios = serde_json::Map::new();
     for t in &targets {
@@ -554,6 +638,16 @@ pub fn run(args: Args) -> Result<()> {
         let mut rps: Vec<f64> = rs.iter().map(|r| r.rps).collect();
         let mut p50: Vec<f64> = rs.iter().map(|r| r.p50_ms).collect();
         let mut p99: Vec<f64> = rs.iter().map(|r| r.p99_ms).collect();
+        let mut server_us: Vec<f64> = rs.iter().map(|r| r.server_us).collect();
+        let mut machine_us: Vec<f64> = rs.iter().map(|r| r.machine_us).collect();
+        let range = |v: &[f64]| {
+            (
+                v.iter().cloned().fold(f64::INFINITY, f64::min),
+                v.iter().cloned().fold(0.0, f64::max),
+            )
+        };
+        let (server_min, server_max) = range(&server_us);
+        let (machine_min, machine_max) = range(&machine_us);
         let rss: BTreeMap<String, u64> =
             t.pids.iter().fold(BTreeMap::new(), |mut m, (role, pid)| {
                 *m.entry(role.to_string()).or_default() += peak_rss_kib(*pid);
@@ -570,6 +664,14 @@ pub fn run(args: Args) -> Result<()> {
                 "rps_max": rps.iter().cloned().fold(0.0, f64::max),
                 "p50_ms_median": median(&mut p50),
                 "p99_ms_median": median(&mut p99),
+                "server_cpu_us_per_request": server_us.clone(),
+                "server_cpu_us_median": median(&mut server_us),
+                "server_cpu_us_min": server_min,
+                "server_cpu_us_max": server_max,
+                "machine_cpu_us_per_request": machine_us.clone(),
+                "machine_cpu_us_median": median(&mut machine_us),
+                "machine_cpu_us_min": machine_min,
+                "machine_cpu_us_max": machine_max,
                 "socket_errors": rs.iter().map(|r| r.errors).sum::<u64>(),
                 "non_2xx": rs.iter().map(|r| r.non_2xx).sum::<u64>(),
                 "peak_rss_kib": rss,
@@ -598,6 +700,7 @@ pub fn run(args: Args) -> Result<()> {
         "machine": machine,
         "versions": versions,
         "ratios": ratios,
+        "cpu_ratios": cpu_ratios,
         "scenarios": scenarios,
     });
     drop(procs);
@@ -620,7 +723,16 @@ pub fn run(args: Args) -> Result<()> {
         started.elapsed().as_secs()
     );
     for (k, v) in &ratios {
-        eprintln!("  {k:<32} {:.3}", v.as_f64().unwrap_or(f64::NAN));
+        eprintln!(
+            "  {k:<32} {:.3} req/s, cpu {:.3} (machine {:.3})",
+            v.as_f64().unwrap_or(f64::NAN),
+            cpu_ratios[k]["server"]["median"]
+                .as_f64()
+                .unwrap_or(f64::NAN),
+            cpu_ratios[k]["machine"]["median"]
+                .as_f64()
+                .unwrap_or(f64::NAN)
+        );
     }
     Ok(())
 }
@@ -634,6 +746,20 @@ const TARGETS: [(&str, &str, f64); 7] = [
     ("close_syn_vs_nginx", "> 1", 1.0),
     ("cache_vs_nginx_return", "≥ 1.0", 1.0),
 ];
+
+/// CPU-per-request targets: the ratio must be at most this.
+const CPU_TARGETS: [(&str, f64); 3] = [
+    ("cache_vs_nginx_return", 0.7),
+    ("steered_keepalive_vs_direct", 1.02),
+    ("close_first_segment_vs_direct", 1.05),
+];
+
+fn cpu_target(name: &str) -> Option<f64> {
+    CPU_TARGETS
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, t)| *t)
+}
 
 fn markdown(r: &Value, command: &str) -> String {
     let mut md = String::from("# Benchmarks\n\nGenerated by `");
@@ -660,7 +786,36 @@ fn markdown(r: &Value, command: &str) -> String {
         let verdict = if v >= min { "met" } else { "missed" };
         md.push_str(&format!("| {name} | {v:.3} | {want} ({verdict}) |\n"));
     }
-    md.push_str("\n![ratios](benchmarks.svg)\n\n## Systems\n\n| system | req/s median | min–max | p50 ms | p99 ms | errors | non-2xx | peak RSS KiB | dispatcher fallbacks |\n|---|---|---|---|---|---|---|---|---|\n");
+    md.push_str(
+        "\n## CPU time per request (medians of per-round ratios, min–max)\n\n`server`: the server's \
+         processes (`utime + stime`); `machine`: every busy CPU of the machine, steal excluded, wrk \
+         included. Lower is cheaper.\n\n| ratio | server | machine | target (server) |\n|---|---|---|---|\n",
+    );
+    for (name, _, _) in TARGETS {
+        let c = &r["cpu_ratios"][name];
+        let cell = |k: &str| {
+            format!(
+                "{:.3} ({:.3}–{:.3})",
+                c[k]["median"].as_f64().unwrap_or(f64::NAN),
+                c[k]["min"].as_f64().unwrap_or(f64::NAN),
+                c[k]["max"].as_f64().unwrap_or(f64::NAN)
+            )
+        };
+        let target = match cpu_target(name) {
+            Some(t) => {
+                let v = c["server"]["median"].as_f64().unwrap_or(f64::NAN);
+                let verdict = if v <= t { "met" } else { "missed" };
+                format!("≤ {t} ({verdict})")
+            }
+            None => "–".to_owned(),
+        };
+        md.push_str(&format!(
+            "| {name} | {} | {} | {target} |\n",
+            cell("server"),
+            cell("machine")
+        ));
+    }
+    md.push_str("\n![ratios](benchmarks.svg)\n\n## Systems\n\n| system | req/s median | min–max | p50 ms | p99 ms | server CPU µs/req (min–max) | machine CPU µs/req (min–max) | errors | non-2xx | peak RSS KiB | dispatcher fallbacks |\n|---|---|---|---|---|---|---|---|---|---|---|\n");
     if let Some(s) = r["scenarios"].as_object() {
         for (name, v) in s {
             let rss: Vec<String> = v["peak_rss_kib"]
@@ -676,13 +831,20 @@ fn markdown(r: &Value, command: &str) -> String {
                         .join("/")
                 })
                 .unwrap_or("–".into());
+            let f = |k: &str| v[k].as_f64().unwrap_or(0.0);
             md.push_str(&format!(
-                "| {name} | {:.0} | {:.0}–{:.0} | {:.3} | {:.3} | {} | {} | {} | {fb} |\n",
-                v["rps_median"].as_f64().unwrap_or(0.0),
-                v["rps_min"].as_f64().unwrap_or(0.0),
-                v["rps_max"].as_f64().unwrap_or(0.0),
-                v["p50_ms_median"].as_f64().unwrap_or(0.0),
-                v["p99_ms_median"].as_f64().unwrap_or(0.0),
+                "| {name} | {:.0} | {:.0}–{:.0} | {:.3} | {:.3} | {:.2} ({:.2}–{:.2}) | {:.2} ({:.2}–{:.2}) | {} | {} | {} | {fb} |\n",
+                f("rps_median"),
+                f("rps_min"),
+                f("rps_max"),
+                f("p50_ms_median"),
+                f("p99_ms_median"),
+                f("server_cpu_us_median"),
+                f("server_cpu_us_min"),
+                f("server_cpu_us_max"),
+                f("machine_cpu_us_median"),
+                f("machine_cpu_us_min"),
+                f("machine_cpu_us_max"),
                 v["socket_errors"],
                 v["non_2xx"],
                 rss.join(", "),
@@ -712,7 +874,8 @@ fn svg(r: &Value) -> String {
         .fold(1.0, f64::max)
         * 1.1;
     let scale = (w - left - 60.0) / max;
-    let h = 40.0 + TARGETS.len() as f64 * (bar_h + gap) + 30.0;
+    let section = TARGETS.len() as f64 * (bar_h + gap);
+    let h = 40.0 + section + 30.0 + 40.0 + section + 30.0;
     let mut s = format!(
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"13\">\n\
          <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
@@ -738,15 +901,67 @@ fn svg(r: &Value) -> String {
             y + bar_h + 3.0,
         ));
     }
-    let base_y = h - 20.0;
+    let base_y = 40.0 + section + 10.0;
     s.push_str(&format!(
         "<line x1=\"{left}\" x2=\"{left}\" y1=\"36\" y2=\"{base_y}\" stroke=\"black\"/>\n\
          <line x1=\"{:.1}\" x2=\"{:.1}\" y1=\"36\" y2=\"{base_y}\" stroke=\"#888\" stroke-dasharray=\"4 3\"/>\n\
-         <text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\" fill=\"#555\">1.0</text>\n</svg>\n",
+         <text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\" fill=\"#555\">1.0</text>\n",
         left + scale,
         left + scale,
         left + scale,
         base_y + 14.0
+    ));
+    // CPU time per request: lower is cheaper; the red lines are upper bounds.
+    let top = base_y + 40.0;
+    let cpu = |name: &str| {
+        r["cpu_ratios"][name]["server"]["median"]
+            .as_f64()
+            .unwrap_or(0.0)
+    };
+    let cmax = TARGETS.iter().map(|(n, _, _)| cpu(n)).fold(1.1, f64::max) * 1.1;
+    let cscale = (w - left - 60.0) / cmax;
+    s.push_str(&format!(
+        "<text x=\"10\" y=\"{}\" font-size=\"15\">server CPU time per request, ratios (bars; lower is cheaper) and upper targets (red)</text>\n",
+        top - 14.0
+    ));
+    for (i, (name, _, _)) in TARGETS.iter().enumerate() {
+        let v = cpu(name);
+        let y = top + i as f64 * (bar_h + gap);
+        let color = match cpu_target(name) {
+            Some(t) if v > t => "#c0803a",
+            _ => "#3a6d9d",
+        };
+        s.push_str(&format!(
+            "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{name}</text>\n\
+             <rect x=\"{left}\" y=\"{y}\" width=\"{:.1}\" height=\"{bar_h}\" fill=\"{color}\"/>\n\
+             <text x=\"{:.1}\" y=\"{}\">{v:.2}</text>\n",
+            left - 8.0,
+            y + bar_h * 0.7,
+            v * cscale,
+            left + v * cscale + 6.0,
+            y + bar_h * 0.7,
+        ));
+        if let Some(t) = cpu_target(name) {
+            s.push_str(&format!(
+                "<line x1=\"{:.1}\" x2=\"{:.1}\" y1=\"{}\" y2=\"{}\" stroke=\"red\" stroke-width=\"2\"/>\n",
+                left + t * cscale,
+                left + t * cscale,
+                y - 3.0,
+                y + bar_h + 3.0
+            ));
+        }
+    }
+    let end = top + section + 10.0;
+    s.push_str(&format!(
+        "<line x1=\"{left}\" x2=\"{left}\" y1=\"{}\" y2=\"{end}\" stroke=\"black\"/>\n\
+         <line x1=\"{:.1}\" x2=\"{:.1}\" y1=\"{}\" y2=\"{end}\" stroke=\"#888\" stroke-dasharray=\"4 3\"/>\n\
+         <text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\" fill=\"#555\">1.0</text>\n</svg>\n",
+        top - 4.0,
+        left + cscale,
+        left + cscale,
+        top - 4.0,
+        left + cscale,
+        end + 14.0
     ));
     s
 }

@@ -7,6 +7,7 @@
 
 use std::{
     collections::HashMap,
+    sync::Arc,
     time::{Duration, Instant, SystemTime},
 };
 
@@ -40,6 +41,26 @@ struct Entry {
     last_used: u64,
     hits: u64,
     origin: Origin,
+    /// The whole keep-alive answer to a GET, as rendered for `second` (its Date and Age only
+    /// change once a second): shared by every hit within it, with no copy.
+    rendered: Option<(u64, u64, Arc<[u8]>)>,
+}
+
+/// An answer's bytes: shared with the entry that rendered it, or made for this answer alone.
+#[derive(Debug, Clone)]
+pub enum Answer {
+    Shared(Arc<[u8]>),
+    Owned(Vec<u8>),
+}
+
+impl std::ops::Deref for Answer {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Answer::Shared(b) => b,
+            Answer::Owned(b) => b,
+        }
+    }
 }
 
 impl Entry {
@@ -72,6 +93,12 @@ pub struct CacheStats {
 
 pub struct Cache {
     entries: HashMap<CacheKey, Entry>,
+    /// Entries that vary on `Accept-Encoding` (a request probes their key only if any).
+    varied: usize,
+    /// The key a lookup probes with, kept so that a hit allocates nothing.
+    probe: CacheKey,
+    /// `Date` text and the second it is for.
+    date: (u64, String),
     total: usize,
     max_entry: usize,
     max_total: usize,
@@ -85,6 +112,12 @@ impl Cache {
     pub fn new(config: &CacheConfig) -> Cache {
         Cache {
             entries: HashMap::new(),
+            varied: 0,
+            probe: CacheKey {
+                path: String::new(),
+                variant: None,
+            },
+            date: (u64::MAX, String::new()),
             total: 0,
             max_entry: config.max_entry_bytes as usize,
             max_total: config.max_total_bytes as usize,
@@ -150,6 +183,7 @@ impl Cache {
         }
         self.clock += 1;
         self.total += size;
+        self.varied += usize::from(key.variant.is_some());
         self.entries.insert(
             key.clone(),
             Entry {
@@ -161,6 +195,7 @@ impl Cache {
                 last_used: self.clock,
                 hits: 0,
                 origin,
+                rendered: None,
             },
         );
         Ok(())
@@ -170,10 +205,27 @@ impl Cache {
         match self.entries.remove(key) {
             Some(e) => {
                 self.total -= e.size();
+                self.varied -= usize::from(key.variant.is_some());
                 true
             }
             None => false,
         }
+    }
+
+    /// The key of the entry that answers `path` with `accept_encoding`, in `self.probe`.
+    fn probe(&mut self, path: &str, accept_encoding: Option<&[u8]>) -> bool {
+        self.probe.path.clear();
+        self.probe.path.push_str(path);
+        self.probe.variant = None;
+        if self.entries.contains_key(&self.probe) {
+            return true;
+        }
+        if self.varied == 0 {
+            return false;
+        }
+        let [_, varied] = CacheKey::candidates(path, accept_encoding);
+        self.probe = varied;
+        self.entries.contains_key(&self.probe)
     }
 
     /// The full answer to a request for `path` with `accept_encoding`, if an entry answers
@@ -185,32 +237,43 @@ impl Cache {
         now: Instant,
         head_only: bool,
         close: bool,
-    ) -> Option<Vec<u8>> {
+    ) -> Option<Answer> {
         self.clock += 1;
         let clock = self.clock;
-        let [plain, varied] = CacheKey::candidates(path, accept_encoding);
-        let key = if self.entries.contains_key(&plain) {
-            plain
-        } else {
-            varied
-        };
-        let Some(e) = self.entries.get_mut(&key).filter(|e| e.expires > now) else {
+        let found = self.probe(path, accept_encoding);
+        let wall = SystemTime::now();
+        let second = wall
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        if self.date.0 != second {
+            self.date = (second, http_date(wall));
+        }
+        let Some(e) = self
+            .entries
+            .get_mut(&self.probe)
+            .filter(|e| found && e.expires > now)
+        else {
             self.misses += 1;
             return None;
         };
         e.last_used = clock;
         e.hits += 1;
         self.hits += 1;
+        let plain = !head_only && !close;
         let age = now.duration_since(e.stored).as_secs();
-        let mut out = Vec::with_capacity(e.head.len() + e.body.len() + 128);
+        if plain {
+            if let Some((at, at_age, bytes)) = &e.rendered {
+                if *at == second && *at_age == age {
+                    return Some(Answer::Shared(bytes.clone()));
+                }
+            }
+        }
+        let mut out = Vec::with_capacity(e.head.len() + e.body.len() + 96);
         out.extend_from_slice(&e.head);
+        out.extend_from_slice(b"Date: ");
+        out.extend_from_slice(self.date.1.as_bytes());
         out.extend_from_slice(
-            format!(
-                "Date: {}\r\nAge: {age}\r\nContent-Length: {}\r\n",
-                http_date(SystemTime::now()),
-                e.body.len()
-            )
-            .as_bytes(),
+            format!("\r\nAge: {age}\r\nContent-Length: {}\r\n", e.body.len()).as_bytes(),
         );
         if close {
             out.extend_from_slice(b"Connection: close\r\n");
@@ -219,7 +282,12 @@ impl Cache {
         if !head_only {
             out.extend_from_slice(&e.body);
         }
-        Some(out)
+        if plain {
+            let bytes: Arc<[u8]> = out.into();
+            e.rendered = Some((second, age, bytes.clone()));
+            return Some(Answer::Shared(bytes));
+        }
+        Some(Answer::Owned(out))
     }
 
     pub fn contains(&self, key: &CacheKey) -> bool {
@@ -377,7 +445,8 @@ mod tests {
         .unwrap();
         let out = String::from_utf8(
             c.answer("/a", None, t0 + Duration::from_secs(3), false, false)
-                .unwrap(),
+                .unwrap()
+                .to_vec(),
         )
         .unwrap();
         assert!(
@@ -388,7 +457,8 @@ mod tests {
             out.contains("\r\nAge: 3\r\nContent-Length: 5\r\n\r\nhello"),
             "{out}"
         );
-        let head = String::from_utf8(c.answer("/a", None, t0, true, true).unwrap()).unwrap();
+        let head =
+            String::from_utf8(c.answer("/a", None, t0, true, true).unwrap().to_vec()).unwrap();
         assert!(head.ends_with("Connection: close\r\n\r\n"), "{head}");
         assert!(
             c.answer("/a", None, t0 + Duration::from_secs(11), false, false)

@@ -14,6 +14,8 @@ use std::{
 };
 
 use io_uring::{IoUring, cqueue, opcode, squeue, types};
+
+use crate::cache::Answer;
 use sluice_common::MAX_POOLS;
 
 use super::{
@@ -68,7 +70,7 @@ struct Conn {
     filled: usize,
     state: State,
     deadline: Instant,
-    reply: Vec<u8>,
+    reply: Answer,
     sent: usize,
     /// Operations in flight; the slot is freed only when none are.
     inflight: u32,
@@ -316,7 +318,7 @@ impl Loop {
             filled: bytes.len(),
             state: State::Reading,
             deadline: Instant::now() + self.d.header_timeout,
-            reply: Vec::new(),
+            reply: Answer::Owned(Vec::new()),
             sent: 0,
             inflight: 0,
             serial: 0,
@@ -541,36 +543,38 @@ impl Loop {
 
     /// Decides what to do with what the connection has sent so far.
     fn process(&mut self, slot: usize) {
-        let Some(c) = self.conns[slot].as_ref() else {
-            return;
+        // The head is judged, and the cache asked, while it is borrowed from the buffer.
+        let (decision, head_len, close, full, answer) = {
+            let Some(c) = self.conns[slot].as_ref() else {
+                return;
+            };
+            let seen = head::inspect(&c.buf[..c.filled], &self.d.limits, &self.table.routes);
+            // The cache first: a cached path is answered whatever pool it would route to.
+            let answer = seen.cache.as_ref().and_then(|q| {
+                let mut cache = self.d.cache.lock().ok()?;
+                cache.answer(
+                    &q.path,
+                    q.accept_encoding,
+                    Instant::now(),
+                    q.head_only,
+                    seen.close,
+                )
+            });
+            let full = c.filled >= c.buf.len();
+            (seen.decision, seen.head_len, seen.close, full, answer)
         };
-        let seen = head::inspect(&c.buf[..c.filled], &self.d.limits, &self.table.routes);
-        let full = c.filled >= c.buf.len();
-        if seen.decision == Decision::NeedMore && !full {
+        if decision == Decision::NeedMore && !full {
             self.recv(slot);
             return;
         }
         self.uncount(slot);
-        // The cache first: a cached path is answered whatever pool it would route to.
-        if let Some(q) = &seen.cache {
-            let answer = match self.d.cache.lock() {
-                Ok(mut cache) => cache.answer(
-                    &q.path,
-                    q.accept_encoding.as_deref(),
-                    Instant::now(),
-                    q.head_only,
-                    seen.close,
-                ),
-                Err(_) => None,
-            };
-            if let Some(bytes) = answer {
-                self.d.stats.cache_answers.fetch_add(1, Ordering::Relaxed);
-                let keep = (!seen.close).then_some(seen.head_len);
-                self.start_reply(slot, bytes, keep);
-                return;
-            }
+        if let Some(bytes) = answer {
+            self.d.stats.cache_answers.fetch_add(1, Ordering::Relaxed);
+            let keep = (!close).then_some(head_len);
+            self.start_reply(slot, bytes, keep);
+            return;
         }
-        let decision = match seen.decision {
+        let decision = match decision {
             Decision::NeedMore => Decision::Refuse(431, "the request head is too large"),
             Decision::Pool(p) if self.table.pool(p).is_none_or(|e| e.removed) => {
                 Decision::Refuse(503, "the application pool is being removed")
@@ -609,10 +613,10 @@ impl Loop {
 
     fn refuse(&mut self, slot: usize, code: u16, why: &str) {
         self.d.stats.refuse(code);
-        self.start_reply(slot, reply(code, why), None);
+        self.start_reply(slot, Answer::Owned(reply(code, why)), None);
     }
 
-    fn start_reply(&mut self, slot: usize, bytes: Vec<u8>, keep: Option<usize>) {
+    fn start_reply(&mut self, slot: usize, bytes: Answer, keep: Option<usize>) {
         let Some(c) = self.conns[slot].as_mut() else {
             return;
         };
@@ -659,7 +663,7 @@ impl Loop {
                 c.buf.copy_within(consumed..c.filled, 0);
                 c.filled -= consumed;
                 c.state = State::Reading;
-                c.reply = Vec::new();
+                c.reply = Answer::Owned(Vec::new());
                 c.deadline = Instant::now()
                     + if c.filled > 0 {
                         self.d.header_timeout

@@ -22,19 +22,19 @@ pub enum Decision {
 /// A request the cache may answer: `GET`/`HEAD` without query, body, `Authorization` or
 /// `Range` (`sluice_proto::cache::request_eligible`).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CacheQuery {
-    pub path: String,
+pub struct CacheQuery<'b> {
+    pub path: std::borrow::Cow<'b, str>,
     pub head_only: bool,
-    pub accept_encoding: Option<Vec<u8>>,
+    pub accept_encoding: Option<&'b [u8]>,
 }
 
-/// Everything the dispatcher learns from a complete head.
+/// Everything the dispatcher learns from a complete head (borrowed from its bytes).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Inspection {
+pub struct Inspection<'b> {
     pub decision: Decision,
     /// Bytes of the head (the request ends there when it has no body).
     pub head_len: usize,
-    pub cache: Option<CacheQuery>,
+    pub cache: Option<CacheQuery<'b>>,
     /// The client wants the connection closed after this answer.
     pub close: bool,
 }
@@ -43,7 +43,7 @@ pub fn decide(buf: &[u8], limits: &Limits, routes: &RouteTable<PoolId>) -> Decis
     inspect(buf, limits, routes).decision
 }
 
-pub fn inspect(buf: &[u8], limits: &Limits, routes: &RouteTable<PoolId>) -> Inspection {
+pub fn inspect<'b>(buf: &'b [u8], limits: &Limits, routes: &RouteTable<PoolId>) -> Inspection<'b> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let head = match request::parse(buf, limits, &mut headers) {
         Ok(Parsed::Partial) => {
@@ -64,15 +64,15 @@ pub fn inspect(buf: &[u8], limits: &Limits, routes: &RouteTable<PoolId>) -> Insp
             };
         }
     };
-    let cache = sluice_proto::cache::request_eligible(&head, true).then(|| CacheQuery {
-        path: head.canonical.clone().into_owned(),
-        head_only: head.method == "HEAD",
-        accept_encoding: head.accept_encoding.map(<[u8]>::to_vec),
-    });
     let decision = match routes.lookup(&head.canonical) {
         Some(pool) => Decision::Pool(pool),
         None => Decision::Refuse(400, "no application is configured for this URL"),
     };
+    let cache = sluice_proto::cache::request_eligible(&head, true).then(|| CacheQuery {
+        path: head.canonical,
+        head_only: head.method == "HEAD",
+        accept_encoding: head.accept_encoding,
+    });
     Inspection {
         decision,
         head_len: head.head_len,
@@ -130,7 +130,9 @@ mod tests {
 
     #[test]
     fn a_cached_answer_needs_a_request_without_any_body_framing() {
-        let seen = |raw: &[u8]| inspect(raw, &Limits::default(), &routes());
+        fn seen(raw: &[u8]) -> Inspection<'_> {
+            inspect(raw, &Limits::default(), &routes())
+        }
         assert!(seen(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n").cache.is_some());
         // Duplicate, empty and listed lengths are refused, not read as "no body".
         for raw in [
