@@ -80,17 +80,16 @@ pub struct Received<'a> {
 /// Why a message did not yield a connection (any fd it carried is closed).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum HandoffError {
-    #[error("the handoff channel was closed")]
-    Closed,
     #[error("dropped a handoff message: ancillary data truncated")]
     ControlTruncated,
     #[error("dropped a handoff message: larger than {MAX_PAYLOAD} bytes")]
     TooLarge,
     #[error("dropped a handoff message: it does not carry exactly one fd")]
     Fds,
-    #[error("dropped a handoff message: no flags byte")]
+    /// An empty datagram, or the end of the channel (see [`hung_up`]).
+    #[error("an empty handoff message")]
     Empty,
-    #[error("dropped a handoff message: the fd is not a stream socket")]
+    #[error("dropped a handoff message: the fd is not a TCP connection")]
     NotStream,
 }
 
@@ -136,6 +135,7 @@ impl RecvBuf {
 
     /// Interprets a completed recvmsg that returned `len` bytes.
     pub fn complete(&mut self, len: usize) -> Result<Received<'_>, HandoffError> {
+        let had_control = self.msg.msg_controllen != 0;
         let fds = self.take_fds();
         if self.msg.msg_flags & libc::MSG_CTRUNC != 0 {
             return Err(HandoffError::ControlTruncated);
@@ -145,16 +145,24 @@ impl RecvBuf {
         }
         let mut fds = fds.into_iter();
         let (Some(fd), None) = (fds.next(), fds.next()) else {
-            return Err(if len == 0 && self.msg.msg_controllen == 0 {
-                HandoffError::Closed
-            } else {
-                HandoffError::Fds
+            // recvmsg returns 0 both at EOF and for an empty datagram: the caller tells them
+            // apart with `hung_up`.
+            return Err(match (len, had_control) {
+                (0, false) => HandoffError::Empty,
+                _ => HandoffError::Fds,
             });
         };
         if len == 0 {
             return Err(HandoffError::Empty);
         }
-        if sock_type(fd.as_raw_fd()) != Some(libc::SOCK_STREAM) {
+        // A client's TCP connection, nothing else: not a listener, not a unix socket.
+        if int_opt(fd.as_raw_fd(), libc::SO_TYPE) != Some(libc::SOCK_STREAM)
+            || !matches!(
+                int_opt(fd.as_raw_fd(), libc::SO_DOMAIN),
+                Some(libc::AF_INET | libc::AF_INET6)
+            )
+            || int_opt(fd.as_raw_fd(), libc::SO_ACCEPTCONN) != Some(0)
+        {
             return Err(HandoffError::NotStream);
         }
         Ok(Received {
@@ -195,19 +203,24 @@ impl RecvBuf {
     }
 }
 
-fn sock_type(fd: RawFd) -> Option<i32> {
+/// Whether the peer of `channel` has closed its end (after a receive returned 0).
+pub fn hung_up(channel: RawFd) -> bool {
+    let mut pfd = libc::pollfd {
+        fd: channel,
+        events: libc::POLLIN | libc::POLLRDHUP,
+        revents: 0,
+    };
+    // SAFETY: one live pollfd; a zero timeout never blocks.
+    let rc = unsafe { libc::poll(&mut pfd, 1, 0) };
+    rc < 0 || pfd.revents & (libc::POLLHUP | libc::POLLRDHUP | libc::POLLERR) != 0
+}
+
+fn int_opt(fd: RawFd, opt: libc::c_int) -> Option<i32> {
     let mut value: libc::c_int = 0;
     let mut len = size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: getsockopt writes at most `len` bytes into the live `value`.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_TYPE,
-            (&raw mut value).cast(),
-            &mut len,
-        )
-    };
+    let rc =
+        unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, opt, (&raw mut value).cast(), &mut len) };
     (rc == 0).then_some(value)
 }
 
@@ -226,6 +239,14 @@ mod tests {
         unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
     }
 
+    /// A loopback TCP connection: (client end, server end).
+    fn tcp_pair() -> (OwnedFd, OwnedFd) {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (server, _) = l.accept().unwrap();
+        (OwnedFd::from(client), OwnedFd::from(server))
+    }
+
     fn recv(buf: &mut RecvBuf, fd: &OwnedFd) -> usize {
         let msg = buf.prepare();
         // SAFETY: `msg` points into `buf`, which outlives the call.
@@ -237,7 +258,7 @@ mod tests {
     #[test]
     fn a_connection_arrives_with_its_flags_and_bytes() {
         let (front, worker) = pair(libc::SOCK_SEQPACKET);
-        let (client, conn) = pair(libc::SOCK_STREAM);
+        let (client, conn) = tcp_pair();
         send(
             front.as_raw_fd(),
             conn.as_raw_fd(),
@@ -261,7 +282,7 @@ mod tests {
     #[test]
     fn the_largest_payload_fits_and_a_larger_one_is_refused() {
         let (front, worker) = pair(libc::SOCK_SEQPACKET);
-        let (_client, conn) = pair(libc::SOCK_STREAM);
+        let (_client, conn) = tcp_pair();
         for fd in [front.as_raw_fd(), worker.as_raw_fd()] {
             let size: libc::c_int = 4 << 20;
             // SAFETY: setsockopt with a live int.
@@ -298,19 +319,30 @@ mod tests {
     }
 
     #[test]
-    fn a_message_without_a_stream_fd_is_dropped() {
+    fn a_message_without_a_tcp_connection_is_dropped() {
         let (front, worker) = pair(libc::SOCK_SEQPACKET);
         let (other, _keep) = pair(libc::SOCK_SEQPACKET);
-        send(front.as_raw_fd(), other.as_raw_fd(), 0, b"x").unwrap();
+        let (unix, _keep2) = pair(libc::SOCK_STREAM);
+        let listener = OwnedFd::from(std::net::TcpListener::bind("127.0.0.1:0").unwrap());
         let mut buf = RecvBuf::new();
+        for fd in [&other, &unix, &listener] {
+            send(front.as_raw_fd(), fd.as_raw_fd(), 0, b"x").unwrap();
+            let n = recv(&mut buf, &worker);
+            assert_eq!(buf.complete(n).unwrap_err(), HandoffError::NotStream);
+        }
+        // An empty datagram without fds is not the channel closing.
+        // SAFETY: a plain empty datagram.
+        unsafe { libc::send(front.as_raw_fd(), b"".as_ptr().cast(), 0, 0) };
         let n = recv(&mut buf, &worker);
-        assert_eq!(buf.complete(n).unwrap_err(), HandoffError::NotStream);
+        assert_eq!(buf.complete(n).unwrap_err(), HandoffError::Empty);
         // SAFETY: a plain datagram without fds.
         unsafe { libc::send(front.as_raw_fd(), b"xy".as_ptr().cast(), 2, 0) };
         let n = recv(&mut buf, &worker);
         assert_eq!(buf.complete(n).unwrap_err(), HandoffError::Fds);
+        assert!(!hung_up(worker.as_raw_fd()));
         drop(front);
         let n = recv(&mut buf, &worker);
-        assert_eq!(buf.complete(n).unwrap_err(), HandoffError::Closed);
+        assert_eq!(buf.complete(n).unwrap_err(), HandoffError::Empty);
+        assert!(hung_up(worker.as_raw_fd()));
     }
 }

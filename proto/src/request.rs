@@ -345,7 +345,7 @@ fn facts<'b>(
 }
 
 /// Digits only (no sign, no space, no list), at most 19 of them.
-fn content_length_value(v: &[u8]) -> Option<u64> {
+pub(crate) fn content_length_value(v: &[u8]) -> Option<u64> {
     if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
         return None;
     }

@@ -4,6 +4,7 @@
 a compromised application would: cache publications for another pool's paths, malformed and
 oversized numbers, and garbage on the handoff channel. After SIGTERM (a recycle or a stop) it
 publishes a path of its own pool, then exits. It only touches the fds it inherited."""
+import ctypes
 import os
 import signal
 import socket
@@ -55,6 +56,28 @@ handoff.send(b"\x00GET / HTTP/1.1\r\n\r\n")
 a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
 handoff.sendmsg([b"\x00x"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, bytes(memoryview(
     __import__("array").array("i", [a.fileno()]))))])
+# Take over the reuseport group's steering through its own pool socket: replace the group's
+# program with a classic BPF one, then detach it (the kernel would then hash connections over
+# every pool's sockets).
+libc = ctypes.CDLL(None, use_errno=True)
+
+
+class SockFilter(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_ushort), ("jt", ctypes.c_ubyte),
+                ("jf", ctypes.c_ubyte), ("k", ctypes.c_uint)]
+
+
+class SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(SockFilter))]
+
+
+insns = (SockFilter * 1)(SockFilter(0x06, 0, 0, 0))  # ret #0: always socket 0
+fprog = SockFprog(1, insns)
+zero = ctypes.c_int(0)
+for name, opt, arg, size in [("attach", 51, ctypes.byref(fprog), ctypes.sizeof(fprog)),
+                             ("detach", 68, ctypes.byref(zero), 4)]:
+    rc = libc.setsockopt(pool_fds[0], 1, opt, arg, size)
+    print("rogue: reuseport %s: rc=%d errno=%d" % (name, rc, ctypes.get_errno()), flush=True)
 publish("/api/legit", "published by the api pool\n")
 sys.stdout.write("rogue %d ready\n" % os.getpid())
 sys.stdout.flush()

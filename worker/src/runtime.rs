@@ -839,13 +839,14 @@ impl<'s, H: Handler> Worker<'s, H> {
             bytes.extend_from_slice(h.bytes);
             (h.fd, h.flags & handoff::ROUTED != 0, bytes)
         });
+        let closed = matches!(received, Err(HandoffError::Empty))
+            && self.shared.handoff.is_some_and(handoff::hung_up);
         if self.stop_tick.is_none() {
-            match &received {
-                Err(HandoffError::Closed) => {
-                    log::warn!("{}", HandoffError::Closed);
-                    self.handoff_closed = true;
-                }
-                _ => self.arm_handoff()?,
+            if closed {
+                log::warn!("the handoff channel was closed by the front end");
+                self.handoff_closed = true;
+            } else {
+                self.arm_handoff()?;
             }
         }
         match received {
@@ -853,7 +854,7 @@ impl<'s, H: Handler> Worker<'s, H> {
                 log::debug!("handed-off connection with {} bytes", bytes.len());
                 self.add_conn(fd, bytes, routed)
             }
-            Err(HandoffError::Closed) => Ok(()),
+            Err(_) if closed => Ok(()),
             Err(e) => {
                 log::warn!("{e}");
                 Ok(())

@@ -60,9 +60,11 @@ pub fn pair() -> io::Result<(OwnedFd, OwnedFd)> {
     Ok((ours, theirs))
 }
 
-/// Most messages taken from one worker per call, so a worker that floods its channel cannot
-/// keep the controller from its other work; the rest wait for the next call.
+/// Most datagrams (and bytes) taken from one worker per call, whatever they hold, so a worker
+/// that floods its channel cannot keep the controller from its other work; the rest wait for
+/// the next call.
 const MAX_PER_CALL: usize = 256;
+const MAX_BYTES_PER_CALL: usize = 8 * MAX_MESSAGE;
 
 /// What one call of [`receive`] found.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -83,7 +85,11 @@ pub fn receive(fd: RawFd) -> Received {
 
 fn receive_into(fd: RawFd, buf: &mut [u8]) -> Received {
     let mut out = Received::default();
-    while out.messages.len() < MAX_PER_CALL {
+    let mut bytes = 0;
+    for _ in 0..MAX_PER_CALL {
+        if bytes >= MAX_BYTES_PER_CALL {
+            break;
+        }
         // SAFETY: receives into a live buffer of the given size.
         let n = unsafe {
             libc::recv(
@@ -113,6 +119,7 @@ fn receive_into(fd: RawFd, buf: &mut [u8]) -> Received {
             log::warn!("control: dropped a message longer than {MAX_MESSAGE} bytes");
             continue;
         }
+        bytes += n as usize;
         match ToFrontend::decode(&buf[..n as usize]) {
             Ok(m) => out.messages.push(m),
             Err(e) => log::warn!("control: dropped a message: {e}"),

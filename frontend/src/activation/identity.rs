@@ -25,15 +25,22 @@ pub fn dynamic(id: usize) -> u32 {
     LAST
 }
 
-/// Whether the system's user database names `uid`.
-fn named(uid: u32) -> bool {
+/// Whether the system's user or group database names `id` (it is used as both).
+fn named(id: u32) -> bool {
     let mut buf = vec![0u8; 4096];
-    // SAFETY: passwd is plain data; getpwuid_r writes into `pwd` and `buf`, which outlive it.
+    // SAFETY: passwd and group are plain data; getpwuid_r and getgrgid_r write into them and
+    // `buf`, which outlive the calls.
     unsafe {
         let mut pwd: libc::passwd = std::mem::zeroed();
         let mut out: *mut libc::passwd = std::ptr::null_mut();
-        let r = libc::getpwuid_r(uid, &mut pwd, buf.as_mut_ptr().cast(), buf.len(), &mut out);
-        r == 0 && !out.is_null()
+        let r = libc::getpwuid_r(id, &mut pwd, buf.as_mut_ptr().cast(), buf.len(), &mut out);
+        if r == 0 && !out.is_null() {
+            return true;
+        }
+        let mut grp: libc::group = std::mem::zeroed();
+        let mut gout: *mut libc::group = std::ptr::null_mut();
+        let r = libc::getgrgid_r(id, &mut grp, buf.as_mut_ptr().cast(), buf.len(), &mut gout);
+        r == 0 && !gout.is_null()
     }
 }
 

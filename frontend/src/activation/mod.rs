@@ -6,6 +6,7 @@
 
 pub mod control;
 mod identity;
+mod seccomp;
 mod spawn;
 
 use std::{
@@ -109,6 +110,8 @@ struct Worker {
 
 struct Pool {
     name: String,
+    /// The uid its workers run as when it names no `user`.
+    own_uid: u32,
     policy: Activation,
     processes: u32,
     launch: Launch,
@@ -176,9 +179,9 @@ impl Supervisor {
         Ok(s)
     }
 
-    /// How pool `id`'s workers are started: with a pool without `user` running as a uid of
-    /// its own (see `identity`).
-    fn launch(id: PoolId, p: &PoolLaunch) -> io::Result<Launch> {
+    /// How a pool's workers are started: a pool without `user` runs as `own` (its uid, see
+    /// `identity`).
+    fn launch(own: u32, p: &PoolLaunch) -> io::Result<Launch> {
         let (fds, names): (Vec<RawFd>, Vec<String>) = p.fds.iter().cloned().unzip();
         let mut env = p.env.clone();
         env.extend(
@@ -189,10 +192,7 @@ impl Supervisor {
         );
         let (uid, gid) = match p.activation.uid {
             Some(uid) => (uid, p.activation.gid.unwrap_or(uid)),
-            None => {
-                let own = identity::dynamic(id.index());
-                (own, p.activation.gid.unwrap_or(own))
-            }
+            None => (own, p.activation.gid.unwrap_or(own)),
         };
         Launch::new(&p.program, &p.args, fds, &names, &env, Some((uid, gid)))
     }
@@ -200,7 +200,9 @@ impl Supervisor {
     /// A new pool, with the next id.
     pub fn add(&mut self, p: PoolLaunch) -> io::Result<()> {
         let now = Instant::now();
-        let launch = Self::launch(PoolId::new(self.pools.len()), &p)?;
+        // Allocated once: the pool keeps its uid for the front end's life.
+        let own_uid = identity::dynamic(self.pools.len());
+        let launch = Self::launch(own_uid, &p)?;
         let state = if p.activation.start == Start::Always {
             PoolState::Running
         } else {
@@ -208,6 +210,7 @@ impl Supervisor {
         };
         self.pools.push(Pool {
             name: p.name,
+            own_uid,
             policy: p.activation,
             processes: p.processes,
             launch,
@@ -227,10 +230,10 @@ impl Supervisor {
 
     /// New settings for pool `id` (a reload): its workers are recycled, overlapped.
     pub fn update(&mut self, id: PoolId, p: PoolLaunch) -> io::Result<()> {
-        let launch = Self::launch(id, &p)?;
         let Some(pool) = self.pools.get_mut(id.index()) else {
             return Ok(());
         };
+        let launch = Self::launch(pool.own_uid, &p)?;
         pool.launch = launch;
         pool.policy = p.activation;
         pool.processes = p.processes;

@@ -34,6 +34,8 @@ pub struct Launch {
     fds: Vec<RawFd>,
     /// Run as (uid, gid) when set.
     identity: Option<(u32, u32)>,
+    /// Keeps the worker's hands off the reuseport groups' steering program.
+    filter: super::seccomp::Filter,
 }
 
 fn cstring(bytes: &[u8]) -> io::Result<CString> {
@@ -86,6 +88,7 @@ impl Launch {
             env,
             fds,
             identity,
+            filter: super::seccomp::Filter::new(),
         })
     }
 
@@ -149,6 +152,7 @@ impl Launch {
                     &fds,
                     n,
                     identity,
+                    &self.filter,
                     pipe[1],
                 )
             }
@@ -180,6 +184,7 @@ unsafe fn child(
     fds: &[RawFd],
     n: RawFd,
     identity: Option<(u32, u32)>,
+    filter: &super::seccomp::Filter,
     report: RawFd,
 ) -> ! {
     unsafe {
@@ -243,6 +248,9 @@ unsafe fn child(
             if libc::setgroups(1, &gid) < 0 || libc::setgid(gid) < 0 || libc::setuid(uid) < 0 {
                 fail(report);
             }
+        }
+        if !filter.install() {
+            fail(report);
         }
         // Write our pid into the LISTEN_PID slot.
         let mut pid = libc::getpid() as u32;

@@ -13,6 +13,8 @@ use std::{
 
 pub use sluice_proto::cache::CacheKey;
 
+use crate::pool::PoolId;
+
 use crate::config::{CacheConfig, StaticEntry};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -26,7 +28,8 @@ pub enum CacheError {
 /// Where an entry came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Origin {
-    Worker,
+    /// Published by a worker of this pool: kept only while its path routes there.
+    Worker(PoolId),
     Static,
 }
 
@@ -44,6 +47,17 @@ struct Entry {
     /// The whole keep-alive answer to a GET, as rendered for `second` (its Date and Age only
     /// change once a second): shared by every hit within it, with no copy.
     rendered: Option<(u64, u64, Arc<[u8]>)>,
+}
+
+/// What an answer says about the connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Keep {
+    /// HTTP/1.1 keep-alive: nothing to say.
+    Http11,
+    /// HTTP/1.0 keep-alive: `Connection: keep-alive`.
+    Http10,
+    /// `Connection: close`.
+    Close,
 }
 
 /// An answer's bytes: shared with the entry that rendered it, or made for this answer alone.
@@ -144,7 +158,7 @@ impl Cache {
                         variant: None,
                     };
                     match self.insert(&key, head.into_bytes(), body, st.ttl, Origin::Static, now) {
-                        Ok(()) => stored.push(st.path.clone()),
+                        Ok(_) => stored.push(st.path.clone()),
                         Err(e) => log::warn!("cache: static {}: {e}", st.path),
                     }
                 }
@@ -154,7 +168,8 @@ impl Cache {
         stored
     }
 
-    /// Stores a response; evicts the least recently used entries to make room.
+    /// Stores a response; evicts the least recently used entries to make room and returns
+    /// their keys.
     pub fn insert(
         &mut self,
         key: &CacheKey,
@@ -163,12 +178,13 @@ impl Cache {
         ttl: Duration,
         origin: Origin,
         now: Instant,
-    ) -> Result<(), CacheError> {
+    ) -> Result<Vec<CacheKey>, CacheError> {
         let size = head.len() + body.len();
         if size > self.max_entry || size > self.max_total {
             return Err(CacheError::TooLarge(size));
         }
         self.remove(key);
+        let mut evicted = Vec::new();
         while self.total + size > self.max_total {
             let Some(victim) = self
                 .entries
@@ -180,6 +196,7 @@ impl Cache {
             };
             log::debug!("cache: evicting {}", victim.path);
             self.remove(&victim);
+            evicted.push(victim);
         }
         self.clock += 1;
         self.total += size;
@@ -198,7 +215,22 @@ impl Cache {
                 rendered: None,
             },
         );
-        Ok(())
+        Ok(evicted)
+    }
+
+    /// Drops the entries published by a pool that their path no longer routes to (after a
+    /// reload changed the routes); returns their keys.
+    pub fn retain_routed(&mut self, routes_to: impl Fn(&str) -> Option<PoolId>) -> Vec<CacheKey> {
+        let stale: Vec<CacheKey> = self
+            .entries
+            .iter()
+            .filter(|(k, e)| matches!(e.origin, Origin::Worker(p) if routes_to(&k.path) != Some(p)))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in &stale {
+            self.remove(k);
+        }
+        stale
     }
 
     fn remove(&mut self, key: &CacheKey) -> bool {
@@ -236,7 +268,7 @@ impl Cache {
         accept_encoding: Option<&[u8]>,
         now: Instant,
         head_only: bool,
-        close: bool,
+        keep: Keep,
     ) -> Option<Answer> {
         self.clock += 1;
         let clock = self.clock;
@@ -259,7 +291,7 @@ impl Cache {
         e.last_used = clock;
         e.hits += 1;
         self.hits += 1;
-        let plain = !head_only && !close;
+        let plain = !head_only && keep == Keep::Http11;
         let age = now.duration_since(e.stored).as_secs();
         if plain {
             if let Some((at, at_age, bytes)) = &e.rendered {
@@ -275,8 +307,10 @@ impl Cache {
         out.extend_from_slice(
             format!("\r\nAge: {age}\r\nContent-Length: {}\r\n", e.body.len()).as_bytes(),
         );
-        if close {
-            out.extend_from_slice(b"Connection: close\r\n");
+        match keep {
+            Keep::Http11 => {}
+            Keep::Http10 => out.extend_from_slice(b"Connection: keep-alive\r\n"),
+            Keep::Close => out.extend_from_slice(b"Connection: close\r\n"),
         }
         out.extend_from_slice(b"\r\n");
         if !head_only {
@@ -367,7 +401,7 @@ impl Cache {
                 ttl_left_s: e.expires.saturating_duration_since(now).as_secs(),
                 hits: e.hits,
                 origin: match e.origin {
-                    Origin::Worker => "worker".into(),
+                    Origin::Worker(_) => "worker".into(),
                     Origin::Static => "static".into(),
                 },
             })
@@ -439,12 +473,12 @@ mod tests {
             b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n".to_vec(),
             b"hello".to_vec(),
             Duration::from_secs(10),
-            Origin::Worker,
+            Origin::Worker(PoolId::new(0)),
             t0,
         )
         .unwrap();
         let out = String::from_utf8(
-            c.answer("/a", None, t0 + Duration::from_secs(3), false, false)
+            c.answer("/a", None, t0 + Duration::from_secs(3), false, Keep::Http11)
                 .unwrap()
                 .to_vec(),
         )
@@ -457,15 +491,25 @@ mod tests {
             out.contains("\r\nAge: 3\r\nContent-Length: 5\r\n\r\nhello"),
             "{out}"
         );
-        let head =
-            String::from_utf8(c.answer("/a", None, t0, true, true).unwrap().to_vec()).unwrap();
+        let head = String::from_utf8(
+            c.answer("/a", None, t0, true, Keep::Close)
+                .unwrap()
+                .to_vec(),
+        )
+        .unwrap();
         assert!(head.ends_with("Connection: close\r\n\r\n"), "{head}");
         assert!(
-            c.answer("/a", None, t0 + Duration::from_secs(11), false, false)
-                .is_none(),
+            c.answer(
+                "/a",
+                None,
+                t0 + Duration::from_secs(11),
+                false,
+                Keep::Http11
+            )
+            .is_none(),
             "expired"
         );
-        assert!(c.answer("/b", None, t0, false, false).is_none());
+        assert!(c.answer("/b", None, t0, false, Keep::Http11).is_none());
         assert_eq!((c.stats().hits, c.stats().misses), (2, 2));
     }
 
@@ -480,24 +524,31 @@ mod tests {
                 vec![b'h'; 20],
                 vec![b'b'; 80],
                 ttl,
-                Origin::Worker,
+                Origin::Worker(PoolId::new(0)),
                 t0,
             )
             .unwrap();
         }
-        c.answer("/1", None, t0, false, false);
+        c.answer("/1", None, t0, false, Keep::Http11);
         c.insert(
             &k("/3"),
             vec![b'h'; 20],
             vec![b'b'; 80],
             ttl,
-            Origin::Worker,
+            Origin::Worker(PoolId::new(0)),
             t0,
         )
         .unwrap();
         assert_eq!(c.keys(), [k("/1"), k("/3")], "the least recently used went");
         assert_eq!(
-            c.insert(&k("/4"), vec![], vec![0; 101], ttl, Origin::Worker, t0),
+            c.insert(
+                &k("/4"),
+                vec![],
+                vec![0; 101],
+                ttl,
+                Origin::Worker(PoolId::new(0)),
+                t0
+            ),
             Err(CacheError::TooLarge(101))
         );
         assert_eq!(c.stats().bytes, 200);
@@ -519,13 +570,19 @@ mod tests {
             b"HTTP/1.1 200 OK\r\n".to_vec(),
             b"z".to_vec(),
             ttl,
-            Origin::Worker,
+            Origin::Worker(PoolId::new(0)),
             t0,
         )
         .unwrap();
-        assert!(c.answer("/v", Some(b"gzip"), t0, false, false).is_some());
-        assert!(c.answer("/v", Some(b"br"), t0, false, false).is_none());
-        assert!(c.answer("/v", None, t0, false, false).is_none());
+        assert!(
+            c.answer("/v", Some(b"gzip"), t0, false, Keep::Http11)
+                .is_some()
+        );
+        assert!(
+            c.answer("/v", Some(b"br"), t0, false, Keep::Http11)
+                .is_none()
+        );
+        assert!(c.answer("/v", None, t0, false, Keep::Http11).is_none());
         assert!(c.has_path("/v") && !c.has_path("/w"));
         assert_eq!(c.next_expiry(), Some(t0 + ttl));
     }

@@ -15,7 +15,7 @@ use std::{
 
 use io_uring::{IoUring, cqueue, opcode, squeue, types};
 
-use crate::cache::Answer;
+use crate::cache::{Answer, Keep};
 use sluice_common::MAX_POOLS;
 
 use super::{
@@ -552,12 +552,17 @@ impl Loop {
             // The cache first: a cached path is answered whatever pool it would route to.
             let answer = seen.cache.as_ref().and_then(|q| {
                 let mut cache = self.d.cache.lock().ok()?;
+                let keep = match (seen.close, q.http10) {
+                    (true, _) => Keep::Close,
+                    (false, true) => Keep::Http10,
+                    (false, false) => Keep::Http11,
+                };
                 cache.answer(
                     &q.path,
                     q.accept_encoding,
                     Instant::now(),
                     q.head_only,
-                    seen.close,
+                    keep,
                 )
             });
             let full = c.filled >= c.buf.len();

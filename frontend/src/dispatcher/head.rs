@@ -26,6 +26,8 @@ pub struct CacheQuery<'b> {
     pub path: std::borrow::Cow<'b, str>,
     pub head_only: bool,
     pub accept_encoding: Option<&'b [u8]>,
+    /// HTTP/1.0: a kept connection must say `Connection: keep-alive`.
+    pub http10: bool,
 }
 
 /// Everything the dispatcher learns from a complete head (borrowed from its bytes).
@@ -72,6 +74,7 @@ pub fn inspect<'b>(buf: &'b [u8], limits: &Limits, routes: &RouteTable<PoolId>) 
         path: head.canonical,
         head_only: head.method == "HEAD",
         accept_encoding: head.accept_encoding,
+        http10: head.minor_version == 0,
     });
     Inspection {
         decision,

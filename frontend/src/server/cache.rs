@@ -56,11 +56,13 @@ impl Frontend {
             let mut cache = self.lock_cache();
             let new_path = !cache.has_path(&p.key.path);
             let fresh = !cache.contains(&p.key);
-            let r = cache.insert(&p.key, stored.head, stored.body, ttl, Origin::Worker, now);
-            (new_path, r.map(|()| fresh))
+            let origin = Origin::Worker(p.pool);
+            let r = cache.insert(&p.key, stored.head, stored.body, ttl, origin, now);
+            (new_path, r.map(|evicted| (fresh, evicted)))
         };
         match result {
-            Ok(fresh) => {
+            Ok((fresh, evicted)) => {
+                self.uncache(&evicted);
                 log::debug!(
                     "cache: stored {} for {ttl:?} from pool {pool_name}",
                     p.key.path
@@ -78,24 +80,38 @@ impl Frontend {
         }
     }
 
-    pub(super) fn expire_cache(&mut self, now: Instant) -> Result<()> {
+    pub(super) fn expire_cache(&mut self, now: Instant) {
         let (removed, _reloaded) = self.lock_cache().expire(now);
-        self.uncache(&removed)
+        self.uncache(&removed);
+    }
+
+    /// The routes changed: entries a pool published for paths that no longer route to it go.
+    pub(super) fn uncache_unrouted(&mut self) {
+        let (_, table) = self.table.current();
+        let stale = self
+            .lock_cache()
+            .retain_routed(|path| table.routes.lookup(path));
+        for k in &stale {
+            log::info!("cache: dropped {}: its path routes elsewhere now", k.path);
+        }
+        self.uncache(&stale);
     }
 
     /// Entries are gone: the kernel forgets their paths (when no variant is left) and the
     /// workers the keys, at once, so no request is handed back for what is no longer there.
-    fn uncache(&mut self, keys: &[CacheKey]) -> Result<()> {
+    /// A map that cannot be updated costs a detour through the dispatcher, never an answer.
+    fn uncache(&mut self, keys: &[CacheKey]) {
         if keys.is_empty() {
-            return Ok(());
+            return;
         }
         for k in keys {
             if !self.lock_cache().has_path(&k.path) {
-                self.steering.set_cached(&k.path, false)?;
+                if let Err(e) = self.steering.set_cached(&k.path, false) {
+                    log::warn!("cache: {e}");
+                }
             }
         }
         self.greet_workers();
-        Ok(())
     }
 
     pub(super) fn cache_list(&self) -> String {
@@ -105,9 +121,7 @@ impl Frontend {
 
     pub(super) fn cache_purge(&mut self, path: Option<&str>) -> String {
         let removed = self.lock_cache().purge(path);
-        if let Err(e) = self.uncache(&removed) {
-            return format!("error: {e:#}");
-        }
+        self.uncache(&removed);
         format!(
             "purged {} entr{}\n",
             removed.len(),

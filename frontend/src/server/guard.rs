@@ -3,7 +3,9 @@
 //! program, taking the traffic; when it exits, the group is left with a program whose socket
 //! array is empty, and every connection is refused. So: refuse to start on an address that
 //! already has a listener (`probe`), and watch for listeners that are not ours (`Guard`): one
-//! that appears is logged, counted, and the group gets sluice's program back.
+//! that appears is logged and counted. Every second each group gets sluice's program attached
+//! again, whoever replaced it (a foreign listener, or a worker through its own pool socket by
+//! a path seccomp does not see).
 
 use std::{
     collections::HashSet,
@@ -86,11 +88,11 @@ impl Guard {
         }
     }
 
-    /// At most once a second: the groups (by index into the listen addresses) that have a
-    /// listener not among `ours` that was not reported before.
-    pub fn check(&mut self, now: Instant, ours: &[RawFd]) -> Vec<usize> {
+    /// Once a second (None between): the groups (by index into the listen addresses) that
+    /// have a listener not among `ours` that was not reported before.
+    pub fn check(&mut self, now: Instant, ours: &[RawFd]) -> Option<Vec<usize>> {
         if now < self.next {
-            return Vec::new();
+            return None;
         }
         self.next = now + EVERY;
         let ours: HashSet<u64> = ours.iter().filter_map(|&fd| inode(fd)).collect();
@@ -113,7 +115,7 @@ impl Guard {
                 groups.push(g);
             }
         }
-        groups
+        Some(groups)
     }
 }
 
@@ -200,14 +202,15 @@ mod tests {
         assert!(listeners().iter().any(|(a, _)| *a == addr));
         let mut g = Guard::new(&[addr]);
         g.next = Instant::now();
-        assert_eq!(g.check(Instant::now(), &[]), vec![0]);
+        assert_eq!(g.check(Instant::now(), &[]), Some(vec![0]));
+        assert_eq!(g.check(Instant::now(), &[]), None, "once a second");
         g.next = Instant::now();
-        assert!(g.check(Instant::now(), &[]).is_empty(), "reported once");
-        g.next = Instant::now();
+        assert_eq!(g.check(Instant::now(), &[]), Some(vec![]), "reported once");
         let mut g2 = Guard::new(&[addr]);
         g2.next = Instant::now();
-        assert!(
-            g2.check(Instant::now(), &[l.as_raw_fd()]).is_empty(),
+        assert_eq!(
+            g2.check(Instant::now(), &[l.as_raw_fd()]),
+            Some(vec![]),
             "ours"
         );
         drop(l);

@@ -304,6 +304,7 @@ impl Frontend {
         };
         self.table.replace(table);
         self.wake_dispatcher();
+        self.uncache_unrouted();
         Ok(())
     }
 
@@ -388,12 +389,13 @@ impl Frontend {
             }
         }
         self.finish_removals();
-        self.expire_cache(now)?;
+        self.expire_cache(now);
         self.guard_groups(now);
         Ok(())
     }
 
-    /// A listener that is not ours joined a group: the group gets our program back.
+    /// Once a second every group gets our program attached again (a listener that is not
+    /// ours, or a worker, may have replaced it); foreign listeners are logged by the guard.
     fn guard_groups(&mut self, now: Instant) {
         let ours: Vec<std::os::fd::RawFd> = self
             .dispatch_sockets
@@ -405,8 +407,11 @@ impl Frontend {
                     .flat_map(|p| p.listeners.iter().map(|fd| fd.as_raw_fd())),
             )
             .collect();
-        for g in self.guard.check(now, &ours) {
-            if let Err(e) = self.steering.attach(g, &self.dispatch_sockets[g]) {
+        if self.guard.check(now, &ours).is_none() {
+            return;
+        }
+        for (g, socket) in self.dispatch_sockets.iter().enumerate() {
+            if let Err(e) = self.steering.attach(g, socket) {
                 log::error!("attaching the steering program again: {e}");
             }
         }

@@ -201,6 +201,10 @@ pub(super) fn set_cached(ebpf: &mut Ebpf, path: &str, cached: bool) -> Result<()
     } else {
         match map.remove(&key) {
             Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            // aya reports a missing key as the syscall's ENOENT: already gone, as wanted.
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
+                Ok(())
+            }
             Err(e) => Err(map_error(format!("CACHED[{path}]"))(e)),
         }
     }
