@@ -79,6 +79,9 @@ for name, opt, arg, size in [("attach", 51, ctypes.byref(fprog), ctypes.sizeof(f
     rc = libc.setsockopt(pool_fds[0], 1, opt, arg, size)
     print("rogue: reuseport %s: rc=%d errno=%d" % (name, rc, ctypes.get_errno()), flush=True)
 publish("/api/legit", "published by the api pool\n")
+# More entries than the kernel's set of cached paths holds (4096), all expiring in a second.
+for i in range(4200):
+    control.send(b"cache /api/many/%d\n" % i + response("many\n").replace(b"300", b"1"))
 sys.stdout.write("rogue %d ready\n" % os.getpid())
 sys.stdout.flush()
 

@@ -588,6 +588,24 @@ mod tests {
     }
 
     #[test]
+    fn entries_whose_path_routes_elsewhere_now_are_dropped_statics_stay() {
+        let mut c = cache(1000, 10_000);
+        let t0 = Instant::now();
+        let ttl = Duration::from_secs(60);
+        let (api, web) = (PoolId::new(0), PoolId::new(1));
+        c.insert(&k("/api/a"), vec![], vec![1], ttl, Origin::Worker(api), t0)
+            .unwrap();
+        c.insert(&k("/web/b"), vec![], vec![2], ttl, Origin::Worker(web), t0)
+            .unwrap();
+        c.insert(&k("/logo"), vec![], vec![3], ttl, Origin::Static, t0)
+            .unwrap();
+        // A reload sends everything to web.
+        let gone = c.retain_routed(|_| Some(web));
+        assert_eq!(gone, [k("/api/a")]);
+        assert_eq!(c.keys(), [k("/logo"), k("/web/b")]);
+    }
+
+    #[test]
     fn http_date_is_imf_fixdate() {
         assert_eq!(
             http_date(SystemTime::UNIX_EPOCH + Duration::from_secs(784_111_777)),

@@ -73,7 +73,7 @@ impl Frontend {
                     }
                 }
                 if fresh {
-                    self.greet_workers();
+                    self.greeting_due = true;
                 }
             }
             Err(e) => log::info!("cache: not storing {}: {e}", p.key.path),
@@ -111,7 +111,7 @@ impl Frontend {
                 }
             }
         }
-        self.greet_workers();
+        self.greeting_due = true;
     }
 
     pub(super) fn cache_list(&self) -> String {
@@ -130,8 +130,9 @@ impl Frontend {
     }
 
     /// Tells every worker the route table and the cached keys (and every new one before it
-    /// starts).
+    /// starts), once per controller step however many changes it saw.
     pub(super) fn greet_workers(&mut self) {
+        self.greeting_due = false;
         let cached = ToWorker::cached_within(self.lock_cache().keys());
         self.supervisor
             .greet(vec![self.routes_message.clone(), cached]);

@@ -63,6 +63,9 @@ struct Frontend {
     dispatch_thread: Option<JoinHandle<std::io::Result<()>>>,
     /// Watches the listen addresses for listeners that are not ours.
     guard: Guard,
+    /// The workers' copy of the routes or the cached keys is behind: greet them at the end
+    /// of this step.
+    greeting_due: bool,
     /// Restores changed sysctls on drop (last).
     restore: sysctl::Restore,
 }
@@ -219,6 +222,7 @@ impl Frontend {
             wake,
             dispatch_thread: None,
             guard: Guard::new(&config.listen),
+            greeting_due: false,
             restore,
         };
         let ids: Vec<Option<PoolId>> = config
@@ -391,6 +395,9 @@ impl Frontend {
         self.finish_removals();
         self.expire_cache(now);
         self.guard_groups(now);
+        if self.greeting_due {
+            self.greet_workers();
+        }
         Ok(())
     }
 
