@@ -190,8 +190,8 @@ impl ToWorker {
                     else {
                         return Err(bad("expected `<prefix> <pool>`"));
                     };
-                    if pool.is_empty() {
-                        return Err(bad("empty pool name"));
+                    if !crate::route::valid_pool_name(pool) {
+                        return Err(bad("not a pool name"));
                     }
                     match normalize_prefix(prefix) {
                         Ok(n) if n == prefix => {}
@@ -353,6 +353,10 @@ mod tests {
             b"routes\n/api/\n",
             b"routes\n/a/../b/ x\n",
             b"routes\n/api x\n",
+            // Found by fuzz/fuzz_targets/control.rs: a pool name with a NUL and a CR decoded
+            // to a name its own encoding did not give back.
+            b"routes\n/ &n\0\r",
+            b"routes\n/ a.b\n",
             b"cached\nrel\n",
             b"cached\n/a/../b\n",
             b"cached\n/x\tgz\x01ip\n",

@@ -3,6 +3,14 @@
 //! with a `/` appended starts with it, so `/api/` takes `/api` and `/api/x` but not `/apix`.
 //! The kernel program uses the same rule with its LPM-trie key.
 
+/// Whether `name` can be a pool's name: letters, digits, `-` and `_`, not empty.
+pub fn valid_pool_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
 /// Checks and normalizes a configured prefix.
 pub fn normalize_prefix(prefix: &str) -> Result<String, &'static str> {
     if !prefix.starts_with('/') {

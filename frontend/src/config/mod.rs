@@ -467,12 +467,7 @@ impl Config {
         let mut slots = 1u32; // slot 0: the dispatcher
         for (i, p) in raw.pools.iter().enumerate() {
             let key = |k: &str| format!("pool[{i}].{k}");
-            if p.name.is_empty()
-                || !p
-                    .name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-            {
+            if !sluice_proto::route::valid_pool_name(&p.name) {
                 bad(
                     key("name"),
                     format!("`{}` must be letters, digits, `-` or `_`", p.name),
