@@ -392,7 +392,7 @@ fn a_second_front_end_on_the_same_address_is_refused_and_a_foreign_listener_take
     });
     wait_for(
         &s,
-        Duration::from_secs(5),
+        Duration::from_secs(15),
         "the foreign listener noticed",
         |st| st["foreign_listeners"].as_u64() == Some(1),
     );

@@ -22,7 +22,15 @@ use crate::Request;
 pub(crate) struct Routing {
     /// None: no route table (a standalone worker): never hand back.
     routes: Option<Arc<Routes>>,
-    cached: Arc<HashSet<CacheKey>>,
+    cached: Arc<Cached>,
+}
+
+/// The front end's cached keys, and their paths (looked up first, by the request's own path:
+/// no allocation for a request whose path is not cached at all, the usual case).
+#[derive(Debug, Default)]
+struct Cached {
+    keys: HashSet<CacheKey>,
+    paths: HashSet<String>,
 }
 
 /// A route table, with which of its pools is this worker's.
@@ -91,9 +99,13 @@ impl Routing {
 
     /// The state after a `cached` message: the set is replaced, the table stays.
     pub(crate) fn with_cached(&self, keys: Vec<CacheKey>) -> Routing {
+        let paths = keys.iter().map(|k| k.path.clone()).collect();
         Routing {
             routes: self.routes.clone(),
-            cached: Arc::new(keys.into_iter().collect()),
+            cached: Arc::new(Cached {
+                keys: keys.into_iter().collect(),
+                paths,
+            }),
         }
     }
 
@@ -107,11 +119,11 @@ impl Routing {
         let routes = self.routes.as_ref()?;
         let head = req.head();
         let path = req.canonical_path();
-        if !self.cached.is_empty()
+        if self.cached.paths.contains(path)
             && cache::request_eligible(head, true)
             && CacheKey::candidates(path, head.accept_encoding)
                 .iter()
-                .any(|k| self.cached.contains(k))
+                .any(|k| self.cached.keys.contains(k))
         {
             return Some(Foreign::Cached);
         }

@@ -132,6 +132,8 @@ impl Table {
 #[derive(Debug, Default)]
 pub struct SharedTable {
     table: std::sync::RwLock<(u64, Arc<Table>)>,
+    /// The generation of the current table, readable without the lock.
+    latest: AtomicU64,
     pub(crate) seen: AtomicU64,
 }
 
@@ -139,6 +141,7 @@ impl SharedTable {
     pub fn new(table: Table) -> SharedTable {
         SharedTable {
             table: std::sync::RwLock::new((1, Arc::new(table))),
+            latest: AtomicU64::new(1),
             seen: AtomicU64::new(0),
         }
     }
@@ -148,7 +151,13 @@ impl SharedTable {
         let mut t = self.table.write().unwrap_or_else(|e| e.into_inner());
         t.0 += 1;
         t.1 = Arc::new(table);
+        self.latest.store(t.0, std::sync::atomic::Ordering::Release);
         t.0
+    }
+
+    /// The generation of the current table, without taking its lock.
+    pub(crate) fn latest(&self) -> u64 {
+        self.latest.load(std::sync::atomic::Ordering::Acquire)
     }
 
     pub(crate) fn current(&self) -> (u64, Arc<Table>) {

@@ -16,8 +16,11 @@ use std::{
 
 use anyhow::{Result, bail};
 
-/// How often the listening sockets of the namespace are looked at.
+/// How often the groups get sluice's program again, and how often (in those steps) the
+/// namespace's listening sockets are looked at: reading `/proc/net/tcp` walks every socket,
+/// established ones too, which costs milliseconds under load.
 const EVERY: Duration = Duration::from_secs(1);
+const SCAN_EVERY: u32 = 5;
 
 /// Fails when something already listens on `addr` (a listener that shares the address,
 /// including a wildcard one on its port).
@@ -72,6 +75,8 @@ pub fn probe(addr: SocketAddr) -> Result<()> {
 pub struct Guard {
     addrs: Vec<SocketAddr>,
     next: Instant,
+    /// Steps until the next scan.
+    until_scan: u32,
     /// Foreign socket inodes already reported.
     reported: HashSet<u64>,
     /// Foreign listeners seen since the start.
@@ -83,6 +88,7 @@ impl Guard {
         Guard {
             addrs: addrs.to_vec(),
             next: Instant::now() + EVERY,
+            until_scan: 0,
             reported: HashSet::new(),
             foreign: 0,
         }
@@ -95,6 +101,11 @@ impl Guard {
             return None;
         }
         self.next = now + EVERY;
+        if self.until_scan > 0 {
+            self.until_scan -= 1;
+            return Some(Vec::new());
+        }
+        self.until_scan = SCAN_EVERY - 1;
         let ours: HashSet<u64> = ours.iter().filter_map(|&fd| inode(fd)).collect();
         let mut groups = Vec::new();
         for (addr, ino) in listeners() {
@@ -205,6 +216,7 @@ mod tests {
         assert_eq!(g.check(Instant::now(), &[]), Some(vec![0]));
         assert_eq!(g.check(Instant::now(), &[]), None, "once a second");
         g.next = Instant::now();
+        g.until_scan = 0;
         assert_eq!(g.check(Instant::now(), &[]), Some(vec![]), "reported once");
         let mut g2 = Guard::new(&[addr]);
         g2.next = Instant::now();
