@@ -271,6 +271,19 @@ impl ToFrontend {
     }
 }
 
+/// Whether the peer of a SEQPACKET `channel` (control or handoff) has closed its end: a
+/// receive returns 0 both at EOF and for an empty datagram, which says nothing.
+pub fn hung_up(channel: RawFd) -> bool {
+    let mut pfd = libc::pollfd {
+        fd: channel,
+        events: libc::POLLIN | libc::POLLRDHUP,
+        revents: 0,
+    };
+    // SAFETY: one live pollfd; a zero timeout never blocks.
+    let rc = unsafe { libc::poll(&mut pfd, 1, 0) };
+    rc < 0 || pfd.revents & (libc::POLLHUP | libc::POLLRDHUP | libc::POLLERR) != 0
+}
+
 /// Sends one datagram without blocking (MSG_DONTWAIT | MSG_NOSIGNAL): a full socket is an
 /// error, never a wait.
 pub fn send(fd: RawFd, msg: &[u8]) -> io::Result<()> {

@@ -8,6 +8,8 @@
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
+pub use crate::control::hung_up;
+
 /// The front end routed the first request in the bytes to this pool: the worker serves it
 /// without routing it again (so a disagreement, say about a cache entry that has just
 /// expired, can never bounce a request between the two).
@@ -201,18 +203,6 @@ impl RecvBuf {
         self.msg.msg_controllen = 0;
         fds
     }
-}
-
-/// Whether the peer of `channel` has closed its end (after a receive returned 0).
-pub fn hung_up(channel: RawFd) -> bool {
-    let mut pfd = libc::pollfd {
-        fd: channel,
-        events: libc::POLLIN | libc::POLLRDHUP,
-        revents: 0,
-    };
-    // SAFETY: one live pollfd; a zero timeout never blocks.
-    let rc = unsafe { libc::poll(&mut pfd, 1, 0) };
-    rc < 0 || pfd.revents & (libc::POLLHUP | libc::POLLRDHUP | libc::POLLERR) != 0
 }
 
 fn int_opt(fd: RawFd, opt: libc::c_int) -> Option<i32> {

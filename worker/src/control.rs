@@ -4,9 +4,7 @@
 //! EOF or an error on the socket means the front end is gone: graceful stop. The runtime's
 //! thread 0 does the I/O; this module holds the socket calls that are not io_uring operations.
 
-use std::os::fd::RawFd;
-
-pub(crate) use sluice_proto::control::{MAX_MESSAGE, ToFrontend, ToWorker, send};
+pub(crate) use sluice_proto::control::{MAX_MESSAGE, ToFrontend, ToWorker, hung_up, send};
 
 /// The `VmRSS` value (kB) in the text of `/proc/<pid>/status`.
 pub(crate) fn vm_rss_kib(status: &str) -> Option<u64> {
@@ -32,19 +30,6 @@ pub(crate) fn current_rss_kib() -> u64 {
     }
 }
 
-/// After a recv returned 0: true when the peer has closed its end (rather than sending an
-/// empty datagram).
-pub(crate) fn peer_closed(fd: RawFd) -> bool {
-    let mut pfd = libc::pollfd {
-        fd,
-        events: libc::POLLIN | libc::POLLRDHUP,
-        revents: 0,
-    };
-    // SAFETY: `pfd` is one live pollfd; a zero timeout never blocks.
-    let rc = unsafe { libc::poll(&mut pfd, 1, 0) };
-    rc < 0 || pfd.revents & (libc::POLLHUP | libc::POLLRDHUP | libc::POLLERR) != 0
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -58,7 +43,7 @@ mod tests {
     }
 
     #[test]
-    fn peer_closed_on_a_socketpair() {
+    fn hung_up_on_a_socketpair() {
         let mut fds = [0; 2];
         // SAFETY: socketpair(2) writes two fds into the live array.
         let rc = unsafe {
@@ -81,8 +66,8 @@ mod tests {
         // SAFETY: `buf` is live and writable for its length.
         let n = unsafe { libc::recv(b.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
         assert_eq!(&buf[..n as usize], b"stats requests=5");
-        assert!(!peer_closed(b.as_raw_fd()));
+        assert!(!hung_up(b.as_raw_fd()));
         drop(a);
-        assert!(peer_closed(b.as_raw_fd()));
+        assert!(hung_up(b.as_raw_fd()));
     }
 }

@@ -399,10 +399,11 @@ fn serialize(
         wbuf.extend_from_slice(b"Server: sluice-worker\r\n");
     }
     if connection.is_none() {
-        // The handler's own `Date`, if any, is left out too.
+        // What the front end adds to every answer itself is left out (the handler's own
+        // `Date` too), by the rule the front end stores by.
         for line in resp.headers.split_inclusive(|&b| b == b'\n') {
-            let is_date = line.len() > 5 && line[..5].eq_ignore_ascii_case(b"date:");
-            if !is_date {
+            let name = line.split(|&b| b == b':').next().unwrap_or_default();
+            if !sluice_proto::cache::per_answer_header(name) {
                 wbuf.extend_from_slice(line);
             }
         }

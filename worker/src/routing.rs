@@ -158,6 +158,18 @@ impl SharedRouting {
         self.version.load(Ordering::Acquire)
     }
 
+    /// Takes what a `routes` message says (`own_pool`: this worker's pool).
+    pub(crate) fn set_routes(&self, routes: Vec<(String, String)>, own_pool: &str) {
+        log::info!("route table from the front end: {} route(s)", routes.len());
+        self.update(|current| current.with_routes(routes, own_pool));
+    }
+
+    /// Takes what a `cached` message says.
+    pub(crate) fn set_cached(&self, keys: Vec<CacheKey>) {
+        log::debug!("the front end caches {} key(s)", keys.len());
+        self.update(|current| current.with_cached(keys));
+    }
+
     /// Replaces the state with `update(current)`.
     pub(crate) fn update(&self, update: impl FnOnce(&Routing) -> Routing) {
         let mut state = self.state.write().unwrap_or_else(PoisonError::into_inner);

@@ -296,17 +296,16 @@ fn await_greeting(fd: RawFd, own_pool: &str, routing: &SharedRouting) -> Result<
                 source: e,
             });
         }
-        if n == 0 && control::peer_closed(fd) {
+        if n == 0 && control::hung_up(fd) {
             return Ok(Greeting::Stop);
         }
         match ToWorker::decode(&buf[..n as usize]) {
             Ok(ToWorker::Routes(table)) => {
-                log::info!("route table from the front end: {} route(s)", table.len());
-                routing.update(|r| r.with_routes(table, own_pool));
+                routing.set_routes(table, own_pool);
                 routes = true;
             }
             Ok(ToWorker::Cached(keys)) => {
-                routing.update(|r| r.with_cached(keys));
+                routing.set_cached(keys);
                 cached = true;
             }
             Ok(ToWorker::Ping(seq)) => {
@@ -696,7 +695,7 @@ impl<'s, H: Handler> Worker<'s, H> {
             return self.stop_from_control();
         }
         let len = res as usize;
-        if len == 0 && control::peer_closed(ctl.fd) {
+        if len == 0 && control::hung_up(ctl.fd) {
             log::info!("the front end closed the control socket: stopping gracefully");
             ctl.closed = true;
             return self.stop_from_control();
@@ -716,18 +715,12 @@ impl<'s, H: Handler> Worker<'s, H> {
                 self.stop_from_control()
             }
             Ok(ToWorker::Routes(routes)) => {
-                log::info!("route table from the front end: {} route(s)", routes.len());
                 let own = self.shared.ctx.pool().unwrap_or("");
-                self.shared
-                    .routing
-                    .update(|current| current.with_routes(routes, own));
+                self.shared.routing.set_routes(routes, own);
                 self.arm_control()
             }
             Ok(ToWorker::Cached(keys)) => {
-                log::debug!("the front end caches {} key(s)", keys.len());
-                self.shared
-                    .routing
-                    .update(|current| current.with_cached(keys));
+                self.shared.routing.set_cached(keys);
                 self.arm_control()
             }
             Err(e) => {

@@ -6,7 +6,7 @@ use std::{
     os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
 };
 
-pub use sluice_proto::control::{MAX_MESSAGE, ToFrontend, ToWorker, send};
+pub use sluice_proto::control::{MAX_MESSAGE, ToFrontend, ToWorker, hung_up, send};
 
 /// Socket buffers big enough for a few publications in flight.
 const BUFFER: i32 = 4 << 20;
@@ -126,18 +126,6 @@ fn receive_into(fd: RawFd, buf: &mut [u8]) -> Received {
         }
     }
     out
-}
-
-/// Whether the peer of `fd` has closed its end.
-fn hung_up(fd: RawFd) -> bool {
-    let mut pfd = libc::pollfd {
-        fd,
-        events: libc::POLLIN | libc::POLLRDHUP,
-        revents: 0,
-    };
-    // SAFETY: one live pollfd; a zero timeout never blocks.
-    let rc = unsafe { libc::poll(&mut pfd, 1, 0) };
-    rc < 0 || pfd.revents & (libc::POLLHUP | libc::POLLRDHUP | libc::POLLERR) != 0
 }
 
 #[cfg(test)]

@@ -606,6 +606,37 @@ mod tests {
     }
 
     #[test]
+    fn an_http10_keep_alive_answer_says_so_and_http11_ones_are_shared() {
+        let mut c = cache(1000, 10_000);
+        let t0 = Instant::now();
+        let ttl = Duration::from_secs(60);
+        c.insert(
+            &k("/a"),
+            b"HTTP/1.1 200 OK\r\n".to_vec(),
+            b"x".to_vec(),
+            ttl,
+            Origin::Static,
+            t0,
+        )
+        .unwrap();
+        let text = |a: Answer| String::from_utf8(a.to_vec()).unwrap();
+        let http10 = text(c.answer("/a", None, t0, false, Keep::Http10).unwrap());
+        assert!(
+            http10.contains("\r\nConnection: keep-alive\r\n"),
+            "{http10}"
+        );
+        // Two hits within one second share one rendering (tried again if a second ends
+        // between them).
+        let shared = (0..3).any(|_| {
+            let one = c.answer("/a", None, t0, false, Keep::Http11).unwrap();
+            let two = c.answer("/a", None, t0, false, Keep::Http11).unwrap();
+            assert!(!text(one.clone()).contains("Connection:"));
+            matches!((one, two), (Answer::Shared(a), Answer::Shared(b)) if Arc::ptr_eq(&a, &b))
+        });
+        assert!(shared);
+    }
+
+    #[test]
     fn http_date_is_imf_fixdate() {
         assert_eq!(
             http_date(SystemTime::UNIX_EPOCH + Duration::from_secs(784_111_777)),
