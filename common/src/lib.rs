@@ -8,9 +8,23 @@
 /// Bytes of a path prefix an LPM-trie key holds. Routes longer than this are refused by
 /// the config check; longer request paths are still steered by their first bytes.
 pub const MAX_PREFIX: usize = 128;
-/// Bytes of the first data segment the steering program looks at for `METHOD SP PATH`.
-/// A path whose end is not within this window goes to the dispatcher.
+/// Bytes of the first data segment the steering program looks at for `METHOD SP PATH` and,
+/// when some route names a host, the `Host` line right after the request line. A path (or
+/// Host line) whose end is not within this window goes to the dispatcher.
 pub const LINE_WINDOW: usize = 256;
+/// Bytes of a host name a site key holds; a request whose Host is longer goes to the
+/// dispatcher (counted as `host_too_long`).
+pub const HOST_KEY: usize = 64;
+/// Bytes of a route key: the site id (big-endian), then the path key (`MAX_PREFIX`).
+pub const ROUTE_KEY: usize = 4 + MAX_PREFIX;
+/// Most sites (distinct route hosts) in the site map.
+pub const MAX_SITES: u32 = 1024;
+/// Site id of the strong wildcard (`host = "+"`) routes.
+pub const SITE_STRONG: u32 = 0;
+/// Site id of the weak wildcard routes (no `host`).
+pub const SITE_WEAK: u32 = 1;
+/// The first id given to a named site.
+pub const SITE_FIRST_NAMED: u32 = 2;
 /// Most pools one front end serves (index into `POOLS`).
 pub const MAX_POOLS: u32 = 64;
 /// Most routes in the prefix map.
@@ -26,12 +40,41 @@ pub const MAX_GATED_PORTS: u32 = 64;
 
 /// `CONFIG[CFG_MODE]`: how SYNs without data are counted.
 pub const CFG_MODE: u32 = 0;
-/// `CONFIG[CFG_ROUTES]`: which prefix map is live, 0 (`ROUTES_A`) or 1 (`ROUTES_B`). A
-/// reload fills the other one, then flips this: the route table changes at once.
+/// `CONFIG[CFG_ROUTES]`: bit 0 says which pair of maps is live, 0 (`ROUTES_A`, `SITES_A`)
+/// or 1 (`ROUTES_B`, `SITES_B`); the `KIND_*` bits say which kinds of site their routes
+/// have (the program skips the lookups of the others). A reload fills the other pair, then
+/// writes this word once: the whole table changes at once.
 pub const CFG_ROUTES: u32 = 1;
+/// Some route has `host = "+"`.
+pub const KIND_STRONG: u32 = 1 << 1;
+/// Some route names a host (exact or wildcard label): the program reads the Host line.
+pub const KIND_NAMED: u32 = 1 << 2;
+/// Some route is bound to an IP address: the program reads the packet's destination.
+pub const KIND_IP: u32 = 1 << 3;
 pub const CFG_LEN: u32 = 4;
 pub const MODE_SYN: u32 = 0;
 pub const MODE_FIRST_SEGMENT: u32 = 1;
+
+/// `SITES_*` key: a host name (lower case, no port, no trailing dot, zero-padded), a
+/// wildcard route's suffix, or an address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SiteKey {
+    pub kind: u32,
+    pub name: [u8; HOST_KEY],
+}
+
+pub const SITE_EXACT: u32 = 1;
+/// The suffix after `*.`; looked up with the request's host minus its first label.
+pub const SITE_WILDCARD: u32 = 2;
+/// `name[..4]`: an IPv4 address in network order.
+pub const SITE_IP4: u32 = 3;
+/// `name[..16]`: an IPv6 address in network order.
+pub const SITE_IP6: u32 = 4;
+
+#[cfg(feature = "user")]
+// SAFETY: SiteKey is repr(C): a u32 then bytes, 68 bytes with no padding.
+unsafe impl aya::Pod for SiteKey {}
 
 /// `POOLS[i]`: the pool's sockets in the group's socket array and its state.
 #[repr(C)]
@@ -78,12 +121,20 @@ pub mod counter {
     /// Not a fallback: the first request's path is in the front end's cache, so the
     /// connection goes to the dispatcher, which answers it without a worker.
     pub const CACHED: u32 = 11;
+    /// Fallback: some route names a host, and no `Host` line follows the request line
+    /// within the window (an HTTP/1.0 request without one, another header first).
+    pub const NO_HOST: u32 = 12;
+    /// Fallback: the Host is longer than `HOST_KEY`.
+    pub const HOST_TOO_LONG: u32 = 13;
+    /// Fallback: the Host line holds what the program does not read (an IPv6 literal, an
+    /// empty label, a bad port, other bytes).
+    pub const BAD_HOST: u32 = 14;
     /// Connections steered in the kernel to pool `i` count at `POOL_BASE + i`.
     pub const POOL_BASE: u32 = 16;
     pub const LEN: u32 = POOL_BASE + super::MAX_POOLS;
 
     /// Fallback counters and the names status reports them under.
-    pub const FALLBACKS: [(u32, &str); 8] = [
+    pub const FALLBACKS: [(u32, &str); 11] = [
         (NO_PAYLOAD, "no_payload"),
         (NOT_HTTP, "not_http"),
         (UNSAFE_PATH, "unsafe_path"),
@@ -92,5 +143,8 @@ pub mod counter {
         (POOL_STOPPED, "pool_stopped"),
         (SELECT_FAILED, "select_failed"),
         (MIGRATED, "migrated"),
+        (NO_HOST, "no_host"),
+        (HOST_TOO_LONG, "host_too_long"),
+        (BAD_HOST, "bad_host"),
     ];
 }

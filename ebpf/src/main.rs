@@ -14,6 +14,7 @@
 #![no_main]
 
 mod gate;
+mod host;
 mod parse;
 
 use aya_ebpf::{
@@ -25,12 +26,22 @@ use aya_ebpf::{
     programs::SkReuseportContext,
 };
 use sluice_common::{
-    CFG_LEN, CFG_MODE, CFG_ROUTES, DISPATCHER_SLOT, LINE_WINDOW, MAX_CACHED_PATHS, MAX_POOLS,
-    MAX_PREFIX, MAX_ROUTES, MODE_FIRST_SEGMENT, POOL_FLAG_STOPPED, PoolSlots, SOCKET_SLOTS,
+    CFG_LEN, CFG_MODE, CFG_ROUTES, DISPATCHER_SLOT, KIND_IP, KIND_NAMED, KIND_STRONG,
+    LINE_WINDOW, MAX_CACHED_PATHS, MAX_POOLS, MAX_ROUTES, MAX_SITES, MODE_FIRST_SEGMENT,
+    POOL_FLAG_STOPPED, PoolSlots, ROUTE_KEY, SITE_STRONG, SITE_WEAK, SOCKET_SLOTS, SiteKey,
     counter,
 };
 
-use crate::parse::Verdict;
+pub(crate) enum Verdict {
+    /// Route found: the pool index.
+    Pool(u32),
+    /// Goes to the dispatcher; the counter index says why.
+    Fallback(u32),
+    /// First-segment mode: a data-less SYN answered by cookie; decided again on the data.
+    Cookie,
+    /// The path is in the front end's cache.
+    Cached,
+}
 
 const IPPROTO_TCP: u32 = 6;
 
@@ -38,17 +49,24 @@ const IPPROTO_TCP: u32 = 6;
 #[map]
 static SOCKETS: ReusePortSockArray = ReusePortSockArray::with_max_entries(SOCKET_SLOTS, 0);
 
-/// Path prefix (normalized to end in `/`) -> pool index; two copies, `CONFIG[CFG_ROUTES]`
-/// says which is live (see `sluice_common::CFG_ROUTES`).
+/// (site id, path prefix normalized to end in `/`) -> pool index; two copies,
+/// `CONFIG[CFG_ROUTES]` says which is live (see `sluice_common::CFG_ROUTES`).
 #[map]
-static ROUTES_A: LpmTrie<[u8; MAX_PREFIX], u32> = LpmTrie::with_max_entries(MAX_ROUTES, 0);
+static ROUTES_A: LpmTrie<[u8; ROUTE_KEY], u32> = LpmTrie::with_max_entries(MAX_ROUTES, 0);
 #[map]
-static ROUTES_B: LpmTrie<[u8; MAX_PREFIX], u32> = LpmTrie::with_max_entries(MAX_ROUTES, 0);
+static ROUTES_B: LpmTrie<[u8; ROUTE_KEY], u32> = LpmTrie::with_max_entries(MAX_ROUTES, 0);
 
-/// Paths the front end answers from its cache, keyed like a route key's data (the path, a `/`
-/// appended, zero-padded): a connection whose first request is one goes to the dispatcher.
+/// Host name, wildcard suffix or address -> site id; paired with the route maps.
 #[map]
-pub(crate) static CACHED: HashMap<[u8; MAX_PREFIX], u8> =
+static SITES_A: HashMap<SiteKey, u32> = HashMap::with_max_entries(MAX_SITES, 0);
+#[map]
+static SITES_B: HashMap<SiteKey, u32> = HashMap::with_max_entries(MAX_SITES, 0);
+
+/// Paths the front end answers from its cache (for some host), keyed like a route key's
+/// data with site id 0 (the path, a `/` appended, zero-padded): a connection whose first
+/// request is one goes to the dispatcher, which answers it or hands it on.
+#[map]
+pub(crate) static CACHED: HashMap<[u8; ROUTE_KEY], u8> =
     HashMap::with_max_entries(MAX_CACHED_PATHS, 0);
 
 /// Pool index -> its slots in `SOCKETS` and its state.
@@ -62,11 +80,12 @@ static CONFIG: Array<u32> = Array::with_max_entries(CFG_LEN, 0);
 #[map]
 pub(crate) static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::LEN, 0);
 
-/// Per-CPU room for the request line and the trie key: too big for the 512-byte stack.
+/// Per-CPU room for the request line and the keys: too big for the 512-byte stack.
 #[repr(C)]
 pub(crate) struct Scratch {
     pub(crate) line: [u8; LINE_WINDOW],
-    pub(crate) key: Key<[u8; MAX_PREFIX]>,
+    pub(crate) key: Key<[u8; ROUTE_KEY]>,
+    pub(crate) site: SiteKey,
     /// Values passed through memory so the verifier forgets them (see `parse::launder`).
     pub(crate) tmp: u64,
 }
@@ -82,13 +101,80 @@ pub(crate) fn bump(index: u32) {
     }
 }
 
+/// The live pair of maps (bit 0) and the kinds of site their routes have.
+#[inline(always)]
+fn live_routes() -> u32 {
+    CONFIG.get(CFG_ROUTES).copied().unwrap_or(0)
+}
+
 /// The pool of the longest prefix of `key` in the live route map.
 #[inline(always)]
-pub(crate) fn route(key: &Key<[u8; MAX_PREFIX]>) -> Option<u32> {
-    if CONFIG.get(CFG_ROUTES).copied() == Some(1) {
+fn route(live: u32, key: &Key<[u8; ROUTE_KEY]>) -> Option<u32> {
+    if live & 1 == 1 {
         ROUTES_B.get(key).copied()
     } else {
         ROUTES_A.get(key).copied()
+    }
+}
+
+/// The id of the site `key` names in the live site map.
+#[inline(always)]
+fn site(live: u32, key: &SiteKey) -> Option<u32> {
+    // SAFETY: reading a plain u32 value from a hash map.
+    unsafe {
+        if live & 1 == 1 {
+            SITES_B.get(key).copied()
+        } else {
+            SITES_A.get(key).copied()
+        }
+    }
+}
+
+/// The route of `site` for the path in `scratch.key`.
+#[inline(always)]
+fn route_in(live: u32, scratch: &mut Scratch, site: u32) -> Option<u32> {
+    parse::set_site(scratch, site);
+    route(live, &scratch.key)
+}
+
+/// The route of the site `scratch.site` names, if it names one.
+#[inline(always)]
+fn route_named(live: u32, scratch: &mut Scratch) -> Option<u32> {
+    let id = site(live, &scratch.site)?;
+    route_in(live, scratch, id)
+}
+
+/// Routes the request whose path is in `scratch.key`, trying the kinds of site in
+/// `sluice_proto::site` order (strong, exact, wildcard label, address, weak).
+#[inline(always)]
+fn route_request(ctx: &SkReuseportContext, scratch: &mut Scratch, n: usize, end: usize) -> Verdict {
+    let live = live_routes();
+    if live & KIND_STRONG != 0 {
+        if let Some(pool) = route_in(live, scratch, SITE_STRONG) {
+            return Verdict::Pool(pool);
+        }
+    }
+    if live & KIND_NAMED != 0 {
+        if let Err(reason) = host::host_line(scratch, n, end) {
+            return Verdict::Fallback(reason);
+        }
+        if let Some(pool) = route_named(live, scratch) {
+            return Verdict::Pool(pool);
+        }
+        if host::to_wildcard(scratch) {
+            if let Some(pool) = route_named(live, scratch) {
+                return Verdict::Pool(pool);
+            }
+        }
+    }
+    if live & KIND_IP != 0 && host::local_address(ctx, scratch) {
+        if let Some(pool) = route_named(live, scratch) {
+            return Verdict::Pool(pool);
+        }
+    }
+    match route_in(live, scratch, SITE_WEAK) {
+        Some(pool) => Verdict::Pool(pool),
+        None => Verdict::Fallback(counter::NO_ROUTE),
     }
 }
 
@@ -143,7 +229,16 @@ fn classify(ctx: &SkReuseportContext) -> Verdict {
     if !load(ctx, doff, scratch.line.as_mut_ptr(), n) {
         return Verdict::Fallback(counter::NOT_HTTP);
     }
-    parse::request_line(scratch, n as usize)
+    let n = n as usize;
+    let end = match parse::request_line(scratch, n) {
+        Ok(end) => end,
+        Err(reason) => return Verdict::Fallback(reason),
+    };
+    // SAFETY: reading a plain byte value from a hash map.
+    if unsafe { CACHED.get(&scratch.key.data) }.is_some() {
+        return Verdict::Cached;
+    }
+    route_request(ctx, scratch, n, end)
 }
 
 #[inline(always)]

@@ -1,4 +1,4 @@
-//! `METHOD SP PATH` from the first bytes of a segment, and the trie key for the path.
+//! `METHOD SP PATH` from the first bytes of a segment, and the path part of the route key.
 //!
 //! Only a path the program can prove canonical is steered: anything with `%`, `\`, `//`,
 //! a `.` or `..` segment, a `#` (never valid in a request-target: the dispatcher answers it
@@ -9,23 +9,14 @@ use sluice_common::{LINE_WINDOW, MAX_PREFIX, counter};
 
 use crate::Scratch;
 
-pub(crate) enum Verdict {
-    /// Route found: the pool index.
-    Pool(u32),
-    /// Goes to the dispatcher; the counter index says why.
-    Fallback(u32),
-    /// First-segment mode: a data-less SYN answered by cookie; decided again on the data.
-    Cookie,
-    /// The path is in the front end's cache.
-    Cached,
-}
-
 const MAX_METHOD: usize = 16;
+/// Where the path starts in a route key (after the site id).
+const SITE_BYTES: usize = 4;
 
 /// Byte `i` of the window, 0 past its end. No indexing that could panic: a panic path
 /// leaves a call with no exit behind, which the verifier refuses.
 #[inline(always)]
-fn at(line: &[u8; LINE_WINDOW], i: usize) -> u8 {
+pub(crate) fn at(line: &[u8; LINE_WINDOW], i: usize) -> u8 {
     // The mask keeps the access provably in bounds for the verifier, whatever LLVM makes of
     // the comparison.
     if i < LINE_WINDOW {
@@ -39,7 +30,7 @@ fn at(line: &[u8; LINE_WINDOW], i: usize) -> u8 {
 /// on the stack, so every position where a loop ended would otherwise multiply the walk of
 /// the next loop; map memory it does not track.
 #[inline(always)]
-fn launder(tmp: &mut u64, v: usize) -> usize {
+pub(crate) fn launder(tmp: &mut u64, v: usize) -> usize {
     // SAFETY: volatile access to a field of the per-CPU scratch value we hold exclusively.
     unsafe {
         core::ptr::write_volatile(tmp, v as u64);
@@ -53,8 +44,10 @@ fn segment_end(c: u8) -> bool {
     c == b'/' || c == b' ' || c == b'?'
 }
 
+/// Reads the request line's method and path; fills the path part of `scratch.key` (site id
+/// 0) and returns where the path ends (its SP or `?`). Err: the fallback counter.
 #[inline(always)]
-pub(crate) fn request_line(scratch: &mut Scratch, n: usize) -> Verdict {
+pub(crate) fn request_line(scratch: &mut Scratch, n: usize) -> Result<usize, u32> {
     let line = &scratch.line;
     let mut sp = MAX_METHOD;
     let mut i = 0;
@@ -65,14 +58,14 @@ pub(crate) fn request_line(scratch: &mut Scratch, n: usize) -> Verdict {
             break;
         }
         if !c.is_ascii_uppercase() {
-            return Verdict::Fallback(counter::NOT_HTTP);
+            return Err(counter::NOT_HTTP);
         }
         i += 1;
     }
     let start = sp + 1;
     if sp == 0 || sp >= MAX_METHOD || start >= n || at(line, start) != b'/' {
         // Includes `OPTIONS *` and absolute-form targets: the dispatcher handles those.
-        return Verdict::Fallback(counter::NOT_HTTP);
+        return Err(counter::NOT_HTTP);
     }
     // One stateless pass (no state carried between iterations but the position: the
     // verifier walks a loop once per iteration and per distinct register state, so carrying
@@ -82,7 +75,7 @@ pub(crate) fn request_line(scratch: &mut Scratch, n: usize) -> Verdict {
     let mut j = start;
     while j < LINE_WINDOW {
         if j >= n {
-            return Verdict::Fallback(counter::INCOMPLETE);
+            return Err(counter::INCOMPLETE);
         }
         let c = at(line, j);
         if c == b' ' || c == b'?' {
@@ -94,15 +87,15 @@ pub(crate) fn request_line(scratch: &mut Scratch, n: usize) -> Verdict {
             let b = at(line, j + 2);
             let c = at(line, j + 3);
             if a == b'/' || (a == b'.' && (segment_end(b) || (b == b'.' && segment_end(c)))) {
-                return Verdict::Fallback(counter::UNSAFE_PATH);
+                return Err(counter::UNSAFE_PATH);
             }
         } else if c == b'%' || c == b'\\' || c == b'#' || c <= b' ' || c >= 0x7f {
-            return Verdict::Fallback(counter::UNSAFE_PATH);
+            return Err(counter::UNSAFE_PATH);
         }
         j += 1;
     }
     if end == 0 {
-        return Verdict::Fallback(counter::INCOMPLETE);
+        return Err(counter::INCOMPLETE);
     }
     // Copy the path, then the terminating `/`; bytes past MAX_PREFIX are not needed because
     // no route is longer than that.
@@ -113,28 +106,31 @@ pub(crate) fn request_line(scratch: &mut Scratch, n: usize) -> Verdict {
     let line = &scratch.line;
     let key = &mut scratch.key;
     // Zeroed first: the cached-path lookup compares all of it.
-    key.data = [0; MAX_PREFIX];
+    key.data = [0; sluice_common::ROUTE_KEY];
     let mut k = 0;
     while k < MAX_PREFIX {
         if k >= path_len {
             break;
         }
-        if let Some(d) = key.data.get_mut(k) {
+        if let Some(d) = key.data.get_mut(SITE_BYTES + k) {
             *d = at(line, start + k);
         }
         k += 1;
     }
-    if let Some(d) = key.data.get_mut(k) {
+    if let Some(d) = key.data.get_mut(SITE_BYTES + k) {
         *d = b'/';
         k += 1;
     }
-    key.prefix_len = (k * 8) as u32;
-    // SAFETY: reading a plain byte value from a hash map.
-    if unsafe { crate::CACHED.get(&key.data) }.is_some() {
-        return Verdict::Cached;
-    }
-    match crate::route(key) {
-        Some(pool) => Verdict::Pool(pool),
-        None => Verdict::Fallback(counter::NO_ROUTE),
-    }
+    key.prefix_len = ((SITE_BYTES + k) * 8) as u32;
+    Ok(end)
+}
+
+/// Sets the site id of `scratch.key` (a route key: site, then path).
+#[inline(always)]
+pub(crate) fn set_site(scratch: &mut Scratch, site: u32) {
+    let b = site.to_be_bytes();
+    scratch.key.data[0] = b[0];
+    scratch.key.data[1] = b[1];
+    scratch.key.data[2] = b[2];
+    scratch.key.data[3] = b[3];
 }

@@ -38,10 +38,17 @@ enum Command {
         config: Option<PathBuf>,
     },
     /// Show which pool a config's router picks for each request target, by the rule the
-    /// dispatcher and every worker apply (`GET TARGET HTTP/1.1` with a `Host`); the kernel
-    /// program agrees wherever it steers.
+    /// dispatcher and every worker apply (`GET TARGET HTTP/1.1` with `Host: HOST`, or
+    /// `HTTP/1.0` without a Host when --host is not given); the kernel program agrees
+    /// wherever it steers.
     Route {
         config: PathBuf,
+        /// The `Host` the requests name.
+        #[arg(long, conflicts_with = "heads")]
+        host: Option<String>,
+        /// The local address the connections arrive on (for routes bound to an address).
+        #[arg(long)]
+        local: Option<std::net::IpAddr>,
         /// Whole request heads instead, one per line of this file, hex-encoded: each is judged
         /// as the dispatcher judges it (`pool NAME`, `refuse STATUS REASON` or `partial`).
         #[arg(long, conflicts_with = "paths")]
@@ -165,20 +172,21 @@ fn real_main() -> Result<()> {
         }
         Command::Route {
             config,
+            host,
+            local,
             heads,
             paths,
         } => {
             let c = config::Config::load(&config)?;
             // The ids a fresh front end gives the config's pools: their places in it.
-            let table = sluice::route::RouteTable::new(
-                c.routes
-                    .iter()
-                    .map(|r| (r.prefix.clone(), sluice::pool::PoolId::new(r.pool))),
-            );
+            let table = sluice::route::RouteTable::new(c.routes.iter().map(|r| {
+                let id = sluice::pool::PoolId::new(r.pool);
+                (r.site.clone(), r.prefix.clone(), id)
+            }));
             let limits = c.limits.head_limits();
             let judge = |head: &[u8]| {
                 use sluice::dispatcher::head::{Decision, inspect};
-                match inspect(head, &limits, &table).decision {
+                match inspect(head, &limits, &table, local).decision {
                     Decision::Pool(id) => format!("pool {}", c.pools[id.index()].name),
                     Decision::Refuse(code, why) => format!("refuse {code} {why}"),
                     Decision::NeedMore => "partial".to_owned(),
@@ -195,7 +203,10 @@ fn real_main() -> Result<()> {
                 return Ok(());
             }
             for target in paths {
-                let head = format!("GET {target} HTTP/1.1\r\nHost: route\r\n\r\n");
+                let head = match &host {
+                    Some(h) => format!("GET {target} HTTP/1.1\r\nHost: {h}\r\n\r\n"),
+                    None => format!("GET {target} HTTP/1.0\r\n\r\n"),
+                };
                 println!("{target}\t{}", judge(head.as_bytes()));
             }
             Ok(())

@@ -8,15 +8,16 @@ use sluice::{
     canonical::canonicalize,
     dispatcher::head::{Decision, Limits, decide},
     pool::PoolId,
-    route::RouteTable,
+    route::{Query, RouteTable},
 };
+use sluice_proto::site::Site;
 
 fuzz_target!(|data: &[u8]| {
     let routes = RouteTable::new([
-        ("/api/".to_owned(), PoolId::new(1)),
-        ("/".to_owned(), PoolId::new(0)),
+        (Site::Weak, "/api/".to_owned(), PoolId::new(1)),
+        (Site::Weak, "/".to_owned(), PoolId::new(0)),
     ]);
-    match decide(data, &Limits::default(), &routes) {
+    match decide(data, &Limits::default(), &routes, None) {
         Decision::NeedMore => {}
         Decision::Refuse(code, _) => {
             assert!(
@@ -37,7 +38,7 @@ fuzz_target!(|data: &[u8]| {
             let canonical = canonicalize(path.as_bytes())
                 .unwrap_or_else(|e| panic!("routed {path:?}, which does not canonicalize: {e}"));
             assert_eq!(
-                routes.lookup(&canonical),
+                routes.lookup(&Query::path(&canonical)),
                 Some(p),
                 "{path:?} -> {canonical:?} routed to {p}"
             );

@@ -18,41 +18,61 @@ pub const MAX_ENTRY_LIMIT: usize = 1 << 20;
 /// Longest `Accept-Encoding` value an entry may vary on.
 pub const MAX_VARIANT: usize = 256;
 
-/// An entry's key: the canonical path and, for a response that varies on `Accept-Encoding`,
-/// the request's `Accept-Encoding` value (empty when it sent none).
+/// The host of a static entry that answers every host.
+pub const ANY_HOST: &str = "*";
+
+/// An entry's key: the request's host (normalized, `Host::normalized`; empty for a request
+/// without one; [`ANY_HOST`] for a static entry that names none), its canonical path and,
+/// for a response that varies on `Accept-Encoding`, the request's `Accept-Encoding` value
+/// (empty when it sent none).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct CacheKey {
+    pub host: String,
     pub path: String,
     pub variant: Option<String>,
 }
 
 impl CacheKey {
-    /// The two keys that can answer a request for `path` with `accept_encoding`: the entry
-    /// that does not vary, then the one that varies on this very value.
-    pub fn candidates(path: &str, accept_encoding: Option<&[u8]>) -> [CacheKey; 2] {
+    /// The keys that can answer a request for `host` and `path` with `accept_encoding`, in
+    /// the order they are tried: the entry that does not vary, the one that varies on this
+    /// very value, then a static entry for every host.
+    pub fn candidates(host: &str, path: &str, accept_encoding: Option<&[u8]>) -> [CacheKey; 3] {
+        let key = |host: &str, variant| CacheKey {
+            host: host.to_owned(),
+            path: path.to_owned(),
+            variant,
+        };
         [
-            CacheKey {
-                path: path.to_owned(),
-                variant: None,
-            },
-            CacheKey {
-                path: path.to_owned(),
-                variant: Some(variant(accept_encoding).unwrap_or_default()),
-            },
+            key(host, None),
+            key(host, Some(variant(accept_encoding).unwrap_or_default())),
+            key(ANY_HOST, None),
         ]
     }
 
     /// Text without control bytes (and so without the tab and newline the control channel
-    /// uses as separators).
+    /// uses as separators), and a host that is empty, [`ANY_HOST`] or normalized.
     pub fn is_valid(&self) -> bool {
         let clean = |s: &str| !s.bytes().any(|b| b < 0x20 || b == 0x7f);
         self.path.starts_with('/')
             && clean(&self.path)
+            && valid_host(&self.host)
             && self
                 .variant
                 .as_ref()
                 .is_none_or(|v| v.len() <= MAX_VARIANT && clean(v))
     }
+}
+
+/// The host of a request as a key holds it (empty when it named none).
+pub fn key_host<'b>(head: &Head<'b>) -> std::borrow::Cow<'b, str> {
+    head.host.map(|h| h.normalized()).unwrap_or_default()
+}
+
+fn valid_host(host: &str) -> bool {
+    host.is_empty()
+        || host == ANY_HOST
+        || crate::host::parse(host.as_bytes())
+            .is_ok_and(|h| h.port.is_none() && h.normalized() == host)
 }
 
 /// The `Accept-Encoding` value an entry varies on: trimmed, empty when absent; None when it
@@ -84,6 +104,7 @@ pub fn publication_key(head: &Head<'_>, varies: bool) -> Option<CacheKey> {
         None
     };
     Some(CacheKey {
+        host: key_host(head).into_owned(),
         path: head.canonical.clone().into_owned(),
         variant,
     })
@@ -369,18 +390,37 @@ mod tests {
 
     #[test]
     fn a_varying_entry_answers_only_its_own_accept_encoding() {
-        let key = CacheKey {
+        let key = |host: &str, variant: Option<&str>| CacheKey {
+            host: host.into(),
             path: "/a".into(),
-            variant: Some("gzip".into()),
+            variant: variant.map(Into::into),
         };
-        let plain = CacheKey {
+        let [c0, c1, c2] = CacheKey::candidates("h.test", "/a", Some(b" gzip "));
+        assert_eq!(
+            (c0, c1, c2),
+            (
+                key("h.test", None),
+                key("h.test", Some("gzip")),
+                key(ANY_HOST, None)
+            )
+        );
+        let [_, none, _] = CacheKey::candidates("h.test", "/a", None);
+        assert_eq!(none.variant.as_deref(), Some(""));
+    }
+
+    #[test]
+    fn a_key_names_a_normalized_host_or_none_or_every_host() {
+        let key = |host: &str| CacheKey {
+            host: host.into(),
             path: "/a".into(),
             variant: None,
         };
-        let [c0, c1] = CacheKey::candidates("/a", Some(b" gzip "));
-        assert_eq!((c0, c1), (plain, key));
-        let [_, none] = CacheKey::candidates("/a", None);
-        assert_eq!(none.variant.as_deref(), Some(""));
+        for ok in ["", "*", "a.test", "127.0.0.1", "[::1]"] {
+            assert!(key(ok).is_valid(), "{ok}");
+        }
+        for bad in ["A.test", "a.test.", "a.test:80", "a b", "a\tb", "**"] {
+            assert!(!key(bad).is_valid(), "{bad}");
+        }
     }
 
     #[test]

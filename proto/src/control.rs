@@ -5,15 +5,17 @@
 //! front end -> worker ([`ToWorker`]):
 //! - `ping <seq>`: answered with `pong`.
 //! - `stop`: graceful stop, as SIGTERM.
-//! - `routes\n<prefix> <pool>\n...`: the whole route table (normalized prefixes), replacing
+//! - `routes\n<host> <prefix> <pool>\n...`: the whole route table (each route's site as
+//!   `site::Site` writes it, its normalized prefix, its pool), replacing
 //!   the previous one. The front end sends it, then `cached`, before the worker starts; a
 //!   worker serves nothing before it has both.
-//! - `cached\n<path>[\t<accept-encoding>]\n...`: the keys the front end's cache holds.
+//! - `cached\n<host>\t<path>[\t<accept-encoding>]\n...`: the keys the front end's cache holds.
 //!
 //! worker -> front end ([`ToFrontend`]):
 //! - `pong <seq> requests=<n> rss_kib=<n>`
 //! - `stats requests=<n>`: at most once a second, when the count changed.
-//! - `cache <path>[\t<accept-encoding>]\n<response>`: a response to store (see `cache`).
+//! - `cache <host>\t<path>[\t<accept-encoding>]\n<response>`: a response to store (see
+//!   `cache`).
 //!
 //! Every number is a plain decimal u64 (digits only, no overflow); anything else, and any
 //! message of an unknown shape, is an error the reader logs and drops.
@@ -23,6 +25,7 @@ use std::os::fd::RawFd;
 
 use crate::cache::CacheKey;
 use crate::route::normalize_prefix;
+use crate::site::Site;
 
 /// Largest message either way: a publication of the largest entry plus its first line, or
 /// a long `cached` list (the front end leaves out what does not fit).
@@ -32,9 +35,17 @@ pub const MAX_MESSAGE: usize = crate::cache::MAX_ENTRY_LIMIT + 64 * 1024;
 pub enum ToWorker {
     Ping(u64),
     Stop,
-    /// (normalized prefix, pool name).
-    Routes(Vec<(String, String)>),
+    Routes(Vec<RouteEntry>),
     Cached(Vec<CacheKey>),
+}
+
+/// One line of a `routes` message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteEntry {
+    pub site: Site,
+    /// Normalized (`route::normalize_prefix`).
+    pub prefix: String,
+    pub pool: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -94,32 +105,34 @@ fn field(s: Option<&str>, name: &str) -> Result<u64, ControlError> {
     number(v)
 }
 
-/// `<path>[\t<variant>]`.
+/// `<host>\t<path>[\t<variant>]`.
 fn key_text(key: &CacheKey) -> String {
     match &key.variant {
-        None => key.path.clone(),
-        Some(v) => format!("{}\t{v}", key.path),
+        None => format!("{}\t{}", key.host, key.path),
+        Some(v) => format!("{}\t{}\t{v}", key.host, key.path),
     }
 }
 
 fn parse_key(line: &str, list: &'static str) -> Result<CacheKey, ControlError> {
-    let key = match line.split_once('\t') {
-        None => CacheKey {
-            path: line.to_owned(),
-            variant: None,
-        },
-        Some((path, v)) => CacheKey {
-            path: path.to_owned(),
-            variant: Some(v.to_owned()),
-        },
+    let bad = |reason| ControlError::BadLine {
+        list,
+        line: line.chars().take(80).collect(),
+        reason,
+    };
+    let mut fields = line.splitn(3, '\t');
+    let (Some(host), Some(path)) = (fields.next(), fields.next()) else {
+        return Err(bad("expected `<host>\\t<path>[\\t<accept-encoding>]`"));
+    };
+    let key = CacheKey {
+        host: host.to_owned(),
+        path: path.to_owned(),
+        variant: fields.next().map(str::to_owned),
     };
     let canonical = crate::canonical::canonicalize(key.path.as_bytes()).ok();
     if !key.is_valid() || canonical.as_deref() != Some(key.path.as_str()) {
-        return Err(ControlError::BadLine {
-            list,
-            line: line.chars().take(80).collect(),
-            reason: "not a canonical path and an optional Accept-Encoding value",
-        });
+        return Err(bad(
+            "not a host, a canonical path and an optional Accept-Encoding value",
+        ));
     }
     Ok(key)
 }
@@ -138,11 +151,8 @@ impl ToWorker {
             ToWorker::Stop => b"stop".to_vec(),
             ToWorker::Routes(routes) => {
                 let mut s = String::from("routes\n");
-                for (prefix, pool) in routes {
-                    s.push_str(prefix);
-                    s.push(' ');
-                    s.push_str(pool);
-                    s.push('\n');
+                for r in routes {
+                    s.push_str(&format!("{} {} {}\n", r.site, r.prefix, r.pool));
                 }
                 s.into_bytes()
             }
@@ -185,10 +195,14 @@ impl ToWorker {
                         reason,
                     };
                     let mut fields = line.split(' ');
-                    let (Some(prefix), Some(pool), None) =
-                        (fields.next(), fields.next(), fields.next())
+                    let (Some(site), Some(prefix), Some(pool), None) =
+                        (fields.next(), fields.next(), fields.next(), fields.next())
                     else {
-                        return Err(bad("expected `<prefix> <pool>`"));
+                        return Err(bad("expected `<host> <prefix> <pool>`"));
+                    };
+                    let site = match Site::parse(Some(site)) {
+                        Ok(s) if s.to_string() == site => s,
+                        _ => return Err(bad("not a route's host as the front end writes it")),
                     };
                     if !crate::route::valid_pool_name(pool) {
                         return Err(bad("not a pool name"));
@@ -198,7 +212,11 @@ impl ToWorker {
                         Ok(_) => return Err(bad("the prefix does not end in `/`")),
                         Err(reason) => return Err(bad(reason)),
                     }
-                    routes.push((prefix.to_owned(), pool.to_owned()));
+                    routes.push(RouteEntry {
+                        site,
+                        prefix: prefix.to_owned(),
+                        pool: pool.to_owned(),
+                    });
                 }
                 Ok(ToWorker::Routes(routes))
             }
@@ -309,6 +327,7 @@ mod tests {
 
     fn key(path: &str, variant: Option<&str>) -> CacheKey {
         CacheKey {
+            host: "h.test".into(),
             path: path.into(),
             variant: variant.map(Into::into),
         }
@@ -321,9 +340,31 @@ mod tests {
             ToWorker::Ping(u64::MAX),
             ToWorker::Stop,
             ToWorker::Routes(vec![]),
-            ToWorker::Routes(vec![
-                ("/api/".into(), "api".into()),
-                ("/".into(), "web".into()),
+            ToWorker::Routes(
+                [
+                    ("+", "/acme/", "acme"),
+                    ("*", "/api/", "api"),
+                    ("shop.test", "/", "shop"),
+                    ("*.tenants.test", "/", "t"),
+                    ("127.0.0.2", "/", "ip"),
+                    ("[::1]", "/", "ip"),
+                ]
+                .map(|(site, prefix, pool)| RouteEntry {
+                    site: Site::parse(Some(site)).unwrap(),
+                    prefix: prefix.into(),
+                    pool: pool.into(),
+                })
+                .to_vec(),
+            ),
+            ToWorker::Cached(vec![
+                CacheKey {
+                    host: String::new(),
+                    ..key("/", None)
+                },
+                CacheKey {
+                    host: "*".into(),
+                    ..key("/", None)
+                },
             ]),
             ToWorker::Cached(vec![]),
             ToWorker::Cached(vec![key("/a b/c", None), key("/x", Some("gzip, br"))]),
@@ -363,16 +404,25 @@ mod tests {
             b"PING 1",
             b"stop now",
             b"stop\nx",
-            b"routes\n/api/\n",
-            b"routes\n/a/../b/ x\n",
-            b"routes\n/api x\n",
+            b"routes\n* /api/\n",
+            b"routes\n/api/ api\n",
+            b"routes\n* /a/../b/ x\n",
+            b"routes\n* /api x\n",
             // Found by fuzz/fuzz_targets/control.rs: a pool name with a NUL and a CR decoded
             // to a name its own encoding did not give back.
-            b"routes\n/ &n\0\r",
-            b"routes\n/ a.b\n",
+            b"routes\n* / &n\0\r",
+            b"routes\n* / a.b\n",
+            b"routes\nShop.test / a\n",
+            b"routes\nshop.test. / a\n",
+            b"routes\n::1 / a\n",
+            b"routes\na:80 / a\n",
             b"cached\nrel\n",
-            b"cached\n/a/../b\n",
-            b"cached\n/x\tgz\x01ip\n",
+            b"cached\n\trel\n",
+            b"cached\n/x\n",
+            b"cached\nh\t/a/../b\n",
+            b"cached\nh\t/x\tgz\x01ip\n",
+            b"cached\nH\t/x\n",
+            b"cached\nh:80\t/x\n",
             b"\xff\xfe",
         ] {
             assert!(
@@ -385,7 +435,8 @@ mod tests {
             &b"cache 18446744073709551615 /x\nHTTP/1.1 200 OK\r\n\r\n"[..],
             b"cache /x",
             b"cache x\n",
-            b"cache /a/./b\n",
+            b"cache /x\n",
+            b"cache h\t/a/./b\n",
             b"pong 1",
             b"pong 1 requests=1",
             b"pong 1 requests=1 rss_kib=99999999999999999999",

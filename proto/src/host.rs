@@ -2,6 +2,7 @@
 //! a DNS name or an IP literal, with an optional port. Anything a DNS name or IP literal
 //! cannot hold is refused (RFC 9110 §7.2, RFC 3986 §3.2.2).
 
+use std::borrow::Cow;
 use std::net::Ipv6Addr;
 
 /// Longest host name accepted (a DNS name is at most 253 bytes, plus a trailing dot).
@@ -15,11 +16,16 @@ pub struct Host<'a> {
     pub port: Option<u16>,
 }
 
-impl Host<'_> {
-    /// The name lower-cased, without a trailing dot: the form routes compare.
-    pub fn normalized(&self) -> String {
+impl<'a> Host<'a> {
+    /// The name lower-cased, without its trailing dot: the form routes and cache keys
+    /// compare. Borrowed when it already is (what clients almost always send).
+    pub fn normalized(&self) -> Cow<'a, str> {
         let n = self.name.strip_suffix('.').unwrap_or(self.name);
-        n.to_ascii_lowercase()
+        if n.bytes().any(|b| b.is_ascii_uppercase()) {
+            Cow::Owned(n.to_ascii_lowercase())
+        } else {
+            Cow::Borrowed(n)
+        }
     }
 }
 
@@ -31,6 +37,8 @@ pub enum HostError {
     TooLong,
     #[error("the host holds a character a host name cannot have")]
     BadName,
+    #[error("the host has an empty label (`..`, or a leading dot)")]
+    EmptyLabel,
     #[error("the host's IP literal is not an IPv6 address")]
     BadLiteral,
     #[error("the host's port is not a number from 0 to 65535")]
@@ -76,6 +84,13 @@ pub fn parse(value: &[u8]) -> Result<Host<'_>, HostError> {
     {
         return Err(HostError::BadName);
     }
+    // A DNS name has no empty label; one trailing dot (the root) is allowed.
+    if !name.starts_with('[') {
+        let labels = name.strip_suffix('.').unwrap_or(name);
+        if labels.is_empty() || labels.split('.').any(str::is_empty) {
+            return Err(HostError::EmptyLabel);
+        }
+    }
     let port = match port {
         None | Some("") => None,
         Some(p) => {
@@ -108,6 +123,10 @@ mod tests {
             parse(b"Shop.Example.").unwrap().normalized(),
             "shop.example"
         );
+        assert!(matches!(
+            parse(b"a.b").unwrap().normalized(),
+            Cow::Borrowed("a.b")
+        ));
     }
 
     #[test]
@@ -125,6 +144,11 @@ mod tests {
             b":80",
             b"\xff",
             b"a\tb",
+            b".",
+            b".a",
+            b"a..b",
+            b"a..",
+            b"..:80",
         ] {
             assert!(parse(bad).is_err(), "{:?}", String::from_utf8_lossy(bad));
         }

@@ -3,7 +3,7 @@
 //! `host`), which requests and responses the front end may cache (`cache`), the control
 //! messages (`control`), the handoff framing (`handoff`), the environment and fd names
 //! (`env`), the size limits (`limits`), URL canonicalization and prefix routing
-//! (`canonical`, `route`).
+//! (`canonical`, `route`) and the sites routes belong to (`site`).
 //!
 //! Where the front end and a worker must agree on a rule, the rule is a function here and
 //! both call it; the tests feed one side's output to the other side's parser.
@@ -17,4 +17,5 @@ pub mod host;
 pub mod limits;
 pub mod request;
 pub mod route;
+pub mod site;
 pub mod target;

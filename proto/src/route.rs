@@ -1,7 +1,13 @@
 //! URL-prefix routing, HTTP.sys style: the longest prefix that matches at a segment
 //! boundary wins. A prefix is kept normalized to end in `/`; a path matches it when the path
 //! with a `/` appended starts with it, so `/api/` takes `/api` and `/api/x` but not `/apix`.
-//! The kernel program uses the same rule with its LPM-trie key.
+//! The kernel program uses the same rule with its LPM-trie key. Each route belongs to a
+//! site (`site`): the host it answers for.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+
+use crate::site::{Site, local_address, wildcard_suffix};
 
 /// Whether `name` can be a pool's name: letters, digits, `-` and `_`, not empty.
 pub fn valid_pool_name(name: &str) -> bool {
@@ -38,35 +44,143 @@ pub fn normalize_prefix(prefix: &str) -> Result<String, &'static str> {
     Ok(p)
 }
 
-/// The routing table in user space: same content as the kernel's prefix map. `T` is what a
-/// route leads to (the front end's pool id, a worker's index into its list of pool names).
+/// What a request offers the router: its host (normalized: `Host::normalized`; None for
+/// an HTTP/1.0 request without one), the local address its connection arrived on (None when
+/// unknown: IP-bound routes do not match) and its canonical path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Query<'a> {
+    pub host: Option<&'a str>,
+    pub local: Option<IpAddr>,
+    pub path: &'a str,
+}
+
+impl<'a> Query<'a> {
+    /// A request that names no host and arrived on no known address: weak-wildcard routes
+    /// (and strong ones) only.
+    pub fn path(path: &'a str) -> Query<'a> {
+        Query {
+            host: None,
+            local: None,
+            path,
+        }
+    }
+}
+
+/// One site's prefixes, longest first.
+#[derive(Debug, Clone)]
+struct Prefixes<T>(Vec<(String, T)>);
+
+impl<T: Copy> Prefixes<T> {
+    fn lookup(&self, path: &str) -> Option<T> {
+        self.0
+            .iter()
+            .find(|(prefix, _)| matches(prefix, path))
+            .map(|(_, pool)| *pool)
+    }
+}
+
+/// The routing table in user space: same content as the kernel's maps. `T` is what a route
+/// leads to (the front end's pool id, a worker's index into its list of pool names). The
+/// kinds of site are tried in `Site::rank` order (see `site`).
 #[derive(Debug, Clone)]
 pub struct RouteTable<T = usize> {
-    /// (normalized prefix, pool), longest first.
-    entries: Vec<(String, T)>,
+    strong: Prefixes<T>,
+    exact: HashMap<String, Prefixes<T>>,
+    wildcard: HashMap<String, Prefixes<T>>,
+    ip: HashMap<IpAddr, Prefixes<T>>,
+    weak: Prefixes<T>,
 }
 
 impl<T> Default for RouteTable<T> {
     fn default() -> Self {
         RouteTable {
-            entries: Vec::new(),
+            strong: Prefixes(Vec::new()),
+            exact: HashMap::new(),
+            wildcard: HashMap::new(),
+            ip: HashMap::new(),
+            weak: Prefixes(Vec::new()),
         }
     }
 }
 
 impl<T: Copy> RouteTable<T> {
-    pub fn new(routes: impl IntoIterator<Item = (String, T)>) -> RouteTable<T> {
-        let mut entries: Vec<_> = routes.into_iter().collect();
-        entries.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then_with(|| a.0.cmp(&b.0)));
-        RouteTable { entries }
+    /// From (site, normalized prefix, destination); a later duplicate of a (site, prefix)
+    /// loses (the config check refuses duplicates).
+    pub fn new(routes: impl IntoIterator<Item = (Site, String, T)>) -> RouteTable<T> {
+        let mut table = RouteTable::default();
+        for (site, prefix, pool) in routes {
+            let list = match site {
+                Site::Strong => &mut table.strong,
+                Site::Exact(n) => table.exact.entry(n).or_insert(Prefixes(Vec::new())),
+                Site::Wildcard(s) => table.wildcard.entry(s).or_insert(Prefixes(Vec::new())),
+                Site::Ip(a) => table.ip.entry(a).or_insert(Prefixes(Vec::new())),
+                Site::Weak => &mut table.weak,
+            };
+            if !list.0.iter().any(|(p, _)| *p == prefix) {
+                list.0.push((prefix, pool));
+            }
+        }
+        let sort = |p: &mut Prefixes<T>| {
+            p.0.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then_with(|| a.0.cmp(&b.0)))
+        };
+        sort(&mut table.strong);
+        sort(&mut table.weak);
+        table.exact.values_mut().for_each(sort);
+        table.wildcard.values_mut().for_each(sort);
+        table.ip.values_mut().for_each(sort);
+        table
     }
 
-    /// The pool for a canonical path (`/`-rooted, no query).
-    pub fn lookup(&self, path: &str) -> Option<T> {
-        self.entries
-            .iter()
-            .find(|(prefix, _)| matches(prefix, path))
-            .map(|(_, pool)| *pool)
+    /// Where a request goes: the first kind of site with a matching prefix decides.
+    pub fn lookup(&self, q: &Query<'_>) -> Option<T> {
+        if let Some(pool) = self.strong.lookup(q.path) {
+            return Some(pool);
+        }
+        if let Some(host) = q.host {
+            if let Some(pool) = self.exact.get(host).and_then(|p| p.lookup(q.path)) {
+                return Some(pool);
+            }
+            if let Some(pool) = wildcard_suffix(host)
+                .and_then(|s| self.wildcard.get(s))
+                .and_then(|p| p.lookup(q.path))
+            {
+                return Some(pool);
+            }
+        }
+        if let Some(pool) = q
+            .local
+            .and_then(|a| self.ip.get(&local_address(a)))
+            .and_then(|p| p.lookup(q.path))
+        {
+            return Some(pool);
+        }
+        self.weak.lookup(q.path)
+    }
+
+    /// Whether any route is bound to an IP address (a caller learns its connection's local
+    /// address only then).
+    pub fn has_ip_sites(&self) -> bool {
+        !self.ip.is_empty()
+    }
+
+    /// The addresses IP-bound routes name.
+    pub fn ip_sites(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        self.ip.keys().copied()
+    }
+
+    /// Whether a request for `host` (normalized) and `path` may reach `pool` through some
+    /// local address: what a publication by that pool must satisfy. The cache checks the
+    /// request's own route again before it answers.
+    pub fn may_reach(&self, host: Option<&str>, path: &str, pool: T) -> bool
+    where
+        T: PartialEq,
+    {
+        let q = |local| Query { host, local, path };
+        self.lookup(&q(None)) == Some(pool)
+            || self
+                .ip
+                .keys()
+                .any(|&a| self.lookup(&q(Some(a))) == Some(pool))
     }
 }
 
@@ -85,27 +199,99 @@ fn matches(prefix: &str, path: &str) -> bool {
 mod tests {
     use super::*;
 
-    fn table() -> RouteTable {
-        RouteTable::new([("/api/".into(), 1), ("/".into(), 0), ("/api/v2/".into(), 2)])
+    fn weak(routes: &[(&str, usize)]) -> RouteTable {
+        RouteTable::new(routes.iter().map(|&(p, t)| (Site::Weak, p.to_owned(), t)))
+    }
+
+    fn path(t: &RouteTable, p: &str) -> Option<usize> {
+        t.lookup(&Query::path(p))
     }
 
     #[test]
     fn prefix_matches_at_segment_boundaries_only() {
-        let t = table();
-        assert_eq!(t.lookup("/api"), Some(1));
-        assert_eq!(t.lookup("/api/"), Some(1));
-        assert_eq!(t.lookup("/api/x"), Some(1));
-        assert_eq!(t.lookup("/apix"), Some(0));
-        assert_eq!(t.lookup("/api/v2"), Some(2));
-        assert_eq!(t.lookup("/api/v2x"), Some(1));
-        assert_eq!(t.lookup("/"), Some(0));
+        let t = weak(&[("/api/", 1), ("/", 0), ("/api/v2/", 2)]);
+        assert_eq!(path(&t, "/api"), Some(1));
+        assert_eq!(path(&t, "/api/"), Some(1));
+        assert_eq!(path(&t, "/api/x"), Some(1));
+        assert_eq!(path(&t, "/apix"), Some(0));
+        assert_eq!(path(&t, "/api/v2"), Some(2));
+        assert_eq!(path(&t, "/api/v2x"), Some(1));
+        assert_eq!(path(&t, "/"), Some(0));
     }
 
     #[test]
     fn no_route_without_a_root_prefix() {
-        let t = RouteTable::new([("/api/".into(), 1)]);
-        assert_eq!(t.lookup("/"), None);
-        assert_eq!(t.lookup("/ap"), None);
+        let t = weak(&[("/api/", 1)]);
+        assert_eq!(path(&t, "/"), None);
+        assert_eq!(path(&t, "/ap"), None);
+    }
+
+    fn sites() -> RouteTable {
+        let site = |h: &str| Site::parse(Some(h)).unwrap();
+        RouteTable::new([
+            (site("+"), "/.well-known/acme-challenge/".into(), 0),
+            (site("shop.test"), "/".into(), 1),
+            (site("shop.test"), "/api/".into(), 2),
+            (site("*.tenants.test"), "/".into(), 3),
+            (site("127.0.0.2"), "/".into(), 4),
+            (site("*"), "/".into(), 5),
+            (site("*"), "/only-weak/".into(), 6),
+        ])
+    }
+
+    fn at(t: &RouteTable, host: Option<&str>, local: &str, path: &str) -> Option<usize> {
+        let local = local.parse().ok();
+        t.lookup(&Query { host, local, path })
+    }
+
+    #[test]
+    fn kinds_of_site_are_tried_in_http_sys_order() {
+        let t = sites();
+        let l = "127.0.0.1";
+        assert_eq!(
+            at(&t, Some("shop.test"), l, "/.well-known/acme-challenge/x"),
+            Some(0)
+        );
+        assert_eq!(at(&t, Some("shop.test"), l, "/api/x"), Some(2));
+        assert_eq!(at(&t, Some("shop.test"), l, "/x"), Some(1));
+        // An exact site with a matching prefix wins over every later kind, even a longer
+        // prefix there.
+        assert_eq!(at(&t, Some("shop.test"), l, "/only-weak/x"), Some(1));
+        assert_eq!(at(&t, Some("a.tenants.test"), l, "/x"), Some(3));
+        assert_eq!(at(&t, Some("a.b.tenants.test"), l, "/x"), Some(5));
+        assert_eq!(at(&t, Some("tenants.test"), l, "/x"), Some(5));
+        assert_eq!(at(&t, Some("other.test"), "127.0.0.2", "/x"), Some(4));
+        assert_eq!(
+            at(&t, Some("other.test"), "::ffff:127.0.0.2", "/x"),
+            Some(4)
+        );
+        assert_eq!(at(&t, Some("shop.test"), "127.0.0.2", "/x"), Some(1));
+        assert_eq!(at(&t, None, "127.0.0.2", "/x"), Some(4));
+        assert_eq!(at(&t, None, l, "/only-weak/"), Some(6));
+        assert_eq!(at(&t, Some("127.0.0.2"), l, "/x"), Some(5));
+    }
+
+    #[test]
+    fn a_site_without_a_matching_prefix_falls_to_the_next_kind() {
+        let site = |h: &str| Site::parse(Some(h)).unwrap();
+        let t = RouteTable::new([
+            (site("shop.test"), "/shop/".into(), 1),
+            (site("*"), "/".into(), 0),
+        ]);
+        assert_eq!(at(&t, Some("shop.test"), "", "/shop/a"), Some(1));
+        assert_eq!(at(&t, Some("shop.test"), "", "/other"), Some(0));
+        let only_exact = RouteTable::new([(site("shop.test"), "/".into(), 1)]);
+        assert_eq!(at(&only_exact, Some("else.test"), "", "/"), None);
+        assert_eq!(at(&only_exact, None, "", "/"), None);
+    }
+
+    #[test]
+    fn a_pool_may_publish_what_some_local_address_routes_to_it() {
+        let t = sites();
+        assert!(t.may_reach(Some("x.test"), "/p", 4));
+        assert!(t.may_reach(Some("x.test"), "/p", 5));
+        assert!(!t.may_reach(Some("shop.test"), "/p", 4));
+        assert!(!t.may_reach(Some("shop.test"), "/p", 5));
     }
 
     #[test]

@@ -622,3 +622,56 @@ pub fn sha_like(data: &[u8]) -> u64 {
         (h ^ b as u64).wrapping_mul(0x100000001b3)
     })
 }
+
+/// A small deterministic generator (xorshift), so a failure can be replayed.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    pub fn pick<'a>(&mut self, items: &[&'a str]) -> &'a str {
+        items[(self.next() % items.len() as u64) as usize]
+    }
+}
+
+/// What `sluice route CONFIG [--local LOCAL] --heads` says of each request head, a line
+/// each (`pool NAME`, `refuse STATUS REASON`).
+pub fn route_heads(config: &Path, local: Option<&str>, heads: &[&[u8]]) -> Vec<String> {
+    let file = std::env::temp_dir().join(format!(
+        "sluice-heads-{}-{}",
+        std::process::id(),
+        local.unwrap_or("any")
+    ));
+    let hex: String = heads
+        .iter()
+        .map(|h| h.iter().map(|b| format!("{b:02x}")).collect::<String>() + "\n")
+        .collect();
+    std::fs::write(&file, hex).expect("heads file");
+    let mut cmd = Command::new(sluice_bin());
+    cmd.arg("route").arg(config);
+    if let Some(local) = local {
+        cmd.args(["--local", local]);
+    }
+    let out = cmd
+        .arg("--heads")
+        .arg(&file)
+        .output()
+        .expect("sluice route");
+    let _ = std::fs::remove_file(&file);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(lines.len(), heads.len(), "an answer per head");
+    lines
+}

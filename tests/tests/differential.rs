@@ -8,7 +8,6 @@
 use std::{
     io::{Read, Write},
     net::{Shutdown, SocketAddr, TcpStream},
-    process::Command,
     time::Duration,
 };
 
@@ -197,33 +196,10 @@ fn corpus() -> Vec<Item> {
     out
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 /// What `sluice route --heads` says of every item's head.
 fn verdicts(s: &Sluice, items: &[Item]) -> Vec<String> {
-    let file = s.dir.join("heads.hex");
-    let text: String = items.iter().map(|i| hex(&i.bytes) + "\n").collect();
-    std::fs::write(&file, text).expect("write heads");
-    let out = Command::new(sluice_bin())
-        .arg("route")
-        .arg(s.dir.join("sluice.toml"))
-        .arg("--heads")
-        .arg(&file)
-        .output()
-        .expect("sluice route");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let lines: Vec<String> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(str::to_owned)
-        .collect();
-    assert_eq!(lines.len(), items.len());
-    lines
+    let heads: Vec<&[u8]> = items.iter().map(|i| i.bytes.as_slice()).collect();
+    route_heads(&s.dir.join("sluice.toml"), None, &heads)
 }
 
 /// The final responses in `raw`, in order: (status, x-sluice-pool). `head_at` is the index

@@ -28,7 +28,7 @@ def response(body):
 
 def publish(path, body):
     try:
-        control.send(b"cache " + path.encode() + b"\n" + response(body))
+        control.send(b"cache test\t" + path.encode() + b"\n" + response(body))
     except OSError as e:
         print("rogue: publish %s: %s" % (path, e), file=sys.stderr)
 
@@ -46,7 +46,9 @@ for path in ["/admin/forged", "/api/../admin/forged2"]:
 for bad in [
     b"cache 18446744073709551615 /x\n" + response("overflow"),
     b"pong 1 requests=99999999999999999999999 rss_kib=1",
-    b"cache /api/x\nnot a response",
+    b"cache test\t/api/x\nnot a response",
+    b"cache /api/x\n" + response("no host"),
+    b"cache Test\t/api/x\n" + response("a host not normalized"),
     b"\xff" * 100,
     b"",
 ]:
@@ -81,7 +83,7 @@ for name, opt, arg, size in [("attach", 51, ctypes.byref(fprog), ctypes.sizeof(f
 publish("/api/legit", "published by the api pool\n")
 # More entries than the kernel's set of cached paths holds (4096), all expiring in a second.
 for i in range(4200):
-    control.send(b"cache /api/many/%d\n" % i + response("many\n").replace(b"300", b"1"))
+    control.send(b"cache test\t/api/many/%d\n" % i + response("many\n").replace(b"300", b"1"))
 sys.stdout.write("rogue %d ready\n" % os.getpid())
 sys.stdout.flush()
 

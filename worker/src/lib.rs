@@ -12,8 +12,8 @@
 //! second when its response count changed. EOF on it stops the worker gracefully.
 //!
 //! Routing is per request, as in HTTP.sys: the front end also sends the whole route table
-//! (`routes\n<prefix> <pool>\n...`) and the set of paths it serves from its cache
-//! (`cached\n<path>\n...`). A request whose canonical path routes to another pool, to no pool,
+//! (`routes\n<host> <prefix> <pool>\n...`) and the set of paths it serves from its cache
+//! (`cached\n<host>\t<path>\n...`). A request whose host and canonical path route to another pool, to no pool,
 //! to a cached path (for a cache-eligible request) or cannot be canonicalized is not answered:
 //! once the earlier responses on its connection are sent, the connection goes back to the front
 //! end on the `handoff` socket with every unconsumed byte from that request on. An empty table

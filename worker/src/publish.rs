@@ -129,6 +129,7 @@ mod tests {
             .header("connection", "close")
             .body("hello");
         let key = CacheKey {
+            host: "shop.test".into(),
             path: "/a b".into(),
             variant: None,
         };
@@ -194,7 +195,7 @@ mod tests {
             |req| {
                 publisher.offer(req, &cc("public, max-age=60"));
                 let msg = recv(&front).expect("a cache message");
-                assert!(msg.starts_with(b"cache /index.html\nHTTP/1.1 200 OK\r\n"));
+                assert!(msg.starts_with(b"cache h\t/index.html\nHTTP/1.1 200 OK\r\n"));
                 publisher.offer(req, &cc("public, max-age=60"));
                 assert_eq!(recv(&front), None, "published again within its lifetime");
                 publisher.offer(req, &cc("private, max-age=60"));
@@ -217,7 +218,7 @@ mod tests {
         });
         let msg = recv(&front).expect("a cache message");
         assert!(
-            msg.starts_with(b"cache /v\tgzip\n"),
+            msg.starts_with(b"cache h\t/v\tgzip\n"),
             "{}",
             String::from_utf8_lossy(&msg)
         );

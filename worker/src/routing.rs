@@ -9,11 +9,13 @@
 //! themselves are `sluice_proto`'s, the ones the front end uses.
 
 use std::collections::HashSet;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 
 use sluice_proto::cache::{self, CacheKey};
-use sluice_proto::route::RouteTable;
+use sluice_proto::control::RouteEntry;
+use sluice_proto::route::{Query, RouteTable};
 
 use crate::Request;
 
@@ -48,9 +50,9 @@ struct Routes {
 pub(crate) enum Foreign {
     /// The front end serves this request from its cache.
     Cached,
-    /// The path belongs to another pool.
+    /// The host and path belong to another pool.
     OtherPool(String),
-    /// No prefix matches the path.
+    /// No route matches the host and path.
     NoRoute,
 }
 
@@ -67,10 +69,10 @@ impl std::fmt::Display for Foreign {
 impl Routing {
     /// The state after a `routes` message: `routes` replaces the table, the cached set stays.
     /// An empty table hands every request back (the front end answers it).
-    pub(crate) fn with_routes(&self, routes: Vec<(String, String)>, own_pool: &str) -> Routing {
+    pub(crate) fn with_routes(&self, routes: Vec<RouteEntry>, own_pool: &str) -> Routing {
         let mut pools: Vec<String> = Vec::new();
         let mut entries = Vec::with_capacity(routes.len());
-        for (prefix, pool) in routes {
+        for RouteEntry { site, prefix, pool } in routes {
             let index = match pools.iter().position(|p| *p == pool) {
                 Some(index) => index,
                 None => {
@@ -78,7 +80,7 @@ impl Routing {
                     pools.len() - 1
                 }
             };
-            entries.push((prefix, index));
+            entries.push((site, prefix, index));
         }
         let own = pools.iter().position(|p| p == own_pool);
         if own.is_none() {
@@ -114,20 +116,32 @@ impl Routing {
         self.routes.is_some()
     }
 
-    /// Whether a request belongs elsewhere.
-    pub(crate) fn decide(&self, req: &Request<'_>) -> Option<Foreign> {
+    /// Whether the route table binds routes to local addresses (a connection's own is
+    /// looked up only then).
+    pub(crate) fn needs_local_address(&self) -> bool {
+        self.routes.as_ref().is_some_and(|r| r.table.has_ip_sites())
+    }
+
+    /// Whether a request (on a connection whose local address is `local`) belongs elsewhere.
+    pub(crate) fn decide(&self, req: &Request<'_>, local: Option<IpAddr>) -> Option<Foreign> {
         let routes = self.routes.as_ref()?;
         let head = req.head();
         let path = req.canonical_path();
+        let host = cache::key_host(head);
         if self.cached.paths.contains(path)
             && cache::request_eligible(head, true)
-            && CacheKey::candidates(path, head.accept_encoding)
+            && CacheKey::candidates(&host, path, head.accept_encoding)
                 .iter()
                 .any(|k| self.cached.keys.contains(k))
         {
             return Some(Foreign::Cached);
         }
-        match routes.table.lookup(path) {
+        let query = Query {
+            host: head.host.is_some().then_some(&*host),
+            local,
+            path,
+        };
+        match routes.table.lookup(&query) {
             None => Some(Foreign::NoRoute),
             Some(index) if Some(index) == routes.own => None,
             Some(index) => Some(Foreign::OtherPool(
@@ -159,7 +173,7 @@ impl SharedRouting {
     }
 
     /// Takes what a `routes` message says (`own_pool`: this worker's pool).
-    pub(crate) fn set_routes(&self, routes: Vec<(String, String)>, own_pool: &str) {
+    pub(crate) fn set_routes(&self, routes: Vec<RouteEntry>, own_pool: &str) {
         log::info!("route table from the front end: {} route(s)", routes.len());
         self.update(|current| current.with_routes(routes, own_pool));
     }
@@ -204,9 +218,19 @@ impl RoutingView {
 mod tests {
     use super::*;
     use crate::with_request;
+    use sluice_proto::site::Site;
+
+    fn route(site: &str, prefix: &str, pool: &str) -> RouteEntry {
+        RouteEntry {
+            site: Site::parse(Some(site)).unwrap(),
+            prefix: prefix.into(),
+            pool: pool.into(),
+        }
+    }
 
     fn key(path: &str) -> CacheKey {
         CacheKey {
+            host: "h".into(),
             path: path.into(),
             variant: None,
         }
@@ -216,9 +240,9 @@ mod tests {
         Routing::default()
             .with_routes(
                 vec![
-                    ("/api/".into(), "api".into()),
-                    ("/".into(), "web".into()),
-                    ("/api/v2/".into(), "web".into()),
+                    route("*", "/api/", "api"),
+                    route("*", "/", "web"),
+                    route("*", "/api/v2/", "web"),
                 ],
                 own,
             )
@@ -226,6 +250,7 @@ mod tests {
                 key("/api/cached"),
                 key("/logo.png"),
                 CacheKey {
+                    host: "h".into(),
                     path: "/api/gz".into(),
                     variant: Some("gzip".into()),
                 },
@@ -233,7 +258,7 @@ mod tests {
     }
 
     fn decide(r: &Routing, raw: &str) -> Option<Foreign> {
-        with_request(raw.as_bytes(), b"", |req| r.decide(req))
+        with_request(raw.as_bytes(), b"", |req| r.decide(req, None))
     }
 
     fn get(path: &str) -> String {
@@ -304,11 +329,45 @@ mod tests {
 
     #[test]
     fn unrouted_paths_and_an_empty_table_hand_back() {
-        let r = Routing::default().with_routes(vec![("/api/".into(), "api".into())], "api");
+        let r = Routing::default().with_routes(vec![route("*", "/api/", "api")], "api");
         assert_eq!(decide(&r, &get("/other")), Some(Foreign::NoRoute));
         let empty = Routing::default().with_routes(vec![], "api");
         assert!(empty.is_active());
         assert_eq!(decide(&empty, &get("/x")), Some(Foreign::NoRoute));
+    }
+
+    #[test]
+    fn a_request_for_another_site_or_address_is_handed_back() {
+        let r = Routing::default().with_routes(
+            vec![
+                route("shop.test", "/", "shop"),
+                route("127.0.0.2", "/", "local"),
+                route("*", "/", "web"),
+            ],
+            "shop",
+        );
+        let host = |h: &str| format!("GET /x HTTP/1.1\r\nHost: {h}\r\n\r\n");
+        assert_eq!(decide(&r, &host("Shop.Test.:80")), None);
+        assert_eq!(
+            decide(&r, &host("web.test")),
+            Some(Foreign::OtherPool("web".into()))
+        );
+        assert!(r.needs_local_address());
+        let at = |raw: &str, local: &str| {
+            with_request(raw.as_bytes(), b"", |req| r.decide(req, local.parse().ok()))
+        };
+        assert_eq!(
+            at(&host("web.test"), "127.0.0.2"),
+            Some(Foreign::OtherPool("local".into()))
+        );
+        assert_eq!(at(&host("shop.test"), "127.0.0.2"), None);
+    }
+
+    #[test]
+    fn a_cached_key_of_another_host_is_not_handed_back() {
+        let r = routing("api");
+        let raw = "GET /api/cached HTTP/1.1\r\nHost: other\r\n\r\n";
+        assert_eq!(decide(&r, raw), None);
     }
 
     #[test]
@@ -323,7 +382,7 @@ mod tests {
         let r = routing("api").with_cached(vec![key("/web/b")]);
         assert_eq!(decide(&r, &get("/api/cached")), None);
         assert_eq!(decide(&r, &get("/web/b")), Some(Foreign::Cached));
-        let r = r.with_routes(vec![("/".into(), "api".into())], "api");
+        let r = r.with_routes(vec![route("*", "/", "api")], "api");
         assert_eq!(decide(&r, &get("/web/c")), None);
         assert_eq!(decide(&r, &get("/web/b")), Some(Foreign::Cached));
     }
@@ -333,7 +392,7 @@ mod tests {
         let shared = SharedRouting::default();
         let mut view = RoutingView::new(&shared);
         assert!(!view.current(&shared).is_active());
-        shared.update(|r| r.with_routes(vec![("/".into(), "web".into())], "api"));
+        shared.update(|r| r.with_routes(vec![route("*", "/", "web")], "api"));
         assert!(view.current(&shared).is_active());
         assert_eq!(
             decide(view.current(&shared), &get("/x")),

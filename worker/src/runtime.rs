@@ -11,6 +11,7 @@
 //! the handoff socket with every unconsumed byte from that request on (`handoff::send`).
 
 use std::io;
+use std::net::IpAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::Arc;
@@ -21,6 +22,7 @@ use std::time::{Duration, Instant};
 use io_uring::{IoUring, cqueue, opcode, squeue, types};
 
 use sluice_proto::handoff::{self, HandoffError, RecvBuf};
+use sluice_proto::site::local_address_of;
 
 use crate::control::{self, ToFrontend, ToWorker};
 use crate::http::{self, Dispatch, HttpConn, Limits, Outcome};
@@ -433,6 +435,8 @@ struct Conn {
     /// The front end routed the next request here (a handoff marked `ROUTED`): serve it
     /// without routing it again.
     routed: bool,
+    /// The connection's local address, read when a route is bound to one.
+    local: Option<IpAddr>,
 }
 
 /// Connection table with generation-tagged slots, so a stale completion never reaches a newer
@@ -877,6 +881,7 @@ impl<'s, H: Handler> Worker<'s, H> {
             write_since: self.tick,
             hand_back: false,
             routed,
+            local: None,
         };
         let (index, generation) = self.conns.insert(conn);
         if has_input {
@@ -931,10 +936,14 @@ impl<'s, H: Handler> Worker<'s, H> {
             .handoff
             .map(|_| self.routing.current(&shared.routing))
             .filter(|routing| routing.is_active());
+        if conn.local.is_none() && routing.is_some_and(Routing::needs_local_address) {
+            conn.local = local_address_of(conn.fd.as_raw_fd());
+        }
         let mut dispatch = Dispatcher {
             shared,
             routing,
             routed: &mut conn.routed,
+            local: conn.local,
         };
         let before = conn.http.responses();
         match conn
@@ -1207,6 +1216,8 @@ struct Dispatcher<'a, H> {
     routing: Option<&'a Routing>,
     /// The next request was routed here by the front end: serve it as it is.
     routed: &'a mut bool,
+    /// The connection's local address (for routes bound to one).
+    local: Option<IpAddr>,
 }
 
 impl<H: Handler> Dispatch for Dispatcher<'_, H> {
@@ -1217,7 +1228,7 @@ impl<H: Handler> Dispatch for Dispatcher<'_, H> {
         let Some(routing) = self.routing else {
             return false;
         };
-        match routing.decide(req) {
+        match routing.decide(req, self.local) {
             None => false,
             Some(why) => {
                 log::debug!("handing back {} {}: {why}", req.method(), req.target());
@@ -1484,8 +1495,8 @@ mod tests {
                 Response::text(200, format!("worker {:?}\n", req.canonical_path()))
             })
         });
-        send(&front_ctl, "routes\n/api/ api\n/ web\n");
-        send(&front_ctl, "cached\n/api/cached\n");
+        send(&front_ctl, "routes\n* /api/ api\n* / web\n");
+        send(&front_ctl, "cached\nt\t/api/cached\n");
         send(&front_ctl, "ping 1");
         assert!(recv_reply(&front_ctl).starts_with("pong 1 "));
 
@@ -1535,7 +1546,7 @@ mod tests {
         assert!(bytes.starts_with(b"GET /api/cached HTTP/1.1\r\n"));
 
         // A table that routes everything here: nothing is handed back.
-        send(&front_ctl, "routes\n/ api\n");
+        send(&front_ctl, "routes\n* / api\n");
         send(&front_ctl, "ping 2");
         assert!(
             recv_reply(&front_ctl).starts_with("pong 2 requests=3 "),
@@ -1572,7 +1583,7 @@ mod tests {
                 Response::text(200, "hi\n")
             })
         });
-        send(&front_ctl, "routes\n/api/ api\n");
+        send(&front_ctl, "routes\n* /api/ api\n");
         send(&front_ctl, "cached\n");
         send(&front_ctl, "ping 1");
         assert!(recv_reply(&front_ctl).starts_with("pong 1 "));

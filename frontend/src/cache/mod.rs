@@ -14,6 +14,7 @@ use std::{
 pub use sluice_proto::cache::CacheKey;
 
 use crate::pool::PoolId;
+use sluice_proto::cache::ANY_HOST;
 
 use crate::config::{CacheConfig, StaticEntry};
 
@@ -47,6 +48,19 @@ struct Entry {
     /// The whole keep-alive answer to a GET, as rendered for `second` (its Date and Age only
     /// change once a second): shared by every hit within it, with no copy.
     rendered: Option<(u64, u64, Arc<[u8]>)>,
+}
+
+/// A request the cache may answer (`sluice_proto::cache::request_eligible`).
+#[derive(Debug, Clone, Copy)]
+pub struct Lookup<'a> {
+    /// Normalized (`sluice_proto::cache::key_host`).
+    pub host: &'a str,
+    pub path: &'a str,
+    pub accept_encoding: Option<&'a [u8]>,
+    pub head_only: bool,
+    pub keep: Keep,
+    /// The pool the request routes to.
+    pub routed: Option<PoolId>,
 }
 
 /// What an answer says about the connection.
@@ -109,6 +123,8 @@ pub struct Cache {
     entries: HashMap<CacheKey, Entry>,
     /// Entries that vary on `Accept-Encoding` (a request probes their key only if any).
     varied: usize,
+    /// Static entries for every host (probed only if any).
+    any_host: usize,
     /// The key a lookup probes with, kept so that a hit allocates nothing.
     probe: CacheKey,
     /// `Date` text and the second it is for.
@@ -127,7 +143,9 @@ impl Cache {
         Cache {
             entries: HashMap::new(),
             varied: 0,
+            any_host: 0,
             probe: CacheKey {
+                host: String::new(),
                 path: String::new(),
                 variant: None,
             },
@@ -154,6 +172,7 @@ impl Cache {
                         st.ttl.as_secs()
                     );
                     let key = CacheKey {
+                        host: st.host.clone(),
                         path: st.path.clone(),
                         variant: None,
                     };
@@ -201,6 +220,7 @@ impl Cache {
         self.clock += 1;
         self.total += size;
         self.varied += usize::from(key.variant.is_some());
+        self.any_host += usize::from(key.host == ANY_HOST);
         self.entries.insert(
             key.clone(),
             Entry {
@@ -218,13 +238,13 @@ impl Cache {
         Ok(evicted)
     }
 
-    /// Drops the entries published by a pool that their path no longer routes to (after a
-    /// reload changed the routes); returns their keys.
-    pub fn retain_routed(&mut self, routes_to: impl Fn(&str) -> Option<PoolId>) -> Vec<CacheKey> {
+    /// Drops the entries published by a pool whose host and path can no longer reach it
+    /// (after a reload changed the routes); returns their keys.
+    pub fn retain_routed(&mut self, reaches: impl Fn(&CacheKey, PoolId) -> bool) -> Vec<CacheKey> {
         let stale: Vec<CacheKey> = self
             .entries
             .iter()
-            .filter(|(k, e)| matches!(e.origin, Origin::Worker(p) if routes_to(&k.path) != Some(p)))
+            .filter(|(k, e)| matches!(e.origin, Origin::Worker(p) if !reaches(k, p)))
             .map(|(k, _)| k.clone())
             .collect();
         for k in &stale {
@@ -238,41 +258,48 @@ impl Cache {
             Some(e) => {
                 self.total -= e.size();
                 self.varied -= usize::from(key.variant.is_some());
+                self.any_host -= usize::from(key.host == ANY_HOST);
                 true
             }
             None => false,
         }
     }
 
-    /// The key of the entry that answers `path` with `accept_encoding`, in `self.probe`.
-    fn probe(&mut self, path: &str, accept_encoding: Option<&[u8]>) -> bool {
-        self.probe.path.clear();
-        self.probe.path.push_str(path);
-        self.probe.variant = None;
+    /// The key of the entry that answers `q`, in `self.probe` (no allocation once the
+    /// probe's strings have grown).
+    fn probe(&mut self, q: &Lookup<'_>) -> bool {
+        let set = |probe: &mut CacheKey, host: &str, variant: Option<&[u8]>| {
+            probe.host.clear();
+            probe.host.push_str(host);
+            probe.path.clear();
+            probe.path.push_str(q.path);
+            probe.variant = variant.map(|_| String::new());
+        };
+        set(&mut self.probe, q.host, None);
         if self.entries.contains_key(&self.probe) {
             return true;
         }
-        if self.varied == 0 {
-            return false;
+        if self.varied > 0 {
+            let [_, varied, _] = CacheKey::candidates(q.host, q.path, q.accept_encoding);
+            self.probe = varied;
+            if self.entries.contains_key(&self.probe) {
+                return true;
+            }
         }
-        let [_, varied] = CacheKey::candidates(path, accept_encoding);
-        self.probe = varied;
-        self.entries.contains_key(&self.probe)
+        if self.any_host > 0 {
+            set(&mut self.probe, ANY_HOST, None);
+            return self.entries.contains_key(&self.probe);
+        }
+        false
     }
 
-    /// The full answer to a request for `path` with `accept_encoding`, if an entry answers
-    /// it and is fresh: counts a hit or a miss.
-    pub fn answer(
-        &mut self,
-        path: &str,
-        accept_encoding: Option<&[u8]>,
-        now: Instant,
-        head_only: bool,
-        keep: Keep,
-    ) -> Option<Answer> {
+    /// The full answer to a request, if an entry answers it and is fresh: counts a hit or a
+    /// miss. An entry a pool published answers only a request that routes to that pool.
+    pub fn answer(&mut self, q: &Lookup<'_>, now: Instant) -> Option<Answer> {
+        let (head_only, keep) = (q.head_only, q.keep);
         self.clock += 1;
         let clock = self.clock;
-        let found = self.probe(path, accept_encoding);
+        let found = self.probe(q);
         let wall = SystemTime::now();
         let second = wall
             .duration_since(SystemTime::UNIX_EPOCH)
@@ -284,6 +311,10 @@ impl Cache {
             .entries
             .get_mut(&self.probe)
             .filter(|e| found && e.expires > now)
+            .filter(|e| match e.origin {
+                Origin::Worker(pool) => q.routed == Some(pool),
+                Origin::Static => true,
+            })
         else {
             self.misses += 1;
             return None;
@@ -449,8 +480,31 @@ pub fn http_date(t: SystemTime) -> String {
 mod tests {
     use super::*;
 
+    impl Cache {
+        /// A lookup for host `h` routed to pool 0.
+        fn ask(
+            &mut self,
+            path: &str,
+            accept_encoding: Option<&[u8]>,
+            now: Instant,
+            head_only: bool,
+            keep: Keep,
+        ) -> Option<Answer> {
+            let q = Lookup {
+                host: "h",
+                path,
+                accept_encoding,
+                head_only,
+                keep,
+                routed: Some(PoolId::new(0)),
+            };
+            self.answer(&q, now)
+        }
+    }
+
     fn k(path: &str) -> CacheKey {
         CacheKey {
+            host: "h".into(),
             path: path.into(),
             variant: None,
         }
@@ -478,7 +532,7 @@ mod tests {
         )
         .unwrap();
         let out = String::from_utf8(
-            c.answer("/a", None, t0 + Duration::from_secs(3), false, Keep::Http11)
+            c.ask("/a", None, t0 + Duration::from_secs(3), false, Keep::Http11)
                 .unwrap()
                 .to_vec(),
         )
@@ -491,15 +545,11 @@ mod tests {
             out.contains("\r\nAge: 3\r\nContent-Length: 5\r\n\r\nhello"),
             "{out}"
         );
-        let head = String::from_utf8(
-            c.answer("/a", None, t0, true, Keep::Close)
-                .unwrap()
-                .to_vec(),
-        )
-        .unwrap();
+        let head =
+            String::from_utf8(c.ask("/a", None, t0, true, Keep::Close).unwrap().to_vec()).unwrap();
         assert!(head.ends_with("Connection: close\r\n\r\n"), "{head}");
         assert!(
-            c.answer(
+            c.ask(
                 "/a",
                 None,
                 t0 + Duration::from_secs(11),
@@ -509,7 +559,7 @@ mod tests {
             .is_none(),
             "expired"
         );
-        assert!(c.answer("/b", None, t0, false, Keep::Http11).is_none());
+        assert!(c.ask("/b", None, t0, false, Keep::Http11).is_none());
         assert_eq!((c.stats().hits, c.stats().misses), (2, 2));
     }
 
@@ -529,7 +579,7 @@ mod tests {
             )
             .unwrap();
         }
-        c.answer("/1", None, t0, false, Keep::Http11);
+        c.ask("/1", None, t0, false, Keep::Http11);
         c.insert(
             &k("/3"),
             vec![b'h'; 20],
@@ -561,6 +611,7 @@ mod tests {
         let mut c = cache(1000, 10_000);
         let t0 = Instant::now();
         let gz = CacheKey {
+            host: "h".into(),
             path: "/v".into(),
             variant: Some("gzip".into()),
         };
@@ -575,14 +626,11 @@ mod tests {
         )
         .unwrap();
         assert!(
-            c.answer("/v", Some(b"gzip"), t0, false, Keep::Http11)
+            c.ask("/v", Some(b"gzip"), t0, false, Keep::Http11)
                 .is_some()
         );
-        assert!(
-            c.answer("/v", Some(b"br"), t0, false, Keep::Http11)
-                .is_none()
-        );
-        assert!(c.answer("/v", None, t0, false, Keep::Http11).is_none());
+        assert!(c.ask("/v", Some(b"br"), t0, false, Keep::Http11).is_none());
+        assert!(c.ask("/v", None, t0, false, Keep::Http11).is_none());
         assert!(c.has_path("/v") && !c.has_path("/w"));
         assert_eq!(c.next_expiry(), Some(t0 + ttl));
     }
@@ -600,9 +648,45 @@ mod tests {
         c.insert(&k("/logo"), vec![], vec![3], ttl, Origin::Static, t0)
             .unwrap();
         // A reload sends everything to web.
-        let gone = c.retain_routed(|_| Some(web));
+        let gone = c.retain_routed(|_, pool| pool == web);
         assert_eq!(gone, [k("/api/a")]);
         assert_eq!(c.keys(), [k("/logo"), k("/web/b")]);
+    }
+
+    #[test]
+    fn an_entry_answers_only_its_host_and_requests_routed_to_its_pool() {
+        let mut c = cache(1000, 10_000);
+        let t0 = Instant::now();
+        let ttl = Duration::from_secs(60);
+        let (p0, p1) = (PoolId::new(0), PoolId::new(1));
+        c.insert(&k("/a"), vec![], vec![1], ttl, Origin::Worker(p0), t0)
+            .unwrap();
+        let any = CacheKey {
+            host: ANY_HOST.into(),
+            ..k("/logo")
+        };
+        c.insert(&any, vec![], vec![2], ttl, Origin::Static, t0)
+            .unwrap();
+        let ask = |c: &mut Cache, host, path, routed| {
+            let q = Lookup {
+                host,
+                path,
+                accept_encoding: None,
+                head_only: false,
+                keep: Keep::Http11,
+                routed,
+            };
+            c.answer(&q, t0).is_some()
+        };
+        assert!(ask(&mut c, "h", "/a", Some(p0)));
+        assert!(!ask(&mut c, "other", "/a", Some(p0)), "another host");
+        assert!(!ask(&mut c, "h", "/a", Some(p1)), "routed to another pool");
+        assert!(!ask(&mut c, "h", "/a", None), "routed nowhere");
+        assert!(ask(&mut c, "h", "/logo", Some(p1)));
+        assert!(
+            ask(&mut c, "", "/logo", None),
+            "a static entry for every host"
+        );
     }
 
     #[test]
@@ -620,7 +704,7 @@ mod tests {
         )
         .unwrap();
         let text = |a: Answer| String::from_utf8(a.to_vec()).unwrap();
-        let http10 = text(c.answer("/a", None, t0, false, Keep::Http10).unwrap());
+        let http10 = text(c.ask("/a", None, t0, false, Keep::Http10).unwrap());
         assert!(
             http10.contains("\r\nConnection: keep-alive\r\n"),
             "{http10}"
@@ -628,8 +712,8 @@ mod tests {
         // Two hits within one second share one rendering (tried again if a second ends
         // between them).
         let shared = (0..3).any(|_| {
-            let one = c.answer("/a", None, t0, false, Keep::Http11).unwrap();
-            let two = c.answer("/a", None, t0, false, Keep::Http11).unwrap();
+            let one = c.ask("/a", None, t0, false, Keep::Http11).unwrap();
+            let two = c.ask("/a", None, t0, false, Keep::Http11).unwrap();
             assert!(!text(one.clone()).contains("Connection:"));
             matches!((one, two), (Answer::Shared(a), Answer::Shared(b)) if Arc::ptr_eq(&a, &b))
         });

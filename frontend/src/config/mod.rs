@@ -14,6 +14,8 @@ use serde::Deserialize;
 use sluice_common::{MAX_POOLS, MAX_PREFIX, MAX_ROUTES, SOCKET_SLOTS};
 
 use crate::route;
+use sluice_proto::cache::ANY_HOST;
+use sluice_proto::site::Site;
 
 mod identity;
 mod units;
@@ -100,6 +102,7 @@ struct RawCache {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawStatic {
+    host: Option<String>,
     path: String,
     file: PathBuf,
     content_type: Option<String>,
@@ -119,6 +122,8 @@ pub struct CacheConfig {
 /// A response preloaded from a file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StaticEntry {
+    /// The host it answers (normalized), or `sluice_proto::cache::ANY_HOST`.
+    pub host: String,
     /// Canonical path it answers.
     pub path: String,
     pub file: PathBuf,
@@ -350,6 +355,7 @@ fn default_sockets() -> u32 {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawRoute {
+    host: Option<String>,
     prefix: String,
     pool: String,
 }
@@ -384,8 +390,10 @@ pub struct Pool {
     pub env: Vec<(String, String)>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Route {
+    /// The host it answers for.
+    pub site: Site,
     /// Normalized: starts and ends with `/`.
     pub prefix: String,
     /// Index into `Config::pools`.
@@ -578,18 +586,28 @@ impl Config {
                     format!("no pool is named `{}`", r.pool),
                 );
             }
-            if let (Some(prefix), Some(pool)) = (prefix, pool) {
-                if let Some(j) = routes.iter().position(|x| x.prefix == prefix) {
+            let site = match Site::parse(r.host.as_deref()) {
+                Ok(site) => Some(site),
+                Err(reason) => {
+                    let host = r.host.as_deref().unwrap_or_default();
+                    bad(format!("route[{i}].host"), format!("`{host}` {reason}"));
+                    None
+                }
+            };
+            if let (Some(site), Some(prefix), Some(pool)) = (site, prefix, pool) {
+                if let Some(j) = routes
+                    .iter()
+                    .position(|x| x.site == site && x.prefix == prefix)
+                {
                     bad(
                         format!("route[{i}].prefix"),
                         format!(
-                            "`{}` is the same prefix as an earlier route ({prefix})",
+                            "`{}` is the same prefix as route[{j}] for the same host ({site} {prefix})",
                             r.prefix
                         ),
                     );
-                    let _ = j;
                 } else {
-                    routes.push(Route { prefix, pool });
+                    routes.push(Route { site, prefix, pool });
                 }
             }
         }
@@ -719,8 +737,35 @@ impl Config {
                     continue;
                 }
             };
-            if cache.statics.iter().any(|s: &StaticEntry| s.path == path) {
-                bad(key("path"), format!("`{path}` is listed twice"));
+            let host = match st.host.as_deref().map(|h| Site::parse(Some(h))) {
+                None => ANY_HOST.to_owned(),
+                Some(Ok(Site::Weak)) => ANY_HOST.to_owned(),
+                Some(Ok(Site::Exact(name))) => name,
+                Some(Ok(Site::Ip(ip))) if ip.is_ipv4() => ip.to_string(),
+                Some(Ok(site @ Site::Ip(_))) => site.to_string(),
+                Some(Ok(_)) => {
+                    bad(
+                        key("host"),
+                        "must be one host name or address (or `*`): the Host a request names"
+                            .into(),
+                    );
+                    continue;
+                }
+                Some(Err(reason)) => {
+                    let host = st.host.as_deref().unwrap_or_default();
+                    bad(key("host"), format!("`{host}` {reason}"));
+                    continue;
+                }
+            };
+            if cache
+                .statics
+                .iter()
+                .any(|s: &StaticEntry| s.path == path && s.host == host)
+            {
+                bad(
+                    key("path"),
+                    format!("`{path}` is listed twice for host {host}"),
+                );
                 continue;
             }
             let content_type = st
@@ -728,6 +773,7 @@ impl Config {
                 .clone()
                 .unwrap_or_else(|| "application/octet-stream".into());
             cache.statics.push(StaticEntry {
+                host,
                 path,
                 file,
                 content_type,

@@ -15,8 +15,9 @@ use std::{
 
 use io_uring::{IoUring, cqueue, opcode, squeue, types};
 
-use crate::cache::{Answer, Keep};
+use crate::cache::{Answer, Keep, Lookup};
 use sluice_common::MAX_POOLS;
+use sluice_proto::site::local_address_of;
 
 use super::{
     Dispatcher, PoolFlags, PoolId, Table, handoff,
@@ -567,8 +568,15 @@ impl Loop {
             let Some(c) = self.conns[slot].as_ref() else {
                 return;
             };
-            let seen = head::inspect(&c.buf[..c.filled], &self.d.limits, &self.table.routes);
-            // The cache first: a cached path is answered whatever pool it would route to.
+            let routes = &self.table.routes;
+            let local = if routes.has_ip_sites() {
+                local_address_of(c.fd)
+            } else {
+                None
+            };
+            let seen = head::inspect(&c.buf[..c.filled], &self.d.limits, routes, local);
+            // The cache first: an entry a pool published answers requests routed there, a
+            // static entry any request for its host and path.
             let answer = seen.cache.as_ref().and_then(|q| {
                 let mut cache = self.d.cache.lock().ok()?;
                 let keep = match (seen.close, q.http10) {
@@ -576,7 +584,19 @@ impl Loop {
                     (false, true) => Keep::Http10,
                     (false, false) => Keep::Http11,
                 };
-                cache.answer(&q.path, q.accept_encoding, self.now, q.head_only, keep)
+                let routed = match seen.decision {
+                    Decision::Pool(p) => Some(p),
+                    _ => None,
+                };
+                let lookup = Lookup {
+                    host: &q.host,
+                    path: &q.path,
+                    accept_encoding: q.accept_encoding,
+                    head_only: q.head_only,
+                    keep,
+                    routed,
+                };
+                cache.answer(&lookup, self.now)
             });
             let full = c.filled >= c.buf.len();
             (seen.decision, seen.head_len, seen.close, full, answer)

@@ -3,7 +3,11 @@
 //! `sluice_proto::request`, the rule every worker applies too.
 
 use sluice_proto::limits::MAX_HEADERS;
+use std::net::IpAddr;
+
+use sluice_proto::cache;
 use sluice_proto::request::{self, Parsed};
+use sluice_proto::route::Query;
 
 pub use sluice_proto::limits::HeadLimits as Limits;
 
@@ -23,6 +27,8 @@ pub enum Decision {
 /// `Range` (`sluice_proto::cache::request_eligible`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CacheQuery<'b> {
+    /// Normalized (`sluice_proto::cache::key_host`).
+    pub host: std::borrow::Cow<'b, str>,
     pub path: std::borrow::Cow<'b, str>,
     pub head_only: bool,
     pub accept_encoding: Option<&'b [u8]>,
@@ -41,11 +47,23 @@ pub struct Inspection<'b> {
     pub close: bool,
 }
 
-pub fn decide(buf: &[u8], limits: &Limits, routes: &RouteTable<PoolId>) -> Decision {
-    inspect(buf, limits, routes).decision
+/// `local`: the address the connection arrived on, for IP-bound routes (None: they do not
+/// match).
+pub fn decide(
+    buf: &[u8],
+    limits: &Limits,
+    routes: &RouteTable<PoolId>,
+    local: Option<IpAddr>,
+) -> Decision {
+    inspect(buf, limits, routes, local).decision
 }
 
-pub fn inspect<'b>(buf: &'b [u8], limits: &Limits, routes: &RouteTable<PoolId>) -> Inspection<'b> {
+pub fn inspect<'b>(
+    buf: &'b [u8],
+    limits: &Limits,
+    routes: &RouteTable<PoolId>,
+    local: Option<IpAddr>,
+) -> Inspection<'b> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let head = match request::parse(buf, limits, &mut headers) {
         Ok(Parsed::Partial) => {
@@ -66,11 +84,18 @@ pub fn inspect<'b>(buf: &'b [u8], limits: &Limits, routes: &RouteTable<PoolId>) 
             };
         }
     };
-    let decision = match routes.lookup(&head.canonical) {
+    let host = cache::key_host(&head);
+    let query = Query {
+        host: head.host.is_some().then_some(&*host),
+        local,
+        path: &head.canonical,
+    };
+    let decision = match routes.lookup(&query) {
         Some(pool) => Decision::Pool(pool),
         None => Decision::Refuse(400, "no application is configured for this URL"),
     };
-    let cache = sluice_proto::cache::request_eligible(&head, true).then(|| CacheQuery {
+    let cache = cache::request_eligible(&head, true).then(|| CacheQuery {
+        host,
         path: head.canonical,
         head_only: head.method == "HEAD",
         accept_encoding: head.accept_encoding,
@@ -87,19 +112,54 @@ pub fn inspect<'b>(buf: &'b [u8], limits: &Limits, routes: &RouteTable<PoolId>) 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sluice_proto::site::Site;
 
     const WEB: Decision = Decision::Pool(PoolId::new(0));
     const API: Decision = Decision::Pool(PoolId::new(1));
 
+    const SHOP: Decision = Decision::Pool(PoolId::new(2));
+    const LOCAL: Decision = Decision::Pool(PoolId::new(3));
+
     fn routes() -> RouteTable<PoolId> {
+        let site = |h: &str| Site::parse(Some(h)).unwrap();
         RouteTable::new([
-            ("/api/".to_owned(), PoolId::new(1)),
-            ("/".to_owned(), PoolId::new(0)),
+            (site("*"), "/api/".to_owned(), PoolId::new(1)),
+            (site("*"), "/".to_owned(), PoolId::new(0)),
+            (site("shop.test"), "/".to_owned(), PoolId::new(2)),
+            (site("127.0.0.2"), "/".to_owned(), PoolId::new(3)),
         ])
     }
 
     fn d(req: &[u8]) -> Decision {
-        decide(req, &Limits::default(), &routes())
+        decide(req, &Limits::default(), &routes(), None)
+    }
+
+    #[test]
+    fn routes_by_the_host_a_request_names_then_by_its_local_address() {
+        assert_eq!(
+            d(b"GET /api/x HTTP/1.1\r\nHost: SHOP.test.:8080\r\n\r\n"),
+            SHOP
+        );
+        assert_eq!(
+            d(b"GET http://shop.test/api/ HTTP/1.1\r\nHost: a\r\n\r\n"),
+            SHOP
+        );
+        assert_eq!(
+            d(b"GET http://a/api/ HTTP/1.1\r\nHost: shop.test\r\n\r\n"),
+            API
+        );
+        let local = Some("127.0.0.2".parse().unwrap());
+        let at = |raw: &[u8]| decide(raw, &Limits::default(), &routes(), local);
+        assert_eq!(at(b"GET /api/x HTTP/1.1\r\nHost: a\r\n\r\n"), LOCAL);
+        assert_eq!(at(b"GET /api/x HTTP/1.0\r\n\r\n"), LOCAL);
+        assert_eq!(at(b"GET /api/x HTTP/1.1\r\nHost: shop.test\r\n\r\n"), SHOP);
+        for bad in ["a..b", ".a", "[::1", "a b"] {
+            let raw = format!("GET / HTTP/1.1\r\nHost: {bad}\r\n\r\n");
+            assert!(
+                matches!(d(raw.as_bytes()), Decision::Refuse(400, _)),
+                "{bad}"
+            );
+        }
     }
 
     #[test]
@@ -134,7 +194,7 @@ mod tests {
     #[test]
     fn a_cached_answer_needs_a_request_without_any_body_framing() {
         fn seen(raw: &[u8]) -> Inspection<'_> {
-            inspect(raw, &Limits::default(), &routes())
+            inspect(raw, &Limits::default(), &routes(), None)
         }
         assert!(seen(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n").cache.is_some());
         // Duplicate, empty and listed lengths are refused, not read as "no body".

@@ -5,11 +5,21 @@
 use std::time::Instant;
 
 use anyhow::Result;
-use sluice_proto::cache::{CacheKey, check_response};
+use sluice_proto::cache::{ANY_HOST, CacheKey, check_response};
 
 use super::Frontend;
 use crate::activation::{Published, control::ToWorker};
 use crate::cache::{self, Origin};
+use crate::pool::PoolId;
+use crate::route::RouteTable;
+
+/// Whether requests for `key`'s host and path may route to `pool` (through some local
+/// address): the only entries a pool may publish and keep. Each answer checks the request's
+/// own route again.
+fn reaches(routes: &RouteTable<PoolId>, key: &CacheKey, pool: PoolId) -> bool {
+    let host = (!key.host.is_empty()).then_some(key.host.as_str());
+    key.host != ANY_HOST && routes.may_reach(host, &key.path, pool)
+}
 
 impl Frontend {
     /// Static entries from the config, at start.
@@ -34,17 +44,18 @@ impl Frontend {
             .to_owned();
         let refuse = |why: &str| {
             log::warn!(
-                "cache: refused a publication of {} from worker {} of pool {pool_name}: {why}",
+                "cache: refused a publication of {} from worker {} of pool {pool_name} (host `{}`): {why}",
                 p.key.path,
-                p.pid
+                p.pid,
+                p.key.host
             );
         };
         if !p.live {
             return refuse("the worker is being retired or its pool is not running");
         }
         let (_, table) = self.table.current();
-        if table.routes.lookup(&p.key.path) != Some(p.pool) {
-            return refuse("the path does not route to this pool");
+        if !reaches(&table.routes, &p.key, p.pool) {
+            return refuse("the host and path do not route to this pool");
         }
         let max_entry = self.config.cache.max_entry_bytes as usize;
         let stored = match check_response(&p.response, max_entry) {
@@ -90,9 +101,13 @@ impl Frontend {
         let (_, table) = self.table.current();
         let stale = self
             .lock_cache()
-            .retain_routed(|path| table.routes.lookup(path));
+            .retain_routed(|key, pool| reaches(&table.routes, key, pool));
         for k in &stale {
-            log::info!("cache: dropped {}: its path routes elsewhere now", k.path);
+            log::info!(
+                "cache: dropped {} {}: it routes elsewhere now",
+                k.host,
+                k.path
+            );
         }
         self.uncache(&stale);
     }

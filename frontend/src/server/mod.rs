@@ -35,6 +35,8 @@ use crate::{
     steering::{self, Steering},
     sysctl,
 };
+use sluice_proto::control::RouteEntry;
+use sluice_proto::site::Site;
 
 /// How often the controller looks at queues and workers while a pool runs, and otherwise.
 const TICK_BUSY: Duration = Duration::from_millis(50);
@@ -285,20 +287,26 @@ impl Frontend {
     /// Routes of `config` (pool indexes mapped to ids by `ids`) into the kernel and the
     /// dispatcher, each switched at once.
     fn install_routes(&mut self, config: &Config, ids: &[Option<PoolId>]) -> Result<()> {
-        let routes: Vec<(String, PoolId)> = config
+        let routes: Vec<(Site, String, PoolId)> = config
             .routes
             .iter()
-            .filter_map(|r| Some((r.prefix.clone(), (*ids.get(r.pool)?)?)))
+            .filter_map(|r| Some((r.site.clone(), r.prefix.clone(), (*ids.get(r.pool)?)?)))
             .collect();
-        let kernel: Vec<(String, u32)> =
-            routes.iter().map(|(p, id)| (p.clone(), id.raw())).collect();
+        let kernel: Vec<(Site, String, u32)> = routes
+            .iter()
+            .map(|(s, p, id)| (s.clone(), p.clone(), id.raw()))
+            .collect();
         self.steering.set_routes(&kernel)?;
         // Workers hand back requests that route elsewhere: they get the table too.
         self.routes_message = ToWorker::Routes(
             config
                 .routes
                 .iter()
-                .map(|r| (r.prefix.clone(), config.pools[r.pool].name.clone()))
+                .map(|r| RouteEntry {
+                    site: r.site.clone(),
+                    prefix: r.prefix.clone(),
+                    pool: config.pools[r.pool].name.clone(),
+                })
                 .collect(),
         );
         self.greet_workers();

@@ -95,7 +95,9 @@ impl Frontend {
         self.install_routes(&new, &ids)?;
         let routes_changed = self.config.routes.len() != new.routes.len()
             || self.config.routes.iter().zip(&new.routes).any(|(a, b)| {
-                a.prefix != b.prefix || self.config.pools[a.pool].name != new.pools[b.pool].name
+                a.site != b.site
+                    || a.prefix != b.prefix
+                    || self.config.pools[a.pool].name != new.pools[b.pool].name
             });
         if routes_changed {
             summary.push(format!("{} route(s) in place", new.routes.len()));

@@ -6,7 +6,11 @@ use aya::{
     Ebpf,
     maps::{Array, HashMap, LpmTrie, MapError, PerCpuArray, ReusePortSockArray, lpm_trie::Key},
 };
-use sluice_common::{MAX_PREFIX, PoolSlots, counter};
+use sluice_common::{
+    HOST_KEY, MAX_PREFIX, PoolSlots, ROUTE_KEY, SITE_EXACT, SITE_IP4, SITE_IP6, SITE_WILDCARD,
+    SiteKey, counter,
+};
+use sluice_proto::site::Site;
 
 use super::SteeringError;
 
@@ -52,43 +56,86 @@ pub(super) fn set_pool(ebpf: &mut Ebpf, pool: u32, slots: PoolSlots) -> Result<(
         .map_err(map_error(format!("POOLS[{pool}]")))
 }
 
-/// The trie key for a normalized prefix (ends in `/`): its bytes, length in bits.
-pub(super) fn route_key(prefix: &str) -> Key<[u8; MAX_PREFIX]> {
-    let mut data = [0u8; MAX_PREFIX];
+/// The trie key for site `site` and a normalized prefix (ends in `/`): the site id, then the
+/// prefix's bytes; its length in bits.
+pub(super) fn route_key(site: u32, prefix: &str) -> Key<[u8; ROUTE_KEY]> {
+    let mut data = [0u8; ROUTE_KEY];
+    data[..4].copy_from_slice(&site.to_be_bytes());
     let n = prefix.len().min(MAX_PREFIX);
-    data[..n].copy_from_slice(&prefix.as_bytes()[..n]);
-    Key::new((n * 8) as u32, data)
+    data[4..4 + n].copy_from_slice(&prefix.as_bytes()[..n]);
+    Key::new(((4 + n) * 8) as u32, data)
+}
+
+/// The site map's key for a named site; None for the wildcards (fixed ids) and for names
+/// longer than the kernel's key (the program sends such hosts to the dispatcher).
+pub(super) fn site_key(site: &Site) -> Option<SiteKey> {
+    let mut name = [0u8; HOST_KEY];
+    let (kind, bytes): (u32, Vec<u8>) = match site {
+        Site::Exact(n) => (SITE_EXACT, n.as_bytes().to_vec()),
+        Site::Wildcard(s) => (SITE_WILDCARD, s.as_bytes().to_vec()),
+        Site::Ip(std::net::IpAddr::V4(a)) => (SITE_IP4, a.octets().to_vec()),
+        Site::Ip(std::net::IpAddr::V6(a)) => (SITE_IP6, a.octets().to_vec()),
+        Site::Strong | Site::Weak => return None,
+    };
+    if bytes.len() > HOST_KEY {
+        return None;
+    }
+    name[..bytes.len()].copy_from_slice(&bytes);
+    Some(SiteKey { kind, name })
 }
 
 fn route_map(which: u32) -> &'static str {
     if which == 1 { "ROUTES_B" } else { "ROUTES_A" }
 }
 
-/// Makes route map `which` hold exactly `routes`.
+fn site_map(which: u32) -> &'static str {
+    if which == 1 { "SITES_B" } else { "SITES_A" }
+}
+
+/// Makes map pair `which` hold exactly `sites` (key -> id) and `routes` ((site id, prefix)
+/// -> pool).
 pub(super) fn fill_routes(
     ebpf: &mut Ebpf,
     which: u32,
-    routes: &[(String, u32)],
+    sites: &[(SiteKey, u32)],
+    routes: &[(u32, String, u32)],
 ) -> Result<(), SteeringError> {
     clear_routes(ebpf, which)?;
-    let name = route_map(which);
-    let mut map: LpmTrie<_, [u8; MAX_PREFIX], u32> =
+    let name = site_map(which);
+    let mut site_ids: HashMap<_, SiteKey, u32> =
         map(ebpf, name)?.try_into().map_err(map_error(name))?;
-    for (prefix, pool) in routes {
-        map.insert(&route_key(prefix), *pool, 0)
-            .map_err(map_error(format!("{name}[{prefix}]")))?;
+    for (key, id) in sites {
+        site_ids
+            .insert(key, *id, 0)
+            .map_err(map_error(format!("{name}[site {id}]")))?;
+    }
+    let name = route_map(which);
+    let mut trie: LpmTrie<_, [u8; ROUTE_KEY], u32> =
+        map(ebpf, name)?.try_into().map_err(map_error(name))?;
+    for (site, prefix, pool) in routes {
+        trie.insert(&route_key(*site, prefix), *pool, 0)
+            .map_err(map_error(format!("{name}[site {site} {prefix}]")))?;
     }
     Ok(())
 }
 
 pub(super) fn clear_routes(ebpf: &mut Ebpf, which: u32) -> Result<(), SteeringError> {
     let name = route_map(which);
-    let mut map: LpmTrie<_, [u8; MAX_PREFIX], u32> =
+    let mut map: LpmTrie<_, [u8; ROUTE_KEY], u32> =
         map(ebpf, name)?.try_into().map_err(map_error(name))?;
-    let keys: Vec<Key<[u8; MAX_PREFIX]>> = map.keys().filter_map(Result::ok).collect();
+    let keys: Vec<Key<[u8; ROUTE_KEY]>> = map.keys().filter_map(Result::ok).collect();
     for k in keys {
         map.remove(&k)
             .map_err(map_error(format!("{name}: removing a route")))?;
+    }
+    let name = site_map(which);
+    let mut site_ids: HashMap<_, SiteKey, u32> =
+        self::map(ebpf, name)?.try_into().map_err(map_error(name))?;
+    let keys: Vec<SiteKey> = site_ids.keys().filter_map(Result::ok).collect();
+    for k in keys {
+        site_ids
+            .remove(&k)
+            .map_err(map_error(format!("{name}: removing a site")))?;
     }
     Ok(())
 }
@@ -175,16 +222,16 @@ pub(super) fn reset_counter(ebpf: &mut Ebpf, index: u32) -> Result<(), SteeringE
         .map_err(map_error(format!("COUNTERS[{index}]")))
 }
 
-/// The kernel's key for a cached path: like a route key's data (the path, then `/`), zero
-/// padded. Paths too long for it are not steered to the cache (the dispatcher still answers
-/// them when their connection reaches it).
-pub(super) fn cached_key(path: &str) -> Option<[u8; MAX_PREFIX]> {
+/// The kernel's key for a cached path: like a route key's data with site id 0 (the path,
+/// then `/`), zero padded. Paths too long for it are not steered to the cache (the
+/// dispatcher still answers them when their connection reaches it).
+pub(super) fn cached_key(path: &str) -> Option<[u8; ROUTE_KEY]> {
     if path.len() + 1 > MAX_PREFIX {
         return None;
     }
-    let mut data = [0u8; MAX_PREFIX];
-    data[..path.len()].copy_from_slice(path.as_bytes());
-    data[path.len()] = b'/';
+    let mut data = [0u8; ROUTE_KEY];
+    data[4..4 + path.len()].copy_from_slice(path.as_bytes());
+    data[4 + path.len()] = b'/';
     Some(data)
 }
 
@@ -192,7 +239,7 @@ pub(super) fn set_cached(ebpf: &mut Ebpf, path: &str, cached: bool) -> Result<()
     let Some(key) = cached_key(path) else {
         return Ok(());
     };
-    let mut map: HashMap<_, [u8; MAX_PREFIX], u8> = map(ebpf, "CACHED")?
+    let mut map: HashMap<_, [u8; ROUTE_KEY], u8> = map(ebpf, "CACHED")?
         .try_into()
         .map_err(map_error("CACHED"))?;
     if cached {

@@ -13,6 +13,11 @@ use aya::{
     programs::{ProgramError, SchedClassifier, SkReuseport, TcAttachType},
 };
 
+use sluice_common::{
+    KIND_IP, KIND_NAMED, KIND_STRONG, SITE_FIRST_NAMED, SITE_STRONG, SITE_WEAK, SiteKey,
+};
+use sluice_proto::site::Site;
+
 pub use gate::interfaces_for;
 pub use maps::Counters;
 
@@ -161,13 +166,14 @@ impl Steering {
     }
 
     /// Replaces the whole route table at once: the spare map is filled, then made live.
-    pub fn set_routes(&mut self, routes: &[(String, u32)]) -> Result<(), SteeringError> {
+    pub fn set_routes(&mut self, routes: &[(Site, String, u32)]) -> Result<(), SteeringError> {
         let next = 1 - self.live_routes;
+        let (sites, keyed, kinds) = kernel_routes(routes);
         for e in &mut self.groups {
-            maps::fill_routes(e, next, routes)?;
+            maps::fill_routes(e, next, &sites, &keyed)?;
         }
         for e in &mut self.groups {
-            maps::set_config(e, sluice_common::CFG_ROUTES, next)?;
+            maps::set_config(e, sluice_common::CFG_ROUTES, next | kinds)?;
         }
         let old = self.live_routes;
         self.live_routes = next;
@@ -221,4 +227,46 @@ impl Drop for Steering {
             log::info!("ack gate detached from {iface}");
         }
     }
+}
+
+/// The kernel's form of a route table: the site map (key -> id), the routes by site id,
+/// and the `KIND_*` bits of the kinds present. A named site whose name the kernel's key
+/// cannot hold gets no entry: the program sends every request for it to the dispatcher.
+fn kernel_routes(
+    routes: &[(Site, String, u32)],
+) -> (Vec<(SiteKey, u32)>, Vec<(u32, String, u32)>, u32) {
+    let mut ids: Vec<(Site, u32)> = Vec::new();
+    let mut sites = Vec::new();
+    let mut keyed = Vec::new();
+    let mut kinds = 0;
+    for (site, prefix, pool) in routes {
+        let id = match site {
+            Site::Strong => {
+                kinds |= KIND_STRONG;
+                SITE_STRONG
+            }
+            Site::Weak => SITE_WEAK,
+            named => {
+                kinds |= if matches!(named, Site::Ip(_)) {
+                    KIND_IP
+                } else {
+                    KIND_NAMED
+                };
+                match ids.iter().find(|(s, _)| s == named) {
+                    Some((_, id)) => *id,
+                    None => {
+                        let Some(key) = maps::site_key(named) else {
+                            continue;
+                        };
+                        let id = SITE_FIRST_NAMED + ids.len() as u32;
+                        ids.push((named.clone(), id));
+                        sites.push((key, id));
+                        id
+                    }
+                }
+            }
+        };
+        keyed.push((id, prefix.clone(), *pool));
+    }
+    (sites, keyed, kinds)
 }
