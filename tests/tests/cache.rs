@@ -6,7 +6,8 @@ use std::{io::Write, net::TcpStream, process::Command, time::Duration};
 
 use sluice_tests::*;
 
-/// Sends requests one after another on one keep-alive connection; returns the responses.
+/// Sends requests one after another on one keep-alive connection, naming the host
+/// `get_request` names (the cache keys by host); returns the responses.
 fn keep_alive(ns: &Netns, paths: &[&str]) -> Vec<Response> {
     ns.enter(|| {
         let mut c = TcpStream::connect(v4()).expect("connect");
@@ -15,7 +16,7 @@ fn keep_alive(ns: &Netns, paths: &[&str]) -> Vec<Response> {
         paths
             .iter()
             .map(|p| {
-                c.write_all(format!("GET {p} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes())
+                c.write_all(format!("GET {p} HTTP/1.1\r\nHost: test\r\n\r\n").as_bytes())
                     .expect("send");
                 read_response(&mut c).unwrap_or_else(|e| panic!("{p}: {e}"))
             })
@@ -220,6 +221,9 @@ fn a_published_response_is_served_from_the_cache_until_its_ttl_ends() {
             "-t1",
             "-c10",
             "-d2s",
+            // The host the entry was published for: the cache keys by host.
+            "-H",
+            "Host: test",
             "http://127.0.0.1:8080/files/index.html",
         ],
     );

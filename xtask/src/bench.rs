@@ -53,6 +53,8 @@ struct Target {
     pids: Vec<(&'static str, u32)>,
     /// sluice's admin socket, for the fallback counters.
     admin: Option<PathBuf>,
+    /// The `Host` wrk sends instead of the URL's.
+    host: Option<&'static str>,
 }
 
 struct Netns(String);
@@ -159,6 +161,32 @@ fn sluice_config(
             hello.display()
         ),
     )?;
+    Ok((cfg, admin))
+}
+
+/// The host `hosts_keepalive` names: one of three sites on one port.
+const SITE_HOST: &str = "shop.example.test";
+
+/// Three sites on one port (an exact host, a wildcard label, every other host), a pool each.
+fn sites_config(dir: &Path, listen: &str, hello: &Path) -> Result<(PathBuf, PathBuf)> {
+    let admin = dir.join("sites.sock");
+    let cfg = dir.join("sites.toml");
+    let mut text = format!(
+        "[server]\nlisten = [\"{listen}\"]\nsteering = \"first-segment\"\nset_sysctls = true\nadmin_socket = \"{}\"\n\n",
+        admin.display()
+    );
+    for (pool, host) in [
+        ("shop", SITE_HOST),
+        ("tenants", "*.tenants.test"),
+        ("web", "*"),
+    ] {
+        text.push_str(&format!(
+            "[[pool]]\nname = \"{pool}\"\ncommand = [\"{}\"]\nprocesses = 1\nthreads = 1\nstart = \"always\"\n\n\
+             [[route]]\nhost = \"{host}\"\nprefix = \"/\"\npool = \"{pool}\"\n\n",
+            hello.display()
+        ));
+    }
+    fs::write(&cfg, text)?;
     Ok((cfg, admin))
 }
 
@@ -314,6 +342,9 @@ fn wrk(ns: &Netns, t: &Target, seconds: u64) -> Result<(Run, String)> {
     if t.close {
         c.args(["-H", "Connection: close"]);
     }
+    if let Some(host) = t.host {
+        c.args(["-H", &format!("Host: {host}")]);
+    }
     c.arg(&t.url);
     let server = || {
         t.pids
@@ -405,6 +436,12 @@ pub fn run(args: Args) -> Result<()> {
         fs_ns.cmd(&sluice).arg("run").arg(&cfg),
         &dir.join("sluice-fs.log"),
     )?;
+    // sluice with three sites, first-segment, beside the first (another port).
+    let (cfg, admin_sites) = sites_config(&dir, "127.0.0.1:8082", &hello)?;
+    let sluice_sites = procs.spawn(
+        fs_ns.cmd(&sluice).arg("run").arg(&cfg),
+        &dir.join("sluice-sites.log"),
+    )?;
     // sluice, syn mode (plain clients go through the dispatcher), with the default sysctls.
     let (cfg, admin_syn) = sluice_config(&dir, "syn", "127.0.0.1:8081", "syn", &hello)?;
     let sluice_syn = procs.spawn(
@@ -439,6 +476,7 @@ pub fn run(args: Args) -> Result<()> {
     )?;
 
     wait_http(&fs_ns, "http://127.0.0.1:8080/api/hello")?;
+    wait_http(&fs_ns, "http://127.0.0.1:8082/api/hello")?;
     for url in [
         "http://127.0.0.1:8081/api/hello",
         "http://127.0.0.1:9001/api/hello",
@@ -453,6 +491,12 @@ pub fn run(args: Args) -> Result<()> {
 
     let mut pids_fs = vec![("front end", sluice_fs)];
     pids_fs.extend(fs_workers.iter().map(|&p| ("worker", p)));
+    let mut pids_sites = vec![("front end", sluice_sites)];
+    pids_sites.extend(
+        worker_pids(&status(&sluice, &admin_sites)?)
+            .iter()
+            .map(|&p| ("worker", p)),
+    );
     let mut pids_syn = vec![("front end", sluice_syn)];
     pids_syn.extend(syn_workers.iter().map(|&p| ("worker", p)));
     let mut pids_nginx = vec![("nginx master", nginx), ("worker", direct)];
@@ -470,6 +514,7 @@ pub fn run(args: Args) -> Result<()> {
         close,
         pids: pids.clone(),
         admin: admin.cloned(),
+        host: None,
     };
     let targets = vec![
         target(
@@ -480,6 +525,17 @@ pub fn run(args: Args) -> Result<()> {
             &pids_fs,
             Some(&admin_fs),
         ),
+        Target {
+            host: Some(SITE_HOST),
+            ..target(
+                "hosts_keepalive",
+                "fs",
+                "http://127.0.0.1:8082/api/hello",
+                false,
+                &pids_sites,
+                Some(&admin_sites),
+            )
+        },
         target(
             "direct_keepalive",
             "base",
@@ -591,6 +647,11 @@ pub fn run(args: Args) -> Result<()> {
             "steered_keepalive_vs_nginx",
             "steered_keepalive",
             "nginx_keepalive",
+        ),
+        (
+            "hosts_keepalive_vs_direct",
+            "hosts_keepalive",
+            "direct_keepalive",
         ),
         (
             "close_first_segment_vs_direct",
@@ -737,8 +798,9 @@ pub fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
-const TARGETS: [(&str, &str, f64); 7] = [
+const TARGETS: [(&str, &str, f64); 8] = [
     ("steered_keepalive_vs_direct", "≥ 0.95", 0.95),
+    ("hosts_keepalive_vs_direct", "≥ 0.97", 0.97),
     ("steered_keepalive_vs_nginx", "≥ 2", 2.0),
     ("close_first_segment_vs_direct", "≥ 0.9", 0.9),
     ("close_syn_vs_direct", "≥ 0.6", 0.6),
@@ -858,7 +920,7 @@ fn markdown(r: &Value, command: &str) -> String {
          on its own listening socket; `nginx_*` = nginx `proxy_pass` with upstream keep-alive to that worker; \
          `nginx_return` = nginx answering `return 200` itself; `cache_keepalive` = the same bytes answered from \
          sluice's front-end cache (a static entry; the kernel steers the connection to the front end, no worker \
-         is involved). `close_*` send `Connection: close`: one connection per request; the benchmark's network \
+         is involved); `hosts_keepalive` = sluice in first-segment mode with three sites on one port (an exact          host, a wildcard label, every other host), wrk naming the exact one: the kernel steers each connection          by its Host and the worker routes every request by host and path again. `close_*` send `Connection: close`: one connection per request; the benchmark's network \
          namespaces use `net.ipv4.ip_local_port_range = 1024 65535`, since a single client that closes first \
          (as sluice lets it, to keep first-segment steering working) otherwise runs out of ports near 14k \
          connections/s whatever the server.\n",

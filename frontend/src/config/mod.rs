@@ -1082,6 +1082,87 @@ mod tests {
     }
 
     #[test]
+    fn route_hosts_name_their_site_and_same_host_prefixes_conflict() {
+        let route = |host: &str, prefix: &str| {
+            format!("[[route]]\nhost = \"{host}\"\nprefix = \"{prefix}\"\npool = \"api\"\n")
+        };
+        let text = format!(
+            "[server]\nlisten = [\"127.0.0.1:8080\"]\n{POOL}{}{}{}{}{}[[route]]\nprefix = \"/\"\npool = \"api\"\n",
+            route("Shop.Test.", "/"),
+            route("*.tenants.test", "/"),
+            route("+", "/acme/"),
+            route("127.0.0.2", "/"),
+            route("*", "/api/"),
+        );
+        let c = check(&text).unwrap();
+        let sites: Vec<String> = c.routes.iter().map(|r| r.site.to_string()).collect();
+        assert_eq!(
+            sites,
+            ["shop.test", "*.tenants.test", "+", "127.0.0.2", "*", "*"]
+        );
+        let p = problems(&format!(
+            "[server]\nlisten = [\"127.0.0.1:8080\"]\n{POOL}{}{}{}{}{}",
+            route("shop.test", "/"),
+            route("SHOP.test", "/"),
+            route("a..b", "/"),
+            route("shop.test:80", "/"),
+            route("", "/x/"),
+        ));
+        let keys: Vec<&str> = p.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "route[1].prefix",
+                "route[2].host",
+                "route[3].host",
+                "route[4].host"
+            ]
+        );
+        assert!(
+            p[0].reason
+                .contains("same prefix as route[0] for the same host"),
+            "{}",
+            p[0].reason
+        );
+        assert!(p[1].reason.contains("empty label"), "{}", p[1].reason);
+        assert!(p[2].reason.contains("no port"), "{}", p[2].reason);
+    }
+
+    #[test]
+    fn a_static_entry_answers_every_host_or_the_one_it_names() {
+        let file = |host: &str, path: &str| {
+            let host = if host.is_empty() {
+                String::new()
+            } else {
+                format!("host = \"{host}\"\n")
+            };
+            format!("[[cache.static]]\n{host}path = \"{path}\"\nfile = \"/etc/hostname\"\n")
+        };
+        let head = format!("[server]\nlisten = [\"127.0.0.1:8080\"]\n{POOL}");
+        let c = check(&format!(
+            "{head}{}{}{}",
+            file("", "/a"),
+            file("Shop.Test", "/a"),
+            file("*", "/b")
+        ))
+        .unwrap();
+        let hosts: Vec<&str> = c.cache.statics.iter().map(|s| s.host.as_str()).collect();
+        assert_eq!(hosts, [ANY_HOST, "shop.test", ANY_HOST]);
+        let p = problems(&format!(
+            "{head}{}{}{}",
+            file("*.shop.test", "/a"),
+            file("shop.test", "/a"),
+            file("SHOP.test", "/a")
+        ));
+        let keys: Vec<&str> = p.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            ["cache.static[0].host", "cache.static[2].path"],
+            "{p:#?}"
+        );
+    }
+
+    #[test]
     fn activation_keys_default_to_iis_and_name_bad_values() {
         let c = check(&format!("[server]\nlisten = [\"127.0.0.1:8080\"]\n{POOL}")).unwrap();
         assert_eq!(c.pools[0].activation, Activation::default());

@@ -22,9 +22,27 @@ use anyhow::{Result, bail};
 const EVERY: Duration = Duration::from_secs(1);
 const SCAN_EVERY: u32 = 5;
 
-/// Fails when something already listens on `addr` (a listener that shares the address,
-/// including a wildcard one on its port).
-pub fn probe(addr: SocketAddr) -> Result<()> {
+/// How long the start waits for a listener on its address to go: the previous front end's
+/// (or its workers') listeners outlive their processes for a moment, because io_uring lets go
+/// of the files of its pending accepts only in the kernel's deferred ring teardown.
+pub const PROBE_PATIENCE: Duration = Duration::from_secs(3);
+
+/// Fails when something still listens on `addr` after `patience` (a listener that shares
+/// the address, including a wildcard one on its port).
+pub fn probe(addr: SocketAddr, patience: Duration) -> Result<()> {
+    let deadline = Instant::now() + patience;
+    loop {
+        match probe_once(addr) {
+            Err(e) if Instant::now() < deadline => {
+                log::debug!("{e}; trying again");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            other => return other,
+        }
+    }
+}
+
+fn probe_once(addr: SocketAddr) -> Result<()> {
     let family = if addr.is_ipv4() {
         libc::AF_INET
     } else {
@@ -209,7 +227,7 @@ mod tests {
     fn a_listener_on_a_bound_address_is_found_and_refused() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap();
-        assert!(probe(addr).is_err());
+        assert!(probe(addr, Duration::ZERO).is_err());
         assert!(listeners().iter().any(|(a, _)| *a == addr));
         let mut g = Guard::new(&[addr]);
         g.next = Instant::now();
@@ -226,6 +244,20 @@ mod tests {
             "ours"
         );
         drop(l);
-        assert!(probe(addr).is_ok());
+        assert!(probe(addr, Duration::ZERO).is_ok());
+    }
+
+    #[test]
+    fn a_start_waits_for_a_listener_that_is_going_away() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let closer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            drop(l);
+        });
+        let t = Instant::now();
+        assert!(probe(addr, PROBE_PATIENCE).is_ok());
+        assert!(t.elapsed() >= Duration::from_millis(250));
+        closer.join().unwrap();
     }
 }

@@ -163,7 +163,7 @@ impl Frontend {
     fn start(config: Config) -> Result<Frontend> {
         // Before anything changes: another listener on an address would take its traffic.
         for &addr in &config.listen {
-            guard::probe(addr)?;
+            guard::probe(addr, guard::PROBE_PATIENCE)?;
         }
         for w in config.warnings() {
             log::warn!("{w}");
