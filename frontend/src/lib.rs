@@ -1,11 +1,13 @@
 //! The sluice front end as a library: the `sluice` binary is a thin CLI over it, and the
 //! fuzz targets reach the parsers through it.
 
+pub mod access_log;
 pub mod activation;
 pub mod admin;
 pub mod cache;
 pub mod canonical;
 pub mod config;
+pub mod dates;
 pub mod dispatcher;
 pub mod metrics;
 pub mod pool;

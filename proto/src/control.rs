@@ -16,6 +16,7 @@
 //! - `stats requests=<n>`: at most once a second, when the count changed.
 //! - `cache <host>\t<path>[\t<accept-encoding>]\n<response>`: a response to store (see
 //!   `cache`).
+//! - `access\n<entry>\n...`: access-log entries (see `access`).
 //!
 //! Every number is a plain decimal u64 (digits only, no overflow); anything else, and any
 //! message of an unknown shape, is an error the reader logs and drops.
@@ -23,6 +24,7 @@
 use std::io;
 use std::os::fd::RawFd;
 
+use crate::access::{self, Entry};
 use crate::cache::CacheKey;
 use crate::route::normalize_prefix;
 use crate::site::Site;
@@ -62,6 +64,8 @@ pub enum ToFrontend {
         key: CacheKey,
         response: Vec<u8>,
     },
+    /// Access-log entries (at most `access::MAX_BATCH`), in the order answered.
+    Access(Vec<Entry>),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -250,6 +254,14 @@ impl ToFrontend {
                 out.extend_from_slice(response);
                 out
             }
+            ToFrontend::Access(entries) => {
+                let mut s = String::from("access\n");
+                for e in entries {
+                    s.push_str(&e.encode());
+                    s.push('\n');
+                }
+                s.into_bytes()
+            }
         }
     }
 
@@ -270,6 +282,25 @@ impl ToFrontend {
             });
         }
         let text = text(msg)?;
+        if let Some(lines) = text.strip_prefix("access\n") {
+            let entries = lines
+                .lines()
+                .map(|l| {
+                    Entry::decode(l).ok_or_else(|| ControlError::BadLine {
+                        list: "access",
+                        line: l.chars().take(80).collect(),
+                        reason: "not an access-log entry",
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            if entries.len() > access::MAX_BATCH {
+                return Err(ControlError::Unknown(format!(
+                    "{} access-log entries in one message",
+                    entries.len()
+                )));
+            }
+            return Ok(ToFrontend::Access(entries));
+        }
         let mut words = text.split(' ');
         let decoded = match words.next() {
             Some("pong") => ToFrontend::Pong {
@@ -382,6 +413,12 @@ mod tests {
                 rss_kib: 0,
             },
             ToFrontend::Stats { requests: 3 },
+            ToFrontend::Access(vec![]),
+            ToFrontend::Access(vec![
+                Entry::decode("1\t-\tGET\t/\tHTTP/1.1\t-\t200\t0\t0\tkernel\t-\t-").unwrap(),
+                Entry::decode("2\t[::1]:80\tPOST\t/x\\x22\t-\th\t404\t9\t7\thandback\tr\tu a")
+                    .unwrap(),
+            ]),
             ToFrontend::Cache {
                 key: key("/i.html", Some("")),
                 response: b"HTTP/1.1 200 OK\r\n\r\n\n\xff".to_vec(),

@@ -28,6 +28,8 @@ pub const MAX_REQUEST_BODY: &str = "SLUICE_MAX_REQUEST_BODY";
 pub const MIN_SEND_RATE: &str = "SLUICE_MIN_SEND_RATE";
 pub const CACHE_MAX_ENTRY: &str = "SLUICE_CACHE_MAX_ENTRY";
 pub const SHUTDOWN_TIME_LIMIT: &str = "SLUICE_SHUTDOWN_TIME_LIMIT";
+/// `1`: send an access-log entry per request on the control channel (`access`).
+pub const ACCESS_LOG: &str = "SLUICE_ACCESS_LOG";
 /// Standalone only: addresses a worker binds itself.
 pub const LISTEN: &str = "SLUICE_LISTEN";
 
@@ -44,6 +46,7 @@ pub struct WorkerSettings {
     pub min_send_rate: u64,
     pub cache_max_entry: usize,
     pub shutdown_time_limit: Duration,
+    pub access_log: bool,
 }
 
 /// A variable that does not hold what its name says.
@@ -69,6 +72,7 @@ impl WorkerSettings {
             (MIN_SEND_RATE, self.min_send_rate.to_string()),
             (CACHE_MAX_ENTRY, self.cache_max_entry.to_string()),
             (SHUTDOWN_TIME_LIMIT, secs(self.shutdown_time_limit)),
+            (ACCESS_LOG, u8::from(self.access_log).to_string()),
         ];
         if let Some(t) = self.threads {
             v.push((THREADS, t.to_string()));
@@ -140,12 +144,13 @@ mod tests {
             min_send_rate: 0,
             cache_max_entry: 1,
             shutdown_time_limit: Duration::from_secs(11),
+            access_log: true,
         };
         let vars = s.vars();
         let mut names: Vec<&str> = vars.iter().map(|(n, _)| *n).collect();
         names.sort_unstable();
         names.dedup();
-        assert_eq!(names.len(), 10);
+        assert_eq!(names.len(), 11);
         // A duration under a second still travels as at least one.
         assert!(vars.contains(&(IDLE_TIMEOUT, "1".into())));
         let bad = Reader(|_: &str| Some("x".to_owned()));

@@ -14,6 +14,9 @@ pub use crate::control::hung_up;
 /// without routing it again (so a disagreement, say about a cache entry that has just
 /// expired, can never bounce a request between the two).
 pub const ROUTED: u8 = 1;
+/// The connection came back from a worker of another pool before the front end routed it
+/// here (the access log's `handback`).
+pub const HANDED_BACK: u8 = 2;
 
 /// Most bytes a handoff carries: a whole head of the largest size a config allows, with room
 /// for what arrived after it. Every side's buffers hold this much.

@@ -120,28 +120,7 @@ pub fn local_address(ip: IpAddr) -> IpAddr {
 /// The local address of connected socket `fd`, as IP-bound routes compare it; None when
 /// the socket has none (not an IP socket, or closed).
 pub fn local_address_of(fd: std::os::fd::RawFd) -> Option<IpAddr> {
-    // SAFETY: an all-zero sockaddr_storage is a valid value for getsockname to fill.
-    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-    // SAFETY: `ss` and `len` are valid for writes of the sizes given.
-    let rc = unsafe { libc::getsockname(fd, (&raw mut ss).cast(), &mut len) };
-    if rc != 0 {
-        return None;
-    }
-    let ip = match i32::from(ss.ss_family) {
-        libc::AF_INET => {
-            // SAFETY: the kernel wrote a sockaddr_in for an AF_INET socket.
-            let sin: libc::sockaddr_in = unsafe { std::ptr::read((&raw const ss).cast()) };
-            IpAddr::V4(u32::from_be(sin.sin_addr.s_addr).into())
-        }
-        libc::AF_INET6 => {
-            // SAFETY: the kernel wrote a sockaddr_in6 for an AF_INET6 socket.
-            let sin6: libc::sockaddr_in6 = unsafe { std::ptr::read((&raw const ss).cast()) };
-            IpAddr::V6(sin6.sin6_addr.s6_addr.into())
-        }
-        _ => return None,
-    };
-    Some(local_address(ip))
+    crate::sockaddr::local(fd).map(|a| local_address(a.ip()))
 }
 
 /// A host name in a route: lower-cased, one trailing dot dropped.

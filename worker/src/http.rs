@@ -40,6 +40,10 @@ pub(crate) trait Dispatch {
 
     /// Answers a complete request.
     fn respond(&mut self, req: &Request<'_>) -> Response;
+
+    /// A request was refused with `status` (and a body of `bytes`) before any handler saw
+    /// it; `input` holds what the connection sent from that request's first byte.
+    fn refused(&mut self, _input: &[u8], _status: u16, _bytes: u64) {}
 }
 
 impl<F> Dispatch for F
@@ -190,7 +194,8 @@ impl HttpConn {
                 Step::Rejected(refusal) => {
                     self.pending = None;
                     self.responses += 1;
-                    write_refusal(wbuf, &refusal);
+                    let bytes = write_refusal(wbuf, &refusal);
+                    handler.refused(&rbuf[pos..], refusal.status, bytes);
                     break Outcome::Close;
                 }
                 Step::HandBack => break Outcome::HandBack,
@@ -432,18 +437,22 @@ fn serialize(
     }
 }
 
-/// Appends the answer to a refused request, which closes the connection.
-pub(crate) fn write_refusal(wbuf: &mut Vec<u8>, refusal: &Refusal) {
-    write_error(wbuf, refusal.status, refusal.reason);
+/// Appends the answer to a refused request, which closes the connection; returns the
+/// length of its body.
+pub(crate) fn write_refusal(wbuf: &mut Vec<u8>, refusal: &Refusal) -> u64 {
+    write_error(wbuf, refusal.status, refusal.reason)
 }
 
-/// Appends a short error response that closes the connection.
-pub(crate) fn write_error(wbuf: &mut Vec<u8>, status: u16, why: &str) {
+/// Appends a short error response that closes the connection; returns the length of its
+/// body.
+pub(crate) fn write_error(wbuf: &mut Vec<u8>, status: u16, why: &str) -> u64 {
     let body = format!("{} {}: {why}\n", status, reason(status));
+    let len = body.len() as u64;
     let resp = Response::new(status)
         .header("content-type", "text/plain")
         .body(body);
     write_response(wbuf, &resp, false, false, false);
+    len
 }
 
 fn push_decimal(buf: &mut Vec<u8>, mut n: u64) {

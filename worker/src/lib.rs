@@ -34,6 +34,7 @@
 //! }
 //! ```
 
+mod access;
 mod control;
 mod http;
 mod publish;
@@ -370,6 +371,9 @@ pub struct Options {
     /// How long a graceful stop lets responses in progress finish before they are cut
     /// (`SLUICE_SHUTDOWN_TIME_LIMIT`, seconds; default 90, IIS's).
     pub shutdown_time_limit: Duration,
+    /// Send the front end an access-log entry per request (`SLUICE_ACCESS_LOG=1`; default
+    /// off).
+    pub access_log: bool,
 }
 
 impl Default for Options {
@@ -386,6 +390,7 @@ impl Default for Options {
             min_send_rate: 150,
             cache_max_entry: 256 * 1024,
             shutdown_time_limit: Duration::from_secs(90),
+            access_log: false,
         }
     }
 }
@@ -429,6 +434,9 @@ impl Options {
         r.number(names::MIN_SEND_RATE, &mut o.min_send_rate)?;
         r.number(names::CACHE_MAX_ENTRY, &mut o.cache_max_entry)?;
         r.seconds(names::SHUTDOWN_TIME_LIMIT, &mut o.shutdown_time_limit)?;
+        let mut access_log = 0u8;
+        r.number(names::ACCESS_LOG, &mut access_log)?;
+        o.access_log = access_log == 1;
         if o.max_request_head > limits::MAX_HEAD_LIMIT || o.max_url > limits::MAX_HEAD_LIMIT {
             return Err(invalid_env(
                 names::MAX_REQUEST_HEAD,
@@ -632,6 +640,7 @@ mod tests {
             min_send_rate: 0,
             cache_max_entry: 1,
             shutdown_time_limit: Duration::from_secs(11),
+            access_log: true,
         };
         let vars = settings.vars();
         let o = Options::from_lookup(|name| {
@@ -652,6 +661,7 @@ mod tests {
         );
         assert_eq!((o.min_send_rate, o.cache_max_entry), (0, 1));
         assert_eq!(o.shutdown_time_limit, Duration::from_secs(11));
+        assert!(o.access_log);
         assert!(Options::from_lookup(|n| (n == names::MAX_URL).then(|| "x".into())).is_err());
     }
 

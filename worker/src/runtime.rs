@@ -24,12 +24,14 @@ use io_uring::{IoUring, cqueue, opcode, squeue, types};
 use sluice_proto::handoff::{self, HandoffError, RecvBuf};
 use sluice_proto::site::local_address_of;
 
+use crate::access::{self, ConnInfo};
 use crate::control::{self, ToFrontend, ToWorker};
 use crate::http::{self, Dispatch, HttpConn, Limits, Outcome};
 use crate::publish::Publisher;
 use crate::routing::{Routing, RoutingView, SharedRouting};
 use crate::sockets::{Sockets, setsockopt_int};
 use crate::{Context, Error, Handler, Options, Request, Response};
+use sluice_proto::access::Arrival;
 
 const RING_ENTRIES: u32 = 1024;
 const CQ_ENTRIES: u32 = 8192;
@@ -97,6 +99,8 @@ struct Shared<H> {
     routing: SharedRouting,
     /// Publishes cacheable responses on the control socket.
     publisher: Publisher,
+    /// Send access-log entries (`SLUICE_ACCESS_LOG`).
+    access_log: bool,
 }
 
 /// Serves `sockets` until SIGTERM/SIGINT, then stops gracefully.
@@ -138,6 +142,7 @@ pub(crate) fn serve<H: Handler>(
         stop_requested: AtomicBool::new(false),
         routing: SharedRouting::default(),
         publisher: Publisher::new(control_fd, options.cache_max_entry),
+        access_log: options.access_log,
     });
     log::info!(
         "sluice-worker pid {} pool {}: {} thread(s), {} {} pool socket(s){}{}",
@@ -437,6 +442,8 @@ struct Conn {
     routed: bool,
     /// The connection's local address, read when a route is bound to one.
     local: Option<IpAddr>,
+    /// Its peer and how it got here, for the access log.
+    info: ConnInfo,
 }
 
 /// Connection table with generation-tagged slots, so a stale completion never reaches a newer
@@ -507,6 +514,8 @@ struct Worker<'s, H> {
     control: Option<ControlChannel>,
     /// This thread's view of the routing state.
     routing: RoutingView,
+    /// This thread's access-log entries not sent yet (None: the log is off).
+    access: Option<access::Batch>,
 }
 
 /// Thread 0's side of the control channel (see `control.rs`).
@@ -562,6 +571,7 @@ impl<'s, H: Handler> Worker<'s, H> {
             cqes: Vec::with_capacity(CQ_ENTRIES as usize),
             control,
             routing: RoutingView::new(&shared.routing),
+            access: access::Batch::new(shared.control, shared.access_log),
         })
     }
 
@@ -603,6 +613,9 @@ impl<'s, H: Handler> Worker<'s, H> {
             if let Some(stop) = self.stop_tick {
                 let listeners_idle = !self.accept_armed.contains(&true) && !self.handoff_armed;
                 if self.conns.len == 0 && listeners_idle {
+                    if let Some(batch) = self.access.as_mut() {
+                        batch.flush();
+                    }
                     return Ok(());
                 }
                 if self.tick >= stop + self.shared.stop_deadline_ticks + STOP_ABANDON_TICKS {
@@ -818,7 +831,7 @@ impl<'s, H: Handler> Worker<'s, H> {
         }
         // SAFETY: a non-negative accept result is a new descriptor owned by nobody else.
         let fd = unsafe { OwnedFd::from_raw_fd(res) };
-        self.add_conn(fd, Vec::with_capacity(READ_CHUNK), false)
+        self.add_conn(fd, Vec::with_capacity(READ_CHUNK), false, Arrival::Kernel)
     }
 
     fn on_handoff(&mut self, res: i32) -> Result<(), Error> {
@@ -834,7 +847,12 @@ impl<'s, H: Handler> Worker<'s, H> {
         let received = self.handoff_buf.complete(res as usize).map(|h| {
             let mut bytes = Vec::with_capacity(h.bytes.len().max(READ_CHUNK));
             bytes.extend_from_slice(h.bytes);
-            (h.fd, h.flags & handoff::ROUTED != 0, bytes)
+            let arrival = if h.flags & handoff::HANDED_BACK != 0 {
+                Arrival::Handback
+            } else {
+                Arrival::Dispatcher
+            };
+            (h.fd, h.flags & handoff::ROUTED != 0, arrival, bytes)
         });
         let closed = matches!(received, Err(HandoffError::Empty))
             && self.shared.handoff.is_some_and(handoff::hung_up);
@@ -847,9 +865,9 @@ impl<'s, H: Handler> Worker<'s, H> {
             }
         }
         match received {
-            Ok((fd, routed, bytes)) => {
+            Ok((fd, routed, arrival, bytes)) => {
                 log::debug!("handed-off connection with {} bytes", bytes.len());
-                self.add_conn(fd, bytes, routed)
+                self.add_conn(fd, bytes, routed, arrival)
             }
             Err(_) if closed => Ok(()),
             Err(e) => {
@@ -860,7 +878,20 @@ impl<'s, H: Handler> Worker<'s, H> {
     }
 
     /// Starts serving a connection whose input so far is `rbuf`.
-    fn add_conn(&mut self, fd: OwnedFd, rbuf: Vec<u8>, routed: bool) -> Result<(), Error> {
+    fn add_conn(
+        &mut self,
+        fd: OwnedFd,
+        rbuf: Vec<u8>,
+        routed: bool,
+        arrival: Arrival,
+    ) -> Result<(), Error> {
+        let info = ConnInfo {
+            peer: self
+                .access
+                .as_ref()
+                .and_then(|_| sluice_proto::sockaddr::peer(fd.as_raw_fd())),
+            arrival,
+        };
         if let Err(e) = setsockopt_int(fd.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_NODELAY, 1) {
             log::debug!("TCP_NODELAY: {e}");
         }
@@ -882,6 +913,7 @@ impl<'s, H: Handler> Worker<'s, H> {
             hand_back: false,
             routed,
             local: None,
+            info,
         };
         let (index, generation) = self.conns.insert(conn);
         if has_input {
@@ -944,6 +976,8 @@ impl<'s, H: Handler> Worker<'s, H> {
             routing,
             routed: &mut conn.routed,
             local: conn.local,
+            access: self.access.as_mut(),
+            info: conn.info,
         };
         let before = conn.http.responses();
         match conn
@@ -996,12 +1030,15 @@ impl<'s, H: Handler> Worker<'s, H> {
                 log::warn!(
                     "handing a connection back to the front end failed ({e}); answering 503"
                 );
-                conn.rbuf.clear();
-                http::write_error(
+                let bytes = http::write_error(
                     &mut conn.wbuf,
                     503,
                     "the request could not be passed to its application",
                 );
+                if let Some(batch) = self.access.as_mut() {
+                    batch.push(access::refused(&conn.rbuf, 503, bytes, conn.info));
+                }
+                conn.rbuf.clear();
                 conn.close_after_send = true;
                 self.shared.requests.fetch_add(1, Ordering::Relaxed);
                 self.submit_send(index, generation)
@@ -1141,6 +1178,9 @@ impl<'s, H: Handler> Worker<'s, H> {
     }
 
     fn on_tick(&mut self) -> Result<(), Error> {
+        if let Some(batch) = self.access.as_mut() {
+            batch.flush();
+        }
         if self.tick.is_multiple_of(STATS_TICKS)
             && let Some(ctl) = self.control.as_mut()
             && self.shared.requests.load(Ordering::Relaxed) != ctl.reported
@@ -1218,6 +1258,9 @@ struct Dispatcher<'a, H> {
     routed: &'a mut bool,
     /// The connection's local address (for routes bound to one).
     local: Option<IpAddr>,
+    /// This thread's access-log batch, when the log is on.
+    access: Option<&'a mut access::Batch>,
+    info: ConnInfo,
 }
 
 impl<H: Handler> Dispatch for Dispatcher<'_, H> {
@@ -1238,9 +1281,29 @@ impl<H: Handler> Dispatch for Dispatcher<'_, H> {
     }
 
     fn respond(&mut self, req: &Request<'_>) -> Response {
+        let started = self.access.is_some().then(Instant::now);
         let resp = call_handler(&self.shared.handler, req, &self.shared.ctx);
         self.shared.publisher.offer(req, &resp);
+        if let (Some(batch), Some(started)) = (self.access.as_deref_mut(), started) {
+            let status = resp.status();
+            let bodiless = req.method() == "HEAD"
+                || (100..200).contains(&status)
+                || status == 204
+                || status == 304;
+            let bytes = if bodiless {
+                0
+            } else {
+                resp.body_bytes().len() as u64
+            };
+            batch.push(access::answered(req, status, bytes, started, self.info));
+        }
         resp
+    }
+
+    fn refused(&mut self, input: &[u8], status: u16, bytes: u64) {
+        if let Some(batch) = self.access.as_deref_mut() {
+            batch.push(access::refused(input, status, bytes, self.info));
+        }
     }
 }
 

@@ -144,6 +144,7 @@ fn sluice_config(
     listen: &str,
     steering: &str,
     hello: &Path,
+    server_extra: &str,
 ) -> Result<(PathBuf, PathBuf)> {
     let admin = dir.join(format!("{name}.sock"));
     let cfg = dir.join(format!("{name}.toml"));
@@ -152,7 +153,7 @@ fn sluice_config(
     fs::write(
         &cfg,
         format!(
-            "[server]\nlisten = [\"{listen}\"]\nsteering = \"{steering}\"\nset_sysctls = true\nadmin_socket = \"{}\"\n\n\
+            "[server]\nlisten = [\"{listen}\"]\nsteering = \"{steering}\"\nset_sysctls = true\nadmin_socket = \"{}\"\n{server_extra}\n\
              [[cache.static]]\npath = \"/cached\"\nfile = \"{}\"\ncontent_type = \"text/plain\"\nttl = \"1h\"\n\n\
              [[pool]]\nname = \"api\"\ncommand = [\"{}\"]\nprocesses = 1\nthreads = 1\nstart = \"always\"\n\n\
              [[route]]\nprefix = \"/api/\"\npool = \"api\"\n",
@@ -371,6 +372,11 @@ fn wrk(ns: &Netns, t: &Target, seconds: u64) -> Result<(Run, String)> {
     Ok((run, text))
 }
 
+/// Lines in a file (the access log after a run).
+fn count_lines(path: &Path) -> u64 {
+    fs::read(path).map_or(0, |b| b.iter().filter(|&&c| c == b'\n').count() as u64)
+}
+
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
     match v.len() {
@@ -431,6 +437,7 @@ pub fn run(args: Args) -> Result<()> {
         "127.0.0.1:8080",
         "first-segment",
         &hello,
+        "",
     )?;
     let sluice_fs = procs.spawn(
         fs_ns.cmd(&sluice).arg("run").arg(&cfg),
@@ -443,7 +450,22 @@ pub fn run(args: Args) -> Result<()> {
         &dir.join("sluice-sites.log"),
     )?;
     // sluice, syn mode (plain clients go through the dispatcher), with the default sysctls.
-    let (cfg, admin_syn) = sluice_config(&dir, "syn", "127.0.0.1:8081", "syn", &hello)?;
+    let (cfg, admin_syn) = sluice_config(&dir, "syn", "127.0.0.1:8081", "syn", &hello, "")?;
+    // The first-segment set-up again with the access log on (a file, truncated after each
+    // run so the benchmark does not fill the disk).
+    let access_log = dir.join("access.log");
+    let (cfg_logged, admin_logged) = sluice_config(
+        &dir,
+        "logged",
+        "127.0.0.1:8083",
+        "first-segment",
+        &hello,
+        &format!("access_log = \"{}\"\n", access_log.display()),
+    )?;
+    let sluice_logged = procs.spawn(
+        fs_ns.cmd(&sluice).arg("run").arg(&cfg_logged),
+        &dir.join("sluice-logged.log"),
+    )?;
     let sluice_syn = procs.spawn(
         base.cmd(&sluice).arg("run").arg(&cfg),
         &dir.join("sluice-syn.log"),
@@ -477,6 +499,7 @@ pub fn run(args: Args) -> Result<()> {
 
     wait_http(&fs_ns, "http://127.0.0.1:8080/api/hello")?;
     wait_http(&fs_ns, "http://127.0.0.1:8082/api/hello")?;
+    wait_http(&fs_ns, "http://127.0.0.1:8083/api/hello")?;
     for url in [
         "http://127.0.0.1:8081/api/hello",
         "http://127.0.0.1:9001/api/hello",
@@ -494,6 +517,12 @@ pub fn run(args: Args) -> Result<()> {
     let mut pids_sites = vec![("front end", sluice_sites)];
     pids_sites.extend(
         worker_pids(&status(&sluice, &admin_sites)?)
+            .iter()
+            .map(|&p| ("worker", p)),
+    );
+    let mut pids_logged = vec![("front end", sluice_logged)];
+    pids_logged.extend(
+        worker_pids(&status(&sluice, &admin_logged)?)
             .iter()
             .map(|&p| ("worker", p)),
     );
@@ -524,6 +553,14 @@ pub fn run(args: Args) -> Result<()> {
             false,
             &pids_fs,
             Some(&admin_fs),
+        ),
+        target(
+            "steered_keepalive_logged",
+            "fs",
+            "http://127.0.0.1:8083/api/hello",
+            false,
+            &pids_logged,
+            Some(&admin_logged),
         ),
         Target {
             host: Some(SITE_HOST),
@@ -603,6 +640,7 @@ pub fn run(args: Args) -> Result<()> {
     ];
 
     let mut runs: BTreeMap<&str, Vec<Run>> = BTreeMap::new();
+    let mut lines_logged: Vec<u64> = Vec::new();
     let mut fallback_counts: BTreeMap<&str, Vec<u64>> = BTreeMap::new();
     for round in 0..rounds {
         for t in &targets {
@@ -613,6 +651,10 @@ pub fn run(args: Args) -> Result<()> {
                 .map(|a| status(&sluice, a).map(|s| fallbacks(&s)))
                 .transpose()?;
             let (r, text) = wrk(ns, t, seconds)?;
+            if t.name == "steered_keepalive_logged" {
+                lines_logged.push(count_lines(&access_log));
+                fs::write(&access_log, "")?;
+            }
             fs::write(dir.join(format!("wrk-{}-{round}.txt", t.name)), &text)?;
             if let (Some(a), Some(b)) = (&t.admin, before) {
                 fallback_counts
@@ -651,6 +693,11 @@ pub fn run(args: Args) -> Result<()> {
         (
             "hosts_keepalive_vs_direct",
             "hosts_keepalive",
+            "direct_keepalive",
+        ),
+        (
+            "steered_keepalive_logged_vs_direct",
+            "steered_keepalive_logged",
             "direct_keepalive",
         ),
         (
@@ -763,6 +810,11 @@ pub fn run(args: Args) -> Result<()> {
         "ratios": ratios,
         "cpu_ratios": cpu_ratios,
         "scenarios": scenarios,
+        // Every request of the logged runs has its line (wrk's count, then the log's).
+        "access_log": {
+            "requests_per_run": runs.get("steered_keepalive_logged").map(|rs| rs.iter().map(|r| r.requests).collect::<Vec<_>>()),
+            "lines_per_run": lines_logged,
+        },
     });
     drop(procs);
     let json_path = args.json.unwrap_or_else(|| root.join("target/bench.json"));
@@ -798,8 +850,9 @@ pub fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
-const TARGETS: [(&str, &str, f64); 8] = [
+const TARGETS: [(&str, &str, f64); 9] = [
     ("steered_keepalive_vs_direct", "≥ 0.95", 0.95),
+    ("steered_keepalive_logged_vs_direct", "≥ 0.9", 0.9),
     ("hosts_keepalive_vs_direct", "≥ 0.97", 0.97),
     ("steered_keepalive_vs_nginx", "≥ 2", 2.0),
     ("close_first_segment_vs_direct", "≥ 0.9", 0.9),
@@ -920,7 +973,8 @@ fn markdown(r: &Value, command: &str) -> String {
          on its own listening socket; `nginx_*` = nginx `proxy_pass` with upstream keep-alive to that worker; \
          `nginx_return` = nginx answering `return 200` itself; `cache_keepalive` = the same bytes answered from \
          sluice's front-end cache (a static entry; the kernel steers the connection to the front end, no worker \
-         is involved); `hosts_keepalive` = sluice in first-segment mode with three sites on one port (an exact          host, a wildcard label, every other host), wrk naming the exact one: the kernel steers each connection          by its Host and the worker routes every request by host and path again. `close_*` send `Connection: close`: one connection per request; the benchmark's network \
+         is involved); `hosts_keepalive` = sluice in first-segment mode with three sites on one port (an exact          host, a wildcard label, every other host), wrk naming the exact one: the kernel steers each connection          by its Host and the worker routes every request by host and path again; \
+         `steered_keepalive_logged` = `steered_keepalive` with `access_log` on (a file). `close_*` send `Connection: close`: one connection per request; the benchmark's network \
          namespaces use `net.ipv4.ip_local_port_range = 1024 65535`, since a single client that closes first \
          (as sluice lets it, to keep first-segment steering working) otherwise runs out of ports near 14k \
          connections/s whatever the server.\n",

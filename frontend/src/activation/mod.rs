@@ -14,6 +14,7 @@ use std::{
     io,
     os::fd::{AsRawFd, OwnedFd, RawFd},
     path::PathBuf,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -21,6 +22,7 @@ use sluice_proto::{cache::CacheKey, env::WorkerSettings};
 pub use spawn::Launch;
 
 use self::control::{ToFrontend, ToWorker};
+use crate::access_log::{AccessLog, Record};
 use crate::config::{Activation, Start};
 use crate::pool::PoolId;
 
@@ -152,6 +154,7 @@ pub struct Supervisor {
     seq: u64,
     /// Sent to every worker before it starts (the route table and the cached keys).
     greeting: Vec<Vec<u8>>,
+    access_log: Option<AccessLog>,
 }
 
 fn backoff(quick_exits: u32) -> Duration {
@@ -172,6 +175,7 @@ impl Supervisor {
             pools: Vec::new(),
             seq: 0,
             greeting: Vec::new(),
+            access_log: None,
         };
         for p in pools {
             s.add(p)?;
@@ -301,9 +305,15 @@ impl Supervisor {
         self.greeting = messages;
     }
 
+    /// Where the workers' access-log entries go (None: `[server] access_log` is off).
+    pub fn set_access_log(&mut self, log: Option<AccessLog>) {
+        self.access_log = log;
+    }
+
     /// A watched fd is readable; returns the cache publications it carried.
     pub fn readable(&mut self, pool: PoolId, pid: libc::pid_t, now: Instant) -> Vec<Published> {
         let mut published = Vec::new();
+        let access_log = self.access_log.clone();
         let Some(p) = self.pools.get_mut(pool.index()) else {
             return published;
         };
@@ -343,6 +353,22 @@ impl Supervisor {
                     w.rss_kib = rss_kib;
                 }
                 ToFrontend::Stats { requests } => w.requests = requests,
+                // The pool and pid are the channel's: a worker cannot log as another.
+                ToFrontend::Access(entries) => {
+                    if let Some(log) = &access_log {
+                        let name: Arc<str> = p.name.as_str().into();
+                        log.record(
+                            entries
+                                .into_iter()
+                                .map(|entry| Record {
+                                    entry,
+                                    pool: Some(name.clone()),
+                                    pid: u32::try_from(pid).ok(),
+                                })
+                                .collect(),
+                        );
+                    }
+                }
                 ToFrontend::Cache { key, response } => published.push(Published {
                     pool,
                     pid,

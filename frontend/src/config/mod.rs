@@ -228,6 +228,29 @@ struct RawServer {
     admin_socket: PathBuf,
     /// Address of the Prometheus text endpoint; none by default.
     metrics: Option<String>,
+    /// Where the access log goes: a file, or `-` for stderr; off by default.
+    access_log: Option<PathBuf>,
+    #[serde(default)]
+    access_log_format: LogFormat,
+}
+
+/// The access log's line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Apache/nginx `combined`, then host, duration (ms), pool, worker pid and arrival.
+    #[default]
+    Combined,
+    /// One JSON object a line.
+    Json,
+}
+
+/// `[server] access_log`: one line per request, written by the front end.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccessLogConfig {
+    /// None: standard error.
+    pub file: Option<PathBuf>,
+    pub format: LogFormat,
 }
 
 fn default_steering() -> Steering {
@@ -369,6 +392,7 @@ pub struct Config {
     pub set_sysctls: bool,
     pub admin_socket: PathBuf,
     pub metrics: Option<SocketAddr>,
+    pub access_log: Option<AccessLogConfig>,
     pub pools: Vec<Pool>,
     pub routes: Vec<Route>,
     pub limits: Limits,
@@ -459,6 +483,26 @@ impl Config {
                     None
                 }
             },
+        };
+        let access_log = match &raw.server.access_log {
+            None => None,
+            Some(p) if p.as_os_str().is_empty() => {
+                bad(
+                    "server.access_log".into(),
+                    "must be a file or `-` (standard error)".into(),
+                );
+                None
+            }
+            Some(p) => Some(AccessLogConfig {
+                file: (p.as_os_str() != "-").then(|| {
+                    if p.is_absolute() {
+                        p.clone()
+                    } else {
+                        base.join(p)
+                    }
+                }),
+                format: raw.server.access_log_format,
+            }),
         };
         if raw.server.admin_socket.as_os_str().is_empty() {
             bad("server.admin_socket".into(), "must not be empty".into());
@@ -794,6 +838,7 @@ impl Config {
             set_sysctls: raw.server.set_sysctls,
             admin_socket: raw.server.admin_socket,
             metrics,
+            access_log,
             pools,
             routes,
             limits,

@@ -15,8 +15,10 @@ use std::{
 
 use io_uring::{IoUring, cqueue, opcode, squeue, types};
 
+use crate::access_log::Record;
 use crate::cache::{Answer, Keep, Lookup};
 use sluice_common::MAX_POOLS;
+use sluice_proto::access::{self, Arrival};
 use sluice_proto::site::local_address_of;
 
 use super::{
@@ -83,6 +85,10 @@ struct Conn {
     dropped: bool,
     /// The lingering read is over; close when the linked timeout completes.
     done: bool,
+    /// How the connection came to the dispatcher (accepted, or handed back by a worker).
+    arrival: Arrival,
+    /// When its current request began arriving (the access log's duration).
+    started: Instant,
 }
 
 pub struct Loop {
@@ -345,6 +351,8 @@ impl Loop {
             counted: false,
             dropped: false,
             done: false,
+            arrival: Arrival::Dispatcher,
+            started: self.now,
         };
         let slot = self.free.pop().unwrap_or_else(|| {
             self.conns.push(None);
@@ -501,7 +509,11 @@ impl Loop {
         let slot = match msg.complete(len) {
             Ok(m) => {
                 let fd = m.fd.into_raw_fd();
-                Some(self.admit(fd, m.bytes))
+                let slot = self.admit(fd, m.bytes);
+                if let Some(c) = self.conns[slot].as_mut().filter(|_| !reroute) {
+                    c.arrival = Arrival::Handback;
+                }
+                Some(slot)
             }
             Err(e) => {
                 log::warn!("pool {p}'s handoff channel: {e}");
@@ -608,6 +620,13 @@ impl Loop {
         self.uncount(slot);
         if let Some(bytes) = answer {
             self.d.stats.cache_answers.fetch_add(1, Ordering::Relaxed);
+            if self.d.access_log.is_some() {
+                let pool = match decision {
+                    Decision::Pool(p) => self.table.pool(p).map(|e| e.name.clone()),
+                    _ => None,
+                };
+                self.log_answer(slot, 200, answer_body_len(&bytes), pool);
+            }
             let keep = (!close).then_some(head_len);
             self.start_reply(slot, bytes, keep);
             return;
@@ -631,7 +650,11 @@ impl Loop {
                 let Some(c) = self.conns[slot].as_ref() else {
                     return;
                 };
-                match handoff::send(channel, c.fd, handoff::ROUTED, &c.buf[..c.filled]) {
+                let flags = match c.arrival {
+                    Arrival::Handback => handoff::ROUTED | handoff::HANDED_BACK,
+                    _ => handoff::ROUTED,
+                };
+                match handoff::send(channel, c.fd, flags, &c.buf[..c.filled]) {
                     Ok(()) => {
                         if let Some(n) = self.d.stats.handed_off.get(p.index()) {
                             n.fetch_add(1, Ordering::Relaxed);
@@ -651,7 +674,40 @@ impl Loop {
 
     fn refuse(&mut self, slot: usize, code: u16, why: &str) {
         self.d.stats.refuse(code);
-        self.start_reply(slot, Answer::Owned(reply(code, why)), None);
+        let answer = reply(code, why);
+        if self.d.access_log.is_some() {
+            self.log_answer(slot, code, answer_body_len(&answer), None);
+        }
+        self.start_reply(slot, Answer::Owned(answer), None);
+    }
+
+    /// An access-log line for what the dispatcher answered on `slot` itself.
+    fn log_answer(&self, slot: usize, status: u16, bytes: u64, pool: Option<Arc<str>>) {
+        let (Some(log), Some(c)) = (&self.d.access_log, self.conns[slot].as_ref()) else {
+            return;
+        };
+        let d = access::describe(&c.buf[..c.filled]);
+        let entry = access::Entry {
+            time_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |t| t.as_millis() as u64),
+            client: sluice_proto::sockaddr::peer(c.fd),
+            bytes: if d.method == "HEAD" { 0 } else { bytes },
+            method: d.method,
+            target: d.target,
+            protocol: d.protocol,
+            host: d.host,
+            status,
+            duration_us: self.now.saturating_duration_since(c.started).as_micros() as u64,
+            arrival: c.arrival,
+            referer: d.referer,
+            user_agent: d.user_agent,
+        };
+        log.record(vec![Record {
+            entry,
+            pool,
+            pid: None,
+        }]);
     }
 
     fn start_reply(&mut self, slot: usize, bytes: Answer, keep: Option<usize>) {
@@ -698,6 +754,7 @@ impl Loop {
                 keep: Some(consumed),
             } => {
                 // Keep-alive after a cached answer: the next request may be pipelined already.
+                c.started = self.now;
                 c.buf.copy_within(consumed..c.filled, 0);
                 c.filled -= consumed;
                 c.state = State::Reading;
@@ -801,4 +858,12 @@ fn cancel(target: u64) -> squeue::Entry {
     opcode::AsyncCancel::new(target)
         .build()
         .user_data(ud(OP_CANCEL, 0))
+}
+
+/// Bytes of the body of a complete answer (after its blank line).
+fn answer_body_len(answer: &[u8]) -> u64 {
+    answer
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map_or(0, |end| (answer.len() - end - 4) as u64)
 }

@@ -101,6 +101,8 @@ impl PoolFlags {
 /// What the dispatcher knows of one pool.
 #[derive(Debug, Clone)]
 pub struct PoolEntry {
+    /// For the access log.
+    pub name: Arc<str>,
     /// The front end's end of the pool's handoff channel.
     pub handoff: RawFd,
     /// The pool's listening sockets, drained while the pool is stopped.
@@ -193,6 +195,8 @@ pub struct Dispatcher {
     pub cache: Arc<std::sync::Mutex<crate::cache::Cache>>,
     /// Time a keep-alive connection answered from the cache may wait for its next request.
     pub idle_timeout: Duration,
+    /// Lines for what the dispatcher answers itself (cache hits, refusals).
+    pub access_log: Option<crate::access_log::AccessLog>,
 }
 
 pub fn run(d: Dispatcher) -> io::Result<()> {

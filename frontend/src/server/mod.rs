@@ -24,6 +24,7 @@ use sluice_common::{
 };
 
 use self::{guard::Guard, pools::PoolRt, signals::Signals};
+use crate::access_log::AccessLog;
 use crate::{
     activation::{Event, Supervisor, control::ToWorker},
     admin::AdminSocket,
@@ -68,6 +69,8 @@ struct Frontend {
     /// The workers' copy of the routes or the cached keys is behind: greet them at the end
     /// of this step.
     greeting_due: bool,
+    /// Where lines go when `[server] access_log` is set.
+    access_log: Option<AccessLog>,
     /// Restores changed sysctls on drop (last).
     restore: sysctl::Restore,
 }
@@ -133,6 +136,11 @@ pub fn run(config: Config) -> Result<()> {
                 libc::SIGHUP => {
                     if let Err(e) = fe.reload() {
                         log::error!("reload refused, the running configuration stays: {e:#}");
+                    }
+                }
+                libc::SIGUSR1 => {
+                    if let Some(log) = &fe.access_log {
+                        log.reopen();
                     }
                 }
                 _ => {}
@@ -205,13 +213,27 @@ impl Frontend {
         let stop = eventfd()?;
         let wake = eventfd()?;
         let table = Arc::new(SharedTable::new(Default::default()));
+        let access_log = match &config.access_log {
+            None => None,
+            Some(c) => Some(AccessLog::start(c).with_context(|| {
+                format!(
+                    "opening the access log {}",
+                    c.file
+                        .as_deref()
+                        .map_or("(standard error)".into(), |p| p.display().to_string())
+                )
+            })?),
+        };
+        let mut supervisor = Supervisor::new(Vec::new())?;
+        supervisor.set_access_log(access_log.clone());
         let mut fe = Frontend {
             config: config.clone(),
             steering,
             dispatch_sockets,
             pools: Vec::new(),
             next_slot: DISPATCHER_SLOT + 1,
-            supervisor: Supervisor::new(Vec::new())?,
+            supervisor,
+            access_log: access_log.clone(),
             stats,
             flags,
             table,
@@ -260,6 +282,7 @@ impl Frontend {
             wake: fe.wake.as_raw_fd(),
             cache: fe.cache.clone(),
             idle_timeout: config.limits.idle_timeout,
+            access_log,
         };
         fe.dispatch_thread = Some(
             std::thread::Builder::new()

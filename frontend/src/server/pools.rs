@@ -36,6 +36,7 @@ pub(super) fn worker_settings(
     pool: &config::Pool,
     l: &config::Limits,
     c: &config::CacheConfig,
+    access_log: bool,
 ) -> WorkerSettings {
     WorkerSettings {
         pool: pool.name.clone(),
@@ -48,12 +49,14 @@ pub(super) fn worker_settings(
         min_send_rate: l.min_send_rate,
         cache_max_entry: c.max_entry_bytes as usize,
         shutdown_time_limit: pool.activation.shutdown_time_limit,
+        access_log,
     }
 }
 
 impl PoolRt {
     pub fn entry(&self) -> PoolEntry {
         PoolEntry {
+            name: self.config.name.as_str().into(),
             handoff: self.handoff.frontend.as_raw_fd(),
             listeners: self.listeners.iter().map(|fd| fd.as_raw_fd()).collect(),
             handoff_workers: self.handoff.workers.as_raw_fd(),
@@ -74,7 +77,8 @@ impl PoolRt {
         })
     }
 
-    pub fn launch(&self, limits: &config::Limits, cache: &config::CacheConfig) -> PoolLaunch {
+    pub fn launch(&self, c: &config::Config) -> PoolLaunch {
+        let (limits, cache) = (&c.limits, &c.cache);
         let mut fds: Vec<(RawFd, String)> = self
             .listeners
             .iter()
@@ -92,7 +96,7 @@ impl PoolRt {
             activation: self.config.activation.clone(),
             fds,
             demand,
-            settings: worker_settings(&self.config, limits, cache),
+            settings: worker_settings(&self.config, limits, cache, c.access_log.is_some()),
             env: self.config.env.clone(),
         }
     }
@@ -140,8 +144,7 @@ impl Frontend {
             slots,
             removed: None,
         };
-        self.supervisor
-            .add(rt.launch(&self.config.limits, &self.config.cache))?;
+        self.supervisor.add(rt.launch(&self.config))?;
         self.pools.push(rt);
         Ok(id)
     }

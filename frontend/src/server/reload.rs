@@ -74,7 +74,7 @@ impl Frontend {
                 }
             }
             rt.config = p.clone();
-            let launch = rt.launch(&new.limits, &new.cache);
+            let launch = rt.launch(&new);
             self.supervisor.update(id, launch)?;
             summary.push(format!("changed pool {} (recycling its workers)", p.name));
         }

@@ -4,7 +4,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 use anyhow::{Result, bail};
 
-/// SIGINT, SIGTERM, SIGHUP and SIGCHLD, blocked in every thread and read from a signalfd.
+/// SIGINT, SIGTERM, SIGHUP, SIGUSR1 and SIGCHLD, blocked in every thread and read from a signalfd.
 pub struct Signals {
     fd: OwnedFd,
 }
@@ -16,7 +16,13 @@ impl Signals {
         unsafe {
             let mut set: libc::sigset_t = std::mem::zeroed();
             libc::sigemptyset(&mut set);
-            for s in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGCHLD] {
+            for s in [
+                libc::SIGINT,
+                libc::SIGTERM,
+                libc::SIGHUP,
+                libc::SIGUSR1,
+                libc::SIGCHLD,
+            ] {
                 libc::sigaddset(&mut set, s);
             }
             if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
