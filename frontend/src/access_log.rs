@@ -22,18 +22,19 @@ const QUEUE: usize = 64 * 1024;
 /// The writer flushes when it has waited this long for a line.
 const FLUSH_AFTER: Duration = Duration::from_millis(200);
 
-/// One line: an entry and who answered it.
+/// Lines of one answerer: entries as `access::Report::encode_into` wrote them (checked here,
+/// by `access::Entry::decode`), and who answered them.
 #[derive(Debug, Clone)]
 pub struct Record {
-    pub entry: Entry,
-    /// The pool the request went to (None: the front end answered it without one).
+    pub lines: String,
+    /// The pool the requests went to (None: the front end answered without one).
     pub pool: Option<Arc<str>>,
     /// The worker that answered (None: the front end).
     pub pid: Option<u32>,
 }
 
 enum Message {
-    Lines(Vec<Record>),
+    Lines(Record),
     Reopen,
 }
 
@@ -42,6 +43,7 @@ enum Message {
 pub struct AccessLog {
     tx: SyncSender<Message>,
     dropped: Arc<AtomicU64>,
+    malformed: Arc<AtomicU64>,
 }
 
 impl AccessLog {
@@ -50,21 +52,24 @@ impl AccessLog {
         let out = Output::open(config.file.clone())?;
         let (tx, rx) = sync_channel(QUEUE);
         let format = config.format;
+        let malformed = Arc::new(AtomicU64::new(0));
+        let bad = malformed.clone();
         std::thread::Builder::new()
             .name("access-log".into())
-            .spawn(move || write_loop(rx, out, format))?;
+            .spawn(move || write_loop(rx, out, format, &bad))?;
         Ok(AccessLog {
             tx,
             dropped: Arc::new(AtomicU64::new(0)),
+            malformed,
         })
     }
 
-    pub fn record(&self, records: Vec<Record>) {
-        if records.is_empty() {
+    pub fn record(&self, record: Record) {
+        if record.lines.is_empty() {
             return;
         }
-        let n = records.len() as u64;
-        match self.tx.try_send(Message::Lines(records)) {
+        let n = record.lines.lines().count() as u64;
+        match self.tx.try_send(Message::Lines(record)) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
                 if self.dropped.fetch_add(n, Ordering::Relaxed) == 0 {
@@ -82,6 +87,11 @@ impl AccessLog {
     /// Lines dropped because the writer fell behind.
     pub fn dropped(&self) -> u64 {
         self.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Lines from workers that were not entries (dropped).
+    pub fn malformed(&self) -> u64 {
+        self.malformed.load(Ordering::Relaxed)
     }
 }
 
@@ -109,8 +119,9 @@ impl Output {
     }
 }
 
-fn write_loop(rx: Receiver<Message>, mut out: Output, format: LogFormat) {
+fn write_loop(rx: Receiver<Message>, mut out: Output, format: LogFormat, malformed: &AtomicU64) {
     let mut line = String::with_capacity(512);
+    let mut dates = Dates::default();
     loop {
         let msg = match rx.recv_timeout(FLUSH_AFTER) {
             Ok(m) => m,
@@ -121,10 +132,28 @@ fn write_loop(rx: Receiver<Message>, mut out: Output, format: LogFormat) {
             Err(RecvTimeoutError::Disconnected) => break,
         };
         match msg {
-            Message::Lines(records) => {
-                for r in &records {
+            Message::Lines(r) => {
+                for text in r.lines.lines() {
+                    let Some(entry) = Entry::decode(text) else {
+                        if malformed.fetch_add(1, Ordering::Relaxed) == 0 {
+                            log::warn!(
+                                "access log: dropped a line that is not an entry (pool {}, pid {:?}); \
+                                 later ones are only counted",
+                                r.pool.as_deref().unwrap_or("-"),
+                                r.pid
+                            );
+                        }
+                        continue;
+                    };
                     line.clear();
-                    format_line(&mut line, r, format);
+                    format_line(
+                        &mut line,
+                        &mut dates,
+                        &entry,
+                        r.pool.as_deref(),
+                        r.pid,
+                        format,
+                    );
                     if let Err(e) = out.writer().write_all(line.as_bytes()) {
                         log::warn!("access log: {e}");
                     }
@@ -151,67 +180,173 @@ fn dash(s: &str) -> &str {
     if s.is_empty() { "-" } else { s }
 }
 
-/// Appends `r` as one line (with its newline). Entry text is `access::clean`, so it holds no
-/// quote and no control byte; JSON still escapes its backslashes.
-pub fn format_line(out: &mut String, r: &Record, format: LogFormat) {
-    use std::fmt::Write as _;
-    let e = &r.entry;
-    let secs = e.time_ms / 1000;
-    let c = civil(secs);
-    let pool = r.pool.as_deref().unwrap_or("-");
-    let pid = r.pid.map_or("-".to_owned(), |p| p.to_string());
-    let duration_ms = e.duration_us as f64 / 1000.0;
-    match format {
-        LogFormat::Combined => {
-            let client = e.client.map_or("-".to_owned(), |a| a.ip().to_string());
-            let request = if e.protocol.is_empty() {
-                format!("{} {}", dash(&e.method), dash(&e.target))
-            } else {
-                format!("{} {} {}", dash(&e.method), dash(&e.target), e.protocol)
-            };
-            let _ = writeln!(
-                out,
-                "{client} - - [{:02}/{}/{}:{:02}:{:02}:{:02} +0000] \"{request}\" {} {} \"{}\" \"{}\" {} {duration_ms:.3} {pool} {pid} {}",
+fn push_u64(out: &mut String, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend(digits[i..].iter().map(|&d| d as char));
+}
+
+/// Milliseconds as `s.mmm` (the log's duration).
+fn push_millis(out: &mut String, us: u64) {
+    push_u64(out, us / 1000);
+    out.push('.');
+    let frac = us % 1000;
+    for d in [frac / 100, frac / 10 % 10, frac % 10] {
+        out.push((b'0' + d as u8) as char);
+    }
+}
+
+/// A JSON string of clean text (only its backslashes need escaping).
+fn push_json(out: &mut String, s: &str) {
+    out.push('"');
+    for part in s.split_inclusive('\\') {
+        out.push_str(part);
+        if part.ends_with('\\') {
+            out.push('\\');
+        }
+    }
+    out.push('"');
+}
+
+/// The date part of a line, made once a second.
+#[derive(Default)]
+pub struct Dates {
+    second: Option<u64>,
+    combined: String,
+    iso: String,
+}
+
+impl Dates {
+    fn at(&mut self, secs: u64) -> (&str, &str) {
+        if self.second != Some(secs) {
+            let c = civil(secs);
+            self.combined = format!(
+                "[{:02}/{}/{}:{:02}:{:02}:{:02} +0000]",
                 c.day,
                 c.month_name(),
                 c.year,
                 c.hour,
                 c.minute,
-                c.second,
-                e.status,
-                e.bytes,
-                dash(&e.referer),
-                dash(&e.user_agent),
-                dash(&e.host),
-                e.arrival,
+                c.second
             );
+            self.iso = format!(
+                "{}-{:02}-{:02}T{:02}:{:02}:{:02}",
+                c.year, c.month, c.day, c.hour, c.minute, c.second
+            );
+            self.second = Some(secs);
+        }
+        (&self.combined, &self.iso)
+    }
+}
+
+/// The client's IP address in an entry's `address:port` text (brackets dropped).
+fn client_ip(addr: &str) -> &str {
+    let ip = addr.rsplit_once(':').map_or(addr, |(ip, _)| ip);
+    ip.trim_start_matches('[').trim_end_matches(']')
+}
+
+/// Appends `e` as one line (with its newline). Entry text is `access::clean`, so it holds no
+/// quote and no control byte; JSON still escapes its backslashes.
+pub fn format_line(
+    out: &mut String,
+    dates: &mut Dates,
+    e: &Entry<'_>,
+    pool: Option<&str>,
+    pid: Option<u32>,
+    format: LogFormat,
+) {
+    let (combined, iso) = dates.at(e.time_ms / 1000);
+    match format {
+        LogFormat::Combined => {
+            out.push_str(e.client.map_or("-", client_ip));
+            out.push_str(" - - ");
+            out.push_str(combined);
+            out.push_str(" \"");
+            out.push_str(dash(e.method));
+            out.push(' ');
+            out.push_str(dash(e.target));
+            if !e.protocol.is_empty() {
+                out.push(' ');
+                out.push_str(e.protocol);
+            }
+            out.push_str("\" ");
+            push_u64(out, u64::from(e.status));
+            out.push(' ');
+            push_u64(out, e.bytes);
+            out.push_str(" \"");
+            out.push_str(dash(e.referer));
+            out.push_str("\" \"");
+            out.push_str(dash(e.user_agent));
+            out.push_str("\" ");
+            out.push_str(dash(e.host));
+            out.push(' ');
+            push_millis(out, e.duration_us);
+            out.push(' ');
+            out.push_str(pool.unwrap_or("-"));
+            out.push(' ');
+            match pid {
+                Some(p) => push_u64(out, u64::from(p)),
+                None => out.push('-'),
+            }
+            out.push(' ');
+            out.push_str(e.arrival.as_str());
+            out.push('\n');
         }
         LogFormat::Json => {
-            let text = |s: &str| format!("\"{}\"", s.replace('\\', "\\\\"));
-            let opt = |s: Option<String>| s.unwrap_or_else(|| "null".to_owned());
-            let _ = writeln!(
-                out,
-                "{{\"time\":\"{}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z\",\"client\":{},\"method\":{},\"target\":{},\"protocol\":{},\"host\":{},\"status\":{},\"bytes\":{},\"duration_ms\":{duration_ms:.3},\"pool\":{},\"pid\":{},\"arrival\":\"{}\",\"referer\":{},\"user_agent\":{}}}",
-                c.year,
-                c.month,
-                c.day,
-                c.hour,
-                c.minute,
-                c.second,
-                e.time_ms % 1000,
-                opt(e.client.map(|a| text(&a.to_string()))),
-                text(&e.method),
-                text(&e.target),
-                text(&e.protocol),
-                text(&e.host),
-                e.status,
-                e.bytes,
-                opt(r.pool.as_deref().map(text)),
-                opt(r.pid.map(|p| p.to_string())),
-                e.arrival,
-                text(&e.referer),
-                text(&e.user_agent),
-            );
+            out.push_str("{\"time\":\"");
+            out.push_str(iso);
+            out.push('.');
+            let ms = e.time_ms % 1000;
+            for d in [ms / 100, ms / 10 % 10, ms % 10] {
+                out.push((b'0' + d as u8) as char);
+            }
+            out.push_str("Z\",\"client\":");
+            match e.client {
+                Some(c) => push_json(out, c),
+                None => out.push_str("null"),
+            }
+            for (name, value) in [
+                ("method", e.method),
+                ("target", e.target),
+                ("protocol", e.protocol),
+                ("host", e.host),
+            ] {
+                out.push_str(",\"");
+                out.push_str(name);
+                out.push_str("\":");
+                push_json(out, value);
+            }
+            out.push_str(",\"status\":");
+            push_u64(out, u64::from(e.status));
+            out.push_str(",\"bytes\":");
+            push_u64(out, e.bytes);
+            out.push_str(",\"duration_ms\":");
+            push_millis(out, e.duration_us);
+            out.push_str(",\"pool\":");
+            match pool {
+                Some(p) => push_json(out, p),
+                None => out.push_str("null"),
+            }
+            out.push_str(",\"pid\":");
+            match pid {
+                Some(p) => push_u64(out, u64::from(p)),
+                None => out.push_str("null"),
+            }
+            out.push_str(",\"arrival\":\"");
+            out.push_str(e.arrival.as_str());
+            out.push_str("\",\"referer\":");
+            push_json(out, e.referer);
+            out.push_str(",\"user_agent\":");
+            push_json(out, e.user_agent);
+            out.push_str("}\n");
         }
     }
 }
@@ -219,33 +354,41 @@ pub fn format_line(out: &mut String, r: &Record, format: LogFormat) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use sluice_proto::access::{Arrival, clean};
+    use sluice_proto::access::{Arrival, Report};
 
-    fn record() -> Record {
-        Record {
-            entry: Entry {
-                time_ms: 784_111_777_042,
-                client: Some("10.0.0.1:5000".parse().unwrap()),
-                method: "GET".into(),
-                target: clean(b"/a\"b\\c"),
-                protocol: "HTTP/1.1".into(),
-                host: "shop.test".into(),
-                status: 200,
-                bytes: 5,
-                duration_us: 1500,
-                arrival: Arrival::Kernel,
-                referer: String::new(),
-                user_agent: "curl/8".into(),
-            },
-            pool: Some("shop".into()),
-            pid: Some(42),
+    fn line() -> String {
+        let mut s = String::new();
+        Report {
+            time_ms: 784_111_777_042,
+            client: Some("10.0.0.1:5000".parse().unwrap()),
+            method: b"GET",
+            target: b"/a\"b\\c",
+            protocol: b"HTTP/1.1",
+            host: b"shop.test",
+            status: 200,
+            bytes: 5,
+            duration_us: 1500,
+            arrival: Arrival::Kernel,
+            referer: b"",
+            user_agent: b"curl/8",
         }
+        .encode_into(&mut s);
+        s
     }
 
     #[test]
     fn combined_lines_are_apaches_then_sluices_fields() {
+        let text = line();
+        let e = Entry::decode(text.trim_end()).unwrap();
         let mut s = String::new();
-        format_line(&mut s, &record(), LogFormat::Combined);
+        format_line(
+            &mut s,
+            &mut Dates::default(),
+            &e,
+            Some("shop"),
+            Some(42),
+            LogFormat::Combined,
+        );
         assert_eq!(
             s,
             "10.0.0.1 - - [06/Nov/1994:08:49:37 +0000] \"GET /a\\x22b\\x5cc HTTP/1.1\" 200 5 \"-\" \"curl/8\" shop.test 1.500 shop 42 kernel\n"
@@ -254,10 +397,17 @@ mod tests {
 
     #[test]
     fn json_lines_parse_and_hold_every_field() {
+        let text = line();
+        let e = Entry::decode(text.trim_end()).unwrap();
         let mut s = String::new();
-        let mut r = record();
-        r.pid = None;
-        format_line(&mut s, &r, LogFormat::Json);
+        format_line(
+            &mut s,
+            &mut Dates::default(),
+            &e,
+            Some("shop"),
+            None,
+            LogFormat::Json,
+        );
         let v: serde_json::Value = serde_json::from_str(&s).unwrap();
         assert_eq!(v["time"], "1994-11-06T08:49:37.042Z");
         assert_eq!(v["target"], "/a\\x22b\\x5cc");

@@ -24,7 +24,7 @@
 use std::io;
 use std::os::fd::RawFd;
 
-use crate::access::{self, Entry};
+use crate::access;
 use crate::cache::CacheKey;
 use crate::route::normalize_prefix;
 use crate::site::Site;
@@ -64,8 +64,9 @@ pub enum ToFrontend {
         key: CacheKey,
         response: Vec<u8>,
     },
-    /// Access-log entries (at most `access::MAX_BATCH`), in the order answered.
-    Access(Vec<Entry>),
+    /// Access-log lines (`access::Report::encode_into`, at most `access::MAX_BATCH`), in
+    /// the order answered; each is checked when it is written (`access::Entry::decode`).
+    Access(String),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -254,14 +255,7 @@ impl ToFrontend {
                 out.extend_from_slice(response);
                 out
             }
-            ToFrontend::Access(entries) => {
-                let mut s = String::from("access\n");
-                for e in entries {
-                    s.push_str(&e.encode());
-                    s.push('\n');
-                }
-                s.into_bytes()
-            }
+            ToFrontend::Access(lines) => format!("access\n{lines}").into_bytes(),
         }
     }
 
@@ -283,23 +277,13 @@ impl ToFrontend {
         }
         let text = text(msg)?;
         if let Some(lines) = text.strip_prefix("access\n") {
-            let entries = lines
-                .lines()
-                .map(|l| {
-                    Entry::decode(l).ok_or_else(|| ControlError::BadLine {
-                        list: "access",
-                        line: l.chars().take(80).collect(),
-                        reason: "not an access-log entry",
-                    })
-                })
-                .collect::<Result<Vec<_>, _>>()?;
-            if entries.len() > access::MAX_BATCH {
+            let n = lines.lines().count();
+            if n > access::MAX_BATCH {
                 return Err(ControlError::Unknown(format!(
-                    "{} access-log entries in one message",
-                    entries.len()
+                    "{n} access-log lines in one message"
                 )));
             }
-            return Ok(ToFrontend::Access(entries));
+            return Ok(ToFrontend::Access(lines.to_owned()));
         }
         let mut words = text.split(' ');
         let decoded = match words.next() {
@@ -413,12 +397,12 @@ mod tests {
                 rss_kib: 0,
             },
             ToFrontend::Stats { requests: 3 },
-            ToFrontend::Access(vec![]),
-            ToFrontend::Access(vec![
-                Entry::decode("1\t-\tGET\t/\tHTTP/1.1\t-\t200\t0\t0\tkernel\t-\t-").unwrap(),
-                Entry::decode("2\t[::1]:80\tPOST\t/x\\x22\t-\th\t404\t9\t7\thandback\tr\tu a")
-                    .unwrap(),
-            ]),
+            ToFrontend::Access(String::new()),
+            ToFrontend::Access(
+                "1\t-\tGET\t/\tHTTP/1.1\t-\t200\t0\t0\tkernel\t-\t-\n\
+                 2\t[::1]:80\tPOST\t/x\\x22\t-\th\t404\t9\t7\thandback\tr\tu a\n"
+                    .into(),
+            ),
             ToFrontend::Cache {
                 key: key("/i.html", Some("")),
                 response: b"HTTP/1.1 200 OK\r\n\r\n\n\xff".to_vec(),

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::os::fd::RawFd;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use sluice_proto::access::{self, Arrival, Entry, MAX_BATCH};
+use sluice_proto::access::{self, Arrival, BATCH_BYTES, MAX_BATCH, Report};
 use sluice_proto::control::{self, ToFrontend};
 
 use crate::Request;
@@ -18,11 +18,12 @@ pub(crate) struct ConnInfo {
     pub(crate) arrival: Arrival,
 }
 
-/// One thread's entries not sent yet.
+/// One thread's lines not sent yet.
 #[derive(Debug)]
 pub(crate) struct Batch {
     control: RawFd,
-    entries: Vec<Entry>,
+    lines: String,
+    count: usize,
 }
 
 impl Batch {
@@ -30,27 +31,30 @@ impl Batch {
     pub(crate) fn new(control: Option<RawFd>, on: bool) -> Option<Batch> {
         Some(Batch {
             control: control.filter(|_| on)?,
-            entries: Vec::with_capacity(MAX_BATCH),
+            lines: String::with_capacity(BATCH_BYTES + 16 * 1024),
+            count: 0,
         })
     }
 
-    pub(crate) fn push(&mut self, entry: Entry) {
-        self.entries.push(entry);
-        if self.entries.len() >= MAX_BATCH {
+    pub(crate) fn push(&mut self, report: &Report<'_>) {
+        report.encode_into(&mut self.lines);
+        self.count += 1;
+        if self.count >= MAX_BATCH || self.lines.len() >= BATCH_BYTES {
             self.flush();
         }
     }
 
     /// Sends what is batched (every tick, and when a batch is full).
     pub(crate) fn flush(&mut self) {
-        if self.entries.is_empty() {
+        if self.count == 0 {
             return;
         }
-        let msg = ToFrontend::Access(std::mem::take(&mut self.entries)).encode();
+        let msg = ToFrontend::Access(std::mem::take(&mut self.lines)).encode();
+        self.count = 0;
         if let Err(e) = control::send(self.control, &msg) {
-            log::debug!("access-log entries dropped: {e}");
+            log::debug!("access-log lines dropped: {e}");
         }
-        self.entries.reserve(MAX_BATCH);
+        self.lines.reserve(BATCH_BYTES + 16 * 1024);
     }
 }
 
@@ -60,51 +64,54 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-fn text(value: Option<&[u8]>) -> String {
-    value.map(access::clean).unwrap_or_default()
-}
-
-/// The entry for a request answered with `status` and `bytes` of body, begun at `started`.
+/// Logs a request answered with `status` and `bytes` of body, begun at `started`.
 pub(crate) fn answered(
+    batch: &mut Batch,
     req: &Request<'_>,
     status: u16,
     bytes: u64,
     started: Instant,
     conn: ConnInfo,
-) -> Entry {
+) {
     let head = req.head();
-    Entry {
+    let host = sluice_proto::cache::key_host(head);
+    let protocol: &[u8] = if req.minor_version() == 0 {
+        b"HTTP/1.0"
+    } else {
+        b"HTTP/1.1"
+    };
+    batch.push(&Report {
         time_ms: now_ms(),
         client: conn.peer,
-        method: access::clean(req.method().as_bytes()),
-        target: access::clean(req.target().as_bytes()),
-        protocol: format!("HTTP/1.{}", req.minor_version()),
-        host: sluice_proto::cache::key_host(head).into_owned(),
+        method: req.method().as_bytes(),
+        target: req.target().as_bytes(),
+        protocol,
+        host: host.as_bytes(),
         status,
         bytes,
         duration_us: started.elapsed().as_micros() as u64,
         arrival: conn.arrival,
-        referer: text(req.header("referer")),
-        user_agent: text(req.header("user-agent")),
-    }
+        referer: req.header("referer").unwrap_or_default(),
+        user_agent: req.header("user-agent").unwrap_or_default(),
+    });
 }
 
-/// The entry for a request refused with `status` before it reached the handler; `input` is
-/// what the connection sent from that request's first byte.
-pub(crate) fn refused(input: &[u8], status: u16, bytes: u64, conn: ConnInfo) -> Entry {
+/// Logs a request refused with `status` before it reached the handler; `input` is what the
+/// connection sent from that request's first byte.
+pub(crate) fn refused(batch: &mut Batch, input: &[u8], status: u16, bytes: u64, conn: ConnInfo) {
     let d = access::describe(input);
-    Entry {
+    batch.push(&Report {
         time_ms: now_ms(),
         client: conn.peer,
         method: d.method,
         target: d.target,
         protocol: d.protocol,
-        host: d.host,
+        host: &d.host,
         status,
         bytes,
         duration_us: 0,
         arrival: conn.arrival,
         referer: d.referer,
         user_agent: d.user_agent,
-    }
+    });
 }

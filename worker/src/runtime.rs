@@ -1036,7 +1036,7 @@ impl<'s, H: Handler> Worker<'s, H> {
                     "the request could not be passed to its application",
                 );
                 if let Some(batch) = self.access.as_mut() {
-                    batch.push(access::refused(&conn.rbuf, 503, bytes, conn.info));
+                    access::refused(batch, &conn.rbuf, 503, bytes, conn.info);
                 }
                 conn.rbuf.clear();
                 conn.close_after_send = true;
@@ -1295,14 +1295,14 @@ impl<H: Handler> Dispatch for Dispatcher<'_, H> {
             } else {
                 resp.body_bytes().len() as u64
             };
-            batch.push(access::answered(req, status, bytes, started, self.info));
+            access::answered(batch, req, status, bytes, started, self.info);
         }
         resp
     }
 
     fn refused(&mut self, input: &[u8], status: u16, bytes: u64) {
         if let Some(batch) = self.access.as_deref_mut() {
-            batch.push(access::refused(input, status, bytes, self.info));
+            access::refused(batch, input, status, bytes, self.info);
         }
     }
 }

@@ -14,7 +14,6 @@ use std::{
     io,
     os::fd::{AsRawFd, OwnedFd, RawFd},
     path::PathBuf,
-    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -354,19 +353,13 @@ impl Supervisor {
                 }
                 ToFrontend::Stats { requests } => w.requests = requests,
                 // The pool and pid are the channel's: a worker cannot log as another.
-                ToFrontend::Access(entries) => {
+                ToFrontend::Access(lines) => {
                     if let Some(log) = &access_log {
-                        let name: Arc<str> = p.name.as_str().into();
-                        log.record(
-                            entries
-                                .into_iter()
-                                .map(|entry| Record {
-                                    entry,
-                                    pool: Some(name.clone()),
-                                    pid: u32::try_from(pid).ok(),
-                                })
-                                .collect(),
-                        );
+                        log.record(Record {
+                            lines,
+                            pool: Some(p.name.as_str().into()),
+                            pid: u32::try_from(pid).ok(),
+                        });
                     }
                 }
                 ToFrontend::Cache { key, response } => published.push(Published {

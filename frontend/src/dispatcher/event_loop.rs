@@ -687,27 +687,29 @@ impl Loop {
             return;
         };
         let d = access::describe(&c.buf[..c.filled]);
-        let entry = access::Entry {
+        let mut lines = String::new();
+        access::Report {
             time_ms: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |t| t.as_millis() as u64),
             client: sluice_proto::sockaddr::peer(c.fd),
-            bytes: if d.method == "HEAD" { 0 } else { bytes },
+            bytes: if d.method == b"HEAD" { 0 } else { bytes },
             method: d.method,
             target: d.target,
             protocol: d.protocol,
-            host: d.host,
+            host: &d.host,
             status,
             duration_us: self.now.saturating_duration_since(c.started).as_micros() as u64,
             arrival: c.arrival,
             referer: d.referer,
             user_agent: d.user_agent,
-        };
-        log.record(vec![Record {
-            entry,
+        }
+        .encode_into(&mut lines);
+        log.record(Record {
+            lines,
             pool,
             pid: None,
-        }]);
+        });
     }
 
     fn start_reply(&mut self, slot: usize, bytes: Answer, keep: Option<usize>) {
