@@ -18,6 +18,12 @@ pub struct Status {
     /// Listeners that are not sluice's seen on its listen addresses since it started.
     #[serde(default)]
     pub foreign_listeners: u64,
+    /// Access-log lines dropped: the writer fell behind, or a worker sent a line that is
+    /// not an entry.
+    #[serde(default)]
+    pub access_log_dropped: u64,
+    #[serde(default)]
+    pub access_log_malformed: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -5,6 +5,7 @@ use std::{collections::BTreeMap, sync::atomic::Ordering::Relaxed, time::Instant}
 use sluice_common::counter;
 
 use super::Frontend;
+use crate::access_log::AccessLog;
 use crate::status::{DispatcherStatus, KernelStatus, PoolStatus, Status, WorkerStatus};
 
 impl Frontend {
@@ -80,6 +81,8 @@ impl Frontend {
             },
             cache: self.lock_cache().stats(),
             foreign_listeners: self.guard.foreign,
+            access_log_dropped: self.access_log.as_ref().map_or(0, AccessLog::dropped),
+            access_log_malformed: self.access_log.as_ref().map_or(0, AccessLog::malformed),
         }
     }
 }
