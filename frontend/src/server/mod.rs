@@ -6,6 +6,7 @@
 
 mod cache;
 mod guard;
+mod notify;
 mod pools;
 mod reload;
 mod signals;
@@ -71,6 +72,8 @@ struct Frontend {
     greeting_due: bool,
     /// Where lines go when `[server] access_log` is set.
     access_log: Option<AccessLog>,
+    /// systemd's notify socket, under a `Type=notify` unit.
+    notify: Option<notify::Notifier>,
     /// Restores changed sysctls on drop (last).
     restore: sysctl::Restore,
 }
@@ -96,6 +99,9 @@ pub fn run(config: Config) -> Result<()> {
         fe.config.steering.as_str(),
         fe.config.admin_socket.display()
     );
+    if let Some(n) = &fe.notify {
+        n.ready(&fe.summary());
+    }
 
     loop {
         let watched = fe.supervisor.watched();
@@ -234,6 +240,7 @@ impl Frontend {
             next_slot: DISPATCHER_SLOT + 1,
             supervisor,
             access_log: access_log.clone(),
+            notify: notify::Notifier::from_env(),
             stats,
             flags,
             table,
@@ -495,7 +502,31 @@ impl Frontend {
         }
     }
 
+    /// One line for systemd's STATUS=.
+    fn summary(&self) -> String {
+        let workers: usize = self
+            .supervisor
+            .info(Instant::now())
+            .iter()
+            .map(|p| p.workers.len())
+            .sum();
+        format!(
+            "serving {} with {} pool(s), {workers} worker(s), steering {}",
+            self.config
+                .listen
+                .iter()
+                .map(|a| a.to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+            self.config.pools.len(),
+            self.config.steering.as_str()
+        )
+    }
+
     fn shutdown(mut self) {
+        if let Some(n) = &self.notify {
+            n.stopping();
+        }
         log::info!("stopping: workers first, then the dispatcher");
         self.supervisor.stop_all();
         // SAFETY: writes 8 bytes to our eventfd.

@@ -12,7 +12,19 @@ use super::Frontend;
 use crate::config::Config;
 
 impl Frontend {
+    /// `reload_config`, told to systemd when it runs under a `Type=notify` unit.
     pub(super) fn reload(&mut self) -> Result<String> {
+        if let Some(n) = &self.notify {
+            n.reloading();
+        }
+        let result = self.reload_config();
+        if let Some(n) = &self.notify {
+            n.ready(&self.summary());
+        }
+        result
+    }
+
+    fn reload_config(&mut self) -> Result<String> {
         let new = Config::load(&self.config.path)?;
         let old = &self.config;
         let fixed = [
@@ -21,6 +33,7 @@ impl Frontend {
             ("server.set_sysctls", old.set_sysctls != new.set_sysctls),
             ("server.admin_socket", old.admin_socket != new.admin_socket),
             ("server.metrics", old.metrics != new.metrics),
+            ("server.access_log", old.access_log != new.access_log),
             ("limits", old.limits != new.limits),
             ("cache", old.cache != new.cache),
         ];
