@@ -87,16 +87,9 @@ pub fn run(config: Config) -> Result<()> {
         log::info!("Prometheus metrics on http://{addr}/metrics");
     }
     log::info!(
-        "sluice serving {} ({}) with {} pool(s), steering {} (admin socket {})",
-        fe.config
-            .listen
-            .iter()
-            .map(|a| a.to_string())
-            .collect::<Vec<_>>()
-            .join(", "),
+        "sluice {} ({}, admin socket {})",
+        fe.summary(),
         fe.config.path.display(),
-        fe.config.pools.len(),
-        fe.config.steering.as_str(),
         fe.config.admin_socket.display()
     );
     if let Some(n) = &fe.notify {
