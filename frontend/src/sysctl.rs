@@ -1,8 +1,13 @@
 //! The network-namespace sysctls first-segment mode depends on. sluice never changes them
 //! silently: it refuses to start unless the config allows it, and then logs every change and
-//! restores the old value on exit.
+//! restores the old value on exit. The old value is also recorded under [`RECORDS`] (per
+//! network namespace) until it is restored, so a front end that died without restoring it
+//! (`kill -9`) leaves a record the next start adopts: that one restores it when it exits.
 
-use std::{fs, io, path::PathBuf};
+use std::{fs, io, os::unix::fs::MetadataExt, path::PathBuf};
+
+/// Where the values to restore are recorded while sluice has changed them.
+pub const RECORDS: &str = "/run/sluice/sysctl";
 
 #[derive(Debug, thiserror::Error)]
 pub enum SysctlError {
@@ -46,16 +51,46 @@ fn write(name: &str, value: &str) -> Result<(), SysctlError> {
     })
 }
 
+/// The record of `name`'s value before sluice changed it, in this network namespace.
+fn record(name: &str) -> Option<PathBuf> {
+    let netns = fs::metadata("/proc/self/ns/net").ok()?.ino();
+    Some(PathBuf::from(RECORDS).join(netns.to_string()).join(name))
+}
+
+fn write_record(name: &str, old: &str) {
+    let Some(path) = record(name) else { return };
+    let result = path
+        .parent()
+        .map_or(Ok(()), fs::create_dir_all)
+        .and_then(|()| fs::write(&path, old));
+    if let Err(e) = result {
+        log::warn!(
+            "recording {name} = {old} in {}: {e} (a crash would leave the change behind)",
+            path.display()
+        );
+    }
+}
+
 /// Sysctls changed by sluice, put back on drop.
 #[derive(Default)]
 pub struct Restore(Vec<(String, String)>);
 
 impl Restore {
     /// Makes sure `name` is `want`: with `may_set` it is changed (and later restored),
-    /// otherwise a mismatch is an error naming it.
+    /// otherwise a mismatch is an error naming it. A value a previous front end set and
+    /// recorded, and did not restore, is restored by this one.
     pub fn require(&mut self, name: &str, want: &str, may_set: bool) -> Result<(), SysctlError> {
         let have = read(name)?;
+        let recorded = record(name).and_then(|p| fs::read_to_string(p).ok());
         if have == want {
+            if let Some(old) = recorded {
+                let old = old.trim().to_owned();
+                log::warn!(
+                    "{name} = {want} was set by a sluice that did not exit cleanly (it was {old}); \
+                     it is restored when this one exits"
+                );
+                self.0.push((name.to_owned(), old));
+            }
             return Ok(());
         }
         if !may_set {
@@ -65,6 +100,9 @@ impl Restore {
                 have,
             });
         }
+        // Recorded first: a crash between the two leaves a record and the old value, which
+        // the next start reads as nothing to adopt.
+        write_record(name, &have);
         write(name, want)?;
         log::warn!("set {name} = {want} (was {have}); it is restored when sluice exits");
         self.0.push((name.to_owned(), have));
@@ -76,7 +114,12 @@ impl Drop for Restore {
     fn drop(&mut self) {
         for (name, old) in self.0.drain(..).rev() {
             match write(&name, &old) {
-                Ok(()) => log::info!("restored {name} = {old}"),
+                Ok(()) => {
+                    log::info!("restored {name} = {old}");
+                    if let Some(path) = record(&name) {
+                        let _ = fs::remove_file(path);
+                    }
+                }
                 Err(e) => log::error!("{e}"),
             }
         }

@@ -12,10 +12,13 @@ use std::net::SocketAddr;
 
 /// Longest text field kept; longer values are cut (`target` holds the most).
 pub const MAX_FIELD: usize = 2048;
-/// Most entries a worker batches into one message.
-pub const MAX_BATCH: usize = 1024;
+/// Most entries one message carries.
+pub const MAX_BATCH: usize = 8192;
 /// A worker sends its batch once it holds this many bytes (well within a control message).
 pub const BATCH_BYTES: usize = 64 * 1024;
+/// A batch the front end could not take yet (its channel full) is kept and sent with the
+/// next, up to this many bytes; past it the oldest lines are dropped (and counted).
+pub const HELD_BYTES: usize = 4 * BATCH_BYTES;
 
 /// How the connection reached whoever answered the request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

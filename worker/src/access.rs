@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::os::fd::RawFd;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use sluice_proto::access::{self, Arrival, BATCH_BYTES, MAX_BATCH, Report};
+use sluice_proto::access::{self, Arrival, BATCH_BYTES, HELD_BYTES, MAX_BATCH, Report};
 use sluice_proto::control::{self, ToFrontend};
 
 use crate::Request;
@@ -24,6 +24,8 @@ pub(crate) struct Batch {
     control: RawFd,
     lines: String,
     count: usize,
+    /// Lines dropped because the front end did not take them in time.
+    dropped: u64,
 }
 
 impl Batch {
@@ -33,13 +35,14 @@ impl Batch {
             control: control.filter(|_| on)?,
             lines: String::with_capacity(BATCH_BYTES + 16 * 1024),
             count: 0,
+            dropped: 0,
         })
     }
 
     pub(crate) fn push(&mut self, report: &Report<'_>) {
         report.encode_into(&mut self.lines);
         self.count += 1;
-        if self.count >= MAX_BATCH || self.lines.len() >= BATCH_BYTES {
+        if self.count >= MAX_BATCH / 4 || self.lines.len() >= BATCH_BYTES {
             self.flush();
         }
     }
@@ -50,11 +53,25 @@ impl Batch {
             return;
         }
         let msg = ToFrontend::Access(std::mem::take(&mut self.lines)).encode();
-        self.count = 0;
-        if let Err(e) = control::send(self.control, &msg) {
-            log::debug!("access-log lines dropped: {e}");
+        match control::send(self.control, &msg) {
+            Ok(()) => {
+                self.count = 0;
+                self.lines.reserve(BATCH_BYTES + 16 * 1024);
+            }
+            // The front end is behind: keep the lines for the next try, within bounds.
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && msg.len() < HELD_BYTES => {
+                self.lines = String::from_utf8(msg)
+                    .map(|m| m["access\n".len()..].to_owned())
+                    .unwrap_or_default();
+            }
+            Err(e) => {
+                if self.dropped == 0 {
+                    log::warn!("access-log lines dropped ({e}); later drops are only counted");
+                }
+                self.dropped += self.count as u64;
+                self.count = 0;
+            }
         }
-        self.lines.reserve(BATCH_BYTES + 16 * 1024);
     }
 }
 
