@@ -8,8 +8,8 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, BufWriter, Write};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, sync_channel};
 use std::time::Duration;
 
 use sluice_proto::access::Entry;
@@ -17,8 +17,11 @@ use sluice_proto::access::Entry;
 use crate::config::{AccessLogConfig, LogFormat};
 use crate::dates::civil;
 
-/// Lines waiting for the writer; past it they are dropped.
+/// Records waiting for the writer; past it they are dropped.
 const QUEUE: usize = 64 * 1024;
+/// Bytes of lines waiting for the writer; past it they are dropped (a worker flooding lines
+/// while the disk is slow must not grow the front end).
+const QUEUED_BYTES: usize = 64 << 20;
 /// The writer flushes when it has waited this long for a line.
 const FLUSH_AFTER: Duration = Duration::from_millis(200);
 
@@ -44,24 +47,35 @@ pub struct AccessLog {
     tx: SyncSender<Message>,
     dropped: Arc<AtomicU64>,
     malformed: Arc<AtomicU64>,
+    /// Bytes of lines sent to the writer and not written yet, and their limit.
+    queued: Arc<AtomicUsize>,
+    max_queued: usize,
 }
 
 impl AccessLog {
     /// Opens the log (appending) and starts its writer.
     pub fn start(config: &AccessLogConfig) -> io::Result<AccessLog> {
         let out = Output::open(config.file.clone())?;
-        let (tx, rx) = sync_channel(QUEUE);
+        let (log, rx) = AccessLog::channel(QUEUED_BYTES);
         let format = config.format;
-        let malformed = Arc::new(AtomicU64::new(0));
-        let bad = malformed.clone();
+        let (bad, queued) = (log.malformed.clone(), log.queued.clone());
         std::thread::Builder::new()
             .name("access-log".into())
-            .spawn(move || write_loop(rx, out, format, &bad))?;
-        Ok(AccessLog {
+            .spawn(move || write_loop(rx, out, format, &bad, &queued))?;
+        Ok(log)
+    }
+
+    /// The handle and the writer's end of its queue.
+    fn channel(max_queued: usize) -> (AccessLog, Receiver<Message>) {
+        let (tx, rx) = sync_channel(QUEUE);
+        let log = AccessLog {
             tx,
             dropped: Arc::new(AtomicU64::new(0)),
-            malformed,
-        })
+            malformed: Arc::new(AtomicU64::new(0)),
+            queued: Arc::new(AtomicUsize::new(0)),
+            max_queued,
+        };
+        (log, rx)
     }
 
     pub fn record(&self, record: Record) {
@@ -69,12 +83,12 @@ impl AccessLog {
             return;
         }
         let n = record.lines.lines().count() as u64;
-        match self.tx.try_send(Message::Lines(record)) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
-                if self.dropped.fetch_add(n, Ordering::Relaxed) == 0 {
-                    log::warn!("access log: the writer is behind; lines are dropped (counted)");
-                }
+        let bytes = record.lines.len();
+        let full = self.queued.fetch_add(bytes, Ordering::Relaxed) + bytes > self.max_queued;
+        if full || self.tx.try_send(Message::Lines(record)).is_err() {
+            self.queued.fetch_sub(bytes, Ordering::Relaxed);
+            if self.dropped.fetch_add(n, Ordering::Relaxed) == 0 {
+                log::warn!("access log: the writer is behind; lines are dropped (counted)");
             }
         }
     }
@@ -119,7 +133,13 @@ impl Output {
     }
 }
 
-fn write_loop(rx: Receiver<Message>, mut out: Output, format: LogFormat, malformed: &AtomicU64) {
+fn write_loop(
+    rx: Receiver<Message>,
+    mut out: Output,
+    format: LogFormat,
+    malformed: &AtomicU64,
+    queued: &AtomicUsize,
+) {
     let mut line = String::with_capacity(512);
     let mut dates = Dates::default();
     loop {
@@ -133,6 +153,7 @@ fn write_loop(rx: Receiver<Message>, mut out: Output, format: LogFormat, malform
         };
         match msg {
             Message::Lines(r) => {
+                queued.fetch_sub(r.lines.len(), Ordering::Relaxed);
                 for text in r.lines.lines() {
                     let Some(entry) = Entry::decode(text) else {
                         if malformed.fetch_add(1, Ordering::Relaxed) == 0 {
@@ -286,7 +307,13 @@ pub fn format_line(
             out.push_str("\" \"");
             out.push_str(dash(e.user_agent));
             out.push_str("\" ");
-            out.push_str(dash(e.host));
+            // Unquoted: a space in a (refused, raw) host must not shift the fields after it.
+            for part in dash(e.host).split(' ').enumerate() {
+                if part.0 > 0 {
+                    out.push_str("\\x20");
+                }
+                out.push_str(part.1);
+            }
             out.push(' ');
             push_millis(out, e.duration_us);
             out.push(' ');
@@ -393,6 +420,53 @@ mod tests {
             s,
             "10.0.0.1 - - [06/Nov/1994:08:49:37 +0000] \"GET /a\\x22b\\x5cc HTTP/1.1\" 200 5 \"-\" \"curl/8\" shop.test 1.500 shop 42 kernel\n"
         );
+    }
+
+    #[test]
+    fn a_host_with_spaces_cannot_shift_the_pool_and_pid_fields() {
+        let text = line().replace("shop.test", "x 0.001 otherpool 1 kernel");
+        let e = Entry::decode(text.trim_end()).unwrap();
+        let mut s = String::new();
+        format_line(
+            &mut s,
+            &mut Dates::default(),
+            &e,
+            Some("shop"),
+            Some(42),
+            LogFormat::Combined,
+        );
+        let tail: Vec<&str> = s.rsplit('"').next().unwrap().split_whitespace().collect();
+        assert_eq!(
+            tail,
+            [
+                "x\\x200.001\\x20otherpool\\x201\\x20kernel",
+                "1.500",
+                "shop",
+                "42",
+                "kernel"
+            ]
+        );
+    }
+
+    #[test]
+    fn lines_past_the_queued_bytes_are_dropped_and_counted() {
+        let (log, rx) = AccessLog::channel(1000);
+        let record = |n: usize| Record {
+            lines: line().repeat(n),
+            pool: None,
+            pid: None,
+        };
+        log.record(record(3));
+        assert_eq!(log.dropped(), 0);
+        log.record(record(20));
+        assert_eq!(
+            log.dropped(),
+            20,
+            "over the limit while the writer is behind"
+        );
+        drop(rx);
+        log.record(record(1));
+        assert_eq!(log.dropped(), 21, "no writer");
     }
 
     #[test]
