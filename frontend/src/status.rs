@@ -149,21 +149,12 @@ impl Status {
             "Connections the dispatcher handed to the pool.",
             per_pool(&|p| p.handed_off),
         );
+        // Per pool, not per pid: series must not churn as workers are replaced.
         family(
-            "sluice_worker_uptime_seconds",
+            "sluice_pool_youngest_worker_seconds",
             "gauge",
-            "Seconds since the worker started.",
-            self.pools
-                .iter()
-                .flat_map(|p| {
-                    p.workers.iter().map(move |w| {
-                        (
-                            format!("{{pool=\"{}\",pid=\"{}\"}}", p.name, w.pid),
-                            w.uptime_s,
-                        )
-                    })
-                })
-                .collect(),
+            "Seconds since the pool's most recently started worker started.",
+            per_pool(&|p| p.workers.iter().map(|w| w.uptime_s).min().unwrap_or(0)),
         );
         family(
             "sluice_fallbacks_total",
@@ -189,6 +180,50 @@ impl Status {
                 .iter()
                 .map(|(k, v)| (format!("{{code=\"{k}\"}}"), *v))
                 .collect(),
+        );
+        let one = |v: u64| vec![(String::new(), v)];
+        for (name, help, v) in [
+            (
+                "sluice_dispatcher_header_timeouts_total",
+                "Connections closed for taking too long to send a request head.",
+                self.dispatcher.header_timeouts,
+            ),
+            (
+                "sluice_dispatcher_dropped_pending_total",
+                "Unrouted connections dropped to stay within limits.max_pending.",
+                self.dispatcher.dropped_pending,
+            ),
+            (
+                "sluice_dispatcher_handed_back_total",
+                "Connections workers handed back for a request routed elsewhere.",
+                self.dispatcher.handed_back,
+            ),
+            (
+                "sluice_program_runs_total",
+                "Runs of the steering program.",
+                self.kernel.program_runs,
+            ),
+            (
+                "sluice_cache_steered_total",
+                "Connections the kernel sent to the front end's cache.",
+                self.kernel.cache_steered,
+            ),
+            (
+                "sluice_foreign_listeners_total",
+                "Listeners that are not sluice's seen on its listen addresses.",
+                self.foreign_listeners,
+            ),
+        ] {
+            family(name, "counter", help, one(v));
+        }
+        family(
+            "sluice_access_log_dropped_total",
+            "counter",
+            "Access-log lines dropped (the writer behind, or not an entry).",
+            vec![
+                ("{reason=\"behind\"}".into(), self.access_log_dropped),
+                ("{reason=\"malformed\"}".into(), self.access_log_malformed),
+            ],
         );
         family(
             "sluice_cache_entries",
@@ -291,5 +326,42 @@ impl Status {
             self.cache.entries, self.cache.bytes, self.cache.hits, self.cache.misses
         ));
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_figure_of_status_is_a_metric_without_pid_labels() {
+        let st: Status = serde_json::from_value(serde_json::json!({
+            "steering": "syn", "listen": ["127.0.0.1:80"],
+            "pools": [{"name": "api", "state": "running", "requests": 5, "queued": 1,
+                       "steered_kernel": 2, "handed_off": 3,
+                       "workers": [{"pid": 42, "uptime_s": 9, "requests": 5, "restarts": 1, "ready": true}]}],
+            "fallbacks": {"no_host": 4},
+            "dispatcher": {"accepted": 6, "refused": {"400": 1}, "header_timeouts": 7,
+                           "dropped_pending": 8, "handed_back": 10},
+            "kernel": {"program_runs": 11, "syn_cookies": 12, "ack_gate_drops": 13, "cache_steered": 14},
+            "foreign_listeners": 15, "access_log_dropped": 16, "access_log_malformed": 17
+        }))
+        .unwrap();
+        let text = st.prometheus();
+        for line in [
+            "sluice_pool_youngest_worker_seconds{pool=\"api\"} 9",
+            "sluice_dispatcher_header_timeouts_total 7",
+            "sluice_dispatcher_dropped_pending_total 8",
+            "sluice_dispatcher_handed_back_total 10",
+            "sluice_program_runs_total 11",
+            "sluice_cache_steered_total 14",
+            "sluice_foreign_listeners_total 15",
+            "sluice_access_log_dropped_total{reason=\"behind\"} 16",
+            "sluice_access_log_dropped_total{reason=\"malformed\"} 17",
+            "sluice_fallbacks_total{reason=\"no_host\"} 4",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
+        }
+        assert!(!text.contains("pid="), "{text}");
     }
 }
