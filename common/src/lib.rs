@@ -15,8 +15,10 @@ pub const LINE_WINDOW: usize = 256;
 /// Bytes of a host name a site key holds; a request whose Host is longer goes to the
 /// dispatcher (counted as `host_too_long`).
 pub const HOST_KEY: usize = 64;
-/// Bytes of a route key: the site id (big-endian), then the path key (`MAX_PREFIX`).
-pub const ROUTE_KEY: usize = 4 + MAX_PREFIX;
+/// Bytes of the site id (big-endian) that starts a route key.
+pub const SITE_ID_BYTES: usize = 4;
+/// Bytes of a route key: the site id, then the path key (`MAX_PREFIX`).
+pub const ROUTE_KEY: usize = SITE_ID_BYTES + MAX_PREFIX;
 /// Most sites (distinct route hosts) in the site map.
 pub const MAX_SITES: u32 = 1024;
 /// Site id of the strong wildcard (`host = "+"`) routes.

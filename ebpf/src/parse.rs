@@ -5,13 +5,11 @@
 //! 400), or a byte outside visible ASCII goes to the dispatcher, which canonicalizes it. The key is the path up to `?` or SP with a `/` appended, so that the
 //! prefix `/api/` matches `/api` and `/api/x` but not `/apix` (HTTP.sys URL-group rules).
 
-use sluice_common::{LINE_WINDOW, MAX_PREFIX, counter};
+use sluice_common::{LINE_WINDOW, MAX_PREFIX, SITE_ID_BYTES as SITE_BYTES, counter};
 
 use crate::Scratch;
 
 const MAX_METHOD: usize = 16;
-/// Where the path starts in a route key (after the site id).
-const SITE_BYTES: usize = 4;
 
 /// Byte `i` of the window, 0 past its end. No indexing that could panic: a panic path
 /// leaves a call with no exit behind, which the verifier refuses.

@@ -215,14 +215,18 @@ fn push_u64(out: &mut String, mut n: u64) {
     out.extend(digits[i..].iter().map(|&d| d as char));
 }
 
-/// Milliseconds as `s.mmm` (the log's duration).
+/// `n` (below 1000) as three digits.
+fn push_3(out: &mut String, n: u64) {
+    for d in [n / 100 % 10, n / 10 % 10, n % 10] {
+        out.push((b'0' + d as u8) as char);
+    }
+}
+
+/// Microseconds as milliseconds, `m.uuu` (the log's duration).
 fn push_millis(out: &mut String, us: u64) {
     push_u64(out, us / 1000);
     out.push('.');
-    let frac = us % 1000;
-    for d in [frac / 100, frac / 10 % 10, frac % 10] {
-        out.push((b'0' + d as u8) as char);
-    }
+    push_3(out, us % 1000);
 }
 
 /// A JSON string of clean text (only its backslashes need escaping).
@@ -331,10 +335,7 @@ pub fn format_line(
             out.push_str("{\"time\":\"");
             out.push_str(iso);
             out.push('.');
-            let ms = e.time_ms % 1000;
-            for d in [ms / 100, ms / 10 % 10, ms % 10] {
-                out.push((b'0' + d as u8) as char);
-            }
+            push_3(out, e.time_ms % 1000);
             out.push_str("Z\",\"client\":");
             match e.client {
                 Some(c) => push_json(out, c),
@@ -403,19 +404,18 @@ mod tests {
         s
     }
 
+    /// `text` (one encoded line) as the writer writes it.
+    fn formatted(text: &str, pool: Option<&str>, pid: Option<u32>, format: LogFormat) -> String {
+        let e = Entry::decode(text.trim_end()).unwrap();
+        let mut s = String::new();
+        format_line(&mut s, &mut Dates::default(), &e, pool, pid, format);
+        s
+    }
+
     #[test]
     fn combined_lines_are_apaches_then_sluices_fields() {
         let text = line();
-        let e = Entry::decode(text.trim_end()).unwrap();
-        let mut s = String::new();
-        format_line(
-            &mut s,
-            &mut Dates::default(),
-            &e,
-            Some("shop"),
-            Some(42),
-            LogFormat::Combined,
-        );
+        let s = formatted(&text, Some("shop"), Some(42), LogFormat::Combined);
         assert_eq!(
             s,
             "10.0.0.1 - - [06/Nov/1994:08:49:37 +0000] \"GET /a\\x22b\\x5cc HTTP/1.1\" 200 5 \"-\" \"curl/8\" shop.test 1.500 shop 42 kernel\n"
@@ -425,16 +425,7 @@ mod tests {
     #[test]
     fn a_host_with_spaces_cannot_shift_the_pool_and_pid_fields() {
         let text = line().replace("shop.test", "x 0.001 otherpool 1 kernel");
-        let e = Entry::decode(text.trim_end()).unwrap();
-        let mut s = String::new();
-        format_line(
-            &mut s,
-            &mut Dates::default(),
-            &e,
-            Some("shop"),
-            Some(42),
-            LogFormat::Combined,
-        );
+        let s = formatted(&text, Some("shop"), Some(42), LogFormat::Combined);
         let tail: Vec<&str> = s.rsplit('"').next().unwrap().split_whitespace().collect();
         assert_eq!(
             tail,
@@ -472,16 +463,7 @@ mod tests {
     #[test]
     fn json_lines_parse_and_hold_every_field() {
         let text = line();
-        let e = Entry::decode(text.trim_end()).unwrap();
-        let mut s = String::new();
-        format_line(
-            &mut s,
-            &mut Dates::default(),
-            &e,
-            Some("shop"),
-            None,
-            LogFormat::Json,
-        );
+        let s = formatted(&text, Some("shop"), None, LogFormat::Json);
         let v: serde_json::Value = serde_json::from_str(&s).unwrap();
         assert_eq!(v["time"], "1994-11-06T08:49:37.042Z");
         assert_eq!(v["target"], "/a\\x22b\\x5cc");

@@ -18,6 +18,24 @@ pub const ROUTED: u8 = 1;
 /// here (the access log's `handback`).
 pub const HANDED_BACK: u8 = 2;
 
+/// The flags of a connection the front end routed to a pool, which reached the front end
+/// by `arrival`.
+pub fn routed_flags(arrival: crate::access::Arrival) -> u8 {
+    match arrival {
+        crate::access::Arrival::Handback => ROUTED | HANDED_BACK,
+        _ => ROUTED,
+    }
+}
+
+/// How a connection handed over with `flags` got here (the access log's `arrival`).
+pub fn arrival(flags: u8) -> crate::access::Arrival {
+    if flags & HANDED_BACK != 0 {
+        crate::access::Arrival::Handback
+    } else {
+        crate::access::Arrival::Dispatcher
+    }
+}
+
 /// Most bytes a handoff carries: a whole head of the largest size a config allows, with room
 /// for what arrived after it. Every side's buffers hold this much.
 pub const MAX_PAYLOAD: usize = 4 * crate::limits::MAX_HEAD_LIMIT;
@@ -246,6 +264,15 @@ mod tests {
         let n = unsafe { libc::recvmsg(fd.as_raw_fd(), msg, libc::MSG_CMSG_CLOEXEC) };
         assert!(n >= 0, "{}", io::Error::last_os_error());
         n as usize
+    }
+
+    #[test]
+    fn a_handed_back_connection_is_known_as_one_where_it_lands() {
+        use crate::access::Arrival;
+        for a in [Arrival::Dispatcher, Arrival::Handback] {
+            assert_eq!(arrival(routed_flags(a)), a);
+            assert_ne!(routed_flags(a) & ROUTED, 0);
+        }
     }
 
     #[test]

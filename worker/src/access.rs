@@ -132,3 +132,66 @@ pub(crate) fn refused(batch: &mut Batch, input: &[u8], status: u16, bytes: u64, 
         user_agent: d.user_agent,
     });
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+    fn report() -> Report<'static> {
+        Report {
+            time_ms: 1,
+            client: None,
+            method: b"GET",
+            target: b"/kept",
+            protocol: b"HTTP/1.1",
+            host: b"h",
+            status: 200,
+            bytes: 0,
+            duration_us: 0,
+            arrival: Arrival::Kernel,
+            referer: b"",
+            user_agent: b"",
+        }
+    }
+
+    #[test]
+    fn a_batch_the_front_end_cannot_take_yet_is_kept_for_the_next_try() {
+        let mut fds = [0; 2];
+        // SAFETY: socketpair(2) writes two fds into the live array.
+        let rc = unsafe {
+            libc::socketpair(
+                libc::AF_UNIX,
+                libc::SOCK_SEQPACKET | libc::SOCK_NONBLOCK,
+                0,
+                fds.as_mut_ptr(),
+            )
+        };
+        assert_eq!(rc, 0);
+        // SAFETY: both fds were just created and are owned here.
+        let (front, worker) =
+            unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        // Fill the channel as a front end that does not read would.
+        let filler = vec![b'x'; 4096];
+        while control::send(worker.as_raw_fd(), &filler).is_ok() {}
+        let mut batch = Batch::new(Some(worker.as_raw_fd()), true).unwrap();
+        batch.push(&report());
+        batch.flush();
+        assert_eq!(batch.count, 1, "kept, not dropped");
+        // The front end catches up; the next flush delivers the kept line.
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            // SAFETY: reading into a live buffer of its length.
+            let n = unsafe { libc::recv(front.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            if n <= 0 {
+                break;
+            }
+        }
+        batch.flush();
+        assert_eq!((batch.count, batch.dropped), (0, 0));
+        // SAFETY: as above.
+        let n = unsafe { libc::recv(front.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        let msg = String::from_utf8_lossy(&buf[..n as usize]).into_owned();
+        assert!(msg.starts_with("access\n1\t-\tGET\t/kept\t"), "{msg}");
+    }
+}

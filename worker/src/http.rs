@@ -420,7 +420,7 @@ fn serialize(
         }
         wbuf.extend_from_slice(&resp.headers);
     }
-    let bodiless = (100..200).contains(&status) || status == 204 || status == 304;
+    let bodiless = bodiless(status);
     if !bodiless {
         wbuf.extend_from_slice(b"Content-Length: ");
         push_decimal(wbuf, resp.body.len() as u64);
@@ -434,6 +434,20 @@ fn serialize(
     wbuf.extend_from_slice(b"\r\n");
     if !head_only && !bodiless {
         wbuf.extend_from_slice(&resp.body);
+    }
+}
+
+/// Statuses whose responses never carry a body (RFC 9110 §6.4.1).
+fn bodiless(status: u16) -> bool {
+    (100..200).contains(&status) || status == 204 || status == 304
+}
+
+/// Bytes of `resp`'s body that go on the wire (none for HEAD and bodiless statuses).
+pub(crate) fn body_bytes_sent(resp: &Response, head_only: bool) -> u64 {
+    if head_only || bodiless(resp.status) {
+        0
+    } else {
+        resp.body.len() as u64
     }
 }
 

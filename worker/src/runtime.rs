@@ -847,12 +847,12 @@ impl<'s, H: Handler> Worker<'s, H> {
         let received = self.handoff_buf.complete(res as usize).map(|h| {
             let mut bytes = Vec::with_capacity(h.bytes.len().max(READ_CHUNK));
             bytes.extend_from_slice(h.bytes);
-            let arrival = if h.flags & handoff::HANDED_BACK != 0 {
-                Arrival::Handback
-            } else {
-                Arrival::Dispatcher
-            };
-            (h.fd, h.flags & handoff::ROUTED != 0, arrival, bytes)
+            (
+                h.fd,
+                h.flags & handoff::ROUTED != 0,
+                handoff::arrival(h.flags),
+                bytes,
+            )
         });
         let closed = matches!(received, Err(HandoffError::Empty))
             && self.shared.handoff.is_some_and(handoff::hung_up);
@@ -1285,17 +1285,8 @@ impl<H: Handler> Dispatch for Dispatcher<'_, H> {
         let resp = call_handler(&self.shared.handler, req, &self.shared.ctx);
         self.shared.publisher.offer(req, &resp);
         if let (Some(batch), Some(started)) = (self.access.as_deref_mut(), started) {
-            let status = resp.status();
-            let bodiless = req.method() == "HEAD"
-                || (100..200).contains(&status)
-                || status == 204
-                || status == 304;
-            let bytes = if bodiless {
-                0
-            } else {
-                resp.body_bytes().len() as u64
-            };
-            access::answered(batch, req, status, bytes, started, self.info);
+            let bytes = http::body_bytes_sent(&resp, req.method() == "HEAD");
+            access::answered(batch, req, resp.status(), bytes, started, self.info);
         }
         resp
     }

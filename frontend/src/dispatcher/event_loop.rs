@@ -89,6 +89,8 @@ struct Conn {
     arrival: Arrival,
     /// When its current request began arriving (the access log's duration).
     started: Instant,
+    /// Its local address, read (once) when a route is bound to an address.
+    local: Option<std::net::IpAddr>,
 }
 
 pub struct Loop {
@@ -353,6 +355,7 @@ impl Loop {
             done: false,
             arrival: Arrival::Dispatcher,
             started: self.now,
+            local: None,
         };
         let slot = self.free.pop().unwrap_or_else(|| {
             self.conns.push(None);
@@ -576,16 +579,17 @@ impl Loop {
     /// Decides what to do with what the connection has sent so far.
     fn process(&mut self, slot: usize) {
         // The head is judged, and the cache asked, while it is borrowed from the buffer.
+        if self.table.routes.has_ip_sites() {
+            if let Some(c) = self.conns[slot].as_mut().filter(|c| c.local.is_none()) {
+                c.local = local_address_of(c.fd);
+            }
+        }
         let (decision, head_len, close, full, answer) = {
             let Some(c) = self.conns[slot].as_ref() else {
                 return;
             };
             let routes = &self.table.routes;
-            let local = if routes.has_ip_sites() {
-                local_address_of(c.fd)
-            } else {
-                None
-            };
+            let local = c.local.filter(|_| routes.has_ip_sites());
             let seen = head::inspect(&c.buf[..c.filled], &self.d.limits, routes, local);
             // The cache first: an entry a pool published answers requests routed there, a
             // static entry any request for its host and path.
@@ -650,10 +654,7 @@ impl Loop {
                 let Some(c) = self.conns[slot].as_ref() else {
                     return;
                 };
-                let flags = match c.arrival {
-                    Arrival::Handback => handoff::ROUTED | handoff::HANDED_BACK,
-                    _ => handoff::ROUTED,
-                };
+                let flags = handoff::routed_flags(c.arrival);
                 match handoff::send(channel, c.fd, flags, &c.buf[..c.filled]) {
                     Ok(()) => {
                         if let Some(n) = self.d.stats.handed_off.get(p.index()) {

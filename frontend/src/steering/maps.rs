@@ -7,8 +7,8 @@ use aya::{
     maps::{Array, HashMap, LpmTrie, MapError, PerCpuArray, ReusePortSockArray, lpm_trie::Key},
 };
 use sluice_common::{
-    HOST_KEY, MAX_PREFIX, PoolSlots, ROUTE_KEY, SITE_EXACT, SITE_IP4, SITE_IP6, SITE_WILDCARD,
-    SiteKey, counter,
+    HOST_KEY, MAX_PREFIX, PoolSlots, ROUTE_KEY, SITE_EXACT, SITE_ID_BYTES, SITE_IP4, SITE_IP6,
+    SITE_WILDCARD, SiteKey, counter,
 };
 use sluice_proto::site::Site;
 
@@ -60,10 +60,10 @@ pub(super) fn set_pool(ebpf: &mut Ebpf, pool: u32, slots: PoolSlots) -> Result<(
 /// prefix's bytes; its length in bits.
 pub(super) fn route_key(site: u32, prefix: &str) -> Key<[u8; ROUTE_KEY]> {
     let mut data = [0u8; ROUTE_KEY];
-    data[..4].copy_from_slice(&site.to_be_bytes());
+    data[..SITE_ID_BYTES].copy_from_slice(&site.to_be_bytes());
     let n = prefix.len().min(MAX_PREFIX);
-    data[4..4 + n].copy_from_slice(&prefix.as_bytes()[..n]);
-    Key::new(((4 + n) * 8) as u32, data)
+    data[SITE_ID_BYTES..SITE_ID_BYTES + n].copy_from_slice(&prefix.as_bytes()[..n]);
+    Key::new(((SITE_ID_BYTES + n) * 8) as u32, data)
 }
 
 /// The site map's key for a named site; None for the wildcards (fixed ids) and for names
@@ -230,8 +230,9 @@ pub(super) fn cached_key(path: &str) -> Option<[u8; ROUTE_KEY]> {
         return None;
     }
     let mut data = [0u8; ROUTE_KEY];
-    data[4..4 + path.len()].copy_from_slice(path.as_bytes());
-    data[4 + path.len()] = b'/';
+    let at = SITE_ID_BYTES + path.len();
+    data[SITE_ID_BYTES..at].copy_from_slice(path.as_bytes());
+    data[at] = b'/';
     Some(data)
 }
 
