@@ -39,6 +39,9 @@ pub const DISPATCHER_SLOT: u32 = 0;
 pub const MAX_CACHED_PATHS: u32 = 4096;
 /// Most listening ports the ack gate knows.
 pub const MAX_GATED_PORTS: u32 = 64;
+/// Most connections of the front end's own (relays to socket pools, health probes) in a
+/// group's `DIRECT` map at once.
+pub const MAX_DIRECT: u32 = 65536;
 
 /// `CONFIG[CFG_MODE]`: how SYNs without data are counted.
 pub const CFG_MODE: u32 = 0;
@@ -53,6 +56,9 @@ pub const KIND_STRONG: u32 = 1 << 1;
 pub const KIND_NAMED: u32 = 1 << 2;
 /// Some route is bound to an IP address: the program reads the packet's destination.
 pub const KIND_IP: u32 = 1 << 3;
+/// `CONFIG[CFG_DIRECT]`: non-zero while the front end has connections of its own in
+/// `DIRECT` (the program skips reading the source address otherwise).
+pub const CFG_DIRECT: u32 = 2;
 pub const CFG_LEN: u32 = 4;
 pub const MODE_SYN: u32 = 0;
 pub const MODE_FIRST_SEGMENT: u32 = 1;
@@ -77,6 +83,27 @@ pub const SITE_IP6: u32 = 4;
 #[cfg(feature = "user")]
 // SAFETY: SiteKey is repr(C): a u32 then bytes, 68 bytes with no padding.
 unsafe impl aya::Pod for SiteKey {}
+
+/// `DIRECT` key: the source of a connection the front end itself opened to one of its
+/// listen addresses, to put it into a given pool's queue (a relay to a socket pool, a health
+/// probe). The source is always one of the host's own addresses, which a packet from outside
+/// cannot carry (the kernel drops such martians), and the port is one the front end holds
+/// bound while the entry exists.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct DirectKey {
+    /// IPv4 in `addr[..4]` (network order), or IPv6.
+    pub addr: [u8; 16],
+    /// The source port in network order, as the TCP header holds it.
+    pub port: u16,
+    /// 4 or 6.
+    pub family: u8,
+    pub _pad: u8,
+}
+
+#[cfg(feature = "user")]
+// SAFETY: DirectKey is repr(C): 16 bytes, a u16 and two u8s, 20 bytes with no padding.
+unsafe impl aya::Pod for DirectKey {}
 
 /// `POOLS[i]`: the pool's sockets in the group's socket array and its state.
 #[repr(C)]
@@ -131,6 +158,8 @@ pub mod counter {
     /// Fallback: the Host line holds what the program does not read (an IPv6 literal, an
     /// empty label, a bad port, other bytes).
     pub const BAD_HOST: u32 = 14;
+    /// Not a fallback: connections of the front end's own put into a pool's queue (`DIRECT`).
+    pub const DIRECT: u32 = 15;
     /// Connections steered in the kernel to pool `i` count at `POOL_BASE + i`.
     pub const POOL_BASE: u32 = 16;
     pub const LEN: u32 = POOL_BASE + super::MAX_POOLS;

@@ -21,7 +21,7 @@ use aya_ebpf::{
     maps::HashMap,
     programs::TcContext,
 };
-use sluice_common::{MAX_GATED_PORTS, counter};
+use sluice_common::{DirectKey, MAX_GATED_PORTS, counter};
 
 use crate::bump;
 
@@ -78,6 +78,23 @@ fn pure_ack(ctx: &TcContext, l4: usize, l4_len: usize) -> Result<Option<(u16, u1
     Ok(Some((sport, dport)))
 }
 
+/// A handshake ACK of the front end's own connection (a probe that sends nothing): let
+/// through, so the connection completes without data and reaches its pool's queue.
+#[inline(always)]
+fn own(family: u8, addr: &[u8], sport: u16) -> bool {
+    if !crate::direct::active() {
+        return false;
+    }
+    let mut key = DirectKey {
+        port: sport,
+        family,
+        ..DirectKey::default()
+    };
+    let n = addr.len().min(16);
+    key.addr[..n].copy_from_slice(&addr[..n]);
+    crate::direct::lookup(&key).is_some()
+}
+
 #[inline(always)]
 fn gate(ctx: &TcContext) -> Result<bool, i64> {
     let proto = u16::from_be(field::<u16>(ctx, 12)?);
@@ -97,8 +114,12 @@ fn gate(ctx: &TcContext) -> Result<bool, i64> {
         let Some((sport, dport)) = pure_ack(ctx, ETH_HLEN + ihl, tot_len.wrapping_sub(ihl))? else {
             return Ok(false);
         };
+        let saddr: u32 = field(ctx, ETH_HLEN + 12)?;
+        if own(4, &saddr.to_ne_bytes(), sport) {
+            return Ok(false);
+        }
         tuple.__bindgen_anon_1.ipv4 = Tuple4 {
-            saddr: field(ctx, ETH_HLEN + 12)?,
+            saddr,
             daddr: field(ctx, ETH_HLEN + 16)?,
             sport,
             dport,
@@ -113,8 +134,16 @@ fn gate(ctx: &TcContext) -> Result<bool, i64> {
         let Some((sport, dport)) = pure_ack(ctx, ETH_HLEN + 40, payload_len)? else {
             return Ok(false);
         };
+        let saddr: [u32; 4] = field(ctx, ETH_HLEN + 8)?;
+        let mut bytes = [0u8; 16];
+        for (i, w) in saddr.iter().enumerate() {
+            bytes[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+        }
+        if own(6, &bytes, sport) {
+            return Ok(false);
+        }
         tuple.__bindgen_anon_1.ipv6 = Tuple6 {
-            saddr: field(ctx, ETH_HLEN + 8)?,
+            saddr,
             daddr: field(ctx, ETH_HLEN + 24)?,
             sport,
             dport,

@@ -244,7 +244,7 @@ pub(crate) fn local_address(ctx: &SkReuseportContext, scratch: &mut Scratch) -> 
 
 /// Reads `len` bytes at `off` from the network header into `dst`.
 #[inline(always)]
-fn load_net(ctx: &SkReuseportContext, off: u32, dst: *mut u8, len: u32) -> bool {
+pub(crate) fn load_net(ctx: &SkReuseportContext, off: u32, dst: *mut u8, len: u32) -> bool {
     const BPF_HDR_START_NET: u32 = 1;
     // SAFETY: `dst` points at `len` writable bytes of the per-CPU scratch value or the stack;
     // aya-ebpf has no safe wrapper for this helper on sk_reuseport contexts.

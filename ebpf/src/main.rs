@@ -13,6 +13,7 @@
 #![no_std]
 #![no_main]
 
+mod direct;
 mod gate;
 mod host;
 mod parse;
@@ -41,6 +42,8 @@ pub(crate) enum Verdict {
     Cookie,
     /// The path is in the front end's cache.
     Cached,
+    /// A connection of the front end's own, for this pool (see `direct`).
+    Direct(u32),
 }
 
 const IPPROTO_TCP: u32 = 6;
@@ -74,7 +77,7 @@ pub(crate) static CACHED: HashMap<[u8; ROUTE_KEY], u8> =
 static POOLS: Array<PoolSlots> = Array::with_max_entries(MAX_POOLS, 0);
 
 #[map]
-static CONFIG: Array<u32> = Array::with_max_entries(CFG_LEN, 0);
+pub(crate) static CONFIG: Array<u32> = Array::with_max_entries(CFG_LEN, 0);
 
 /// See `sluice_common::counter`.
 #[map]
@@ -204,6 +207,11 @@ fn classify(ctx: &SkReuseportContext) -> Verdict {
     if !load(ctx, 0, th.as_mut_ptr(), th.len() as u32) {
         return Verdict::Fallback(counter::NOT_HTTP);
     }
+    if direct::active() {
+        if let Some(pool) = direct::pool(ctx, u16::from_ne_bytes([th[0], th[1]])) {
+            return Verdict::Direct(pool);
+        }
+    }
     let doff = ((th[12] >> 4) as u32) * 4;
     let syn = th[13] & 0x02 != 0;
     if len <= doff {
@@ -262,6 +270,7 @@ fn steer_new(ctx: &SkReuseportContext) -> u32 {
     bump(counter::RUNS);
     let pool = match classify(ctx) {
         Verdict::Pool(p) => p,
+        Verdict::Direct(p) => return to_direct(ctx, p),
         Verdict::Cached => {
             bump(counter::CACHED);
             return to_dispatcher(ctx);
@@ -294,6 +303,24 @@ fn steer_new(ctx: &SkReuseportContext) -> u32 {
     } else {
         bump(counter::SELECT_FAILED);
         to_dispatcher(ctx)
+    }
+}
+
+/// A front-end connection goes to its pool's socket or is refused: the dispatcher would
+/// route it again, to the same relay.
+#[inline(always)]
+fn to_direct(ctx: &SkReuseportContext, pool: u32) -> u32 {
+    let Some(slots) = POOLS.get(pool) else {
+        return SK_DROP;
+    };
+    if slots.count == 0 {
+        return SK_DROP;
+    }
+    if select(ctx, slots.first + ctx.hash() % slots.count) {
+        bump(counter::DIRECT);
+        SK_PASS
+    } else {
+        SK_DROP
     }
 }
 

@@ -105,6 +105,10 @@ pub fn listener(addr: SocketAddr, backlog: i32) -> Result<OwnedFd, SocketError> 
         setopt(raw, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, 1).map_err(err("IPV6_V6ONLY"))?;
     }
     let _ = setopt(raw, libc::IPPROTO_TCP, libc::TCP_FASTOPEN, TFO_QUEUE);
+    // Accepted connections inherit it: a server that writes a head and a body separately
+    // (uvicorn given a socket by fd does not set it itself) would otherwise wait out the
+    // client's delayed ACK, 40 ms per response.
+    setopt(raw, libc::IPPROTO_TCP, libc::TCP_NODELAY, 1).map_err(err("TCP_NODELAY"))?;
     let (ss, len) = sockaddr(&addr);
     // SAFETY: ss/len describe a valid sockaddr for this family.
     cvt(unsafe { libc::bind(raw, (&ss as *const libc::sockaddr_storage).cast(), len) })
@@ -174,5 +178,71 @@ pub fn queued(fd: RawFd) -> io::Result<u32> {
         ))?;
         // On a LISTEN socket tcpi_unacked is the accept-queue length.
         Ok(info.tcpi_unacked)
+    }
+}
+
+/// A non-blocking TCP socket bound to `ip` on a port the kernel picks; returns it and the
+/// port. The front end's own connections into a pool's queue start here (see `direct`).
+pub fn bound_stream(ip: std::net::IpAddr) -> io::Result<(OwnedFd, u16)> {
+    let family = if ip.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    // SAFETY: plain socket(2); the fd is owned right away.
+    let fd = cvt(unsafe {
+        libc::socket(
+            family,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+            0,
+        )
+    })?;
+    // SAFETY: fd was just returned by socket(2) and is owned by nothing else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let (ss, len) = sockaddr(&SocketAddr::new(ip, 0));
+    // SAFETY: ss/len describe a valid sockaddr for this family.
+    cvt(unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&ss as *const libc::sockaddr_storage).cast(),
+            len,
+        )
+    })?;
+    let port = sluice_proto::sockaddr::local(fd.as_raw_fd())
+        .map(|a| a.port())
+        .ok_or_else(|| io::Error::other("getsockname after bind"))?;
+    Ok((fd, port))
+}
+
+/// Starts connecting non-blocking `fd` to `addr`: Ok(true) when connected already, Ok(false)
+/// while in progress (wait for writable, then `connect_result`).
+pub fn connect_start(fd: RawFd, addr: SocketAddr) -> io::Result<bool> {
+    let (ss, len) = sockaddr(&addr);
+    // SAFETY: ss/len describe a valid sockaddr for this family.
+    match cvt(unsafe { libc::connect(fd, (&ss as *const libc::sockaddr_storage).cast(), len) }) {
+        Ok(_) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// The outcome of a non-blocking connect that became writable.
+pub fn connect_result(fd: RawFd) -> io::Result<()> {
+    let mut err: libc::c_int = 0;
+    let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: reads one int into a live variable.
+    cvt(unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_ERROR,
+            (&mut err as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    })?;
+    if err == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::from_raw_os_error(err))
     }
 }

@@ -66,6 +66,14 @@ pub struct DispatcherStatus {
     /// Connections workers handed back for a request routed elsewhere.
     #[serde(default)]
     pub handed_back: u64,
+    /// Connections relayed to socket pools: running now, since start, and those that could
+    /// not be put into their pool's queue.
+    #[serde(default)]
+    pub relays_open: u64,
+    #[serde(default)]
+    pub relays: u64,
+    #[serde(default)]
+    pub relays_failed: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -199,6 +207,16 @@ impl Status {
                 self.dispatcher.handed_back,
             ),
             (
+                "sluice_relays_total",
+                "Connections the front end relayed to socket pools.",
+                self.dispatcher.relays,
+            ),
+            (
+                "sluice_relays_failed_total",
+                "Relays that could not be put into their pool's queue (answered 503).",
+                self.dispatcher.relays_failed,
+            ),
+            (
                 "sluice_program_runs_total",
                 "Runs of the steering program.",
                 self.kernel.program_runs,
@@ -308,11 +326,16 @@ impl Status {
             .map(|(k, v)| format!("{k}={v}"))
             .collect();
         out.push_str(&format!(
-            "dispatcher: accepted={} refused: {} header_timeouts={} dropped_pending={}\n",
+            "dispatcher: accepted={} refused: {} header_timeouts={} dropped_pending={} handed_back={}\n",
             self.dispatcher.accepted,
             refused.join(" "),
             self.dispatcher.header_timeouts,
-            self.dispatcher.dropped_pending
+            self.dispatcher.dropped_pending,
+            self.dispatcher.handed_back,
+        ));
+        out.push_str(&format!(
+            "relays: open={} total={} failed={}\n",
+            self.dispatcher.relays_open, self.dispatcher.relays, self.dispatcher.relays_failed
         ));
         out.push_str(&format!(
             "kernel: program_runs={} syn_cookies={} ack_gate_drops={} cache_steered={}\n",

@@ -168,6 +168,40 @@ impl<T: Copy> RouteTable<T> {
         self.ip.keys().copied()
     }
 
+    /// Requests that between them reach every route a request can reach: each host the
+    /// table names (a wildcard's with a first label), a host it does not name, and none; no
+    /// local address and each one IP-bound routes name; each prefix, `/`, and a path no route
+    /// names. What a check over "every request" walks.
+    pub fn samples(&self) -> Samples {
+        let mut hosts: Vec<Option<String>> = vec![None, Some("sluice-unlisted.invalid".into())];
+        hosts.extend(self.exact.keys().map(|h| Some(h.clone())));
+        hosts.extend(
+            self.wildcard
+                .keys()
+                .map(|s| Some(format!("sluice-sample.{s}"))),
+        );
+        let mut locals = vec![None];
+        locals.extend(self.ip.keys().map(|&a| Some(a)));
+        let mut paths: Vec<String> = vec!["/".into(), "/sluice-unlisted-path".into()];
+        let all = std::iter::once(&self.strong)
+            .chain(self.exact.values())
+            .chain(self.wildcard.values())
+            .chain(self.ip.values())
+            .chain(std::iter::once(&self.weak));
+        for p in all {
+            for (prefix, _) in &p.0 {
+                if !paths.contains(prefix) {
+                    paths.push(prefix.clone());
+                }
+            }
+        }
+        Samples {
+            hosts,
+            locals,
+            paths,
+        }
+    }
+
     /// Whether a request for `host` (normalized) and `path` may reach `pool` through some
     /// local address: what a publication by that pool must satisfy. The cache checks the
     /// request's own route again before it answers.
@@ -182,6 +216,14 @@ impl<T: Copy> RouteTable<T> {
                 .keys()
                 .any(|&a| self.lookup(&q(Some(a))) == Some(pool))
     }
+}
+
+/// See `RouteTable::samples`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Samples {
+    pub hosts: Vec<Option<String>>,
+    pub locals: Vec<Option<IpAddr>>,
+    pub paths: Vec<String>,
 }
 
 fn matches(prefix: &str, path: &str) -> bool {

@@ -53,6 +53,28 @@ pub fn bin_dir() -> PathBuf {
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release"))
 }
 
+/// The test worker scripts and applications (`tests/workers`, or the copy `cargo xtask
+/// test` made where pool uids can reach it).
+pub fn workers_dir() -> PathBuf {
+    std::env::var_os("SLUICE_TEST_WORKERS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("workers"))
+}
+
+/// The `bin` folder of the virtual environment holding gunicorn, uvicorn and websockets
+/// (`cargo xtask test` makes it).
+pub fn apps_bin() -> PathBuf {
+    let p = std::env::var_os("SLUICE_TEST_APPS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../.tools/apps/bin"));
+    assert!(
+        p.join("gunicorn").exists(),
+        "{} has no gunicorn: run the tests with `cargo xtask test`",
+        p.display()
+    );
+    p
+}
+
 pub fn sluice_bin() -> PathBuf {
     let p = bin_dir().join("sluice");
     assert!(
@@ -167,9 +189,16 @@ pub struct Sluice {
     pub log: PathBuf,
 }
 
-/// A config template: `{admin}`, `{hello}`, `{echo}`, `{crash}`, `{files}` are filled in.
+/// A config template: `{admin}`, `{hello}`, `{echo}`, `{crash}`, `{files}` are filled in, and
+/// `{apps}` (the application servers' `bin`) and `{workers}` (the worker scripts' folder).
 pub fn config(template: &str, admin: &Path) -> String {
     let mut t = template.replace("{admin}", &admin.display().to_string());
+    if t.contains("{apps}") {
+        t = t.replace("{apps}", &apps_bin().display().to_string());
+    }
+    if t.contains("{workers}") {
+        t = t.replace("{workers}", &workers_dir().display().to_string());
+    }
     for name in ["hello", "echo", "crash", "files"] {
         let key = format!("{{{name}}}");
         if t.contains(&key) {

@@ -119,10 +119,7 @@ fn two_hundred_cold_starts_never_answer_from_the_wrong_pool() {
 /// The hostile worker script (`cargo xtask test` says where, for a checkout other users cannot
 /// reach).
 fn rogue() -> PathBuf {
-    std::env::var_os("SLUICE_TEST_WORKERS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("workers"))
-        .join("rogue.py")
+    workers_dir().join("rogue.py")
 }
 
 const ROGUE: &str = r#"

@@ -2,6 +2,7 @@
 //! benchmark. Every step installs what it needs when it is missing and is quick the second
 //! time.
 
+mod apps;
 mod bench;
 mod fuzz;
 mod toolchain;
@@ -209,11 +210,13 @@ fn test(args: &[String]) -> Result<()> {
     let root = root();
     let obj = root.join("target/ebpf/bpfel-unknown-none/release/sluice-ebpf");
     let (bins, workers) = reachable_binaries(&root)?;
+    let apps = apps::ensure(&root, bins.starts_with(&root))?;
     let mut cmd = cargo();
     cmd.current_dir(&root)
         .env("SLUICE_EBPF_OBJECT", &obj)
         .env("SLUICE_BIN_DIR", &bins)
         .env("SLUICE_TEST_WORKERS", &workers)
+        .env("SLUICE_TEST_APPS", &apps)
         .args([
             "test",
             "--release",

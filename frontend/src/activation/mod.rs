@@ -6,6 +6,8 @@
 
 pub mod control;
 mod identity;
+mod output;
+pub mod probe;
 mod seccomp;
 mod spawn;
 
@@ -22,7 +24,7 @@ pub use spawn::Launch;
 
 use self::control::{ToFrontend, ToWorker};
 use crate::access_log::{AccessLog, Record};
-use crate::config::{Activation, Start};
+use crate::config::{Activation, Runs, Start, WorkerKind};
 use crate::pool::PoolId;
 
 /// A worker that lived this long before exiting is not restarted with back-off.
@@ -77,6 +79,10 @@ pub struct PoolLaunch {
     pub settings: WorkerSettings,
     /// The pool's own `env`.
     pub env: Vec<(String, String)>,
+    /// What its workers are, and how a socket worker is checked.
+    pub runs: Runs,
+    /// The `Host` of its health checks (its first route's host, or the listen address).
+    pub probe_host: String,
 }
 
 /// A cache publication from a worker, with what the front end needs to judge its sender.
@@ -93,7 +99,8 @@ pub struct Published {
 
 struct Worker {
     pid: libc::pid_t,
-    control: OwnedFd,
+    /// A sluice-worker's control channel; a socket worker has none.
+    control: Option<OwnedFd>,
     started: Instant,
     /// Answered its first ping (or pings are off).
     ready: bool,
@@ -130,6 +137,14 @@ struct Pool {
     requests_gone: u64,
     last_total: u64,
     last_activity: Instant,
+    runs: Runs,
+    probe_host: String,
+    /// A probe of this pool is running.
+    probing: bool,
+    /// No health check of ready workers starts before this.
+    next_probe: Instant,
+    /// No readiness probe starts before this (after one failed).
+    retry_probe: Instant,
 }
 
 /// What status reports about a worker.
@@ -154,6 +169,8 @@ pub struct Supervisor {
     /// Sent to every worker before it starts (the route table and the cached keys).
     greeting: Vec<Vec<u8>>,
     access_log: Option<AccessLog>,
+    /// Checks socket workers (None: they count as ready once started).
+    prober: Option<probe::Prober>,
 }
 
 fn backoff(quick_exits: u32) -> Duration {
@@ -175,6 +192,7 @@ impl Supervisor {
             seq: 0,
             greeting: Vec::new(),
             access_log: None,
+            prober: None,
         };
         for p in pools {
             s.add(p)?;
@@ -197,7 +215,26 @@ impl Supervisor {
             Some(uid) => (uid, p.activation.gid.unwrap_or(uid)),
             None => (own, p.activation.gid.unwrap_or(own)),
         };
-        Launch::new(&p.program, &p.args, fds, &names, &env, Some((uid, gid)))
+        let socket = p.runs.kind == WorkerKind::Socket;
+        let setup = spawn::Setup {
+            control: !socket,
+            cwd: p.runs.cwd.as_deref(),
+            capture: socket,
+        };
+        Launch::new(
+            &p.program,
+            &p.args,
+            fds,
+            &names,
+            &env,
+            Some((uid, gid)),
+            setup,
+        )
+    }
+
+    /// Socket workers are checked through `prober` from now on.
+    pub fn set_prober(&mut self, prober: probe::Prober) {
+        self.prober = Some(prober);
     }
 
     /// A new pool, with the next id.
@@ -227,6 +264,11 @@ impl Supervisor {
             requests_gone: 0,
             last_total: 0,
             last_activity: now,
+            runs: p.runs,
+            probe_host: p.probe_host,
+            probing: false,
+            next_probe: now,
+            retry_probe: now,
         });
         Ok(())
     }
@@ -238,6 +280,8 @@ impl Supervisor {
         };
         let launch = Self::launch(pool.own_uid, &p)?;
         pool.launch = launch;
+        pool.runs = p.runs;
+        pool.probe_host = p.probe_host;
         pool.policy = p.activation;
         pool.processes = p.processes;
         pool.demand = p.demand;
@@ -284,7 +328,11 @@ impl Supervisor {
             if p.state == PoolState::Idle {
                 out.extend(p.demand.iter().map(|&fd| (fd, i, 0)));
             }
-            out.extend(p.workers.iter().map(|w| (w.control.as_raw_fd(), i, w.pid)));
+            out.extend(
+                p.workers
+                    .iter()
+                    .filter_map(|w| Some((w.control.as_ref()?.as_raw_fd(), i, w.pid))),
+            );
         }
         out
     }
@@ -294,8 +342,11 @@ impl Supervisor {
         let messages: Vec<Vec<u8>> = messages.iter().map(ToWorker::encode).collect();
         for p in &self.pools {
             for w in p.workers.iter().filter(|w| w.retiring.is_none()) {
+                let Some(control) = &w.control else {
+                    continue;
+                };
                 for m in &messages {
-                    if let Err(e) = control::send(w.control.as_raw_fd(), m) {
+                    if let Err(e) = control::send(control.as_raw_fd(), m) {
                         log::warn!("pool {}: telling worker {}: {e}", p.name, w.pid);
                     }
                 }
@@ -331,7 +382,10 @@ impl Supervisor {
         let Some(w) = p.workers.iter_mut().find(|w| w.pid == pid) else {
             return published;
         };
-        let received = control::receive(w.control.as_raw_fd());
+        let Some(control) = &w.control else {
+            return published;
+        };
+        let received = control::receive(control.as_raw_fd());
         // A closed end means the worker is exiting: reap() will see it.
         for m in received.messages {
             match m {
@@ -379,6 +433,11 @@ impl Supervisor {
     /// queue length now.
     pub fn tick(&mut self, now: Instant, activity: &[u64], queued: &[u64]) -> Vec<Event> {
         let mut events = Vec::new();
+        let outcomes = self
+            .prober
+            .as_ref()
+            .map(probe::Prober::finished)
+            .unwrap_or_default();
         for (index, p) in self.pools.iter_mut().enumerate() {
             let i = PoolId::new(index);
             let total = activity.get(index).copied().unwrap_or(0)
@@ -416,6 +475,13 @@ impl Supervisor {
                 continue;
             }
             let mut failed = 0;
+            for o in outcomes.iter().filter(|o| o.pool == i) {
+                p.probing = false;
+                failed += Self::probed(p, o, now);
+            }
+            if let Some(prober) = &self.prober {
+                Self::probe(p, i, prober, now);
+            }
             for w in &mut p.workers {
                 if w.retiring.is_some() {
                     continue;
@@ -432,7 +498,7 @@ impl Supervisor {
                     failed += 1;
                     continue;
                 }
-                if !p.policy.ping_interval.is_zero() && w.ready {
+                if !p.policy.ping_interval.is_zero() && w.ready && w.control.is_some() {
                     match w.ping {
                         Some((_, sent)) if now.duration_since(sent) > p.policy.ping_timeout => {
                             log::warn!(
@@ -449,8 +515,10 @@ impl Supervisor {
                         None if now.duration_since(w.last_pong) >= p.policy.ping_interval => {
                             self.seq += 1;
                             let ping = ToWorker::Ping(self.seq).encode();
-                            if control::send(w.control.as_raw_fd(), &ping).is_ok() {
-                                w.ping = Some((self.seq, now));
+                            if let Some(control) = &w.control {
+                                if control::send(control.as_raw_fd(), &ping).is_ok() {
+                                    w.ping = Some((self.seq, now));
+                                }
                             }
                         }
                         _ => {}
@@ -516,7 +584,10 @@ impl Supervisor {
             if fresh < wanted_fresh && now >= p.next_start {
                 for _ in fresh..wanted_fresh {
                     let restarts = p.vacated.pop().map(|r| r + 1).unwrap_or(0);
-                    if let Err(e) = Self::spawn(p, now, restarts, &mut self.seq, &self.greeting) {
+                    let probes = self.prober.is_some();
+                    if let Err(e) =
+                        Self::spawn(p, now, restarts, &mut self.seq, &self.greeting, probes)
+                    {
                         let hint = if e.kind() == io::ErrorKind::PermissionDenied {
                             format!(
                                 " (its workers run as uid {}, which must be able to reach and \
@@ -547,21 +618,31 @@ impl Supervisor {
         restarts: u32,
         seq: &mut u64,
         greeting: &[Vec<u8>],
+        probes: bool,
     ) -> io::Result<()> {
-        let (ours, theirs) = control::pair()?;
-        // Queued before the worker runs: it reads them when it starts.
-        for m in greeting {
-            control::send(ours.as_raw_fd(), m)?;
-        }
-        let pid = p.launch.spawn(theirs.as_raw_fd())?;
-        drop(theirs);
+        let (pid, control, ready) = if p.launch.has_control() {
+            let (ours, theirs) = control::pair()?;
+            // Queued before the worker runs: it reads them when it starts.
+            for m in greeting {
+                control::send(ours.as_raw_fd(), m)?;
+            }
+            let (pid, _) = p.launch.spawn(Some(theirs.as_raw_fd()))?;
+            (pid, Some(ours), p.policy.ping_interval.is_zero())
+        } else {
+            let (pid, out) = p.launch.spawn(None)?;
+            if let Some(out) = out {
+                output::forward(p.name.clone(), pid, out);
+            }
+            // Ready once a probe says so (see `probe`), or at once when nothing probes.
+            (pid, None, !probes)
+        };
         log::info!("pool {}: started worker {pid}", p.name);
-        let pings = !p.policy.ping_interval.is_zero();
+        let pings = control.is_some() && !p.policy.ping_interval.is_zero();
         let mut w = Worker {
             pid,
-            control: ours,
+            control,
             started: now,
-            ready: !pings,
+            ready,
             requests: 0,
             rss_kib: 0,
             last_pong: now,
@@ -570,14 +651,85 @@ impl Supervisor {
             recycle: false,
             restarts,
         };
-        if pings {
+        if let (true, Some(control)) = (pings, &w.control) {
             // The first pong says the worker is up.
             *seq += 1;
-            let _ = control::send(w.control.as_raw_fd(), &ToWorker::Ping(*seq).encode());
+            let _ = control::send(control.as_raw_fd(), &ToWorker::Ping(*seq).encode());
             w.ping = Some((*seq, now));
         }
         p.workers.push(w);
         Ok(())
+    }
+
+    /// Starts a probe of a socket pool when one is due: readiness while a worker is not
+    /// ready, then a health check every `health.interval`.
+    fn probe(p: &mut Pool, i: PoolId, prober: &probe::Prober, now: Instant) {
+        if p.runs.kind != WorkerKind::Socket || p.probing {
+            return;
+        }
+        let live = p.workers.iter().filter(|w| w.retiring.is_none());
+        if live.clone().next().is_none() {
+            return;
+        }
+        let unready = live.clone().any(|w| !w.ready);
+        let due = if unready { p.retry_probe } else { p.next_probe };
+        if now < due {
+            return;
+        }
+        let (check, timeout) = match (&p.runs.health, unready) {
+            (Some(h), _) => (
+                probe::Check::Get {
+                    path: h.path.clone(),
+                    host: p.probe_host.clone(),
+                },
+                h.timeout,
+            ),
+            (None, true) => (probe::Check::Accept, p.policy.startup_time_limit),
+            (None, false) => return,
+        };
+        p.probing = true;
+        prober.start(i, check, timeout, now);
+    }
+
+    /// A probe of pool `p` finished; returns the failures it counts (0 or 1).
+    fn probed(p: &mut Pool, o: &probe::Outcome, now: Instant) -> u32 {
+        let interval = p.runs.health.as_ref().map_or(Duration::MAX, |h| h.interval);
+        p.next_probe = now.checked_add(interval).unwrap_or(now);
+        let waiting = |w: &Worker| !w.ready && w.retiring.is_none() && w.started <= o.sent;
+        match &o.result {
+            Ok(()) => {
+                for w in p.workers.iter_mut().filter(|w| waiting(w)) {
+                    w.ready = true;
+                    log::info!("pool {}: worker {} is ready", p.name, w.pid);
+                }
+                0
+            }
+            Err(why) if p.workers.iter().any(waiting) => {
+                // Not up yet: try again soon; `startup_time_limit` decides when it failed.
+                log::debug!("pool {}: readiness probe: {why}", p.name);
+                p.retry_probe = now + Duration::from_millis(200);
+                0
+            }
+            Err(why) => {
+                // IIS replaces a worker that fails its ping; here the longest-running one.
+                let Some(w) = p
+                    .workers
+                    .iter_mut()
+                    .filter(|w| w.ready && w.retiring.is_none() && w.started <= o.sent)
+                    .min_by_key(|w| w.started)
+                else {
+                    return 0;
+                };
+                log::warn!(
+                    "pool {}: health check failed ({why}); killing worker {}",
+                    p.name,
+                    w.pid
+                );
+                signal(w.pid, libc::SIGKILL);
+                w.retiring = Some(now);
+                1
+            }
+        }
     }
 
     fn retire_overdue(p: &mut Pool, now: Instant) {
@@ -793,7 +945,9 @@ impl Supervisor {
 fn retire(w: &mut Worker, now: Instant) {
     if w.retiring.is_none() {
         w.retiring = Some(now);
-        let _ = control::send(w.control.as_raw_fd(), &ToWorker::Stop.encode());
+        if let Some(control) = &w.control {
+            let _ = control::send(control.as_raw_fd(), &ToWorker::Stop.encode());
+        }
         signal(w.pid, libc::SIGTERM);
     }
 }

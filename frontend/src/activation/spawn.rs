@@ -12,7 +12,10 @@
 use std::{
     ffi::CString,
     io,
-    os::{fd::RawFd, unix::ffi::OsStrExt},
+    os::{
+        fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
+        unix::ffi::OsStrExt,
+    },
     path::Path,
 };
 
@@ -36,6 +39,19 @@ pub struct Launch {
     identity: Option<(u32, u32)>,
     /// Keeps the worker's hands off the reuseport groups' steering program.
     filter: super::seccomp::Filter,
+    /// A sluice-worker gets a control fd last; a socket worker only its pool's sockets.
+    control: bool,
+    /// Working directory.
+    cwd: Option<CString>,
+    /// Its stdout and stderr go to a pipe the front end reads (and logs, prefixed).
+    capture: bool,
+}
+
+/// How a worker process is set up beside its fds and environment.
+pub struct Setup<'a> {
+    pub control: bool,
+    pub cwd: Option<&'a Path>,
+    pub capture: bool,
 }
 
 fn cstring(bytes: &[u8]) -> io::Result<CString> {
@@ -54,6 +70,7 @@ impl Launch {
         names: &[String],
         env: &[(String, String)],
         identity: Option<(u32, u32)>,
+        setup: Setup<'_>,
     ) -> io::Result<Launch> {
         let program = cstring(program.as_os_str().as_bytes())?;
         let mut argv = vec![program.clone()];
@@ -76,8 +93,12 @@ impl Launch {
                 push(k, v);
             }
         }
-        push(LISTEN_FDS, &(fds.len() + 1).to_string());
-        push(LISTEN_FDNAMES, &format!("{}:{FD_CONTROL}", names.join(":")));
+        let mut names = names.to_vec();
+        if setup.control {
+            names.push(FD_CONTROL.to_owned());
+        }
+        push(LISTEN_FDS, &names.len().to_string());
+        push(LISTEN_FDNAMES, &names.join(":"));
         let mut env = entries;
         let mut pid_slot = LISTEN_PID.to_vec();
         pid_slot.resize(LISTEN_PID.len() + PID_ROOM, 0);
@@ -89,7 +110,18 @@ impl Launch {
             fds,
             identity,
             filter: super::seccomp::Filter::new(),
+            control: setup.control,
+            cwd: setup
+                .cwd
+                .map(|c| cstring(c.as_os_str().as_bytes()))
+                .transpose()?,
+            capture: setup.capture,
         })
+    }
+
+    /// Whether the worker speaks the control protocol.
+    pub fn has_control(&self) -> bool {
+        self.control
     }
 
     /// The uid the worker runs as.
@@ -104,11 +136,24 @@ impl Launch {
         Path::new(std::ffi::OsStr::from_bytes(self.program.as_bytes()))
     }
 
-    /// Forks and execs the worker with `control` as its last fd; returns its pid once exec
-    /// has succeeded.
-    pub fn spawn(&mut self, control: RawFd) -> io::Result<libc::pid_t> {
+    /// Forks and execs the worker with `control` as its last fd (a sluice-worker); returns
+    /// its pid once exec has succeeded, and the read end of its output when captured.
+    pub fn spawn(&mut self, control: Option<RawFd>) -> io::Result<(libc::pid_t, Option<OwnedFd>)> {
         let mut fds = self.fds.clone();
-        fds.push(control);
+        fds.extend(control);
+        let output = if self.capture {
+            let mut p = [0; 2];
+            // SAFETY: pipe2 writes two fds into the array.
+            if unsafe { libc::pipe2(p.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // SAFETY: both fds were just created and are owned by nothing else.
+            Some(unsafe { (OwnedFd::from_raw_fd(p[0]), OwnedFd::from_raw_fd(p[1])) })
+        } else {
+            None
+        };
+        let out_fd = output.as_ref().map_or(-1, |(_, w)| w.as_raw_fd());
+        let cwd = self.cwd.as_ref().map_or(std::ptr::null(), |c| c.as_ptr());
         let mut argv: Vec<*const libc::c_char> = self.argv.iter().map(|a| a.as_ptr()).collect();
         argv.push(std::ptr::null());
         let pid_at = self.env.len() - 1;
@@ -154,6 +199,8 @@ impl Launch {
                     identity,
                     &self.filter,
                     pipe[1],
+                    out_fd,
+                    cwd,
                 )
             }
         }
@@ -169,7 +216,8 @@ impl Launch {
                 return Err(io::Error::from_raw_os_error(i32::from_ne_bytes(errno)));
             }
         }
-        Ok(pid)
+        // Our copy of the write end closes here: EOF once the worker (and its children) are gone.
+        Ok((pid, output.map(|(r, _)| r)))
     }
 }
 
@@ -186,6 +234,8 @@ unsafe fn child(
     identity: Option<(u32, u32)>,
     filter: &super::seccomp::Filter,
     report: RawFd,
+    output: RawFd,
+    cwd: *const libc::c_char,
 ) -> ! {
     unsafe {
         let fail = |report: RawFd| -> ! {
@@ -206,6 +256,13 @@ unsafe fn child(
         libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
         if libc::getppid() == 1 {
             libc::_exit(0);
+        }
+        // Output first: the fd dance below may reuse the pipe's number.
+        if output >= 0 && (libc::dup2(output, 1) < 0 || libc::dup2(output, 2) < 0) {
+            fail(report);
+        }
+        if !cwd.is_null() && libc::chdir(cwd) < 0 {
+            fail(report);
         }
         // Move the fds above the target range first so dup2 cannot clobber a source.
         let mut moved = [0 as RawFd; 64];

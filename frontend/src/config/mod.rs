@@ -19,6 +19,9 @@ use sluice_proto::site::Site;
 
 mod identity;
 mod units;
+mod worker;
+
+pub use worker::{Health, Routing, Runs, WorkerKind};
 
 /// One problem in a config file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -291,6 +294,13 @@ struct RawPool {
     /// The workers' whole environment (but the contract's `SLUICE_*` and `LISTEN_*`).
     #[serde(default)]
     env: std::collections::BTreeMap<String, String>,
+    /// What the workers are: a sluice-worker program or any server of inherited sockets.
+    #[serde(default)]
+    worker: WorkerKind,
+    cwd: Option<PathBuf>,
+    health: Option<worker::RawHealth>,
+    proxy_protocol: Option<bool>,
+    routing: Option<Routing>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -412,6 +422,8 @@ pub struct Pool {
     pub activation: Activation,
     /// The pool's `env` table.
     pub env: Vec<(String, String)>,
+    /// What its workers are and how they are checked.
+    pub runs: Runs,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -579,7 +591,30 @@ impl Config {
                     );
                 }
             }
+            let mut sluice_only = Vec::new();
+            if p.threads.is_some() {
+                sluice_only.push("threads");
+            }
+            if p.ping_interval.is_some() {
+                sluice_only.push("ping_interval");
+            }
+            if p.ping_timeout.is_some() {
+                sluice_only.push("ping_timeout");
+            }
+            let runs = worker::runs(
+                worker::RawRuns {
+                    kind: p.worker,
+                    cwd: p.cwd.as_deref(),
+                    health: p.health.as_ref(),
+                    proxy_protocol: p.proxy_protocol,
+                    routing: p.routing,
+                    sluice_only,
+                },
+                &base,
+                &mut |k, r| bad(key(k), r),
+            );
             pools.push(Pool {
+                runs,
                 name: p.name.clone(),
                 program,
                 args: p.command.iter().skip(1).cloned().collect(),
@@ -654,6 +689,10 @@ impl Config {
                     routes.push(Route { site, prefix, pool });
                 }
             }
+        }
+
+        for (pool, reason) in worker::shared_hosts(&pools, &routes) {
+            bad(format!("pool[{pool}].routing"), reason);
         }
 
         let mut limits = Limits::default();
@@ -887,6 +926,31 @@ impl Config {
     }
 
     /// Names of pools no route leads to (served only if a later config routes to them).
+    /// Some pool runs `worker = "socket"`: the front end relays to it.
+    pub fn has_socket_pools(&self) -> bool {
+        self.pools.iter().any(|p| p.runs.kind == WorkerKind::Socket)
+    }
+
+    /// The `Host` the front end's health checks of pool `i` name: the host of its first
+    /// route that names one, else the first listen address.
+    pub fn probe_host(&self, pool: usize) -> String {
+        use sluice_proto::site::Site;
+        let named = self
+            .routes
+            .iter()
+            .filter(|r| r.pool == pool)
+            .find_map(|r| match &r.site {
+                Site::Exact(h) => Some(h.clone()),
+                Site::Wildcard(s) => Some(format!("health.{s}")),
+                _ => None,
+            });
+        named.unwrap_or_else(|| {
+            self.listen
+                .first()
+                .map_or_else(|| "localhost".into(), |a| a.to_string())
+        })
+    }
+
     pub fn unrouted_pools(&self) -> Vec<&str> {
         self.pools
             .iter()

@@ -8,7 +8,7 @@
 use std::{
     collections::VecDeque,
     io,
-    os::fd::{IntoRawFd, RawFd},
+    os::fd::{FromRawFd, IntoRawFd, RawFd},
     sync::{Arc, atomic::Ordering},
     time::{Duration, Instant},
 };
@@ -649,6 +649,9 @@ impl Loop {
             other => other,
         };
         match decision {
+            Decision::Pool(p) if self.table.pool(p).is_some_and(|e| e.relay) => {
+                self.relay(slot, p);
+            }
             Decision::Pool(p) => {
                 let channel = self.table.pool(p).map_or(-1, |e| e.handoff);
                 let Some(c) = self.conns[slot].as_ref() else {
@@ -671,6 +674,40 @@ impl Loop {
             Decision::Refuse(code, why) => self.refuse(slot, code, why),
             Decision::NeedMore => {}
         }
+    }
+
+    /// A socket pool's connection: the relay joins it to a connection into the pool's
+    /// queue, with the bytes read so far.
+    fn relay(&mut self, slot: usize, p: PoolId) {
+        let Some(c) = self.conns[slot].as_ref() else {
+            return;
+        };
+        let Some(relay) = self.d.relay.as_ref() else {
+            self.refuse(slot, 503, "the application pool cannot be reached");
+            return;
+        };
+        // SAFETY: duplicates the connection's fd; the copy is owned right away, and the
+        // slot's own copy closes below as after a handoff.
+        let fd = unsafe { libc::fcntl(c.fd, libc::F_DUPFD_CLOEXEC, 0) };
+        if fd < 0 {
+            log::warn!("relay to pool {p}: {}", io::Error::last_os_error());
+            self.refuse(slot, 503, "the application pool cannot be reached");
+            return;
+        }
+        let job = crate::relay::Job {
+            // SAFETY: `fd` was just made by F_DUPFD and is owned by nothing else.
+            client: unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) },
+            bytes: c.buf[..c.filled].to_vec(),
+            pool: p,
+        };
+        if relay.send(job).is_err() {
+            self.refuse(slot, 503, "the application pool cannot be reached");
+            return;
+        }
+        if let Some(n) = self.d.stats.handed_off.get(p.index()) {
+            n.fetch_add(1, Ordering::Relaxed);
+        }
+        self.close(slot);
     }
 
     fn refuse(&mut self, slot: usize, code: u16, why: &str) {

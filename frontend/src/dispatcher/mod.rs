@@ -112,6 +112,8 @@ pub struct PoolEntry {
     /// A reload removed the pool: nothing routes to it, and connections still in its handoff
     /// channel are routed afresh.
     pub removed: bool,
+    /// A socket pool: its connections go through the relay, not the handoff channel.
+    pub relay: bool,
 }
 
 /// The routes and pools the dispatcher works with; a reload swaps in a new one.
@@ -197,6 +199,8 @@ pub struct Dispatcher {
     pub idle_timeout: Duration,
     /// Lines for what the dispatcher answers itself (cache hits, refusals).
     pub access_log: Option<crate::access_log::AccessLog>,
+    /// Carries connections to socket pools.
+    pub relay: Option<crate::relay::Relay>,
 }
 
 pub fn run(d: Dispatcher) -> io::Result<()> {

@@ -74,6 +74,8 @@ struct Frontend {
     access_log: Option<AccessLog>,
     /// systemd's notify socket, under a `Type=notify` unit.
     notify: Option<notify::Notifier>,
+    /// Joins dispatcher-routed connections to socket pools.
+    relay: crate::relay::Relay,
     /// Restores changed sysctls on drop (last).
     restore: sysctl::Restore,
 }
@@ -225,6 +227,20 @@ impl Frontend {
         };
         let mut supervisor = Supervisor::new(Vec::new())?;
         supervisor.set_access_log(access_log.clone());
+        // The front end's own connections into pool queues: relays to socket pools and
+        // their probes, all through group 0.
+        let direct = crate::direct::Direct::new(
+            steering.take_direct()?,
+            *config
+                .listen
+                .first()
+                .context("the config has no listen address")?,
+        );
+        supervisor.set_prober(crate::activation::probe::Prober::new(direct.clone()));
+        let relay = crate::relay::Relay::spawn(direct).context("starting the relay thread")?;
+        if config.has_socket_pools() {
+            steering.enable_direct()?;
+        }
         let mut fe = Frontend {
             config: config.clone(),
             steering,
@@ -247,6 +263,7 @@ impl Frontend {
             dispatch_thread: None,
             guard: Guard::new(&config.listen),
             greeting_due: false,
+            relay: relay.clone(),
             restore,
         };
         let ids: Vec<Option<PoolId>> = config
@@ -283,6 +300,7 @@ impl Frontend {
             cache: fe.cache.clone(),
             idle_timeout: config.limits.idle_timeout,
             access_log,
+            relay: Some(relay.clone()),
         };
         fe.dispatch_thread = Some(
             std::thread::Builder::new()

@@ -14,7 +14,7 @@ use sluice_proto::env::{FD_HANDOFF, FD_POOL, WorkerSettings};
 use super::Frontend;
 use crate::{
     activation::PoolLaunch,
-    config,
+    config::{self, WorkerKind},
     dispatcher::PoolEntry,
     pool::PoolId,
     sockets::{self, HandoffPair},
@@ -61,6 +61,7 @@ impl PoolRt {
             listeners: self.listeners.iter().map(|fd| fd.as_raw_fd()).collect(),
             handoff_workers: self.handoff.workers.as_raw_fd(),
             removed: self.removed.is_some(),
+            relay: self.config.runs.kind == WorkerKind::Socket,
         }
     }
 
@@ -84,9 +85,13 @@ impl PoolRt {
             .iter()
             .map(|fd| (fd.as_raw_fd(), FD_POOL.to_owned()))
             .collect();
-        fds.push((self.handoff.workers.as_raw_fd(), FD_HANDOFF.to_owned()));
         let mut demand: Vec<RawFd> = self.listeners.iter().map(|fd| fd.as_raw_fd()).collect();
-        demand.push(self.handoff.workers.as_raw_fd());
+        // A socket worker gets its listening sockets and nothing else.
+        if self.config.runs.kind == WorkerKind::Sluice {
+            fds.push((self.handoff.workers.as_raw_fd(), FD_HANDOFF.to_owned()));
+            demand.push(self.handoff.workers.as_raw_fd());
+        }
+        let index = c.pools.iter().position(|p| p.name == self.config.name);
         PoolLaunch {
             name: self.config.name.clone(),
             program: self.config.program.clone(),
@@ -98,6 +103,8 @@ impl PoolRt {
             demand,
             settings: worker_settings(&self.config, limits, cache, c.access_log.is_some()),
             env: self.config.env.clone(),
+            runs: self.config.runs.clone(),
+            probe_host: index.map_or_else(|| "localhost".into(), |i| c.probe_host(i)),
         }
     }
 }

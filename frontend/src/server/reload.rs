@@ -63,6 +63,9 @@ impl Frontend {
         }
 
         let mut summary = Vec::new();
+        if new.has_socket_pools() {
+            self.steering.enable_direct()?;
+        }
         // 1. New pools: sockets, slots, workers (on demand or always).
         for &i in &added {
             self.add_pool(&new.pools[i])?;

@@ -72,6 +72,9 @@ impl Frontend {
                 header_timeouts: self.stats.timeouts.load(Relaxed),
                 dropped_pending: self.stats.dropped.load(Relaxed),
                 handed_back: self.stats.handed_back.load(Relaxed),
+                relays_open: self.relay.stats.open.load(Relaxed),
+                relays: self.relay.stats.started.load(Relaxed),
+                relays_failed: self.relay.stats.failed.load(Relaxed),
             },
             kernel: KernelStatus {
                 program_runs: counters.get(counter::RUNS),

@@ -140,6 +140,31 @@ impl Steering {
         Ok(())
     }
 
+    /// Group 0's `DIRECT` map, for the front end's own connections into pool queues (see
+    /// `crate::direct`); the program reads sources only once `enable_direct` ran.
+    pub fn take_direct(&mut self) -> Result<crate::direct::DirectMap, SteeringError> {
+        let ebpf = self
+            .groups
+            .first_mut()
+            .ok_or(SteeringError::Missing("DIRECT"))?;
+        let map = ebpf
+            .take_map("DIRECT")
+            .ok_or(SteeringError::Missing("DIRECT"))?;
+        map.try_into().map_err(|cause| SteeringError::Map {
+            what: "DIRECT".into(),
+            cause,
+        })
+    }
+
+    /// The program looks up the source of new connections in `DIRECT` (some pool is a
+    /// socket pool). Only group 0 takes such connections.
+    pub fn enable_direct(&mut self) -> Result<(), SteeringError> {
+        match self.groups.first_mut() {
+            Some(e) => maps::set_config(e, sluice_common::CFG_DIRECT, 1),
+            None => Ok(()),
+        }
+    }
+
     pub fn set_mode(&mut self, mode: u32) -> Result<(), SteeringError> {
         self.groups
             .iter_mut()

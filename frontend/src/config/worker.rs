@@ -1,0 +1,242 @@
+//! What a pool runs: a `sluice-worker` program (the control channel, hand-offs, hand-backs)
+//! or any server that takes inherited listening sockets (`worker = "socket"`), and for the
+//! latter how its readiness and health are judged and how its connections are routed.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::Deserialize;
+use sluice_proto::route::RouteTable;
+
+use super::{Pool, Route, units};
+
+/// The protocol a pool's workers speak with the front end.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum WorkerKind {
+    /// A program built on `sluice-worker`: pool sockets, the handoff channel and the control
+    /// channel.
+    #[default]
+    Sluice,
+    /// Any server that serves inherited listening sockets (gunicorn `--bind fd://3`, uvicorn
+    /// `--fd 3`, Node `listen({fd: 3})`): it gets its pool's sockets only.
+    Socket,
+}
+
+/// What decides the pool of a request on a connection steered to a socket pool.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Routing {
+    /// Every request goes to its own route's pool (a socket pool must then own its hosts).
+    #[default]
+    Request,
+    /// The first request of a connection decides the pool of the whole connection.
+    Connection,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawHealth {
+    path: String,
+    interval: Option<String>,
+    timeout: Option<String>,
+}
+
+/// `health = { path, interval, timeout }`: an HTTP GET the front end puts into the pool's
+/// own queue (never another pool's) and expects a 2xx or 3xx answer to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Health {
+    pub path: String,
+    pub interval: Duration,
+    pub timeout: Duration,
+}
+
+pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(10);
+pub const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest health-check path.
+const MAX_HEALTH_PATH: usize = 1024;
+
+/// How a pool's workers run, beside the activation policy.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Runs {
+    pub kind: WorkerKind,
+    /// The workers' working directory (default: the config file's folder).
+    pub cwd: Option<PathBuf>,
+    pub health: Option<Health>,
+    /// Prepend a PROXY v2 header to connections the front end relays to the pool.
+    pub proxy_protocol: bool,
+    pub routing: Routing,
+}
+
+/// The raw keys `Runs` is made from.
+pub(super) struct RawRuns<'a> {
+    pub kind: WorkerKind,
+    pub cwd: Option<&'a Path>,
+    pub health: Option<&'a RawHealth>,
+    pub proxy_protocol: Option<bool>,
+    pub routing: Option<Routing>,
+    /// Keys that only the sluice-worker protocol uses, set for this pool.
+    pub sluice_only: Vec<&'static str>,
+}
+
+pub(super) fn runs(raw: RawRuns<'_>, base: &Path, bad: &mut dyn FnMut(&str, String)) -> Runs {
+    let socket = raw.kind == WorkerKind::Socket;
+    if socket {
+        for key in raw.sluice_only {
+            bad(
+                key,
+                "is for sluice-worker pools; a socket worker has no control channel (use \
+                 `health` to check it)"
+                    .into(),
+            );
+        }
+    } else {
+        for (key, set) in [
+            ("health", raw.health.is_some()),
+            ("proxy_protocol", raw.proxy_protocol.is_some()),
+            ("routing", raw.routing.is_some()),
+        ] {
+            if set {
+                bad(key, "is for `worker = \"socket\"` pools".into());
+            }
+        }
+    }
+    let cwd = raw.cwd.map(|c| {
+        let dir = if c.is_absolute() {
+            c.to_path_buf()
+        } else {
+            base.join(c)
+        };
+        if !dir.is_dir() {
+            bad("cwd", format!("`{}` is not a directory", dir.display()));
+        }
+        dir
+    });
+    let health = raw.health.map(|h| {
+        if !h.path.starts_with('/')
+            || h.path.len() > MAX_HEALTH_PATH
+            || h.path.bytes().any(|b| !b.is_ascii_graphic())
+        {
+            bad(
+                "health.path",
+                format!(
+                    "`{}` must be a path starting with `/`, visible ASCII, at most \
+                     {MAX_HEALTH_PATH} bytes",
+                    h.path
+                ),
+            );
+        }
+        let mut dur = |key: &str, v: &Option<String>, default: Duration| match v {
+            None => default,
+            Some(text) => match units::duration(text) {
+                Ok(d) if d.is_zero() => {
+                    bad(key, "must be more than 0".into());
+                    default
+                }
+                Ok(d) => d,
+                Err(reason) => {
+                    bad(key, reason);
+                    default
+                }
+            },
+        };
+        Health {
+            path: h.path.clone(),
+            interval: dur("health.interval", &h.interval, DEFAULT_HEALTH_INTERVAL),
+            timeout: dur("health.timeout", &h.timeout, DEFAULT_HEALTH_TIMEOUT),
+        }
+    });
+    Runs {
+        kind: raw.kind,
+        cwd,
+        health,
+        proxy_protocol: raw.proxy_protocol.unwrap_or(false),
+        routing: raw.routing.unwrap_or_default(),
+    }
+}
+
+/// A socket pool with `routing = "request"` that some connection could share with another
+/// pool: a client whose first request reached the socket pool may send, on the same
+/// connection and to the same host, a request that routes elsewhere, and the socket worker
+/// would answer it. Returns (pool index, reason naming the routes).
+pub(super) fn shared_hosts(pools: &[Pool], routes: &[Route]) -> Vec<(usize, String)> {
+    let table = RouteTable::new(
+        routes
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (r.site.clone(), r.prefix.clone(), i)),
+    );
+    let strict = |pool: usize| {
+        pools.get(pool).is_some_and(|p| {
+            p.runs.kind == WorkerKind::Socket && p.runs.routing == Routing::Request
+        })
+    };
+    if !routes.iter().any(|r| strict(r.pool)) {
+        return Vec::new();
+    }
+    let samples = table.samples();
+    // (socket pool, other pool) -> (a host, a route of each).
+    let mut found: BTreeMap<(usize, usize), (String, usize, usize)> = BTreeMap::new();
+    for host in &samples.hosts {
+        for local in &samples.locals {
+            let reached: BTreeSet<usize> = samples
+                .paths
+                .iter()
+                .filter_map(|path| {
+                    table.lookup(&sluice_proto::route::Query {
+                        host: host.as_deref(),
+                        local: *local,
+                        path,
+                    })
+                })
+                .collect();
+            for &a in &reached {
+                let pa = routes[a].pool;
+                if !strict(pa) {
+                    continue;
+                }
+                for &b in &reached {
+                    let pb = routes[b].pool;
+                    if pb != pa {
+                        found
+                            .entry((pa, pb))
+                            .or_insert_with(|| (describe(host.as_deref(), *local), a, b));
+                    }
+                }
+            }
+        }
+    }
+    found
+        .into_iter()
+        .map(|((pa, pb), (host, a, b))| {
+            (
+                pa,
+                format!(
+                    "pool `{}` (worker = \"socket\") shares {host} with pool `{}`: route[{a}] \
+                     ({} {}) and route[{b}] ({} {}); a socket worker answers every request \
+                     of its connections, so give it hosts of its own or set routing = \
+                     \"connection\" (the first request of a connection decides its pool)",
+                    pools[pa].name,
+                    pools[pb].name,
+                    routes[a].site,
+                    routes[a].prefix,
+                    routes[b].site,
+                    routes[b].prefix,
+                ),
+            )
+        })
+        .collect()
+}
+
+fn describe(host: Option<&str>, local: Option<IpAddr>) -> String {
+    match (host, local) {
+        (Some(h), Some(a)) => format!("host `{h}` on {a}"),
+        (Some(h), None) => format!("host `{h}`"),
+        (None, Some(a)) => format!("requests without a host on {a}"),
+        (None, None) => "requests without a host".into(),
+    }
+}
