@@ -240,3 +240,136 @@ fn describe(host: Option<&str>, local: Option<IpAddr>) -> String {
         (None, None) => "requests without a host".into(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, ConfigError, Problem};
+
+    fn parse(text: &str) -> Result<Config, Vec<Problem>> {
+        match Config::parse(text, Path::new("/tmp/sluice-test.toml")) {
+            Ok(c) => Ok(c),
+            Err(ConfigError::Invalid { problems, .. }) => Err(problems),
+            Err(other) => panic!("{other}"),
+        }
+    }
+
+    const SERVER: &str = "[server]\nlisten = [\"127.0.0.1:80\"]\n";
+
+    fn pool(name: &str, extra: &str) -> String {
+        format!("[[pool]]\nname = \"{name}\"\ncommand = [\"/bin/true\"]\n{extra}\n")
+    }
+
+    fn route(host: Option<&str>, prefix: &str, pool: &str) -> String {
+        let host = host.map_or(String::new(), |h| format!("host = \"{h}\"\n"));
+        format!("[[route]]\n{host}prefix = \"{prefix}\"\npool = \"{pool}\"\n")
+    }
+
+    #[test]
+    fn a_socket_pool_gets_health_defaults_and_sluice_only_keys_are_refused() {
+        let c = parse(&format!(
+            "{SERVER}{}",
+            pool(
+                "app",
+                "worker = \"socket\"\nhealth = { path = \"/healthz\" }"
+            )
+        ))
+        .unwrap();
+        let runs = &c.pools[0].runs;
+        assert_eq!(runs.kind, WorkerKind::Socket);
+        assert_eq!(
+            runs.health,
+            Some(Health {
+                path: "/healthz".into(),
+                interval: DEFAULT_HEALTH_INTERVAL,
+                timeout: DEFAULT_HEALTH_TIMEOUT,
+            })
+        );
+        let p = parse(&format!(
+            "{SERVER}{}{}",
+            pool(
+                "app",
+                "worker = \"socket\"\nthreads = 2\nping_interval = \"5s\"\n\
+                 health = { path = \"healthz\", timeout = \"0s\" }\ncwd = \"/nonexistent-dir\""
+            ),
+            pool("web", "proxy_protocol = true\nrouting = \"connection\"")
+        ))
+        .unwrap_err();
+        let keys: Vec<&str> = p.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "pool[0].threads",
+                "pool[0].ping_interval",
+                "pool[0].cwd",
+                "pool[0].health.path",
+                "pool[0].health.timeout",
+                "pool[1].proxy_protocol",
+                "pool[1].routing",
+            ],
+            "{p:?}"
+        );
+    }
+
+    #[test]
+    fn a_socket_pool_may_share_no_host_with_another_pool_unless_it_routes_by_connection() {
+        let socket = "worker = \"socket\"";
+        // A site of its own: nothing to refuse, whatever the other sites are.
+        parse(&format!(
+            "{SERVER}{}{}{}{}",
+            pool("shop", socket),
+            pool("web", ""),
+            route(Some("shop.test"), "/", "shop"),
+            route(None, "/", "web"),
+        ))
+        .unwrap();
+        // Part of a site: the rest of the site's paths go to the weak route of `web`.
+        let p = parse(&format!(
+            "{SERVER}{}{}{}{}",
+            pool("shop", socket),
+            pool("web", ""),
+            route(Some("shop.test"), "/app/", "shop"),
+            route(None, "/", "web"),
+        ))
+        .unwrap_err();
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert_eq!(p[0].key, "pool[0].routing");
+        assert!(
+            p[0].reason.contains("host `shop.test`")
+                && p[0].reason.contains("route[0] (shop.test /app/)")
+                && p[0].reason.contains("route[1] (* /)"),
+            "{}",
+            p[0].reason
+        );
+        // A strong wildcard route reaches every host.
+        let p = parse(&format!(
+            "{SERVER}{}{}{}{}",
+            pool("shop", socket),
+            pool("acme", ""),
+            route(Some("shop.test"), "/", "shop"),
+            route(Some("+"), "/.well-known/", "acme"),
+        ))
+        .unwrap_err();
+        assert!(p[0].reason.contains("pool `acme`"), "{p:?}");
+        // Two socket pools on one host refuse each other.
+        let p = parse(&format!(
+            "{SERVER}{}{}{}{}",
+            pool("a", socket),
+            pool("b", socket),
+            route(None, "/a/", "a"),
+            route(None, "/", "b"),
+        ))
+        .unwrap_err();
+        let keys: Vec<&str> = p.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(keys, ["pool[0].routing", "pool[1].routing"], "{p:?}");
+        // routing = "connection" says the first request decides.
+        parse(&format!(
+            "{SERVER}{}{}{}{}",
+            pool("shop", "worker = \"socket\"\nrouting = \"connection\""),
+            pool("web", ""),
+            route(Some("shop.test"), "/app/", "shop"),
+            route(None, "/", "web"),
+        ))
+        .unwrap();
+    }
+}
