@@ -15,6 +15,7 @@ const NETLINK_SOCK_DIAG: i32 = 4;
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
 const NLMSG_ERROR: u16 = 2;
 const INET_DIAG_NOCOOKIE: u32 = !0;
+const TCP_LISTEN: u8 = 10;
 
 #[repr(C)]
 #[derive(Clone, Copy, Default)]
@@ -164,6 +165,10 @@ pub fn accepted(local: SocketAddr, remote: SocketAddr) -> io::Result<Option<bool
     }
     // SAFETY: the body holds at least one inet_diag_msg; read_unaligned copies it out.
     let msg: DiagMsg = unsafe { std::ptr::read_unaligned(body.as_ptr().cast()) };
+    // The kernel's lookup falls back to the listener when no connection matches.
+    if msg.state == TCP_LISTEN || msg.id.dport != remote.port().to_be() {
+        return Ok(None);
+    }
     Ok(Some(msg.inode != 0))
 }
 
