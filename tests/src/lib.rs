@@ -189,7 +189,8 @@ pub struct Sluice {
     pub log: PathBuf,
 }
 
-/// A config template: `{admin}`, `{hello}`, `{echo}`, `{crash}`, `{files}` are filled in, and
+/// A config template: `{admin}`, `{hello}`, `{echo}`, `{crash}`, `{files}`, `{websocket}` are
+/// filled in, and
 /// `{apps}` (the application servers' `bin`) and `{workers}` (the worker scripts' folder).
 pub fn config(template: &str, admin: &Path) -> String {
     let mut t = template.replace("{admin}", &admin.display().to_string());
@@ -199,7 +200,7 @@ pub fn config(template: &str, admin: &Path) -> String {
     if t.contains("{workers}") {
         t = t.replace("{workers}", &workers_dir().display().to_string());
     }
-    for name in ["hello", "echo", "crash", "files"] {
+    for name in ["hello", "echo", "crash", "files", "websocket"] {
         let key = format!("{{{name}}}");
         if t.contains(&key) {
             t = t.replace(&key, &example(name).display().to_string());

@@ -20,7 +20,10 @@ async def app(scope, receive, send):
             message = await receive()
             if message["type"] == "websocket.disconnect":
                 return
-            await send({"type": "websocket.send", "text": message.get("text"), "bytes": message.get("bytes")})
+            if message.get("text") is not None:
+                await send({"type": "websocket.send", "text": message["text"]})
+            else:
+                await send({"type": "websocket.send", "bytes": message.get("bytes") or b""})
     marker = os.environ.get("UNHEALTHY_FILE")
     if scope["path"] == "/healthz" and marker and os.path.exists(marker):
         await send({"type": "http.response.start", "status": 503, "headers": []})

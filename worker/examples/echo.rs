@@ -1,4 +1,5 @@
-//! Answers every request with its own body.
+//! Answers every request with its own body, and says in headers who the client is and how
+//! its connection got here (`x-sluice-client`, `x-sluice-arrival`).
 use sluice_worker::{Context, Request, Response};
 
 fn main() -> Result<(), sluice_worker::Error> {
@@ -7,6 +8,14 @@ fn main() -> Result<(), sluice_worker::Error> {
         Response::new(200)
             .header("content-type", "application/octet-stream")
             .header("x-sluice-pool", ctx.pool().unwrap_or("standalone"))
+            .header(
+                "x-sluice-client",
+                ctx.peer().map_or("unknown".into(), |a| a.to_string()),
+            )
+            .header(
+                "x-sluice-arrival",
+                ctx.arrival().map_or("unknown", |a| a.as_str()),
+            )
             .body(req.body())
     })
 }

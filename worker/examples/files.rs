@@ -4,7 +4,8 @@
 //! usage: files --root DIR [--cache-control VALUE] [--listen ADDR]...
 //! (`SLUICE_FILES_ROOT` when --root is not given; VALUE defaults to `public, max-age=60`.)
 //!
-//! GET and HEAD only (405 otherwise); `/` or a directory serves its `index.html`; 404 for what
+//! Files over 1 MiB are streamed from disk in bounded chunks (`Response::file`); smaller ones
+//! are read whole and may be cached. GET and HEAD only (405 otherwise); `/` or a directory serves its `index.html`; 404 for what
 //! is missing. Nothing outside DIR is served: canonical paths cannot climb above `/`, segments
 //! starting with `.` are refused, and the resolved file (after symlinks) must be under DIR.
 
@@ -13,6 +14,8 @@ use std::path::{Path, PathBuf};
 use sluice_worker::{Context, Options, Request, Response};
 
 const DEFAULT_CACHE_CONTROL: &str = "public, max-age=60";
+/// Files larger than this are streamed, not read whole.
+const STREAM_ABOVE: u64 = 1 << 20;
 
 struct Args {
     root: PathBuf,
@@ -102,12 +105,25 @@ fn serve(root: &Path, cache_control: &str, req: &Request<'_>, ctx: &Context) -> 
     let Some(file) = resolve(root, req.canonical_path()) else {
         return Response::not_found().header("x-sluice-pool", pool);
     };
-    match std::fs::read(&file) {
-        Ok(body) => Response::new(200)
+    let opened = std::fs::File::open(&file).and_then(|f| Ok((f.metadata()?.len(), f)));
+    match opened {
+        // A large file is streamed in bounded chunks (and never cached); a small one is read
+        // whole, so the front end may cache it.
+        Ok((len, f)) if len > STREAM_ABOVE => Response::new(200)
             .header("content-type", content_type(&file))
-            .header("cache-control", cache_control)
             .header("x-sluice-pool", pool)
-            .body(body),
+            .file(f),
+        Ok(_) => match std::fs::read(&file) {
+            Ok(body) => Response::new(200)
+                .header("content-type", content_type(&file))
+                .header("cache-control", cache_control)
+                .header("x-sluice-pool", pool)
+                .body(body),
+            Err(e) => {
+                log::warn!("reading {}: {e}", file.display());
+                Response::not_found().header("x-sluice-pool", pool)
+            }
+        },
         Err(e) => {
             log::warn!("reading {}: {e}", file.display());
             Response::not_found().header("x-sluice-pool", pool)

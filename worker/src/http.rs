@@ -8,6 +8,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use sluice_proto::limits::MAX_HEADERS;
 use sluice_proto::request::{self, Parsed, Refusal};
 
+use crate::response::Tail;
 use crate::{Request, Response};
 
 /// Longest chunk-extension or trailer section accepted in a chunked body.
@@ -106,6 +107,9 @@ pub(crate) struct HttpConn {
     pending: Option<Pending>,
     /// Final responses written so far (handler responses and rejections; not `100 Continue`).
     responses: u64,
+    /// What follows the last response written (a file body, an upgrade): the runtime sends
+    /// `wbuf`, then takes it, and only then are later requests processed.
+    tail: Option<Tail>,
 }
 
 /// A request-level error answered with a status and `Connection: close`.
@@ -128,7 +132,14 @@ impl HttpConn {
             limits,
             pending: None,
             responses: 0,
+            tail: None,
         }
+    }
+
+    /// The tail of the last response written, if it has one (see `Response::file`,
+    /// `Response::upgrade`).
+    pub(crate) fn take_tail(&mut self) -> Option<Tail> {
+        self.tail.take()
     }
 
     /// How many final responses [`HttpConn::process`] has written on this connection.
@@ -177,6 +188,10 @@ impl HttpConn {
                     pos += consumed;
                     if !keep_alive {
                         break Outcome::Close;
+                    }
+                    if self.tail.is_some() {
+                        // Later pipelined requests wait until the tail is sent.
+                        break Outcome::NeedMore { hint: 0 };
                     }
                 }
                 Step::BodyPending => {
@@ -248,7 +263,8 @@ impl HttpConn {
         }
         match complete {
             Some(consumed) => {
-                respond(wbuf, &req, keep_alive, info.http10, handler);
+                let (keep_alive, tail) = respond(wbuf, &req, keep_alive, info.http10, handler);
+                self.tail = tail;
                 Step::Done {
                     consumed,
                     keep_alive,
@@ -310,7 +326,8 @@ impl HttpConn {
         };
         let keep_alive = info.keep_alive && !closing;
         let req = Request::new(head, parsed.headers, &rest[..body_end - info.head_len]);
-        respond(wbuf, &req, keep_alive, info.http10, handler);
+        let (keep_alive, tail) = respond(wbuf, &req, keep_alive, info.http10, handler);
+        self.tail = tail;
         Step::Done {
             consumed,
             keep_alive,
@@ -352,20 +369,42 @@ impl Pending {
     }
 }
 
-/// Calls the handler and serializes its response.
+/// Calls the handler and serializes its response; returns whether the connection stays
+/// open and the response's tail, when one follows it on the wire.
 fn respond<F>(
     wbuf: &mut Vec<u8>,
     req: &Request<'_>,
     keep_alive: bool,
     http10: bool,
     handler: &mut F,
-) where
+) -> (bool, Option<Tail>)
+where
     F: Dispatch,
 {
-    let resp = handler.respond(req);
-    let keep_alive = keep_alive && !resp.close;
+    let mut resp = handler.respond(req);
     let head_only = req.method() == "HEAD";
+    // An upgrade needs a request that asked for one; else it is a handler error.
+    if matches!(resp.tail, Some(Tail::Upgrade(_))) && !asks_upgrade(req) {
+        log::warn!("a handler upgraded a request that asked for no upgrade; answering 500");
+        resp = Response::text(500, "internal server error\n").header("connection", "close");
+    }
+    let upgrade = matches!(resp.tail, Some(Tail::Upgrade(_)));
+    let keep_alive = (keep_alive || upgrade) && !resp.close;
     write_response(wbuf, &resp, keep_alive, http10, head_only);
+    let tail = match resp.tail.take() {
+        Some(Tail::File { .. }) if head_only || bodiless(resp.status) => None,
+        tail => tail,
+    };
+    (keep_alive, tail)
+}
+
+/// The request says `Connection: upgrade` and names a protocol in `Upgrade`.
+fn asks_upgrade(req: &Request<'_>) -> bool {
+    let connection = req.header("connection").unwrap_or_default();
+    req.header("upgrade").is_some_and(|u| !u.is_empty())
+        && connection
+            .split(|&b| b == b',')
+            .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"upgrade"))
 }
 
 /// Appends `resp` to `wbuf` with the framing headers the server owns.
@@ -395,6 +434,7 @@ fn serialize(
 ) {
     let status = resp.status;
     wbuf.reserve(128 + resp.headers.len() + resp.body.len());
+    let upgrade = matches!(resp.tail, Some(Tail::Upgrade(_)));
     wbuf.extend_from_slice(b"HTTP/1.1 ");
     push_decimal(wbuf, u64::from(status));
     wbuf.push(b' ');
@@ -423,10 +463,11 @@ fn serialize(
     let bodiless = bodiless(status);
     if !bodiless {
         wbuf.extend_from_slice(b"Content-Length: ");
-        push_decimal(wbuf, resp.body.len() as u64);
+        push_decimal(wbuf, resp.body_len());
         wbuf.extend_from_slice(b"\r\n");
     }
     match connection {
+        _ if upgrade => wbuf.extend_from_slice(b"Connection: Upgrade\r\n"),
         Some((false, _)) => wbuf.extend_from_slice(b"Connection: close\r\n"),
         Some((true, true)) => wbuf.extend_from_slice(b"Connection: keep-alive\r\n"),
         Some((true, false)) | None => {}
@@ -447,7 +488,7 @@ pub(crate) fn body_bytes_sent(resp: &Response, head_only: bool) -> u64 {
     if head_only || bodiless(resp.status) {
         0
     } else {
-        resp.body.len() as u64
+        resp.body_len()
     }
 }
 
@@ -1126,5 +1167,68 @@ mod tests {
         assert_eq!(&http_date(784_111_777), b"Sun, 06 Nov 1994 08:49:37 GMT");
         assert_eq!(&http_date(0), b"Thu, 01 Jan 1970 00:00:00 GMT");
         assert_eq!(&http_date(1_709_164_800), b"Thu, 29 Feb 2024 00:00:00 GMT");
+    }
+
+    #[test]
+    fn a_file_body_gets_its_length_and_holds_back_later_pipelined_requests() {
+        use std::io::Write as _;
+        let path = std::env::temp_dir().join(format!("sluice-http-file-{}", std::process::id()));
+        std::fs::File::create(&path)
+            .and_then(|mut f| f.write_all(b"0123456789"))
+            .unwrap();
+        let mut conn = HttpConn::new(Limits::default());
+        let mut rbuf =
+            b"GET /f HTTP/1.1\r\nHost: a\r\n\r\nGET /g HTTP/1.1\r\nHost: a\r\n\r\n".to_vec();
+        let mut wbuf = Vec::new();
+        let mut handler = |req: &Request<'_>| match req.path() {
+            "/f" => Response::new(200).file(std::fs::File::open(&path).unwrap()),
+            _ => Response::new(200).body("g"),
+        };
+        let outcome = conn.process(&mut rbuf, &mut wbuf, false, &mut handler);
+        let out = String::from_utf8_lossy(&wbuf).into_owned();
+        assert_eq!(outcome, Outcome::NeedMore { hint: 0 });
+        assert!(
+            out.contains("Content-Length: 10\r\n") && out.ends_with("\r\n\r\n"),
+            "{out}"
+        );
+        assert_eq!(statuses(&out).len(), 1, "{out}");
+        assert!(matches!(conn.take_tail(), Some(Tail::File { len: 10, .. })));
+        // Once the tail is sent, the next request is answered.
+        wbuf.clear();
+        conn.process(&mut rbuf, &mut wbuf, false, &mut handler);
+        assert!(String::from_utf8_lossy(&wbuf).ends_with("\r\n\r\ng"));
+        // HEAD: the length, no tail.
+        let mut head = b"HEAD /f HTTP/1.1\r\nHost: a\r\n\r\n".to_vec();
+        wbuf.clear();
+        conn.process(&mut head, &mut wbuf, false, &mut handler);
+        assert!(String::from_utf8_lossy(&wbuf).contains("Content-Length: 10\r\n"));
+        assert!(conn.take_tail().is_none());
+        let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn an_upgrade_answers_101_with_connection_upgrade_only_when_the_request_asked() {
+        let mut handler =
+            |_: &Request<'_>| Response::upgrade(|_| {}).header("upgrade", "websocket");
+        let mut conn = HttpConn::new(Limits::default());
+        let mut wbuf = Vec::new();
+        let mut asked = b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\nextra".to_vec();
+        conn.process(&mut asked, &mut wbuf, false, &mut handler);
+        let out = String::from_utf8_lossy(&wbuf).into_owned();
+        assert!(
+            out.starts_with("HTTP/1.1 101 ") && out.contains("Connection: Upgrade\r\n"),
+            "{out}"
+        );
+        assert!(!out.contains("Content-Length"), "{out}");
+        assert!(matches!(conn.take_tail(), Some(Tail::Upgrade(_))));
+        // What followed the request stays for the new protocol.
+        assert_eq!(asked, b"extra");
+        let mut conn = HttpConn::new(Limits::default());
+        let mut wbuf = Vec::new();
+        let mut plain = b"GET /ws HTTP/1.1\r\nHost: a\r\n\r\n".to_vec();
+        let outcome = conn.process(&mut plain, &mut wbuf, false, &mut handler);
+        assert!(String::from_utf8_lossy(&wbuf).starts_with("HTTP/1.1 500 "));
+        assert_eq!(outcome, Outcome::Close);
+        assert!(conn.take_tail().is_none());
     }
 }

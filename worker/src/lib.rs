@@ -38,11 +38,14 @@ mod access;
 mod control;
 mod http;
 mod publish;
+mod response;
 mod routing;
 mod runtime;
 mod sockets;
 
 use std::net::SocketAddr;
+
+pub use response::{Response, Upgraded};
 use std::time::Duration;
 
 use sluice_proto::env::{self as names, Reader};
@@ -199,142 +202,89 @@ pub(crate) fn with_request<T>(raw: &[u8], body: &[u8], f: impl FnOnce(&Request<'
     }
 }
 
-/// A response built by a handler. `Content-Length`, `Date`, `Server` and `Connection` are
-/// added by the server; a handler's `Connection: close` closes the connection after it.
-#[derive(Debug, Clone)]
-pub struct Response {
-    status: u16,
-    /// Serialized `name: value\r\n` lines.
-    headers: Vec<u8>,
-    body: Vec<u8>,
-    close: bool,
-    has_date: bool,
-    has_server: bool,
-}
-
-impl Response {
-    /// An empty response with `status` (100..=999; anything else becomes 500).
-    pub fn new(status: u16) -> Self {
-        Response {
-            status: if (100..=999).contains(&status) {
-                status
-            } else {
-                500
-            },
-            headers: Vec::new(),
-            body: Vec::new(),
-            close: false,
-            has_date: false,
-            has_server: false,
-        }
-    }
-
-    /// `200 OK`.
-    pub fn ok() -> Self {
-        Response::new(200)
-    }
-
-    /// `404 Not Found` with a short text body.
-    pub fn not_found() -> Self {
-        Response::text(404, "not found\n")
-    }
-
-    /// A `text/plain; charset=utf-8` response.
-    pub fn text(status: u16, body: impl Into<Vec<u8>>) -> Self {
-        Response::new(status)
-            .header("content-type", "text/plain; charset=utf-8")
-            .body(body)
-    }
-
-    /// Adds a header. Names or values with CR, LF or NUL are dropped (and logged);
-    /// `Content-Length` and `Transfer-Encoding` are computed by the server and ignored here.
-    pub fn header(mut self, name: &str, value: impl AsRef<[u8]>) -> Self {
-        let value = value.as_ref();
-        let valid_name =
-            !name.is_empty() && name.bytes().all(|b| b.is_ascii_graphic() && b != b':');
-        if !valid_name || value.iter().any(|&b| matches!(b, b'\r' | b'\n' | 0)) {
-            log::warn!("dropping invalid response header {name:?}");
-            return self;
-        }
-        if name.eq_ignore_ascii_case("content-length")
-            || name.eq_ignore_ascii_case("transfer-encoding")
-        {
-            return self;
-        }
-        if name.eq_ignore_ascii_case("connection") {
-            self.close |= value
-                .split(|&b| b == b',')
-                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"));
-            return self;
-        }
-        self.has_date |= name.eq_ignore_ascii_case("date");
-        self.has_server |= name.eq_ignore_ascii_case("server");
-        self.headers.extend_from_slice(name.as_bytes());
-        self.headers.extend_from_slice(b": ");
-        self.headers.extend_from_slice(value);
-        self.headers.extend_from_slice(b"\r\n");
-        self
-    }
-
-    /// Sets the body.
-    pub fn body(mut self, body: impl Into<Vec<u8>>) -> Self {
-        self.body = body.into();
-        self
-    }
-
-    /// The status code.
-    pub fn status(&self) -> u16 {
-        self.status
-    }
-
-    /// The body set so far.
-    pub fn body_bytes(&self) -> &[u8] {
-        &self.body
-    }
-
-    /// The headers set so far as (name, value), in order (not the ones the server adds).
-    pub(crate) fn header_lines(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
-        self.headers
-            .split(|&b| b == b'\n')
-            .filter(|line| !line.is_empty())
-            .filter_map(|line| {
-                let line = line.strip_suffix(b"\r").unwrap_or(line);
-                let colon = line.iter().position(|&b| b == b':')?;
-                Some((&line[..colon], line[colon + 1..].trim_ascii()))
-            })
-    }
-}
-
-/// Facts about the worker process, passed to every handler call.
-#[derive(Debug, Clone)]
-pub struct Context {
-    pool: Option<String>,
+/// Facts about the worker process and the connection a request came on, passed to every
+/// handler call.
+#[derive(Debug)]
+pub struct Context<'a> {
+    pool: Option<&'a str>,
     pid: u32,
+    conn: Option<ConnFacts>,
 }
 
-impl Context {
+#[derive(Debug)]
+struct ConnFacts {
+    fd: std::os::fd::RawFd,
+    arrival: Arrival,
+    /// Read from the socket when first asked for (or known already).
+    peer: std::cell::OnceCell<Option<std::net::SocketAddr>>,
+}
+
+pub use sluice_proto::access::Arrival;
+
+impl<'a> Context<'a> {
+    /// For a request on connection `fd` (its peer, when known already).
+    pub(crate) fn new(
+        pool: Option<&'a str>,
+        pid: u32,
+        fd: std::os::fd::RawFd,
+        arrival: Arrival,
+        peer: Option<std::net::SocketAddr>,
+    ) -> Context<'a> {
+        let known = std::cell::OnceCell::new();
+        if let Some(p) = peer {
+            let _ = known.set(Some(p));
+        }
+        Context {
+            pool,
+            pid,
+            conn: Some(ConnFacts {
+                fd,
+                arrival,
+                peer: known,
+            }),
+        }
+    }
+
     /// The application pool this worker serves (`SLUICE_POOL`), if named.
     pub fn pool(&self) -> Option<&str> {
-        self.pool.as_deref()
+        self.pool
     }
 
     /// This process's id.
     pub fn pid(&self) -> u32 {
         self.pid
     }
+
+    /// The client's address: the connection's peer (with a front end's relay in between it
+    /// would be the front end, but sluice-worker pools are never relayed).
+    pub fn peer(&self) -> Option<std::net::SocketAddr> {
+        let c = self.conn.as_ref()?;
+        *c.peer.get_or_init(|| sluice_proto::sockaddr::peer(c.fd))
+    }
+
+    /// How the connection reached this worker: steered by the kernel program, handed over by
+    /// the front end's dispatcher, or handed back by another pool's worker and routed again.
+    pub fn arrival(&self) -> Option<Arrival> {
+        self.conn.as_ref().map(|c| c.arrival)
+    }
+
+    /// The kernel program put the connection straight into this pool's queue.
+    pub fn steered(&self) -> bool {
+        self.arrival() == Some(Arrival::Kernel)
+    }
 }
 
 /// Answers requests. Called on the worker threads, so it must be `Send + Sync`; it runs on the
 /// connection's thread and should not block for long.
 pub trait Handler: Send + Sync + 'static {
-    fn handle(&self, req: &Request<'_>, ctx: &Context) -> Response;
+    fn handle(&self, req: &Request<'_>, ctx: &Context<'_>) -> Response;
 }
 
 impl<F> Handler for F
 where
-    F: Fn(&Request<'_>, &Context) -> Response + Send + Sync + 'static,
+    F: Fn(&Request<'_>, &Context<'_>) -> Response + Send + Sync + 'static,
 {
-    fn handle(&self, req: &Request<'_>, ctx: &Context) -> Response {
+    fn handle(&self, req: &Request<'_>, ctx: &Context<'_>) -> Response {
         self(req, ctx)
     }
 }

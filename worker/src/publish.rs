@@ -42,7 +42,8 @@ impl Publisher {
     /// Publishes `resp` (the handler's answer to `req`) when the rules allow it.
     pub(crate) fn offer(&self, req: &Request<'_>, resp: &Response) {
         let Some(fd) = self.control else { return };
-        if self.max_entry == 0 {
+        // A streamed file or an upgrade has no body the cache could hold.
+        if self.max_entry == 0 || resp.has_tail() {
             return;
         }
         // The response's few headers first: most responses say nothing about caching.

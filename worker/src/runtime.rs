@@ -28,6 +28,7 @@ use crate::access::{self, ConnInfo};
 use crate::control::{self, ToFrontend, ToWorker};
 use crate::http::{self, Dispatch, HttpConn, Limits, Outcome};
 use crate::publish::Publisher;
+use crate::response::Tail;
 use crate::routing::{Routing, RoutingView, SharedRouting};
 use crate::sockets::{Sockets, setsockopt_int};
 use crate::{Context, Error, Handler, Options, Request, Response};
@@ -65,6 +66,10 @@ const OP_RECV: u8 = 5;
 const OP_SEND: u8 = 6;
 const OP_CANCEL: u8 = 7;
 const OP_CONTROL: u8 = 8;
+/// A chunk of a file body read into the connection's write buffer.
+const OP_FILE: u8 = 9;
+/// Bytes of a file body read and sent at a time: what a download costs in memory.
+const FILE_CHUNK: usize = 256 * 1024;
 
 /// user_data: kind (8 bits) | index (32 bits) | generation (24 bits).
 fn user_data(kind: u8, index: u32, generation: u32) -> u64 {
@@ -77,7 +82,9 @@ fn split_user_data(ud: u64) -> (u8, u32, u32) {
 
 struct Shared<H> {
     handler: H,
-    ctx: Context,
+    /// `SLUICE_POOL`.
+    pool: Option<String>,
+    pid: u32,
     pools: Vec<RawFd>,
     handoff: Option<RawFd>,
     control: Option<RawFd>,
@@ -126,10 +133,8 @@ pub(crate) fn serve<H: Handler>(
     let control_fd = sockets.control.as_ref().map(AsRawFd::as_raw_fd);
     let shared = Arc::new(Shared {
         handler,
-        ctx: Context {
-            pool: options.pool.clone(),
-            pid: std::process::id(),
-        },
+        pool: options.pool.clone(),
+        pid: std::process::id(),
         pools: sockets.pools.iter().map(AsRawFd::as_raw_fd).collect(),
         handoff: sockets.handoff.as_ref().map(AsRawFd::as_raw_fd),
         control: sockets.control.as_ref().map(AsRawFd::as_raw_fd),
@@ -146,8 +151,8 @@ pub(crate) fn serve<H: Handler>(
     });
     log::info!(
         "sluice-worker pid {} pool {}: {} thread(s), {} {} pool socket(s){}{}",
-        shared.ctx.pid,
-        shared.ctx.pool().unwrap_or("(standalone)"),
+        shared.pid,
+        shared.pool.as_deref().unwrap_or("(standalone)"),
         options.threads,
         shared.pools.len(),
         if sockets.inherited {
@@ -444,6 +449,10 @@ struct Conn {
     local: Option<IpAddr>,
     /// Its peer and how it got here, for the access log.
     info: ConnInfo,
+    /// The rest of a file body being sent: the file, the next offset, the bytes left.
+    stream: Option<(Arc<std::fs::File>, u64, u64)>,
+    /// After the response being sent (a 101), the connection goes to this function.
+    upgrade: Option<Box<dyn FnOnce(crate::Upgraded) + Send>>,
 }
 
 /// Connection table with generation-tagged slots, so a stale completion never reaches a newer
@@ -732,7 +741,7 @@ impl<'s, H: Handler> Worker<'s, H> {
                 self.stop_from_control()
             }
             Ok(ToWorker::Routes(routes)) => {
-                let own = self.shared.ctx.pool().unwrap_or("");
+                let own = self.shared.pool.as_deref().unwrap_or("");
                 self.shared.routing.set_routes(routes, own);
                 self.arm_control()
             }
@@ -806,6 +815,7 @@ impl<'s, H: Handler> Worker<'s, H> {
             OP_SEND => self.on_send(index, generation, res),
             OP_CANCEL => Ok(()),
             OP_CONTROL => self.on_control(res),
+            OP_FILE => self.on_file_read(index, generation, res),
             _ => {
                 log::error!("unexpected completion {ud:#x}");
                 Ok(())
@@ -914,6 +924,8 @@ impl<'s, H: Handler> Worker<'s, H> {
             routed,
             local: None,
             info,
+            stream: None,
+            upgrade: None,
         };
         let (index, generation) = self.conns.insert(conn);
         if has_input {
@@ -978,6 +990,7 @@ impl<'s, H: Handler> Worker<'s, H> {
             local: conn.local,
             access: self.access.as_mut(),
             info: conn.info,
+            fd: conn.fd.as_raw_fd(),
         };
         let before = conn.http.responses();
         match conn
@@ -987,6 +1000,11 @@ impl<'s, H: Handler> Worker<'s, H> {
             Outcome::NeedMore { hint } => conn.want = hint,
             Outcome::Close => conn.close_after_send = true,
             Outcome::HandBack => conn.hand_back = true,
+        }
+        match conn.http.take_tail() {
+            Some(Tail::File { file, len }) => conn.stream = Some((file, 0, len)),
+            Some(Tail::Upgrade(then)) => conn.upgrade = Some(then),
+            None => {}
         }
         conn.head_since = if conn.http.in_head(&conn.rbuf) {
             conn.head_since.or(Some(self.tick))
@@ -1114,6 +1132,14 @@ impl<'s, H: Handler> Worker<'s, H> {
             return self.submit_send(index, generation);
         }
         conn.sent = 0;
+        if conn.stream.is_some() {
+            conn.wbuf.clear();
+            return self.submit_file_read(index, generation);
+        }
+        if conn.upgrade.is_some() {
+            self.take_over(index);
+            return Ok(());
+        }
         if conn.wbuf.capacity() > 16 * READ_CHUNK {
             conn.wbuf = Vec::new();
         } else {
@@ -1146,6 +1172,96 @@ impl<'s, H: Handler> Worker<'s, H> {
         conn.rbuf.clear();
         conn.want = 0;
         self.submit_recv(index, generation)
+    }
+
+    /// Reads the next chunk of the file body being sent into the write buffer.
+    fn submit_file_read(&mut self, index: u32, generation: u32) -> Result<(), Error> {
+        let Some(conn) = self.conns.get_mut(index, generation) else {
+            return Ok(());
+        };
+        let Some((file, offset, left)) = conn.stream.as_ref() else {
+            return Ok(());
+        };
+        let want = (*left).min(FILE_CHUNK as u64) as usize;
+        conn.wbuf.reserve(want);
+        let spare = conn.wbuf.spare_capacity_mut();
+        let ud = user_data(OP_FILE, index, generation);
+        let entry = opcode::Read::new(
+            types::Fd(file.as_raw_fd()),
+            spare.as_mut_ptr().cast(),
+            want as u32,
+        )
+        .offset(*offset)
+        .build()
+        .user_data(ud);
+        conn.in_flight = Some(ud);
+        conn.phase = Phase::Writing;
+        self.push(entry)
+    }
+
+    fn on_file_read(&mut self, index: u32, generation: u32, res: i32) -> Result<(), Error> {
+        let Some(conn) = self.conns.get_mut(index, generation) else {
+            return Ok(());
+        };
+        conn.in_flight = None;
+        conn.cancelled = false;
+        let Some((file, offset, left)) = conn.stream.take() else {
+            return Ok(());
+        };
+        if res <= 0 {
+            // The file shrank or failed under us: the framing promised more bytes, so the
+            // only honest end is to cut the connection.
+            log::warn!(
+                "a response file ended {left} byte(s) early ({}); closing the connection",
+                if res < 0 {
+                    io::Error::from_raw_os_error(-res).to_string()
+                } else {
+                    "end of file".into()
+                }
+            );
+            self.close(index);
+            return Ok(());
+        }
+        let n = (res as usize).min(conn.wbuf.capacity());
+        // SAFETY: the kernel wrote `n` initialized bytes at the start of the spare capacity
+        // (the buffer was empty) that submit_file_read handed it.
+        unsafe { conn.wbuf.set_len(n) };
+        let left = left - n as u64;
+        if left > 0 {
+            conn.stream = Some((file, offset + n as u64, left));
+        }
+        self.submit_send(index, generation)
+    }
+
+    /// Gives the connection (after its 101) to the handler's upgrade function, on a thread of
+    /// its own with blocking I/O.
+    fn take_over(&mut self, index: u32) {
+        let Some(mut conn) = self.conns.remove(index) else {
+            return;
+        };
+        let Some(then) = conn.upgrade.take() else {
+            return;
+        };
+        let stream = std::net::TcpStream::from(conn.fd);
+        if let Err(e) = stream.set_nonblocking(false) {
+            log::warn!("an upgraded connection: {e}");
+            return;
+        }
+        let upgraded = crate::Upgraded {
+            stream,
+            read_ahead: std::mem::take(&mut conn.rbuf),
+            offset: 0,
+        };
+        let spawned = thread::Builder::new()
+            .name("sluice-upgraded".into())
+            .spawn(move || {
+                if panic::catch_unwind(AssertUnwindSafe(|| then(upgraded))).is_err() {
+                    log::error!("an upgraded connection's handler panicked");
+                }
+            });
+        if let Err(e) = spawned {
+            log::warn!("no thread for an upgraded connection: {e}");
+        }
     }
 
     fn close(&mut self, index: u32) {
@@ -1261,6 +1377,8 @@ struct Dispatcher<'a, H> {
     /// This thread's access-log batch, when the log is on.
     access: Option<&'a mut access::Batch>,
     info: ConnInfo,
+    /// The connection (for `Context::peer`).
+    fd: RawFd,
 }
 
 impl<H: Handler> Dispatch for Dispatcher<'_, H> {
@@ -1282,7 +1400,14 @@ impl<H: Handler> Dispatch for Dispatcher<'_, H> {
 
     fn respond(&mut self, req: &Request<'_>) -> Response {
         let started = self.access.is_some().then(Instant::now);
-        let resp = call_handler(&self.shared.handler, req, &self.shared.ctx);
+        let ctx = Context::new(
+            self.shared.pool.as_deref(),
+            self.shared.pid,
+            self.fd,
+            self.info.arrival,
+            self.info.peer,
+        );
+        let resp = call_handler(&self.shared.handler, req, &ctx);
         self.shared.publisher.offer(req, &resp);
         if let (Some(batch), Some(started)) = (self.access.as_deref_mut(), started) {
             let bytes = http::body_bytes_sent(&resp, req.method() == "HEAD");
@@ -1299,7 +1424,7 @@ impl<H: Handler> Dispatch for Dispatcher<'_, H> {
 }
 
 /// Calls the handler; a panic becomes a 500 that closes the connection.
-fn call_handler<H: Handler>(handler: &H, req: &Request<'_>, ctx: &Context) -> Response {
+fn call_handler<H: Handler>(handler: &H, req: &Request<'_>, ctx: &Context<'_>) -> Response {
     panic::catch_unwind(AssertUnwindSafe(|| handler.handle(req, ctx))).unwrap_or_else(|_| {
         log::error!("handler panicked on {} {}", req.method(), req.target());
         Response::text(500, "internal server error\n").header("connection", "close")
