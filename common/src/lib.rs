@@ -117,6 +117,9 @@ pub struct PoolSlots {
 
 /// The pool is stopped: its connections go to the dispatcher (which answers 503).
 pub const POOL_FLAG_STOPPED: u32 = 1;
+/// Every connection of the pool goes through the front end's relay (`proxy_protocol`, so
+/// each one starts with a PROXY header): the program sends them to the dispatcher.
+pub const POOL_FLAG_RELAY: u32 = 2;
 
 #[cfg(feature = "user")]
 // SAFETY: PoolSlots is repr(C), made of u32s only, with no padding and no invalid bit patterns.
@@ -160,12 +163,14 @@ pub mod counter {
     pub const BAD_HOST: u32 = 14;
     /// Not a fallback: connections of the front end's own put into a pool's queue (`DIRECT`).
     pub const DIRECT: u32 = 15;
+    /// Fallback: the route's pool takes its connections through the relay only.
+    pub const RELAY_ONLY: u32 = 16;
     /// Connections steered in the kernel to pool `i` count at `POOL_BASE + i`.
-    pub const POOL_BASE: u32 = 16;
+    pub const POOL_BASE: u32 = 20;
     pub const LEN: u32 = POOL_BASE + super::MAX_POOLS;
 
     /// Fallback counters and the names status reports them under.
-    pub const FALLBACKS: [(u32, &str); 11] = [
+    pub const FALLBACKS: [(u32, &str); 12] = [
         (NO_PAYLOAD, "no_payload"),
         (NOT_HTTP, "not_http"),
         (UNSAFE_PATH, "unsafe_path"),
@@ -177,5 +182,6 @@ pub mod counter {
         (NO_HOST, "no_host"),
         (HOST_TOO_LONG, "host_too_long"),
         (BAD_HOST, "bad_host"),
+        (RELAY_ONLY, "relay_only"),
     ];
 }

@@ -29,7 +29,7 @@ use aya_ebpf::{
 use sluice_common::{
     CFG_LEN, CFG_MODE, CFG_ROUTES, DISPATCHER_SLOT, KIND_IP, KIND_NAMED, KIND_STRONG,
     LINE_WINDOW, MAX_CACHED_PATHS, MAX_POOLS, MAX_ROUTES, MAX_SITES, MODE_FIRST_SEGMENT,
-    POOL_FLAG_STOPPED, PoolSlots, ROUTE_KEY, SITE_STRONG, SITE_WEAK, SOCKET_SLOTS, SiteKey,
+    POOL_FLAG_RELAY, POOL_FLAG_STOPPED, PoolSlots, ROUTE_KEY, SITE_STRONG, SITE_WEAK, SOCKET_SLOTS, SiteKey,
     counter,
 };
 
@@ -290,6 +290,10 @@ fn steer_new(ctx: &SkReuseportContext) -> u32 {
     };
     if slots.flags & POOL_FLAG_STOPPED != 0 {
         bump(counter::POOL_STOPPED);
+        return to_dispatcher(ctx);
+    }
+    if slots.flags & POOL_FLAG_RELAY != 0 {
+        bump(counter::RELAY_ONLY);
         return to_dispatcher(ctx);
     }
     if slots.count == 0 {

@@ -415,3 +415,49 @@ pool = "web"
     assert!(curl(&ns, "any.test", "/x").starts_with("hello from pool web"));
     drop(s);
 }
+
+#[test]
+fn a_proxy_protocol_pool_learns_each_clients_address_from_a_proxy_v2_header() {
+    let ns = Netns::new("sockproxy");
+    let s = Sluice::start(
+        &ns,
+        r#"
+[server]
+listen = ["127.0.0.1:8080"]
+steering = "first-segment"
+set_sysctls = true
+admin_socket = "{admin}"
+
+[[pool]]
+name = "px"
+worker = "socket"
+command = ["{apps}/python", "proxy_v2.py"]
+cwd = "{workers}"
+proxy_protocol = true
+
+[[route]]
+prefix = "/"
+pool = "px"
+"#,
+    );
+    // Plain paths the kernel could steer go through the relay too: each connection must
+    // start with the header.
+    for path in ["/x", "/a%20b"] {
+        let (me, answer) = ns.enter(|| {
+            let mut c = std::net::TcpStream::connect(v4()).expect("connect");
+            c.set_read_timeout(Some(Duration::from_secs(20))).ok();
+            let me = c.local_addr().expect("local");
+            std::io::Write::write_all(&mut c, &get_request(path)).expect("write");
+            (me, read_response(&mut c))
+        });
+        let answer = answer.unwrap_or_else(|e| panic!("{path}: {e}; log:\n{}", s.log_text()));
+        assert_eq!(
+            String::from_utf8_lossy(&answer.body),
+            format!("proxy {me}\n"),
+            "{path}"
+        );
+    }
+    let st = s.status();
+    assert!(st["fallbacks"]["relay_only"].as_u64().unwrap_or(0) >= 1, "{st}");
+    assert_eq!(pool(&st, "px")["steered_kernel"].as_u64(), Some(0), "{st}");
+}

@@ -682,6 +682,7 @@ impl Loop {
         let Some(c) = self.conns[slot].as_ref() else {
             return;
         };
+        let proxy = self.table.pool(p).is_some_and(|e| e.proxy);
         let Some(relay) = self.d.relay.as_ref() else {
             self.refuse(slot, 503, "the application pool cannot be reached");
             return;
@@ -699,6 +700,7 @@ impl Loop {
             client: unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) },
             bytes: c.buf[..c.filled].to_vec(),
             pool: p,
+            proxy,
         };
         if relay.send(job).is_err() {
             self.refuse(slot, 503, "the application pool cannot be reached");

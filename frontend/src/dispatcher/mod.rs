@@ -114,6 +114,8 @@ pub struct PoolEntry {
     pub removed: bool,
     /// A socket pool: its connections go through the relay, not the handoff channel.
     pub relay: bool,
+    /// Relayed connections start with a PROXY v2 header.
+    pub proxy: bool,
 }
 
 /// The routes and pools the dispatcher works with; a reload swaps in a new one.

@@ -1,13 +1,15 @@
 //! The relay: how a connection the front end routed reaches a socket pool. A socket worker
 //! takes connections only from its listening sockets, so the relay opens a connection of the
 //! front end's own into the pool's queue (`crate::direct`), writes the bytes the dispatcher
-//! already read (the request head, and whatever followed it), then joins the two sockets
+//! already read (the request head, and whatever followed it; a PROXY v2 header before them
+//! for a `proxy_protocol` pool), then joins the two sockets
 //! with splice(2) in both directions until both have ended.
 //!
 //! It is a thread of its own on epoll: io_uring runs splice on blocking io-wq workers (one
 //! kernel thread per waiting direction), while non-blocking splice on readiness costs two
 //! syscalls per chunk and no thread.
 
+mod proxy;
 mod pump;
 
 use std::{
@@ -36,6 +38,8 @@ pub struct Job {
     /// Written to the pool before anything else (a PROXY header, then the request bytes).
     pub bytes: Vec<u8>,
     pub pool: PoolId,
+    /// Write a PROXY v2 header with the client's address first.
+    pub proxy: bool,
 }
 
 /// Figures for status.
@@ -201,8 +205,25 @@ impl Loop {
         }
     }
 
-    fn start(&mut self, job: Job) {
+    fn start(&mut self, mut job: Job) {
         let pool = job.pool;
+        if job.proxy {
+            let fd = job.client.as_raw_fd();
+            match (
+                sluice_proto::sockaddr::peer(fd),
+                sluice_proto::sockaddr::local(fd),
+            ) {
+                (Some(client), Some(local)) => {
+                    let mut bytes = proxy::header(client, local);
+                    bytes.append(&mut job.bytes);
+                    job.bytes = bytes;
+                }
+                _ => {
+                    // The client is gone already.
+                    return;
+                }
+            }
+        }
         let (up, connected) = match self.direct.open(pool) {
             Ok(c) => c,
             Err(e) => {

@@ -20,9 +20,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use sluice_common::{
-    DISPATCHER_SLOT, MAX_POOLS, MODE_FIRST_SEGMENT, MODE_SYN, POOL_FLAG_STOPPED, PoolSlots,
-};
+use sluice_common::{DISPATCHER_SLOT, MAX_POOLS, MODE_FIRST_SEGMENT, MODE_SYN};
 
 use self::{guard::Guard, pools::PoolRt, signals::Signals};
 use crate::access_log::AccessLog;
@@ -59,7 +57,6 @@ struct Frontend {
     flags: Arc<PoolFlags>,
     table: Arc<SharedTable>,
     cache: Arc<std::sync::Mutex<crate::cache::Cache>>,
-    kernel_flags: Vec<u32>,
     /// The `routes` control message every worker gets.
     routes_message: ToWorker,
     stop: OwnedFd,
@@ -256,7 +253,6 @@ impl Frontend {
             cache: Arc::new(std::sync::Mutex::new(crate::cache::Cache::new(
                 &config.cache,
             ))),
-            kernel_flags: vec![0; MAX_POOLS as usize],
             routes_message: ToWorker::Routes(Vec::new()),
             stop,
             wake,
@@ -370,25 +366,21 @@ impl Frontend {
     /// kernel's pool map.
     fn set_flag(&mut self, pool: PoolId, flag: u32, on: bool) -> Result<()> {
         if self.flags.set(pool, flag, on) {
-            let kernel = if self.flags.get(pool) != 0 {
-                POOL_FLAG_STOPPED
-            } else {
-                0
-            };
-            let i = pool.index();
-            if kernel != self.kernel_flags[i] {
-                self.kernel_flags[i] = kernel;
-                self.steering.set_pool(
-                    pool.raw(),
-                    PoolSlots {
-                        flags: kernel,
-                        ..self.pools[i].slots
-                    },
-                )?;
-            }
+            self.refresh_kernel_flags(pool)?;
             if flag == PoolFlags::STOPPED {
                 self.wake_dispatcher();
             }
+        }
+        Ok(())
+    }
+
+    /// Writes the pool's kernel flags when they changed (its state, or a reload).
+    pub(super) fn refresh_kernel_flags(&mut self, pool: PoolId) -> Result<()> {
+        let i = pool.index();
+        let kernel = pools::kernel_flags(&self.pools[i].config, self.flags.get(pool));
+        if kernel != self.pools[i].slots.flags {
+            self.pools[i].slots.flags = kernel;
+            self.steering.set_pool(pool.raw(), self.pools[i].slots)?;
         }
         Ok(())
     }

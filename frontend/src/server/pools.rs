@@ -53,6 +53,23 @@ pub(super) fn worker_settings(
     }
 }
 
+/// The kernel's flags for a pool (`sluice_common::POOL_FLAG_*`) given the dispatcher's
+/// (`PoolFlags`): any of those sends its connections to the dispatcher, which answers 503;
+/// a `proxy_protocol` pool takes every connection through the relay.
+pub(super) fn kernel_flags(pool: &config::Pool, dispatcher: u32) -> u32 {
+    let stopped = if dispatcher != 0 {
+        sluice_common::POOL_FLAG_STOPPED
+    } else {
+        0
+    };
+    let relay = if pool.runs.proxy_protocol {
+        sluice_common::POOL_FLAG_RELAY
+    } else {
+        0
+    };
+    stopped | relay
+}
+
 impl PoolRt {
     pub fn entry(&self) -> PoolEntry {
         PoolEntry {
@@ -62,6 +79,7 @@ impl PoolRt {
             handoff_workers: self.handoff.workers.as_raw_fd(),
             removed: self.removed.is_some(),
             relay: self.config.runs.kind == WorkerKind::Socket,
+            proxy: self.config.runs.proxy_protocol,
         }
     }
 
@@ -137,7 +155,7 @@ impl Frontend {
         let slots = PoolSlots {
             first,
             count: pool.sockets,
-            flags: 0,
+            flags: kernel_flags(pool, 0),
             _pad: 0,
         };
         let id = PoolId::new(self.pools.len());

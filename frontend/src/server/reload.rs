@@ -92,6 +92,7 @@ impl Frontend {
             rt.config = p.clone();
             let launch = rt.launch(&new);
             self.supervisor.update(id, launch)?;
+            self.refresh_kernel_flags(id)?;
             summary.push(format!("changed pool {} (recycling its workers)", p.name));
         }
         // 3. The route table, at once.
