@@ -458,6 +458,9 @@ pool = "px"
         );
     }
     let st = s.status();
-    assert!(st["fallbacks"]["relay_only"].as_u64().unwrap_or(0) >= 1, "{st}");
+    assert!(
+        st["fallbacks"]["relay_only"].as_u64().unwrap_or(0) >= 1,
+        "{st}"
+    );
     assert_eq!(pool(&st, "px")["steered_kernel"].as_u64(), Some(0), "{st}");
 }

@@ -191,6 +191,23 @@ fn sites_config(dir: &Path, listen: &str, hello: &Path) -> Result<(PathBuf, Path
     Ok((cfg, admin))
 }
 
+/// One socket pool (a Node.js server on its inherited fd) serving every path.
+fn socket_config(dir: &Path, listen: &str, node_app: &Path) -> Result<(PathBuf, PathBuf)> {
+    let admin = dir.join("socket.sock");
+    let cfg = dir.join("socket.toml");
+    fs::write(
+        &cfg,
+        format!(
+            "[server]\nlisten = [\"{listen}\"]\nsteering = \"first-segment\"\nset_sysctls = true\nadmin_socket = \"{}\"\n\n\
+             [[pool]]\nname = \"node\"\nworker = \"socket\"\ncommand = [\"node\", \"{}\"]\nstart = \"always\"\n\n\
+             [[route]]\nprefix = \"/\"\npool = \"node\"\n",
+            admin.display(),
+            node_app.display()
+        ),
+    )?;
+    Ok((cfg, admin))
+}
+
 fn status(sluice: &Path, admin: &Path) -> Result<Value> {
     let out = Command::new(sluice)
         .args(["status", "--json", "--admin"])
@@ -404,7 +421,12 @@ pub fn run(args: Args) -> Result<()> {
     let started = Instant::now();
     let rounds = args.rounds.unwrap_or(if args.quick { 1 } else { 10 });
     let seconds = args.seconds.unwrap_or(if args.quick { 3 } else { 5 });
-    toolchain::ensure_packages(&[("wrk", "wrk"), ("nginx", "nginx"), ("curl", "curl")])?;
+    toolchain::ensure_packages(&[
+        ("wrk", "wrk"),
+        ("nginx", "nginx"),
+        ("curl", "curl"),
+        ("node", "nodejs"),
+    ])?;
     crate::build()?;
     let root = root();
     let sluice = root.join("target/release/sluice");
@@ -470,6 +492,18 @@ pub fn run(args: Args) -> Result<()> {
         base.cmd(&sluice).arg("run").arg(&cfg),
         &dir.join("sluice-syn.log"),
     )?;
+    // A socket pool: the Node.js server of the tests behind sluice (first-segment), and the
+    // same server alone on a port of its own.
+    let node_app = root.join("tests/workers/node_app.js");
+    let (cfg_socket, admin_socket) = socket_config(&dir, "127.0.0.1:8084", &node_app)?;
+    let sluice_socket = procs.spawn(
+        fs_ns.cmd(&sluice).arg("run").arg(&cfg_socket),
+        &dir.join("sluice-socket.log"),
+    )?;
+    let node_alone = procs.spawn(
+        base.cmd("node").arg(&node_app).env("PORT", "9002"),
+        &dir.join("node-alone.log"),
+    )?;
     // The same worker binary alone on a plain listening socket: the limit.
     let direct = procs.spawn(
         base.cmd(&hello)
@@ -488,7 +522,9 @@ pub fn run(args: Args) -> Result<()> {
              events {{ worker_connections 4096; }}\n\
              http {{\n  access_log off;\n  upstream hello {{ server 127.0.0.1:9001; keepalive 64; }}\n\
              server {{ listen 127.0.0.1:8090; location / {{ proxy_pass http://hello; proxy_http_version 1.1; proxy_set_header Connection \"\"; }} }}\n\
-             server {{ listen 127.0.0.1:8091; location / {{ default_type text/plain; return 200 \"{body}\"; }} }}\n}}\n",
+             server {{ listen 127.0.0.1:8091; location / {{ default_type text/plain; return 200 \"{body}\"; }} }}\n\
+             upstream node {{ server 127.0.0.1:9002; keepalive 64; }}\n\
+             server {{ listen 127.0.0.1:8092; location / {{ proxy_pass http://node; proxy_http_version 1.1; proxy_set_header Connection \"\"; }} }}\n}}\n",
             dir = dir.display()
         ),
     )?;
@@ -500,11 +536,14 @@ pub fn run(args: Args) -> Result<()> {
     wait_http(&fs_ns, "http://127.0.0.1:8080/api/hello")?;
     wait_http(&fs_ns, "http://127.0.0.1:8082/api/hello")?;
     wait_http(&fs_ns, "http://127.0.0.1:8083/api/hello")?;
+    wait_http(&fs_ns, "http://127.0.0.1:8084/node")?;
     for url in [
         "http://127.0.0.1:8081/api/hello",
         "http://127.0.0.1:9001/api/hello",
         "http://127.0.0.1:8090/api/hello",
         "http://127.0.0.1:8091/",
+        "http://127.0.0.1:9002/node",
+        "http://127.0.0.1:8092/node",
     ] {
         wait_http(&base, url)?;
     }
@@ -526,6 +565,14 @@ pub fn run(args: Args) -> Result<()> {
             .iter()
             .map(|&p| ("worker", p)),
     );
+    let mut pids_socket = vec![("front end", sluice_socket)];
+    pids_socket.extend(
+        worker_pids(&status(&sluice, &admin_socket)?)
+            .iter()
+            .map(|&p| ("worker", p)),
+    );
+    let mut pids_node_nginx = vec![("nginx master", nginx), ("worker", node_alone)];
+    pids_node_nginx.extend(nginx_workers.iter().map(|&p| ("nginx worker", p)));
     let mut pids_syn = vec![("front end", sluice_syn)];
     pids_syn.extend(syn_workers.iter().map(|&p| ("worker", p)));
     let mut pids_nginx = vec![("nginx master", nginx), ("worker", direct)];
@@ -630,6 +677,30 @@ pub fn run(args: Args) -> Result<()> {
             None,
         ),
         target(
+            "socket_keepalive",
+            "fs",
+            "http://127.0.0.1:8084/node",
+            false,
+            &pids_socket,
+            Some(&admin_socket),
+        ),
+        target(
+            "socket_alone_keepalive",
+            "base",
+            "http://127.0.0.1:9002/node",
+            false,
+            &vec![("worker", node_alone)],
+            None,
+        ),
+        target(
+            "socket_nginx_keepalive",
+            "base",
+            "http://127.0.0.1:8092/node",
+            false,
+            &pids_node_nginx,
+            None,
+        ),
+        target(
             "cache_keepalive",
             "fs",
             "http://127.0.0.1:8080/cached",
@@ -713,6 +784,16 @@ pub fn run(args: Args) -> Result<()> {
         ),
         ("close_syn_vs_nginx", "close_syn", "close_nginx"),
         ("cache_vs_nginx_return", "cache_keepalive", "nginx_return"),
+        (
+            "socket_keepalive_vs_alone",
+            "socket_keepalive",
+            "socket_alone_keepalive",
+        ),
+        (
+            "socket_keepalive_vs_nginx",
+            "socket_keepalive",
+            "socket_nginx_keepalive",
+        ),
     ];
     let mut ratios = serde_json::Map::new();
     let mut cpu_ratios = serde_json::Map::new();
@@ -850,7 +931,7 @@ pub fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
-const TARGETS: [(&str, &str, f64); 9] = [
+const TARGETS: [(&str, &str, f64); 11] = [
     ("steered_keepalive_vs_direct", "≥ 0.95", 0.95),
     ("steered_keepalive_logged_vs_direct", "≥ 0.9", 0.9),
     ("hosts_keepalive_vs_direct", "≥ 0.97", 0.97),
@@ -860,6 +941,8 @@ const TARGETS: [(&str, &str, f64); 9] = [
     ("close_first_segment_vs_nginx", "> 1", 1.0),
     ("close_syn_vs_nginx", "> 1", 1.0),
     ("cache_vs_nginx_return", "≥ 1.0", 1.0),
+    ("socket_keepalive_vs_alone", "≥ 0.97", 0.97),
+    ("socket_keepalive_vs_nginx", "≥ 1.5", 1.5),
 ];
 
 /// CPU-per-request targets: the ratio must be at most this.
@@ -883,7 +966,7 @@ fn markdown(r: &Value, command: &str) -> String {
     md.push_str(&format!(
         "Machine: {} cores, {}, kernel {}. Versions: {}, {}, {}. {} round(s) of {} s per system, alternating; \
          wrk with 1 thread and {} connections; every server runs the `hello` worker with 1 process and 1 thread \
-         (nginx: 1 worker). The run took {} s.\n\n",
+         (nginx: 1 worker); the `socket_*` systems run the tests' Node.js server (`tests/workers/node_app.js`). The run took {} s.\n\n",
         r["machine"]["cores"],
         r["machine"]["cpu"].as_str().unwrap_or(""),
         r["machine"]["kernel"].as_str().unwrap_or(""),
