@@ -189,7 +189,7 @@ pub struct Sluice {
     pub log: PathBuf,
 }
 
-/// A config template: `{admin}`, `{hello}`, `{echo}`, `{crash}`, `{files}`, `{websocket}` are
+/// A config template: `{admin}`, `{hello}`, `{echo}`, `{crash}`, `{files}`, `{websocket}`, `{upload}` are
 /// filled in, and
 /// `{apps}` (the application servers' `bin`) and `{workers}` (the worker scripts' folder).
 pub fn config(template: &str, admin: &Path) -> String {
@@ -200,7 +200,7 @@ pub fn config(template: &str, admin: &Path) -> String {
     if t.contains("{workers}") {
         t = t.replace("{workers}", &workers_dir().display().to_string());
     }
-    for name in ["hello", "echo", "crash", "files", "websocket"] {
+    for name in ["hello", "echo", "crash", "files", "websocket", "upload"] {
         let key = format!("{{{name}}}");
         if t.contains(&key) {
             t = t.replace(&key, &example(name).display().to_string());

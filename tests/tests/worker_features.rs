@@ -202,3 +202,52 @@ fn the_handler_learns_the_clients_address_and_how_its_connection_came() {
         assert_eq!(r.header("x-sluice-arrival"), Some(arrival), "{path}");
     }
 }
+
+#[test]
+fn a_200_mb_upload_streams_to_the_handler_while_the_worker_stays_under_16_mib() {
+    let dir = std::env::temp_dir().join(format!("sluice-upload-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let big = dir.join("upload.bin");
+    let mut data = vec![0u8; 200 << 20];
+    let mut rng = Rng(0xfeed);
+    for b in data.chunks_mut(8) {
+        b.copy_from_slice(&rng.next().to_le_bytes()[..b.len()]);
+    }
+    std::fs::write(&big, &data).expect("write");
+    let want = format!("received {} bytes fnv {:016x}", data.len(), sha_like(&data));
+    drop(data);
+    let ns = Netns::new("upload");
+    let s = Sluice::start(
+        &ns,
+        &format!(
+            "{}\n[limits]\nmax_request_body = \"300MB\"\n",
+            one_pool("\"{upload}\"", "start = \"always\"")
+        ),
+    );
+    let st = wait_for(&s, Duration::from_secs(20), "upload ready", |st| {
+        !worker_pids(st, "api").is_empty()
+    });
+    let pid = worker_pids(&st, "api")[0];
+    for chunked in [false, true] {
+        let mut curl = ns.command("curl");
+        curl.args(["-s", "-m", "120", "--data-binary"])
+            .arg(format!("@{}", big.display()));
+        if chunked {
+            curl.args(["-H", "Transfer-Encoding: chunked"]);
+        }
+        let out = curl
+            .arg("http://127.0.0.1:8080/upload")
+            .output()
+            .expect("curl");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            want,
+            "chunked={chunked}; log:\n{}",
+            s.log_text()
+        );
+    }
+    let peak = peak_rss_kib(pid);
+    assert!(peak < 16 * 1024, "the worker's peak RSS was {peak} KiB");
+    drop(s);
+    let _ = std::fs::remove_dir_all(&dir);
+}

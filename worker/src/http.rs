@@ -9,7 +9,7 @@ use sluice_proto::limits::MAX_HEADERS;
 use sluice_proto::request::{self, Parsed, Refusal};
 
 use crate::response::Tail;
-use crate::{Request, Response};
+use crate::{BodySink, Request, Response};
 
 /// Longest chunk-extension or trailer section accepted in a chunked body.
 const MAX_CHUNK_META: usize = 16 * 1024;
@@ -41,6 +41,16 @@ pub(crate) trait Dispatch {
 
     /// Answers a complete request.
     fn respond(&mut self, req: &Request<'_>) -> Response;
+
+    /// A sink for the body of a request whose body is not here yet (None: buffer it).
+    fn stream_body(&mut self, _req: &Request<'_>) -> Option<Box<dyn BodySink>> {
+        None
+    }
+
+    /// Answers a request whose body went to `sink`.
+    fn finish(&mut self, sink: Box<dyn BodySink>, req: &Request<'_>) -> Response {
+        sink.finish(req)
+    }
 
     /// A request was refused with `status` (and a body of `bytes`) before any handler saw
     /// it; `input` holds what the connection sent from that request's first byte.
@@ -93,11 +103,24 @@ impl HeadInfo {
 
 /// A request whose head is complete but whose body is still arriving. It starts at offset 0 of
 /// the read buffer (the buffer is compacted after every `process`).
-#[derive(Debug)]
 struct Pending {
     info: HeadInfo,
     chunked: Option<ChunkedDecoder>,
     continue_sent: bool,
+    /// Where the body goes as it arrives, when the handler streams it; its bytes are then
+    /// dropped from the read buffer once given.
+    sink: Option<Box<dyn BodySink>>,
+    /// Body bytes given to the sink so far.
+    streamed: usize,
+}
+
+impl std::fmt::Debug for Pending {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pending")
+            .field("info", &self.info)
+            .field("streamed", &self.sink.as_ref().map(|_| self.streamed))
+            .finish()
+    }
 }
 
 /// Per-connection HTTP state.
@@ -273,10 +296,13 @@ impl HttpConn {
             None => {
                 let chunked =
                     (info.framing == Framing::Chunked).then(|| ChunkedDecoder::new(head_len));
+                let sink = handler.stream_body(&req);
                 self.pending = Some(Pending {
                     info,
                     chunked,
                     continue_sent: false,
+                    sink,
+                    streamed: 0,
                 });
                 Step::BodyPending
             }
@@ -287,7 +313,7 @@ impl HttpConn {
     /// offset 0) and answers it once complete.
     fn continue_body<F>(
         &mut self,
-        rbuf: &mut [u8],
+        rbuf: &mut Vec<u8>,
         wbuf: &mut Vec<u8>,
         closing: bool,
         handler: &mut F,
@@ -298,6 +324,9 @@ impl HttpConn {
         let Some(pending) = self.pending.as_mut() else {
             return Step::Incomplete;
         };
+        if pending.sink.is_some() {
+            return self.stream_body(rbuf, wbuf, closing, handler);
+        }
         let info = pending.info;
         let (body_end, consumed) = match pending.chunked.as_mut() {
             None => {
@@ -335,6 +364,88 @@ impl HttpConn {
     }
 }
 
+impl HttpConn {
+    /// `continue_body` for a body that goes to the handler's sink: whatever body bytes are
+    /// here are given and dropped from `rbuf` (the head stays at its start), so the buffer
+    /// holds one read's worth, not the body.
+    fn stream_body<F>(
+        &mut self,
+        rbuf: &mut Vec<u8>,
+        wbuf: &mut Vec<u8>,
+        closing: bool,
+        handler: &mut F,
+    ) -> Step
+    where
+        F: Dispatch,
+    {
+        let Some(pending) = self.pending.as_mut() else {
+            return Step::Incomplete;
+        };
+        let info = pending.info;
+        let head_len = info.head_len;
+        let max_body = self.limits.max_request_body as usize;
+        // (end of the body's bytes here, end of the request's input) once complete.
+        let done = match (&mut pending.chunked, info.framing) {
+            (None, Framing::Length(n)) => {
+                let take = (rbuf.len() - head_len).min(n - pending.streamed);
+                if let Some(sink) = pending.sink.as_mut() {
+                    sink.data(&rbuf[head_len..head_len + take]);
+                }
+                pending.streamed += take;
+                if pending.streamed == n {
+                    Some(head_len + take)
+                } else {
+                    rbuf.truncate(head_len);
+                    None
+                }
+            }
+            (Some(decoder), _) => {
+                let left = max_body.saturating_sub(pending.streamed);
+                match decoder.decode(rbuf, left) {
+                    Ok(Decoded::Done { body_end, consumed }) => {
+                        if let Some(sink) = pending.sink.as_mut() {
+                            sink.data(&rbuf[head_len..body_end]);
+                        }
+                        Some(consumed)
+                    }
+                    Ok(Decoded::NeedMore) => {
+                        let (out, raw) = decoder.rebase();
+                        if let Some(sink) = pending.sink.as_mut() {
+                            sink.data(&rbuf[head_len..out]);
+                        }
+                        pending.streamed += out - head_len;
+                        rbuf.drain(head_len..raw);
+                        None
+                    }
+                    Err(reject) => return Step::Rejected(reject),
+                }
+            }
+            (None, _) => return Step::Rejected(BAD_CHUNK),
+        };
+        let Some(consumed) = done else {
+            return pending.incomplete(wbuf);
+        };
+        let Some(sink) = self.pending.take().and_then(|p| p.sink) else {
+            return Step::Rejected(BAD_CHUNK);
+        };
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let Ok(Parsed::Complete(parsed, head)) =
+            request::parse(&rbuf[..head_len], &self.limits, &mut headers)
+        else {
+            return Step::Rejected(BAD_CHUNK);
+        };
+        let keep_alive = info.keep_alive && !closing;
+        let req = Request::new(head, parsed.headers, &[]);
+        let resp = handler.finish(sink, &req);
+        let (keep_alive, tail) = write(wbuf, resp, &req, keep_alive, info.http10);
+        self.tail = tail;
+        Step::Done {
+            consumed,
+            keep_alive,
+        }
+    }
+}
+
 enum Step {
     /// A request was answered; `consumed` bytes of input belong to it.
     Done {
@@ -362,7 +473,9 @@ impl Pending {
     /// How many more bytes the body needs, when known.
     fn bytes_wanted(&self, have: usize) -> usize {
         match (self.info.framing, &self.chunked) {
-            (Framing::Length(n), _) => (self.info.head_len + n).saturating_sub(have),
+            (Framing::Length(n), _) => {
+                (self.info.head_len + n).saturating_sub(have + self.streamed)
+            }
             (_, Some(d)) => d.bytes_wanted(),
             _ => 0,
         }
@@ -381,7 +494,18 @@ fn respond<F>(
 where
     F: Dispatch,
 {
-    let mut resp = handler.respond(req);
+    let resp = handler.respond(req);
+    write(wbuf, resp, req, keep_alive, http10)
+}
+
+/// Serializes a handler's response to `req`; returns what `respond` does.
+fn write(
+    wbuf: &mut Vec<u8>,
+    mut resp: Response,
+    req: &Request<'_>,
+    keep_alive: bool,
+    http10: bool,
+) -> (bool, Option<Tail>) {
     let head_only = req.method() == "HEAD";
     // An upgrade needs a request that asked for one; else it is a handler error.
     if matches!(resp.tail, Some(Tail::Upgrade(_))) && !asks_upgrade(req) {
@@ -693,6 +817,15 @@ impl ChunkedDecoder {
             ChunkState::Data(n) => n + 2,
             _ => 0,
         }
+    }
+
+    /// For a streamed body: returns (end of the decoded bytes, first undecoded byte) and
+    /// starts both over right after the head, where the caller moves what is undecoded.
+    fn rebase(&mut self) -> (usize, usize) {
+        let at = (self.out, self.raw);
+        self.out = self.head_len;
+        self.raw = self.head_len;
+        at
     }
 
     fn decode(&mut self, buf: &mut [u8], max_body: usize) -> Result<Decoded, Reject> {
@@ -1230,5 +1363,99 @@ mod tests {
         assert!(String::from_utf8_lossy(&wbuf).starts_with("HTTP/1.1 500 "));
         assert_eq!(outcome, Outcome::Close);
         assert!(conn.take_tail().is_none());
+    }
+
+    /// A sink that records what it was given, for the streaming tests.
+    struct Collect(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl BodySink for Collect {
+        fn data(&mut self, chunk: &[u8]) {
+            self.0.lock().unwrap().extend_from_slice(chunk);
+        }
+        fn finish(self: Box<Self>, req: &Request<'_>) -> Response {
+            let n = self.0.lock().unwrap().len();
+            Response::new(200).body(format!("{} {n}", req.path()))
+        }
+    }
+
+    struct Streaming(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl Dispatch for Streaming {
+        fn respond(&mut self, req: &Request<'_>) -> Response {
+            Response::new(200).body(format!("{} whole", req.path()))
+        }
+        fn stream_body(&mut self, _req: &Request<'_>) -> Option<Box<dyn BodySink>> {
+            Some(Box::new(Collect(self.0.clone())))
+        }
+    }
+
+    #[test]
+    fn a_streamed_body_reaches_the_sink_piece_by_piece_and_never_fills_the_buffer() {
+        for chunked in [false, true] {
+            let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+            let mut handler = Streaming(got.clone());
+            let mut conn = HttpConn::new(Limits::default());
+            let body: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+            let mut input = if chunked {
+                let mut v =
+                    b"POST /up HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+                for piece in body.chunks(7000) {
+                    v.extend_from_slice(format!("{:x}\r\n", piece.len()).as_bytes());
+                    v.extend_from_slice(piece);
+                    v.extend_from_slice(b"\r\n");
+                }
+                v.extend_from_slice(b"0\r\n\r\n");
+                v
+            } else {
+                let mut v = format!(
+                    "POST /up HTTP/1.1\r\nHost: a\r\nContent-Length: {}\r\n\r\n",
+                    body.len()
+                )
+                .into_bytes();
+                v.extend_from_slice(&body);
+                v
+            };
+            input.extend_from_slice(b"GET /next HTTP/1.1\r\nHost: a\r\n\r\n");
+            let mut rbuf = Vec::new();
+            let mut wbuf = Vec::new();
+            let mut largest = 0;
+            for piece in input.chunks(4096) {
+                rbuf.extend_from_slice(piece);
+                largest = largest.max(rbuf.len());
+                conn.process(&mut rbuf, &mut wbuf, false, &mut handler);
+            }
+            let out = String::from_utf8_lossy(&wbuf).into_owned();
+            assert_eq!(*got.lock().unwrap(), body, "chunked={chunked}");
+            assert!(out.contains("\r\n\r\n/up 100000"), "{out}");
+            assert!(out.ends_with("\r\n\r\n/next whole"), "{out}");
+            // The head and at most one piece (plus a chunk's framing) are ever held.
+            assert!(largest < 2 * 4096 + 200, "chunked={chunked}: {largest}");
+        }
+    }
+
+    #[test]
+    fn a_streamed_chunked_body_over_the_limit_is_refused_413() {
+        let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut handler = Streaming(got);
+        let limits = Limits {
+            max_request_body: 10_000,
+            ..Limits::default()
+        };
+        let mut conn = HttpConn::new(limits);
+        let mut rbuf =
+            b"POST /up HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+        let mut wbuf = Vec::new();
+        let mut outcome = Outcome::NeedMore { hint: 0 };
+        for _ in 0..4 {
+            rbuf.extend_from_slice(b"1000\r\n");
+            rbuf.extend_from_slice(&[b'x'; 0x1000]);
+            rbuf.extend_from_slice(b"\r\n");
+            outcome = conn.process(&mut rbuf, &mut wbuf, false, &mut handler);
+            if outcome == Outcome::Close {
+                break;
+            }
+        }
+        assert_eq!(outcome, Outcome::Close);
+        assert!(String::from_utf8_lossy(&wbuf).starts_with("HTTP/1.1 413 "));
     }
 }

@@ -278,6 +278,23 @@ impl<'a> Context<'a> {
 /// connection's thread and should not block for long.
 pub trait Handler: Send + Sync + 'static {
     fn handle(&self, req: &Request<'_>, ctx: &Context<'_>) -> Response;
+
+    /// Called for a request whose body has not all arrived with its head. A sink receives
+    /// the body as it arrives (decoded, for a chunked one) and makes the response once it is
+    /// complete, so the worker never holds the whole body; `None` (the default) buffers it
+    /// whole, up to `max_request_body`, and calls [`Handler::handle`].
+    fn stream_body(&self, _req: &Request<'_>, _ctx: &Context<'_>) -> Option<Box<dyn BodySink>> {
+        None
+    }
+}
+
+/// Receives a request body piece by piece (see [`Handler::stream_body`]). Runs on the
+/// connection's thread, like the handler.
+pub trait BodySink: Send {
+    /// The next bytes of the body.
+    fn data(&mut self, chunk: &[u8]);
+    /// The body is complete; `req` is the request (its `body()` is empty).
+    fn finish(self: Box<Self>, req: &Request<'_>) -> Response;
 }
 
 impl<F> Handler for F

@@ -1381,6 +1381,25 @@ struct Dispatcher<'a, H> {
     fd: RawFd,
 }
 
+impl<H: Handler> Dispatcher<'_, H> {
+    fn context(&self) -> Context<'_> {
+        Context::new(
+            self.shared.pool.as_deref(),
+            self.shared.pid,
+            self.fd,
+            self.info.arrival,
+            self.info.peer,
+        )
+    }
+
+    fn log_answer(&mut self, req: &Request<'_>, resp: &Response, started: Option<Instant>) {
+        if let (Some(batch), Some(started)) = (self.access.as_deref_mut(), started) {
+            let bytes = http::body_bytes_sent(resp, req.method() == "HEAD");
+            access::answered(batch, req, resp.status(), bytes, started, self.info);
+        }
+    }
+}
+
 impl<H: Handler> Dispatch for Dispatcher<'_, H> {
     fn hand_back(&mut self, req: &Request<'_>) -> bool {
         if std::mem::take(self.routed) {
@@ -1400,19 +1419,31 @@ impl<H: Handler> Dispatch for Dispatcher<'_, H> {
 
     fn respond(&mut self, req: &Request<'_>) -> Response {
         let started = self.access.is_some().then(Instant::now);
-        let ctx = Context::new(
-            self.shared.pool.as_deref(),
-            self.shared.pid,
-            self.fd,
-            self.info.arrival,
-            self.info.peer,
-        );
-        let resp = call_handler(&self.shared.handler, req, &ctx);
+        let resp = call_handler(&self.shared.handler, req, &self.context());
         self.shared.publisher.offer(req, &resp);
-        if let (Some(batch), Some(started)) = (self.access.as_deref_mut(), started) {
-            let bytes = http::body_bytes_sent(&resp, req.method() == "HEAD");
-            access::answered(batch, req, resp.status(), bytes, started, self.info);
-        }
+        self.log_answer(req, &resp, started);
+        resp
+    }
+
+    fn stream_body(&mut self, req: &Request<'_>) -> Option<Box<dyn crate::BodySink>> {
+        let ctx = self.context();
+        let handler = &self.shared.handler;
+        panic::catch_unwind(AssertUnwindSafe(|| handler.stream_body(req, &ctx))).unwrap_or_else(
+            |_| {
+                log::error!("handler panicked on {} {}", req.method(), req.target());
+                None
+            },
+        )
+    }
+
+    fn finish(&mut self, sink: Box<dyn crate::BodySink>, req: &Request<'_>) -> Response {
+        let started = self.access.is_some().then(Instant::now);
+        let resp =
+            panic::catch_unwind(AssertUnwindSafe(|| sink.finish(req))).unwrap_or_else(|_| {
+                log::error!("body sink panicked on {} {}", req.method(), req.target());
+                Response::text(500, "internal server error\n").header("connection", "close")
+            });
+        self.log_answer(req, &resp, started);
         resp
     }
 
