@@ -4,7 +4,10 @@
 //! `LISTEN_FDS`, `LISTEN_PID`, `LISTEN_FDNAMES` with `pool` listening sockets, one `handoff`
 //! SEQPACKET socket and one `control` SEQPACKET socket), or binds `SLUICE_LISTEN` / `--listen`
 //! itself when run standalone. It serves HTTP/1.1 on one io_uring per thread and calls a
-//! [`Handler`] for every request.
+//! [`Handler`] for every request. A response body is bytes or a file streamed in bounded
+//! reads ([`Response::file`]); [`Response::upgrade`] gives the connection to the handler after
+//! a 101; [`Handler::stream_body`] takes a request body piece by piece as it arrives; the
+//! [`Context`] names the client and how its connection arrived.
 //!
 //! On the `control` socket the front end sends `ping <seq>` (answered with
 //! `pong <seq> requests=<n> rss_kib=<n>` by thread 0's ring, so a worker whose threads are stuck
