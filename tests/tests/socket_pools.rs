@@ -464,3 +464,88 @@ pool = "px"
     );
     assert_eq!(pool(&st, "px")["steered_kernel"].as_u64(), Some(0), "{st}");
 }
+
+#[test]
+fn a_keep_alive_connection_reaches_a_socket_pool_after_a_hand_back_or_a_cache_answer() {
+    let ns = Netns::new("sockmove");
+    let dir = std::env::temp_dir().join(format!("sluice-sockmove-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let cached = dir.join("cached.txt");
+    std::fs::write(&cached, "from the cache\n").expect("static");
+    let s = Sluice::start(
+        &ns,
+        &format!(
+            r#"
+[server]
+listen = ["127.0.0.1:8080"]
+steering = "first-segment"
+set_sysctls = true
+admin_socket = "{{admin}}"
+
+[[cache.static]]
+path = "/cached"
+file = "{}"
+
+[[pool]]
+name = "web"
+command = ["{{hello}}"]
+threads = 1
+start = "always"
+
+[[pool]]
+name = "uv"
+worker = "socket"
+command = ["{{apps}}/uvicorn", "--fd", "3", "--no-access-log", "asgi_app:app"]
+cwd = "{{workers}}"
+start = "always"
+
+[[route]]
+prefix = "/"
+pool = "web"
+
+[[route]]
+host = "uv.test"
+prefix = "/"
+pool = "uv"
+"#,
+            cached.display()
+        ),
+    );
+    // One connection each: the sluice pool's worker hands it back, or the front end's cache
+    // answers first; either way the next request goes to uvicorn through the relay.
+    let script = "import http.client\n\
+        for first in [('web.test', '/first'), ('web.test', '/cached')]:\n    \
+            c = http.client.HTTPConnection('127.0.0.1', 8080, timeout=20)\n    \
+            for host, path in [first, ('uv.test', '/second'), ('uv.test', '/third')]:\n        \
+                c.request('GET', path, headers={'Host': host})\n        \
+                print(c.getresponse().read().decode().strip())\n    \
+            c.close()\n";
+    let out = ns
+        .command(apps_bin().join("python"))
+        .arg("-c")
+        .arg(script)
+        .output()
+        .expect("python");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(
+        lines.len(),
+        6,
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(lines[0].starts_with("hello from pool web"), "{text}");
+    assert!(lines[1].starts_with("uvicorn /second"), "{text}");
+    assert!(lines[2].starts_with("uvicorn /third"), "{text}");
+    assert_eq!(lines[3], "from the cache", "{text}");
+    assert!(lines[4].starts_with("uvicorn /second"), "{text}");
+    assert!(lines[5].starts_with("uvicorn /third"), "{text}");
+    let st = s.status();
+    assert!(
+        st["dispatcher"]["handed_back"].as_u64().unwrap_or(0) >= 1,
+        "{st}"
+    );
+    assert!(relays(&s) >= 2, "{st}");
+    drop(s);
+    let _ = std::fs::remove_dir_all(&dir);
+}
