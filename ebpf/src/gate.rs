@@ -12,7 +12,7 @@ use core::mem::size_of;
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{
-        BPF_F_CURRENT_NETNS, BPF_TCP_LISTEN, TC_ACT_OK, TC_ACT_SHOT, bpf_sock_tuple,
+        BPF_F_CURRENT_NETNS, BPF_TCP_LISTEN, TC_ACT_SHOT, TC_ACT_UNSPEC, bpf_sock_tuple,
         bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1 as Tuple4,
         bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2 as Tuple6,
     },
@@ -56,7 +56,9 @@ pub fn ack_gate(ctx: TcContext) -> i32 {
             bump(counter::ACK_GATE_DROPS);
             TC_ACT_SHOT as i32
         }
-        _ => TC_ACT_OK as i32,
+        // Not ours: TC_ACT_UNSPEC is TCX_NEXT, so the interface's next program (another front
+        // end's gate, a firewall) still sees the packet; TC_ACT_OK would end the chain here.
+        _ => TC_ACT_UNSPEC,
     }
 }
 

@@ -217,3 +217,36 @@ fn sluice_stops_cleanly_and_restores_what_it_changed() {
         "{log}"
     );
 }
+
+/// Each front end's ack gate must pass on packets that are not its own to the next program on
+/// the interface (TCX_NEXT), not end the chain: a second front end in the namespace (or any
+/// other tc program after ours) would otherwise never see its handshake ACKs.
+#[test]
+fn two_front_ends_in_one_namespace_both_steer_in_the_kernel() {
+    let ns = Netns::new("two");
+    let first = Sluice::start(&ns, &one_pool("\"{hello}\"", "start = \"always\""));
+    let second = Sluice::start(
+        &ns,
+        &one_pool("\"{hello}\"", "start = \"always\"").replace("127.0.0.1:8080", "127.0.0.1:8081"),
+    );
+    for (s, port) in [(&first, 8080), (&second, 8081), (&first, 8080)] {
+        wait_for(s, Duration::from_secs(10), "a ready worker", |st| {
+            !worker_pids(st, "api").is_empty()
+        });
+        let a: SocketAddr = ([127, 0, 0, 1], port).into();
+        ns.enter(|| {
+            for _ in 0..10 {
+                let r = exchange(a, &get_request("/x")).expect("plain client");
+                assert_eq!(r.status, 200, "port {port}");
+            }
+        });
+    }
+    for (s, n) in [(&first, 20), (&second, 10)] {
+        let st = s.status();
+        assert_eq!(pool(&st, "api")["steered_kernel"], n, "{st}");
+        assert_eq!(
+            st["dispatcher"]["accepted"], 0,
+            "went through the dispatcher: {st}"
+        );
+    }
+}
