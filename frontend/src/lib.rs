@@ -11,6 +11,7 @@ pub mod dates;
 pub mod diag;
 pub mod direct;
 pub mod dispatcher;
+pub mod fdstore;
 pub mod metrics;
 pub mod pool;
 pub mod relay;

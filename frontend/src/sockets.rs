@@ -118,6 +118,22 @@ pub fn listener(addr: SocketAddr, backlog: i32) -> Result<OwnedFd, SocketError> 
     Ok(fd)
 }
 
+/// A listening socket kept from an earlier run (systemd's fd store), with this config's
+/// backlog.
+pub fn relisten(fd: OwnedFd, backlog: i32) -> Result<OwnedFd, SocketError> {
+    // SAFETY: listen(2) on a socket we own; on a listening socket it only sets the backlog.
+    if unsafe { libc::listen(fd.as_raw_fd(), backlog) } < 0 {
+        let addr = sluice_proto::sockaddr::local(fd.as_raw_fd())
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+        return Err(SocketError::Listen {
+            what: "listen",
+            addr,
+            cause: io::Error::last_os_error(),
+        });
+    }
+    Ok(fd)
+}
+
 /// The dispatcher's end and the workers' end of a pool's handoff channel.
 pub struct HandoffPair {
     pub frontend: OwnedFd,

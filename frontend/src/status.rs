@@ -24,6 +24,9 @@ pub struct Status {
     pub access_log_dropped: u64,
     #[serde(default)]
     pub access_log_malformed: u64,
+    /// Sockets this run took back from systemd's fd store at its start.
+    #[serde(default)]
+    pub inherited_sockets: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -235,6 +238,12 @@ impl Status {
             family(name, "counter", help, one(v));
         }
         family(
+            "sluice_inherited_sockets",
+            "gauge",
+            "Sockets this run took back from systemd's fd store at its start.",
+            one(self.inherited_sockets),
+        );
+        family(
             "sluice_access_log_dropped_total",
             "counter",
             "Access-log lines dropped (the writer behind, or not an entry).",
@@ -367,7 +376,8 @@ mod tests {
             "dispatcher": {"accepted": 6, "refused": {"400": 1}, "header_timeouts": 7,
                            "dropped_pending": 8, "handed_back": 10},
             "kernel": {"program_runs": 11, "syn_cookies": 12, "ack_gate_drops": 13, "cache_steered": 14},
-            "foreign_listeners": 15, "access_log_dropped": 16, "access_log_malformed": 17
+            "foreign_listeners": 15, "access_log_dropped": 16, "access_log_malformed": 17,
+            "inherited_sockets": 18
         }))
         .unwrap();
         let text = st.prometheus();
@@ -382,6 +392,7 @@ mod tests {
             "sluice_access_log_dropped_total{reason=\"behind\"} 16",
             "sluice_access_log_dropped_total{reason=\"malformed\"} 17",
             "sluice_fallbacks_total{reason=\"no_host\"} 4",
+            "sluice_inherited_sockets 18",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
         }

@@ -309,7 +309,65 @@ impl Sluice {
         Sluice::spawn_env(ns, template, &[])
     }
 
+    /// Starts sluice as systemd starts a unit with a file-descriptor store: `fds` at 3.., named
+    /// in `LISTEN_FDNAMES`, with `LISTEN_PID` its own pid.
+    pub fn start_inheriting(
+        ns: &Netns,
+        template: &str,
+        env: &[(&str, &str)],
+        fds: &[(String, std::os::fd::OwnedFd)],
+    ) -> Sluice {
+        use std::os::unix::process::CommandExt;
+        // Above 3.. first, so placing them cannot overwrite one another.
+        let high: Vec<std::os::fd::OwnedFd> = fds
+            .iter()
+            .map(|(_, fd)| {
+                // SAFETY: F_DUPFD_CLOEXEC makes a new fd we own.
+                let n = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 1000) };
+                assert!(n >= 0, "dup: {}", std::io::Error::last_os_error());
+                // SAFETY: `n` was just created.
+                unsafe { std::os::fd::OwnedFd::from_raw_fd(n) }
+            })
+            .collect();
+        let raw: Vec<i32> = high.iter().map(|f| f.as_raw_fd()).collect();
+        let names: Vec<&str> = fds.iter().map(|(n, _)| n.as_str()).collect();
+        let count = fds.len().to_string();
+        let names = names.join(":");
+        let mut env: Vec<(&str, &str)> = env.to_vec();
+        env.push(("LISTEN_FDS", &count));
+        env.push(("LISTEN_FDNAMES", &names));
+        let mut s = Sluice::spawn_with(ns, template, &env, |c| {
+            // SAFETY: between fork and exec only dup2(2), which is async-signal-safe; dup2
+            // leaves the copies without FD_CLOEXEC, so the program gets them.
+            unsafe {
+                c.pre_exec(move || {
+                    for (i, &fd) in raw.iter().enumerate() {
+                        if libc::dup2(fd, 3 + i as i32) < 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                    }
+                    Ok(())
+                });
+            }
+        });
+        drop(high);
+        s.wait_ready();
+        s
+    }
+
     fn spawn_env(ns: &Netns, template: &str, env: &[(&str, &str)]) -> Sluice {
+        Sluice::spawn_with(ns, template, env, |_| {})
+    }
+
+    /// Starts sluice, `wrap` adjusting its command; with `LISTEN_FDS` in `env` it also gets
+    /// `LISTEN_PID`, its own pid, as systemd sets it.
+    fn spawn_with(
+        ns: &Netns,
+        template: &str,
+        env: &[(&str, &str)],
+        wrap: impl FnOnce(&mut Command),
+    ) -> Sluice {
+        let inherit = env.iter().any(|(k, _)| *k == "LISTEN_FDS");
         let dir = std::env::temp_dir().join(unique("run"));
         fs::create_dir_all(&dir).expect("temp dir");
         let admin = dir.join("admin.sock");
@@ -318,16 +376,23 @@ impl Sluice {
         let log = dir.join("sluice.log");
         let out = fs::File::create(&log).expect("log file");
         let err = out.try_clone().expect("log file");
-        let child = ns
-            .command(sluice_bin())
-            .arg("run")
+        let mut cmd = if inherit {
+            // `ip netns exec` and `sh` exec in place: $$ is sluice's own pid.
+            let mut c = ns.command("sh");
+            c.args(["-c", "LISTEN_PID=$$ exec \"$0\" \"$@\""])
+                .arg(sluice_bin());
+            c
+        } else {
+            ns.command(sluice_bin())
+        };
+        cmd.arg("run")
             .arg(&cfg)
             .env("RUST_LOG", "info")
             .envs(env.iter().copied())
             .stdout(Stdio::from(out))
-            .stderr(Stdio::from(err))
-            .spawn()
-            .expect("start sluice");
+            .stderr(Stdio::from(err));
+        wrap(&mut cmd);
+        let child = cmd.spawn().expect("start sluice");
         Sluice {
             child: Some(child),
             dir,

@@ -73,13 +73,26 @@ struct Frontend {
     notify: Option<notify::Notifier>,
     /// Joins dispatcher-routed connections to socket pools.
     relay: crate::relay::Relay,
+    /// Sockets systemd's fd store handed back, until the start has taken them.
+    inherited: crate::fdstore::Inherited,
+    /// How many sockets the start took from systemd's fd store.
+    inherited_sockets: usize,
     /// Restores changed sysctls on drop (last).
     restore: sysctl::Restore,
 }
 
 pub fn run(config: Config) -> Result<()> {
+    // Before any thread starts: these fds are ours alone from here on.
+    let inherited = crate::fdstore::Inherited::from_env();
     let signals = Signals::block()?;
-    let mut fe = Frontend::start(config)?;
+    let mut fe = Frontend::start(config, inherited)?;
+    if fe.inherited_sockets > 0 {
+        log::info!(
+            "took {} socket(s) from systemd's fd store: what waited in them is served",
+            fe.inherited_sockets
+        );
+    }
+    fe.store_sockets();
     let admin = AdminSocket::bind(&fe.config.admin_socket)?;
     if let Some(addr) = fe.config.metrics {
         metrics::serve(addr, fe.config.admin_socket.clone())?;
@@ -166,10 +179,18 @@ pub fn run(config: Config) -> Result<()> {
 }
 
 impl Frontend {
-    fn start(config: Config) -> Result<Frontend> {
+    fn start(config: Config, mut inherited: crate::fdstore::Inherited) -> Result<Frontend> {
+        // A dispatcher socket systemd kept for us is this front end's own group.
+        let inherited_dispatch: Vec<Option<OwnedFd>> = config
+            .listen
+            .iter()
+            .map(|&a| inherited.take_listener(crate::fdstore::DISPATCH, a))
+            .collect();
         // Before anything changes: another listener on an address would take its traffic.
-        for &addr in &config.listen {
-            guard::probe(addr, guard::PROBE_PATIENCE)?;
+        for (&addr, ours) in config.listen.iter().zip(&inherited_dispatch) {
+            if ours.is_none() {
+                guard::probe(addr, guard::PROBE_PATIENCE)?;
+            }
         }
         for w in config.warnings() {
             log::warn!("{w}");
@@ -200,10 +221,17 @@ impl Frontend {
         })?;
         // Per listen address: the dispatcher socket first, with the program attached.
         let mut dispatch_sockets = Vec::new();
-        for (g, &addr) in config.listen.iter().enumerate() {
-            let d = sockets::listener(addr, DISPATCHER_BACKLOG)?;
-            steering.set_socket(g, DISPATCHER_SLOT, &d)?;
+        for ((g, &addr), ours) in config.listen.iter().enumerate().zip(inherited_dispatch) {
+            let d = match ours {
+                Some(fd) => sockets::relisten(fd, DISPATCHER_BACKLOG)?,
+                None => sockets::listener(addr, DISPATCHER_BACKLOG)?,
+            };
+            // Attached first: a group kept from an earlier run (systemd's fd store) still
+            // runs that run's program, whose socket array holds these sockets until it is
+            // replaced. Meanwhile our empty array makes the program drop (the client sends
+            // again), never pick a pool by hash.
             steering.attach(g, &d)?;
+            steering.set_socket(g, DISPATCHER_SLOT, &d)?;
             dispatch_sockets.push(d);
         }
         let stats = Arc::new(DispatchStats::new(MAX_POOLS as usize));
@@ -260,6 +288,8 @@ impl Frontend {
             guard: Guard::new(&config.listen),
             greeting_due: false,
             relay: relay.clone(),
+            inherited,
+            inherited_sockets: 0,
             restore,
         };
         let ids: Vec<Option<PoolId>> = config
@@ -267,6 +297,8 @@ impl Frontend {
             .iter()
             .map(|p| fe.add_pool(p).map(Some))
             .collect::<Result<_>>()?;
+        fe.inherited_sockets = fe.inherited.taken();
+        fe.inherited.close_rest();
         fe.load_statics()?;
         fe.install_routes(&config, &ids)?;
         if config.steering == Mode::FirstSegment {

@@ -1,13 +1,18 @@
 //! systemd's readiness protocol (`sd_notify`): when `NOTIFY_SOCKET` is set (a `Type=notify`
 //! unit), the front end says when it serves (`READY=1`), when it reloads (`RELOADING=1`, then
-//! `READY=1` again) and when it stops (`STOPPING=1`), each with a `STATUS=` line.
+//! `READY=1` again) and when it stops (`STOPPING=1`), each with a `STATUS=` line; and it keeps
+//! its queues' sockets in the unit's file-descriptor store (`FDSTORE=1`, see `fdstore`).
 
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixDatagram};
 
+/// The kernel's limit of fds in one message (`SCM_MAX_FD`).
+const MAX_FDS_PER_MESSAGE: usize = 253;
+
 pub struct Notifier {
+    /// Connected to the notify socket, so messages with fds need no address.
     socket: UnixDatagram,
-    to: SocketAddr,
 }
 
 impl Notifier {
@@ -26,8 +31,8 @@ impl Notifier {
                 return None;
             }
         };
-        match UnixDatagram::unbound() {
-            Ok(socket) => Some(Notifier { socket, to }),
+        match UnixDatagram::unbound().and_then(|s| s.connect_addr(&to).map(|()| s)) {
+            Ok(socket) => Some(Notifier { socket }),
             Err(e) => {
                 log::warn!("NOTIFY_SOCKET={name}: {e}");
                 None
@@ -36,7 +41,7 @@ impl Notifier {
     }
 
     fn send(&self, state: &str) {
-        if let Err(e) = self.socket.send_to_addr(state.as_bytes(), &self.to) {
+        if let Err(e) = self.socket.send(state.as_bytes()) {
             log::warn!(
                 "telling systemd {:?}: {e}",
                 state.lines().next().unwrap_or("")
@@ -56,6 +61,21 @@ impl Notifier {
         ));
     }
 
+    /// Gives systemd `fds` to keep under `name` (it ignores ones it holds already).
+    pub fn store(&self, name: &str, fds: &[RawFd]) {
+        for chunk in fds.chunks(MAX_FDS_PER_MESSAGE) {
+            let text = format!("FDSTORE=1\nFDNAME={name}\n");
+            if let Err(e) = send_fds(self.socket.as_raw_fd(), text.as_bytes(), chunk) {
+                log::warn!("giving systemd's fd store {name}: {e}");
+            }
+        }
+    }
+
+    /// Asks systemd to close what it keeps under `name`.
+    pub fn unstore(&self, name: &str) {
+        self.send(&format!("FDSTOREREMOVE=1\nFDNAME={name}\n"));
+    }
+
     pub fn stopping(&self) {
         self.send("STOPPING=1\nSTATUS=stopping: workers first, then the dispatcher\n");
     }
@@ -67,4 +87,37 @@ fn monotonic_usec() -> u64 {
     // SAFETY: CLOCK_MONOTONIC with a live timespec.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1000
+}
+
+/// One datagram with `fds` attached (SCM_RIGHTS).
+fn send_fds(socket: RawFd, bytes: &[u8], fds: &[RawFd]) -> std::io::Result<()> {
+    let fds_len = std::mem::size_of_val(fds);
+    // SAFETY: CMSG_SPACE only computes a size.
+    let space = unsafe { libc::CMSG_SPACE(fds_len as u32) } as usize;
+    // u64 words keep the control buffer aligned for cmsghdr.
+    let mut control = vec![0u64; space.div_ceil(8)];
+    let mut iov = libc::iovec {
+        iov_base: bytes.as_ptr() as *mut libc::c_void,
+        iov_len: bytes.len(),
+    };
+    // SAFETY: msghdr is plain data; all-zero is valid (no name).
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = space;
+    // SAFETY: the control buffer holds one header with room for `fds` (CMSG_SPACE above);
+    // sendmsg reads the iovec and the control data, both alive for the call.
+    let rc = unsafe {
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        (*cmsg).cmsg_level = libc::SOL_SOCKET;
+        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(fds_len as u32) as usize;
+        std::ptr::copy_nonoverlapping(fds.as_ptr(), libc::CMSG_DATA(cmsg).cast(), fds.len());
+        libc::sendmsg(socket, &msg, libc::MSG_NOSIGNAL)
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }

@@ -2,10 +2,7 @@
 //! in the socket arrays, its handoff channel; created when the pool appears and closed once a
 //! removed pool is no longer used by the dispatcher.
 
-use std::{
-    os::fd::{AsRawFd, OwnedFd, RawFd},
-    time::Instant,
-};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
 use anyhow::{Result, bail};
 use sluice_common::{MAX_POOLS, PoolSlots, SOCKET_SLOTS};
@@ -16,6 +13,7 @@ use crate::{
     activation::PoolLaunch,
     config::{self, WorkerKind},
     dispatcher::PoolEntry,
+    fdstore,
     pool::PoolId,
     sockets::{self, HandoffPair},
 };
@@ -146,7 +144,14 @@ impl Frontend {
         let mut listeners = Vec::new();
         for (g, &addr) in self.config.listen.iter().enumerate() {
             for k in 0..pool.sockets {
-                let fd = sockets::listener(addr, pool.queue_length as i32)?;
+                let backlog = pool.queue_length as i32;
+                let fd = match self
+                    .inherited
+                    .take_listener(&fdstore::pool_name(&pool.name), addr)
+                {
+                    Some(fd) => sockets::relisten(fd, backlog)?,
+                    None => sockets::listener(addr, backlog)?,
+                };
                 self.steering.set_socket(g, first + k, &fd)?;
                 listeners.push(fd);
             }
@@ -165,7 +170,7 @@ impl Frontend {
             name: pool.name.clone(),
             config: pool.clone(),
             listeners,
-            handoff: sockets::handoff_pair()?,
+            handoff: self.handoff_pair(&pool.name)?,
             slots,
             removed: None,
         };
@@ -174,10 +179,52 @@ impl Frontend {
         Ok(id)
     }
 
+    /// The pool's handoff pair: the one systemd's fd store kept, or a new one.
+    fn handoff_pair(&mut self, pool: &str) -> Result<sockets::HandoffPair> {
+        let [fe, workers] = fdstore::handoff_names(pool);
+        match (
+            self.inherited.take_seqpacket(&fe),
+            self.inherited.take_seqpacket(&workers),
+        ) {
+            (Some(frontend), Some(workers)) => Ok(sockets::HandoffPair { frontend, workers }),
+            _ => Ok(sockets::handoff_pair()?),
+        }
+    }
+
+    /// Gives systemd's fd store (under a unit that has one) every socket that holds a queue:
+    /// the dispatcher's, and every live pool's listeners and handoff pair.
+    pub(super) fn store_sockets(&self) {
+        let Some(n) = &self.notify else { return };
+        let dispatch: Vec<RawFd> = self
+            .dispatch_sockets
+            .iter()
+            .map(|f| f.as_raw_fd())
+            .collect();
+        n.store(fdstore::DISPATCH, &dispatch);
+        for i in 0..self.pools.len() {
+            self.store_pool(PoolId::new(i));
+        }
+    }
+
+    pub(super) fn store_pool(&self, id: PoolId) {
+        let (Some(n), Some(p)) = (&self.notify, self.pools.get(id.index())) else {
+            return;
+        };
+        if p.removed.is_some() {
+            return;
+        }
+        let fds: Vec<RawFd> = p.listeners.iter().map(|f| f.as_raw_fd()).collect();
+        n.store(&fdstore::pool_name(&p.name), &fds);
+        let [fe, workers] = fdstore::handoff_names(&p.name);
+        n.store(&fe, &[p.handoff.frontend.as_raw_fd()]);
+        n.store(&workers, &[p.handoff.workers.as_raw_fd()]);
+    }
+
     /// Closes the sockets of removed pools once the dispatcher has let go of them; the
     /// kernel moves what is still queued in them to the dispatcher (the migrate program).
     pub(super) fn finish_removals(&mut self) {
         let seen = self.table.seen();
+        let mut removed = Vec::new();
         for (id, p) in self.pools.iter_mut().enumerate() {
             let Some(generation) = p.removed else {
                 continue;
@@ -192,7 +239,19 @@ impl Frontend {
                     p.listeners.len()
                 );
                 p.listeners.clear();
-                let _ = Instant::now();
+                removed.push(p.name.clone());
+            }
+        }
+        // The store forgets them too; a live pool of the same name gives its own again.
+        for name in removed {
+            if let Some(n) = &self.notify {
+                n.unstore(&fdstore::pool_name(&name));
+                for h in fdstore::handoff_names(&name) {
+                    n.unstore(&h);
+                }
+            }
+            if let Some(id) = self.id_of(&name) {
+                self.store_pool(id);
             }
         }
     }

@@ -68,7 +68,8 @@ impl Frontend {
         }
         // 1. New pools: sockets, slots, workers (on demand or always).
         for &i in &added {
-            self.add_pool(&new.pools[i])?;
+            let id = self.add_pool(&new.pools[i])?;
+            self.store_pool(id);
             summary.push(format!("added pool {}", new.pools[i].name));
         }
         // 2. Changed pools: new settings, workers recycled overlapped.

@@ -86,6 +86,7 @@ impl Frontend {
             foreign_listeners: self.guard.foreign,
             access_log_dropped: self.access_log.as_ref().map_or(0, AccessLog::dropped),
             access_log_malformed: self.access_log.as_ref().map_or(0, AccessLog::malformed),
+            inherited_sockets: self.inherited_sockets as u64,
         }
     }
 }

@@ -43,10 +43,25 @@ pub(super) fn set_socket(
     let mut sockets: ReusePortSockArray<_> = map(ebpf, "SOCKETS")?
         .try_into()
         .map_err(map_error("SOCKETS"))?;
-    sockets
-        .set(slot, socket, 0)
-        .map_err(map_error(format!("SOCKETS[{slot}]")))
+    // A socket kept from an earlier run (systemd's fd store) stays in that run's array, and
+    // the kernel refuses it in a second one (EBUSY), until the earlier program, replaced by
+    // ours when its group was attached, is freed: shortly after (an RCU grace period).
+    let deadline = std::time::Instant::now() + EARLIER_ARRAY_PATIENCE;
+    loop {
+        match sockets.set(slot, socket, 0) {
+            Err(MapError::SyscallError(e))
+                if e.io_error.raw_os_error() == Some(libc::EBUSY)
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            other => return other.map_err(map_error(format!("SOCKETS[{slot}]"))),
+        }
+    }
 }
+
+/// How long a socket may stay in an earlier run's array after our program replaced it.
+const EARLIER_ARRAY_PATIENCE: std::time::Duration = std::time::Duration::from_secs(3);
 
 pub(super) fn set_pool(ebpf: &mut Ebpf, pool: u32, slots: PoolSlots) -> Result<(), SteeringError> {
     let mut pools: Array<_, PoolSlots> =
