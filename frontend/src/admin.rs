@@ -65,6 +65,21 @@ impl AdminSocket {
         })
     }
 
+    /// The listening socket an earlier program of this process bound (an upgrade).
+    pub fn from_fd(fd: std::os::fd::OwnedFd, path: &Path) -> Result<AdminSocket, AdminError> {
+        let listener = UnixListener::from(fd);
+        listener
+            .set_nonblocking(true)
+            .map_err(|cause| AdminError::Io {
+                path: path.to_owned(),
+                cause,
+            })?;
+        Ok(AdminSocket {
+            listener,
+            path: path.to_owned(),
+        })
+    }
+
     pub fn fd(&self) -> std::os::fd::RawFd {
         std::os::fd::AsRawFd::as_raw_fd(&self.listener)
     }

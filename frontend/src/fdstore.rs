@@ -73,6 +73,11 @@ impl Inherited {
         Inherited { fds, taken: 0 }
     }
 
+    /// Named sockets handed over otherwise (an upgrade).
+    pub fn from_list(fds: Vec<(String, OwnedFd)>) -> Inherited {
+        Inherited { fds, taken: 0 }
+    }
+
     pub fn is_empty(&self) -> bool {
         self.fds.is_empty()
     }

@@ -67,6 +67,17 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Replace the running front end's program with the binary at its path (a new build),
+    /// in place: its sockets, queued connections, workers and counters carry over. Waits
+    /// until the new program serves, or says why it did not (the running one serves on).
+    Upgrade {
+        /// The admin socket (default: the one in --config, else /run/sluice/admin.sock).
+        #[arg(long)]
+        admin: Option<PathBuf>,
+        /// Read the admin socket path from this config file.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
     /// The front end's response cache.
     Cache {
         #[command(subcommand)]
@@ -118,6 +129,40 @@ fn admin_path(admin: Option<PathBuf>, config: Option<PathBuf>) -> Result<PathBuf
     })
 }
 
+/// `sluice upgrade`: asks, then watches status until the count of upgrades moves (done) or
+/// the error changes (failed).
+fn upgrade(admin_socket: &std::path::Path) -> Result<()> {
+    let read = || -> Result<status::Status> {
+        Ok(serde_json::from_str(&admin::ask(admin_socket, "status")?)?)
+    };
+    let before = read()?;
+    let answer = admin::ask(admin_socket, "upgrade")?;
+    print!("{answer}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        // Between the programs the admin socket does not answer for a moment.
+        if let Ok(now) = read() {
+            if now.upgrades > before.upgrades {
+                println!(
+                    "upgraded: the new program serves (upgrade {})",
+                    now.upgrades
+                );
+                return Ok(());
+            }
+            if now.upgrade_error.is_some() && now.upgrade_error != before.upgrade_error {
+                anyhow::bail!(
+                    "the upgrade failed, the earlier program serves on: {}",
+                    now.upgrade_error.unwrap_or_default()
+                );
+            }
+        }
+        if std::time::Instant::now() > deadline {
+            anyhow::bail!("the front end did not report the upgrade's outcome within 60 s");
+        }
+    }
+}
+
 /// Bytes from their hex digits.
 fn hex(s: &str) -> Option<Vec<u8>> {
     if s.len() % 2 != 0 {
@@ -167,9 +212,9 @@ fn real_main() -> Result<()> {
                      programs, CAP_SETUID and CAP_SETGID to run each pool's workers as its own user"
                 );
             }
-            let c = config::Config::load(&config)?;
-            server::run(c)
+            server::run_path(&config)
         }
+        Command::Upgrade { admin, config } => upgrade(&admin_path(admin, config)?),
         Command::Route {
             config,
             host,

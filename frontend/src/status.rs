@@ -27,6 +27,12 @@ pub struct Status {
     /// Sockets this run took back from systemd's fd store at its start.
     #[serde(default)]
     pub inherited_sockets: u64,
+    /// Upgrades (`sluice upgrade`) this process has been through.
+    #[serde(default)]
+    pub upgrades: u64,
+    /// Why the last upgrade was refused or failed, if it was.
+    #[serde(default)]
+    pub upgrade_error: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -238,6 +244,12 @@ impl Status {
             family(name, "counter", help, one(v));
         }
         family(
+            "sluice_upgrades_total",
+            "counter",
+            "Upgrades this front-end process has been through.",
+            one(self.upgrades),
+        );
+        family(
             "sluice_inherited_sockets",
             "gauge",
             "Sockets this run took back from systemd's fd store at its start.",
@@ -377,7 +389,7 @@ mod tests {
                            "dropped_pending": 8, "handed_back": 10},
             "kernel": {"program_runs": 11, "syn_cookies": 12, "ack_gate_drops": 13, "cache_steered": 14},
             "foreign_listeners": 15, "access_log_dropped": 16, "access_log_malformed": 17,
-            "inherited_sockets": 18
+            "inherited_sockets": 18, "upgrades": 19
         }))
         .unwrap();
         let text = st.prometheus();
@@ -393,6 +405,7 @@ mod tests {
             "sluice_access_log_dropped_total{reason=\"malformed\"} 17",
             "sluice_fallbacks_total{reason=\"no_host\"} 4",
             "sluice_inherited_sockets 18",
+            "sluice_upgrades_total 19",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
         }

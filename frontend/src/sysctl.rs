@@ -81,6 +81,10 @@ impl Restore {
     /// recorded, and did not restore, is restored by this one.
     pub fn require(&mut self, name: &str, want: &str, may_set: bool) -> Result<(), SysctlError> {
         let have = read(name)?;
+        if have == want && self.0.iter().any(|(n, _)| n == name) {
+            // Taken over from the program before an upgrade: restored by this one.
+            return Ok(());
+        }
         let recorded = record(name).and_then(|p| fs::read_to_string(p).ok());
         if have == want {
             if let Some(old) = recorded {
@@ -107,6 +111,18 @@ impl Restore {
         log::warn!("set {name} = {want} (was {have}); it is restored when sluice exits");
         self.0.push((name.to_owned(), have));
         Ok(())
+    }
+}
+
+impl Restore {
+    /// What is to be restored, for the next program of this process (an upgrade).
+    pub fn entries(&self) -> Vec<(String, String)> {
+        self.0.clone()
+    }
+
+    /// Takes over what the program before an upgrade was to restore.
+    pub fn adopt(&mut self, entries: Vec<(String, String)>) {
+        self.0.extend(entries);
     }
 }
 

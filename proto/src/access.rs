@@ -40,7 +40,7 @@ impl Arrival {
         }
     }
 
-    fn parse(s: &str) -> Option<Arrival> {
+    pub fn parse(s: &str) -> Option<Arrival> {
         match s {
             "kernel" => Some(Arrival::Kernel),
             "dispatcher" => Some(Arrival::Dispatcher),

@@ -359,12 +359,30 @@ impl Sluice {
         Sluice::spawn_with(ns, template, env, |_| {})
     }
 
+    /// [`Sluice::start`] running the front end from `program` (a copy of the binary that an
+    /// upgrade test replaces).
+    pub fn start_program(ns: &Netns, template: &str, program: &Path) -> Sluice {
+        let mut s = Sluice::spawn_from(ns, template, &[], program, |_| {});
+        s.wait_ready();
+        s
+    }
+
     /// Starts sluice, `wrap` adjusting its command; with `LISTEN_FDS` in `env` it also gets
     /// `LISTEN_PID`, its own pid, as systemd sets it.
     fn spawn_with(
         ns: &Netns,
         template: &str,
         env: &[(&str, &str)],
+        wrap: impl FnOnce(&mut Command),
+    ) -> Sluice {
+        Sluice::spawn_from(ns, template, env, &sluice_bin(), wrap)
+    }
+
+    fn spawn_from(
+        ns: &Netns,
+        template: &str,
+        env: &[(&str, &str)],
+        program: &Path,
         wrap: impl FnOnce(&mut Command),
     ) -> Sluice {
         let inherit = env.iter().any(|(k, _)| *k == "LISTEN_FDS");
@@ -380,10 +398,10 @@ impl Sluice {
             // `ip netns exec` and `sh` exec in place: $$ is sluice's own pid.
             let mut c = ns.command("sh");
             c.args(["-c", "LISTEN_PID=$$ exec \"$0\" \"$@\""])
-                .arg(sluice_bin());
+                .arg(program);
             c
         } else {
-            ns.command(sluice_bin())
+            ns.command(program)
         };
         cmd.arg("run")
             .arg(&cfg)

@@ -5,6 +5,7 @@
 //! queued while no worker runs wait for the next one.
 
 pub mod control;
+mod handover;
 mod identity;
 mod output;
 pub mod probe;
@@ -19,6 +20,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub use handover::WorkerState;
 use sluice_proto::{cache::CacheKey, env::WorkerSettings};
 pub use spawn::Launch;
 
@@ -114,6 +116,9 @@ struct Worker {
     recycle: bool,
     /// Replacements before this one in its slot.
     restarts: u32,
+    /// A copy of the read end of a socket worker's output pipe (a thread reads its own), for
+    /// an upgrade to pass on.
+    output: Option<OwnedFd>,
 }
 
 struct Pool {
@@ -620,6 +625,7 @@ impl Supervisor {
         greeting: &[Vec<u8>],
         probes: bool,
     ) -> io::Result<()> {
+        let mut output_copy = None;
         let (pid, control, ready) = if p.launch.has_control() {
             let (ours, theirs) = control::pair()?;
             // Queued before the worker runs: it reads them when it starts.
@@ -631,6 +637,7 @@ impl Supervisor {
         } else {
             let (pid, out) = p.launch.spawn(None)?;
             if let Some(out) = out {
+                output_copy = out.try_clone().ok();
                 output::forward(p.name.clone(), pid, out);
             }
             // Ready once a probe says so (see `probe`), or at once when nothing probes.
@@ -650,6 +657,7 @@ impl Supervisor {
             retiring: None,
             recycle: false,
             restarts,
+            output: output_copy,
         };
         if let (true, Some(control)) = (pings, &w.control) {
             // The first pong says the worker is up.

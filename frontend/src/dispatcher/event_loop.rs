@@ -21,8 +21,10 @@ use sluice_common::MAX_POOLS;
 use sluice_proto::access::{self, Arrival};
 use sluice_proto::site::local_address_of;
 
+mod handover;
+
 use super::{
-    Dispatcher, PoolFlags, PoolId, Table, handoff,
+    Dispatcher, Held, PoolFlags, PoolId, Table, handoff,
     head::{self, Decision},
     reply,
 };
@@ -126,6 +128,10 @@ pub struct Loop {
     now: Instant,
     /// The completions of the current batch.
     cqes: Vec<(u64, i32, u32)>,
+    /// Submitted operations whose last completion has not come yet.
+    inflight: usize,
+    /// Told to stop and hand its connections over (after the current batch).
+    handing_over: bool,
 }
 
 impl Loop {
@@ -171,11 +177,15 @@ impl Loop {
             spare: Vec::new(),
             now: Instant::now(),
             cqes: Vec::with_capacity(RING_ENTRIES as usize),
+            inflight: 0,
+            handing_over: false,
             d,
         })
     }
 
-    pub fn run(mut self) -> io::Result<()> {
+    pub fn run(mut self) -> io::Result<Vec<Held>> {
+        let held = std::mem::take(&mut self.d.initial);
+        self.take_up(held);
         for (i, &fd) in self.d.listeners.clone().iter().enumerate() {
             self.pending.push(accept(fd, OP_ACCEPT, i));
         }
@@ -210,9 +220,16 @@ impl Loop {
                 self.table_changed();
             }
             for &(user_data, res, flags) in &cqes {
+                if !cqueue::more(flags) {
+                    self.inflight = self.inflight.saturating_sub(1);
+                }
                 let (op, index) = (user_data >> 32, (user_data & 0xffff_ffff) as usize);
                 match op {
-                    OP_STOP => return Ok(()),
+                    OP_STOP if self.d.handover.load(Ordering::Acquire) => {
+                        // The rest of this batch is handled first: nothing it carries is lost.
+                        self.handing_over = true;
+                    }
+                    OP_STOP => return Ok(Vec::new()),
                     OP_TICK => self.on_tick(),
                     OP_WAKE => {
                         self.arm_wake();
@@ -230,28 +247,37 @@ impl Loop {
                     _ => {}
                 }
             }
+            self.cqes = cqes;
+            if self.handing_over {
+                return self.hand_over();
+            }
         }
     }
 
     fn submit(&mut self) -> io::Result<()> {
-        {
-            let mut sq = self.ring.submission();
-            for e in self.pending.drain(..) {
-                // SAFETY: every buffer an entry points at is owned by this loop and stays put
-                // until its completion: connection buffers (heap storage not touched while an
-                // operation is in flight), the boxed messages, timespecs and eventfd buffers.
-                while unsafe { sq.push(&e) }.is_err() {
-                    drop(sq);
-                    self.ring.submit()?;
-                    sq = self.ring.submission();
-                }
-            }
-        }
+        self.submit_pending()?;
         match self.ring.submit_and_wait(1) {
             Ok(_) => Ok(()),
             Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EBUSY)) => Ok(()),
             Err(e) => Err(e),
         }
+    }
+
+    /// Puts the queued entries in the ring (each counted in `inflight`), without waiting.
+    fn submit_pending(&mut self) -> io::Result<()> {
+        let mut sq = self.ring.submission();
+        for e in self.pending.drain(..) {
+            // SAFETY: every buffer an entry points at is owned by this loop and stays put
+            // until its completion: connection buffers (heap storage not touched while an
+            // operation is in flight), the boxed messages, timespecs and eventfd buffers.
+            while unsafe { sq.push(&e) }.is_err() {
+                drop(sq);
+                self.ring.submit()?;
+                sq = self.ring.submission();
+            }
+            self.inflight += 1;
+        }
+        Ok(())
     }
 
     fn arm_wake(&mut self) {

@@ -203,9 +203,24 @@ pub struct Dispatcher {
     pub access_log: Option<crate::access_log::AccessLog>,
     /// Carries connections to socket pools.
     pub relay: Option<crate::relay::Relay>,
+    /// Set before `stop` is written: stop by handing every connection over (an upgrade)
+    /// instead of closing them.
+    pub handover: Arc<std::sync::atomic::AtomicBool>,
+    /// Connections an earlier process held (an upgrade), taken up first.
+    pub initial: Vec<Held>,
 }
 
-pub fn run(d: Dispatcher) -> io::Result<()> {
+/// A connection the dispatcher held, with what it had read of it: what an upgrade passes
+/// from one front-end process to the next.
+#[derive(Debug)]
+pub struct Held {
+    pub fd: std::os::fd::OwnedFd,
+    pub bytes: Vec<u8>,
+    pub arrival: sluice_proto::access::Arrival,
+}
+
+/// Runs until stopped; returns the connections it held when told to hand them over.
+pub fn run(d: Dispatcher) -> io::Result<Vec<Held>> {
     event_loop::Loop::new(d)?.run()
 }
 

@@ -6,11 +6,13 @@
 
 mod cache;
 mod guard;
+mod handover;
 mod notify;
 mod pools;
 mod reload;
 mod signals;
 mod status;
+mod upgrade;
 
 use std::{
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
@@ -61,7 +63,7 @@ struct Frontend {
     routes_message: ToWorker,
     stop: OwnedFd,
     wake: OwnedFd,
-    dispatch_thread: Option<JoinHandle<std::io::Result<()>>>,
+    dispatch_thread: Option<JoinHandle<std::io::Result<Vec<dispatcher::Held>>>>,
     /// Watches the listen addresses for listeners that are not ours.
     guard: Guard,
     /// The workers' copy of the routes or the cached keys is behind: greet them at the end
@@ -77,23 +79,83 @@ struct Frontend {
     inherited: crate::fdstore::Inherited,
     /// How many sockets the start took from systemd's fd store.
     inherited_sockets: usize,
+    /// The binary at this program's path (`sluice upgrade` runs what is there then).
+    exe: std::path::PathBuf,
+    /// This program, kept open to go back to if an upgrade's program cannot start.
+    image: Option<OwnedFd>,
+    /// Upgrades this process has been through, and why the last one failed (if it did).
+    upgrades: u64,
+    upgrade_error: Option<String>,
+    /// An upgrade was asked for and passed its checks: done after this step.
+    upgrade_due: bool,
+    /// Tells the dispatcher to hand its connections over when it stops.
+    handover: Arc<std::sync::atomic::AtomicBool>,
     /// Restores changed sysctls on drop (last).
     restore: sysctl::Restore,
 }
 
-pub fn run(config: Config) -> Result<()> {
+/// `sluice run CONFIG`; in the next program of an upgrade, takes over from the earlier one
+/// (and goes back to it if it cannot).
+pub fn run_path(path: &std::path::Path) -> Result<()> {
+    let incoming = upgrade::Incoming::from_env()?;
+    match Config::load(path) {
+        Ok(config) => run(config, incoming),
+        Err(e) => Err(cannot_take_over(incoming, e.into())),
+    }
+}
+
+/// A start that failed: with an upgrade's state, the earlier program runs again (and this
+/// returns only if it cannot).
+fn cannot_take_over(incoming: Option<upgrade::Incoming>, e: anyhow::Error) -> anyhow::Error {
+    match incoming {
+        Some(i) => {
+            let back = i.go_back(&e);
+            e.context(back)
+        }
+        None => e,
+    }
+}
+
+fn run(config: Config, incoming: Option<upgrade::Incoming>) -> Result<()> {
     // Before any thread starts: these fds are ours alone from here on.
-    let inherited = crate::fdstore::Inherited::from_env();
-    let signals = Signals::block()?;
-    let mut fe = Frontend::start(config, inherited)?;
-    if fe.inherited_sockets > 0 {
+    let inherited = match &incoming {
+        Some(i) => i.sockets(),
+        None => Ok(crate::fdstore::Inherited::from_env()),
+    };
+    let started = inherited.and_then(|inherited| {
+        let signals = Signals::block()?;
+        let fe = Frontend::start(config, inherited, incoming.as_ref())?;
+        let admin = match incoming.as_ref().and_then(|i| i.state.admin) {
+            Some(fd) => {
+                AdminSocket::from_fd(upgrade::Incoming::take(fd)?, &fe.config.admin_socket)?
+            }
+            None => AdminSocket::bind(&fe.config.admin_socket)?,
+        };
+        Ok((signals, fe, admin))
+    });
+    let (signals, mut fe, admin) = match started {
+        Ok(s) => s,
+        Err(e) => return Err(cannot_take_over(incoming, e)),
+    };
+    let upgraded = incoming.is_some();
+    if let Some(i) = incoming {
+        match &i.failed {
+            Some(why) => log::error!("the upgrade failed, this program serves on: {why}"),
+            None => log::info!(
+                "upgraded: this program took over every socket, {} connection(s) the dispatcher held and {} worker(s)",
+                i.state.held.len(),
+                i.state.workers.len()
+            ),
+        }
+        i.done();
+    }
+    if fe.inherited_sockets > 0 && !upgraded {
         log::info!(
             "took {} socket(s) from systemd's fd store: what waited in them is served",
             fe.inherited_sockets
         );
     }
     fe.store_sockets();
-    let admin = AdminSocket::bind(&fe.config.admin_socket)?;
     if let Some(addr) = fe.config.metrics {
         metrics::serve(addr, fe.config.admin_socket.clone())?;
         log::info!("Prometheus metrics on http://{addr}/metrics");
@@ -154,6 +216,10 @@ pub fn run(config: Config) -> Result<()> {
                         log.reopen();
                     }
                 }
+                libc::SIGUSR2 => match fe.prepare_upgrade() {
+                    Ok(()) => fe.upgrade_due = true,
+                    Err(e) => fe.upgrade_refused(&e),
+                },
                 _ => {}
             }
         }
@@ -172,6 +238,12 @@ pub fn run(config: Config) -> Result<()> {
         if fds[1].revents & libc::POLLIN != 0 {
             admin.serve(|command| fe.command(command));
         }
+        if std::mem::take(&mut fe.upgrade_due) {
+            // Returns only when the upgrade could not happen; this program serves on.
+            if let Err(e) = fe.upgrade(&admin) {
+                fe.upgrade_refused(&e);
+            }
+        }
     }
     drop(admin);
     fe.shutdown();
@@ -179,7 +251,11 @@ pub fn run(config: Config) -> Result<()> {
 }
 
 impl Frontend {
-    fn start(config: Config, mut inherited: crate::fdstore::Inherited) -> Result<Frontend> {
+    fn start(
+        config: Config,
+        mut inherited: crate::fdstore::Inherited,
+        incoming: Option<&upgrade::Incoming>,
+    ) -> Result<Frontend> {
         // A dispatcher socket systemd kept for us is this front end's own group.
         let inherited_dispatch: Vec<Option<OwnedFd>> = config
             .listen
@@ -196,6 +272,9 @@ impl Frontend {
             log::warn!("{w}");
         }
         let mut restore = sysctl::Restore::default();
+        if let Some(i) = incoming {
+            restore.adopt(i.state.sysctls.clone());
+        }
         match config.steering {
             Mode::FirstSegment => {
                 restore.require("net.ipv4.tcp_syncookies", "2", config.set_sysctls)?
@@ -290,6 +369,12 @@ impl Frontend {
             relay: relay.clone(),
             inherited,
             inherited_sockets: 0,
+            exe: upgrade::own_path().context("finding this program's path")?,
+            image: upgrade::own_image(),
+            upgrades: incoming.map_or(0, |i| i.state.upgrades + u64::from(i.failed.is_none())),
+            upgrade_error: incoming.and_then(|i| i.failed.clone()),
+            upgrade_due: false,
+            handover: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             restore,
         };
         let ids: Vec<Option<PoolId>> = config
@@ -311,32 +396,46 @@ impl Frontend {
         for p in config.unrouted_pools() {
             log::warn!("pool {p} has no route: it gets no requests");
         }
+        if let Some(i) = incoming {
+            fe.adopt(i)?;
+        }
+        let held = incoming.map(upgrade::Incoming::held).transpose()?;
+        fe.spawn_dispatcher(held.unwrap_or_default())?;
+        Ok(fe)
+    }
+
+    /// Starts the dispatcher thread, first taking up `held` (connections from before an
+    /// upgrade, or from an upgrade that could not happen).
+    fn spawn_dispatcher(&mut self, held: Vec<dispatcher::Held>) -> Result<()> {
+        let config = &self.config;
         let dispatcher = Dispatcher {
-            listeners: fe
+            listeners: self
                 .dispatch_sockets
                 .iter()
                 .map(|fd| fd.as_raw_fd())
                 .collect(),
-            table: fe.table.clone(),
+            table: self.table.clone(),
             limits: config.limits.head_limits(),
             header_timeout: config.limits.header_timeout,
             max_pending: config.limits.max_pending,
-            stats: fe.stats.clone(),
-            stop: fe.stop.as_raw_fd(),
-            flags: fe.flags.clone(),
-            wake: fe.wake.as_raw_fd(),
-            cache: fe.cache.clone(),
+            stats: self.stats.clone(),
+            stop: self.stop.as_raw_fd(),
+            flags: self.flags.clone(),
+            wake: self.wake.as_raw_fd(),
+            cache: self.cache.clone(),
             idle_timeout: config.limits.idle_timeout,
-            access_log,
-            relay: Some(relay.clone()),
+            access_log: self.access_log.clone(),
+            relay: Some(self.relay.clone()),
+            handover: self.handover.clone(),
+            initial: held,
         };
-        fe.dispatch_thread = Some(
+        self.dispatch_thread = Some(
             std::thread::Builder::new()
                 .name("dispatcher".into())
                 .spawn(move || dispatcher::run(dispatcher))
                 .context("starting the dispatcher thread")?,
         );
-        Ok(fe)
+        Ok(())
     }
 
     /// The id of the live pool called `name`.
@@ -504,6 +603,20 @@ impl Frontend {
                 serde_json::to_string(&self.status()).unwrap_or_else(|e| format!("error: {e}"))
             }
             ["metrics"] => self.status().prometheus(),
+            ["upgrade"] => match self.prepare_upgrade() {
+                Ok(()) => {
+                    self.upgrade_due = true;
+                    format!(
+                        "upgrading: {} passed check; handing over (upgrade {})\n",
+                        self.exe.display(),
+                        self.upgrades + 1
+                    )
+                }
+                Err(e) => {
+                    self.upgrade_refused(&e);
+                    format!("error: upgrade refused, this program serves on: {e:#}")
+                }
+            },
             ["cache", "list"] => self.cache_list(),
             ["cache", "purge"] => self.cache_purge(None),
             ["cache", "purge", path] => self.cache_purge(Some(path)),
@@ -532,7 +645,7 @@ impl Frontend {
                 Err(e) => format!("error: {e}"),
             },
             _ => format!(
-                "error: unknown command `{command}` (known: status, metrics, reload, pool start NAME, pool recycle NAME, cache list, cache purge [PATH])"
+                "error: unknown command `{command}` (known: status, metrics, reload, upgrade, pool start NAME, pool recycle NAME, cache list, cache purge [PATH])"
             ),
         }
     }
@@ -568,6 +681,12 @@ impl Frontend {
         unsafe { libc::write(self.stop.as_raw_fd(), (&1u64 as *const u64).cast(), 8) };
         match self.dispatch_thread.take().map(JoinHandle::join) {
             Some(Ok(Err(e))) => log::error!("dispatcher: {e}"),
+            Some(Ok(Ok(held))) if !held.is_empty() => {
+                log::warn!(
+                    "dispatcher: {} connection(s) closed at the stop",
+                    held.len()
+                )
+            }
             Some(Err(_)) => log::error!("dispatcher thread panicked"),
             _ => {}
         }

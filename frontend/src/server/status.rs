@@ -87,6 +87,8 @@ impl Frontend {
             access_log_dropped: self.access_log.as_ref().map_or(0, AccessLog::dropped),
             access_log_malformed: self.access_log.as_ref().map_or(0, AccessLog::malformed),
             inherited_sockets: self.inherited_sockets as u64,
+            upgrades: self.upgrades,
+            upgrade_error: self.upgrade_error.clone(),
         }
     }
 }

@@ -71,6 +71,8 @@ pub struct Steering {
     gated: Vec<String>,
     /// Which of the two route maps is live.
     live_routes: u32,
+    /// What the program before an upgrade had counted.
+    earlier: Counters,
 }
 
 impl Steering {
@@ -95,6 +97,7 @@ impl Steering {
             groups: loaded,
             gated: Vec::new(),
             live_routes: 0,
+            earlier: Counters::default(),
         })
     }
 
@@ -235,8 +238,13 @@ impl Steering {
         self.counters_in(base..base + pools as u32)
     }
 
+    /// Counts of the program this one replaced (an upgrade): every reading adds them.
+    pub fn set_earlier(&mut self, counts: Vec<u64>) {
+        self.earlier = Counters(counts);
+    }
+
     fn counters_in(&self, indexes: std::ops::Range<u32>) -> Result<Counters, SteeringError> {
-        let mut total = Counters::default();
+        let mut total = self.earlier.clone();
         for e in &self.groups {
             total.add(&maps::counters(e, indexes.clone())?);
         }

@@ -1,0 +1,209 @@
+//! The front end's side of an upgrade (see `upgrade`): what it checks first, what it hands
+//! over (and takes back if the exec fails), and what the next program adopts.
+
+use std::{
+    os::fd::{AsRawFd, RawFd},
+    sync::atomic::Ordering::{Relaxed, Release},
+    time::Instant,
+};
+
+use anyhow::{Context, Result, bail};
+use sluice_common::counter;
+
+use super::{
+    Frontend,
+    upgrade::{Counts, HeldState, Incoming, State, check_binary},
+};
+use crate::{admin::AdminSocket, config::Config, fdstore};
+
+impl Frontend {
+    /// The checks an upgrade must pass before anything is stopped: the binary at this
+    /// program's path accepts the config, which is the one running.
+    pub(super) fn prepare_upgrade(&self) -> Result<()> {
+        let on_disk = Config::load(&self.config.path)
+            .with_context(|| format!("reading {}", self.config.path.display()))?;
+        // Both are parsed by this program: equal texts of meaning give equal renderings.
+        if format!("{on_disk:?}") != format!("{:?}", self.config) {
+            bail!(
+                "{} differs from the running configuration: `sluice reload` it first (an upgrade \
+                 changes the program only)",
+                self.config.path.display()
+            );
+        }
+        if self
+            .pools
+            .iter()
+            .any(|p| p.removed.is_some() && !p.listeners.is_empty())
+        {
+            bail!("a reload is still retiring a removed pool; try again when it is done");
+        }
+        check_binary(&self.exe, &self.config.path)
+    }
+
+    pub(super) fn upgrade_refused(&mut self, e: &anyhow::Error) {
+        log::error!("upgrade refused, this program serves on: {e:#}");
+        self.upgrade_error = Some(format!("{e:#}"));
+    }
+
+    /// Stops the dispatcher (it hands over what it holds) and executes the binary at this
+    /// program's path with the state. Returns only if that fails; the dispatcher then runs
+    /// again with the connections it held.
+    pub(super) fn upgrade(&mut self, admin: &AdminSocket) -> Result<()> {
+        if let Some(n) = &self.notify {
+            n.reloading();
+        }
+        log::info!("upgrading: handing over to {}", self.exe.display());
+        self.handover.store(true, Release);
+        // SAFETY: writes 8 bytes to our eventfd.
+        unsafe { libc::write(self.stop.as_raw_fd(), (&1u64 as *const u64).cast(), 8) };
+        let held = match self
+            .dispatch_thread
+            .take()
+            .map(std::thread::JoinHandle::join)
+        {
+            Some(Ok(Ok(held))) => held,
+            Some(Ok(Err(e))) => bail!("the dispatcher stopped with an error: {e}"),
+            _ => bail!("the dispatcher thread is gone"),
+        };
+        // The stop was read: a later normal stop must not see the handover flag.
+        self.handover.store(false, Release);
+        let opened = self.relay.stats.open.load(Relaxed);
+        if opened > 0 {
+            log::warn!("upgrading: {opened} relayed connection(s) to socket pools are cut");
+        }
+        let mut state = self.state(admin.fd(), &held);
+        let e = state.exec(&self.exe, &self.config.path);
+        // Still here: the exec failed. Serve on with what the dispatcher held.
+        self.spawn_dispatcher(held)?;
+        if let Some(n) = &self.notify {
+            n.ready(&self.summary());
+        }
+        bail!("executing {}: {e}", self.exe.display())
+    }
+
+    fn state(&self, admin: RawFd, held: &[crate::dispatcher::Held]) -> State {
+        let mut sockets = Vec::new();
+        for fd in &self.dispatch_sockets {
+            sockets.push((fdstore::DISPATCH.to_owned(), fd.as_raw_fd()));
+        }
+        for p in self.pools.iter().filter(|p| p.removed.is_none()) {
+            for fd in &p.listeners {
+                sockets.push((fdstore::pool_name(&p.name), fd.as_raw_fd()));
+            }
+            let [fe, workers] = fdstore::handoff_names(&p.name);
+            sockets.push((fe, p.handoff.frontend.as_raw_fd()));
+            sockets.push((workers, p.handoff.workers.as_raw_fd()));
+        }
+        let (workers, requests_gone) = self.supervisor.handover(Instant::now());
+        State {
+            upgrades: self.upgrades,
+            sockets,
+            admin: Some(admin),
+            workers,
+            requests_gone,
+            held: held
+                .iter()
+                .map(|h| HeldState {
+                    fd: h.fd.as_raw_fd(),
+                    bytes: h.bytes.clone(),
+                    arrival: h.arrival.as_str().to_owned(),
+                })
+                .collect(),
+            counts: self.counts(),
+            sysctls: self.restore.entries(),
+            previous: self.image.as_ref().map(AsRawFd::as_raw_fd),
+            ..State::default()
+        }
+    }
+
+    fn counts(&self) -> Counts {
+        let kernel = self.steering.counters().unwrap_or_default();
+        let s = &self.stats;
+        Counts {
+            kernel: (0..counter::POOL_BASE).map(|i| kernel.get(i)).collect(),
+            pools: self
+                .pools
+                .iter()
+                .enumerate()
+                .filter(|(_, p)| p.removed.is_none())
+                .map(|(i, p)| {
+                    let handed = s.handed_off.get(i).map_or(0, |n| n.load(Relaxed));
+                    (p.name.clone(), kernel.steered(i), handed)
+                })
+                .collect(),
+            accepted: s.accepted.load(Relaxed),
+            refused: s
+                .refused
+                .iter()
+                .map(|(c, n)| (*c, n.load(Relaxed)))
+                .collect(),
+            timeouts: s.timeouts.load(Relaxed),
+            dropped: s.dropped.load(Relaxed),
+            handed_back: s.handed_back.load(Relaxed),
+            cache_answers: s.cache_answers.load(Relaxed),
+            relays: self.relay.stats.started.load(Relaxed),
+            relays_failed: self.relay.stats.failed.load(Relaxed),
+        }
+    }
+
+    /// In the next program: the workers, the counters and the requests of gone workers of
+    /// the earlier one, matched to this program's pools by name.
+    pub(super) fn adopt(&mut self, incoming: &Incoming) -> Result<()> {
+        let state = &incoming.state;
+        let now = Instant::now();
+        for w in &state.workers {
+            let Some(id) = self.id_of(&w.pool) else {
+                log::warn!(
+                    "worker {} of pool {}, which this config lacks: stopping it",
+                    w.pid,
+                    w.pool
+                );
+                // SAFETY: signalling our own child.
+                unsafe { libc::kill(w.pid, libc::SIGTERM) };
+                continue;
+            };
+            let control = w.control.map(Incoming::take).transpose()?;
+            let output = w.output.map(Incoming::take).transpose()?;
+            self.supervisor.adopt(id, w, control, output, now);
+        }
+        for (name, n) in &state.requests_gone {
+            if let Some(id) = self.id_of(name) {
+                self.supervisor.adopt_requests_gone(id, *n);
+            }
+        }
+        let c = &state.counts;
+        let mut earlier = vec![0u64; counter::LEN as usize];
+        for (i, v) in c
+            .kernel
+            .iter()
+            .enumerate()
+            .take(counter::POOL_BASE as usize)
+        {
+            earlier[i] = *v;
+        }
+        for (name, steered, handed) in &c.pools {
+            let Some(id) = self.id_of(name) else { continue };
+            if let Some(e) = earlier.get_mut(counter::POOL_BASE as usize + id.index()) {
+                *e = *steered;
+            }
+            if let Some(n) = self.stats.handed_off.get(id.index()) {
+                n.store(*handed, Relaxed);
+            }
+        }
+        self.steering.set_earlier(earlier);
+        let s = &self.stats;
+        s.accepted.store(c.accepted, Relaxed);
+        for (code, n) in &c.refused {
+            if let Some((_, a)) = s.refused.iter().find(|(k, _)| k == code) {
+                a.store(*n, Relaxed);
+            }
+        }
+        s.timeouts.store(c.timeouts, Relaxed);
+        s.dropped.store(c.dropped, Relaxed);
+        s.handed_back.store(c.handed_back, Relaxed);
+        s.cache_answers.store(c.cache_answers, Relaxed);
+        self.relay.stats.started.store(c.relays, Relaxed);
+        self.relay.stats.failed.store(c.relays_failed, Relaxed);
+        Ok(())
+    }
+}

@@ -1,0 +1,305 @@
+//! `sluice upgrade`: the front end replaces its program with the binary at its path, in
+//! place; traffic, queued connections, workers and counters carry over. Each test runs the
+//! front end from a copy of the binary and puts a new one (or a broken one) at that path.
+
+use std::{
+    io::Write,
+    net::{SocketAddr, TcpStream},
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    process::{Command, Output},
+    time::Duration,
+};
+
+use sluice_tests::*;
+
+/// A copy of the sluice binary in a folder of the test's own.
+fn binary_copy(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("sluice-upgrade-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let path = dir.join("sluice");
+    std::fs::copy(sluice_bin(), &path).expect("copy sluice");
+    path
+}
+
+/// Puts a new file at `path` (a new inode, as an install does), from `from` or the text of a
+/// script.
+fn install(path: &Path, content: Result<&Path, &str>) {
+    let new = path.with_extension("new");
+    match content {
+        Ok(from) => {
+            std::fs::copy(from, &new).expect("copy");
+        }
+        Err(script) => std::fs::write(&new, script).expect("script"),
+    }
+    std::fs::set_permissions(&new, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    std::fs::rename(&new, path).expect("rename");
+}
+
+fn upgrade(s: &Sluice) -> Output {
+    Command::new(sluice_bin())
+        .args(["upgrade", "--admin"])
+        .arg(&s.admin)
+        .output()
+        .expect("sluice upgrade")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn workers(s: &Sluice) -> Vec<i32> {
+    let st = wait_for(s, Duration::from_secs(10), "ready workers", |st| {
+        worker_pids(st, "api").len() == 2 && worker_pids(st, "web").len() == 1
+    });
+    let mut w: Vec<i32> = ["api", "web"]
+        .iter()
+        .flat_map(|p| worker_pids(&st, p))
+        .collect();
+    w.sort_unstable();
+    w
+}
+
+/// The program the process runs is the file now at `path` (not an earlier, replaced one).
+fn runs_current_file(pid: u32, path: &Path) -> bool {
+    std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|l| l == path)
+}
+
+type Counter = fn(&serde_json::Value) -> u64;
+
+/// Counters that only grow while traffic runs.
+const COUNTERS: [(&str, Counter); 3] = [
+    ("program runs", |st| {
+        st["kernel"]["program_runs"].as_u64().unwrap_or(0)
+    }),
+    ("dispatcher accepts", |st| {
+        st["dispatcher"]["accepted"].as_u64().unwrap_or(0)
+    }),
+    ("steered in the kernel", |st| {
+        st["pools"].as_array().map_or(0, |ps| {
+            ps.iter().filter_map(|p| p["steered_kernel"].as_u64()).sum()
+        })
+    }),
+];
+
+#[test]
+fn wrk_runs_through_two_upgrades_with_no_error_and_the_same_workers_in_both_modes() {
+    for mode in ["first-segment", "syn"] {
+        let ns = Netns::new("upwrk");
+        let bin = binary_copy("wrk");
+        let s = Sluice::start_program(&ns, &two_pools(mode), &bin);
+        let before_workers = workers(&s);
+        let pid = s.pid();
+        let (keepalive, close) = std::thread::scope(|scope| {
+            let ka = scope.spawn(|| {
+                wrk(
+                    &ns,
+                    &[
+                        "-t1",
+                        "-c16",
+                        "-d8s",
+                        "--timeout",
+                        "10s",
+                        "http://127.0.0.1:8080/api/x",
+                    ],
+                )
+            });
+            let cl = scope.spawn(|| {
+                wrk(
+                    &ns,
+                    &[
+                        "-t1",
+                        "-c4",
+                        "-d8s",
+                        "--timeout",
+                        "10s",
+                        "-H",
+                        "Connection: close",
+                        "http://127.0.0.1:8080/web",
+                    ],
+                )
+            });
+            for round in 1..=2 {
+                std::thread::sleep(Duration::from_millis(1500));
+                install(&bin, Ok(&sluice_bin()));
+                assert!(!runs_current_file(pid, &bin), "the file was replaced");
+                let st0 = s.status();
+                let out = upgrade(&s);
+                assert!(
+                    out.status.success(),
+                    "{mode}: upgrade {round}: {}",
+                    text(&out)
+                );
+                assert!(text(&out).contains("upgraded"), "{}", text(&out));
+                assert!(runs_current_file(pid, &bin), "{mode}: the new file runs");
+                // Counters go on from where the earlier program left them.
+                let st1 = s.status();
+                for (what, f) in COUNTERS {
+                    assert!(f(&st1) >= f(&st0), "{mode}: {what} went back: {st0}\n{st1}");
+                }
+            }
+            (ka.join().expect("wrk"), cl.join().expect("wrk"))
+        });
+        for (what, r) in [("keep-alive", &keepalive), ("close", &close)] {
+            assert!(r.requests > 0, "{mode} {what}: {}", r.output);
+            assert_eq!(
+                r.socket_errors,
+                0,
+                "{mode} {what}: {}\n{}",
+                r.output,
+                s.log_text()
+            );
+            assert_eq!(r.non_2xx, 0, "{mode} {what}: {}", r.output);
+        }
+        assert_eq!(s.pid(), pid);
+        assert_eq!(
+            workers(&s),
+            before_workers,
+            "{mode}: workers adopted, not restarted"
+        );
+        let st = s.status();
+        assert_eq!(st["upgrades"], 2, "{st}");
+        let _ = std::fs::remove_dir_all(bin.parent().unwrap_or(Path::new("/nonexistent")));
+    }
+}
+
+/// 200 connections wait while the upgrade happens: in the pool's queue (its workers are
+/// stopped with SIGSTOP), in its handoff channel (syn mode), and in the dispatcher, which has
+/// read part of their request (their first bytes end mid request line).
+#[test]
+fn connections_waiting_during_an_upgrade_are_all_answered() {
+    for mode in ["first-segment", "syn"] {
+        let ns = Netns::new("upq");
+        let bin = binary_copy("queue");
+        let s = Sluice::start_program(&ns, &two_pools(mode), &bin);
+        workers(&s);
+        let api = worker_pids(&s.status(), "api");
+        for &p in &api {
+            // SAFETY: pausing a worker of the front end this test started.
+            unsafe { libc::kill(p, libc::SIGSTOP) };
+        }
+        let a: SocketAddr = ([127, 0, 0, 1], 8080).into();
+        let mut waiting: Vec<(TcpStream, bool)> = ns.enter(|| {
+            (0..200)
+                .map(|i| {
+                    let mut c =
+                        TcpStream::connect_timeout(&a, Duration::from_secs(5)).expect("connect");
+                    let partial = i % 10 == 0;
+                    if partial {
+                        c.write_all(b"GET /api/part").expect("first bytes");
+                    } else {
+                        c.write_all(&get_request("/api/queued")).expect("request");
+                    }
+                    c.set_read_timeout(Some(Duration::from_secs(30)))
+                        .expect("timeout");
+                    (c, partial)
+                })
+                .collect()
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        install(&bin, Ok(&sluice_bin()));
+        let out = upgrade(&s);
+        assert!(out.status.success(), "{mode}: {}", text(&out));
+        for (c, partial) in &mut waiting {
+            if *partial {
+                c.write_all(b" HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+                    .expect("the rest");
+            }
+        }
+        for &p in &api {
+            // SAFETY: resuming the workers paused above.
+            unsafe { libc::kill(p, libc::SIGCONT) };
+        }
+        for (i, (mut c, _)) in waiting.into_iter().enumerate() {
+            let r = read_response(&mut c).unwrap_or_else(|e| {
+                panic!(
+                    "{mode}: connection {i} waited in vain: {e}\n{}",
+                    s.log_text()
+                )
+            });
+            assert_eq!(r.status, 200, "{mode}: connection {i}");
+            assert_eq!(r.pool(), Some("api"), "{mode}: connection {i}");
+        }
+        assert!(
+            s.log_text()
+                .contains("dispatcher: took up 20 connection(s)"),
+            "{mode}: the dispatcher's partial requests were handed over:\n{}",
+            s.log_text()
+        );
+        assert_eq!(worker_pids(&s.status(), "api"), api);
+        let _ = std::fs::remove_dir_all(bin.parent().unwrap_or(Path::new("/nonexistent")));
+    }
+}
+
+#[test]
+fn an_upgrade_to_a_binary_that_fails_check_is_refused_and_the_running_program_serves_on() {
+    let ns = Netns::new("upbad");
+    let bin = binary_copy("bad");
+    let s = Sluice::start_program(&ns, &two_pools("first-segment"), &bin);
+    let before = workers(&s);
+    install(
+        &bin,
+        Err("#!/bin/sh\necho 'this build is broken' >&2\nexit 3\n"),
+    );
+    let out = upgrade(&s);
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("check"), "{}", text(&out));
+    assert!(
+        text(&out).contains("this build is broken"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(get_in(&ns, "/api/x").pool(), Some("api"));
+    assert_eq!(workers(&s), before);
+    let st = s.status();
+    assert_eq!(st["upgrades"], 0, "{st}");
+    assert!(
+        st["upgrade_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("broken")),
+        "{st}"
+    );
+    let _ = std::fs::remove_dir_all(bin.parent().unwrap_or(Path::new("/nonexistent")));
+}
+
+/// The new program passes `check` but cannot start (here it is pointed at a config that does
+/// not exist): it runs the earlier program again, which serves on with the same workers and
+/// says why; a good build afterwards upgrades.
+#[test]
+fn an_upgrade_whose_program_cannot_start_goes_back_to_the_earlier_program() {
+    let ns = Netns::new("upback");
+    let bin = binary_copy("back");
+    let s = Sluice::start_program(&ns, &two_pools("syn"), &bin);
+    let before = workers(&s);
+    let real = sluice_bin();
+    install(
+        &bin,
+        Err(&format!(
+            "#!/bin/sh\nif [ \"$1\" = check ]; then exec {0} \"$@\"; fi\nexec {0} run /nonexistent/sluice.toml\n",
+            real.display()
+        )),
+    );
+    let out = upgrade(&s);
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("/nonexistent/sluice.toml"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(get_in(&ns, "/api/x").pool(), Some("api"));
+    assert_eq!(workers(&s), before, "the same workers, adopted back");
+    let st = s.status();
+    assert_eq!(st["upgrades"], 0, "{st}");
+
+    install(&bin, Ok(&real));
+    let out = upgrade(&s);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(s.status()["upgrades"], 1);
+    assert_eq!(get_in(&ns, "/web/x").pool(), Some("web"));
+    assert_eq!(workers(&s), before);
+    let _ = std::fs::remove_dir_all(bin.parent().unwrap_or(Path::new("/nonexistent")));
+}
