@@ -303,3 +303,124 @@ fn an_upgrade_whose_program_cannot_start_goes_back_to_the_earlier_program() {
     assert_eq!(workers(&s), before);
     let _ = std::fs::remove_dir_all(bin.parent().unwrap_or(Path::new("/nonexistent")));
 }
+
+/// Socket pools carry over too: the servers keep running (same pids), kernel-steered traffic
+/// to them goes on, their health checks go on, and their output still reaches the log
+/// (the pipe's read end is passed: a server writing to a closed pipe would die).
+#[test]
+fn socket_pools_keep_their_servers_and_their_output_through_an_upgrade() {
+    let ns = Netns::new("upsock");
+    let bin = binary_copy("sock");
+    let template = r#"
+[server]
+listen = ["127.0.0.1:8080"]
+steering = "first-segment"
+set_sysctls = true
+admin_socket = "{admin}"
+
+[[pool]]
+name = "node"
+worker = "socket"
+command = ["node", "node_app.js"]
+cwd = "{workers}"
+start = "always"
+
+[[pool]]
+name = "uv"
+worker = "socket"
+command = ["{apps}/uvicorn", "--fd", "3", "asgi_app:app"]
+cwd = "{workers}"
+start = "always"
+health = { path = "/healthz", interval = "1s", timeout = "2s" }
+
+[[route]]
+host = "node.test"
+prefix = "/"
+pool = "node"
+
+[[route]]
+host = "uv.test"
+prefix = "/"
+pool = "uv"
+"#;
+    let s = Sluice::start_program(&ns, template, &bin);
+    let ready = |st: &serde_json::Value, p: &str| {
+        pool(st, p)["workers"]
+            .as_array()
+            .is_some_and(|w| w.len() == 1 && w[0]["ready"] == true)
+    };
+    let st = wait_for(&s, Duration::from_secs(30), "both servers ready", |st| {
+        ready(st, "node") && ready(st, "uv")
+    });
+    let before: Vec<i32> = ["node", "uv"]
+        .iter()
+        .flat_map(|p| worker_pids(&st, p))
+        .collect();
+    let r = std::thread::scope(|scope| {
+        let w = scope.spawn(|| {
+            wrk(
+                &ns,
+                &[
+                    "-t1",
+                    "-c8",
+                    "-d6s",
+                    "--timeout",
+                    "10s",
+                    "-H",
+                    "Host: node.test",
+                    "http://127.0.0.1:8080/n",
+                ],
+            )
+        });
+        std::thread::sleep(Duration::from_secs(2));
+        install(&bin, Ok(&sluice_bin()));
+        let out = upgrade(&s);
+        assert!(out.status.success(), "{}", text(&out));
+        w.join().expect("wrk")
+    });
+    assert!(r.requests > 0, "{}", r.output);
+    assert_eq!(r.socket_errors, 0, "{}\n{}", r.output, s.log_text());
+    assert_eq!(r.non_2xx, 0, "{}", r.output);
+    let out = ns
+        .command("curl")
+        .args([
+            "-s",
+            "-m",
+            "5",
+            "-H",
+            "Host: uv.test",
+            "http://127.0.0.1:8080/after-upgrade",
+        ])
+        .output()
+        .expect("curl");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let st = wait_for(
+        &s,
+        Duration::from_secs(10),
+        "uvicorn's line in the log",
+        |_| s.log_text().contains("/after-upgrade"),
+    );
+    let log = s.log_text();
+    let line = log
+        .lines()
+        .find(|l| l.contains("/after-upgrade"))
+        .unwrap_or_default();
+    assert!(
+        line.contains(&format!("pool uv[{}]: ", before[1])),
+        "{line}"
+    );
+    let after: Vec<i32> = ["node", "uv"]
+        .iter()
+        .flat_map(|p| worker_pids(&st, p))
+        .collect();
+    assert_eq!(after, before, "the same servers: {st}");
+    // Health checks go on under the new program: the server stays ready.
+    std::thread::sleep(Duration::from_millis(2500));
+    let st = s.status();
+    assert!(ready(&st, "uv"), "{st}");
+    let _ = std::fs::remove_dir_all(bin.parent().unwrap_or(Path::new("/nonexistent")));
+}
