@@ -163,6 +163,34 @@ fn upgrade(admin_socket: &std::path::Path) -> Result<()> {
     }
 }
 
+/// The error and its causes, each said once (some libraries' messages repeat their cause,
+/// which the chain then gives again), and for a permission error the privileges it needs.
+fn report(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in e.chain() {
+        let part = cause.to_string();
+        if text.contains(&part) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&part);
+    }
+    let denied = e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.raw_os_error() == Some(libc::EPERM))
+    });
+    if denied && !text.contains("needs root") {
+        text.push_str(
+            " (sluice needs root with CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON, or CAP_SYS_ADMIN, \
+             for its kernel programs, and CAP_SETUID/CAP_SETGID for its workers; the step \
+             named first is the one that was refused)",
+        );
+    }
+    text
+}
+
 /// Bytes from their hex digits.
 fn hex(s: &str) -> Option<Vec<u8>> {
     if s.len() % 2 != 0 {
@@ -179,7 +207,7 @@ fn main() {
         .format_timestamp_millis()
         .init();
     if let Err(e) = real_main() {
-        eprintln!("sluice: {e:#}");
+        eprintln!("sluice: {}", report(&e));
         std::process::exit(1);
     }
 }
@@ -325,5 +353,39 @@ fn real_main() -> Result<()> {
             }
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::report;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("failed to create map `X`")]
+    struct Create(#[source] std::io::Error);
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("map error: {0}")]
+    struct Repeats(#[source] Create);
+
+    #[test]
+    fn a_cause_a_message_already_says_is_not_said_again_and_eperm_names_the_privileges() {
+        let e = anyhow::Error::new(Repeats(Create(std::io::Error::from_raw_os_error(
+            libc::EPERM,
+        ))))
+        .context("loading the eBPF object: map error: failed to create map `X`")
+        .context("loading the steering programs");
+        let text = report(&e);
+        assert_eq!(text.matches("failed to create map").count(), 1, "{text}");
+        assert!(
+            text.starts_with(
+                "loading the steering programs: loading the eBPF object: map error: failed to \
+                 create map `X`: Operation not permitted"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("CAP_BPF"), "{text}");
+        let plain = report(&anyhow::anyhow!("no such pool"));
+        assert_eq!(plain, "no such pool");
     }
 }

@@ -174,3 +174,38 @@ fn malformed_requests_get_their_status_and_the_front_end_keeps_serving() {
     assert_eq!(st["dispatcher"]["refused"]["414"], 1, "{st}");
     assert_eq!(st["dispatcher"]["refused"]["431"], 1, "{st}");
 }
+
+/// Without the privileges its kernel programs need, `sluice run` says which step was refused,
+/// the OS's reason once, and what it needs.
+#[test]
+fn run_without_cap_bpf_names_the_step_the_reason_once_and_the_privileges() {
+    let ns = Netns::new("nocap");
+    let dir = std::env::temp_dir().join(format!("sluice-nocap-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let cfg = dir.join("sluice.toml");
+    std::fs::write(&cfg, config(&two_pools("syn"), &dir.join("admin.sock"))).expect("write");
+    let out = ns
+        .command("setpriv")
+        .args([
+            "--bounding-set",
+            "-bpf,-sys_admin,-perfmon",
+            "--inh-caps",
+            "-bpf,-sys_admin,-perfmon",
+        ])
+        .arg(sluice_bin())
+        .arg("run")
+        .arg(&cfg)
+        .output()
+        .expect("setpriv sluice run");
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    let last = err.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("sluice: loading the steering programs"),
+        "{err}"
+    );
+    assert!(last.contains("Operation not permitted"), "{err}");
+    assert!(last.contains("CAP_BPF"), "{err}");
+    assert_eq!(last.matches("failed to create map").count(), 1, "{err}");
+}

@@ -35,11 +35,18 @@ pub enum SteeringError {
     Load(#[from] aya::EbpfError),
     #[error("the eBPF object has no {0}")]
     Missing(&'static str),
+    // The cause is also the source, so the binary's report reaches the OS error beneath it
+    // (and says each part once).
     #[error("{what}: {cause}")]
-    Program { what: String, cause: ProgramError },
+    Program {
+        what: String,
+        #[source]
+        cause: ProgramError,
+    },
     #[error("{what}: {cause}")]
     Map {
         what: String,
+        #[source]
         cause: aya::maps::MapError,
     },
 }
