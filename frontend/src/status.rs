@@ -49,6 +49,50 @@ pub struct PoolStatus {
     pub steered_kernel: u64,
     /// Connections the dispatcher handed to this pool.
     pub handed_off: u64,
+    /// Its workers' answers by status class (`1xx` to `5xx`), as they last reported
+    /// (sluice-worker workers report them; a socket pool's server does not).
+    #[serde(default)]
+    pub responses: BTreeMap<String, u64>,
+    /// How long its handlers took.
+    #[serde(default)]
+    pub duration_us: DurationStatus,
+}
+
+/// A histogram of handler times in microseconds.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct DurationStatus {
+    /// Bucket bounds (`sluice_proto::outcomes::DURATION_BUCKETS_US`).
+    pub le: Vec<u64>,
+    /// Answers at or under each bound (cumulative), then all of them.
+    pub counts: Vec<u64>,
+    pub sum: u64,
+}
+
+impl DurationStatus {
+    pub fn of(o: &sluice_proto::outcomes::Outcomes) -> DurationStatus {
+        let counts = o
+            .buckets
+            .iter()
+            .scan(0u64, |acc, &n| {
+                *acc += n;
+                Some(*acc)
+            })
+            .collect();
+        DurationStatus {
+            le: sluice_proto::outcomes::DURATION_BUCKETS_US.to_vec(),
+            counts,
+            sum: o.sum_us,
+        }
+    }
+}
+
+/// Status classes as `responses` names them.
+pub fn responses_of(o: &sluice_proto::outcomes::Outcomes) -> BTreeMap<String, u64> {
+    o.classes
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| (format!("{}xx", i + 1), n))
+        .collect()
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -300,6 +344,44 @@ impl Status {
             "Handshake ACKs dropped by the ack gate.",
             vec![(String::new(), self.kernel.ack_gate_drops)],
         );
+        family(
+            "sluice_pool_responses_total",
+            "counter",
+            "Answers of the pool's workers by status class.",
+            self.pools
+                .iter()
+                .flat_map(|p| {
+                    p.responses.iter().map(|(class, &n)| {
+                        (format!("{{pool=\"{}\",class=\"{class}\"}}", p.name), n)
+                    })
+                })
+                .collect(),
+        );
+        let name = "sluice_pool_request_duration_seconds";
+        out.push_str(&format!(
+            "# HELP {name} How long the pool's handlers took.\n# TYPE {name} histogram\n"
+        ));
+        for p in &self.pools {
+            let d = &p.duration_us;
+            let total = d.counts.last().copied().unwrap_or(0);
+            for (le, n) in d.le.iter().zip(&d.counts) {
+                let le = *le as f64 / 1e6;
+                out.push_str(&format!(
+                    "{name}_bucket{{pool=\"{}\",le=\"{le}\"}} {n}\n",
+                    p.name
+                ));
+            }
+            out.push_str(&format!(
+                "{name}_bucket{{pool=\"{}\",le=\"+Inf\"}} {total}\n",
+                p.name
+            ));
+            out.push_str(&format!(
+                "{name}_sum{{pool=\"{}\"}} {}\n",
+                p.name,
+                d.sum as f64 / 1e6
+            ));
+            out.push_str(&format!("{name}_count{{pool=\"{}\"}} {total}\n", p.name));
+        }
         out
     }
 
@@ -383,6 +465,8 @@ mod tests {
             "steering": "syn", "listen": ["127.0.0.1:80"],
             "pools": [{"name": "api", "state": "running", "requests": 5, "queued": 1,
                        "steered_kernel": 2, "handed_off": 3,
+                       "responses": {"2xx": 4, "4xx": 1},
+                       "duration_us": {"le": [500, 1000], "counts": [3, 4, 5], "sum": 2500},
                        "workers": [{"pid": 42, "uptime_s": 9, "requests": 5, "restarts": 1, "ready": true}]}],
             "fallbacks": {"no_host": 4},
             "dispatcher": {"accepted": 6, "refused": {"400": 1}, "header_timeouts": 7,
@@ -406,6 +490,11 @@ mod tests {
             "sluice_fallbacks_total{reason=\"no_host\"} 4",
             "sluice_inherited_sockets 18",
             "sluice_upgrades_total 19",
+            "sluice_pool_responses_total{pool=\"api\",class=\"4xx\"} 1",
+            "sluice_pool_request_duration_seconds_bucket{pool=\"api\",le=\"0.0005\"} 3",
+            "sluice_pool_request_duration_seconds_bucket{pool=\"api\",le=\"+Inf\"} 5",
+            "sluice_pool_request_duration_seconds_sum{pool=\"api\"} 0.0025",
+            "sluice_pool_request_duration_seconds_count{pool=\"api\"} 5",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
         }

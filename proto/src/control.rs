@@ -59,6 +59,8 @@ pub enum ToFrontend {
     },
     Stats {
         requests: u64,
+        /// How its answers went (classes, durations), cumulative.
+        outcomes: crate::outcomes::Outcomes,
     },
     Cache {
         key: CacheKey,
@@ -249,7 +251,9 @@ impl ToFrontend {
                 requests,
                 rss_kib,
             } => format!("pong {seq} requests={requests} rss_kib={rss_kib}").into_bytes(),
-            ToFrontend::Stats { requests } => format!("stats requests={requests}").into_bytes(),
+            ToFrontend::Stats { requests, outcomes } => {
+                format!("stats requests={requests} {}", outcomes.encode()).into_bytes()
+            }
             ToFrontend::Cache { key, response } => {
                 let mut out = format!("cache {}\n", key_text(key)).into_bytes();
                 out.extend_from_slice(response);
@@ -294,6 +298,12 @@ impl ToFrontend {
             },
             Some("stats") => ToFrontend::Stats {
                 requests: field(words.next(), "requests")?,
+                outcomes: match (words.next(), words.next(), words.next()) {
+                    (Some(c), Some(b), Some(s)) => {
+                        crate::outcomes::Outcomes::decode(c, b, s).ok_or_else(|| unknown(msg))?
+                    }
+                    _ => return Err(unknown(msg)),
+                },
             },
             _ => return Err(unknown(msg)),
         };
@@ -396,7 +406,14 @@ mod tests {
                 requests: u64::MAX,
                 rss_kib: 0,
             },
-            ToFrontend::Stats { requests: 3 },
+            ToFrontend::Stats {
+                requests: 3,
+                outcomes: crate::outcomes::Outcomes {
+                    classes: [0, 3, 0, 1, 0],
+                    buckets: [1, 2, 0, 0, 0, 0, 0, 0, 0, 0, 1],
+                    sum_us: 1234,
+                },
+            },
             ToFrontend::Access(String::new()),
             ToFrontend::Access(
                 "1\t-\tGET\t/\tHTTP/1.1\t-\t200\t0\t0\tkernel\t-\t-\n\

@@ -16,6 +16,7 @@ pub mod env;
 pub mod handoff;
 pub mod host;
 pub mod limits;
+pub mod outcomes;
 pub mod request;
 pub mod route;
 pub mod site;

@@ -3,7 +3,7 @@
 
 use std::{
     io::Write,
-    net::TcpStream,
+    net::{SocketAddr, TcpStream},
     process::Command,
     time::{Duration, Instant},
 };
@@ -624,4 +624,92 @@ pool = "web"
     }
     // SAFETY: as above (it is killed after its shutdown limit anyway).
     unsafe { libc::kill(old, libc::SIGCONT) };
+}
+
+/// /metrics counts a pool's answers by status class and how long its handlers took, from
+/// what its workers report: 200s and 404s of the `files` worker, and a 405 it refuses.
+#[test]
+fn metrics_count_a_pools_answers_by_class_with_a_duration_histogram() {
+    let ns = Netns::new("classes");
+    let root = std::env::temp_dir().join(format!("sluice-classes-{}", std::process::id()));
+    std::fs::create_dir_all(&root).expect("root");
+    std::fs::write(root.join("here.txt"), "here\n").expect("file");
+    let s = Sluice::start(
+        &ns,
+        &format!(
+            r#"
+[server]
+listen = ["127.0.0.1:8080"]
+steering = "first-segment"
+set_sysctls = true
+admin_socket = "{{admin}}"
+metrics = "127.0.0.1:9464"
+
+[[pool]]
+name = "files"
+command = ["{{files}}", "--root", "{}", "--cache-control", "no-store"]
+threads = 1
+start = "always"
+
+[[route]]
+prefix = "/"
+pool = "files"
+"#,
+            root.display()
+        ),
+    );
+    ns.enter(|| {
+        let a: SocketAddr = ([127, 0, 0, 1], 8080).into();
+        for _ in 0..6 {
+            assert_eq!(
+                exchange(a, &get_request("/here.txt")).expect("200").status,
+                200
+            );
+        }
+        for _ in 0..3 {
+            assert_eq!(
+                exchange(a, &get_request("/gone.txt")).expect("404").status,
+                404
+            );
+        }
+        let post =
+            b"POST /here.txt HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+        assert_eq!(exchange(a, post).expect("405").status, 405);
+    });
+    // Workers report within a second of answering.
+    let st = wait_for(&s, Duration::from_secs(5), "the counts reported", |st| {
+        pool(st, "files")["duration_us"]["counts"]
+            .as_array()
+            .and_then(|c| c.last())
+            .and_then(|v| v.as_u64())
+            == Some(10)
+    });
+    let p = pool(&st, "files");
+    assert_eq!(p["responses"]["2xx"], 6, "{st}");
+    assert_eq!(p["responses"]["4xx"], 4, "{st}");
+    let metrics = ns.enter(|| {
+        exchange(
+            "127.0.0.1:9464".parse().expect("addr"),
+            b"GET /metrics HTTP/1.1\r\nHost: m\r\nConnection: close\r\n\r\n",
+        )
+        .expect("metrics")
+    });
+    let text = String::from_utf8_lossy(&metrics.body).into_owned();
+    for line in [
+        "sluice_pool_responses_total{pool=\"files\",class=\"2xx\"} 6",
+        "sluice_pool_responses_total{pool=\"files\",class=\"4xx\"} 4",
+        "sluice_pool_request_duration_seconds_bucket{pool=\"files\",le=\"+Inf\"} 10",
+        "sluice_pool_request_duration_seconds_count{pool=\"files\"} 10",
+    ] {
+        assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
+    }
+    // Buckets are cumulative: they never go down.
+    let buckets: Vec<u64> = text
+        .lines()
+        .filter(|l| l.starts_with("sluice_pool_request_duration_seconds_bucket{pool=\"files\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+        .collect();
+    assert_eq!(buckets.len(), 11, "{text}");
+    assert!(buckets.windows(2).all(|w| w[0] <= w[1]), "{buckets:?}");
+    let _ = std::fs::remove_dir_all(&root);
 }

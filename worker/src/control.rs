@@ -61,7 +61,15 @@ mod tests {
             (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1]))
         };
         use std::os::fd::AsRawFd;
-        send(a.as_raw_fd(), &ToFrontend::Stats { requests: 5 }.encode()).unwrap();
+        send(
+            a.as_raw_fd(),
+            &ToFrontend::Stats {
+                requests: 5,
+                outcomes: Default::default(),
+            }
+            .encode(),
+        )
+        .unwrap();
         let mut buf = [0u8; 64];
         // SAFETY: `buf` is live and writable for its length.
         let n = unsafe { libc::recv(b.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };

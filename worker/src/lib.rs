@@ -11,7 +11,8 @@
 //!
 //! On the `control` socket the front end sends `ping <seq>` (answered with
 //! `pong <seq> requests=<n> rss_kib=<n>` by thread 0's ring, so a worker whose threads are stuck
-//! does not answer) and `stop` (as SIGTERM); the worker sends `stats requests=<n>` at most once a
+//! does not answer) and `stop` (as SIGTERM); the worker sends `stats requests=<n> classes=... buckets=... sum_us=<n>`
+//! (its answers by status class and handler time, `sluice_proto::outcomes`) at most once a
 //! second when its response count changed. EOF on it stops the worker gracefully.
 //!
 //! Routing is per request, as in HTTP.sys: the front end also sends the whole route table

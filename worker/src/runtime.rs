@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use io_uring::{IoUring, cqueue, opcode, squeue, types};
 
 use sluice_proto::handoff::{self, HandoffError, RecvBuf};
+use sluice_proto::outcomes::{Cells, Outcomes};
 use sluice_proto::site::local_address_of;
 
 use crate::access::{self, ConnInfo};
@@ -108,6 +109,8 @@ struct Shared<H> {
     publisher: Publisher,
     /// Send access-log entries (`SLUICE_ACCESS_LOG`).
     access_log: bool,
+    /// Per thread: how its answers went (reported in `stats`).
+    outcomes: Box<[Cells]>,
 }
 
 /// Serves `sockets` until SIGTERM/SIGINT, then stops gracefully.
@@ -148,6 +151,7 @@ pub(crate) fn serve<H: Handler>(
         routing: SharedRouting::default(),
         publisher: Publisher::new(control_fd, options.cache_max_entry),
         access_log: options.access_log,
+        outcomes: (0..options.threads).map(|_| Cells::default()).collect(),
     });
     log::info!(
         "sluice-worker pid {} pool {}: {} thread(s), {} {} pool socket(s){}{}",
@@ -525,6 +529,8 @@ struct Worker<'s, H> {
     routing: RoutingView,
     /// This thread's access-log entries not sent yet (None: the log is off).
     access: Option<access::Batch>,
+    /// This thread's number (its `Shared::outcomes` cell).
+    index: usize,
 }
 
 /// Thread 0's side of the control channel (see `control.rs`).
@@ -581,6 +587,7 @@ impl<'s, H: Handler> Worker<'s, H> {
             control,
             routing: RoutingView::new(&shared.routing),
             access: access::Batch::new(shared.control, shared.access_log),
+            index,
         })
     }
 
@@ -778,7 +785,16 @@ impl<'s, H: Handler> Worker<'s, H> {
                     requests,
                     rss_kib: control::current_rss_kib(),
                 },
-                Outgoing::Stats => ToFrontend::Stats { requests },
+                Outgoing::Stats => ToFrontend::Stats {
+                    requests,
+                    outcomes: self.shared.outcomes.iter().fold(
+                        Outcomes::default(),
+                        |mut sum, c| {
+                            sum.add(&c.read());
+                            sum
+                        },
+                    ),
+                },
             };
             ctl.reported = requests;
             if ctl.closed {
@@ -991,6 +1007,7 @@ impl<'s, H: Handler> Worker<'s, H> {
             access: self.access.as_mut(),
             info: conn.info,
             fd: conn.fd.as_raw_fd(),
+            outcomes: shared.outcomes.get(self.index),
         };
         let before = conn.http.responses();
         match conn
@@ -1379,6 +1396,8 @@ struct Dispatcher<'a, H> {
     info: ConnInfo,
     /// The connection (for `Context::peer`).
     fd: RawFd,
+    /// This thread's counts of answers.
+    outcomes: Option<&'a Cells>,
 }
 
 impl<H: Handler> Dispatcher<'_, H> {
@@ -1392,8 +1411,11 @@ impl<H: Handler> Dispatcher<'_, H> {
         )
     }
 
-    fn log_answer(&mut self, req: &Request<'_>, resp: &Response, started: Option<Instant>) {
-        if let (Some(batch), Some(started)) = (self.access.as_deref_mut(), started) {
+    fn log_answer(&mut self, req: &Request<'_>, resp: &Response, started: Instant) {
+        if let Some(cells) = self.outcomes {
+            cells.record(resp.status(), started.elapsed().as_micros() as u64);
+        }
+        if let Some(batch) = self.access.as_deref_mut() {
             let bytes = http::body_bytes_sent(resp, req.method() == "HEAD");
             access::answered(batch, req, resp.status(), bytes, started, self.info);
         }
@@ -1418,7 +1440,7 @@ impl<H: Handler> Dispatch for Dispatcher<'_, H> {
     }
 
     fn respond(&mut self, req: &Request<'_>) -> Response {
-        let started = self.access.is_some().then(Instant::now);
+        let started = Instant::now();
         let resp = call_handler(&self.shared.handler, req, &self.context());
         self.shared.publisher.offer(req, &resp);
         self.log_answer(req, &resp, started);
@@ -1437,7 +1459,7 @@ impl<H: Handler> Dispatch for Dispatcher<'_, H> {
     }
 
     fn finish(&mut self, sink: Box<dyn crate::BodySink>, req: &Request<'_>) -> Response {
-        let started = self.access.is_some().then(Instant::now);
+        let started = Instant::now();
         let resp =
             panic::catch_unwind(AssertUnwindSafe(|| sink.finish(req))).unwrap_or_else(|_| {
                 log::error!("body sink panicked on {} {}", req.method(), req.target());
@@ -1448,6 +1470,9 @@ impl<H: Handler> Dispatch for Dispatcher<'_, H> {
     }
 
     fn refused(&mut self, input: &[u8], status: u16, bytes: u64) {
+        if let Some(cells) = self.outcomes {
+            cells.record(status, 0);
+        }
         if let Some(batch) = self.access.as_deref_mut() {
             access::refused(batch, input, status, bytes, self.info);
         }
@@ -1593,9 +1618,11 @@ mod tests {
         // No stats for a count already reported.
         assert_eq!(recv(&front, Duration::from_millis(1200)), None);
         assert!(get(addr).starts_with("HTTP/1.1 200 "));
-        assert_eq!(
-            recv(&front, Duration::from_millis(2500)).as_deref(),
-            Some("stats requests=4")
+        let stats = recv(&front, Duration::from_millis(2500)).unwrap_or_default();
+        // Four answers, all 2xx: the counts ride with the request count.
+        assert!(
+            stats.starts_with("stats requests=4 classes=0,4,0,0,0 buckets="),
+            "{stats}"
         );
         send(&front, "hello there");
         send(&front, "ping 9");

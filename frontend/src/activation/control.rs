@@ -135,7 +135,10 @@ mod tests {
     #[test]
     fn what_a_worker_sends_arrives_decoded_and_garbage_is_dropped() {
         let (ours, theirs) = pair().unwrap();
-        let stats = ToFrontend::Stats { requests: 12 };
+        let stats = ToFrontend::Stats {
+            requests: 12,
+            outcomes: Default::default(),
+        };
         send(theirs.as_raw_fd(), &stats.encode()).unwrap();
         // An empty datagram once ended the read and lost the messages around it.
         for m in [

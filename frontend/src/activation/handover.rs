@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{PoolState, Supervisor, Worker, output};
 use crate::pool::PoolId;
+use sluice_proto::outcomes::Outcomes;
 
 /// One worker, as the next program gets it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -29,18 +30,20 @@ pub struct WorkerState {
     pub restarts: u32,
     /// Asked to stop already: it finishes and exits.
     pub retiring: bool,
+    /// How its answers went (`Outcomes::encode`).
+    pub outcomes: String,
 }
 
 impl Supervisor {
-    /// Every worker, and per pool (by name) the requests of workers gone.
-    pub fn handover(&self, now: Instant) -> (Vec<WorkerState>, Vec<(String, u64)>) {
+    /// Every worker, and per pool (by name) the requests of workers gone and how they went.
+    pub fn handover(&self, now: Instant) -> (Vec<WorkerState>, Vec<(String, u64, String)>) {
         let mut workers = Vec::new();
         let mut gone = Vec::new();
         for p in &self.pools {
             if p.state == PoolState::Removed {
                 continue;
             }
-            gone.push((p.name.clone(), p.requests_gone));
+            gone.push((p.name.clone(), p.requests_gone, p.outcomes_gone.encode()));
             workers.extend(p.workers.iter().map(|w| WorkerState {
                 pool: p.name.clone(),
                 pid: w.pid,
@@ -51,6 +54,7 @@ impl Supervisor {
                 requests: w.requests,
                 restarts: w.restarts,
                 retiring: w.retiring.is_some(),
+                outcomes: w.outcomes.encode(),
             }));
         }
         (workers, gone)
@@ -98,14 +102,25 @@ impl Supervisor {
             recycle: false,
             restarts: w.restarts,
             output,
+            outcomes: decode_outcomes(&w.outcomes),
         });
         log::info!("pool {}: adopted worker {}", p.name, w.pid);
     }
 
-    /// The requests of pool `pool`'s workers that were gone before an upgrade.
-    pub fn adopt_requests_gone(&mut self, pool: PoolId, n: u64) {
+    /// The requests of pool `pool`'s workers that were gone before an upgrade, and how they
+    /// went.
+    pub fn adopt_requests_gone(&mut self, pool: PoolId, n: u64, outcomes: &str) {
         if let Some(p) = self.pools.get_mut(pool.index()) {
             p.requests_gone += n;
+            p.outcomes_gone.add(&decode_outcomes(outcomes));
         }
+    }
+}
+
+fn decode_outcomes(text: &str) -> Outcomes {
+    let w: Vec<&str> = text.split(' ').collect();
+    match w.as_slice() {
+        [c, b, s] => Outcomes::decode(c, b, s).unwrap_or_default(),
+        _ => Outcomes::default(),
     }
 }

@@ -21,7 +21,7 @@ use std::{
 };
 
 pub use handover::WorkerState;
-use sluice_proto::{cache::CacheKey, env::WorkerSettings};
+use sluice_proto::{cache::CacheKey, env::WorkerSettings, outcomes::Outcomes};
 pub use spawn::Launch;
 
 use self::control::{ToFrontend, ToWorker};
@@ -119,6 +119,8 @@ struct Worker {
     /// A copy of the read end of a socket worker's output pipe (a thread reads its own), for
     /// an upgrade to pass on.
     output: Option<OwnedFd>,
+    /// How its answers went, as it last reported.
+    outcomes: Outcomes,
 }
 
 struct Pool {
@@ -138,8 +140,9 @@ struct Pool {
     next_start: Instant,
     /// Restart counts of slots waiting for a replacement.
     vacated: Vec<u32>,
-    /// Requests of workers that are gone, so the pool's total only grows.
+    /// Requests of workers that are gone, so the pool's total only grows; and how they went.
     requests_gone: u64,
+    outcomes_gone: Outcomes,
     last_total: u64,
     last_activity: Instant,
     runs: Runs,
@@ -166,6 +169,8 @@ pub struct PoolInfo {
     pub state: PoolState,
     pub workers: Vec<WorkerInfo>,
     pub requests: u64,
+    /// Its workers' answers by class and handler time (sluice-worker workers report them).
+    pub outcomes: Outcomes,
 }
 
 pub struct Supervisor {
@@ -267,6 +272,7 @@ impl Supervisor {
             next_start: now,
             vacated: Vec::new(),
             requests_gone: 0,
+            outcomes_gone: Outcomes::default(),
             last_total: 0,
             last_activity: now,
             runs: p.runs,
@@ -410,7 +416,10 @@ impl Supervisor {
                     w.requests = requests;
                     w.rss_kib = rss_kib;
                 }
-                ToFrontend::Stats { requests } => w.requests = requests,
+                ToFrontend::Stats { requests, outcomes } => {
+                    w.requests = requests;
+                    w.outcomes = outcomes;
+                }
                 // The pool and pid are the channel's: a worker cannot log as another.
                 ToFrontend::Access(lines) => {
                     if let Some(log) = &access_log {
@@ -658,6 +667,7 @@ impl Supervisor {
             recycle: false,
             restarts,
             output: output_copy,
+            outcomes: Outcomes::default(),
         };
         if let (true, Some(control)) = (pings, &w.control) {
             // The first pong says the worker is up.
@@ -805,6 +815,7 @@ impl Supervisor {
                 };
                 let w = p.workers.remove(at);
                 p.requests_gone += w.requests;
+                p.outcomes_gone.add(&w.outcomes);
                 let lived = now.duration_since(w.started);
                 if w.retiring.is_some() {
                     log::info!(
@@ -933,6 +944,10 @@ impl Supervisor {
             .map(|p| PoolInfo {
                 state: p.state,
                 requests: p.requests_gone + p.workers.iter().map(|w| w.requests).sum::<u64>(),
+                outcomes: p.workers.iter().fold(p.outcomes_gone, |mut sum, w| {
+                    sum.add(&w.outcomes);
+                    sum
+                }),
                 workers: p
                     .workers
                     .iter()

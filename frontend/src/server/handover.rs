@@ -166,9 +166,9 @@ impl Frontend {
             let output = w.output.map(Incoming::take).transpose()?;
             self.supervisor.adopt(id, w, control, output, now);
         }
-        for (name, n) in &state.requests_gone {
+        for (name, n, outcomes) in &state.requests_gone {
             if let Some(id) = self.id_of(name) {
-                self.supervisor.adopt_requests_gone(id, *n);
+                self.supervisor.adopt_requests_gone(id, *n, outcomes);
             }
         }
         let c = &state.counts;

@@ -6,7 +6,9 @@ use sluice_common::counter;
 
 use super::Frontend;
 use crate::access_log::AccessLog;
-use crate::status::{DispatcherStatus, KernelStatus, PoolStatus, Status, WorkerStatus};
+use crate::status::{
+    DispatcherStatus, DurationStatus, KernelStatus, PoolStatus, Status, WorkerStatus, responses_of,
+};
 
 impl Frontend {
     pub(super) fn status(&self) -> Status {
@@ -50,6 +52,10 @@ impl Frontend {
                         .get(id)
                         .map(|n| n.load(Relaxed))
                         .unwrap_or(0),
+                    responses: i.map(|p| responses_of(&p.outcomes)).unwrap_or_default(),
+                    duration_us: i
+                        .map(|p| DurationStatus::of(&p.outcomes))
+                        .unwrap_or_default(),
                 }
             })
             .collect();

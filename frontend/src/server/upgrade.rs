@@ -47,8 +47,8 @@ pub struct State {
     pub sockets: Vec<(String, RawFd)>,
     pub admin: Option<RawFd>,
     pub workers: Vec<WorkerState>,
-    /// Per pool name, requests of its workers already gone.
-    pub requests_gone: Vec<(String, u64)>,
+    /// Per pool name, requests of its workers already gone, and how they went.
+    pub requests_gone: Vec<(String, u64, String)>,
     pub held: Vec<HeldState>,
     pub counts: Counts,
     /// Sysctls to restore when the front end exits.
