@@ -61,19 +61,16 @@ mod tests {
             (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1]))
         };
         use std::os::fd::AsRawFd;
-        send(
-            a.as_raw_fd(),
-            &ToFrontend::Stats {
-                requests: 5,
-                outcomes: Default::default(),
-            }
-            .encode(),
-        )
-        .unwrap();
-        let mut buf = [0u8; 64];
+        let stats = ToFrontend::Stats {
+            requests: 5,
+            outcomes: Default::default(),
+        }
+        .encode();
+        send(a.as_raw_fd(), &stats).unwrap();
+        let mut buf = [0u8; 256];
         // SAFETY: `buf` is live and writable for its length.
         let n = unsafe { libc::recv(b.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-        assert_eq!(&buf[..n as usize], b"stats requests=5");
+        assert_eq!(&buf[..n as usize], &stats[..]);
         assert!(!hung_up(b.as_raw_fd()));
         drop(a);
         assert!(hung_up(b.as_raw_fd()));
