@@ -295,10 +295,16 @@ fn an_upgrade_whose_program_cannot_start_goes_back_to_the_earlier_program() {
     let st = s.status();
     assert_eq!(st["upgrades"], 0, "{st}");
 
+    // This time by signal, as `kill -USR2` (or systemd) would ask.
     install(&bin, Ok(&real));
-    let out = upgrade(&s);
-    assert!(out.status.success(), "{}", text(&out));
-    assert_eq!(s.status()["upgrades"], 1);
+    // SAFETY: signalling the front end this test started.
+    unsafe { libc::kill(s.pid() as i32, libc::SIGUSR2) };
+    wait_for(
+        &s,
+        Duration::from_secs(20),
+        "the upgrade by SIGUSR2",
+        |st| st["upgrades"] == 1,
+    );
     assert_eq!(get_in(&ns, "/web/x").pool(), Some("web"));
     assert_eq!(workers(&s), before);
     let _ = std::fs::remove_dir_all(bin.parent().unwrap_or(Path::new("/nonexistent")));

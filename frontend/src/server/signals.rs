@@ -4,7 +4,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 use anyhow::{Result, bail};
 
-/// SIGINT, SIGTERM, SIGHUP, SIGUSR1 and SIGCHLD, blocked in every thread and read from a signalfd.
+/// SIGINT, SIGTERM, SIGHUP, SIGUSR1, SIGUSR2 and SIGCHLD, blocked in every thread and read from a signalfd.
 pub struct Signals {
     fd: OwnedFd,
 }
@@ -21,6 +21,8 @@ impl Signals {
                 libc::SIGTERM,
                 libc::SIGHUP,
                 libc::SIGUSR1,
+                // `sluice upgrade`'s signal; unblocked, its default action would end sluice.
+                libc::SIGUSR2,
                 libc::SIGCHLD,
             ] {
                 libc::sigaddset(&mut set, s);
