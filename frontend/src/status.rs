@@ -74,7 +74,7 @@ impl DurationStatus {
             .buckets
             .iter()
             .scan(0u64, |acc, &n| {
-                *acc += n;
+                *acc = acc.saturating_add(n);
                 Some(*acc)
             })
             .collect();

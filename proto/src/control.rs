@@ -298,7 +298,10 @@ impl ToFrontend {
             },
             Some("stats") => ToFrontend::Stats {
                 requests: field(words.next(), "requests")?,
+                // A worker built before the outcomes (one that outlived an upgrade of the
+                // front end) sends the count alone.
                 outcomes: match (words.next(), words.next(), words.next()) {
+                    (None, _, _) => crate::outcomes::Outcomes::default(),
                     (Some(c), Some(b), Some(s)) => {
                         crate::outcomes::Outcomes::decode(c, b, s).ok_or_else(|| unknown(msg))?
                     }
@@ -396,6 +399,18 @@ mod tests {
         ] {
             assert_eq!(ToWorker::decode(&m.encode()), Ok(m.clone()), "{m:?}");
         }
+    }
+
+    #[test]
+    fn a_stats_message_without_outcomes_from_an_older_worker_is_its_count() {
+        assert_eq!(
+            ToFrontend::decode(b"stats requests=4"),
+            Ok(ToFrontend::Stats {
+                requests: 4,
+                outcomes: Default::default(),
+            })
+        );
+        assert!(ToFrontend::decode(b"stats requests=4 classes=1,2,3,4,5").is_err());
     }
 
     #[test]

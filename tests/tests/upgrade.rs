@@ -430,3 +430,28 @@ pool = "uv"
     assert!(ready(&st, "uv"), "{st}");
     let _ = std::fs::remove_dir_all(bin.parent().unwrap_or(Path::new("/nonexistent")));
 }
+
+/// Pools' own uids follow their order; after a reload inserted a pool before another, the
+/// next program would number them differently and an adopted worker could share a uid with
+/// another pool's new ones: the upgrade is refused, saying why.
+#[test]
+fn an_upgrade_after_a_reload_reordered_pools_is_refused() {
+    let ns = Netns::new("upord");
+    let bin = binary_copy("order");
+    let s = Sluice::start_program(&ns, &two_pools("syn"), &bin);
+    workers(&s);
+    let inserted = two_pools("syn").replacen(
+        "[[pool]]\nname = \"web\"",
+        "[[pool]]\nname = \"mid\"\ncommand = [\"{hello}\"]\nthreads = 1\n\n[[pool]]\nname = \"web\"",
+        1,
+    );
+    assert!(inserted.contains("\"mid\""), "{inserted}");
+    s.rewrite(&inserted);
+    sluice_admin(&s, &["reload"]);
+    install(&bin, Ok(&sluice_bin()));
+    let out = upgrade(&s);
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("reordered pools"), "{}", text(&out));
+    assert_eq!(get_in(&ns, "/api/x").pool(), Some("api"));
+    let _ = std::fs::remove_dir_all(bin.parent().unwrap_or(Path::new("/nonexistent")));
+}

@@ -15,7 +15,8 @@ use crate::pool::PoolId;
 use sluice_proto::outcomes::Outcomes;
 
 /// One worker, as the next program gets it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct WorkerState {
     pub pool: String,
     pub pid: libc::pid_t,

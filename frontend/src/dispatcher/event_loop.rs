@@ -249,7 +249,13 @@ impl Loop {
             }
             self.cqes = cqes;
             if self.handing_over {
-                return self.hand_over();
+                let held = self.hand_over()?;
+                if self.inflight > 0 {
+                    // Operations the kernel may still complete point into this loop's buffers:
+                    // they (and the ring) are kept for the process's life rather than freed.
+                    std::mem::forget(self);
+                }
+                return Ok(held);
             }
         }
     }

@@ -30,12 +30,21 @@ impl Frontend {
                 self.config.path.display()
             );
         }
-        if self
-            .pools
-            .iter()
-            .any(|p| p.removed.is_some() && !p.listeners.is_empty())
-        {
-            bail!("a reload is still retiring a removed pool; try again when it is done");
+        // The next program numbers the pools in the config's order, and a pool's own uid
+        // follows its number: after a reload removed or inserted a pool the numbers differ,
+        // and an adopted worker could share a uid with another pool's new ones.
+        let renumbered = self.pools.len() != self.config.pools.len()
+            || self
+                .pools
+                .iter()
+                .zip(&self.config.pools)
+                .any(|(rt, c)| rt.removed.is_some() || rt.name != c.name);
+        if renumbered {
+            bail!(
+                "a reload since this process started removed or reordered pools, and pools' own \
+                 uids follow their order: restart sluice to take the new binary (under systemd \
+                 its fd store keeps the queued connections)"
+            );
         }
         check_binary(&self.exe, &self.config.path)
     }
@@ -56,17 +65,26 @@ impl Frontend {
         self.handover.store(true, Release);
         // SAFETY: writes 8 bytes to our eventfd.
         unsafe { libc::write(self.stop.as_raw_fd(), (&1u64 as *const u64).cast(), 8) };
-        let held = match self
+        let joined = self
             .dispatch_thread
             .take()
-            .map(std::thread::JoinHandle::join)
-        {
-            Some(Ok(Ok(held))) => held,
-            Some(Ok(Err(e))) => bail!("the dispatcher stopped with an error: {e}"),
-            _ => bail!("the dispatcher thread is gone"),
-        };
+            .map(std::thread::JoinHandle::join);
         // The stop was read: a later normal stop must not see the handover flag.
         self.handover.store(false, Release);
+        let held = match joined {
+            Some(Ok(Ok(held))) => held,
+            other => {
+                // Serve on with a new dispatcher; what the old one held is lost.
+                self.spawn_dispatcher(Vec::new())?;
+                if let Some(n) = &self.notify {
+                    n.ready(&self.summary());
+                }
+                match other {
+                    Some(Ok(Err(e))) => bail!("the dispatcher stopped with an error: {e}"),
+                    _ => bail!("the dispatcher thread was gone"),
+                }
+            }
+        };
         let opened = self.relay.stats.open.load(Relaxed);
         if opened > 0 {
             log::warn!("upgrading: {opened} relayed connection(s) to socket pools are cut");

@@ -124,11 +124,18 @@ fn run(config: Config, incoming: Option<upgrade::Incoming>) -> Result<()> {
     };
     let started = inherited.and_then(|inherited| {
         let signals = Signals::block()?;
+        // Taken before the start, whose last step runs the dispatcher: nothing after that
+        // may fail and go back with connections the dispatcher has touched.
+        let taken = match incoming.as_ref().and_then(|i| i.state.admin) {
+            Some(fd) => Some(AdminSocket::from_fd(
+                upgrade::Incoming::take(fd)?,
+                &config.admin_socket,
+            )?),
+            None => None,
+        };
         let fe = Frontend::start(config, inherited, incoming.as_ref())?;
-        let admin = match incoming.as_ref().and_then(|i| i.state.admin) {
-            Some(fd) => {
-                AdminSocket::from_fd(upgrade::Incoming::take(fd)?, &fe.config.admin_socket)?
-            }
+        let admin = match taken {
+            Some(a) => a,
             None => AdminSocket::bind(&fe.config.admin_socket)?,
         };
         Ok((signals, fe, admin))

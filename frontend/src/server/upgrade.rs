@@ -37,8 +37,10 @@ const VERSION: u32 = 1;
 /// Most a new binary's `check` may take.
 const CHECK_LIMIT: Duration = Duration::from_secs(20);
 
-/// Everything one program of the process passes to the next.
+/// Everything one program of the process passes to the next. Fields a later build adds
+/// must have defaults, so that this build still reads the state (and can go back).
 #[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct State {
     pub version: u32,
     /// Upgrades that succeeded before this one.
@@ -61,7 +63,8 @@ pub struct State {
 }
 
 /// A connection the dispatcher was reading.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct HeldState {
     pub fd: RawFd,
     pub bytes: Vec<u8>,
@@ -70,6 +73,7 @@ pub struct HeldState {
 
 /// Counters, so that status and metrics go on from where they were.
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Counts {
     /// The kernel program's counters below the per-pool ones, by index.
     pub kernel: Vec<u64>,
@@ -321,17 +325,26 @@ pub fn check_binary(program: &Path, config: &Path) -> Result<()> {
         .arg("check")
         .arg(config)
         .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .with_context(|| format!("running {} check", program.display()))?;
+    // Read while it runs: a long report must not fill the pipe and stall it.
+    let mut reader = child.stderr.take().map(|mut e| {
+        std::thread::spawn(move || {
+            let mut err = Vec::new();
+            let _ = e.by_ref().take(64 * 1024).read_to_end(&mut err);
+            let _ = std::io::copy(&mut e, &mut std::io::sink());
+            String::from_utf8_lossy(&err).into_owned()
+        })
+    });
     let deadline = Instant::now() + CHECK_LIMIT;
     loop {
         if let Some(status) = child.try_wait()? {
-            let mut err = String::new();
-            if let Some(mut e) = child.stderr.take() {
-                let _ = e.read_to_string(&mut err);
-            }
+            let err = reader
+                .take()
+                .and_then(|r| r.join().ok())
+                .unwrap_or_default();
             if !status.success() {
                 bail!(
                     "{} check {} failed ({status}): {}",

@@ -73,7 +73,10 @@ impl Loop {
                 continue;
             };
             if c.inflight > 0 {
-                // Its buffer may still be written to: it cannot be judged, only closed.
+                // Its buffer may still be written to: it cannot be judged. The client is told
+                // (its fd stays open, and the loop's memory is kept: see `run`).
+                // SAFETY: shutdown on a connection we own.
+                unsafe { libc::shutdown(c.fd, libc::SHUT_RDWR) };
                 continue;
             }
             let keep = match c.state {
@@ -118,7 +121,8 @@ impl Loop {
                     OP_REROUTE => &mut self.reroute_msgs,
                     _ => &mut self.drain_msgs,
                 };
-                let Some(mut msg) = msgs.get_mut(index).and_then(Option::take) else {
+                // The box stays in its slot: another receive on it may still be in flight.
+                let Some(msg) = msgs.get_mut(index).and_then(Option::as_mut) else {
                     return;
                 };
                 let taken = msg
