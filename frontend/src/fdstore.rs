@@ -11,6 +11,8 @@ use std::{
     os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
 };
 
+use sluice_proto::sockaddr::socket_option;
+
 /// Name of a group's dispatcher socket in the store.
 pub const DISPATCH: &str = "dispatch";
 
@@ -78,10 +80,6 @@ impl Inherited {
         Inherited { fds, taken: 0 }
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.fds.is_empty()
-    }
-
     /// The first listening TCP socket called `name` bound to `addr`.
     pub fn take_listener(&mut self, name: &str, addr: SocketAddr) -> Option<OwnedFd> {
         let i = self.fds.iter().position(|(n, fd)| {
@@ -96,7 +94,7 @@ impl Inherited {
     /// The first AF_UNIX SOCK_SEQPACKET socket called `name`.
     pub fn take_seqpacket(&mut self, name: &str) -> Option<OwnedFd> {
         let i = self.fds.iter().position(|(n, fd)| {
-            n == name && sock_type(fd.as_raw_fd()) == Some(libc::SOCK_SEQPACKET)
+            n == name && socket_option(fd.as_raw_fd(), libc::SO_TYPE) == Some(libc::SOCK_SEQPACKET)
         })?;
         self.taken += 1;
         Some(self.fds.remove(i).1)
@@ -108,44 +106,16 @@ impl Inherited {
     }
 
     /// Closes what nothing took (a pool the config no longer has, an address it no longer
-    /// listens on), saying so; returns their names.
-    pub fn close_rest(&mut self) -> Vec<String> {
-        let rest: Vec<String> = self.fds.drain(..).map(|(n, _)| n).collect();
-        for n in &rest {
+    /// listens on), saying so.
+    pub fn close_rest(&mut self) {
+        for (n, _) in self.fds.drain(..) {
             log::warn!("socket {n} from systemd's fd store is not in the config: closed");
         }
-        rest
     }
 }
 
-fn sock_type(fd: RawFd) -> Option<i32> {
-    let mut v: libc::c_int = 0;
-    let mut len = size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: reads one int into a live variable.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_TYPE,
-            (&mut v as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    };
-    (rc == 0).then_some(v)
-}
-
+/// A listening TCP socket.
 fn listening(fd: RawFd) -> bool {
-    let mut v: libc::c_int = 0;
-    let mut len = size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: reads one int into a live variable.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_ACCEPTCONN,
-            (&mut v as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    };
-    rc == 0 && v == 1 && sock_type(fd) == Some(libc::SOCK_STREAM)
+    socket_option(fd, libc::SO_ACCEPTCONN) == Some(1)
+        && socket_option(fd, libc::SO_TYPE) == Some(libc::SOCK_STREAM)
 }

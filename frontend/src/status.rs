@@ -460,6 +460,16 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_histogram_of_hostile_counts_stays_cumulative() {
+        let mut o = sluice_proto::outcomes::Outcomes::default();
+        o.buckets[0] = u64::MAX;
+        o.buckets[1] = 5;
+        let d = DurationStatus::of(&o);
+        assert!(d.counts.windows(2).all(|w| w[0] <= w[1]), "{:?}", d.counts);
+        assert_eq!(d.counts.last(), Some(&u64::MAX));
+    }
+
+    #[test]
     fn every_figure_of_status_is_a_metric_without_pid_labels() {
         let st: Status = serde_json::from_value(serde_json::json!({
             "steering": "syn", "listen": ["127.0.0.1:80"],

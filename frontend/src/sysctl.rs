@@ -112,9 +112,7 @@ impl Restore {
         self.0.push((name.to_owned(), have));
         Ok(())
     }
-}
 
-impl Restore {
     /// What is to be restored, for the next program of this process (an upgrade).
     pub fn entries(&self) -> Vec<(String, String)> {
         self.0.clone()

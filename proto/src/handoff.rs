@@ -179,12 +179,12 @@ impl RecvBuf {
             return Err(HandoffError::Empty);
         }
         // A client's TCP connection, nothing else: not a listener, not a unix socket.
-        if int_opt(fd.as_raw_fd(), libc::SO_TYPE) != Some(libc::SOCK_STREAM)
+        if crate::sockaddr::socket_option(fd.as_raw_fd(), libc::SO_TYPE) != Some(libc::SOCK_STREAM)
             || !matches!(
-                int_opt(fd.as_raw_fd(), libc::SO_DOMAIN),
+                crate::sockaddr::socket_option(fd.as_raw_fd(), libc::SO_DOMAIN),
                 Some(libc::AF_INET | libc::AF_INET6)
             )
-            || int_opt(fd.as_raw_fd(), libc::SO_ACCEPTCONN) != Some(0)
+            || crate::sockaddr::socket_option(fd.as_raw_fd(), libc::SO_ACCEPTCONN) != Some(0)
         {
             return Err(HandoffError::NotStream);
         }
@@ -224,15 +224,6 @@ impl RecvBuf {
         self.msg.msg_controllen = 0;
         fds
     }
-}
-
-fn int_opt(fd: RawFd, opt: libc::c_int) -> Option<i32> {
-    let mut value: libc::c_int = 0;
-    let mut len = size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: getsockopt writes at most `len` bytes into the live `value`.
-    let rc =
-        unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, opt, (&raw mut value).cast(), &mut len) };
-    (rc == 0).then_some(value)
 }
 
 #[cfg(test)]

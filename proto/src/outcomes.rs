@@ -59,6 +59,16 @@ impl Outcomes {
         )
     }
 
+    /// The whole text [`Outcomes::encode`] makes.
+    pub fn parse(text: &str) -> Option<Outcomes> {
+        let mut words = text.split(' ');
+        let (c, b, s) = (words.next()?, words.next()?, words.next()?);
+        if words.next().is_some() {
+            return None;
+        }
+        Outcomes::decode(c, b, s)
+    }
+
     /// The three words [`Outcomes::encode`] makes, each checked; None if any is not.
     pub fn decode(classes: &str, buckets: &str, sum: &str) -> Option<Outcomes> {
         fn list<const N: usize>(s: &str, name: &str) -> Option<[u64; N]> {
@@ -79,6 +89,15 @@ impl Outcomes {
             classes: list(classes, "classes")?,
             buckets: list(buckets, "buckets")?,
             sum_us,
+        })
+    }
+}
+
+impl std::iter::Sum for Outcomes {
+    fn sum<I: Iterator<Item = Outcomes>>(iter: I) -> Outcomes {
+        iter.fold(Outcomes::default(), |mut sum, o| {
+            sum.add(&o);
+            sum
         })
     }
 }
@@ -137,9 +156,8 @@ mod tests {
         assert_eq!(o.buckets[10], 1, "over every bound");
         assert_eq!(o.count(), 5);
         assert_eq!(o.sum_us, 2_001_800);
-        let text = o.encode();
-        let words: Vec<&str> = text.split(' ').collect();
-        assert_eq!(Outcomes::decode(words[0], words[1], words[2]), Some(o));
+        assert_eq!(Outcomes::parse(&o.encode()), Some(o));
+        assert_eq!([o, o].into_iter().sum::<Outcomes>().count(), 10);
     }
 
     #[test]

@@ -1,7 +1,17 @@
-//! A connected socket's own and peer addresses (getsockname, getpeername).
+//! A socket's own and peer addresses (getsockname, getpeername), and its integer options.
 
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::RawFd;
+
+/// An integer `SOL_SOCKET` option of `fd` (`SO_TYPE`, `SO_ACCEPTCONN`, ...).
+pub fn socket_option(fd: RawFd, opt: libc::c_int) -> Option<i32> {
+    let mut value: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into the live `value`.
+    let rc =
+        unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, opt, (&raw mut value).cast(), &mut len) };
+    (rc == 0).then_some(value)
+}
 
 /// The address `fd` is bound to locally.
 pub fn local(fd: RawFd) -> Option<SocketAddr> {

@@ -66,6 +66,30 @@ fn recv_with_fds(socket: &UnixDatagram) -> (String, Vec<OwnedFd>) {
     )
 }
 
+/// 40 connections to `two_pools`' port, each with its request sent, half for `api` and half
+/// for `web`: made while no front end runs, they wait in the kernel. Each comes with the pool
+/// that must answer it.
+fn connect_while_down(ns: &Netns) -> Vec<(TcpStream, &'static str)> {
+    let a: SocketAddr = ([127, 0, 0, 1], 8080).into();
+    ns.enter(|| {
+        (0..40)
+            .map(|i| {
+                let (path, pool) = if i % 2 == 0 {
+                    ("/api/w", "api")
+                } else {
+                    ("/w", "web")
+                };
+                let mut c = TcpStream::connect_timeout(&a, Duration::from_secs(5))
+                    .unwrap_or_else(|e| panic!("connect while down: {e}"));
+                c.write_all(&get_request(path)).expect("request");
+                c.set_read_timeout(Some(Duration::from_secs(30)))
+                    .expect("timeout");
+                (c, pool)
+            })
+            .collect()
+    })
+}
+
 fn notify_socket(tag: &str) -> (UnixDatagram, std::path::PathBuf) {
     let path = std::env::temp_dir().join(format!("sluice-{tag}-{}.sock", std::process::id()));
     let _ = std::fs::remove_file(&path);
@@ -176,24 +200,7 @@ fn a_front_end_killed_with_sigkill_gets_its_queues_back_from_the_fd_store() {
         }
 
         // Nothing runs now; these wait in the kernel, in the sockets systemd holds.
-        let a: SocketAddr = ([127, 0, 0, 1], 8080).into();
-        let waiting: Vec<(TcpStream, &str)> = ns.enter(|| {
-            (0..40)
-                .map(|i| {
-                    let (path, pool) = if i % 2 == 0 {
-                        ("/api/w", "api")
-                    } else {
-                        ("/w", "web")
-                    };
-                    let mut c = TcpStream::connect_timeout(&a, Duration::from_secs(5))
-                        .unwrap_or_else(|e| panic!("{steering}: connect while down: {e}"));
-                    c.write_all(&get_request(path)).expect("request");
-                    c.set_read_timeout(Some(Duration::from_secs(30)))
-                        .expect("timeout");
-                    (c, pool)
-                })
-                .collect()
-        });
+        let waiting = connect_while_down(&ns);
 
         let second = Sluice::start_inheriting(&ns, &template, &env, &stored);
         for (i, (mut c, pool)) in waiting.into_iter().enumerate() {
@@ -465,24 +472,7 @@ fn under_real_systemd_a_killed_front_end_is_restarted_with_its_queues() {
         std::thread::sleep(Duration::from_millis(10));
     }
     // systemd waits RestartSec (2 s) before it starts sluice again: these connect meanwhile.
-    let a: SocketAddr = ([127, 0, 0, 1], 8080).into();
-    let waiting: Vec<(TcpStream, &str)> = ns.enter(|| {
-        (0..40)
-            .map(|i| {
-                let (path, pool) = if i % 2 == 0 {
-                    ("/api/w", "api")
-                } else {
-                    ("/w", "web")
-                };
-                let mut c = TcpStream::connect_timeout(&a, Duration::from_secs(5))
-                    .unwrap_or_else(|e| panic!("connect while down: {e}"));
-                c.write_all(&get_request(path)).expect("request");
-                c.set_read_timeout(Some(Duration::from_secs(30)))
-                    .expect("timeout");
-                (c, pool)
-            })
-            .collect()
-    });
+    let waiting = connect_while_down(&ns);
     for (i, (mut c, pool)) in waiting.into_iter().enumerate() {
         let r = read_response(&mut c).unwrap_or_else(|e| {
             panic!(

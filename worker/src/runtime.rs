@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use io_uring::{IoUring, cqueue, opcode, squeue, types};
 
 use sluice_proto::handoff::{self, HandoffError, RecvBuf};
-use sluice_proto::outcomes::{Cells, Outcomes};
+use sluice_proto::outcomes::Cells;
 use sluice_proto::site::local_address_of;
 
 use crate::access::{self, ConnInfo};
@@ -787,13 +787,7 @@ impl<'s, H: Handler> Worker<'s, H> {
                 },
                 Outgoing::Stats => ToFrontend::Stats {
                     requests,
-                    outcomes: self.shared.outcomes.iter().fold(
-                        Outcomes::default(),
-                        |mut sum, c| {
-                            sum.add(&c.read());
-                            sum
-                        },
-                    ),
+                    outcomes: self.shared.outcomes.iter().map(Cells::read).sum(),
                 },
             };
             ctl.reported = requests;

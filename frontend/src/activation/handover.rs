@@ -103,7 +103,7 @@ impl Supervisor {
             recycle: false,
             restarts: w.restarts,
             output,
-            outcomes: decode_outcomes(&w.outcomes),
+            outcomes: Outcomes::parse(&w.outcomes).unwrap_or_default(),
         });
         log::info!("pool {}: adopted worker {}", p.name, w.pid);
     }
@@ -113,15 +113,8 @@ impl Supervisor {
     pub fn adopt_requests_gone(&mut self, pool: PoolId, n: u64, outcomes: &str) {
         if let Some(p) = self.pools.get_mut(pool.index()) {
             p.requests_gone += n;
-            p.outcomes_gone.add(&decode_outcomes(outcomes));
+            p.outcomes_gone
+                .add(&Outcomes::parse(outcomes).unwrap_or_default());
         }
-    }
-}
-
-fn decode_outcomes(text: &str) -> Outcomes {
-    let w: Vec<&str> = text.split(' ').collect();
-    match w.as_slice() {
-        [c, b, s] => Outcomes::decode(c, b, s).unwrap_or_default(),
-        _ => Outcomes::default(),
     }
 }

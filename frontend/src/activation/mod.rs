@@ -944,10 +944,9 @@ impl Supervisor {
             .map(|p| PoolInfo {
                 state: p.state,
                 requests: p.requests_gone + p.workers.iter().map(|w| w.requests).sum::<u64>(),
-                outcomes: p.workers.iter().fold(p.outcomes_gone, |mut sum, w| {
-                    sum.add(&w.outcomes);
-                    sum
-                }),
+                outcomes: std::iter::once(p.outcomes_gone)
+                    .chain(p.workers.iter().map(|w| w.outcomes))
+                    .sum(),
                 workers: p
                     .workers
                     .iter()

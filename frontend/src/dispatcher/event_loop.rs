@@ -24,7 +24,7 @@ use sluice_proto::site::local_address_of;
 mod handover;
 
 use super::{
-    Dispatcher, Held, PoolFlags, PoolId, Table, handoff,
+    Dispatcher, Held, PoolFlags, PoolId, Stop, Table, handoff,
     head::{self, Decision},
     reply,
 };
@@ -225,7 +225,7 @@ impl Loop {
                 }
                 let (op, index) = (user_data >> 32, (user_data & 0xffff_ffff) as usize);
                 match op {
-                    OP_STOP if self.d.handover.load(Ordering::Acquire) => {
+                    OP_STOP if u64::from_ne_bytes(*self.stop_buf) == Stop::HandOver as u64 => {
                         // The rest of this batch is handled first: nothing it carries is lost.
                         self.handing_over = true;
                     }

@@ -191,7 +191,7 @@ pub struct Dispatcher {
     /// Most connections held before their request is routed; the oldest goes past it.
     pub max_pending: usize,
     pub stats: Arc<DispatchStats>,
-    /// Readable (eventfd) when the dispatcher must stop.
+    /// Readable (eventfd) when the dispatcher must stop; the value says how (`Stop`).
     pub stop: RawFd,
     pub flags: Arc<PoolFlags>,
     /// Readable (eventfd) when `flags` or the table changed.
@@ -203,11 +203,27 @@ pub struct Dispatcher {
     pub access_log: Option<crate::access_log::AccessLog>,
     /// Carries connections to socket pools.
     pub relay: Option<crate::relay::Relay>,
-    /// Set before `stop` is written: stop by handing every connection over (an upgrade)
-    /// instead of closing them.
-    pub handover: Arc<std::sync::atomic::AtomicBool>,
     /// Connections an earlier process held (an upgrade), taken up first.
     pub initial: Vec<Held>,
+}
+
+/// How the dispatcher is to stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u64)]
+pub enum Stop {
+    /// Close what it holds (the front end stops).
+    Close = 1,
+    /// Hand every connection over, with what was read of it (an upgrade).
+    HandOver = 2,
+}
+
+impl Stop {
+    /// Tells the dispatcher whose `stop` eventfd is `fd`.
+    pub fn send(self, fd: RawFd) {
+        let v = self as u64;
+        // SAFETY: writes 8 bytes from a live u64 to an eventfd.
+        unsafe { libc::write(fd, (&raw const v).cast(), 8) };
+    }
 }
 
 /// A connection the dispatcher held, with what it had read of it: what an upgrade passes

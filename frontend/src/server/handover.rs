@@ -3,7 +3,7 @@
 
 use std::{
     os::fd::{AsRawFd, RawFd},
-    sync::atomic::Ordering::{Relaxed, Release},
+    sync::atomic::Ordering::Relaxed,
     time::Instant,
 };
 
@@ -14,7 +14,7 @@ use super::{
     Frontend,
     upgrade::{Counts, HeldState, Incoming, State, check_binary},
 };
-use crate::{admin::AdminSocket, config::Config, fdstore};
+use crate::{admin::AdminSocket, config::Config, dispatcher::Stop};
 
 impl Frontend {
     /// The checks an upgrade must pass before anything is stopped: the binary at this
@@ -62,15 +62,11 @@ impl Frontend {
             n.reloading();
         }
         log::info!("upgrading: handing over to {}", self.exe.display());
-        self.handover.store(true, Release);
-        // SAFETY: writes 8 bytes to our eventfd.
-        unsafe { libc::write(self.stop.as_raw_fd(), (&1u64 as *const u64).cast(), 8) };
+        Stop::HandOver.send(self.stop.as_raw_fd());
         let joined = self
             .dispatch_thread
             .take()
             .map(std::thread::JoinHandle::join);
-        // The stop was read: a later normal stop must not see the handover flag.
-        self.handover.store(false, Release);
         let held = match joined {
             Some(Ok(Ok(held))) => held,
             other => {
@@ -100,18 +96,7 @@ impl Frontend {
     }
 
     fn state(&self, admin: RawFd, held: &[crate::dispatcher::Held]) -> State {
-        let mut sockets = Vec::new();
-        for fd in &self.dispatch_sockets {
-            sockets.push((fdstore::DISPATCH.to_owned(), fd.as_raw_fd()));
-        }
-        for p in self.pools.iter().filter(|p| p.removed.is_none()) {
-            for fd in &p.listeners {
-                sockets.push((fdstore::pool_name(&p.name), fd.as_raw_fd()));
-            }
-            let [fe, workers] = fdstore::handoff_names(&p.name);
-            sockets.push((fe, p.handoff.frontend.as_raw_fd()));
-            sockets.push((workers, p.handoff.workers.as_raw_fd()));
-        }
+        let sockets = self.queue_sockets();
         let (workers, requests_gone) = self.supervisor.handover(Instant::now());
         State {
             upgrades: self.upgrades,
@@ -191,14 +176,8 @@ impl Frontend {
         }
         let c = &state.counts;
         let mut earlier = vec![0u64; counter::LEN as usize];
-        for (i, v) in c
-            .kernel
-            .iter()
-            .enumerate()
-            .take(counter::POOL_BASE as usize)
-        {
-            earlier[i] = *v;
-        }
+        let global = c.kernel.len().min(counter::POOL_BASE as usize);
+        earlier[..global].copy_from_slice(&c.kernel[..global]);
         for (name, steered, handed) in &c.pools {
             let Some(id) = self.id_of(name) else { continue };
             if let Some(e) = earlier.get_mut(counter::POOL_BASE as usize + id.index()) {

@@ -88,8 +88,6 @@ struct Frontend {
     upgrade_error: Option<String>,
     /// An upgrade was asked for and passed its checks: done after this step.
     upgrade_due: bool,
-    /// Tells the dispatcher to hand its connections over when it stops.
-    handover: Arc<std::sync::atomic::AtomicBool>,
     /// Restores changed sysctls on drop (last).
     restore: sysctl::Restore,
 }
@@ -381,7 +379,6 @@ impl Frontend {
             upgrades: incoming.map_or(0, |i| i.state.upgrades + u64::from(i.failed.is_none())),
             upgrade_error: incoming.and_then(|i| i.failed.clone()),
             upgrade_due: false,
-            handover: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             restore,
         };
         let ids: Vec<Option<PoolId>> = config
@@ -433,7 +430,6 @@ impl Frontend {
             idle_timeout: config.limits.idle_timeout,
             access_log: self.access_log.clone(),
             relay: Some(self.relay.clone()),
-            handover: self.handover.clone(),
             initial: held,
         };
         self.dispatch_thread = Some(
@@ -684,8 +680,7 @@ impl Frontend {
         }
         log::info!("stopping: workers first, then the dispatcher");
         self.supervisor.stop_all();
-        // SAFETY: writes 8 bytes to our eventfd.
-        unsafe { libc::write(self.stop.as_raw_fd(), (&1u64 as *const u64).cast(), 8) };
+        dispatcher::Stop::Close.send(self.stop.as_raw_fd());
         match self.dispatch_thread.take().map(JoinHandle::join) {
             Some(Ok(Err(e))) => log::error!("dispatcher: {e}"),
             Some(Ok(Ok(held))) if !held.is_empty() => {

@@ -7,9 +7,6 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixDatagram};
 
-/// The kernel's limit of fds in one message (`SCM_MAX_FD`).
-const MAX_FDS_PER_MESSAGE: usize = 253;
-
 pub struct Notifier {
     /// Connected to the notify socket, so messages with fds need no address.
     socket: UnixDatagram,
@@ -61,13 +58,11 @@ impl Notifier {
         ));
     }
 
-    /// Gives systemd `fds` to keep under `name` (it ignores ones it holds already).
-    pub fn store(&self, name: &str, fds: &[RawFd]) {
-        for chunk in fds.chunks(MAX_FDS_PER_MESSAGE) {
-            let text = format!("FDSTORE=1\nFDNAME={name}\n");
-            if let Err(e) = send_fds(self.socket.as_raw_fd(), text.as_bytes(), chunk) {
-                log::warn!("giving systemd's fd store {name}: {e}");
-            }
+    /// Gives systemd `fd` to keep under `name` (it ignores one it holds already).
+    pub fn store(&self, name: &str, fd: RawFd) {
+        let text = format!("FDSTORE=1\nFDNAME={name}\n");
+        if let Err(e) = send_fd(self.socket.as_raw_fd(), text.as_bytes(), fd) {
+            log::warn!("giving systemd's fd store {name}: {e}");
         }
     }
 
@@ -89,13 +84,10 @@ fn monotonic_usec() -> u64 {
     ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1000
 }
 
-/// One datagram with `fds` attached (SCM_RIGHTS).
-fn send_fds(socket: RawFd, bytes: &[u8], fds: &[RawFd]) -> std::io::Result<()> {
-    let fds_len = std::mem::size_of_val(fds);
-    // SAFETY: CMSG_SPACE only computes a size.
-    let space = unsafe { libc::CMSG_SPACE(fds_len as u32) } as usize;
-    // u64 words keep the control buffer aligned for cmsghdr.
-    let mut control = vec![0u64; space.div_ceil(8)];
+/// One datagram with `fd` attached (SCM_RIGHTS).
+fn send_fd(socket: RawFd, bytes: &[u8], fd: RawFd) -> std::io::Result<()> {
+    // Room for one cmsghdr and one fd, in u64 words for its alignment.
+    let mut control = [0u64; 4];
     let mut iov = libc::iovec {
         iov_base: bytes.as_ptr() as *mut libc::c_void,
         iov_len: bytes.len(),
@@ -105,15 +97,16 @@ fn send_fds(socket: RawFd, bytes: &[u8], fds: &[RawFd]) -> std::io::Result<()> {
     msg.msg_iov = &mut iov;
     msg.msg_iovlen = 1;
     msg.msg_control = control.as_mut_ptr().cast();
-    msg.msg_controllen = space;
-    // SAFETY: the control buffer holds one header with room for `fds` (CMSG_SPACE above);
-    // sendmsg reads the iovec and the control data, both alive for the call.
+    // SAFETY: CMSG_SPACE only computes a size (24 bytes for one fd: within `control`).
+    msg.msg_controllen = unsafe { libc::CMSG_SPACE(size_of::<RawFd>() as u32) } as usize;
+    // SAFETY: the control buffer holds one header and one fd (CMSG_SPACE above); sendmsg
+    // reads the iovec and the control data, both alive for the call.
     let rc = unsafe {
         let cmsg = libc::CMSG_FIRSTHDR(&msg);
         (*cmsg).cmsg_level = libc::SOL_SOCKET;
         (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-        (*cmsg).cmsg_len = libc::CMSG_LEN(fds_len as u32) as usize;
-        std::ptr::copy_nonoverlapping(fds.as_ptr(), libc::CMSG_DATA(cmsg).cast(), fds.len());
+        (*cmsg).cmsg_len = libc::CMSG_LEN(size_of::<RawFd>() as u32) as usize;
+        libc::CMSG_DATA(cmsg).cast::<RawFd>().write_unaligned(fd);
         libc::sendmsg(socket, &msg, libc::MSG_NOSIGNAL)
     };
     if rc < 0 {

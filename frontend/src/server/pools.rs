@@ -69,6 +69,23 @@ pub(super) fn kernel_flags(pool: &config::Pool, dispatcher: u32) -> u32 {
 }
 
 impl PoolRt {
+    /// The sockets holding this pool's queue, by their fd-store names (none once removed).
+    fn queue_sockets(&self) -> Vec<(String, RawFd)> {
+        if self.removed.is_some() {
+            return Vec::new();
+        }
+        let [fe, workers] = fdstore::handoff_names(&self.name);
+        let name = fdstore::pool_name(&self.name);
+        self.listeners
+            .iter()
+            .map(|fd| (name.clone(), fd.as_raw_fd()))
+            .chain([
+                (fe, self.handoff.frontend.as_raw_fd()),
+                (workers, self.handoff.workers.as_raw_fd()),
+            ])
+            .collect()
+    }
+
     pub fn entry(&self) -> PoolEntry {
         PoolEntry {
             name: self.config.name.as_str().into(),
@@ -191,33 +208,36 @@ impl Frontend {
         }
     }
 
-    /// Gives systemd's fd store (under a unit that has one) every socket that holds a queue:
-    /// the dispatcher's, and every live pool's listeners and handoff pair.
-    pub(super) fn store_sockets(&self) {
-        let Some(n) = &self.notify else { return };
-        let dispatch: Vec<RawFd> = self
+    /// Every socket that holds a queue, named as systemd's fd store and an upgrade's state
+    /// name them (`fdstore`): the dispatcher's, and every live pool's listeners and handoff
+    /// pair.
+    pub(super) fn queue_sockets(&self) -> Vec<(String, RawFd)> {
+        let mut out: Vec<(String, RawFd)> = self
             .dispatch_sockets
             .iter()
-            .map(|f| f.as_raw_fd())
+            .map(|f| (fdstore::DISPATCH.to_owned(), f.as_raw_fd()))
             .collect();
-        n.store(fdstore::DISPATCH, &dispatch);
-        for i in 0..self.pools.len() {
-            self.store_pool(PoolId::new(i));
+        for p in &self.pools {
+            out.extend(p.queue_sockets());
+        }
+        out
+    }
+
+    /// Gives systemd's fd store (under a unit that has one) every socket that holds a queue.
+    pub(super) fn store_sockets(&self) {
+        if let Some(n) = &self.notify {
+            for (name, fd) in self.queue_sockets() {
+                n.store(&name, fd);
+            }
         }
     }
 
     pub(super) fn store_pool(&self, id: PoolId) {
-        let (Some(n), Some(p)) = (&self.notify, self.pools.get(id.index())) else {
-            return;
-        };
-        if p.removed.is_some() {
-            return;
+        if let (Some(n), Some(p)) = (&self.notify, self.pools.get(id.index())) {
+            for (name, fd) in p.queue_sockets() {
+                n.store(&name, fd);
+            }
         }
-        let fds: Vec<RawFd> = p.listeners.iter().map(|f| f.as_raw_fd()).collect();
-        n.store(&fdstore::pool_name(&p.name), &fds);
-        let [fe, workers] = fdstore::handoff_names(&p.name);
-        n.store(&fe, &[p.handoff.frontend.as_raw_fd()]);
-        n.store(&workers, &[p.handoff.workers.as_raw_fd()]);
     }
 
     /// Closes the sockets of removed pools once the dispatcher has let go of them; the

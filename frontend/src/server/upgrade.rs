@@ -190,16 +190,8 @@ impl Incoming {
             return anyhow::anyhow!("no earlier program to go back to");
         };
         log::error!("this program cannot take over ({why:#}); going back to the earlier one");
-        let mut env: Vec<Vec<u8>> = self
-            .state
-            .env
-            .iter()
-            .filter(|e| {
-                !e.starts_with(STATE_VAR.as_bytes()) && !e.starts_with(FAILED_VAR.as_bytes())
-            })
-            .cloned()
-            .collect();
-        env.push(format!("{STATE_VAR}={}", self.memfd.as_raw_fd()).into_bytes());
+        // The state's environment has neither variable (see `State::exec`).
+        let mut env = self.state.env_with(self.memfd.as_raw_fd());
         let reason = format!("{why:#}").replace('\0', " ");
         env.push(format!("{FAILED_VAR}={reason}").into_bytes());
         let e = exec(Exec::Fd(previous), &self.state.argv, &env);
@@ -208,6 +200,13 @@ impl Incoming {
 }
 
 impl State {
+    /// The environment for the next program: this one's, and the state's fd.
+    fn env_with(&self, memfd: RawFd) -> Vec<Vec<u8>> {
+        let mut env = self.env.clone();
+        env.push(format!("{STATE_VAR}={memfd}").into_bytes());
+        env
+    }
+
     /// Every fd the state names, which must survive exec.
     fn all_fds(&self) -> Vec<RawFd> {
         let mut fds: Vec<RawFd> = self.sockets.iter().map(|(_, fd)| *fd).collect();
@@ -250,8 +249,7 @@ impl State {
             Ok(fd) => fd,
             Err(e) => return e,
         };
-        let mut env = self.env.clone();
-        env.push(format!("{STATE_VAR}={}", memfd.as_raw_fd()).into_bytes());
+        let env = self.env_with(memfd.as_raw_fd());
         let fds = self.all_fds();
         for &fd in &fds {
             set_cloexec(fd, false);
@@ -384,4 +382,46 @@ pub fn own_image() -> Option<OwnedFd> {
     let fd = unsafe { libc::open(c"/proc/self/exe".as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
     // SAFETY: a new fd owned by nothing else.
     (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn script(name: &str, body: &str) -> std::path::PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("sluice-check-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("sluice");
+        std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        path
+    }
+
+    #[test]
+    fn a_check_that_floods_its_output_is_judged_by_its_exit_at_once() {
+        let started = Instant::now();
+        let loud = script("loud", "head -c 300000 /dev/zero; exit 0");
+        check_binary(&loud, Path::new("/nonexistent.toml")).unwrap();
+        let failing = script("failing", "head -c 300000 /dev/zero >&2; exit 3");
+        let e = check_binary(&failing, Path::new("/nonexistent.toml")).unwrap_err();
+        assert!(format!("{e}").contains("failed ("), "{e}");
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            started.elapsed()
+        );
+        for p in [loud, failing] {
+            let _ = std::fs::remove_dir_all(p.parent().unwrap());
+        }
+    }
+
+    #[test]
+    fn a_state_without_the_fields_a_later_build_added_still_reads() {
+        let state: State = serde_json::from_str(r#"{"version": 1, "upgrades": 2}"#).unwrap();
+        assert_eq!(state.upgrades, 2);
+        assert!(state.workers.is_empty());
+        let worker: WorkerState = serde_json::from_str(r#"{"pool": "api", "pid": 7}"#).unwrap();
+        assert_eq!(worker.pid, 7);
+    }
 }
