@@ -23,6 +23,7 @@ use sluice_proto::site::local_address_of;
 
 mod handover;
 
+use super::memo::HeadMemo;
 use super::{
     Dispatcher, Held, PoolFlags, PoolId, Stop, Table, handoff,
     head::{self, Decision},
@@ -132,6 +133,8 @@ pub struct Loop {
     inflight: usize,
     /// Told to stop and hand its connections over (after the current batch).
     handing_over: bool,
+    /// Heads answered from the cache, judged once.
+    memo: HeadMemo,
 }
 
 impl Loop {
@@ -179,6 +182,7 @@ impl Loop {
             cqes: Vec::with_capacity(RING_ENTRIES as usize),
             inflight: 0,
             handing_over: false,
+            memo: HeadMemo::default(),
             d,
         })
     }
@@ -217,6 +221,7 @@ impl Loop {
                 let (g, t) = self.d.table.current();
                 (self.generation, self.table) = (g, t);
                 self.d.table.seen.store(g, Ordering::Release);
+                self.memo.clear();
                 self.table_changed();
             }
             for &(user_data, res, flags) in &cqes {
@@ -610,42 +615,46 @@ impl Loop {
 
     /// Decides what to do with what the connection has sent so far.
     fn process(&mut self, slot: usize) {
+        // Nothing yet (a kept connection after its answer): read.
+        if self.conns[slot].as_ref().is_some_and(|c| c.filled == 0) {
+            self.recv(slot);
+            return;
+        }
         // The head is judged, and the cache asked, while it is borrowed from the buffer.
         if self.table.routes.has_ip_sites() {
             if let Some(c) = self.conns[slot].as_mut().filter(|c| c.local.is_none()) {
                 c.local = local_address_of(c.fd);
             }
         }
+        let asked = match self.answer_remembered(slot) {
+            Remembered::Answered => return,
+            Remembered::NoAnswer => true,
+            Remembered::New => false,
+        };
         let (decision, head_len, close, full, answer) = {
             let Some(c) = self.conns[slot].as_ref() else {
                 return;
             };
             let routes = &self.table.routes;
             let local = c.local.filter(|_| routes.has_ip_sites());
-            let seen = head::inspect(&c.buf[..c.filled], &self.d.limits, routes, local);
+            let buf = &c.buf[..c.filled];
+            let seen = head::inspect(buf, &self.d.limits, routes, local);
             // The cache first: an entry a pool published answers requests routed there, a
             // static entry any request for its host and path.
-            let answer = seen.cache.as_ref().and_then(|q| {
-                let mut cache = self.d.cache.lock().ok()?;
-                let keep = match (seen.close, q.http10) {
-                    (true, _) => Keep::Close,
-                    (false, true) => Keep::Http10,
-                    (false, false) => Keep::Http11,
-                };
-                let routed = match seen.decision {
-                    Decision::Pool(p) => Some(p),
-                    _ => None,
-                };
+            let answer = seen.cache.as_ref().filter(|_| !asked).and_then(|q| {
                 let lookup = Lookup {
                     host: &q.host,
                     path: &q.path,
                     accept_encoding: q.accept_encoding,
                     head_only: q.head_only,
-                    keep,
-                    routed,
+                    keep: keep_of(seen.close, q.http10),
+                    routed: routed(&seen.decision),
                 };
-                cache.answer(&lookup, self.now)
+                self.d.cache.lock().ok()?.answer(&lookup, self.now)
             });
+            if answer.is_some() {
+                self.memo.keep(buf, local, &seen);
+            }
             let full = c.filled >= c.buf.len();
             (seen.decision, seen.head_len, seen.close, full, answer)
         };
@@ -655,16 +664,7 @@ impl Loop {
         }
         self.uncount(slot);
         if let Some(bytes) = answer {
-            self.d.stats.cache_answers.fetch_add(1, Ordering::Relaxed);
-            if self.d.access_log.is_some() {
-                let pool = match decision {
-                    Decision::Pool(p) => self.table.pool(p).map(|e| e.name.clone()),
-                    _ => None,
-                };
-                self.log_answer(slot, 200, answer_body_len(&bytes), pool);
-            }
-            let keep = (!close).then_some(head_len);
-            self.start_reply(slot, bytes, keep);
+            self.answer_cached(slot, bytes, routed(&decision), close, head_len);
             return;
         }
         let decision = match decision {
@@ -706,6 +706,54 @@ impl Loop {
             Decision::Refuse(code, why) => self.refuse(slot, code, why),
             Decision::NeedMore => {}
         }
+    }
+
+    /// Answers a head judged before (`HeadMemo`) from the cache without judging it again.
+    fn answer_remembered(&mut self, slot: usize) -> Remembered {
+        let Some(c) = self.conns[slot].as_ref() else {
+            return Remembered::Answered;
+        };
+        let local = c.local.filter(|_| self.table.routes.has_ip_sites());
+        let Some(j) = self.memo.find(&c.buf[..c.filled], local) else {
+            return Remembered::New;
+        };
+        let lookup = Lookup {
+            host: &j.host,
+            path: &j.path,
+            accept_encoding: j.accept_encoding.as_deref(),
+            head_only: j.head_only,
+            keep: keep_of(j.close, j.http10),
+            routed: j.routed,
+        };
+        let answer = match self.d.cache.lock() {
+            Ok(mut cache) => cache.answer(&lookup, self.now),
+            Err(_) => None,
+        };
+        let Some(bytes) = answer else {
+            // Expired or gone: judged afresh, and the cache not asked twice.
+            return Remembered::NoAnswer;
+        };
+        let (routed, close, head_len) = (j.routed, j.close, j.head_len);
+        self.uncount(slot);
+        self.answer_cached(slot, bytes, routed, close, head_len);
+        Remembered::Answered
+    }
+
+    fn answer_cached(
+        &mut self,
+        slot: usize,
+        bytes: Answer,
+        routed: Option<PoolId>,
+        close: bool,
+        head_len: usize,
+    ) {
+        self.d.stats.cache_answers.fetch_add(1, Ordering::Relaxed);
+        if self.d.access_log.is_some() {
+            let pool = routed.and_then(|p| self.table.pool(p).map(|e| e.name.clone()));
+            self.log_answer(slot, 200, answer_body_len(&bytes), pool);
+        }
+        let keep = (!close).then_some(head_len);
+        self.start_reply(slot, bytes, keep);
     }
 
     /// A socket pool's connection: the relay joins it to a connection into the pool's
@@ -914,6 +962,31 @@ impl Loop {
                 self.spare.push(c.buf);
             }
         }
+    }
+}
+
+/// What the memo of judged heads did with a connection's bytes.
+enum Remembered {
+    /// Answered from the cache (or the connection is gone).
+    Answered,
+    /// Judged before, but the cache has no answer now.
+    NoAnswer,
+    /// Not judged before.
+    New,
+}
+
+fn keep_of(close: bool, http10: bool) -> Keep {
+    match (close, http10) {
+        (true, _) => Keep::Close,
+        (false, true) => Keep::Http10,
+        (false, false) => Keep::Http11,
+    }
+}
+
+fn routed(decision: &Decision) -> Option<PoolId> {
+    match decision {
+        Decision::Pool(p) => Some(*p),
+        _ => None,
     }
 }
 

@@ -6,6 +6,7 @@
 mod event_loop;
 mod handoff;
 pub mod head;
+mod memo;
 
 use std::{
     io,

@@ -9,18 +9,16 @@
 
 use std::{
     collections::HashSet,
-    net::{IpAddr, SocketAddr},
+    net::SocketAddr,
     os::fd::RawFd,
     time::{Duration, Instant},
 };
 
 use anyhow::{Result, bail};
 
-/// How often the groups get sluice's program again, and how often (in those steps) the
-/// namespace's listening sockets are looked at: reading `/proc/net/tcp` walks every socket,
-/// established ones too, which costs milliseconds under load.
+/// How often the groups get sluice's program again and the namespace's listening sockets
+/// are looked at (sock_diag lists listeners without walking the connections).
 const EVERY: Duration = Duration::from_secs(1);
-const SCAN_EVERY: u32 = 5;
 
 /// How long the start waits for a listener on its address to go: the previous front end's
 /// (or its workers') listeners outlive their processes for a moment, because io_uring lets go
@@ -93,8 +91,6 @@ fn probe_once(addr: SocketAddr) -> Result<()> {
 pub struct Guard {
     addrs: Vec<SocketAddr>,
     next: Instant,
-    /// Steps until the next scan.
-    until_scan: u32,
     /// Foreign socket inodes already reported.
     reported: HashSet<u64>,
     /// Foreign listeners seen since the start.
@@ -106,7 +102,6 @@ impl Guard {
         Guard {
             addrs: addrs.to_vec(),
             next: Instant::now() + EVERY,
-            until_scan: 0,
             reported: HashSet::new(),
             foreign: 0,
         }
@@ -119,14 +114,13 @@ impl Guard {
             return None;
         }
         self.next = now + EVERY;
-        if self.until_scan > 0 {
-            self.until_scan -= 1;
-            return Some(Vec::new());
-        }
-        self.until_scan = SCAN_EVERY - 1;
         let ours: HashSet<u64> = ours.iter().filter_map(|&fd| inode(fd)).collect();
         let mut groups = Vec::new();
-        for (addr, ino) in listeners() {
+        let listeners = crate::diag::listeners().unwrap_or_else(|e| {
+            log::warn!("listing the namespace's listeners: {e}");
+            Vec::new()
+        });
+        for (addr, ino) in listeners {
             if ours.contains(&ino) || self.reported.contains(&ino) {
                 continue;
             }
@@ -163,48 +157,6 @@ fn inode(fd: RawFd) -> Option<u64> {
     (unsafe { libc::fstat(fd, &mut st) } == 0).then_some(st.st_ino)
 }
 
-/// Every TCP listener of this network namespace: (address, socket inode).
-fn listeners() -> Vec<(SocketAddr, u64)> {
-    let mut out = Vec::new();
-    for (file, v6) in [("/proc/net/tcp", false), ("/proc/net/tcp6", true)] {
-        let Ok(text) = std::fs::read_to_string(file) else {
-            continue;
-        };
-        for line in text.lines().skip(1) {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            // sl local rem st tx:rx tr:when retrnsmt uid timeout inode
-            if f.len() < 10 || f[3] != "0A" {
-                continue;
-            }
-            if let (Some(addr), Ok(ino)) = (parse_addr(f[1], v6), f[9].parse()) {
-                out.push((addr, ino));
-            }
-        }
-    }
-    out
-}
-
-/// `0100007F:1F90` (IPv4, host-order words) or the 32-digit IPv6 form.
-fn parse_addr(text: &str, v6: bool) -> Option<SocketAddr> {
-    let (ip, port) = text.split_once(':')?;
-    let port = u16::from_str_radix(port, 16).ok()?;
-    let words: Vec<u32> = (0..ip.len() / 8)
-        .map(|i| u32::from_str_radix(&ip[i * 8..i * 8 + 8], 16).ok())
-        .collect::<Option<_>>()?;
-    let ip = match (v6, words.as_slice()) {
-        (false, [w]) => IpAddr::from(w.to_ne_bytes()),
-        (true, [a, b, c, d]) => {
-            let mut o = [0u8; 16];
-            for (i, w) in [a, b, c, d].iter().enumerate() {
-                o[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
-            }
-            IpAddr::from(o)
-        }
-        _ => return None,
-    };
-    Some(SocketAddr::new(ip, port))
-}
-
 #[cfg(test)]
 mod tests {
     use std::os::fd::AsRawFd;
@@ -212,29 +164,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn proc_net_addresses_are_read_in_host_order() {
-        assert_eq!(
-            parse_addr("0100007F:1F90", false),
-            Some("127.0.0.1:8080".parse().unwrap())
-        );
-        assert_eq!(
-            parse_addr("00000000000000000000000001000000:1F90", true),
-            Some("[::1]:8080".parse().unwrap())
-        );
-    }
-
-    #[test]
     fn a_listener_on_a_bound_address_is_found_and_refused() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap();
         assert!(probe(addr, Duration::ZERO).is_err());
-        assert!(listeners().iter().any(|(a, _)| *a == addr));
         let mut g = Guard::new(&[addr]);
         g.next = Instant::now();
         assert_eq!(g.check(Instant::now(), &[]), Some(vec![0]));
         assert_eq!(g.check(Instant::now(), &[]), None, "once a second");
         g.next = Instant::now();
-        g.until_scan = 0;
         assert_eq!(g.check(Instant::now(), &[]), Some(vec![]), "reported once");
         let mut g2 = Guard::new(&[addr]);
         g2.next = Instant::now();
