@@ -31,6 +31,8 @@ use super::{
 };
 
 const RING_ENTRIES: u32 = 1024;
+/// IORING_RECVSEND_POLL_FIRST: arm the poll without trying the receive first.
+const RECVSEND_POLL_FIRST: u16 = 1;
 /// How long a connection we answered and close may take to close its side.
 const LINGER: Duration = Duration::from_secs(2);
 const TICK: Duration = Duration::from_secs(1);
@@ -587,6 +589,11 @@ impl Loop {
     }
 
     fn recv(&mut self, slot: usize) {
+        self.recv_with(slot, 0);
+    }
+
+    /// `ioprio`: io_uring's receive flags.
+    fn recv_with(&mut self, slot: usize, ioprio: u16) {
         let Some(c) = self.conns[slot].as_mut() else {
             return;
         };
@@ -594,6 +601,7 @@ impl Loop {
         let rest = &mut c.buf[c.filled..];
         self.pending.push(
             opcode::Recv::new(types::Fd(c.fd), rest.as_mut_ptr(), rest.len() as u32)
+                .ioprio(ioprio)
                 .build()
                 .user_data(ud(OP_RECV, slot)),
         );
@@ -615,9 +623,11 @@ impl Loop {
 
     /// Decides what to do with what the connection has sent so far.
     fn process(&mut self, slot: usize) {
-        // Nothing yet (a kept connection after its answer): read.
+        // Nothing yet (a kept connection after its answer): its next request is not sent
+        // before the client has read this answer, so the read waits for data first instead
+        // of trying at once and failing.
         if self.conns[slot].as_ref().is_some_and(|c| c.filled == 0) {
-            self.recv(slot);
+            self.recv_with(slot, RECVSEND_POLL_FIRST);
             return;
         }
         // The head is judged, and the cache asked, while it is borrowed from the buffer.
