@@ -33,6 +33,24 @@ pub struct Status {
     /// Why the last upgrade was refused or failed, if it was.
     #[serde(default)]
     pub upgrade_error: Option<String>,
+    /// HTTPS, when `listen_tls` is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsStatus>,
+}
+
+/// What the TLS thread has done since the start.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct TlsStatus {
+    pub listen: Vec<String>,
+    pub accepted: u64,
+    pub handshakes: u64,
+    pub handshake_failures: u64,
+    /// Sessions handed to a pool's worker with their keys.
+    pub handed_off: u64,
+    /// Sessions workers handed back (a request for another pool, the cache or another host).
+    pub handed_back: u64,
+    pub cache_answers: u64,
+    pub refused: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -293,6 +311,25 @@ impl Status {
             "Upgrades this front-end process has been through.",
             one(self.upgrades),
         );
+        if let Some(t) = &self.tls {
+            family(
+                "sluice_tls_total",
+                "counter",
+                "HTTPS: connections accepted, handshakes done and failed, sessions handed to pools and back, cache answers and refusals over TLS.",
+                [
+                    ("accepted", t.accepted),
+                    ("handshakes", t.handshakes),
+                    ("handshake_failures", t.handshake_failures),
+                    ("handed_off", t.handed_off),
+                    ("handed_back", t.handed_back),
+                    ("cache_answers", t.cache_answers),
+                    ("refused", t.refused),
+                ]
+                .into_iter()
+                .map(|(what, n)| (format!("{{what=\"{what}\"}}"), n))
+                .collect(),
+            );
+        }
         family(
             "sluice_inherited_sockets",
             "gauge",

@@ -18,6 +18,11 @@ pub const ROUTED: u8 = 1;
 /// here (the access log's `handback`).
 pub const HANDED_BACK: u8 = 2;
 
+/// A TLS connection: the payload starts with its session (`sluice_tls::Session`'s
+/// encoding: keys, sequence numbers, the SNI name, a partly received record), and the bytes
+/// after it are plaintext the session already carried.
+pub const TLS: u8 = 4;
+
 /// The flags of a connection the front end routed to a pool, which reached the front end
 /// by `arrival`.
 pub fn routed_flags(arrival: crate::access::Arrival) -> u8 {

@@ -45,6 +45,14 @@ pub enum HostError {
     BadPort,
 }
 
+/// Whether a request whose normalized host (`Host::normalized`, empty without one) is `host`
+/// may be served on a TLS session whose ClientHello named `sni` (empty without SNI): the
+/// same name, or one side unnamed. Anything else is 421 (RFC 9110 §15.5.20), from whichever
+/// side reads the request, so a session made for one site never carries another's requests.
+pub fn agrees_with_sni(host: &str, sni: &str) -> bool {
+    sni.is_empty() || host.is_empty() || host == sni
+}
+
 /// Checks `value` as `host [":" port]`.
 pub fn parse(value: &[u8]) -> Result<Host<'_>, HostError> {
     let text = std::str::from_utf8(value).map_err(|_| HostError::BadName)?;

@@ -46,6 +46,7 @@ mod response;
 mod routing;
 mod runtime;
 mod sockets;
+mod tls;
 
 use std::net::SocketAddr;
 

@@ -457,6 +457,9 @@ struct Conn {
     stream: Option<(Arc<std::fs::File>, u64, u64)>,
     /// After the response being sent (a 101), the connection goes to this function.
     upgrade: Option<Box<dyn FnOnce(crate::Upgraded) + Send>>,
+    /// A TLS connection's record layer: `rbuf` and `wbuf` hold plaintext, its own buffers the
+    /// ciphertext.
+    tls: Option<Box<crate::tls::TlsConn>>,
 }
 
 /// Connection table with generation-tagged slots, so a stale completion never reaches a newer
@@ -851,7 +854,13 @@ impl<'s, H: Handler> Worker<'s, H> {
         }
         // SAFETY: a non-negative accept result is a new descriptor owned by nobody else.
         let fd = unsafe { OwnedFd::from_raw_fd(res) };
-        self.add_conn(fd, Vec::with_capacity(READ_CHUNK), false, Arrival::Kernel)
+        self.add_conn(
+            fd,
+            Vec::with_capacity(READ_CHUNK),
+            false,
+            Arrival::Kernel,
+            None,
+        )
     }
 
     fn on_handoff(&mut self, res: i32) -> Result<(), Error> {
@@ -865,14 +874,27 @@ impl<'s, H: Handler> Worker<'s, H> {
         }
         // Owned at once: the buffer is re-armed before the connection is served.
         let received = self.handoff_buf.complete(res as usize).map(|h| {
-            let mut bytes = Vec::with_capacity(h.bytes.len().max(READ_CHUNK));
-            bytes.extend_from_slice(h.bytes);
-            (
+            // A TLS connection's bytes start with its session.
+            let (tls, plain) = if h.flags & handoff::TLS != 0 {
+                match crate::tls::TlsConn::from_handoff(h.bytes) {
+                    Ok((tls, plain)) => (Some(Box::new(tls)), plain),
+                    Err(e) => {
+                        log::warn!("a TLS connection handed over without a usable session: {e}");
+                        return None;
+                    }
+                }
+            } else {
+                (None, h.bytes.to_vec())
+            };
+            let mut bytes = Vec::with_capacity(plain.len().max(READ_CHUNK));
+            bytes.extend_from_slice(&plain);
+            Some((
                 h.fd,
                 h.flags & handoff::ROUTED != 0,
                 handoff::arrival(h.flags),
                 bytes,
-            )
+                tls,
+            ))
         });
         let closed = matches!(received, Err(HandoffError::Empty))
             && self.shared.handoff.is_some_and(handoff::hung_up);
@@ -885,10 +907,11 @@ impl<'s, H: Handler> Worker<'s, H> {
             }
         }
         match received {
-            Ok((fd, routed, arrival, bytes)) => {
+            Ok(Some((fd, routed, arrival, bytes, tls))) => {
                 log::debug!("handed-off connection with {} bytes", bytes.len());
-                self.add_conn(fd, bytes, routed, arrival)
+                self.add_conn(fd, bytes, routed, arrival, tls)
             }
+            Ok(None) => Ok(()),
             Err(_) if closed => Ok(()),
             Err(e) => {
                 log::warn!("{e}");
@@ -904,6 +927,7 @@ impl<'s, H: Handler> Worker<'s, H> {
         rbuf: Vec<u8>,
         routed: bool,
         arrival: Arrival,
+        tls: Option<Box<crate::tls::TlsConn>>,
     ) -> Result<(), Error> {
         let info = ConnInfo {
             peer: self
@@ -915,7 +939,7 @@ impl<'s, H: Handler> Worker<'s, H> {
         if let Err(e) = setsockopt_int(fd.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_NODELAY, 1) {
             log::debug!("TCP_NODELAY: {e}");
         }
-        let has_input = !rbuf.is_empty();
+        let has_input = !rbuf.is_empty() || tls.as_ref().is_some_and(|t| !t.input.is_empty());
         let conn = Conn {
             fd,
             http: HttpConn::new(self.shared.limits),
@@ -936,9 +960,18 @@ impl<'s, H: Handler> Worker<'s, H> {
             info,
             stream: None,
             upgrade: None,
+            tls,
         };
         let (index, generation) = self.conns.insert(conn);
         if has_input {
+            // A partly received record the session carried may already be complete.
+            if let Some(conn) = self.conns.get_mut(index, generation) {
+                if let Some(tls) = conn.tls.as_mut() {
+                    if tls.open(&mut conn.rbuf) != crate::tls::Input::Open {
+                        conn.close_after_send = true;
+                    }
+                }
+            }
             self.process(index, generation)
         } else {
             self.submit_recv(index, generation)
@@ -956,6 +989,9 @@ impl<'s, H: Handler> Worker<'s, H> {
         if let Phase::Lingering { until } = conn.phase {
             if res > 0 && tick < until {
                 conn.rbuf.clear();
+                if let Some(tls) = conn.tls.as_mut() {
+                    tls.input.clear();
+                }
                 return self.submit_recv(index, generation);
             }
             self.close(index);
@@ -968,13 +1004,23 @@ impl<'s, H: Handler> Worker<'s, H> {
             self.close(index);
             return Ok(());
         }
-        let len = conn.rbuf.len() + res as usize;
+        let into = match conn.tls.as_mut() {
+            Some(tls) => &mut tls.input,
+            None => &mut conn.rbuf,
+        };
+        let len = into.len() + res as usize;
         // The kernel never reports more than the spare capacity it was given.
-        debug_assert!(len <= conn.rbuf.capacity());
+        debug_assert!(len <= into.capacity());
         // SAFETY: the kernel wrote `res` initialized bytes into the spare capacity starting at
         // the old length, which is what submit_recv handed it.
-        unsafe { conn.rbuf.set_len(len.min(conn.rbuf.capacity())) };
+        unsafe { into.set_len(len.min(into.capacity())) };
         conn.last_active = tick;
+        if let Some(tls) = conn.tls.as_mut() {
+            if tls.open(&mut conn.rbuf) != crate::tls::Input::Open {
+                // Whatever was complete is still served; then our close_notify and close.
+                conn.close_after_send = true;
+            }
+        }
         self.process(index, generation)
     }
 
@@ -1002,6 +1048,7 @@ impl<'s, H: Handler> Worker<'s, H> {
             info: conn.info,
             fd: conn.fd.as_raw_fd(),
             outcomes: shared.outcomes.get(self.index),
+            sni: conn.tls.as_ref().map(|t| t.sni.as_str()),
         };
         let before = conn.http.responses();
         match conn
@@ -1014,6 +1061,12 @@ impl<'s, H: Handler> Worker<'s, H> {
         }
         match conn.http.take_tail() {
             Some(Tail::File { file, len }) => conn.stream = Some((file, 0, len)),
+            // An upgraded connection is handed to blocking code as a plain socket, which a
+            // TLS session cannot be: it closes after the 101 instead.
+            Some(Tail::Upgrade(_)) if conn.tls.is_some() => {
+                log::warn!("a protocol upgrade over TLS is not served; closing the connection");
+                conn.close_after_send = true;
+            }
             Some(Tail::Upgrade(then)) => conn.upgrade = Some(then),
             None => {}
         }
@@ -1026,7 +1079,9 @@ impl<'s, H: Handler> Worker<'s, H> {
         if written > 0 {
             shared.requests.fetch_add(written, Ordering::Relaxed);
         }
-        if !conn.wbuf.is_empty() {
+        let sealed = conn.tls.as_ref().is_some_and(|t| !t.out.is_empty());
+        let notify = conn.tls.is_some() && conn.close_after_send && !conn.hand_back;
+        if !conn.wbuf.is_empty() || sealed || notify {
             self.submit_send(index, generation)
         } else if conn.hand_back {
             self.hand_back(index, generation)
@@ -1045,9 +1100,13 @@ impl<'s, H: Handler> Worker<'s, H> {
             return Ok(());
         };
         conn.hand_back = false;
-        let sent = match self.shared.handoff {
-            Some(sock) => handoff::send(sock, conn.fd.as_raw_fd(), 0, &conn.rbuf),
-            None => Err(io::Error::from_raw_os_error(libc::ENOTCONN)),
+        let sent = match (self.shared.handoff, conn.tls.as_ref()) {
+            (Some(sock), Some(tls)) => {
+                let payload = tls.hand_back_payload(&conn.rbuf);
+                handoff::send(sock, conn.fd.as_raw_fd(), handoff::TLS, &payload)
+            }
+            (Some(sock), None) => handoff::send(sock, conn.fd.as_raw_fd(), 0, &conn.rbuf),
+            (None, _) => Err(io::Error::from_raw_os_error(libc::ENOTCONN)),
         };
         match sent {
             Ok(()) => {
@@ -1083,10 +1142,14 @@ impl<'s, H: Handler> Worker<'s, H> {
             conn.rbuf = Vec::with_capacity(READ_CHUNK);
         }
         let want = conn.want.clamp(READ_CHUNK, MAX_READ_CHUNK);
-        if conn.rbuf.capacity() - conn.rbuf.len() < READ_CHUNK.min(want) {
-            conn.rbuf.reserve(want);
+        let into = match conn.tls.as_mut() {
+            Some(tls) => &mut tls.input,
+            None => &mut conn.rbuf,
+        };
+        if into.capacity() - into.len() < READ_CHUNK.min(want) {
+            into.reserve(want);
         }
-        let spare = conn.rbuf.spare_capacity_mut();
+        let spare = into.spare_capacity_mut();
         let len = spare.len().min(u32::MAX as usize) as u32;
         let ud = user_data(OP_RECV, index, generation);
         let entry = opcode::Recv::new(
@@ -1110,7 +1173,28 @@ impl<'s, H: Handler> Worker<'s, H> {
         if conn.sent == 0 {
             conn.write_since = self.tick;
         }
-        let pending = &conn.wbuf[conn.sent..];
+        let pending = match conn.tls.as_mut() {
+            Some(tls) => {
+                // Everything written so far is sealed at once; the plaintext counts as sent
+                // when its records are.
+                if tls.out_sent == tls.out.len() {
+                    tls.out.clear();
+                    tls.out_sent = 0;
+                }
+                let last = conn.close_after_send
+                    && !conn.hand_back
+                    && conn.stream.is_none()
+                    && conn.upgrade.is_none();
+                if conn.sent < conn.wbuf.len() {
+                    tls.seal(&conn.wbuf[conn.sent..], last);
+                    conn.sent = conn.wbuf.len();
+                } else if last {
+                    tls.close_notify();
+                }
+                &tls.out[tls.out_sent..]
+            }
+            None => &conn.wbuf[conn.sent..],
+        };
         let len = pending.len().min(u32::MAX as usize) as u32;
         let ud = user_data(OP_SEND, index, generation);
         let entry = opcode::Send::new(types::Fd(conn.fd.as_raw_fd()), pending.as_ptr(), len)
@@ -1137,10 +1221,22 @@ impl<'s, H: Handler> Worker<'s, H> {
             self.close(index);
             return Ok(());
         }
-        conn.sent += res as usize;
         conn.last_active = tick;
-        if conn.sent < conn.wbuf.len() {
-            return self.submit_send(index, generation);
+        match conn.tls.as_mut() {
+            Some(tls) => {
+                tls.out_sent += res as usize;
+                if tls.out_sent < tls.out.len() {
+                    return self.submit_send(index, generation);
+                }
+                tls.out.clear();
+                tls.out_sent = 0;
+            }
+            None => {
+                conn.sent += res as usize;
+                if conn.sent < conn.wbuf.len() {
+                    return self.submit_send(index, generation);
+                }
+            }
         }
         conn.sent = 0;
         if conn.stream.is_some() {
@@ -1181,6 +1277,9 @@ impl<'s, H: Handler> Worker<'s, H> {
         };
         conn.phase = Phase::Lingering { until };
         conn.rbuf.clear();
+        if let Some(tls) = conn.tls.as_mut() {
+            tls.input.clear();
+        }
         conn.want = 0;
         self.submit_recv(index, generation)
     }
@@ -1392,6 +1491,9 @@ struct Dispatcher<'a, H> {
     fd: RawFd,
     /// This thread's counts of answers.
     outcomes: Option<&'a Cells>,
+    /// A TLS connection's SNI name: a request for another host goes back to the front end,
+    /// which answers 421 (`sluice_proto::host::agrees_with_sni`).
+    sni: Option<&'a str>,
 }
 
 impl<H: Handler> Dispatcher<'_, H> {
@@ -1424,6 +1526,13 @@ impl<H: Handler> Dispatch for Dispatcher<'_, H> {
         let Some(routing) = self.routing else {
             return false;
         };
+        if let Some(sni) = self.sni {
+            let host = sluice_proto::cache::key_host(req.head());
+            if !sluice_proto::host::agrees_with_sni(&host, sni) {
+                log::debug!("handing back a request for {host} on a session made for {sni}");
+                return true;
+            }
+        }
         match routing.decide(req, self.local) {
             None => false,
             Some(why) => {

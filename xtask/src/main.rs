@@ -204,6 +204,7 @@ fn test(args: &[String]) -> Result<()> {
     toolchain::ensure_packages(&[
         ("wrk", "wrk"),
         ("curl", "curl"),
+        ("openssl", "openssl"),
         ("ip", "iproute2"),
         ("sysctl", "procps"),
     ])?;

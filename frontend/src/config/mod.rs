@@ -18,9 +18,11 @@ use sluice_proto::cache::ANY_HOST;
 use sluice_proto::site::Site;
 
 mod identity;
+mod tls;
 mod units;
 mod worker;
 
+pub use tls::{Certificate, TlsConfig};
 pub use worker::{Health, Routing, Runs, WorkerKind};
 
 /// One problem in a config file.
@@ -91,6 +93,8 @@ struct RawConfig {
     limits: RawLimits,
     #[serde(default)]
     cache: RawCache,
+    #[serde(default)]
+    tls: tls::RawTls,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -223,6 +227,9 @@ impl Default for Limits {
 #[serde(deny_unknown_fields)]
 struct RawServer {
     listen: Vec<String>,
+    /// HTTPS addresses (the certificates are `[[tls.certificate]]`).
+    #[serde(default)]
+    listen_tls: Vec<String>,
     #[serde(default = "default_steering")]
     steering: Steering,
     #[serde(default)]
@@ -407,6 +414,7 @@ pub struct Config {
     pub routes: Vec<Route>,
     pub limits: Limits,
     pub cache: CacheConfig,
+    pub tls: TlsConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -864,6 +872,29 @@ impl Config {
             });
         }
 
+        let tls = tls::check(
+            &raw.server.listen_tls,
+            &listen,
+            &raw.tls,
+            &base,
+            &mut |k, r| bad(k, r),
+        );
+        if !tls.listen.is_empty() {
+            for (i, p) in pools.iter().enumerate() {
+                if p.runs.kind == WorkerKind::Socket {
+                    bad(
+                        format!("pool[{i}].worker"),
+                        format!(
+                            "pool {} is a socket pool: the front end cannot carry HTTPS to \
+                             socket pools yet (leave listen_tls out, or run it on a plain \
+                             listener only)",
+                            p.name
+                        ),
+                    );
+                }
+            }
+        }
+
         if !problems.is_empty() {
             return Err(ConfigError::Invalid {
                 path: path.to_owned(),
@@ -882,6 +913,7 @@ impl Config {
             routes,
             limits,
             cache,
+            tls,
         })
     }
 

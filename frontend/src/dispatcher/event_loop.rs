@@ -500,10 +500,23 @@ impl Loop {
 
     fn on_drain_handoff(&mut self, p: usize, res: i32) {
         if res >= 0 {
+            let tls = self.d.tls.as_ref();
             let fd = incoming(&mut self.drain_msgs[p])
                 .complete(res as usize)
                 .ok()
-                .map(|m| m.fd.into_raw_fd());
+                .and_then(|m| match (m.flags & handoff::TLS != 0, tls) {
+                    // The TLS thread answers it 503 over its session.
+                    (true, Some(tls)) => {
+                        tls.send(Held {
+                            fd: m.fd,
+                            bytes: m.bytes.to_vec(),
+                            arrival: Arrival::Dispatcher,
+                        });
+                        None
+                    }
+                    (true, None) => None,
+                    (false, _) => Some(m.fd.into_raw_fd()),
+                });
             if let Some(fd) = fd {
                 let slot = self.insert(fd, &[]);
                 self.refuse(slot, 503, "the application pool is stopped");
@@ -549,6 +562,22 @@ impl Loop {
             return;
         };
         let slot = match msg.complete(len) {
+            Ok(m) if m.flags & handoff::TLS != 0 => {
+                // A TLS session: the TLS thread reads it (dropped, and so closed, without one).
+                let arrival = if reroute {
+                    Arrival::Dispatcher
+                } else {
+                    Arrival::Handback
+                };
+                if let Some(tls) = &self.d.tls {
+                    tls.send(Held {
+                        fd: m.fd,
+                        bytes: m.bytes.to_vec(),
+                        arrival,
+                    });
+                }
+                None
+            }
             Ok(m) => {
                 let fd = m.fd.into_raw_fd();
                 let slot = self.admit(fd, m.bytes);
@@ -677,19 +706,7 @@ impl Loop {
             self.answer_cached(slot, bytes, routed(&decision), close, head_len);
             return;
         }
-        let decision = match decision {
-            Decision::NeedMore => Decision::Refuse(431, "the request head is too large"),
-            Decision::Pool(p) if self.table.pool(p).is_none_or(|e| e.removed) => {
-                Decision::Refuse(503, "the application pool is being removed")
-            }
-            Decision::Pool(p) if self.d.flags.get(p) & PoolFlags::STOPPED != 0 => {
-                Decision::Refuse(503, "the application pool is stopped")
-            }
-            Decision::Pool(p) if self.d.flags.get(p) & PoolFlags::FULL != 0 => {
-                Decision::Refuse(503, "the application's queue is full")
-            }
-            other => other,
-        };
+        let decision = super::admit(decision, true, &self.table, &self.d.flags);
         match decision {
             Decision::Pool(p) if self.table.pool(p).is_some_and(|e| e.relay) => {
                 self.relay(slot, p);

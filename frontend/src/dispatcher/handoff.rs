@@ -4,7 +4,7 @@
 
 use std::os::fd::RawFd;
 
-pub use sluice_proto::handoff::{HandoffError, Received, RecvBuf, routed_flags, send};
+pub use sluice_proto::handoff::{HandoffError, Received, RecvBuf, TLS, routed_flags, send};
 
 /// Room to receive one handoff message; must stay put (it is boxed) while a RecvMsg runs.
 pub struct Incoming(Box<RecvBuf>);

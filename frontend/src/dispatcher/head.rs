@@ -45,6 +45,8 @@ pub struct Inspection<'b> {
     pub cache: Option<CacheQuery<'b>>,
     /// The client wants the connection closed after this answer.
     pub close: bool,
+    /// The request's normalized host (`sluice_proto::cache::key_host`; empty without one).
+    pub host: std::borrow::Cow<'b, str>,
 }
 
 /// `local`: the address the connection arrived on, for IP-bound routes (None: they do not
@@ -72,6 +74,7 @@ pub fn inspect<'b>(
                 head_len: 0,
                 cache: None,
                 close: true,
+                host: Default::default(),
             };
         }
         Ok(Parsed::Complete(_, head)) => head,
@@ -81,6 +84,7 @@ pub fn inspect<'b>(
                 head_len: 0,
                 cache: None,
                 close: true,
+                host: Default::default(),
             };
         }
     };
@@ -95,7 +99,7 @@ pub fn inspect<'b>(
         None => Decision::Refuse(400, "no application is configured for this URL"),
     };
     let cache = cache::request_eligible(&head, true).then(|| CacheQuery {
-        host,
+        host: host.clone(),
         path: head.canonical,
         head_only: head.method == "HEAD",
         accept_encoding: head.accept_encoding,
@@ -106,6 +110,7 @@ pub fn inspect<'b>(
         head_len: head.head_len,
         cache,
         close: !head.keep_alive,
+        host,
     }
 }
 

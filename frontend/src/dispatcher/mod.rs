@@ -18,7 +18,7 @@ use std::{
     time::Duration,
 };
 
-use self::head::Limits;
+use self::head::{Decision, Limits};
 pub use crate::pool::PoolId;
 use crate::route::RouteTable;
 
@@ -204,6 +204,8 @@ pub struct Dispatcher {
     pub access_log: Option<crate::access_log::AccessLog>,
     /// Carries connections to socket pools.
     pub relay: Option<crate::relay::Relay>,
+    /// Takes the TLS connections workers hand back (their bytes start with the session).
+    pub tls: Option<crate::tls::Inbox>,
     /// Connections an earlier process held (an upgrade), taken up first.
     pub initial: Vec<Held>,
 }
@@ -236,6 +238,24 @@ pub struct Held {
     pub arrival: sluice_proto::access::Arrival,
 }
 
+/// The last word on a judged head, whoever read it: a head that filled the buffer without
+/// ending is 431; a pool being removed, stopped or with a full queue is 503.
+pub fn admit(decision: Decision, full: bool, table: &Table, flags: &PoolFlags) -> Decision {
+    match decision {
+        Decision::NeedMore if full => Decision::Refuse(431, "the request head is too large"),
+        Decision::Pool(p) if table.pool(p).is_none_or(|e| e.removed) => {
+            Decision::Refuse(503, "the application pool is being removed")
+        }
+        Decision::Pool(p) if flags.get(p) & PoolFlags::STOPPED != 0 => {
+            Decision::Refuse(503, "the application pool is stopped")
+        }
+        Decision::Pool(p) if flags.get(p) & PoolFlags::FULL != 0 => {
+            Decision::Refuse(503, "the application's queue is full")
+        }
+        other => other,
+    }
+}
+
 /// Runs until stopped; returns the connections it held when told to hand them over.
 pub fn run(d: Dispatcher) -> io::Result<Vec<Held>> {
     event_loop::Loop::new(d)?.run()
@@ -249,6 +269,7 @@ pub fn reply(code: u16, why: &str) -> Vec<u8> {
         413 => "Content Too Large",
         414 => "URI Too Long",
         417 => "Expectation Failed",
+        421 => "Misdirected Request",
         431 => "Request Header Fields Too Large",
         501 => "Not Implemented",
         503 => "Service Unavailable",

@@ -26,6 +26,7 @@ use std::{
 
 use self::pump::{Flow, Pump};
 use crate::direct::{Direct, DirectConn};
+use crate::epoll::{self, Epoll};
 use crate::pool::PoolId;
 
 /// How long a relay whose one direction ended may take to end the other.
@@ -77,13 +78,7 @@ impl Relay {
         }
         // SAFETY: just created, owned by nothing else.
         let wake = Arc::new(unsafe { OwnedFd::from_raw_fd(wake) });
-        // SAFETY: epoll_create1 with flags only.
-        let epoll = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-        if epoll < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: just created, owned by nothing else.
-        let epoll = unsafe { OwnedFd::from_raw_fd(epoll) };
+        let epoll = Epoll::new()?;
         let (tx, rx) = mpsc::channel();
         let stats = Arc::new(RelayStats::default());
         let lp = Loop {
@@ -95,7 +90,7 @@ impl Relay {
             next: 0,
             stats: stats.clone(),
         };
-        lp.watch(wake.as_raw_fd(), WAKE, libc::EPOLLIN as u32)?;
+        lp.epoll.add(wake.as_raw_fd(), epoll::IN, WAKE)?;
         std::thread::Builder::new()
             .name("sluice-relay".into())
             .spawn(move || lp.run())?;
@@ -129,7 +124,7 @@ struct Pair {
 }
 
 struct Loop {
-    epoll: OwnedFd,
+    epoll: Epoll,
     wake: Arc<OwnedFd>,
     jobs: mpsc::Receiver<Job>,
     direct: Arc<Direct>,
@@ -138,47 +133,18 @@ struct Loop {
     stats: Arc<RelayStats>,
 }
 
-fn set_nonblocking(fd: RawFd) {
-    // SAFETY: fcntl on a socket we own.
-    unsafe {
-        let flags = libc::fcntl(fd, libc::F_GETFL);
-        libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK);
-    }
-}
-
 impl Loop {
-    fn watch(&self, fd: RawFd, token: u64, events: u32) -> io::Result<()> {
-        let mut ev = libc::epoll_event { events, u64: token };
-        // SAFETY: registers a live fd with our epoll instance.
-        if unsafe { libc::epoll_ctl(self.epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) } < 0
-        {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
-    }
-
     fn run(mut self) {
-        let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 256];
         loop {
-            // SAFETY: waits into a live array of its length.
-            let n = unsafe {
-                libc::epoll_wait(
-                    self.epoll.as_raw_fd(),
-                    events.as_mut_ptr(),
-                    events.len() as i32,
-                    1000,
-                )
-            };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() != io::ErrorKind::Interrupted {
+            let n = match self.epoll.wait(1000) {
+                Ok(n) => n,
+                Err(e) => {
                     log::error!("relay: epoll_wait: {e}");
                     return;
                 }
-                continue;
-            }
-            for ev in &events[..n as usize] {
-                let token = ev.u64;
+            };
+            for i in 0..n {
+                let (token, _) = self.epoll.ready(i);
                 if token == WAKE {
                     let mut buf = [0u8; 8];
                     // SAFETY: reads 8 bytes from our eventfd into a live buffer.
@@ -251,13 +217,14 @@ impl Loop {
                 return;
             }
         };
-        set_nonblocking(pair.client.as_raw_fd());
+        epoll::set_nonblocking(pair.client.as_raw_fd(), true);
         let id = self.next;
         self.next += 1;
         let events = (libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLET) as u32;
         if let Err(e) = self
-            .watch(pair.client.as_raw_fd(), id << 1, events)
-            .and_then(|()| self.watch(pair.up.fd.as_raw_fd(), id << 1 | 1, events))
+            .epoll
+            .add(pair.client.as_raw_fd(), events, id << 1)
+            .and_then(|()| self.epoll.add(pair.up.fd.as_raw_fd(), events, id << 1 | 1))
         {
             log::warn!("relay to pool {pool}: epoll: {e}");
             self.stats.failed.fetch_add(1, Relaxed);

@@ -20,6 +20,12 @@ impl Frontend {
     /// The checks an upgrade must pass before anything is stopped: the binary at this
     /// program's path accepts the config, which is the one running.
     pub(super) fn prepare_upgrade(&self) -> Result<()> {
+        if !self.config.tls.listen.is_empty() {
+            bail!(
+                "an upgrade does not carry HTTPS listeners and sessions yet: restart sluice to \
+                 take the new binary (server.listen_tls is set)"
+            );
+        }
         let on_disk = Config::load(&self.config.path)
             .with_context(|| format!("reading {}", self.config.path.display()))?;
         // Both are parsed by this program: equal texts of meaning give equal renderings.

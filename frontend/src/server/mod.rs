@@ -88,8 +88,23 @@ struct Frontend {
     upgrade_error: Option<String>,
     /// An upgrade was asked for and passed its checks: done after this step.
     upgrade_due: bool,
+    /// HTTPS: its listeners and the thread that serves them (none without `listen_tls`).
+    tls: Option<TlsRt>,
     /// Restores changed sysctls on drop (last).
     restore: sysctl::Restore,
+}
+
+/// The running HTTPS side.
+struct TlsRt {
+    /// The listeners, held open for the TLS thread.
+    _sockets: Vec<OwnedFd>,
+    /// The handshakes' configuration; a reload replaces it.
+    config: Arc<std::sync::Mutex<Arc<rustls::ServerConfig>>>,
+    secrets: Arc<crate::tls::Secrets>,
+    stats: Arc<crate::tls::TlsStats>,
+    inbox: Option<crate::tls::Inbox>,
+    stop: OwnedFd,
+    thread: Option<JoinHandle<()>>,
 }
 
 /// `sluice run CONFIG`; in the next program of an upgrade, takes over from the earlier one
@@ -273,6 +288,9 @@ impl Frontend {
                 guard::probe(addr, guard::PROBE_PATIENCE)?;
             }
         }
+        for &addr in &config.tls.listen {
+            guard::probe(addr, guard::PROBE_PATIENCE)?;
+        }
         for w in config.warnings() {
             log::warn!("{w}");
         }
@@ -379,6 +397,7 @@ impl Frontend {
             upgrades: incoming.map_or(0, |i| i.state.upgrades + u64::from(i.failed.is_none())),
             upgrade_error: incoming.and_then(|i| i.failed.clone()),
             upgrade_due: false,
+            tls: None,
             restore,
         };
         let ids: Vec<Option<PoolId>> = config
@@ -403,6 +422,7 @@ impl Frontend {
         if let Some(i) = incoming {
             fe.adopt(i)?;
         }
+        fe.start_tls()?;
         let held = incoming.map(upgrade::Incoming::held).transpose()?;
         fe.spawn_dispatcher(held.unwrap_or_default())?;
         Ok(fe)
@@ -430,6 +450,7 @@ impl Frontend {
             idle_timeout: config.limits.idle_timeout,
             access_log: self.access_log.clone(),
             relay: Some(self.relay.clone()),
+            tls: self.tls.as_ref().and_then(|t| t.inbox.clone()),
             initial: held,
         };
         self.dispatch_thread = Some(
@@ -438,6 +459,47 @@ impl Frontend {
                 .spawn(move || dispatcher::run(dispatcher))
                 .context("starting the dispatcher thread")?,
         );
+        Ok(())
+    }
+
+    /// Binds `listen_tls` and starts the TLS thread (nothing without `listen_tls`).
+    fn start_tls(&mut self) -> Result<()> {
+        let config = &self.config;
+        if config.tls.listen.is_empty() {
+            return Ok(());
+        }
+        let secrets = Arc::new(crate::tls::Secrets::default());
+        let server_config = tls_server_config(config, secrets.clone())?;
+        let mut sockets = Vec::new();
+        for &addr in &config.tls.listen {
+            sockets.push(sockets::listener(addr, DISPATCHER_BACKLOG)?);
+        }
+        let stop = eventfd()?;
+        let stats = Arc::new(crate::tls::TlsStats::default());
+        let shared = Arc::new(std::sync::Mutex::new(server_config));
+        let front = crate::tls::TlsFront {
+            listeners: sockets.iter().map(|s| s.as_raw_fd()).collect(),
+            config: shared.clone(),
+            secrets: secrets.clone(),
+            table: self.table.clone(),
+            flags: self.flags.clone(),
+            cache: self.cache.clone(),
+            limits: config.limits.head_limits(),
+            header_timeout: config.limits.header_timeout,
+            idle_timeout: config.limits.idle_timeout,
+            stats: stats.clone(),
+            stop: stop.as_raw_fd(),
+        };
+        let (inbox, thread) = crate::tls::spawn(front).context("starting the TLS thread")?;
+        self.tls = Some(TlsRt {
+            _sockets: sockets,
+            config: shared,
+            secrets,
+            stats,
+            inbox: Some(inbox),
+            stop,
+            thread: Some(thread),
+        });
         Ok(())
     }
 
@@ -692,6 +754,15 @@ impl Frontend {
             Some(Err(_)) => log::error!("dispatcher thread panicked"),
             _ => {}
         }
+        if let Some(t) = self.tls.as_mut() {
+            let one = 1u64;
+            // SAFETY: writes 8 bytes from a live u64 to our eventfd.
+            unsafe { libc::write(t.stop.as_raw_fd(), (&raw const one).cast(), 8) };
+            if let Some(thread) = t.thread.take() {
+                let _ = thread.join();
+            }
+        }
+        self.tls = None;
         // Sockets, then programs (dropping the objects detaches the ack gate), then sysctls.
         self.dispatch_sockets.clear();
         self.pools.clear();
@@ -702,6 +773,21 @@ impl Frontend {
         drop(restore);
         log::info!("stopped");
     }
+}
+
+/// The handshakes' configuration from `config`'s certificates (checked when it was read).
+fn tls_server_config(
+    config: &Config,
+    secrets: Arc<crate::tls::Secrets>,
+) -> Result<Arc<rustls::ServerConfig>> {
+    let provider = crate::tls::certs::provider();
+    let mut served = Vec::new();
+    for (i, c) in config.tls.certificates.iter().enumerate() {
+        let key = crate::tls::certs::load(c, &provider)
+            .map_err(|(which, why)| anyhow::anyhow!("tls.certificate[{i}].{which}: {why}"))?;
+        served.push((c.hosts.clone(), key));
+    }
+    crate::tls::certs::server_config(served, secrets).context("making the TLS configuration")
 }
 
 fn eventfd() -> Result<OwnedFd> {

@@ -36,6 +36,7 @@ impl Frontend {
             ("server.access_log", old.access_log != new.access_log),
             ("limits", old.limits != new.limits),
             ("cache", old.cache != new.cache),
+            ("server.listen_tls", old.tls.listen != new.tls.listen),
         ];
         for (key, changed) in fixed {
             if changed {
@@ -63,6 +64,20 @@ impl Frontend {
         }
 
         let mut summary = Vec::new();
+        // Certificates are read again (a file replaced in place too), first: one that does
+        // not load refuses the reload before anything changed. New handshakes use them;
+        // sessions made before keep theirs.
+        if let Some(t) = &self.tls {
+            let config = super::tls_server_config(&new, t.secrets.clone())?;
+            match t.config.lock() {
+                Ok(mut c) => *c = config,
+                Err(p) => *p.into_inner() = config,
+            }
+            summary.push(format!(
+                "{} certificate(s) read",
+                new.tls.certificates.len()
+            ));
+        }
         if new.has_socket_pools() {
             self.steering.enable_direct()?;
         }

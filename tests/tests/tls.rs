@@ -1,0 +1,703 @@
+//! HTTPS: the front end does the handshake, hands the session's keys to the pool's worker,
+//! which runs the record layer. Reached with curl, python's ssl, openssl s_client and a
+//! rustls client; certificates are made with openssl at test time.
+
+use std::{
+    io::Write,
+    net::TcpStream,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::Arc,
+    time::Duration,
+};
+
+use sluice_tests::*;
+
+const SHOP: &str = "shop.example.test";
+
+struct Certs {
+    dir: PathBuf,
+}
+
+impl Certs {
+    /// A test CA, and certificates it signs for shop.example.test with *.example.test, and
+    /// for other.test.
+    fn make(dir: &Path) -> Certs {
+        let run = |args: &[&str]| {
+            let ok = Command::new("openssl")
+                .args(args)
+                .current_dir(dir)
+                .stderr(Stdio::null())
+                .stdout(Stdio::null())
+                .status()
+                .expect("openssl")
+                .success();
+            assert!(ok, "openssl {args:?} failed");
+        };
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        let mut ca = vec!["req", "-x509"];
+        ca.extend(ec);
+        ca.extend([
+            "-days",
+            "2",
+            "-subj",
+            "/CN=sluice test CA",
+            "-keyout",
+            "ca.key",
+        ]);
+        ca.extend(["-out", "ca.pem"]);
+        run(&ca);
+        for (name, san) in [
+            (SHOP, "DNS:shop.example.test,DNS:*.example.test"),
+            ("other.test", "DNS:other.test"),
+        ] {
+            let file = if name == SHOP { "shop" } else { "other" };
+            std::fs::write(
+                dir.join(format!("{file}.ext")),
+                format!("subjectAltName={san}\nbasicConstraints=CA:FALSE\n"),
+            )
+            .unwrap();
+            let (key, csr, pem, ext, subj) = (
+                format!("{file}.key"),
+                format!("{file}.csr"),
+                format!("{file}.pem"),
+                format!("{file}.ext"),
+                format!("/CN={name}"),
+            );
+            let mut req = vec!["req"];
+            req.extend(ec);
+            req.extend(["-subj", &subj, "-keyout", &key, "-out", &csr]);
+            run(&req);
+            run(&[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-days",
+                "2",
+                "-out",
+                &pem,
+                "-extfile",
+                &ext,
+            ]);
+        }
+        Certs {
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    fn ca(&self) -> PathBuf {
+        self.dir.join("ca.pem")
+    }
+
+    fn cert(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}.pem"))
+    }
+
+    fn key(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}.key"))
+    }
+}
+
+fn temp_dir(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("sluice-tls-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Pools `api` (/api/), `echo` (/echo/), `files` (/files/, serving `files_root`) and `web`
+/// (/), a static cache entry /cached, plain 8080 and TLS 8443.
+fn template(certs: &Certs, files_root: &Path) -> String {
+    let cached = certs.dir.join("cached.txt");
+    std::fs::write(&cached, "cached over tls\n").unwrap();
+    format!(
+        r#"
+[server]
+listen = ["127.0.0.1:8080"]
+listen_tls = ["127.0.0.1:8443"]
+steering = "first-segment"
+set_sysctls = true
+admin_socket = "{{admin}}"
+
+[[tls.certificate]]
+hosts = ["shop.example.test", "*.example.test"]
+cert = "{shop_cert}"
+key = "{shop_key}"
+
+[[tls.certificate]]
+hosts = ["other.test"]
+cert = "{other_cert}"
+key = "{other_key}"
+
+[[cache.static]]
+path = "/cached"
+file = "{cached}"
+content_type = "text/plain"
+
+[[pool]]
+name = "api"
+command = ["{{hello}}"]
+threads = 1
+start = "always"
+
+[[pool]]
+name = "echo"
+command = ["{{echo}}"]
+threads = 1
+
+[[pool]]
+name = "files"
+command = ["{{files}}", "--root", "{files}"]
+threads = 1
+
+[[pool]]
+name = "web"
+command = ["{{hello}}"]
+threads = 1
+
+[[route]]
+prefix = "/api/"
+pool = "api"
+
+[[route]]
+prefix = "/echo/"
+pool = "echo"
+
+[[route]]
+prefix = "/files/"
+pool = "files"
+
+[[route]]
+prefix = "/"
+pool = "web"
+"#,
+        shop_cert = certs.cert("shop").display(),
+        shop_key = certs.key("shop").display(),
+        other_cert = certs.cert("other").display(),
+        other_key = certs.key("other").display(),
+        cached = cached.display(),
+        files = files_root.display(),
+    )
+}
+
+fn start(tag: &str) -> (Netns, Sluice, Certs, PathBuf) {
+    let ns = Netns::new(tag);
+    let dir = temp_dir(tag);
+    let certs = Certs::make(&dir);
+    let files = dir.join("root");
+    std::fs::create_dir_all(files.join("files")).unwrap();
+    let s = Sluice::start(&ns, &template(&certs, &files));
+    (ns, s, certs, files)
+}
+
+fn curl(ns: &Netns, certs: &Certs, host: &str, path: &str, extra: &[&str]) -> (String, String) {
+    let ca = certs.ca();
+    let out = ns
+        .command("curl")
+        .args(["-sS", "--max-time", "20", "-w", "\n%{http_code}"])
+        .arg("--cacert")
+        .arg(&ca)
+        .arg("--resolve")
+        .arg(format!("{host}:8443:127.0.0.1"))
+        .args(extra)
+        .arg(format!("https://{host}:8443{path}"))
+        .output()
+        .unwrap();
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn curl_reaches_each_pool_by_sni_and_path_in_tls13_and_tls12() {
+    let (ns, s, certs, _) = start("tls-curl");
+    // TLS 1.3 (curl's choice), then TLS 1.2 only.
+    for extra in [&[][..], &["--tlsv1.2", "--tls-max", "1.2"][..]] {
+        let (out, err) = curl(&ns, &certs, SHOP, "/api/x", extra);
+        assert!(
+            out.contains("hello from pool api"),
+            "{out} {err}\n{}",
+            s.log_text()
+        );
+        assert!(out.ends_with("200"), "{out}");
+        let (out, _) = curl(&ns, &certs, "a.example.test", "/page", extra);
+        assert!(out.contains("hello from pool web"), "{out}");
+        // The second certificate, chosen by SNI.
+        let (out, err) = curl(&ns, &certs, "other.test", "/api/y", extra);
+        assert!(out.contains("hello from pool api"), "{out} {err}");
+        let (out, _) = curl(&ns, &certs, SHOP, "/cached", extra);
+        assert!(out.starts_with("cached over tls"), "{out}");
+    }
+    // Plain HTTP still answers on its own port.
+    let r = get_in(&ns, "/api/plain");
+    assert_eq!(r.status, 200);
+}
+
+#[test]
+fn openssl_s_client_speaks_each_aead_suite_in_tls13_and_tls12() {
+    let (ns, s, certs, _) = start("tls-suites");
+    let suites: [(&str, &str, &str); 6] = [
+        ("-tls1_3", "-ciphersuites", "TLS_AES_128_GCM_SHA256"),
+        ("-tls1_3", "-ciphersuites", "TLS_AES_256_GCM_SHA384"),
+        ("-tls1_3", "-ciphersuites", "TLS_CHACHA20_POLY1305_SHA256"),
+        ("-tls1_2", "-cipher", "ECDHE-ECDSA-AES128-GCM-SHA256"),
+        ("-tls1_2", "-cipher", "ECDHE-ECDSA-AES256-GCM-SHA384"),
+        ("-tls1_2", "-cipher", "ECDHE-ECDSA-CHACHA20-POLY1305"),
+    ];
+    for (version, flag, suite) in suites {
+        let mut child = ns
+            .command("openssl")
+            .args([
+                "s_client",
+                "-connect",
+                "127.0.0.1:8443",
+                "-servername",
+                SHOP,
+            ])
+            .arg("-CAfile")
+            .arg(certs.ca())
+            .args(["-brief", "-ign_eof", version, flag, suite])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(
+                b"GET /api/s HTTP/1.1\r\nHost: shop.example.test\r\n\r\nGET /w HTTP/1.1\r\nHost: shop.example.test\r\nConnection: close\r\n\r\n",
+            )
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        );
+        assert!(
+            stdout.contains("hello from pool api") && stdout.contains("hello from pool web"),
+            "{suite}: {stdout}\n{stderr}\n{}",
+            s.log_text()
+        );
+        assert!(
+            stderr.contains(suite.trim_start_matches("ECDHE-")) || stderr.contains(suite),
+            "{suite}: {stderr}"
+        );
+    }
+}
+
+/// python's http.client over one TLS connection: `(status, body)` per request.
+fn python_keep_alive(ns: &Netns, certs: &Certs, requests: &[(&str, &str)]) -> Vec<(u16, String)> {
+    let script = format!(
+        r#"
+import http.client, socket, ssl, sys
+ctx = ssl.create_default_context(cafile="{ca}")
+c = http.client.HTTPSConnection("{SHOP}", 8443, context=ctx, timeout=20)
+# Connected by hand: the name is not in any resolver, and the SNI must still name it.
+c.sock = ctx.wrap_socket(socket.create_connection(("127.0.0.1", 8443), timeout=20), server_hostname="{SHOP}")
+for host, path in {reqs}:
+    c.putrequest("GET", path, skip_host=True)
+    c.putheader("Host", host)
+    c.endheaders()
+    r = c.getresponse()
+    body = r.read().decode()
+    print(r.status, body.strip().replace("\n", " "))
+    sys.stdout.flush()
+    if r.status >= 400 and r.getheader("connection") == "close":
+        break
+"#,
+        ca = certs.ca().display(),
+        reqs = format!(
+            "[{}]",
+            requests
+                .iter()
+                .map(|(h, p)| format!("({h:?}, {p:?})"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    );
+    let out = ns
+        .command("python3")
+        .arg("-c")
+        .arg(&script)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "python: {text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text.lines()
+        .map(|l| {
+            let (code, body) = l.split_once(' ').unwrap_or((l, ""));
+            (code.parse().unwrap_or(0), body.to_owned())
+        })
+        .collect()
+}
+
+#[test]
+fn one_keep_alive_tls_connection_gets_every_answer_from_its_own_pool_and_the_cache() {
+    let (ns, s, certs, _) = start("tls-alternate");
+    let asked = [
+        (SHOP, "/api/1"),
+        (SHOP, "/cached"),
+        (SHOP, "/page/2"),
+        (SHOP, "/api/3"),
+        (SHOP, "/cached"),
+        (SHOP, "/page/4"),
+        (SHOP, "/api/5"),
+    ];
+    let got = python_keep_alive(&ns, &certs, &asked);
+    let want = [
+        "pool api",
+        "cached over tls",
+        "pool web",
+        "pool api",
+        "cached over tls",
+        "pool web",
+        "pool api",
+    ];
+    assert_eq!(got.len(), want.len(), "{got:?}\n{}", s.log_text());
+    for ((code, body), want) in got.iter().zip(want) {
+        assert_eq!(*code, 200, "{got:?}");
+        assert!(body.contains(want), "{body} is not from {want}: {got:?}");
+    }
+    // The session went to api, back to the front end (cache, web), out again, and so on.
+    let st = s.status();
+    let tls = &st["tls"];
+    assert_eq!(tls["handshakes"], 1, "{st}");
+    assert!(tls["handed_back"].as_u64().unwrap_or(0) >= 4, "{st}");
+    assert!(tls["handed_off"].as_u64().unwrap_or(0) >= 5, "{st}");
+    assert_eq!(tls["cache_answers"], 2, "{st}");
+}
+
+#[test]
+fn a_request_for_another_host_than_the_sni_name_gets_421_first_or_later() {
+    let (ns, _s, certs, _) = start("tls-421");
+    let got = python_keep_alive(&ns, &certs, &[("other.test", "/api/x")]);
+    assert_eq!(got[0].0, 421, "{got:?}");
+    // On a connection that served its own host first: the worker hands it back, the front
+    // end answers.
+    let got = python_keep_alive(&ns, &certs, &[(SHOP, "/api/x"), ("other.test", "/api/y")]);
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert_eq!(got[0].0, 200, "{got:?}");
+    assert_eq!(got[1].0, 421, "{got:?}");
+}
+
+fn sha256(path: &Path) -> String {
+    let out = Command::new("sha256sum").arg(path).output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+#[test]
+fn a_4_mb_post_and_a_100_mb_download_arrive_intact_over_tls() {
+    let (ns, s, certs, files) = start("tls-big");
+    let dir = certs.dir.clone();
+    let mut rng = Rng(7);
+    let post: Vec<u8> = (0..4 << 20).map(|_| rng.next() as u8).collect();
+    std::fs::write(dir.join("post.bin"), &post).unwrap();
+    let big = files.join("files/big.bin");
+    {
+        let mut f = std::fs::File::create(&big).unwrap();
+        let mut chunk = vec![0u8; 1 << 20];
+        for i in 0..100 {
+            for b in chunk.iter_mut() {
+                *b = (rng.next() >> 13) as u8 ^ i as u8;
+            }
+            f.write_all(&chunk).unwrap();
+        }
+    }
+    let back = dir.join("back.bin");
+    let (out, err) = curl(
+        &ns,
+        &certs,
+        SHOP,
+        "/echo/up",
+        &[
+            "--data-binary",
+            &format!("@{}", dir.join("post.bin").display()),
+            "-H",
+            "content-type: application/octet-stream",
+            "-o",
+            &back.display().to_string(),
+        ],
+    );
+    assert!(
+        out.trim().starts_with("200"),
+        "{out} {err}\n{}",
+        s.log_text()
+    );
+    assert_eq!(sha256(&back), sha256(&dir.join("post.bin")));
+    let got = dir.join("got.bin");
+    let (out, err) = curl(
+        &ns,
+        &certs,
+        SHOP,
+        "/files/big.bin",
+        &["-o", &got.display().to_string()],
+    );
+    assert!(out.trim().starts_with("200"), "{out} {err}");
+    assert_eq!(std::fs::metadata(&got).unwrap().len(), 100 << 20);
+    assert_eq!(sha256(&got), sha256(&big));
+}
+
+/// A rustls client that trusts the test certificate.
+fn client_config(
+    certs: &Certs,
+    suite: Option<rustls::SupportedCipherSuite>,
+) -> Arc<rustls::ClientConfig> {
+    use rustls::pki_types::{CertificateDer, pem::PemObject};
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(certs.ca()).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let mut provider = rustls::crypto::ring::default_provider();
+    if let Some(s) = suite {
+        provider.cipher_suites = vec![s];
+    }
+    Arc::new(
+        rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    )
+}
+
+type TlsStream = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
+
+fn connect(ns: &Netns, config: Arc<rustls::ClientConfig>) -> TlsStream {
+    ns.enter(|| {
+        let tcp = TcpStream::connect("127.0.0.1:8443").unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let name = rustls::pki_types::ServerName::try_from(SHOP).unwrap();
+        let conn = rustls::ClientConnection::new(config, name).unwrap();
+        rustls::StreamOwned::new(conn, tcp)
+    })
+}
+
+fn ask(stream: &mut TlsStream, path: &str) -> Response {
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {SHOP}\r\n\r\n");
+    stream.write_all(req.as_bytes()).unwrap();
+    stream.flush().unwrap();
+    read_response(stream).unwrap()
+}
+
+#[test]
+fn a_key_update_mid_connection_moves_both_sides_to_new_keys_and_serving_goes_on() {
+    let (ns, s, certs, _) = start("tls-keyupdate");
+    use rustls::crypto::ring::cipher_suite as cs;
+    for suite in [
+        cs::TLS13_AES_128_GCM_SHA256,
+        cs::TLS13_AES_256_GCM_SHA384,
+        cs::TLS13_CHACHA20_POLY1305_SHA256,
+    ] {
+        let mut stream = connect(&ns, client_config(&certs, Some(suite)));
+        let r = ask(&mut stream, "/api/before");
+        assert!(String::from_utf8_lossy(&r.body).contains("pool api"));
+        for round in 0..3 {
+            // Asks the worker to update too: its answer comes under its new keys.
+            stream.conn.refresh_traffic_keys().unwrap();
+            let r = ask(&mut stream, &format!("/api/after{round}"));
+            assert_eq!(r.status, 200, "{}", s.log_text());
+            assert!(String::from_utf8_lossy(&r.body).contains("pool api"));
+        }
+        // And after a hand-back (the cache answers in the front end) the new keys hold.
+        let r = ask(&mut stream, "/cached");
+        assert_eq!(r.body, b"cached over tls\n");
+        stream.conn.refresh_traffic_keys().unwrap();
+        let r = ask(&mut stream, "/api/last");
+        assert!(
+            String::from_utf8_lossy(&r.body).contains("pool api"),
+            "{}",
+            s.log_text()
+        );
+    }
+}
+
+/// Whether `needle` is anywhere in the readable memory of process `pid`.
+fn memory_holds(pid: i32, needle: &[u8]) -> bool {
+    use std::os::unix::fs::FileExt;
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    let mem = std::fs::File::open(format!("/proc/{pid}/mem")).unwrap();
+    for line in maps.lines() {
+        let mut f = line.split_whitespace();
+        let (Some(range), Some(perms)) = (f.next(), f.next()) else {
+            continue;
+        };
+        if !perms.starts_with('r') || line.contains("[vvar]") || line.contains("[vsyscall]") {
+            continue;
+        }
+        let (a, b) = range.split_once('-').unwrap();
+        let (a, b) = (
+            u64::from_str_radix(a, 16).unwrap(),
+            u64::from_str_radix(b, 16).unwrap(),
+        );
+        let mut buf = vec![0u8; (b - a) as usize];
+        if mem.read_exact_at(&mut buf, a).is_err() {
+            continue;
+        }
+        if buf.windows(needle.len()).any(|w| w == needle) {
+            return true;
+        }
+    }
+    false
+}
+
+/// The private scalar of a P-256 key in PEM (the 32 bytes after `04 20` in its DER).
+fn private_scalar(key_pem: &Path) -> Vec<u8> {
+    use rustls::pki_types::{PrivateKeyDer, pem::PemObject};
+    let key = PrivateKeyDer::from_pem_file(key_pem).unwrap();
+    let der = key.secret_der();
+    let at = der
+        .windows(2)
+        .position(|w| w == [0x04, 0x20])
+        .expect("an EC private key");
+    der[at + 2..at + 34].to_vec()
+}
+
+#[test]
+fn a_workers_memory_never_holds_the_certificates_private_key() {
+    use rustls::pki_types::pem::PemObject;
+    let (ns, s, certs, _) = start("tls-keys");
+    let mut stream = connect(&ns, client_config(&certs, None));
+    for i in 0..5 {
+        assert_eq!(ask(&mut stream, &format!("/api/{i}")).status, 200);
+    }
+    let scalar = private_scalar(&certs.key("shop"));
+    // ring keeps the scalar as little-endian limbs: both byte orders are looked for.
+    let reversed: Vec<u8> = scalar.iter().rev().copied().collect();
+    let pem = std::fs::read(certs.key("shop")).unwrap();
+    let holds = |pid: i32| memory_holds(pid, &scalar) || memory_holds(pid, &reversed);
+    // The scan finds the key where it is: in this process, which holds the key's DER.
+    let held = rustls::pki_types::PrivateKeyDer::from_pem_file(certs.key("shop")).unwrap();
+    assert!(
+        holds(std::process::id() as i32),
+        "the scan should find a held key"
+    );
+    drop(held);
+    let workers = worker_pids(&s.status(), "api");
+    assert!(!workers.is_empty());
+    for pid in workers {
+        assert!(
+            !memory_holds(pid, &scalar),
+            "worker {pid} holds the private key"
+        );
+        assert!(
+            !memory_holds(pid, &pem[40..72]),
+            "worker {pid} holds the key file's text"
+        );
+        let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+        assert!(!environ.windows(32).any(|w| w == &pem[40..72]));
+    }
+}
+
+#[test]
+fn tls_connections_waiting_for_killed_workers_are_all_answered_after_the_restart() {
+    let (ns, s, certs, _) = start("tls-kill");
+    let config = client_config(&certs, None);
+    let pids = worker_pids(&s.status(), "api");
+    for &p in &pids {
+        // SAFETY: signals a worker this test's front end started.
+        unsafe { libc::kill(p, libc::SIGSTOP) };
+    }
+    let clients: Vec<_> = (0..200)
+        .map(|i| {
+            let config = config.clone();
+            let mut stream = connect(&ns, config);
+            std::thread::spawn(move || {
+                let r = ask(&mut stream, &format!("/api/waiting/{i}"));
+                (r.status, String::from_utf8_lossy(&r.body).into_owned())
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(2));
+    for &p in &pids {
+        // SAFETY: as above.
+        unsafe { libc::kill(p, libc::SIGKILL) };
+    }
+    let mut answered = 0;
+    for c in clients {
+        let (status, body) = c.join().expect("a client failed");
+        assert_eq!(status, 200, "{body}\n{}", s.log_text());
+        assert!(body.contains("pool api"), "{body}");
+        answered += 1;
+    }
+    assert_eq!(answered, 200);
+    let now = worker_pids(&s.status(), "api");
+    assert!(
+        now.iter().all(|p| !pids.contains(p)),
+        "the workers were restarted"
+    );
+}
+
+#[test]
+fn a_clienthello_on_the_plain_port_gets_400_at_once() {
+    let ns = Netns::new("tls-plain-hello");
+    let s = Sluice::start(&ns, &two_pools("first-segment"));
+    let hello: &[u8] = &[
+        0x16, 0x03, 0x01, 0x00, 0x2f, 0x01, 0x00, 0x00, 0x2b, 0x03, 0x03, 0, 1, 2, 3, 4, 5, 6, 7,
+        8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30,
+        31, 0x00, 0x00, 0x02, 0x13, 0x01, 0x01, 0x00, 0x00, 0x00,
+    ];
+    let started = std::time::Instant::now();
+    let r = ns.enter(|| exchange(v4(), hello)).expect("an answer");
+    assert_eq!(r.status, 400, "{}", s.log_text());
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+#[test]
+fn a_certificate_that_does_not_match_its_key_is_refused_naming_the_key() {
+    let dir = temp_dir("tls-mismatch");
+    let certs = Certs::make(&dir);
+    let files = dir.join("root");
+    std::fs::create_dir_all(&files).unwrap();
+    let text = template(&certs, &files).replacen(
+        &certs.key("shop").display().to_string(),
+        &certs.key("other").display().to_string(),
+        1,
+    );
+    let cfg = dir.join("bad.toml");
+    std::fs::write(&cfg, config(&text, &dir.join("admin.sock"))).unwrap();
+    let out = Command::new(sluice_bin())
+        .arg("check")
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("tls.certificate[0].key"), "{err}");
+    assert!(err.contains("other.key"), "{err}");
+    let _ = std::fs::write(certs.cert("shop"), "not a certificate");
+    std::fs::write(
+        &cfg,
+        config(&template(&certs, &files), &dir.join("admin.sock")),
+    )
+    .unwrap();
+    let out = Command::new(sluice_bin())
+        .arg("check")
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("tls.certificate[0].cert"), "{err}");
+}
