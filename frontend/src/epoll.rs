@@ -11,6 +11,8 @@ pub const OUT: u32 = libc::EPOLLOUT as u32;
 pub const RDHUP: u32 = libc::EPOLLRDHUP as u32;
 /// Any sign the peer is gone or the socket failed.
 pub const ENDED: u32 = (libc::EPOLLRDHUP | libc::EPOLLHUP | libc::EPOLLERR) as u32;
+/// Reported whatever the interest: both directions shut, or an error.
+pub const GONE: u32 = (libc::EPOLLHUP | libc::EPOLLERR) as u32;
 
 pub struct Epoll {
     fd: OwnedFd,

@@ -51,6 +51,9 @@ pub struct TlsStatus {
     pub handed_back: u64,
     pub cache_answers: u64,
     pub refused: u64,
+    /// Connections joined to a socket pool (decrypted to it, sealed back).
+    #[serde(default)]
+    pub relayed: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -324,6 +327,7 @@ impl Status {
                     ("handed_back", t.handed_back),
                     ("cache_answers", t.cache_answers),
                     ("refused", t.refused),
+                    ("relayed", t.relayed),
                 ]
                 .into_iter()
                 .map(|(what, n)| (format!("{{what=\"{what}\"}}"), n))

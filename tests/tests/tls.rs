@@ -302,13 +302,23 @@ fn openssl_s_client_speaks_each_aead_suite_in_tls13_and_tls12() {
 
 /// python's http.client over one TLS connection: `(status, body)` per request.
 fn python_keep_alive(ns: &Netns, certs: &Certs, requests: &[(&str, &str)]) -> Vec<(u16, String)> {
+    python_keep_alive_to(ns, certs, SHOP, requests)
+}
+
+/// The same, with the ClientHello naming `sni`.
+fn python_keep_alive_to(
+    ns: &Netns,
+    certs: &Certs,
+    sni: &str,
+    requests: &[(&str, &str)],
+) -> Vec<(u16, String)> {
     let script = format!(
         r#"
 import http.client, socket, ssl, sys
 ctx = ssl.create_default_context(cafile="{ca}")
-c = http.client.HTTPSConnection("{SHOP}", 8443, context=ctx, timeout=20)
+c = http.client.HTTPSConnection("{sni}", 8443, context=ctx, timeout=20)
 # Connected by hand: the name is not in any resolver, and the SNI must still name it.
-c.sock = ctx.wrap_socket(socket.create_connection(("127.0.0.1", 8443), timeout=20), server_hostname="{SHOP}")
+c.sock = ctx.wrap_socket(socket.create_connection(("127.0.0.1", 8443), timeout=20), server_hostname="{sni}")
 for host, path in {reqs}:
     c.putrequest("GET", path, skip_host=True)
     c.putheader("Host", host)
@@ -700,4 +710,96 @@ fn a_certificate_that_does_not_match_its_key_is_refused_naming_the_key() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("tls.certificate[0].cert"), "{err}");
+}
+
+#[test]
+fn a_handshake_record_longer_than_tls_allows_is_cut_at_once() {
+    let (ns, s, _certs, _) = start("tls-huge");
+    let started = std::time::Instant::now();
+    let got = ns.enter(|| {
+        let mut c = TcpStream::connect("127.0.0.1:8443").unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        // A handshake record header declaring 65,535 bytes, then part of them.
+        let mut hello = vec![0x16, 0x03, 0x01, 0xff, 0xff];
+        hello.extend(std::iter::repeat_n(0u8, 30_000));
+        let _ = c.write_all(&hello);
+        let mut back = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut c, &mut back);
+        back
+    });
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "held {:?}\n{}",
+        started.elapsed(),
+        s.log_text()
+    );
+    // What came back, if anything, is an alert record.
+    assert!(got.is_empty() || got[0] == 0x15, "{got:?}");
+}
+
+#[test]
+fn a_socket_pool_behind_tls_gets_plaintext_and_its_answers_go_back_sealed() {
+    let ns = Netns::new("tls-socket");
+    let dir = temp_dir("tls-socket");
+    let certs = Certs::make(&dir);
+    let template = format!(
+        r#"
+[server]
+listen = ["127.0.0.1:8080"]
+listen_tls = ["127.0.0.1:8443"]
+steering = "first-segment"
+set_sysctls = true
+admin_socket = "{{admin}}"
+
+[[tls.certificate]]
+hosts = ["shop.example.test", "*.example.test"]
+cert = "{cert}"
+key = "{key}"
+
+[[pool]]
+name = "node"
+worker = "socket"
+command = ["node", "node_app.js"]
+cwd = "{{workers}}"
+
+[[pool]]
+name = "api"
+command = ["{{hello}}"]
+threads = 1
+
+[[route]]
+host = "node.example.test"
+prefix = "/"
+pool = "node"
+
+[[route]]
+prefix = "/"
+pool = "api"
+"#,
+        cert = certs.cert("shop").display(),
+        key = certs.key("shop").display(),
+    );
+    let s = Sluice::start(&ns, &template);
+    // One connection, three requests, all answered by the Node.js server through the front
+    // end's decryption.
+    let got = python_keep_alive_to(
+        &ns,
+        &certs,
+        "node.example.test",
+        &[
+            ("node.example.test", "/a"),
+            ("node.example.test", "/b?x=1"),
+            ("node.example.test", "/c"),
+        ],
+    );
+    assert_eq!(got.len(), 3, "{got:?}\n{}", s.log_text());
+    for ((code, body), path) in got.iter().zip(["/a", "/b?x=1", "/c"]) {
+        assert_eq!(*code, 200, "{got:?}");
+        assert!(body.starts_with(&format!("node {path} ")), "{body}");
+    }
+    // A sluice-worker pool on the same listener still gets its sessions.
+    let got = python_keep_alive(&ns, &certs, &[(SHOP, "/x")]);
+    assert!(got[0].1.contains("pool api"), "{got:?}");
+    let st = s.status();
+    assert_eq!(st["tls"]["relayed"], 1, "{st}");
 }

@@ -39,6 +39,10 @@ pub struct Args {
     /// Where to write every figure as JSON (default target/bench.json).
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Only these systems (comma-separated names): figures go to the JSON only, and
+    /// docs/benchmarks.md stays as the last full run left it.
+    #[arg(long)]
+    only: Option<String>,
 }
 
 const CONNECTIONS: u32 = 50;
@@ -122,7 +126,7 @@ fn wait_http(ns: &Netns, url: &str) -> Result<()> {
     loop {
         let ok = ns
             .cmd("curl")
-            .args(["-sf", "-m", "2", "-o", "/dev/null", url])
+            .args(["-sfk", "-m", "2", "-o", "/dev/null", url])
             .status()
             .map(|s| s.success());
         if ok.unwrap_or(false) {
@@ -203,6 +207,61 @@ fn socket_config(dir: &Path, listen: &str, node_app: &Path) -> Result<(PathBuf, 
              [[route]]\nprefix = \"/\"\npool = \"node\"\n",
             admin.display(),
             node_app.display()
+        ),
+    )?;
+    Ok((cfg, admin))
+}
+
+/// A self-signed certificate for the TLS systems (wrk does not verify it).
+fn tls_certificate(dir: &Path) -> Result<(PathBuf, PathBuf)> {
+    let (cert, key) = (dir.join("tls.pem"), dir.join("tls.key"));
+    let ok = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+        ])
+        .args(["-nodes", "-days", "2", "-subj", "/CN=bench.test", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(std::process::Stdio::null())
+        .status()?
+        .success();
+    if !ok {
+        bail!("openssl could not make the benchmark's certificate");
+    }
+    Ok((cert, key))
+}
+
+/// sluice serving HTTPS on `tls` (plain `listen` beside it), the api pool and /cached.
+fn tls_config(
+    dir: &Path,
+    listen: &str,
+    tls: &str,
+    hello: &Path,
+    (cert, key): (&Path, &Path),
+) -> Result<(PathBuf, PathBuf)> {
+    let admin = dir.join("tls.sock");
+    let cfg = dir.join("tls.toml");
+    let cached = dir.join("cached.txt");
+    fs::write(&cached, CACHED_BODY)?;
+    fs::write(
+        &cfg,
+        format!(
+            "[server]\nlisten = [\"{listen}\"]\nlisten_tls = [\"{tls}\"]\nsteering = \"first-segment\"\nset_sysctls = true\nadmin_socket = \"{}\"\n\n\
+             [[tls.certificate]]\nhosts = [\"bench.test\"]\ncert = \"{}\"\nkey = \"{}\"\n\n\
+             [[cache.static]]\npath = \"/cached\"\nfile = \"{}\"\ncontent_type = \"text/plain\"\nttl = \"1h\"\n\n\
+             [[pool]]\nname = \"api\"\ncommand = [\"{}\"]\nprocesses = 1\nthreads = 1\nstart = \"always\"\n\n\
+             [[route]]\nprefix = \"/api/\"\npool = \"api\"\n",
+            admin.display(),
+            cert.display(),
+            key.display(),
+            cached.display(),
+            hello.display()
         ),
     )?;
     Ok((cfg, admin))
@@ -426,6 +485,7 @@ pub fn run(args: Args) -> Result<()> {
         ("nginx", "nginx"),
         ("curl", "curl"),
         ("node", "nodejs"),
+        ("openssl", "openssl"),
     ])?;
     crate::build()?;
     let root = root();
@@ -504,6 +564,19 @@ pub fn run(args: Args) -> Result<()> {
         base.cmd("node").arg(&node_app).env("PORT", "9002"),
         &dir.join("node-alone.log"),
     )?;
+    // HTTPS: sluice terminating TLS and handing the session to the worker.
+    let certificate = tls_certificate(&dir)?;
+    let (cfg_tls, admin_tls) = tls_config(
+        &dir,
+        "127.0.0.1:8085",
+        "127.0.0.1:8443",
+        &hello,
+        (&certificate.0, &certificate.1),
+    )?;
+    let sluice_tls = procs.spawn(
+        fs_ns.cmd(&sluice).arg("run").arg(&cfg_tls),
+        &dir.join("sluice-tls.log"),
+    )?;
     // The same worker binary alone on a plain listening socket: the limit.
     let direct = procs.spawn(
         base.cmd(&hello)
@@ -524,8 +597,13 @@ pub fn run(args: Args) -> Result<()> {
              server {{ listen 127.0.0.1:8090; location / {{ proxy_pass http://hello; proxy_http_version 1.1; proxy_set_header Connection \"\"; }} }}\n\
              server {{ listen 127.0.0.1:8091; location / {{ default_type text/plain; return 200 \"{body}\"; }} }}\n\
              upstream node {{ server 127.0.0.1:9002; keepalive 64; }}\n\
-             server {{ listen 127.0.0.1:8092; location / {{ proxy_pass http://node; proxy_http_version 1.1; proxy_set_header Connection \"\"; }} }}\n}}\n",
-            dir = dir.display()
+             server {{ listen 127.0.0.1:8092; location / {{ proxy_pass http://node; proxy_http_version 1.1; proxy_set_header Connection \"\"; }} }}\n\
+             ssl_certificate {cert}; ssl_certificate_key {key}; ssl_protocols TLSv1.2 TLSv1.3; ssl_session_cache shared:bench:1m;\n\
+             server {{ listen 127.0.0.1:8493 ssl; location / {{ proxy_pass http://hello; proxy_http_version 1.1; proxy_set_header Connection \"\"; }} }}\n\
+             server {{ listen 127.0.0.1:8494 ssl; location / {{ default_type text/plain; return 200 \"{body}\"; }} }}\n}}\n",
+            dir = dir.display(),
+            cert = certificate.0.display(),
+            key = certificate.1.display(),
         ),
     )?;
     let nginx = procs.spawn(
@@ -537,6 +615,7 @@ pub fn run(args: Args) -> Result<()> {
     wait_http(&fs_ns, "http://127.0.0.1:8082/api/hello")?;
     wait_http(&fs_ns, "http://127.0.0.1:8083/api/hello")?;
     wait_http(&fs_ns, "http://127.0.0.1:8084/node")?;
+    wait_http(&fs_ns, "https://127.0.0.1:8443/api/hello")?;
     for url in [
         "http://127.0.0.1:8081/api/hello",
         "http://127.0.0.1:9001/api/hello",
@@ -544,6 +623,8 @@ pub fn run(args: Args) -> Result<()> {
         "http://127.0.0.1:8091/",
         "http://127.0.0.1:9002/node",
         "http://127.0.0.1:8092/node",
+        "https://127.0.0.1:8493/api/hello",
+        "https://127.0.0.1:8494/",
     ] {
         wait_http(&base, url)?;
     }
@@ -568,6 +649,12 @@ pub fn run(args: Args) -> Result<()> {
     let mut pids_socket = vec![("front end", sluice_socket)];
     pids_socket.extend(
         worker_pids(&status(&sluice, &admin_socket)?)
+            .iter()
+            .map(|&p| ("worker", p)),
+    );
+    let mut pids_tls = vec![("front end", sluice_tls)];
+    pids_tls.extend(
+        worker_pids(&status(&sluice, &admin_tls)?)
             .iter()
             .map(|&p| ("worker", p)),
     );
@@ -708,7 +795,69 @@ pub fn run(args: Args) -> Result<()> {
             &pids_fs,
             Some(&admin_fs),
         ),
+        target(
+            "tls_keepalive",
+            "fs",
+            "https://127.0.0.1:8443/api/hello",
+            false,
+            &pids_tls,
+            None,
+        ),
+        target(
+            "tls_nginx_keepalive",
+            "base",
+            "https://127.0.0.1:8493/api/hello",
+            false,
+            &pids_nginx,
+            None,
+        ),
+        target(
+            "tls_nginx_return",
+            "base",
+            "https://127.0.0.1:8494/",
+            false,
+            &pids_nginx,
+            None,
+        ),
+        target(
+            "tls_cache",
+            "fs",
+            "https://127.0.0.1:8443/cached",
+            false,
+            &pids_tls,
+            None,
+        ),
+        target(
+            "tls_close",
+            "fs",
+            "https://127.0.0.1:8443/api/hello",
+            true,
+            &pids_tls,
+            None,
+        ),
+        target(
+            "tls_nginx_close",
+            "base",
+            "https://127.0.0.1:8493/api/hello",
+            true,
+            &pids_nginx,
+            None,
+        ),
     ];
+    let only: Option<Vec<String>> = args
+        .only
+        .as_ref()
+        .map(|o| o.split(',').map(|s| s.trim().to_owned()).collect());
+    let targets: Vec<Target> = match &only {
+        Some(names) => targets
+            .into_iter()
+            .filter(|t| names.iter().any(|n| n == t.name))
+            .collect(),
+        None => targets,
+    };
+    if targets.is_empty() {
+        bail!("--only names no system of the benchmark");
+    }
 
     let mut runs: BTreeMap<&str, Vec<Run>> = BTreeMap::new();
     let mut lines_logged: Vec<u64> = Vec::new();
@@ -794,10 +943,25 @@ pub fn run(args: Args) -> Result<()> {
             "socket_keepalive",
             "socket_nginx_keepalive",
         ),
+        (
+            "tls_keepalive_vs_nginx",
+            "tls_keepalive",
+            "tls_nginx_keepalive",
+        ),
+        (
+            "tls_keepalive_vs_nginx_return",
+            "tls_keepalive",
+            "tls_nginx_return",
+        ),
+        ("tls_close_vs_nginx", "tls_close", "tls_nginx_close"),
+        ("tls_cache_vs_nginx_return", "tls_cache", "tls_nginx_return"),
     ];
     let mut ratios = serde_json::Map::new();
     let mut cpu_ratios = serde_json::Map::new();
     for (name, a, b) in ratio_pairs {
+        if !runs.contains_key(a) || !runs.contains_key(b) {
+            continue;
+        }
         let per_round = |f: &dyn Fn(&Run) -> f64| -> Vec<f64> {
             runs[a]
                 .iter()
@@ -908,14 +1072,22 @@ pub fn run(args: Args) -> Result<()> {
             format!(" --rounds {rounds} --seconds {seconds}")
         }
     );
-    fs::create_dir_all(root.join("docs"))?;
-    fs::write(root.join("docs/benchmarks.md"), markdown(&report, &command))?;
-    fs::write(root.join("docs/benchmarks.svg"), svg(&report))?;
-    eprintln!(
-        "\nwrote {}, docs/benchmarks.md and docs/benchmarks.svg in {} s",
-        json_path.display(),
-        started.elapsed().as_secs()
-    );
+    if only.is_none() {
+        fs::create_dir_all(root.join("docs"))?;
+        fs::write(root.join("docs/benchmarks.md"), markdown(&report, &command))?;
+        fs::write(root.join("docs/benchmarks.svg"), svg(&report))?;
+        eprintln!(
+            "\nwrote {}, docs/benchmarks.md and docs/benchmarks.svg in {} s",
+            json_path.display(),
+            started.elapsed().as_secs()
+        );
+    } else {
+        eprintln!(
+            "\nwrote {} in {} s (a partial run: docs/ untouched)",
+            json_path.display(),
+            started.elapsed().as_secs()
+        );
+    }
     for (k, v) in &ratios {
         eprintln!(
             "  {k:<32} {:.3} req/s, cpu {:.3} (machine {:.3})",
@@ -931,7 +1103,7 @@ pub fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
-const TARGETS: [(&str, &str, f64); 11] = [
+const TARGETS: [(&str, &str, f64); 15] = [
     ("steered_keepalive_vs_direct", "≥ 0.95", 0.95),
     ("steered_keepalive_logged_vs_direct", "≥ 0.9", 0.9),
     ("hosts_keepalive_vs_direct", "≥ 0.97", 0.97),
@@ -943,6 +1115,10 @@ const TARGETS: [(&str, &str, f64); 11] = [
     ("cache_vs_nginx_return", "≥ 1.0", 1.0),
     ("socket_keepalive_vs_alone", "≥ 0.97", 0.97),
     ("socket_keepalive_vs_nginx", "≥ 1.5", 1.5),
+    ("tls_keepalive_vs_nginx", "≥ 1.5", 1.5),
+    ("tls_keepalive_vs_nginx_return", "≥ 0.9", 0.9),
+    ("tls_close_vs_nginx", "≥ 1.0", 1.0),
+    ("tls_cache_vs_nginx_return", "≥ 1.0", 1.0),
 ];
 
 /// CPU-per-request targets: the ratio must be at most this.

@@ -879,22 +879,6 @@ impl Config {
             &base,
             &mut |k, r| bad(k, r),
         );
-        if !tls.listen.is_empty() {
-            for (i, p) in pools.iter().enumerate() {
-                if p.runs.kind == WorkerKind::Socket {
-                    bad(
-                        format!("pool[{i}].worker"),
-                        format!(
-                            "pool {} is a socket pool: the front end cannot carry HTTPS to \
-                             socket pools yet (leave listen_tls out, or run it on a plain \
-                             listener only)",
-                            p.name
-                        ),
-                    );
-                }
-            }
-        }
-
         if !problems.is_empty() {
             return Err(ConfigError::Invalid {
                 path: path.to_owned(),

@@ -12,6 +12,8 @@
 mod proxy;
 mod pump;
 
+pub use proxy::header as proxy_header;
+
 use std::{
     collections::HashMap,
     io,

@@ -90,6 +90,8 @@ struct Frontend {
     upgrade_due: bool,
     /// HTTPS: its listeners and the thread that serves them (none without `listen_tls`).
     tls: Option<TlsRt>,
+    /// The front end's connections into socket pools' queues (the TLS thread's too).
+    direct: Option<Arc<crate::direct::Direct>>,
     /// Restores changed sysctls on drop (last).
     restore: sysctl::Restore,
 }
@@ -364,7 +366,8 @@ impl Frontend {
                 .context("the config has no listen address")?,
         );
         supervisor.set_prober(crate::activation::probe::Prober::new(direct.clone()));
-        let relay = crate::relay::Relay::spawn(direct).context("starting the relay thread")?;
+        let relay =
+            crate::relay::Relay::spawn(direct.clone()).context("starting the relay thread")?;
         if config.has_socket_pools() {
             steering.enable_direct()?;
         }
@@ -398,6 +401,7 @@ impl Frontend {
             upgrade_error: incoming.and_then(|i| i.failed.clone()),
             upgrade_due: false,
             tls: None,
+            direct: config.has_socket_pools().then_some(direct),
             restore,
         };
         let ids: Vec<Option<PoolId>> = config
@@ -488,6 +492,7 @@ impl Frontend {
             header_timeout: config.limits.header_timeout,
             idle_timeout: config.limits.idle_timeout,
             stats: stats.clone(),
+            direct: self.direct.clone(),
             stop: stop.as_raw_fd(),
         };
         let (inbox, thread) = crate::tls::spawn(front).context("starting the TLS thread")?;

@@ -112,6 +112,7 @@ impl Frontend {
                     handed_back: n(&t.stats.handed_back),
                     cache_answers: n(&t.stats.cache_answers),
                     refused: n(&t.stats.refused),
+                    relayed: n(&t.stats.relayed),
                 }
             }),
         }

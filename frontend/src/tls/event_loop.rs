@@ -5,7 +5,7 @@ use std::{
     collections::HashMap,
     io,
     net::IpAddr,
-    os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
     sync::{Arc, mpsc},
     time::{Duration, Instant},
 };
@@ -16,6 +16,7 @@ use sluice_tls::{Opened, RecordLayer, Session};
 use super::{
     TlsFront, TlsStats,
     handshake::{Handshake, Step},
+    upstream::{self, Upstream, WINDOW},
 };
 use crate::cache::{Keep, Lookup};
 use crate::dispatcher::{
@@ -26,6 +27,8 @@ use crate::dispatcher::{
 use crate::epoll::{self, Epoll, set_nonblocking};
 
 const WAKE: u64 = u64::MAX;
+/// A relayed connection's pool side: its connection's token with this bit.
+const UP: u64 = 1 << 47;
 const STOP: u64 = u64::MAX - 1;
 /// Listener tokens: LISTENER + index.
 const LISTENER: u64 = 1 << 48;
@@ -46,6 +49,10 @@ enum Phase {
 enum Then {
     Serve,
     HandOff(PoolId),
+    /// Join the connection to a socket pool (`upstream`).
+    Relay(PoolId),
+    /// Joined: plaintext goes both ways until one side ends.
+    Relaying,
     Close,
 }
 
@@ -65,8 +72,10 @@ struct Conn {
     deadline: Instant,
     arrival: Arrival,
     local: Option<IpAddr>,
-    /// EPOLLOUT is in the interest set.
-    writing: bool,
+    /// The events registered for it now.
+    mask: u32,
+    /// A socket pool's side, while relaying.
+    up: Option<Box<Upstream>>,
 }
 
 pub struct Loop {
@@ -177,22 +186,59 @@ impl Loop {
                 deadline: Instant::now() + self.f.header_timeout,
                 arrival: Arrival::Dispatcher,
                 local: None,
-                writing: false,
+                mask: 0,
+                up: None,
             };
             self.add(conn);
         }
     }
 
-    fn add(&mut self, conn: Conn) -> Option<u64> {
+    fn add(&mut self, mut conn: Conn) -> Option<u64> {
         self.next_token += 1;
         let token = self.next_token;
-        let events = epoll::IN | epoll::RDHUP;
-        if let Err(e) = self.epoll.add(conn.fd.as_raw_fd(), events, token) {
+        conn.mask = epoll::IN | epoll::RDHUP;
+        if let Err(e) = self.epoll.add(conn.fd.as_raw_fd(), conn.mask, token) {
             log::warn!("TLS: epoll: {e}");
             return None;
         }
         self.conns.insert(token, conn);
         Some(token)
+    }
+
+    /// Registers what the connection (and its pool side) waits for now: a side is read only
+    /// while the other side's backlog is under `WINDOW`, and watched for writing while it
+    /// has some.
+    fn settle(&mut self, token: u64) {
+        let Some(c) = self.conns.get_mut(&token) else {
+            return;
+        };
+        let pending = c.out.len() - c.sent;
+        let backlog = c.up.as_ref().map_or(0, |u| u.backlog());
+        // Not read while it cannot take more: level-triggered readiness would spin.
+        let mut mask = 0;
+        if backlog < WINDOW && c.input.len() < MAX_INPUT {
+            mask |= epoll::IN | epoll::RDHUP;
+        }
+        if pending > 0 {
+            mask |= epoll::OUT;
+        }
+        if mask != c.mask {
+            c.mask = mask;
+            let _ = self.epoll.modify(c.fd.as_raw_fd(), mask, token);
+        }
+        if let Some(u) = c.up.as_mut().filter(|u| !u.ended) {
+            let mut mask = 0;
+            if pending < WINDOW {
+                mask |= epoll::IN | epoll::RDHUP;
+            }
+            if !u.connected || u.backlog() > 0 {
+                mask |= epoll::OUT;
+            }
+            if mask != u.mask {
+                u.mask = mask;
+                let _ = self.epoll.modify(u.conn.fd.as_raw_fd(), mask, token | UP);
+            }
+        }
     }
 
     /// Sessions workers handed back, passed on by the dispatcher.
@@ -229,7 +275,8 @@ impl Loop {
                 deadline: Instant::now() + self.f.header_timeout,
                 arrival: held.arrival,
                 local: None,
-                writing: false,
+                mask: 0,
+                up: None,
             };
             if let Some(t) = self.add(conn) {
                 self.drive(t);
@@ -238,6 +285,15 @@ impl Loop {
     }
 
     fn on_event(&mut self, token: u64, bits: u32) {
+        if token & UP != 0 {
+            self.on_pool(token & !UP, bits);
+            return;
+        }
+        if bits & epoll::GONE != 0 {
+            // Reset, or both directions shut (a lingering close got the client's FIN).
+            self.close(token);
+            return;
+        }
         if bits & epoll::OUT != 0 {
             self.flush(token);
         }
@@ -345,7 +401,7 @@ impl Loop {
         let Some(c) = self.conns.get_mut(&token) else {
             return;
         };
-        if c.then != Then::Serve {
+        if c.then != Then::Serve && c.then != Then::Relaying {
             return;
         }
         let Phase::Open(layer) = &mut c.phase else {
@@ -359,9 +415,13 @@ impl Loop {
                 Ok(None) => break,
                 Ok(Some((n, opened))) => {
                     match opened {
-                        Opened::Data(r) => c
-                            .plain
-                            .extend_from_slice(&c.input[at + r.start..at + r.end]),
+                        Opened::Data(r) => {
+                            let data = &c.input[at + r.start..at + r.end];
+                            match c.up.as_mut() {
+                                Some(up) => up.push(data),
+                                None => c.plain.extend_from_slice(data),
+                            }
+                        }
                         Opened::Alert { .. } => peer_closed = true,
                         Opened::KeyUpdate { requested } => {
                             if requested {
@@ -392,6 +452,13 @@ impl Loop {
             log::debug!("a TLS connection: {e}");
             let _ = layer.seal_alert(e.alert(), &mut c.out);
             c.then = Then::Close;
+            return;
+        }
+        if let Some(up) = c.up.as_mut() {
+            // Relaying: the client's close_notify ends its direction only; the pool's
+            // answer still comes back.
+            up.client_done |= peer_closed;
+            self.pump(token);
             return;
         }
         if peer_closed {
@@ -454,8 +521,7 @@ impl Loop {
             }
             match crate::dispatcher::admit(seen.decision, full, &table, &self.f.flags) {
                 Decision::Pool(p) if table.pool(p).is_some_and(|e| e.relay) => {
-                    let why = "socket pools cannot be reached over TLS yet";
-                    c.then = refuse(layer, &mut c.out, 503, why, &self.f.stats);
+                    c.then = Then::Relay(p);
                 }
                 Decision::Pool(p) => c.then = Then::HandOff(p),
                 Decision::Refuse(code, why) => {
@@ -486,10 +552,7 @@ impl Loop {
             if n < 0 {
                 let e = io::Error::last_os_error();
                 if e.raw_os_error() == Some(libc::EAGAIN) {
-                    if !c.writing {
-                        c.writing = true;
-                        let _ = interest(&self.epoll, c.fd.as_raw_fd(), token, true);
-                    }
+                    self.settle(token);
                     return;
                 }
                 self.close(token);
@@ -499,13 +562,18 @@ impl Loop {
         }
         c.out.clear();
         c.sent = 0;
-        if c.writing {
-            c.writing = false;
-            let _ = interest(&self.epoll, c.fd.as_raw_fd(), token, false);
-        }
-        match c.then {
+        let then = c.then;
+        self.settle(token);
+        let Some(c) = self.conns.get_mut(&token) else {
+            return;
+        };
+        match then {
             Then::Serve => {}
             Then::HandOff(p) => self.hand_off(token, p),
+            Then::Relay(p) => self.start_relay(token, p),
+            // The pool's side is read again when `settle` lets it (no call back into the
+            // pump from here: the pump flushes).
+            Then::Relaying => {}
             Then::Close if !matches!(c.phase, Phase::Lingering) => {
                 // The client closes first (it has its answer and our close_notify); what it
                 // still sends meanwhile is read and dropped, so no reset cuts the answer.
@@ -558,15 +626,138 @@ impl Loop {
     fn close(&mut self, token: u64) {
         if let Some(c) = self.conns.remove(&token) {
             self.epoll.delete(c.fd.as_raw_fd());
+            if let Some(up) = &c.up {
+                self.epoll.delete(up.conn.fd.as_raw_fd());
+            }
         }
     }
-}
 
-/// What the loop waits for on a connection: always its input, its output while some is
-/// left to send.
-fn interest(epoll: &Epoll, fd: RawFd, token: u64, writing: bool) -> io::Result<()> {
-    let out = if writing { epoll::OUT } else { 0 };
-    epoll.modify(fd, epoll::IN | epoll::RDHUP | out, token)
+    /// Joins the connection to socket pool `p`: a connection into its queue gets the
+    /// plaintext read so far (after a PROXY v2 header for a `proxy_protocol` pool).
+    fn start_relay(&mut self, token: u64, p: PoolId) {
+        let Some(c) = self.conns.get_mut(&token) else {
+            return;
+        };
+        let Phase::Open(layer) = &mut c.phase else {
+            return;
+        };
+        let table = self.f.table.current().1;
+        let proxy = table.pool(p).is_some_and(|e| e.proxy);
+        let opened = self.f.direct.as_ref().map(|d| d.open(p));
+        let (conn, connected) = match opened {
+            Some(Ok(o)) => o,
+            other => {
+                if let Some(Err(e)) = other {
+                    log::warn!("TLS to socket pool {p}: {e}");
+                }
+                let why = "the application pool cannot be reached";
+                c.then = refuse(layer, &mut c.out, 503, why, &self.f.stats);
+                self.flush(token);
+                return;
+            }
+        };
+        let mut first = Vec::new();
+        if proxy {
+            let fd = c.fd.as_raw_fd();
+            if let (Some(client), Some(local)) = (
+                sluice_proto::sockaddr::peer(fd),
+                sluice_proto::sockaddr::local(fd),
+            ) {
+                first = crate::relay::proxy_header(client, local);
+            }
+        }
+        first.append(&mut c.plain);
+        if let Err(e) = self
+            .epoll
+            .add(conn.fd.as_raw_fd(), epoll::OUT | epoll::RDHUP, token | UP)
+        {
+            log::warn!("TLS to socket pool {p}: epoll: {e}");
+            self.close(token);
+            return;
+        }
+        let mut up = Upstream::new(conn, connected, first);
+        up.mask = epoll::OUT | epoll::RDHUP;
+        c.up = Some(Box::new(up));
+        c.then = Then::Relaying;
+        c.deadline = Instant::now() + self.f.idle_timeout;
+        TlsStats::add(&self.f.stats.relayed);
+        self.pump(token);
+    }
+
+    fn on_pool(&mut self, token: u64, bits: u32) {
+        let Some(up) = self.conns.get_mut(&token).and_then(|c| c.up.as_mut()) else {
+            return;
+        };
+        if !up.connected && bits & (epoll::OUT | epoll::ENDED) != 0 {
+            match crate::sockets::connect_result(up.conn.fd.as_raw_fd()) {
+                Ok(()) => up.connected = true,
+                Err(e) => {
+                    log::warn!("TLS to a socket pool: connecting into its queue: {e}");
+                    self.close(token);
+                    return;
+                }
+            }
+        }
+        // A pool side that is gone is read to its end whatever the client's backlog: its
+        // readiness would not go away.
+        self.pump_draining(token, bits & epoll::GONE != 0);
+    }
+
+    fn pump(&mut self, token: u64) {
+        self.pump_draining(token, false);
+    }
+
+    /// Moves plaintext both ways between a relayed connection and its pool.
+    fn pump_draining(&mut self, token: u64, drain: bool) {
+        let Some(c) = self.conns.get_mut(&token) else {
+            return;
+        };
+        let (Phase::Open(layer), Some(up)) = (&mut c.phase, c.up.as_mut()) else {
+            return;
+        };
+        if let Err(e) = up.write() {
+            log::debug!("TLS to a socket pool: {e}");
+            self.close(token);
+            return;
+        }
+        let pending = c.out.len() - c.sent;
+        let room = if drain {
+            usize::MAX
+        } else {
+            WINDOW.saturating_sub(pending)
+        };
+        let mut plain = Vec::new();
+        let read = if up.ended {
+            Ok(upstream::Read::Data)
+        } else {
+            up.read(&mut plain, room)
+        };
+        if !plain.is_empty() {
+            c.deadline = Instant::now() + self.f.idle_timeout;
+            if let Err(e) = layer.seal(&plain, &mut c.out) {
+                log::debug!("TLS to a socket pool: {e}");
+                self.close(token);
+                return;
+            }
+        }
+        match read {
+            Ok(upstream::Read::Data) => {}
+            Ok(upstream::Read::Ended) => {
+                // The server closed: the client gets the rest and our close_notify; the
+                // pool's side leaves the set (it would stay readable).
+                self.epoll.delete(up.conn.fd.as_raw_fd());
+                let _ = layer.seal_alert(0, &mut c.out);
+                c.then = Then::Close;
+            }
+            Err(e) => {
+                log::debug!("TLS to a socket pool: {e}");
+                self.close(token);
+                return;
+            }
+        }
+        self.settle(token);
+        self.flush(token);
+    }
 }
 
 /// Seals a refusal and a close_notify; the connection closes once they are sent.

@@ -67,9 +67,14 @@ pub struct Done {
 
 /// The length of the whole record at the start of `buf`, once it is all there.
 pub fn record_len(buf: &[u8]) -> Option<usize> {
-    let header = buf.get(..5)?;
-    let len = 5 + u16::from_be_bytes([header[3], header[4]]) as usize;
+    let len = declared_len(buf)?;
     (buf.len() >= len).then_some(len)
+}
+
+/// The length, header included, that the record at the start of `buf` says it has.
+fn declared_len(buf: &[u8]) -> Option<usize> {
+    let header = buf.get(..5)?;
+    Some(5 + u16::from_be_bytes([header[3], header[4]]) as usize)
 }
 
 impl Handshake {
@@ -88,6 +93,13 @@ impl Handshake {
         let result = loop {
             if !self.conn.is_handshaking() {
                 break Ok(());
+            }
+            if declared_len(&input[taken..]).is_some_and(|n| n > sluice_tls::MAX_RECORD) {
+                // Never completes within the input the loop keeps: refused now, not at the
+                // header timeout.
+                break Err(rustls::Error::General(
+                    "a record larger than TLS allows".into(),
+                ));
             }
             let Some(len) = record_len(&input[taken..]) else {
                 break Ok(());

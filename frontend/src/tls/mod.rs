@@ -10,6 +10,7 @@
 pub mod certs;
 mod event_loop;
 mod handshake;
+mod upstream;
 
 use std::{
     io,
@@ -39,6 +40,8 @@ pub struct TlsStats {
     pub refused: AtomicU64,
     /// Sessions a worker handed back.
     pub handed_back: AtomicU64,
+    /// Connections joined to a socket pool (plaintext to it, sealed back).
+    pub relayed: AtomicU64,
 }
 
 /// Everything the TLS thread works with; it owns none of the fds but its connections'.
@@ -54,6 +57,8 @@ pub struct TlsFront {
     pub header_timeout: Duration,
     pub idle_timeout: Duration,
     pub stats: Arc<TlsStats>,
+    /// Connections into socket pools' queues (None without socket pools).
+    pub direct: Option<Arc<crate::direct::Direct>>,
     /// Readable (eventfd) when the thread must stop.
     pub stop: RawFd,
 }

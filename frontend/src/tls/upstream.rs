@@ -1,0 +1,129 @@
+//! A socket pool's side of a TLS connection. A socket pool's server reads plaintext from its
+//! listening socket and knows nothing of sessions, so the TLS thread opens a connection of
+//! the front end's own into the pool's queue (`crate::direct`, as the relay does for plain
+//! connections), writes the plaintext it opens there and seals what comes back. Each side's
+//! backlog is bounded by `WINDOW`: past it, the other side is not read.
+
+use std::{io, os::fd::AsRawFd};
+
+use crate::direct::DirectConn;
+
+/// Bytes waiting for one side before the other is no longer read.
+pub const WINDOW: usize = 256 * 1024;
+const CHUNK: usize = 16 * 1024;
+
+pub struct Upstream {
+    pub conn: DirectConn,
+    pub connected: bool,
+    /// Plaintext for the pool, and how much of it is written.
+    out: Vec<u8>,
+    sent: usize,
+    /// The client is done sending: our write side to the pool shuts once `out` is written.
+    pub client_done: bool,
+    shut: bool,
+    /// The pool's server closed its side.
+    pub ended: bool,
+    /// The events registered for it now.
+    pub mask: u32,
+}
+
+/// What reading the pool gave.
+pub enum Read {
+    /// Plaintext for the client (maybe none yet).
+    Data,
+    /// The pool's server closed.
+    Ended,
+}
+
+impl Upstream {
+    pub fn new(conn: DirectConn, connected: bool, first: Vec<u8>) -> Upstream {
+        Upstream {
+            conn,
+            connected,
+            out: first,
+            sent: 0,
+            client_done: false,
+            shut: false,
+            ended: false,
+            mask: 0,
+        }
+    }
+
+    /// Plaintext not yet written to the pool.
+    pub fn backlog(&self) -> usize {
+        self.out.len() - self.sent
+    }
+
+    pub fn push(&mut self, plain: &[u8]) {
+        if self.sent == self.out.len() {
+            self.out.clear();
+            self.sent = 0;
+        }
+        self.out.extend_from_slice(plain);
+    }
+
+    /// Writes what it can; shuts the pool's side once the client is done and all is written.
+    pub fn write(&mut self) -> io::Result<()> {
+        if !self.connected {
+            return Ok(());
+        }
+        while self.sent < self.out.len() {
+            let rest = &self.out[self.sent..];
+            // SAFETY: sends from a live buffer on a connection we own.
+            let n = unsafe {
+                libc::send(
+                    self.conn.fd.as_raw_fd(),
+                    rest.as_ptr().cast(),
+                    rest.len(),
+                    libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+                )
+            };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.raw_os_error() == Some(libc::EAGAIN) {
+                    return Ok(());
+                }
+                return Err(e);
+            }
+            self.sent += n as usize;
+        }
+        self.out.clear();
+        self.sent = 0;
+        if self.client_done && !self.shut {
+            self.shut = true;
+            // SAFETY: shutdown of the write side of a connection we own.
+            unsafe { libc::shutdown(self.conn.fd.as_raw_fd(), libc::SHUT_WR) };
+        }
+        Ok(())
+    }
+
+    /// Reads the pool's answer into `plain` while `room` allows.
+    pub fn read(&mut self, plain: &mut Vec<u8>, room: usize) -> io::Result<Read> {
+        while self.connected && plain.len() < room {
+            let start = plain.len();
+            plain.resize(start + CHUNK, 0);
+            // SAFETY: reads into the live, just-grown tail of `plain`.
+            let n = unsafe {
+                libc::recv(
+                    self.conn.fd.as_raw_fd(),
+                    plain[start..].as_mut_ptr().cast(),
+                    CHUNK,
+                    0,
+                )
+            };
+            plain.truncate(start + n.max(0) as usize);
+            if n == 0 {
+                self.ended = true;
+                return Ok(Read::Ended);
+            }
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.raw_os_error() == Some(libc::EAGAIN) {
+                    break;
+                }
+                return Err(e);
+            }
+        }
+        Ok(Read::Data)
+    }
+}
