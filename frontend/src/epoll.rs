@@ -98,3 +98,29 @@ pub fn set_nonblocking(fd: RawFd, on: bool) {
         libc::fcntl(fd, libc::F_SETFL, fl);
     }
 }
+
+/// Sends `buf[*sent..]` on a non-blocking socket; true once all of it is sent, false when the
+/// socket takes no more for now.
+pub fn send_pending(fd: RawFd, buf: &[u8], sent: &mut usize) -> io::Result<bool> {
+    while *sent < buf.len() {
+        let rest = &buf[*sent..];
+        // SAFETY: sends from a live buffer on a socket the caller holds.
+        let n = unsafe {
+            libc::send(
+                fd,
+                rest.as_ptr().cast(),
+                rest.len(),
+                libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+            )
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EAGAIN) {
+                return Ok(false);
+            }
+            return Err(e);
+        }
+        *sent += n as usize;
+    }
+    Ok(true)
+}

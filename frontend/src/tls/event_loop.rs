@@ -538,27 +538,16 @@ impl Loop {
         let Some(c) = self.conns.get_mut(&token) else {
             return;
         };
-        while c.sent < c.out.len() {
-            let rest = &c.out[c.sent..];
-            // SAFETY: sends from a live buffer on a connection we own.
-            let n = unsafe {
-                libc::send(
-                    c.fd.as_raw_fd(),
-                    rest.as_ptr().cast(),
-                    rest.len(),
-                    libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
-                )
-            };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                if e.raw_os_error() == Some(libc::EAGAIN) {
-                    self.settle(token);
-                    return;
-                }
+        match epoll::send_pending(c.fd.as_raw_fd(), &c.out, &mut c.sent) {
+            Ok(true) => {}
+            Ok(false) => {
+                self.settle(token);
+                return;
+            }
+            Err(_) => {
                 self.close(token);
                 return;
             }
-            c.sent += n as usize;
         }
         c.out.clear();
         c.sent = 0;

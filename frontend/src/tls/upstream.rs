@@ -67,25 +67,8 @@ impl Upstream {
         if !self.connected {
             return Ok(());
         }
-        while self.sent < self.out.len() {
-            let rest = &self.out[self.sent..];
-            // SAFETY: sends from a live buffer on a connection we own.
-            let n = unsafe {
-                libc::send(
-                    self.conn.fd.as_raw_fd(),
-                    rest.as_ptr().cast(),
-                    rest.len(),
-                    libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
-                )
-            };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                if e.raw_os_error() == Some(libc::EAGAIN) {
-                    return Ok(());
-                }
-                return Err(e);
-            }
-            self.sent += n as usize;
+        if !crate::epoll::send_pending(self.conn.fd.as_raw_fd(), &self.out, &mut self.sent)? {
+            return Ok(());
         }
         self.out.clear();
         self.sent = 0;
