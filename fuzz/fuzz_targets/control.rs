@@ -22,7 +22,14 @@ fuzz_target!(|data: &[u8]| {
             ToFrontend::Access(lines) => {
                 for l in lines.lines() {
                     if let Some(e) = sluice_proto::access::Entry::decode(l) {
-                        for t in [e.method, e.target, e.protocol, e.host, e.referer, e.user_agent] {
+                        for t in [
+                            e.method,
+                            e.target,
+                            e.protocol,
+                            e.host,
+                            e.referer,
+                            e.user_agent,
+                        ] {
                             assert!(sluice_proto::access::is_clean(t) || t.is_empty());
                         }
                     }

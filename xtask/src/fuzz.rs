@@ -13,7 +13,13 @@ use anyhow::{Context, Result, bail};
 
 use crate::{root, run};
 
-const TARGETS: [&str; 4] = ["dispatcher_head", "canonicalize", "worker_http", "control"];
+const TARGETS: [&str; 5] = [
+    "dispatcher_head",
+    "canonicalize",
+    "worker_http",
+    "control",
+    "tls_session",
+];
 /// Seconds one input may run before libFuzzer calls it a hang (its default is 20 minutes).
 const HANG_SECONDS: u64 = 10;
 
