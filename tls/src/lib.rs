@@ -14,6 +14,6 @@ mod session;
 
 pub use record::{
     CONTENT_ALERT, CONTENT_APPLICATION_DATA, CONTENT_HANDSHAKE, MAX_PLAINTEXT, MAX_RECORD, Opened,
-    RecordError, RecordLayer,
+    Received, RecordError, RecordLayer,
 };
 pub use session::{Direction, Protocol, Session, SessionError, Suite};

@@ -38,6 +38,16 @@ pub enum Opened {
     Handshake(u8),
 }
 
+/// What the records `RecordLayer::open_all` opened said, beside their data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Received {
+    Open,
+    /// The peer sent close_notify (or another alert): answer with ours and close.
+    Closed,
+    /// Broken or unexpected input: its alert is sealed; close once it is sent.
+    Failed(RecordError),
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum RecordError {
     #[error("a TLS record did not decrypt (bad_record_mac)")]
@@ -240,6 +250,49 @@ impl RecordLayer {
             other => return Err(RecordError::Unexpected(other)),
         };
         Ok(Some((consumed, opened)))
+    }
+
+    /// Opens every complete record at the start of `input` (drained as they are opened),
+    /// giving their data to `data`. A KeyUpdate that asks for one is answered onto `out`;
+    /// broken or unexpected input gets its alert sealed onto `out`. The one reading of
+    /// records after the handshake, for the front end and the workers alike.
+    pub fn open_all(
+        &mut self,
+        input: &mut Vec<u8>,
+        out: &mut Vec<u8>,
+        mut data: impl FnMut(&[u8]),
+    ) -> Received {
+        let mut at = 0;
+        let mut said = Received::Open;
+        while said == Received::Open {
+            let step = match self.open(&mut input[at..]) {
+                Ok(None) => break,
+                Ok(Some((n, opened))) => {
+                    at += n;
+                    match opened {
+                        Opened::Data(r) => {
+                            data(&input[at - n + r.start..at - n + r.end]);
+                            Ok(())
+                        }
+                        Opened::Alert { .. } => {
+                            said = Received::Closed;
+                            Ok(())
+                        }
+                        Opened::KeyUpdate { requested: true } => self.seal_key_update(out),
+                        Opened::KeyUpdate { requested: false } => Ok(()),
+                        // Nothing else comes after a handshake that asked for nothing more.
+                        Opened::Handshake(_) => Err(RecordError::Unexpected(CONTENT_HANDSHAKE)),
+                    }
+                }
+                Err(e) => Err(e),
+            };
+            if let Err(e) = step {
+                let _ = self.seal_alert(e.alert(), out);
+                said = Received::Failed(e);
+            }
+        }
+        input.drain(..at);
+        said
     }
 
     /// Appends `plaintext` to `out` as application-data records.

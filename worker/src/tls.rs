@@ -2,7 +2,7 @@
 //! layer (`sluice_tls`), so the HTTP machine sees plaintext in and writes plaintext out as on
 //! any connection. Ciphertext has buffers of its own; records are opened in place.
 
-use sluice_tls::{Opened, RecordError, RecordLayer, Session};
+use sluice_tls::{Received, RecordLayer, Session};
 
 /// What the records received so far said, beside their data.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,44 +49,18 @@ impl TlsConn {
 
     /// Opens the complete records received, appending their data to `plain`.
     pub fn open(&mut self, plain: &mut Vec<u8>) -> Input {
-        let mut at = 0;
-        let mut said = Input::Open;
-        while said == Input::Open {
-            match self.layer.open(&mut self.input[at..]) {
-                Ok(None) => break,
-                Ok(Some((n, opened))) => {
-                    match opened {
-                        Opened::Data(r) => {
-                            plain.extend_from_slice(&self.input[at + r.start..at + r.end])
-                        }
-                        Opened::Alert { .. } => said = Input::Closed,
-                        Opened::KeyUpdate { requested: true } => {
-                            if let Err(e) = self.layer.seal_key_update(&mut self.out) {
-                                said = self.fail(e);
-                            }
-                        }
-                        Opened::KeyUpdate { requested: false } => {}
-                        // Nothing else comes after a handshake we did not ask for.
-                        Opened::Handshake(_) => {
-                            said = self.fail(RecordError::Unexpected(sluice_tls::CONTENT_HANDSHAKE))
-                        }
-                    }
-                    at += n;
-                }
-                Err(e) => said = self.fail(e),
+        match self.layer.open_all(&mut self.input, &mut self.out, |d| {
+            plain.extend_from_slice(d)
+        }) {
+            Received::Open => Input::Open,
+            Received::Closed => Input::Closed,
+            Received::Failed(e) => {
+                log::debug!("a TLS connection: {e}");
+                // Its alert is sealed: nothing more is.
+                self.notified = true;
+                Input::Failed
             }
         }
-        self.input.drain(..at);
-        said
-    }
-
-    fn fail(&mut self, e: RecordError) -> Input {
-        log::debug!("a TLS connection: {e}");
-        if !self.notified {
-            self.notified = true;
-            let _ = self.layer.seal_alert(e.alert(), &mut self.out);
-        }
-        Input::Failed
     }
 
     /// Seals `plain` (the HTTP machine's output) onto `out`; `last`: close_notify after it.
@@ -95,7 +69,9 @@ impl TlsConn {
             return;
         }
         if let Err(e) = self.layer.seal(plain, &mut self.out) {
-            self.fail(e);
+            log::debug!("a TLS connection: {e}");
+            self.notified = true;
+            let _ = self.layer.seal_alert(e.alert(), &mut self.out);
             return;
         }
         if last {

@@ -11,7 +11,7 @@ use std::{
 };
 
 use sluice_proto::{access::Arrival, handoff};
-use sluice_tls::{Opened, RecordLayer, Session};
+use sluice_tls::{Received, RecordLayer, Session};
 
 use super::{
     TlsFront, TlsStats,
@@ -407,53 +407,20 @@ impl Loop {
         let Phase::Open(layer) = &mut c.phase else {
             return;
         };
-        let mut at = 0;
-        let mut failed = None;
-        let mut peer_closed = false;
-        loop {
-            match layer.open(&mut c.input[at..]) {
-                Ok(None) => break,
-                Ok(Some((n, opened))) => {
-                    match opened {
-                        Opened::Data(r) => {
-                            let data = &c.input[at + r.start..at + r.end];
-                            match c.up.as_mut() {
-                                Some(up) => up.push(data),
-                                None => c.plain.extend_from_slice(data),
-                            }
-                        }
-                        Opened::Alert { .. } => peer_closed = true,
-                        Opened::KeyUpdate { requested } => {
-                            if requested {
-                                if let Err(e) = layer.seal_key_update(&mut c.out) {
-                                    failed = Some(e);
-                                }
-                            }
-                        }
-                        Opened::Handshake(_) => {
-                            failed = Some(sluice_tls::RecordError::Unexpected(
-                                sluice_tls::CONTENT_HANDSHAKE,
-                            ))
-                        }
-                    }
-                    at += n;
-                    if peer_closed || failed.is_some() {
-                        break;
-                    }
-                }
-                Err(e) => {
-                    failed = Some(e);
-                    break;
-                }
+        let (plain, up) = (&mut c.plain, &mut c.up);
+        let said = layer.open_all(&mut c.input, &mut c.out, |d| match up.as_mut() {
+            Some(up) => up.push(d),
+            None => plain.extend_from_slice(d),
+        });
+        let peer_closed = match said {
+            Received::Open => false,
+            Received::Closed => true,
+            Received::Failed(e) => {
+                log::debug!("a TLS connection: {e}");
+                c.then = Then::Close;
+                return;
             }
-        }
-        c.input.drain(..at);
-        if let Some(e) = failed {
-            log::debug!("a TLS connection: {e}");
-            let _ = layer.seal_alert(e.alert(), &mut c.out);
-            c.then = Then::Close;
-            return;
-        }
+        };
         if let Some(up) = c.up.as_mut() {
             // Relaying: the client's close_notify ends its direction only; the pool's
             // answer still comes back.
