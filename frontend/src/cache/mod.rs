@@ -74,6 +74,17 @@ pub enum Keep {
     Close,
 }
 
+impl Keep {
+    /// What a request that asked to close (`close`), in HTTP/1.0 or not, is answered with.
+    pub fn of(close: bool, http10: bool) -> Keep {
+        match (close, http10) {
+            (true, _) => Keep::Close,
+            (false, true) => Keep::Http10,
+            (false, false) => Keep::Http11,
+        }
+    }
+}
+
 /// An answer's bytes: shared with the entry that rendered it, or made for this answer alone.
 #[derive(Debug, Clone)]
 pub enum Answer {

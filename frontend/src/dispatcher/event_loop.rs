@@ -16,7 +16,7 @@ use std::{
 use io_uring::{IoUring, cqueue, opcode, squeue, types};
 
 use crate::access_log::Record;
-use crate::cache::{Answer, Keep, Lookup};
+use crate::cache::Answer;
 use sluice_common::MAX_POOLS;
 use sluice_proto::access::{self, Arrival};
 use sluice_proto::site::local_address_of;
@@ -680,17 +680,10 @@ impl Loop {
             let seen = head::inspect(buf, &self.d.limits, routes, local);
             // The cache first: an entry a pool published answers requests routed there, a
             // static entry any request for its host and path.
-            let answer = seen.cache.as_ref().filter(|_| !asked).and_then(|q| {
-                let lookup = Lookup {
-                    host: &q.host,
-                    path: &q.path,
-                    accept_encoding: q.accept_encoding,
-                    head_only: q.head_only,
-                    keep: keep_of(seen.close, q.http10),
-                    routed: routed(&seen.decision),
-                };
-                self.d.cache.lock().ok()?.answer(&lookup, self.now)
-            });
+            let answer = seen
+                .lookup()
+                .filter(|_| !asked)
+                .and_then(|lookup| self.d.cache.lock().ok()?.answer(&lookup, self.now));
             if answer.is_some() {
                 self.memo.keep(buf, local, &seen);
             }
@@ -703,7 +696,7 @@ impl Loop {
         }
         self.uncount(slot);
         if let Some(bytes) = answer {
-            self.answer_cached(slot, bytes, routed(&decision), close, head_len);
+            self.answer_cached(slot, bytes, decision.pool(), close, head_len);
             return;
         }
         let decision = super::admit(decision, true, &self.table, &self.d.flags);
@@ -744,16 +737,8 @@ impl Loop {
         let Some(j) = self.memo.find(&c.buf[..c.filled], local) else {
             return Remembered::New;
         };
-        let lookup = Lookup {
-            host: &j.host,
-            path: &j.path,
-            accept_encoding: j.accept_encoding.as_deref(),
-            head_only: j.head_only,
-            keep: keep_of(j.close, j.http10),
-            routed: j.routed,
-        };
         let answer = match self.d.cache.lock() {
-            Ok(mut cache) => cache.answer(&lookup, self.now),
+            Ok(mut cache) => cache.answer(&j.lookup(), self.now),
             Err(_) => None,
         };
         let Some(bytes) = answer else {
@@ -1000,21 +985,6 @@ enum Remembered {
     NoAnswer,
     /// Not judged before.
     New,
-}
-
-fn keep_of(close: bool, http10: bool) -> Keep {
-    match (close, http10) {
-        (true, _) => Keep::Close,
-        (false, true) => Keep::Http10,
-        (false, false) => Keep::Http11,
-    }
-}
-
-fn routed(decision: &Decision) -> Option<PoolId> {
-    match decision {
-        Decision::Pool(p) => Some(*p),
-        _ => None,
-    }
 }
 
 fn incoming(slot: &mut Option<Box<handoff::Incoming>>) -> &mut handoff::Incoming {

@@ -49,6 +49,31 @@ pub struct Inspection<'b> {
     pub host: std::borrow::Cow<'b, str>,
 }
 
+impl Decision {
+    /// The pool a routed request goes to.
+    pub fn pool(&self) -> Option<PoolId> {
+        match self {
+            Decision::Pool(p) => Some(*p),
+            _ => None,
+        }
+    }
+}
+
+impl Inspection<'_> {
+    /// What the cache is asked for this request, if it may answer it.
+    pub fn lookup(&self) -> Option<crate::cache::Lookup<'_>> {
+        let q = self.cache.as_ref()?;
+        Some(crate::cache::Lookup {
+            host: &q.host,
+            path: &q.path,
+            accept_encoding: q.accept_encoding,
+            head_only: q.head_only,
+            keep: crate::cache::Keep::of(self.close, q.http10),
+            routed: self.decision.pool(),
+        })
+    }
+}
+
 /// `local`: the address the connection arrived on, for IP-bound routes (None: they do not
 /// match).
 pub fn decide(

@@ -32,6 +32,20 @@ pub struct Judged {
     pub routed: Option<PoolId>,
 }
 
+impl Judged {
+    /// What the cache is asked for the head (as `Inspection::lookup` asks it).
+    pub fn lookup(&self) -> crate::cache::Lookup<'_> {
+        crate::cache::Lookup {
+            host: &self.host,
+            path: &self.path,
+            accept_encoding: self.accept_encoding.as_deref(),
+            head_only: self.head_only,
+            keep: crate::cache::Keep::of(self.close, self.http10),
+            routed: self.routed,
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Slot {
     head: Vec<u8>,
@@ -60,11 +74,10 @@ impl HeadMemo {
         let Some(q) = seen.cache.as_ref() else {
             return;
         };
-        let routed = match seen.decision {
-            Decision::Pool(p) => Some(p),
-            Decision::Refuse(..) => None,
-            Decision::NeedMore => return,
-        };
+        if seen.decision == Decision::NeedMore {
+            return;
+        }
+        let routed = seen.decision.pool();
         if seen.head_len == 0 || seen.head_len > MAX_HEAD.min(buf.len()) {
             return;
         }

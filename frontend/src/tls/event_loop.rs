@@ -18,7 +18,6 @@ use super::{
     handshake::{Handshake, Step},
     upstream::{self, Upstream, WINDOW},
 };
-use crate::cache::{Keep, Lookup};
 use crate::dispatcher::{
     Held, PoolId,
     head::{self, Decision},
@@ -450,25 +449,9 @@ impl Loop {
                 c.then = refuse(layer, &mut c.out, 421, why, &self.f.stats);
                 return;
             }
-            let answer = seen.cache.as_ref().and_then(|q| {
-                let keep = match (seen.close, q.http10) {
-                    (true, _) => Keep::Close,
-                    (false, true) => Keep::Http10,
-                    (false, false) => Keep::Http11,
-                };
-                let lookup = Lookup {
-                    host: &q.host,
-                    path: &q.path,
-                    accept_encoding: q.accept_encoding,
-                    head_only: q.head_only,
-                    keep,
-                    routed: match seen.decision {
-                        Decision::Pool(p) => Some(p),
-                        _ => None,
-                    },
-                };
-                self.f.cache.lock().ok()?.answer(&lookup, Instant::now())
-            });
+            let answer = seen
+                .lookup()
+                .and_then(|lookup| self.f.cache.lock().ok()?.answer(&lookup, Instant::now()));
             if let Some(bytes) = answer {
                 TlsStats::add(&self.f.stats.cache_answers);
                 let (close, head_len) = (seen.close, seen.head_len);
