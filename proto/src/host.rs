@@ -20,12 +20,18 @@ impl<'a> Host<'a> {
     /// The name lower-cased, without its trailing dot: the form routes and cache keys
     /// compare. Borrowed when it already is (what clients almost always send).
     pub fn normalized(&self) -> Cow<'a, str> {
-        let n = self.name.strip_suffix('.').unwrap_or(self.name);
-        if n.bytes().any(|b| b.is_ascii_uppercase()) {
-            Cow::Owned(n.to_ascii_lowercase())
-        } else {
-            Cow::Borrowed(n)
-        }
+        normalize(self.name)
+    }
+}
+
+/// A host name lower-cased, without its trailing dot: how a `Host` and a ClientHello's SNI
+/// name are compared.
+pub fn normalize(name: &str) -> Cow<'_, str> {
+    let n = name.strip_suffix('.').unwrap_or(name);
+    if n.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(n.to_ascii_lowercase())
+    } else {
+        Cow::Borrowed(n)
     }
 }
 

@@ -66,7 +66,7 @@ impl Resolver {
 
     pub fn pick(&self, sni: Option<&str>) -> Option<Arc<CertifiedKey>> {
         let first = self.served.first().map(|(_, k)| k.clone());
-        let Some(name) = sni.map(|s| s.trim_end_matches('.').to_ascii_lowercase()) else {
+        let Some(name) = sni.map(|s| sluice_proto::host::normalize(s).into_owned()) else {
             return first;
         };
         let exact = self.served.iter().find(|(hosts, _)| hosts.contains(&name));

@@ -313,18 +313,17 @@ impl Loop {
             if matches!(c.phase, Phase::Lingering) {
                 c.input.clear();
             }
-            let start = c.input.len();
-            c.input.resize(start + 16 * 1024, 0);
-            // SAFETY: reads into the live, just-grown tail of the input buffer.
-            let n = unsafe {
-                libc::recv(
-                    c.fd.as_raw_fd(),
-                    c.input[start..].as_mut_ptr().cast(),
-                    16 * 1024,
-                    0,
-                )
-            };
-            c.input.truncate(start + n.max(0) as usize);
+            // Into the spare capacity: no zeroing of the room per read.
+            c.input.reserve(16 * 1024);
+            let spare = c.input.spare_capacity_mut();
+            // SAFETY: recv writes at most `spare.len()` bytes into the live spare capacity.
+            let n =
+                unsafe { libc::recv(c.fd.as_raw_fd(), spare.as_mut_ptr().cast(), spare.len(), 0) };
+            if n > 0 {
+                let len = c.input.len() + n as usize;
+                // SAFETY: the kernel initialized the `n` bytes after the old length.
+                unsafe { c.input.set_len(len) };
+            }
             if n == 0 {
                 ended = true;
                 break;

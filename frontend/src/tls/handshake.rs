@@ -157,7 +157,7 @@ impl Handshake {
         }
         let sni = conn
             .server_name()
-            .map(|s| s.trim_end_matches('.').to_ascii_lowercase());
+            .map(|s| sluice_proto::host::normalize(s).into_owned());
         let tls13 = conn.protocol_version() == Some(ProtocolVersion::TLSv1_3);
         let secrets = conn
             .dangerous_extract_secrets()
