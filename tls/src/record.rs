@@ -151,6 +151,15 @@ impl RecordLayer {
         }
     }
 
+    /// What a TLS connection crosses the handoff channel with: the session as it stands,
+    /// then the plaintext not yet served.
+    pub fn payload(&self, pending: &[u8], server_name: &str, plain: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(256 + pending.len() + plain.len());
+        self.session(pending, server_name).encode(&mut out);
+        out.extend_from_slice(plain);
+        out
+    }
+
     /// Opens the record at the start of `buf` in place. None: the record is not complete yet.
     /// Some((consumed, what)): the record took `consumed` bytes; application data is left in
     /// `buf` where `Opened::Data` says.

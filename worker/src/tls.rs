@@ -91,10 +91,6 @@ impl TlsConn {
     /// The handoff payload that gives the connection back: the session as it stands and the
     /// plaintext not served.
     pub fn hand_back_payload(&self, plain: &[u8]) -> Vec<u8> {
-        let session = self.layer.session(&self.input, &self.sni);
-        let mut payload = Vec::with_capacity(256 + self.input.len() + plain.len());
-        session.encode(&mut payload);
-        payload.extend_from_slice(plain);
-        payload
+        self.layer.payload(&self.input, &self.sni, plain)
     }
 }

@@ -539,10 +539,7 @@ impl Loop {
         let Some(entry) = table.pool(p) else {
             return;
         };
-        let session = layer.session(&c.input, &c.sni);
-        let mut payload = Vec::with_capacity(256 + c.input.len() + c.plain.len());
-        session.encode(&mut payload);
-        payload.extend_from_slice(&c.plain);
+        let payload = layer.payload(&c.input, &c.sni, &c.plain);
         let flags = handoff::routed_flags(c.arrival) | handoff::TLS;
         // Workers get connections as the dispatcher passes them: blocking.
         set_nonblocking(c.fd.as_raw_fd(), false);
