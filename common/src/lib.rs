@@ -56,10 +56,20 @@ pub const KIND_STRONG: u32 = 1 << 1;
 pub const KIND_NAMED: u32 = 1 << 2;
 /// Some route is bound to an IP address: the program reads the packet's destination.
 pub const KIND_IP: u32 = 1 << 3;
+/// Plain requests all get 308 to https (`redirect_https`): the program sends every new
+/// connection of a plain group to the dispatcher, which answers them.
+pub const KIND_REDIRECT: u32 = 1 << 4;
 /// `CONFIG[CFG_DIRECT]`: non-zero while the front end has connections of its own in
 /// `DIRECT` (the program skips reading the source address otherwise).
 pub const CFG_DIRECT: u32 = 2;
+/// `CONFIG[CFG_GROUP]`: what the group's listen address serves, `GROUP_PLAIN` or
+/// `GROUP_TLS`. A TLS group's slot 0 is the front end's TLS listener; the program reads the
+/// SNI name of the ClientHello in the first segment and steers only the names of
+/// `tls = "passthrough"` pools (its route maps hold only their routes, each for `/`).
+pub const CFG_GROUP: u32 = 3;
 pub const CFG_LEN: u32 = 4;
+pub const GROUP_PLAIN: u32 = 0;
+pub const GROUP_TLS: u32 = 1;
 pub const MODE_SYN: u32 = 0;
 pub const MODE_FIRST_SEGMENT: u32 = 1;
 
@@ -165,12 +175,27 @@ pub mod counter {
     pub const DIRECT: u32 = 15;
     /// Fallback: the route's pool takes its connections through the relay only.
     pub const RELAY_ONLY: u32 = 16;
+    /// Not a fallback: `redirect_https` sends every plain connection to the dispatcher.
+    pub const REDIRECT: u32 = 17;
+    /// Not a fallback: a TLS connection whose SNI name no passthrough pool serves goes to
+    /// the front end's own handshake.
+    pub const TLS_TERMINATED: u32 = 18;
+    /// Fallback (TLS group): the first segment does not start a ClientHello.
+    pub const NOT_HELLO: u32 = 19;
+    /// Fallback (TLS group): the ClientHello's SNI name is not within the first segment, or
+    /// comes after more extensions than the program walks.
+    pub const HELLO_INCOMPLETE: u32 = 20;
+    /// Fallback (TLS group): the ClientHello names no server.
+    pub const NO_SNI: u32 = 21;
+    /// Fallback (TLS group): the SNI name holds what a host name cannot, or is longer than
+    /// `HOST_KEY`.
+    pub const BAD_SNI: u32 = 22;
     /// Connections steered in the kernel to pool `i` count at `POOL_BASE + i`.
-    pub const POOL_BASE: u32 = 20;
+    pub const POOL_BASE: u32 = 32;
     pub const LEN: u32 = POOL_BASE + super::MAX_POOLS;
 
     /// Fallback counters and the names status reports them under.
-    pub const FALLBACKS: [(u32, &str); 12] = [
+    pub const FALLBACKS: [(u32, &str); 16] = [
         (NO_PAYLOAD, "no_payload"),
         (NOT_HTTP, "not_http"),
         (UNSAFE_PATH, "unsafe_path"),
@@ -183,5 +208,9 @@ pub mod counter {
         (HOST_TOO_LONG, "host_too_long"),
         (BAD_HOST, "bad_host"),
         (RELAY_ONLY, "relay_only"),
+        (NOT_HELLO, "not_hello"),
+        (HELLO_INCOMPLETE, "hello_incomplete"),
+        (NO_SNI, "no_sni"),
+        (BAD_SNI, "bad_sni"),
     ];
 }

@@ -15,6 +15,7 @@
 
 mod direct;
 mod gate;
+mod hello;
 mod host;
 mod parse;
 
@@ -27,7 +28,8 @@ use aya_ebpf::{
     programs::SkReuseportContext,
 };
 use sluice_common::{
-    CFG_LEN, CFG_MODE, CFG_ROUTES, DISPATCHER_SLOT, KIND_IP, KIND_NAMED, KIND_STRONG,
+    CFG_GROUP, CFG_LEN, CFG_MODE, CFG_ROUTES, DISPATCHER_SLOT, GROUP_TLS, KIND_IP, KIND_NAMED,
+    KIND_REDIRECT, KIND_STRONG,
     LINE_WINDOW, MAX_CACHED_PATHS, MAX_POOLS, MAX_ROUTES, MAX_SITES, MODE_FIRST_SEGMENT,
     POOL_FLAG_RELAY, POOL_FLAG_STOPPED, PoolSlots, ROUTE_KEY, SITE_STRONG, SITE_WEAK, SOCKET_SLOTS, SiteKey,
     counter,
@@ -44,6 +46,9 @@ pub(crate) enum Verdict {
     Cached,
     /// A connection of the front end's own, for this pool (see `direct`).
     Direct(u32),
+    /// Not steered, and not a fallback (the counter says why): `redirect_https` on a plain
+    /// group, or a TLS connection for the front end's own handshake.
+    Front(u32),
 }
 
 const IPPROTO_TCP: u32 = 6;
@@ -181,6 +186,25 @@ fn route_request(ctx: &SkReuseportContext, scratch: &mut Scratch, n: usize, end:
     }
 }
 
+/// The passthrough pool of the SNI name in `scratch.site`: a TLS group's route maps hold
+/// only passthrough routes, each for the path `/`.
+#[inline(always)]
+fn route_server_name(scratch: &mut Scratch) -> Verdict {
+    let live = live_routes();
+    scratch.key.data = [0; sluice_common::ROUTE_KEY];
+    scratch.key.data[sluice_common::SITE_ID_BYTES] = b'/';
+    scratch.key.prefix_len = ((sluice_common::SITE_ID_BYTES + 1) * 8) as u32;
+    if let Some(pool) = route_named(live, scratch) {
+        return Verdict::Pool(pool);
+    }
+    if host::to_wildcard(scratch) {
+        if let Some(pool) = route_named(live, scratch) {
+            return Verdict::Pool(pool);
+        }
+    }
+    Verdict::Front(counter::TLS_TERMINATED)
+}
+
 #[inline(always)]
 fn mode() -> u32 {
     CONFIG.get(CFG_MODE).copied().unwrap_or(0)
@@ -188,7 +212,7 @@ fn mode() -> u32 {
 
 /// Reads `len` bytes at `off` (offset 0 = the TCP header) into `dst`.
 #[inline(always)]
-fn load(ctx: &SkReuseportContext, off: u32, dst: *mut u8, len: u32) -> bool {
+pub(crate) fn load(ctx: &SkReuseportContext, off: u32, dst: *mut u8, len: u32) -> bool {
     // SAFETY: `dst` points at `len` writable bytes (a stack array or the scratch map value);
     // aya-ebpf has no safe wrapper for this helper on sk_reuseport contexts.
     unsafe { bpf_skb_load_bytes(ctx.as_ptr(), off, dst.cast(), len) >= 0 }
@@ -212,6 +236,10 @@ fn classify(ctx: &SkReuseportContext) -> Verdict {
             return Verdict::Direct(pool);
         }
     }
+    let tls = CONFIG.get(CFG_GROUP).copied().unwrap_or(0) == GROUP_TLS;
+    if !tls && live_routes() & KIND_REDIRECT != 0 {
+        return Verdict::Front(counter::REDIRECT);
+    }
     let doff = ((th[12] >> 4) as u32) * 4;
     let syn = th[13] & 0x02 != 0;
     if len <= doff {
@@ -233,6 +261,12 @@ fn classify(ctx: &SkReuseportContext) -> Verdict {
     };
     // SAFETY: the per-CPU scratch value is ours for the duration of this program run.
     let scratch = unsafe { &mut *scratch };
+    if tls {
+        return match hello::server_name(ctx, doff, len, scratch) {
+            Ok(()) => route_server_name(scratch),
+            Err(reason) => Verdict::Fallback(reason),
+        };
+    }
     // The payload is not in the linear area: it has to be copied out with the helper.
     if !load(ctx, doff, scratch.line.as_mut_ptr(), n) {
         return Verdict::Fallback(counter::NOT_HTTP);
@@ -277,6 +311,10 @@ fn steer_new(ctx: &SkReuseportContext) -> u32 {
         }
         Verdict::Cookie => {
             bump(counter::SYN_COOKIE);
+            return to_dispatcher(ctx);
+        }
+        Verdict::Front(why) => {
+            bump(why);
             return to_dispatcher(ctx);
         }
         Verdict::Fallback(reason) => {

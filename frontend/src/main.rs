@@ -252,7 +252,7 @@ fn real_main() -> Result<()> {
         } => {
             let c = config::Config::load(&config)?;
             // The ids a fresh front end gives the config's pools: their places in it.
-            let table = sluice::route::RouteTable::new(c.routes.iter().map(|r| {
+            let table = sluice::route::RouteTable::new(c.plain_routes().map(|r| {
                 let id = sluice::pool::PoolId::new(r.pool);
                 (r.site.clone(), r.prefix.clone(), id)
             }));

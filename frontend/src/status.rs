@@ -54,6 +54,14 @@ pub struct TlsStatus {
     /// Connections joined to a socket pool (decrypted to it, sealed back).
     #[serde(default)]
     pub relayed: u64,
+    /// Connections for passthrough pools whose ClientHello the front end read (the kernel
+    /// did not steer them: see the fallbacks), relayed untouched.
+    #[serde(default)]
+    pub passed_through: u64,
+    /// Connections for a passthrough pool that was stopped, removed or full: closed with
+    /// a TLS alert.
+    #[serde(default)]
+    pub passthrough_refused: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -148,6 +156,9 @@ pub struct DispatcherStatus {
     pub relays: u64,
     #[serde(default)]
     pub relays_failed: u64,
+    /// Requests answered 308 to https (`redirect_https`).
+    #[serde(default)]
+    pub redirects: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -161,6 +172,13 @@ pub struct KernelStatus {
     /// Connections whose first request is a cached path, sent to the front end's cache.
     #[serde(default)]
     pub cache_steered: u64,
+    /// `redirect_https`: plain connections sent to the dispatcher for their 308.
+    #[serde(default)]
+    pub redirected: u64,
+    /// TLS connections whose SNI name no passthrough pool serves, sent to the front end's
+    /// handshake.
+    #[serde(default)]
+    pub tls_terminated: u64,
 }
 
 impl Status {
@@ -301,6 +319,16 @@ impl Status {
                 self.kernel.cache_steered,
             ),
             (
+                "sluice_dispatcher_redirects_total",
+                "Requests answered 308 to https (redirect_https).",
+                self.dispatcher.redirects,
+            ),
+            (
+                "sluice_kernel_tls_terminated_total",
+                "TLS connections the kernel sent to the front end's handshake (no passthrough pool has their SNI name).",
+                self.kernel.tls_terminated,
+            ),
+            (
                 "sluice_foreign_listeners_total",
                 "Listeners that are not sluice's seen on its listen addresses.",
                 self.foreign_listeners,
@@ -328,6 +356,8 @@ impl Status {
                     ("cache_answers", t.cache_answers),
                     ("refused", t.refused),
                     ("relayed", t.relayed),
+                    ("passed_through", t.passed_through),
+                    ("passthrough_refused", t.passthrough_refused),
                 ]
                 .into_iter()
                 .map(|(what, n)| (format!("{{what=\"{what}\"}}"), n))
@@ -470,23 +500,26 @@ impl Status {
             .map(|(k, v)| format!("{k}={v}"))
             .collect();
         out.push_str(&format!(
-            "dispatcher: accepted={} refused: {} header_timeouts={} dropped_pending={} handed_back={}\n",
+            "dispatcher: accepted={} refused: {} header_timeouts={} dropped_pending={} handed_back={} redirects={}\n",
             self.dispatcher.accepted,
             refused.join(" "),
             self.dispatcher.header_timeouts,
             self.dispatcher.dropped_pending,
             self.dispatcher.handed_back,
+            self.dispatcher.redirects,
         ));
         out.push_str(&format!(
             "relays: open={} total={} failed={}\n",
             self.dispatcher.relays_open, self.dispatcher.relays, self.dispatcher.relays_failed
         ));
         out.push_str(&format!(
-            "kernel: program_runs={} syn_cookies={} ack_gate_drops={} cache_steered={}\n",
+            "kernel: program_runs={} syn_cookies={} ack_gate_drops={} cache_steered={} redirected={} tls_terminated={}\n",
             self.kernel.program_runs,
             self.kernel.syn_cookies,
             self.kernel.ack_gate_drops,
-            self.kernel.cache_steered
+            self.kernel.cache_steered,
+            self.kernel.redirected,
+            self.kernel.tls_terminated,
         ));
         out.push_str(&format!(
             "cache: entries={} bytes={} hits={} misses={}\n",

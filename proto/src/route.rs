@@ -131,6 +131,15 @@ impl<T: Copy> RouteTable<T> {
         table
     }
 
+    /// No route at all.
+    pub fn is_empty(&self) -> bool {
+        self.strong.0.is_empty()
+            && self.weak.0.is_empty()
+            && self.exact.is_empty()
+            && self.wildcard.is_empty()
+            && self.ip.is_empty()
+    }
+
     /// Where a request goes: the first kind of site with a matching prefix decides.
     pub fn lookup(&self, q: &Query<'_>) -> Option<T> {
         if let Some(pool) = self.strong.lookup(q.path) {

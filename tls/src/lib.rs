@@ -8,6 +8,7 @@
 //! (HKDF-Expand-Label, RFC 8446 §7.2). Those secrets protect this session only, which the
 //! pool reads in plaintext anyway; nothing of the certificate's key is in them.
 
+pub mod hello;
 mod record;
 mod schedule;
 mod session;

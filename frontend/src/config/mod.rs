@@ -230,6 +230,9 @@ struct RawServer {
     /// HTTPS addresses (the certificates are `[[tls.certificate]]`).
     #[serde(default)]
     listen_tls: Vec<String>,
+    /// Every plain-listener request gets 308 to its https URL.
+    #[serde(default)]
+    redirect_https: bool,
     #[serde(default = "default_steering")]
     steering: Steering,
     #[serde(default)]
@@ -308,6 +311,9 @@ struct RawPool {
     health: Option<worker::RawHealth>,
     proxy_protocol: Option<bool>,
     routing: Option<Routing>,
+    /// `"passthrough"`: TLS connections for this pool's hosts reach its own TLS server
+    /// untouched.
+    tls: Option<worker::PoolTls>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -616,6 +622,7 @@ impl Config {
                     health: p.health.as_ref(),
                     proxy_protocol: p.proxy_protocol,
                     routing: p.routing,
+                    passthrough: p.tls == Some(worker::PoolTls::Passthrough),
                     sluice_only,
                 },
                 &base,
@@ -699,7 +706,15 @@ impl Config {
             }
         }
 
-        for (pool, reason) in worker::shared_hosts(&pools, &routes) {
+        for (route, reason) in worker::passthrough_problems(&pools, &routes) {
+            bad(format!("route[{route}]"), reason);
+        }
+        let plain: Vec<Route> = routes
+            .iter()
+            .filter(|r| !pools.get(r.pool).is_some_and(|p| p.runs.passthrough))
+            .cloned()
+            .collect();
+        for (pool, reason) in worker::shared_hosts(&pools, &plain) {
             bad(format!("pool[{pool}].routing"), reason);
         }
 
@@ -874,11 +889,24 @@ impl Config {
 
         let tls = tls::check(
             &raw.server.listen_tls,
+            raw.server.redirect_https,
             &listen,
             &raw.tls,
             &base,
             &mut |k, r| bad(k, r),
         );
+        if tls.listen.is_empty() {
+            for (i, p) in pools.iter().enumerate() {
+                if p.runs.passthrough {
+                    bad(
+                        format!("pool[{i}].tls"),
+                        "passthrough needs server.listen_tls (the addresses whose \
+                         ClientHellos are read)"
+                            .into(),
+                    );
+                }
+            }
+        }
         if !problems.is_empty() {
             return Err(ConfigError::Invalid {
                 path: path.to_owned(),
@@ -943,6 +971,22 @@ impl Config {
 
     /// Names of pools no route leads to (served only if a later config routes to them).
     /// Some pool runs `worker = "socket"`: the front end relays to it.
+    /// The routes plain listeners route by (the kernel's plain groups, the dispatcher, the
+    /// workers' hand-backs): every route but those of passthrough pools.
+    pub fn plain_routes(&self) -> impl Iterator<Item = &Route> {
+        self.routes
+            .iter()
+            .filter(|r| !self.pools.get(r.pool).is_some_and(|p| p.runs.passthrough))
+    }
+
+    /// The routes of passthrough pools: SNI names (each for `/`) whose TLS connections go
+    /// to the pool untouched.
+    pub fn passthrough_routes(&self) -> impl Iterator<Item = &Route> {
+        self.routes
+            .iter()
+            .filter(|r| self.pools.get(r.pool).is_some_and(|p| p.runs.passthrough))
+    }
+
     pub fn has_socket_pools(&self) -> bool {
         self.pools.iter().any(|p| p.runs.kind == WorkerKind::Socket)
     }

@@ -39,10 +39,25 @@ pub struct TlsConfig {
     pub listen: Vec<SocketAddr>,
     /// The first also answers ClientHellos without SNI (or naming nothing listed).
     pub certificates: Vec<Certificate>,
+    /// `[server] redirect_https`: plain-listener requests get 308 to the https URL.
+    pub redirect_https: bool,
+}
+
+impl TlsConfig {
+    /// The port an https URL names for this front end: the first TLS listener's.
+    pub fn https_port(&self) -> Option<u16> {
+        self.listen.first().map(|a| a.port())
+    }
+
+    /// The port plain requests are redirected to, when `redirect_https` is on.
+    pub fn redirect_port(&self) -> Option<u16> {
+        self.https_port().filter(|_| self.redirect_https)
+    }
 }
 
 pub(super) fn check(
     listen_tls: &[String],
+    redirect_https: bool,
     plain: &[SocketAddr],
     raw: &RawTls,
     base: &Path,
@@ -109,8 +124,15 @@ pub(super) fn check(
             "server.listen_tls needs at least one [[tls.certificate]]".into(),
         );
     }
+    if redirect_https && listen_tls.is_empty() {
+        bad(
+            "server.redirect_https".into(),
+            "redirects to https need server.listen_tls".into(),
+        );
+    }
     TlsConfig {
         listen,
         certificates,
+        redirect_https,
     }
 }

@@ -38,6 +38,16 @@ pub enum Routing {
     Connection,
 }
 
+/// `tls` on a pool: who ends its TLS connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PoolTls {
+    /// The front end (the default): its certificates, the session handed to the pool.
+    Terminate,
+    /// The pool's own server: the connection reaches it untouched, steered by SNI.
+    Passthrough,
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawHealth {
@@ -70,6 +80,8 @@ pub struct Runs {
     /// Prepend a PROXY v2 header to connections the front end relays to the pool.
     pub proxy_protocol: bool,
     pub routing: Routing,
+    /// `tls = "passthrough"`: the pool's server ends TLS itself; its routes are SNI names.
+    pub passthrough: bool,
 }
 
 /// The raw keys `Runs` is made from.
@@ -79,6 +91,7 @@ pub(super) struct RawRuns<'a> {
     pub health: Option<&'a RawHealth>,
     pub proxy_protocol: Option<bool>,
     pub routing: Option<Routing>,
+    pub passthrough: bool,
     /// Keys that only the sluice-worker protocol uses, set for this pool.
     pub sluice_only: Vec<&'static str>,
 }
@@ -104,6 +117,20 @@ pub(super) fn runs(raw: RawRuns<'_>, base: &Path, bad: &mut dyn FnMut(&str, Stri
                 bad(key, "is for `worker = \"socket\"` pools".into());
             }
         }
+    }
+    if raw.passthrough && !socket {
+        bad(
+            "tls",
+            "passthrough gives the connection to the pool's own TLS server: it needs \
+             worker = \"socket\""
+                .into(),
+        );
+    }
+    if raw.passthrough && raw.health.is_some() {
+        bad(
+            "health",
+            "is a plain HTTP GET; a passthrough pool's server speaks TLS".into(),
+        );
     }
     let cwd = raw.cwd.map(|c| {
         let dir = if c.is_absolute() {
@@ -156,7 +183,50 @@ pub(super) fn runs(raw: RawRuns<'_>, base: &Path, bad: &mut dyn FnMut(&str, Stri
         health,
         proxy_protocol: raw.proxy_protocol.unwrap_or(false),
         routing: raw.routing.unwrap_or_default(),
+        passthrough: raw.passthrough,
     }
+}
+
+/// What is wrong with the routes of passthrough pools: the front end sees only the SNI
+/// name of their connections, so each route names a host (exact or `*.suffix`) and the
+/// prefix `/`, and no other pool routes that host. Returns (route index, reason).
+pub(super) fn passthrough_problems(pools: &[Pool], routes: &[Route]) -> Vec<(usize, String)> {
+    let passthrough = |r: &Route| pools.get(r.pool).is_some_and(|p| p.runs.passthrough);
+    let mut out = Vec::new();
+    for (i, r) in routes.iter().enumerate() {
+        if !passthrough(r) {
+            continue;
+        }
+        let named = matches!(
+            r.site,
+            sluice_proto::site::Site::Exact(_) | sluice_proto::site::Site::Wildcard(_)
+        );
+        if !named || r.prefix != "/" {
+            out.push((
+                i,
+                format!(
+                    "pool `{}` is tls = \"passthrough\": its routes name a host (SNI) and the \
+                     prefix `/`, since its connections are steered before any request is \
+                     read (this one is {} {})",
+                    pools[r.pool].name, r.site, r.prefix
+                ),
+            ));
+            continue;
+        }
+        for (j, other) in routes.iter().enumerate() {
+            if other.site == r.site && other.pool != r.pool {
+                out.push((
+                    j,
+                    format!(
+                        "host {} is passed through to pool `{}`'s own TLS server (route[{i}]); \
+                         no other pool can serve it",
+                        r.site, pools[r.pool].name
+                    ),
+                ));
+            }
+        }
+    }
+    out
 }
 
 /// A socket pool with `routing = "request"` that some connection could share with another

@@ -665,6 +665,10 @@ impl Loop {
                 c.local = local_address_of(c.fd);
             }
         }
+        if let Some(port) = self.table.redirect {
+            self.redirect(slot, port);
+            return;
+        }
         let asked = match self.answer_remembered(slot) {
             Remembered::Answered => return,
             Remembered::NoAnswer => true,
@@ -725,6 +729,43 @@ impl Loop {
             }
             Decision::Refuse(code, why) => self.refuse(slot, code, why),
             Decision::NeedMore => {}
+        }
+    }
+
+    /// `redirect_https`: a complete, valid head gets 308 to its https URL; a head that is
+    /// not one gets its refusal as on any plain connection.
+    fn redirect(&mut self, slot: usize, port: u16) {
+        let Some(c) = self.conns[slot].as_mut() else {
+            return;
+        };
+        let seen = head::inspect(&c.buf[..c.filled], &self.d.limits, &self.table.routes, None);
+        let location = match seen.decision {
+            Decision::NeedMore if c.filled < c.buf.len() => {
+                self.recv(slot);
+                return;
+            }
+            Decision::NeedMore => Err((431, "the request head is too large")),
+            Decision::Refuse(code, why) if seen.head_len == 0 => Err((code, why)),
+            // Routed or not: every request is redirected.
+            _ => {
+                if seen.host.is_empty() && c.local.is_none() {
+                    c.local = local_address_of(c.fd);
+                }
+                super::redirect::location(&seen.host, c.local, port, seen.path, seen.query)
+                    .ok_or((400, "a redirect to https needs a Host"))
+            }
+        };
+        self.uncount(slot);
+        match location {
+            Ok(location) => {
+                let answer = super::redirect::answer(&location);
+                self.d.stats.redirects.fetch_add(1, Ordering::Relaxed);
+                if self.d.access_log.is_some() {
+                    self.log_answer(slot, 308, answer_body_len(&answer), None);
+                }
+                self.start_reply(slot, Answer::Owned(answer), None);
+            }
+            Err((code, why)) => self.refuse(slot, code, why),
         }
     }
 

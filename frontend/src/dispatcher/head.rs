@@ -47,6 +47,9 @@ pub struct Inspection<'b> {
     pub close: bool,
     /// The request's normalized host (`sluice_proto::cache::key_host`; empty without one).
     pub host: std::borrow::Cow<'b, str>,
+    /// The raw path and query of the request-target (empty until the head is complete).
+    pub path: &'b str,
+    pub query: Option<&'b str>,
 }
 
 impl Decision {
@@ -100,6 +103,8 @@ pub fn inspect<'b>(
                 cache: None,
                 close: true,
                 host: Default::default(),
+                path: "",
+                query: None,
             };
         }
         Ok(Parsed::Complete(_, head)) => head,
@@ -110,6 +115,8 @@ pub fn inspect<'b>(
                 cache: None,
                 close: true,
                 host: Default::default(),
+                path: "",
+                query: None,
             };
         }
     };
@@ -136,6 +143,8 @@ pub fn inspect<'b>(
         cache,
         close: !head.keep_alive,
         host,
+        path: head.path,
+        query: head.query,
     }
 }
 

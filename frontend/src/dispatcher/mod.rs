@@ -7,6 +7,7 @@ mod event_loop;
 mod handoff;
 pub mod head;
 mod memo;
+mod redirect;
 
 use std::{
     io,
@@ -37,6 +38,8 @@ pub struct DispatchStats {
     pub handed_back: AtomicU64,
     /// Requests answered from the cache.
     pub cache_answers: AtomicU64,
+    /// Requests answered 308 to https (`redirect_https`).
+    pub redirects: AtomicU64,
 }
 
 const REFUSAL_CODES: [u16; 9] = [400, 408, 413, 414, 417, 431, 501, 503, 505];
@@ -123,6 +126,11 @@ pub struct PoolEntry {
 #[derive(Debug, Default)]
 pub struct Table {
     pub routes: RouteTable<PoolId>,
+    /// SNI names of passthrough pools (each for `/`): the TLS thread's fallback for what
+    /// the kernel did not steer.
+    pub passthrough: RouteTable<PoolId>,
+    /// `redirect_https`: plain requests get 308 to https on this port.
+    pub redirect: Option<u16>,
     /// By pool id; `None` for ids of removed pools.
     pub pools: Vec<Option<PoolEntry>>,
 }

@@ -88,6 +88,8 @@ struct Frontend {
     upgrade_error: Option<String>,
     /// An upgrade was asked for and passed its checks: done after this step.
     upgrade_due: bool,
+    /// The TLS listeners, each in slot 0 of its group, until the TLS thread starts.
+    tls_sockets: Vec<OwnedFd>,
     /// HTTPS: its listeners and the thread that serves them (none without `listen_tls`).
     tls: Option<TlsRt>,
     /// The front end's connections into socket pools' queues (the TLS thread's too).
@@ -317,8 +319,8 @@ impl Frontend {
                 }
             }
         }
-        let mut steering =
-            Steering::load(config.listen.len()).context("loading the steering programs")?;
+        let mut steering = Steering::load(config.listen.len(), config.tls.listen.len())
+            .context("loading the steering programs")?;
         steering.set_mode(match config.steering {
             Mode::Syn => MODE_SYN,
             Mode::FirstSegment => MODE_FIRST_SEGMENT,
@@ -337,6 +339,16 @@ impl Frontend {
             steering.attach(g, &d)?;
             steering.set_socket(g, DISPATCHER_SLOT, &d)?;
             dispatch_sockets.push(d);
+        }
+        // Per TLS listen address: the TLS thread's socket in slot 0 of its group, whose
+        // program steers passthrough pools' names by SNI.
+        let mut tls_sockets = Vec::new();
+        for (i, &addr) in config.tls.listen.iter().enumerate() {
+            let t = sockets::listener(addr, DISPATCHER_BACKLOG)?;
+            let g = steering.tls_group(i);
+            steering.attach(g, &t)?;
+            steering.set_socket(g, DISPATCHER_SLOT, &t)?;
+            tls_sockets.push(t);
         }
         let stats = Arc::new(DispatchStats::new(MAX_POOLS as usize));
         let flags = Arc::new(PoolFlags::new(MAX_POOLS as usize));
@@ -401,6 +413,7 @@ impl Frontend {
             upgrade_error: incoming.and_then(|i| i.failed.clone()),
             upgrade_due: false,
             tls: None,
+            tls_sockets,
             direct: config.has_socket_pools().then_some(direct),
             restore,
         };
@@ -415,7 +428,9 @@ impl Frontend {
         fe.install_routes(&config, &ids)?;
         if config.steering == Mode::FirstSegment {
             let ifaces = steering::interfaces_for(&config.listen)?;
-            let mut ports: Vec<u16> = config.listen.iter().map(|a| a.port()).collect();
+            let mut ports: Vec<u16> = (config.listen.iter().chain(&config.tls.listen))
+                .map(|a| a.port())
+                .collect();
             ports.sort_unstable();
             ports.dedup();
             fe.steering.attach_gate(&ifaces, &ports)?;
@@ -474,10 +489,7 @@ impl Frontend {
         }
         let secrets = Arc::new(crate::tls::Secrets::default());
         let server_config = tls_server_config(config, secrets.clone())?;
-        let mut sockets = Vec::new();
-        for &addr in &config.tls.listen {
-            sockets.push(sockets::listener(addr, DISPATCHER_BACKLOG)?);
-        }
+        let sockets = std::mem::take(&mut self.tls_sockets);
         let stop = eventfd()?;
         let stats = Arc::new(crate::tls::TlsStats::default());
         let shared = Arc::new(std::sync::Mutex::new(server_config));
@@ -493,6 +505,7 @@ impl Frontend {
             idle_timeout: config.limits.idle_timeout,
             stats: stats.clone(),
             direct: self.direct.clone(),
+            relay: Some(self.relay.clone()),
             stop: stop.as_raw_fd(),
         };
         let (inbox, thread) = crate::tls::spawn(front).context("starting the TLS thread")?;
@@ -525,21 +538,28 @@ impl Frontend {
     /// Routes of `config` (pool indexes mapped to ids by `ids`) into the kernel and the
     /// dispatcher, each switched at once.
     fn install_routes(&mut self, config: &Config, ids: &[Option<PoolId>]) -> Result<()> {
-        let routes: Vec<(Site, String, PoolId)> = config
-            .routes
-            .iter()
-            .filter_map(|r| Some((r.site.clone(), r.prefix.clone(), (*ids.get(r.pool)?)?)))
-            .collect();
-        let kernel: Vec<(Site, String, u32)> = routes
-            .iter()
-            .map(|(s, p, id)| (s.clone(), p.clone(), id.raw()))
-            .collect();
-        self.steering.set_routes(&kernel)?;
+        let with_ids = |routes: &mut dyn Iterator<Item = &crate::config::Route>| {
+            routes
+                .filter_map(|r| Some((r.site.clone(), r.prefix.clone(), (*ids.get(r.pool)?)?)))
+                .collect::<Vec<(Site, String, PoolId)>>()
+        };
+        let routes = with_ids(&mut config.plain_routes());
+        let passthrough = with_ids(&mut config.passthrough_routes());
+        let kernel = |routes: &[(Site, String, PoolId)]| -> Vec<(Site, String, u32)> {
+            routes
+                .iter()
+                .map(|(s, p, id)| (s.clone(), p.clone(), id.raw()))
+                .collect()
+        };
+        self.steering.set_routes(
+            &kernel(&routes),
+            &kernel(&passthrough),
+            config.tls.redirect_https,
+        )?;
         // Workers hand back requests that route elsewhere: they get the table too.
         self.routes_message = ToWorker::Routes(
             config
-                .routes
-                .iter()
+                .plain_routes()
                 .map(|r| RouteEntry {
                     site: r.site.clone(),
                     prefix: r.prefix.clone(),
@@ -550,6 +570,8 @@ impl Frontend {
         self.greet_workers();
         let table = dispatcher::Table {
             routes: crate::route::RouteTable::new(routes),
+            passthrough: crate::route::RouteTable::new(passthrough),
+            redirect: config.tls.redirect_port(),
             pools: self.pools.iter().map(|p| Some(p.entry())).collect(),
         };
         self.table.replace(table);

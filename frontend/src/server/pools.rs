@@ -143,7 +143,9 @@ impl PoolRt {
 }
 
 impl Frontend {
-    /// Opens a new pool's sockets in every group and registers it; returns its id.
+    /// Opens a new pool's sockets in every plain group (and, for a passthrough pool, every
+    /// TLS group: connections the front end relays to it come through group 0) and
+    /// registers it; returns its id.
     pub(super) fn add_pool(&mut self, pool: &config::Pool) -> Result<PoolId> {
         if self.pools.len() >= MAX_POOLS as usize {
             bail!(
@@ -159,7 +161,20 @@ impl Frontend {
             );
         }
         let mut listeners = Vec::new();
-        for (g, &addr) in self.config.listen.iter().enumerate() {
+        let tls: &[std::net::SocketAddr] = if pool.runs.passthrough {
+            &self.config.tls.listen
+        } else {
+            &[]
+        };
+        let groups: Vec<(usize, std::net::SocketAddr)> = (self.config.listen.iter().copied())
+            .enumerate()
+            .chain(
+                tls.iter()
+                    .enumerate()
+                    .map(|(i, &a)| (self.steering.tls_group(i), a)),
+            )
+            .collect();
+        for (g, addr) in groups {
             for k in 0..pool.sockets {
                 let backlog = pool.queue_length as i32;
                 let fd = match self

@@ -51,6 +51,14 @@ impl Frontend {
                         p.name
                     );
                 }
+                // Which groups hold its sockets follows from it.
+                if o.runs.passthrough != p.runs.passthrough {
+                    bail!(
+                        "pool[{i}].tls cannot change while sluice runs (pool {}); give the \
+                         pool another name to replace it",
+                        p.name
+                    );
+                }
             }
         }
         let added: Vec<usize> = (0..new.pools.len())

@@ -81,12 +81,15 @@ impl Frontend {
                 relays_open: self.relay.stats.open.load(Relaxed),
                 relays: self.relay.stats.started.load(Relaxed),
                 relays_failed: self.relay.stats.failed.load(Relaxed),
+                redirects: self.stats.redirects.load(Relaxed),
             },
             kernel: KernelStatus {
                 program_runs: counters.get(counter::RUNS),
                 syn_cookies: counters.get(counter::SYN_COOKIE),
                 ack_gate_drops: counters.get(counter::ACK_GATE_DROPS),
                 cache_steered: counters.get(counter::CACHED),
+                redirected: counters.get(counter::REDIRECT),
+                tls_terminated: counters.get(counter::TLS_TERMINATED),
             },
             cache: self.lock_cache().stats(),
             foreign_listeners: self.guard.foreign,
@@ -113,6 +116,8 @@ impl Frontend {
                     cache_answers: n(&t.stats.cache_answers),
                     refused: n(&t.stats.refused),
                     relayed: n(&t.stats.relayed),
+                    passed_through: n(&t.stats.passed_through),
+                    passthrough_refused: n(&t.stats.passthrough_refused),
                 }
             }),
         }

@@ -72,9 +72,12 @@ fn program_error(what: impl Into<String>) -> impl FnOnce(ProgramError) -> Steeri
     }
 }
 
-/// One loaded copy of the object per reuseport group.
+/// One loaded copy of the object per reuseport group: the plain listen addresses' first,
+/// then the TLS listen addresses'.
 pub struct Steering {
     groups: Vec<Ebpf>,
+    /// The index of the first TLS group.
+    tls_from: usize,
     gated: Vec<String>,
     /// Which of the two route maps is live.
     live_routes: u32,
@@ -83,10 +86,10 @@ pub struct Steering {
 }
 
 impl Steering {
-    /// Loads and verifies the programs for `groups` reuseport groups.
-    pub fn load(groups: usize) -> Result<Steering, SteeringError> {
-        let mut loaded = Vec::with_capacity(groups);
-        for g in 0..groups {
+    /// Loads and verifies the programs for `plain` reuseport groups, then `tls` TLS ones.
+    pub fn load(plain: usize, tls: usize) -> Result<Steering, SteeringError> {
+        let mut loaded = Vec::with_capacity(plain + tls);
+        for g in 0..plain + tls {
             // No kernel BTF: the programs need no CO-RE relocation, and parsing vmlinux's BTF
             // would cost tens of MiB of peak memory per copy.
             let mut ebpf = aya::EbpfLoader::new().btf(None).load(OBJECT)?;
@@ -98,10 +101,18 @@ impl Steering {
             prog.load().map_err(program_error(format!(
                 "verifying {STEER_PROGRAM} (group {g})"
             )))?;
+            if g >= plain {
+                maps::set_config(
+                    &mut ebpf,
+                    sluice_common::CFG_GROUP,
+                    sluice_common::GROUP_TLS,
+                )?;
+            }
             loaded.push(ebpf);
         }
         Ok(Steering {
             groups: loaded,
+            tls_from: plain,
             gated: Vec::new(),
             live_routes: 0,
             earlier: Counters::default(),
@@ -201,13 +212,33 @@ impl Steering {
     }
 
     /// Replaces the whole route table at once: the spare map is filled, then made live.
-    pub fn set_routes(&mut self, routes: &[(Site, String, u32)]) -> Result<(), SteeringError> {
+    /// Plain groups get `routes` (all sent to the dispatcher with `redirect`), TLS groups
+    /// the passthrough pools' (`passthrough`, each for `/`).
+    pub fn set_routes(
+        &mut self,
+        routes: &[(Site, String, u32)],
+        passthrough: &[(Site, String, u32)],
+        redirect: bool,
+    ) -> Result<(), SteeringError> {
         let next = 1 - self.live_routes;
-        let (sites, keyed, kinds) = kernel_routes(routes);
-        for e in &mut self.groups {
-            maps::fill_routes(e, next, &sites, &keyed)?;
+        let plain = kernel_routes(routes);
+        let tls = kernel_routes(passthrough);
+        let redirect = if redirect {
+            sluice_common::KIND_REDIRECT
+        } else {
+            0
+        };
+        let tls_from = self.tls_from;
+        for (g, e) in self.groups.iter_mut().enumerate() {
+            let (sites, keyed, _) = if g < tls_from { &plain } else { &tls };
+            maps::fill_routes(e, next, sites, keyed)?;
         }
-        for e in &mut self.groups {
+        for (g, e) in self.groups.iter_mut().enumerate() {
+            let kinds = if g < tls_from {
+                plain.2 | redirect
+            } else {
+                tls.2
+            };
             maps::set_config(e, sluice_common::CFG_ROUTES, next | kinds)?;
         }
         let old = self.live_routes;
@@ -221,9 +252,15 @@ impl Steering {
 
     /// Steers connections whose first request is `path` to the dispatcher (its cache), or not.
     pub fn set_cached(&mut self, path: &str, cached: bool) -> Result<(), SteeringError> {
-        self.groups
+        let tls_from = self.tls_from;
+        self.groups[..tls_from]
             .iter_mut()
             .try_for_each(|e| maps::set_cached(e, path, cached))
+    }
+
+    /// The group of TLS listen address `i`.
+    pub fn tls_group(&self, i: usize) -> usize {
+        self.tls_from + i
     }
 
     /// Zeroes a pool's kernel counter (a pool id that is used again).

@@ -11,7 +11,7 @@ use std::{
 };
 
 use sluice_proto::{access::Arrival, handoff};
-use sluice_tls::{Received, RecordLayer, Session};
+use sluice_tls::{Received, RecordLayer, Session, hello::Hello};
 
 use super::{
     TlsFront, TlsStats,
@@ -37,6 +37,9 @@ const MAX_INPUT: usize = 2 * sluice_tls::MAX_RECORD;
 const LINGER: Duration = Duration::from_secs(2);
 
 enum Phase {
+    /// Some pool is `tls = "passthrough"`: the ClientHello is read first, for its SNI name,
+    /// before any byte goes to a handshake.
+    Hello,
     Handshake(Box<Handshake>),
     Open(Box<RecordLayer>),
     /// Answered and closing: what the client still sends is read and dropped.
@@ -139,6 +142,7 @@ impl Loop {
         let Some(&listener) = self.f.listeners.get(index) else {
             return;
         };
+        let hello_first = !self.f.table.current().1.passthrough.is_empty();
         loop {
             // SAFETY: accept4 on our listener; the returned fd is owned right away.
             let fd = unsafe {
@@ -162,20 +166,17 @@ impl Loop {
             // SAFETY: a new descriptor from accept4, owned by nobody else.
             let fd = unsafe { OwnedFd::from_raw_fd(fd) };
             TlsStats::add(&self.f.stats.accepted);
-            let config = match self.f.config.lock() {
-                Ok(c) => c.clone(),
-                Err(p) => p.into_inner().clone(),
-            };
-            let handshake = match Handshake::new(config) {
-                Ok(h) => h,
-                Err(e) => {
-                    log::warn!("TLS: cannot start a handshake: {e}");
-                    continue;
+            let phase = if hello_first {
+                Phase::Hello
+            } else {
+                match self.handshake() {
+                    Some(h) => h,
+                    None => continue,
                 }
             };
             let conn = Conn {
                 fd,
-                phase: Phase::Handshake(Box::new(handshake)),
+                phase,
                 input: Vec::new(),
                 plain: Vec::new(),
                 out: Vec::new(),
@@ -190,6 +191,91 @@ impl Loop {
             };
             self.add(conn);
         }
+    }
+
+    /// A new handshake with the current certificates.
+    fn handshake(&self) -> Option<Phase> {
+        let config = match self.f.config.lock() {
+            Ok(c) => c.clone(),
+            Err(p) => p.into_inner().clone(),
+        };
+        match Handshake::new(config) {
+            Ok(h) => Some(Phase::Handshake(Box::new(h))),
+            Err(e) => {
+                log::warn!("TLS: cannot start a handshake: {e}");
+                None
+            }
+        }
+    }
+
+    /// The ClientHello read so far: a passthrough pool's name goes to that pool untouched
+    /// (`pass_through`); anything else goes on to the front end's handshake. False while
+    /// more of it is needed, or once the connection is passed on.
+    fn read_hello(&mut self, token: u64) -> bool {
+        let Some(c) = self.conns.get_mut(&token) else {
+            return false;
+        };
+        let name = match sluice_tls::hello::read(&c.input) {
+            Hello::Partial if c.input.len() < MAX_INPUT => return false,
+            Hello::Partial => None,
+            Hello::Done(name) => name,
+        };
+        let table = self.f.table.current().1;
+        let pool = name.as_deref().and_then(|host| {
+            table.passthrough.lookup(&sluice_proto::route::Query {
+                host: Some(host),
+                local: None,
+                path: "/",
+            })
+        });
+        if let Some(p) = pool {
+            self.pass_through(token, p, &table);
+            return false;
+        }
+        match self.handshake() {
+            Some(phase) => {
+                if let Some(c) = self.conns.get_mut(&token) {
+                    c.phase = phase;
+                }
+                true
+            }
+            None => {
+                self.close(token);
+                false
+            }
+        }
+    }
+
+    /// A passthrough pool's connection, with the bytes read of it, goes to the relay, which
+    /// puts a connection of the front end's own into the pool's queue (`crate::relay`). A
+    /// pool that cannot take it gets the client a fatal alert: without the pool's
+    /// certificate, no HTTP answer can be sealed.
+    fn pass_through(&mut self, token: u64, p: PoolId, table: &crate::dispatcher::Table) {
+        let admitted = crate::dispatcher::admit(Decision::Pool(p), false, table, &self.f.flags);
+        let relay = self.f.relay.as_ref();
+        if let (Decision::Pool(p), Some(relay)) = (admitted, relay) {
+            if let Some(c) = self.conns.remove(&token) {
+                self.epoll.delete(c.fd.as_raw_fd());
+                let job = crate::relay::Job {
+                    client: c.fd,
+                    bytes: c.input,
+                    pool: p,
+                    proxy: table.pool(p).is_some_and(|e| e.proxy),
+                };
+                if relay.send(job).is_ok() {
+                    TlsStats::add(&self.f.stats.passed_through);
+                }
+            }
+            return;
+        }
+        TlsStats::add(&self.f.stats.passthrough_refused);
+        if let Some(c) = self.conns.get_mut(&token) {
+            // A plaintext alert record: fatal (2), internal_error (80).
+            c.out
+                .extend_from_slice(&[sluice_tls::CONTENT_ALERT, 3, 3, 0, 2, 2, 80]);
+            c.then = Then::Close;
+        }
+        self.flush(token);
     }
 
     fn add(&mut self, mut conn: Conn) -> Option<u64> {
@@ -347,6 +433,14 @@ impl Loop {
 
     /// Moves the connection on with what it has received.
     fn drive(&mut self, token: u64) {
+        if self
+            .conns
+            .get(&token)
+            .is_some_and(|c| matches!(c.phase, Phase::Hello))
+            && !self.read_hello(token)
+        {
+            return;
+        }
         let Some(c) = self.conns.get_mut(&token) else {
             return;
         };

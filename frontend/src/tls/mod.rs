@@ -42,6 +42,12 @@ pub struct TlsStats {
     pub handed_back: AtomicU64,
     /// Connections joined to a socket pool (plaintext to it, sealed back).
     pub relayed: AtomicU64,
+    /// Connections for a passthrough pool the kernel did not steer (its ClientHello read
+    /// here), relayed to it untouched.
+    pub passed_through: AtomicU64,
+    /// Connections for a passthrough pool that is stopped, removed or full: closed with a
+    /// TLS alert.
+    pub passthrough_refused: AtomicU64,
 }
 
 /// Everything the TLS thread works with; it owns none of the fds but its connections'.
@@ -59,6 +65,8 @@ pub struct TlsFront {
     pub stats: Arc<TlsStats>,
     /// Connections into socket pools' queues (None without socket pools).
     pub direct: Option<Arc<crate::direct::Direct>>,
+    /// Carries passthrough connections the kernel did not steer to their pool.
+    pub relay: Option<crate::relay::Relay>,
     /// Readable (eventfd) when the thread must stop.
     pub stop: RawFd,
 }
