@@ -113,8 +113,10 @@ fn host_name(
     }
     scratch.site.kind = SITE_EXACT;
     scratch.site.name = [0; HOST_KEY];
-    // A length the verifier can bound to 1..=HOST_KEY.
-    let n = ((n - 1) & (HOST_KEY as u32 - 1)) + 1;
+    // A length the verifier can bound to 1..=HOST_KEY: read back from memory first, so
+    // LLVM cannot drop the mask as redundant with the checks above.
+    let n = crate::host::opaque(&mut scratch.tmp, n as usize) as u32;
+    let n = (n.wrapping_sub(1) & (HOST_KEY as u32 - 1)) + 1;
     if !load(ctx, off + 5, scratch.site.name.as_mut_ptr(), n) {
         return Err(counter::HELLO_INCOMPLETE);
     }

@@ -212,7 +212,7 @@ pub(crate) fn to_wildcard(scratch: &mut Scratch) -> bool {
 
 /// `v` read back from map memory: a value neither LLVM nor the verifier tracks.
 #[inline(always)]
-fn opaque(tmp: &mut u64, v: usize) -> usize {
+pub(crate) fn opaque(tmp: &mut u64, v: usize) -> usize {
     // SAFETY: volatile access to a field of the per-CPU scratch value we hold exclusively.
     unsafe {
         core::ptr::write_volatile(tmp, v as u64);

@@ -237,17 +237,21 @@ fn classify(ctx: &SkReuseportContext) -> Verdict {
         }
     }
     let tls = CONFIG.get(CFG_GROUP).copied().unwrap_or(0) == GROUP_TLS;
-    if !tls && live_routes() & KIND_REDIRECT != 0 {
-        return Verdict::Front(counter::REDIRECT);
-    }
+    let redirect = !tls && live_routes() & KIND_REDIRECT != 0;
     let doff = ((th[12] >> 4) as u32) * 4;
     let syn = th[13] & 0x02 != 0;
     if len <= doff {
         return if syn && mode() == MODE_FIRST_SEGMENT {
             Verdict::Cookie
+        } else if redirect {
+            Verdict::Front(counter::REDIRECT)
         } else {
             Verdict::Fallback(counter::NO_PAYLOAD)
         };
+    }
+    // Counted once per connection: a first-segment SYN went by cookie above.
+    if redirect {
+        return Verdict::Front(counter::REDIRECT);
     }
     let avail = len - doff;
     // A size the verifier can bound to 1..=LINE_WINDOW without trusting `len > doff`.

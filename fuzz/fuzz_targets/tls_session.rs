@@ -1,13 +1,21 @@
 //! Any bytes as a TLS connection's handoff payload (what a worker hands back): the session
 //! decodes or is refused, never panics; a decoded one encodes to bytes that decode to it; and
 //! its record layer opens whatever records follow (garbage, truncated, oversized) without
-//! panicking, then seals. Nothing a worker or a client sends may take the front end down.
+//! panicking, then seals. The same bytes as the start of a connection on a TLS listener
+//! (a ClientHello the front end reads for its SNI name): a name by the kernel's rule, or
+//! none, never a panic. Nothing a worker or a client sends may take the front end down.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use sluice_tls::{RecordLayer, Session};
 
 fuzz_target!(|data: &[u8]| {
+    if let sluice_tls::hello::Hello::Done(Some(name)) = sluice_tls::hello::read(data) {
+        assert!(!name.is_empty() && name.len() <= 253, "{name:?}");
+        assert!(name.bytes().all(|b| b.is_ascii_lowercase()
+            || b.is_ascii_digit()
+            || b"-_.".contains(&b)));
+    }
     let Ok((session, rest)) = Session::decode(data) else {
         return;
     };

@@ -16,6 +16,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub mod certs;
+
 use serde_json::Value;
 
 /// The IPv4 address every test's front end listens on.
@@ -157,6 +159,23 @@ impl Netns {
     }
 
     /// Runs `f` on a thread that has entered the namespace: sockets it makes live there.
+    /// Runs a python3 script inside: its standard output, or (on failure) that and its
+    /// standard error.
+    pub fn python(&self, script: &str) -> Result<String, String> {
+        let out = self
+            .command("python3")
+            .arg("-c")
+            .arg(script)
+            .output()
+            .map_err(|e| format!("python3: {e}"))?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if out.status.success() {
+            Ok(text)
+        } else {
+            Err(format!("{text}\n{}", String::from_utf8_lossy(&out.stderr)))
+        }
+    }
+
     pub fn enter<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
         let path = format!("/run/netns/{}", self.name);
         std::thread::scope(|s| {

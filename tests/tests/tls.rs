@@ -11,111 +11,7 @@ use std::{
     time::Duration,
 };
 
-use sluice_tests::*;
-
-const SHOP: &str = "shop.example.test";
-
-struct Certs {
-    dir: PathBuf,
-}
-
-impl Certs {
-    /// A test CA, and certificates it signs for shop.example.test with *.example.test, and
-    /// for other.test.
-    fn make(dir: &Path) -> Certs {
-        let run = |args: &[&str]| {
-            let ok = Command::new("openssl")
-                .args(args)
-                .current_dir(dir)
-                .stderr(Stdio::null())
-                .stdout(Stdio::null())
-                .status()
-                .expect("openssl")
-                .success();
-            assert!(ok, "openssl {args:?} failed");
-        };
-        let ec = [
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-        ];
-        let mut ca = vec!["req", "-x509"];
-        ca.extend(ec);
-        ca.extend([
-            "-days",
-            "2",
-            "-subj",
-            "/CN=sluice test CA",
-            "-keyout",
-            "ca.key",
-        ]);
-        ca.extend(["-out", "ca.pem"]);
-        run(&ca);
-        for (name, san) in [
-            (SHOP, "DNS:shop.example.test,DNS:*.example.test"),
-            ("other.test", "DNS:other.test"),
-        ] {
-            let file = if name == SHOP { "shop" } else { "other" };
-            std::fs::write(
-                dir.join(format!("{file}.ext")),
-                format!("subjectAltName={san}\nbasicConstraints=CA:FALSE\n"),
-            )
-            .unwrap();
-            let (key, csr, pem, ext, subj) = (
-                format!("{file}.key"),
-                format!("{file}.csr"),
-                format!("{file}.pem"),
-                format!("{file}.ext"),
-                format!("/CN={name}"),
-            );
-            let mut req = vec!["req"];
-            req.extend(ec);
-            req.extend(["-subj", &subj, "-keyout", &key, "-out", &csr]);
-            run(&req);
-            run(&[
-                "x509",
-                "-req",
-                "-in",
-                &csr,
-                "-CA",
-                "ca.pem",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-days",
-                "2",
-                "-out",
-                &pem,
-                "-extfile",
-                &ext,
-            ]);
-        }
-        Certs {
-            dir: dir.to_path_buf(),
-        }
-    }
-
-    fn ca(&self) -> PathBuf {
-        self.dir.join("ca.pem")
-    }
-
-    fn cert(&self, name: &str) -> PathBuf {
-        self.dir.join(format!("{name}.pem"))
-    }
-
-    fn key(&self, name: &str) -> PathBuf {
-        self.dir.join(format!("{name}.key"))
-    }
-}
-
-fn temp_dir(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("sluice-tls-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
+use sluice_tests::{certs::*, *};
 
 /// Pools `api` (/api/), `echo` (/echo/), `files` (/files/, serving `files_root`) and `web`
 /// (/), a static cache entry /cached, plain 8080 and TLS 8443.
@@ -131,11 +27,7 @@ steering = "first-segment"
 set_sysctls = true
 admin_socket = "{{admin}}"
 
-[[tls.certificate]]
-hosts = ["shop.example.test", "*.example.test"]
-cert = "{shop_cert}"
-key = "{shop_key}"
-
+{shop}
 [[tls.certificate]]
 hosts = ["other.test"]
 cert = "{other_cert}"
@@ -183,8 +75,7 @@ pool = "files"
 prefix = "/"
 pool = "web"
 "#,
-        shop_cert = certs.cert("shop").display(),
-        shop_key = certs.key("shop").display(),
+        shop = certs.shop_table(),
         other_cert = certs.cert("other").display(),
         other_key = certs.key("other").display(),
         cached = cached.display(),
@@ -340,18 +231,7 @@ for host, path in {reqs}:
                 .join(", ")
         ),
     );
-    let out = ns
-        .command("python3")
-        .arg("-c")
-        .arg(&script)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "python: {text}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = ns.python(&script).unwrap_or_else(|e| panic!("python: {e}"));
     text.lines()
         .map(|l| {
             let (code, body) = l.split_once(' ').unwrap_or((l, ""));
@@ -751,11 +631,7 @@ steering = "first-segment"
 set_sysctls = true
 admin_socket = "{{admin}}"
 
-[[tls.certificate]]
-hosts = ["shop.example.test", "*.example.test"]
-cert = "{cert}"
-key = "{key}"
-
+{shop}
 [[pool]]
 name = "node"
 worker = "socket"
@@ -776,8 +652,7 @@ pool = "node"
 prefix = "/"
 pool = "api"
 "#,
-        cert = certs.cert("shop").display(),
-        key = certs.key("shop").display(),
+        shop = certs.shop_table(),
     );
     let s = Sluice::start(&ns, &template);
     // One connection, three requests, all answered by the Node.js server through the front

@@ -442,4 +442,68 @@ mod tests {
         ))
         .unwrap();
     }
+
+    #[test]
+    fn a_passthrough_pool_is_a_socket_pool_whose_routes_are_whole_named_hosts_of_its_own() {
+        const TLS: &str =
+            "[server]\nlisten = [\"127.0.0.1:80\"]\nlisten_tls = [\"127.0.0.1:443\"]\n";
+        let pt = "worker = \"socket\"\ntls = \"passthrough\"";
+        // Without [[tls.certificate]] only that is refused: a passthrough pool needs none.
+        let p = parse(&format!(
+            "{TLS}{}{}{}",
+            pool("own", pt),
+            route(Some("own.test"), "/", "own"),
+            route(Some("*.own.test"), "/", "own"),
+        ))
+        .unwrap_err();
+        let keys: Vec<&str> = p.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(keys, ["tls.certificate"], "{p:?}");
+        let p = parse(&format!(
+            "{SERVER}{}{}{}{}{}{}",
+            pool("own", &format!("{pt}\nhealth = {{ path = \"/h\" }}")),
+            pool("web", "tls = \"passthrough\""),
+            route(Some("own.test"), "/app/", "own"),
+            route(None, "/", "own"),
+            route(Some("b.test"), "/", "own"),
+            route(Some("b.test"), "/x/", "web"),
+        ))
+        .unwrap_err();
+        let keys: Vec<&str> = p.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "pool[0].health",
+                "pool[1].tls",
+                "route[0]",
+                "route[1]",
+                "route[3]",
+                "route[3]",
+                "pool[0].tls",
+                "pool[1].tls",
+            ],
+            "{p:?}"
+        );
+        assert!(p[2].reason.contains("prefix `/`"), "{}", p[2].reason);
+        assert!(
+            p[4].reason.contains("passed through to pool `own`"),
+            "{}",
+            p[4].reason
+        );
+        assert!(
+            p[6].reason.contains("needs server.listen_tls"),
+            "{}",
+            p[6].reason
+        );
+    }
+
+    #[test]
+    fn redirect_https_needs_a_tls_listener_to_name() {
+        let p = parse(&format!(
+            "[server]\nlisten = [\"127.0.0.1:80\"]\nredirect_https = true\n{}",
+            pool("web", "")
+        ))
+        .unwrap_err();
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert_eq!(p[0].key, "server.redirect_https");
+    }
 }
