@@ -36,6 +36,30 @@ pub struct Record {
     pub pid: Option<u32>,
 }
 
+/// An answer the front end gave itself (a cache hit, a refusal, a redirect), on the
+/// dispatcher's connections or over TLS.
+pub struct Answered<'a> {
+    pub fd: std::os::fd::RawFd,
+    /// The request's bytes, from its first one (the head is read for the line).
+    pub head: &'a [u8],
+    pub status: u16,
+    /// Bytes of the body sent.
+    pub bytes: u64,
+    /// How long it took from the request to the answer.
+    pub duration: Duration,
+    pub arrival: sluice_proto::access::Arrival,
+    /// The pool the request routed to, if any.
+    pub pool: Option<Arc<str>>,
+}
+
+/// Bytes of the body of a complete answer (what follows its head).
+pub fn body_len(answer: &[u8]) -> u64 {
+    answer
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map_or(0, |end| (answer.len() - end - 4) as u64)
+}
+
 enum Message {
     Lines(Record),
     Reopen,
@@ -91,6 +115,34 @@ impl AccessLog {
                 log::warn!("access log: the writer is behind; lines are dropped (counted)");
             }
         }
+    }
+
+    /// Logs what the front end answered itself.
+    pub fn answered(&self, a: Answered<'_>) {
+        let d = sluice_proto::access::describe(a.head);
+        let mut lines = String::new();
+        sluice_proto::access::Report {
+            time_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |t| t.as_millis() as u64),
+            client: sluice_proto::sockaddr::peer(a.fd),
+            bytes: if d.method == b"HEAD" { 0 } else { a.bytes },
+            method: d.method,
+            target: d.target,
+            protocol: d.protocol,
+            host: &d.host,
+            status: a.status,
+            duration_us: a.duration.as_micros() as u64,
+            arrival: a.arrival,
+            referer: d.referer,
+            user_agent: d.user_agent,
+        }
+        .encode_into(&mut lines);
+        self.record(Record {
+            lines,
+            pool: a.pool,
+            pid: None,
+        });
     }
 
     /// Reopens the file (after logrotate moved it; SIGUSR1).

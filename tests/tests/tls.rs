@@ -289,6 +289,49 @@ fn a_request_for_another_host_than_the_sni_name_gets_421_first_or_later() {
     assert_eq!(got[1].0, 421, "{got:?}");
 }
 
+#[test]
+fn what_the_front_end_answers_over_tls_gets_its_access_log_line() {
+    let tag = "tls-alog";
+    let ns = Netns::new(tag);
+    let dir = temp_dir(tag);
+    let certs = Certs::make(&dir);
+    let files = dir.join("root");
+    std::fs::create_dir_all(&files).unwrap();
+    let log = dir.join("access.log");
+    let template = template(&certs, &files).replace(
+        "admin_socket = \"{admin}\"",
+        &format!(
+            "admin_socket = \"{{admin}}\"\naccess_log = \"{}\"",
+            log.display()
+        ),
+    );
+    let s = Sluice::start(&ns, &template);
+    // The cache over the session, then a refusal; each answered by the TLS thread.
+    let got = python_keep_alive(&ns, &certs, &[(SHOP, "/cached"), ("other.test", "/x")]);
+    assert_eq!(got.iter().map(|g| g.0).collect::<Vec<_>>(), [200, 421]);
+    let mut text = String::new();
+    for _ in 0..50 {
+        std::thread::sleep(Duration::from_millis(100));
+        text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.lines().count() >= 2 {
+            break;
+        }
+    }
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 2, "{text}\n{}", s.log_text());
+    assert!(
+        lines[0].contains("\"GET /cached HTTP/1.1\" 200 16 "),
+        "{}",
+        lines[0]
+    );
+    assert!(lines[0].contains(" shop.example.test "), "{}", lines[0]);
+    assert!(
+        lines[1].contains("\"GET /x HTTP/1.1\" 421 "),
+        "{}",
+        lines[1]
+    );
+}
+
 fn sha256(path: &Path) -> String {
     let out = Command::new("sha256sum").arg(path).output().unwrap();
     String::from_utf8_lossy(&out.stdout)

@@ -237,12 +237,13 @@ fn tls_certificate(dir: &Path) -> Result<(PathBuf, PathBuf)> {
     Ok((cert, key))
 }
 
-/// sluice serving HTTPS on `tls` (plain `listen` beside it), the api pool and /cached.
+/// sluice serving HTTPS on `tls` (plain `listen` beside it), the api pool, /cached, and the
+/// Node.js socket pool on /node (plaintext to it through the TLS thread).
 fn tls_config(
     dir: &Path,
     listen: &str,
     tls: &str,
-    hello: &Path,
+    (hello, node_app): (&Path, &Path),
     (cert, key): (&Path, &Path),
 ) -> Result<(PathBuf, PathBuf)> {
     let admin = dir.join("tls.sock");
@@ -256,12 +257,15 @@ fn tls_config(
              [[tls.certificate]]\nhosts = [\"bench.test\"]\ncert = \"{}\"\nkey = \"{}\"\n\n\
              [[cache.static]]\npath = \"/cached\"\nfile = \"{}\"\ncontent_type = \"text/plain\"\nttl = \"1h\"\n\n\
              [[pool]]\nname = \"api\"\ncommand = [\"{}\"]\nprocesses = 1\nthreads = 1\nstart = \"always\"\n\n\
-             [[route]]\nprefix = \"/api/\"\npool = \"api\"\n",
+             [[route]]\nprefix = \"/api/\"\npool = \"api\"\n\n\
+             [[pool]]\nname = \"node\"\nworker = \"socket\"\nrouting = \"connection\"\ncommand = [\"node\", \"{}\"]\nstart = \"always\"\n\n\
+             [[route]]\nprefix = \"/node\"\npool = \"node\"\n",
             admin.display(),
             cert.display(),
             key.display(),
             cached.display(),
-            hello.display()
+            hello.display(),
+            node_app.display()
         ),
     )?;
     Ok((cfg, admin))
@@ -570,7 +574,7 @@ pub fn run(args: Args) -> Result<()> {
         &dir,
         "127.0.0.1:8085",
         "127.0.0.1:8443",
-        &hello,
+        (&hello, &node_app),
         (&certificate.0, &certificate.1),
     )?;
     let sluice_tls = procs.spawn(
@@ -600,7 +604,8 @@ pub fn run(args: Args) -> Result<()> {
              server {{ listen 127.0.0.1:8092; location / {{ proxy_pass http://node; proxy_http_version 1.1; proxy_set_header Connection \"\"; }} }}\n\
              ssl_certificate {cert}; ssl_certificate_key {key}; ssl_protocols TLSv1.2 TLSv1.3; ssl_session_cache shared:bench:1m;\n\
              server {{ listen 127.0.0.1:8493 ssl; location / {{ proxy_pass http://hello; proxy_http_version 1.1; proxy_set_header Connection \"\"; }} }}\n\
-             server {{ listen 127.0.0.1:8494 ssl; location / {{ default_type text/plain; return 200 \"{body}\"; }} }}\n}}\n",
+             server {{ listen 127.0.0.1:8494 ssl; location / {{ default_type text/plain; return 200 \"{body}\"; }} }}\n\
+             server {{ listen 127.0.0.1:8495 ssl; location / {{ proxy_pass http://node; proxy_http_version 1.1; proxy_set_header Connection \"\"; }} }}\n}}\n",
             dir = dir.display(),
             cert = certificate.0.display(),
             key = certificate.1.display(),
@@ -616,6 +621,7 @@ pub fn run(args: Args) -> Result<()> {
     wait_http(&fs_ns, "http://127.0.0.1:8083/api/hello")?;
     wait_http(&fs_ns, "http://127.0.0.1:8084/node")?;
     wait_http(&fs_ns, "https://127.0.0.1:8443/api/hello")?;
+    wait_http(&fs_ns, "https://127.0.0.1:8443/node")?;
     for url in [
         "http://127.0.0.1:8081/api/hello",
         "http://127.0.0.1:9001/api/hello",
@@ -843,6 +849,22 @@ pub fn run(args: Args) -> Result<()> {
             &pids_nginx,
             None,
         ),
+        target(
+            "tls_socket_keepalive",
+            "fs",
+            "https://127.0.0.1:8443/node",
+            false,
+            &pids_tls,
+            None,
+        ),
+        target(
+            "tls_socket_nginx_keepalive",
+            "base",
+            "https://127.0.0.1:8495/node",
+            false,
+            &pids_node_nginx,
+            None,
+        ),
     ];
     let only: Option<Vec<String>> = args
         .only
@@ -955,6 +977,11 @@ pub fn run(args: Args) -> Result<()> {
         ),
         ("tls_close_vs_nginx", "tls_close", "tls_nginx_close"),
         ("tls_cache_vs_nginx_return", "tls_cache", "tls_nginx_return"),
+        (
+            "tls_socket_vs_nginx",
+            "tls_socket_keepalive",
+            "tls_socket_nginx_keepalive",
+        ),
     ];
     let mut ratios = serde_json::Map::new();
     let mut cpu_ratios = serde_json::Map::new();

@@ -15,10 +15,9 @@ use std::{
 
 use io_uring::{IoUring, cqueue, opcode, squeue, types};
 
-use crate::access_log::Record;
 use crate::cache::Answer;
 use sluice_common::MAX_POOLS;
-use sluice_proto::access::{self, Arrival};
+use sluice_proto::access::Arrival;
 use sluice_proto::site::local_address_of;
 
 mod handover;
@@ -761,7 +760,7 @@ impl Loop {
                 let answer = super::redirect::answer(&location);
                 self.d.stats.redirects.fetch_add(1, Ordering::Relaxed);
                 if self.d.access_log.is_some() {
-                    self.log_answer(slot, 308, answer_body_len(&answer), None);
+                    self.log_answer(slot, 308, crate::access_log::body_len(&answer), None);
                 }
                 self.start_reply(slot, Answer::Owned(answer), None);
             }
@@ -803,7 +802,7 @@ impl Loop {
         self.d.stats.cache_answers.fetch_add(1, Ordering::Relaxed);
         if self.d.access_log.is_some() {
             let pool = routed.and_then(|p| self.table.pool(p).map(|e| e.name.clone()));
-            self.log_answer(slot, 200, answer_body_len(&bytes), pool);
+            self.log_answer(slot, 200, crate::access_log::body_len(&bytes), pool);
         }
         let keep = (!close).then_some(head_len);
         self.start_reply(slot, bytes, keep);
@@ -849,7 +848,7 @@ impl Loop {
         self.d.stats.refuse(code);
         let answer = reply(code, why);
         if self.d.access_log.is_some() {
-            self.log_answer(slot, code, answer_body_len(&answer), None);
+            self.log_answer(slot, code, crate::access_log::body_len(&answer), None);
         }
         self.start_reply(slot, Answer::Owned(answer), None);
     }
@@ -859,29 +858,14 @@ impl Loop {
         let (Some(log), Some(c)) = (&self.d.access_log, self.conns[slot].as_ref()) else {
             return;
         };
-        let d = access::describe(&c.buf[..c.filled]);
-        let mut lines = String::new();
-        access::Report {
-            time_ms: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |t| t.as_millis() as u64),
-            client: sluice_proto::sockaddr::peer(c.fd),
-            bytes: if d.method == b"HEAD" { 0 } else { bytes },
-            method: d.method,
-            target: d.target,
-            protocol: d.protocol,
-            host: &d.host,
+        log.answered(crate::access_log::Answered {
+            fd: c.fd,
+            head: &c.buf[..c.filled],
             status,
-            duration_us: self.now.saturating_duration_since(c.started).as_micros() as u64,
+            bytes,
+            duration: self.now.saturating_duration_since(c.started),
             arrival: c.arrival,
-            referer: d.referer,
-            user_agent: d.user_agent,
-        }
-        .encode_into(&mut lines);
-        log.record(Record {
-            lines,
             pool,
-            pid: None,
         });
     }
 
@@ -1043,12 +1027,4 @@ fn cancel(target: u64) -> squeue::Entry {
     opcode::AsyncCancel::new(target)
         .build()
         .user_data(ud(OP_CANCEL, 0))
-}
-
-/// Bytes of the body of a complete answer (after its blank line).
-fn answer_body_len(answer: &[u8]) -> u64 {
-    answer
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .map_or(0, |end| (answer.len() - end - 4) as u64)
 }

@@ -18,6 +18,7 @@ use super::{
     handshake::{Handshake, Step},
     upstream::{self, Upstream, WINDOW},
 };
+use crate::access_log::{Answered, body_len};
 use crate::dispatcher::{
     Held, PoolId,
     head::{self, Decision},
@@ -78,6 +79,8 @@ struct Conn {
     mask: u32,
     /// A socket pool's side, while relaying.
     up: Option<Box<Upstream>>,
+    /// When the request now being read began (for the access log).
+    started: Instant,
 }
 
 pub struct Loop {
@@ -184,6 +187,7 @@ impl Loop {
                 then: Then::Serve,
                 sni: String::new(),
                 deadline: Instant::now() + self.f.header_timeout,
+                started: Instant::now(),
                 arrival: Arrival::Dispatcher,
                 local: None,
                 mask: 0,
@@ -358,6 +362,7 @@ impl Loop {
                 then: Then::Serve,
                 sni: session.server_name,
                 deadline: Instant::now() + self.f.header_timeout,
+                started: Instant::now(),
                 arrival: held.arrival,
                 local: None,
                 mask: 0,
@@ -537,9 +542,24 @@ impl Loop {
                 break;
             }
             c.deadline = Instant::now() + self.f.header_timeout;
+            let log = |status, bytes, pool| {
+                if let Some(log) = &self.f.access_log {
+                    log.answered(Answered {
+                        fd: c.fd.as_raw_fd(),
+                        head: &c.plain,
+                        status,
+                        bytes,
+                        duration: c.started.elapsed(),
+                        arrival: c.arrival,
+                        pool,
+                    });
+                }
+            };
             if !sluice_proto::host::agrees_with_sni(&seen.host, &c.sni) {
                 let why = "this connection was made for another host";
-                c.then = refuse(layer, &mut c.out, 421, why, &self.f.stats);
+                let (then, bytes) = refuse(layer, &mut c.out, 421, why, &self.f.stats);
+                log(421, bytes, None);
+                c.then = then;
                 return;
             }
             let answer = seen
@@ -547,6 +567,8 @@ impl Loop {
                 .and_then(|lookup| self.f.cache.lock().ok()?.answer(&lookup, Instant::now()));
             if let Some(bytes) = answer {
                 TlsStats::add(&self.f.stats.cache_answers);
+                let pool = seen.decision.pool().and_then(|p| table.pool(p));
+                log(200, body_len(&bytes), pool.map(|e| e.name.clone()));
                 let (close, head_len) = (seen.close, seen.head_len);
                 if let Err(e) = layer.seal(&bytes, &mut c.out) {
                     log::debug!("a TLS connection: {e}");
@@ -560,6 +582,7 @@ impl Loop {
                     return;
                 }
                 c.deadline = Instant::now() + self.f.idle_timeout;
+                c.started = Instant::now();
                 continue;
             }
             match crate::dispatcher::admit(seen.decision, full, &table, &self.f.flags) {
@@ -568,7 +591,9 @@ impl Loop {
                 }
                 Decision::Pool(p) => c.then = Then::HandOff(p),
                 Decision::Refuse(code, why) => {
-                    c.then = refuse(layer, &mut c.out, code, why, &self.f.stats);
+                    let (then, bytes) = refuse(layer, &mut c.out, code, why, &self.f.stats);
+                    log(code, bytes, None);
+                    c.then = then;
                 }
                 Decision::NeedMore => {}
             }
@@ -643,7 +668,7 @@ impl Loop {
                 log::warn!("handing a TLS connection to pool {p} failed: {e}");
                 // Answered 503 over the session instead.
                 let why = "the application's queue is full";
-                c.then = refuse(layer, &mut c.out, 503, why, &self.f.stats);
+                c.then = refuse(layer, &mut c.out, 503, why, &self.f.stats).0;
                 set_nonblocking(c.fd.as_raw_fd(), true);
                 if let Some(t) = self.add(c) {
                     self.flush(t);
@@ -680,7 +705,7 @@ impl Loop {
                     log::warn!("TLS to socket pool {p}: {e}");
                 }
                 let why = "the application pool cannot be reached";
-                c.then = refuse(layer, &mut c.out, 503, why, &self.f.stats);
+                c.then = refuse(layer, &mut c.out, 503, why, &self.f.stats).0;
                 self.flush(token);
                 return;
             }
@@ -790,16 +815,18 @@ impl Loop {
 }
 
 /// Seals a refusal and a close_notify; the connection closes once they are sent.
+/// Seals the refusal and close_notify; returns what comes next and the body's length.
 fn refuse(
     layer: &mut RecordLayer,
     out: &mut Vec<u8>,
     code: u16,
     why: &str,
     stats: &TlsStats,
-) -> Then {
+) -> (Then, u64) {
     TlsStats::add(&stats.refused);
-    if layer.seal(&reply(code, why), out).is_ok() {
+    let answer = reply(code, why);
+    if layer.seal(&answer, out).is_ok() {
         let _ = layer.seal_alert(0, out);
     }
-    Then::Close
+    (Then::Close, body_len(&answer))
 }

@@ -65,6 +65,8 @@ pub struct TlsFront {
     pub stats: Arc<TlsStats>,
     /// Connections into socket pools' queues (None without socket pools).
     pub direct: Option<Arc<crate::direct::Direct>>,
+    /// Lines for what the thread answers itself (cache hits, refusals).
+    pub access_log: Option<crate::access_log::AccessLog>,
     /// Carries passthrough connections the kernel did not steer to their pool.
     pub relay: Option<crate::relay::Relay>,
     /// Readable (eventfd) when the thread must stop.
