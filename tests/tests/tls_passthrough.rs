@@ -272,3 +272,63 @@ fn redirect_https_answers_plain_requests_308_to_the_same_url_over_https() {
     assert_eq!(st["kernel"]["redirected"], 4, "{st}");
     assert_eq!(pool(&st, "api")["steered_kernel"], 0, "{st}");
 }
+
+#[test]
+fn connections_queued_for_a_passthrough_pool_that_stops_get_a_tls_alert() {
+    let (ns, s, certs) = start(
+        "pt-drain",
+        "first-segment",
+        "",
+        "start = \"always\"\nrapid_fail = { failures = 1, interval = \"1m\" }",
+    );
+    wait_ready(&s);
+    let master = worker_pids(&s.status(), "own")[0];
+    let children: Vec<i32> =
+        std::fs::read_to_string(format!("/proc/{master}/task/{master}/children"))
+            .unwrap_or_default()
+            .split_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .collect();
+    // Nobody accepts: the kernel steers three connections into the pool's queue.
+    for &pid in children.iter().chain([&master]) {
+        // SAFETY: kill(2) of processes this test's front end started.
+        unsafe { libc::kill(pid, libc::SIGSTOP) };
+    }
+    let clients: Vec<_> = (0..3)
+        .map(|_| {
+            ns.command("curl")
+                .args(["-sS", "--max-time", "20", "--cacert"])
+                .arg(certs.ca())
+                .args([
+                    "--resolve",
+                    "own.test:8443:127.0.0.1",
+                    "https://own.test:8443/q",
+                ])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    wait_for(&s, Duration::from_secs(10), "3 queued", |st| {
+        pool(st, "own")["queued"] == 3
+    });
+    // SAFETY: as above; one failure stops the pool, whose queue the front end drains.
+    unsafe { libc::kill(master, libc::SIGKILL) };
+    for c in clients {
+        let out = c.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("alert internal error"),
+            "{err}\n{}",
+            s.log_text()
+        );
+    }
+    let st = s.status();
+    assert_eq!(pool(&st, "own")["state"], "stopped", "{st}");
+    assert_eq!(pool(&st, "own")["steered_kernel"], 3, "{st}");
+    for pid in children {
+        // SAFETY: as above (the orphaned, stopped gunicorn worker).
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+}

@@ -21,6 +21,11 @@ pub const MAX_HELLO: usize = 2 * (MAX_RECORD - 5);
 /// Longest host name (DNS).
 const MAX_NAME: usize = 253;
 
+/// What a client of a passthrough pool that cannot take it (stopped, removed, full) gets
+/// before any handshake: a plaintext fatal `internal_error` alert. Without that pool's
+/// certificate no HTTP answer can be sealed; this one ends the client's wait at once.
+pub const UNAVAILABLE: [u8; 7] = [crate::record::CONTENT_ALERT, 3, 3, 0, 2, 2, 80];
+
 /// What the bytes a connection sent so far say.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Hello {

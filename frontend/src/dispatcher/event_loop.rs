@@ -493,7 +493,17 @@ impl Loop {
         }
         if res >= 0 {
             let slot = self.insert(res, &[]);
-            self.refuse(slot, 503, "the application pool is stopped");
+            let passthrough = self
+                .table
+                .pool(PoolId::new(p))
+                .is_some_and(|e| e.passthrough);
+            if passthrough {
+                self.d.stats.refuse(503);
+                let alert = sluice_tls::hello::UNAVAILABLE.to_vec();
+                self.start_reply(slot, Answer::Owned(alert), None);
+            } else {
+                self.refuse(slot, 503, "the application pool is stopped");
+            }
         }
     }
 

@@ -120,6 +120,9 @@ pub struct PoolEntry {
     pub relay: bool,
     /// Relayed connections start with a PROXY v2 header.
     pub proxy: bool,
+    /// `tls = "passthrough"`: its queue holds TLS connections, which a stopped pool's drain
+    /// answers with a TLS alert, not an HTTP 503.
+    pub passthrough: bool,
 }
 
 /// The routes and pools the dispatcher works with; a reload swaps in a new one.

@@ -95,6 +95,7 @@ impl PoolRt {
             removed: self.removed.is_some(),
             relay: self.config.runs.kind == WorkerKind::Socket,
             proxy: self.config.runs.proxy_protocol,
+            passthrough: self.config.runs.passthrough,
         }
     }
 

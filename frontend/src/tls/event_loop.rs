@@ -274,9 +274,7 @@ impl Loop {
         }
         TlsStats::add(&self.f.stats.passthrough_refused);
         if let Some(c) = self.conns.get_mut(&token) {
-            // A plaintext alert record: fatal (2), internal_error (80).
-            c.out
-                .extend_from_slice(&[sluice_tls::CONTENT_ALERT, 3, 3, 0, 2, 2, 80]);
+            c.out.extend_from_slice(&sluice_tls::hello::UNAVAILABLE);
             c.then = Then::Close;
         }
         self.flush(token);
