@@ -525,6 +525,22 @@ impl Status {
             "cache: entries={} bytes={} hits={} misses={}\n",
             self.cache.entries, self.cache.bytes, self.cache.hits, self.cache.misses
         ));
+        if let Some(t) = &self.tls {
+            out.push_str(&format!(
+                "tls ({}): accepted={} handshakes={} failures={} handed_off={} handed_back={} cache_answers={} refused={} relayed={} passed_through={} passthrough_refused={}\n",
+                t.listen.join(" "),
+                t.accepted,
+                t.handshakes,
+                t.handshake_failures,
+                t.handed_off,
+                t.handed_back,
+                t.cache_answers,
+                t.refused,
+                t.relayed,
+                t.passed_through,
+                t.passthrough_refused,
+            ));
+        }
         out
     }
 }

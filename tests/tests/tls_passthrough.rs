@@ -200,6 +200,11 @@ fn in_syn_mode_the_front_end_reads_every_clienthello_and_relays_a_passthrough_on
     let st = s.status();
     assert_eq!(st["tls"]["passed_through"], 2, "{st}");
     assert!(fallback(&st, "no_payload") >= 2, "{st}");
+    let text = sluice_admin(&s, &["status"]);
+    assert!(
+        text.contains("tls (127.0.0.1:8443): accepted=2 ") && text.contains(" passed_through=2 "),
+        "{text}"
+    );
 }
 
 #[test]
