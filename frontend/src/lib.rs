@@ -12,6 +12,7 @@ pub mod diag;
 pub mod direct;
 pub mod dispatcher;
 pub mod epoll;
+pub mod eventfd;
 pub mod fdstore;
 pub mod metrics;
 pub mod pool;

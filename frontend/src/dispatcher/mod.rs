@@ -234,9 +234,7 @@ pub enum Stop {
 impl Stop {
     /// Tells the dispatcher whose `stop` eventfd is `fd`.
     pub fn send(self, fd: RawFd) {
-        let v = self as u64;
-        // SAFETY: writes 8 bytes from a live u64 to an eventfd.
-        unsafe { libc::write(fd, (&raw const v).cast(), 8) };
+        crate::eventfd::signal(fd, self as u64);
     }
 }
 

@@ -17,7 +17,7 @@ pub use proxy::header as proxy_header;
 use std::{
     collections::HashMap,
     io,
-    os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
+    os::fd::{AsRawFd, OwnedFd, RawFd},
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering::Relaxed},
@@ -73,13 +73,7 @@ impl std::fmt::Debug for Relay {
 impl Relay {
     /// Starts the relay thread.
     pub fn spawn(direct: Arc<Direct>) -> io::Result<Relay> {
-        // SAFETY: eventfd(2) with flags only; the fd is owned right away.
-        let wake = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-        if wake < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: just created, owned by nothing else.
-        let wake = Arc::new(unsafe { OwnedFd::from_raw_fd(wake) });
+        let wake = Arc::new(crate::eventfd::create(true)?);
         let epoll = Epoll::new()?;
         let (tx, rx) = mpsc::channel();
         let stats = Arc::new(RelayStats::default());
@@ -106,9 +100,7 @@ impl Relay {
     /// Hands `job` to the relay thread; gives it back if the thread is gone.
     pub fn send(&self, job: Job) -> Result<(), Job> {
         self.jobs.send(job).map_err(|e| e.0)?;
-        let one = 1u64.to_ne_bytes();
-        // SAFETY: writes 8 bytes to our eventfd.
-        unsafe { libc::write(self.wake.as_raw_fd(), one.as_ptr().cast(), 8) };
+        crate::eventfd::signal(self.wake.as_raw_fd(), 1);
         Ok(())
     }
 }
@@ -148,9 +140,7 @@ impl Loop {
             for i in 0..n {
                 let (token, _) = self.epoll.ready(i);
                 if token == WAKE {
-                    let mut buf = [0u8; 8];
-                    // SAFETY: reads 8 bytes from our eventfd into a live buffer.
-                    unsafe { libc::read(self.wake.as_raw_fd(), buf.as_mut_ptr().cast(), 8) };
+                    crate::eventfd::take(self.wake.as_raw_fd());
                     if !self.take_jobs() {
                         return;
                     }

@@ -15,13 +15,13 @@ mod status;
 mod upgrade;
 
 use std::{
-    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    os::fd::{AsRawFd, OwnedFd},
     sync::{Arc, atomic::Ordering::Relaxed},
     thread::JoinHandle,
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use sluice_common::{DISPATCHER_SLOT, MAX_POOLS, MODE_FIRST_SEGMENT, MODE_SYN};
 
 use self::{guard::Guard, pools::PoolRt, signals::Signals};
@@ -582,8 +582,7 @@ impl Frontend {
     }
 
     fn wake_dispatcher(&self) {
-        // SAFETY: writes 8 bytes to our eventfd.
-        unsafe { libc::write(self.wake.as_raw_fd(), (&1u64 as *const u64).cast(), 8) };
+        crate::eventfd::signal(self.wake.as_raw_fd(), 1);
     }
 
     /// Sets or clears a pool flag, in the dispatcher and (as "go to the dispatcher") in the
@@ -783,9 +782,7 @@ impl Frontend {
             _ => {}
         }
         if let Some(t) = self.tls.as_mut() {
-            let one = 1u64;
-            // SAFETY: writes 8 bytes from a live u64 to our eventfd.
-            unsafe { libc::write(t.stop.as_raw_fd(), (&raw const one).cast(), 8) };
+            crate::eventfd::signal(t.stop.as_raw_fd(), 1);
             if let Some(thread) = t.thread.take() {
                 let _ = thread.join();
             }
@@ -819,11 +816,5 @@ fn tls_server_config(
 }
 
 fn eventfd() -> Result<OwnedFd> {
-    // SAFETY: eventfd(2) returns a new fd that we own.
-    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
-    if fd < 0 {
-        bail!("eventfd: {}", std::io::Error::last_os_error());
-    }
-    // SAFETY: `fd` was just created and is owned by nothing else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    crate::eventfd::create(false).context("eventfd")
 }

@@ -83,6 +83,29 @@ struct Conn {
     started: Instant,
 }
 
+impl Conn {
+    /// A connection with nothing read or sent yet, due to send its request within `timeout`.
+    fn new(fd: OwnedFd, phase: Phase, arrival: Arrival, timeout: Duration) -> Conn {
+        let now = Instant::now();
+        Conn {
+            fd,
+            phase,
+            input: Vec::new(),
+            plain: Vec::new(),
+            out: Vec::new(),
+            sent: 0,
+            then: Then::Serve,
+            sni: String::new(),
+            deadline: now + timeout,
+            started: now,
+            arrival,
+            local: None,
+            mask: 0,
+            up: None,
+        }
+    }
+}
+
 pub struct Loop {
     f: TlsFront,
     epoll: Epoll,
@@ -177,22 +200,7 @@ impl Loop {
                     None => continue,
                 }
             };
-            let conn = Conn {
-                fd,
-                phase,
-                input: Vec::new(),
-                plain: Vec::new(),
-                out: Vec::new(),
-                sent: 0,
-                then: Then::Serve,
-                sni: String::new(),
-                deadline: Instant::now() + self.f.header_timeout,
-                started: Instant::now(),
-                arrival: Arrival::Dispatcher,
-                local: None,
-                mask: 0,
-                up: None,
-            };
+            let conn = Conn::new(fd, phase, Arrival::Dispatcher, self.f.header_timeout);
             self.add(conn);
         }
     }
@@ -330,9 +338,7 @@ impl Loop {
 
     /// Sessions workers handed back, passed on by the dispatcher.
     fn take_up(&mut self) {
-        let mut count = [0u8; 8];
-        // SAFETY: reads 8 bytes into a live buffer from our eventfd.
-        unsafe { libc::read(self.wake.as_raw_fd(), count.as_mut_ptr().cast(), 8) };
+        crate::eventfd::take(self.wake.as_raw_fd());
         while let Ok(held) = self.inbox.try_recv() {
             TlsStats::add(&self.f.stats.handed_back);
             let (session, plain) = match Session::decode(&held.bytes) {
@@ -350,22 +356,9 @@ impl Loop {
                 }
             };
             set_nonblocking(held.fd.as_raw_fd(), true);
-            let conn = Conn {
-                fd: held.fd,
-                phase: Phase::Open(Box::new(layer)),
-                input: session.pending,
-                plain,
-                out: Vec::new(),
-                sent: 0,
-                then: Then::Serve,
-                sni: session.server_name,
-                deadline: Instant::now() + self.f.header_timeout,
-                started: Instant::now(),
-                arrival: held.arrival,
-                local: None,
-                mask: 0,
-                up: None,
-            };
+            let phase = Phase::Open(Box::new(layer));
+            let mut conn = Conn::new(held.fd, phase, held.arrival, self.f.header_timeout);
+            (conn.input, conn.plain, conn.sni) = (session.pending, plain, session.server_name);
             if let Some(t) = self.add(conn) {
                 self.drive(t);
             }

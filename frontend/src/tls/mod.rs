@@ -14,7 +14,7 @@ mod upstream;
 
 use std::{
     io,
-    os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
+    os::fd::{AsRawFd, OwnedFd, RawFd},
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering::Relaxed},
@@ -89,22 +89,14 @@ impl std::fmt::Debug for Inbox {
 impl Inbox {
     pub fn send(&self, held: Held) {
         if self.sender.send(held).is_ok() {
-            let one = 1u64;
-            // SAFETY: writes 8 bytes from a live u64 to our eventfd.
-            unsafe { libc::write(self.wake.as_raw_fd(), (&raw const one).cast(), 8) };
+            crate::eventfd::signal(self.wake.as_raw_fd(), 1);
         }
     }
 }
 
 /// Starts the TLS thread.
 pub fn spawn(front: TlsFront) -> io::Result<(Inbox, std::thread::JoinHandle<()>)> {
-    // SAFETY: eventfd(2) with flags only; the fd is owned right away.
-    let wake = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-    if wake < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: just created, owned by nothing else.
-    let wake = Arc::new(unsafe { OwnedFd::from_raw_fd(wake) });
+    let wake = Arc::new(crate::eventfd::create(true)?);
     let (sender, inbox) = mpsc::channel();
     let mut lp = event_loop::Loop::new(front, inbox, wake.clone())?;
     let thread = std::thread::Builder::new()
