@@ -771,15 +771,16 @@ impl Loop {
         } else {
             WINDOW.saturating_sub(pending)
         };
-        let mut plain = Vec::new();
         let read = if up.ended {
             Ok(upstream::Read::Data)
         } else {
-            up.read(&mut plain, room)
+            up.read(room)
         };
-        if !plain.is_empty() {
+        if !up.answer.is_empty() {
             c.deadline = Instant::now() + self.f.idle_timeout;
-            if let Err(e) = layer.seal(&plain, &mut c.out) {
+            let sealed = layer.seal(&up.answer, &mut c.out);
+            up.answer.clear();
+            if let Err(e) = sealed {
                 log::debug!("TLS to a socket pool: {e}");
                 self.close(token);
                 return;
@@ -805,7 +806,6 @@ impl Loop {
     }
 }
 
-/// Seals a refusal and a close_notify; the connection closes once they are sent.
 /// Seals the refusal and close_notify; returns what comes next and the body's length.
 fn refuse(
     layer: &mut RecordLayer,

@@ -25,6 +25,9 @@ pub struct Upstream {
     pub ended: bool,
     /// The events registered for it now.
     pub mask: u32,
+    /// The pool's answer read by the last `read`, for the caller to seal (kept: one
+    /// allocation per connection, not per read).
+    pub answer: Vec<u8>,
 }
 
 /// What reading the pool gave.
@@ -46,6 +49,7 @@ impl Upstream {
             shut: false,
             ended: false,
             mask: 0,
+            answer: Vec::new(),
         }
     }
 
@@ -80,21 +84,26 @@ impl Upstream {
         Ok(())
     }
 
-    /// Reads the pool's answer into `plain` while `room` allows.
-    pub fn read(&mut self, plain: &mut Vec<u8>, room: usize) -> io::Result<Read> {
-        while self.connected && plain.len() < room {
-            let start = plain.len();
-            plain.resize(start + CHUNK, 0);
-            // SAFETY: reads into the live, just-grown tail of `plain`.
+    /// Reads the pool's answer onto `answer` while `room` allows.
+    pub fn read(&mut self, room: usize) -> io::Result<Read> {
+        while self.connected && self.answer.len() < room {
+            // Into the spare capacity: no zeroing of the room per read.
+            self.answer.reserve(CHUNK);
+            let spare = self.answer.spare_capacity_mut();
+            // SAFETY: recv writes at most `spare.len()` bytes into the live spare capacity.
             let n = unsafe {
                 libc::recv(
                     self.conn.fd.as_raw_fd(),
-                    plain[start..].as_mut_ptr().cast(),
-                    CHUNK,
+                    spare.as_mut_ptr().cast(),
+                    spare.len(),
                     0,
                 )
             };
-            plain.truncate(start + n.max(0) as usize);
+            if n > 0 {
+                let len = self.answer.len() + n as usize;
+                // SAFETY: the kernel initialized the `n` bytes after the old length.
+                unsafe { self.answer.set_len(len) };
+            }
             if n == 0 {
                 self.ended = true;
                 return Ok(Read::Ended);
