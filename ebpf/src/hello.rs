@@ -130,9 +130,7 @@ fn host_name(
         if c.is_ascii_uppercase() {
             c |= 0x20;
         }
-        let name_byte =
-            c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-' || c == b'_' || c == b'.';
-        if !name_byte {
+        if !crate::host::name_byte(c) {
             return Err(counter::BAD_SNI);
         }
         if c == b'.' {

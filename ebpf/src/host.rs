@@ -21,7 +21,7 @@ const MAX_OWS: usize = 8;
 const MAX_PORT_DIGITS: usize = 5;
 
 #[inline(always)]
-fn name_byte(c: u8) -> bool {
+pub(crate) fn name_byte(c: u8) -> bool {
     c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-' || c == b'_' || c == b'.'
 }
 

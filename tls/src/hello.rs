@@ -4,10 +4,10 @@
 //! walks). Nothing is decrypted or answered here; a connection that is not for a
 //! passthrough pool goes on to the front end's own handshake with every byte it sent.
 //!
-//! The name rule is the kernel program's (`ebpf/src/hello.rs`, which cannot link this
-//! crate): letters, digits, `-`, `_` and `.`, no empty label, lower-cased, one trailing dot
-//! dropped; a name outside it is no name (the front end's handshake then refuses it or uses
-//! its default certificate).
+//! The name rule is the `Host` rule (`sluice_proto::host`), which the kernel program
+//! (`ebpf/src/hello.rs`, which cannot link this crate) follows too: letters, digits, `-`,
+//! `_` and `.`, no empty label, lower-cased, one trailing dot dropped; a name outside it is
+//! no name (the front end's handshake then refuses it or uses its default certificate).
 
 use crate::record::MAX_RECORD;
 
@@ -105,24 +105,17 @@ fn server_name(b: &[u8]) -> Option<String> {
     None
 }
 
-/// The name by the kernel program's rule, or None outside it.
+/// The name by the `Host` rule, normalized; None outside it (a port or an IP literal
+/// included: SNI names neither).
 fn normalize(name: &[u8]) -> Option<String> {
     if name.len() > MAX_NAME + 1 {
         return None;
     }
-    let mut out = String::with_capacity(name.len());
-    for (k, &c) in name.iter().enumerate() {
-        let c = c.to_ascii_lowercase();
-        let ok = c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'-' | b'_' | b'.');
-        if !ok || (c == b'.' && (k == 0 || name.get(k + 1) == Some(&b'.'))) {
-            return None;
-        }
-        out.push(c as char);
+    let host = sluice_proto::host::parse(name).ok()?;
+    if host.port.is_some() || host.name.len() != name.len() || host.name.starts_with('[') {
+        return None;
     }
-    if out.ends_with('.') {
-        out.pop();
-    }
-    (!out.is_empty() && out.len() <= MAX_NAME).then_some(out)
+    Some(host.normalized().into_owned()).filter(|n| n.len() <= MAX_NAME)
 }
 
 #[cfg(test)]

@@ -748,12 +748,20 @@ impl Loop {
             return;
         };
         let seen = head::inspect(&c.buf[..c.filled], &self.d.limits, &self.table.routes, None);
-        let location = match seen.decision {
-            Decision::NeedMore if c.filled < c.buf.len() => {
+        // The head rules' last word (431) without the pool's (503): every request is
+        // redirected, wherever it routes.
+        let judged = match seen.decision {
+            Decision::NeedMore => {
+                let full = c.filled >= c.buf.len();
+                super::admit(Decision::NeedMore, full, &self.table, &self.d.flags)
+            }
+            ref other => other.clone(),
+        };
+        let location = match judged {
+            Decision::NeedMore => {
                 self.recv(slot);
                 return;
             }
-            Decision::NeedMore => Err((431, "the request head is too large")),
             Decision::Refuse(code, why) if seen.head_len == 0 => Err((code, why)),
             // Routed or not: every request is redirected.
             _ => {
