@@ -723,14 +723,11 @@ impl Loop {
                     return;
                 };
                 let flags = handoff::routed_flags(c.arrival);
+                let counted = self.d.stats.hand_off(p);
                 match handoff::send(channel, c.fd, flags, &c.buf[..c.filled]) {
-                    Ok(()) => {
-                        if let Some(n) = self.d.stats.handed_off.get(p.index()) {
-                            n.fetch_add(1, Ordering::Relaxed);
-                        }
-                        self.close(slot);
-                    }
+                    Ok(()) => self.close(slot),
                     Err(e) => {
+                        counted.undo();
                         log::warn!("handoff to pool {p} failed: {e}");
                         self.refuse(slot, 503, "the application's queue is full");
                     }
@@ -852,12 +849,11 @@ impl Loop {
             pool: p,
             proxy,
         };
+        let counted = self.d.stats.hand_off(p);
         if relay.send(job).is_err() {
+            counted.undo();
             self.refuse(slot, 503, "the application pool cannot be reached");
             return;
-        }
-        if let Some(n) = self.d.stats.handed_off.get(p.index()) {
-            n.fetch_add(1, Ordering::Relaxed);
         }
         self.close(slot);
     }

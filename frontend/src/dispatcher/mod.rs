@@ -56,9 +56,32 @@ impl DispatchStats {
         }
     }
 
+    /// Counts a hand-off to `pool` before the send, since the pool may answer (and a
+    /// client read status) before the sending thread runs again; `undo` takes it back
+    /// when the send fails.
+    pub(crate) fn hand_off(&self, pool: PoolId) -> HandOffCount<'_> {
+        let n = self.handed_off.get(pool.index());
+        if let Some(n) = n {
+            n.fetch_add(1, Relaxed);
+        }
+        HandOffCount(n)
+    }
+
     pub(crate) fn refuse(&self, code: u16) {
         if let Some((_, n)) = self.refused.iter().find(|(c, _)| *c == code) {
             n.fetch_add(1, Relaxed);
+        }
+    }
+}
+
+/// A hand-off counted ahead of its send.
+pub(crate) struct HandOffCount<'a>(Option<&'a AtomicU64>);
+
+impl HandOffCount<'_> {
+    /// The send failed: nothing was handed off.
+    pub(crate) fn undo(self) {
+        if let Some(n) = self.0 {
+            n.fetch_sub(1, Relaxed);
         }
     }
 }

@@ -274,8 +274,9 @@ impl Loop {
                     pool: p,
                     proxy: table.pool(p).is_some_and(|e| e.proxy),
                 };
-                if relay.send(job).is_ok() {
-                    TlsStats::add(&self.f.stats.passed_through);
+                TlsStats::add(&self.f.stats.passed_through);
+                if relay.send(job).is_err() {
+                    TlsStats::undo(&self.f.stats.passed_through);
                 }
             }
             return;
@@ -653,9 +654,11 @@ impl Loop {
         let flags = handoff::routed_flags(c.arrival) | handoff::TLS;
         // Workers get connections as the dispatcher passes them: blocking.
         set_nonblocking(c.fd.as_raw_fd(), false);
+        TlsStats::add(&self.f.stats.handed_off);
         match handoff::send(entry.handoff, c.fd.as_raw_fd(), flags, &payload) {
-            Ok(()) => TlsStats::add(&self.f.stats.handed_off),
+            Ok(()) => {}
             Err(e) => {
+                TlsStats::undo(&self.f.stats.handed_off);
                 log::warn!("handing a TLS connection to pool {p} failed: {e}");
                 // Answered 503 over the session instead.
                 let why = "the application's queue is full";

@@ -113,4 +113,11 @@ impl TlsStats {
     pub(crate) fn add(n: &AtomicU64) {
         n.fetch_add(1, Relaxed);
     }
+
+    /// Takes back a count made ahead of a send that failed. Hand-offs are counted before
+    /// their send: the pool may answer, and a client read status, before this thread
+    /// runs again.
+    pub(crate) fn undo(n: &AtomicU64) {
+        n.fetch_sub(1, Relaxed);
+    }
 }
