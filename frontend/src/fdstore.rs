@@ -16,6 +16,9 @@ use sluice_proto::sockaddr::socket_option;
 /// Name of a group's dispatcher socket in the store.
 pub const DISPATCH: &str = "dispatch";
 
+/// Name of a TLS listener (the TLS thread's, slot 0 of its group) in the store.
+pub const TLS: &str = "tls";
+
 /// Name of a pool's listening sockets in the store.
 pub fn pool_name(pool: &str) -> String {
     format!("pool.{pool}")

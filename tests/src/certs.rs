@@ -3,6 +3,7 @@
 use std::{
     path::{Path, PathBuf},
     process::{Command, Stdio},
+    sync::Arc,
 };
 
 pub const SHOP: &str = "shop.example.test";
@@ -103,6 +104,17 @@ impl Certs {
         self.dir.join(format!("{name}.key"))
     }
 
+    /// `crate::two_pools` with a TLS listener on 127.0.0.1:8443 for shop.example.test.
+    pub fn two_pools(&self, steering: &str) -> String {
+        // The [server] table ends with its admin_socket line.
+        let admin = "admin_socket = \"{admin}\"\n";
+        let with_tls = format!(
+            "listen_tls = [\"127.0.0.1:8443\"]\n{admin}\n{}",
+            self.shop_table()
+        );
+        crate::two_pools(steering).replacen(admin, &with_tls, 1)
+    }
+
     /// The `[[tls.certificate]]` table of shop.example.test's certificate (with
     /// `*.example.test`), for a config.
     pub fn shop_table(&self) -> String {
@@ -120,3 +132,28 @@ pub fn temp_dir(tag: &str) -> PathBuf {
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
+
+/// A rustls client that trusts the test certificate.
+pub fn client_config(
+    certs: &Certs,
+    suite: Option<rustls::SupportedCipherSuite>,
+) -> Arc<rustls::ClientConfig> {
+    use rustls::pki_types::{CertificateDer, pem::PemObject};
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(certs.ca()).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let mut provider = rustls::crypto::ring::default_provider();
+    if let Some(s) = suite {
+        provider.cipher_suites = vec![s];
+    }
+    Arc::new(
+        rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    )
+}
+
+pub type TlsStream = rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>;

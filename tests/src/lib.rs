@@ -17,6 +17,7 @@ use std::{
 };
 
 pub mod certs;
+pub mod upgrading;
 
 use serde_json::Value;
 

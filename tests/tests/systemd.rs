@@ -12,7 +12,7 @@ use std::{
     time::Duration,
 };
 
-use sluice_tests::*;
+use sluice_tests::{certs::*, *};
 
 /// The next state change (fd-store messages, which come with fds, are skipped here).
 fn next(socket: &UnixDatagram) -> String {
@@ -133,9 +133,28 @@ fn a_notify_unit_hears_ready_reloading_and_stopping() {
     let _ = std::fs::remove_file(&path);
 }
 
+/// TLS clients that sent their ClientHello while no front end ran: they wait in the TLS
+/// listener's queue.
+fn hello_while_down(ns: &Netns, certs: &Certs) -> Vec<TlsStream> {
+    let config = client_config(certs, None);
+    ns.enter(|| {
+        (0..10)
+            .map(|_| {
+                let name = rustls::pki_types::ServerName::try_from(SHOP).unwrap();
+                let mut c = rustls::ClientConnection::new(config.clone(), name).unwrap();
+                let mut t = TcpStream::connect("127.0.0.1:8443").expect("connect while down");
+                t.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+                c.write_tls(&mut t).expect("ClientHello");
+                rustls::StreamOwned::new(c, t)
+            })
+            .collect()
+    })
+}
+
 /// What systemd does for a unit with `FileDescriptorStoreMax=`: it keeps the sockets sluice
 /// gives it, and when the front end dies (kill -9, its workers with it) starts it again with
-/// them. Connections that arrived while nothing ran wait in those queues and are answered.
+/// them. Connections that arrived while nothing ran wait in those queues and are answered,
+/// plain and TLS.
 #[test]
 fn a_front_end_killed_with_sigkill_gets_its_queues_back_from_the_fd_store() {
     for steering in ["first-segment", "syn"] {
@@ -143,25 +162,34 @@ fn a_front_end_killed_with_sigkill_gets_its_queues_back_from_the_fd_store() {
         let (socket, path) = notify_socket("fdstore");
         let notify = path.display().to_string();
         let env = [("NOTIFY_SOCKET", notify.as_str())];
-        let template = two_pools(steering);
-        let mut first = Sluice::start_env(&ns, &template, &env);
-        let mut stored: Vec<(String, OwnedFd)> = Vec::new();
-        loop {
-            let (text, fds) = recv_with_fds(&socket);
-            if text.starts_with("READY=1") {
-                break;
-            }
-            if let Some(name) = text
-                .strip_prefix("FDSTORE=1\nFDNAME=")
-                .and_then(|t| t.lines().next())
-            {
-                assert!(!fds.is_empty(), "{text} without fds");
-                stored.extend(fds.into_iter().map(|f| (name.to_owned(), f)));
-            }
-        }
+        let certs = Certs::make(&temp_dir("fdstore"));
+        let template = certs.two_pools(steering);
+        // Read as sluice sends, as systemd does: more datagrams than the socket queues
+        // (net.unix.max_dgram_qlen, 10 here) would block the sender.
+        let (mut first, stored) = std::thread::scope(|scope| {
+            let store = scope.spawn(|| {
+                let mut stored: Vec<(String, OwnedFd)> = Vec::new();
+                loop {
+                    let (text, fds) = recv_with_fds(&socket);
+                    if text.starts_with("READY=1") {
+                        return stored;
+                    }
+                    if let Some(name) = text
+                        .strip_prefix("FDSTORE=1\nFDNAME=")
+                        .and_then(|t| t.lines().next())
+                    {
+                        assert!(!fds.is_empty(), "{text} without fds");
+                        stored.extend(fds.into_iter().map(|f| (name.to_owned(), f)));
+                    }
+                }
+            });
+            let first = Sluice::start_env(&ns, &template, &env);
+            (first, store.join().expect("the fd store"))
+        });
         let names: Vec<&str> = stored.iter().map(|(n, _)| n.as_str()).collect();
         for want in [
             "dispatch",
+            "tls",
             "pool.api",
             "pool.web",
             "handoff.api",
@@ -201,7 +229,11 @@ fn a_front_end_killed_with_sigkill_gets_its_queues_back_from_the_fd_store() {
 
         // Nothing runs now; these wait in the kernel, in the sockets systemd holds.
         let waiting = connect_while_down(&ns);
+        let hellos = hello_while_down(&ns, &certs);
 
+        // The second run gives its sockets to the store too: read and dropped.
+        let drain = socket.try_clone().expect("notify socket");
+        std::thread::spawn(move || while drain.recv(&mut [0u8; 4096]).is_ok() {});
         let second = Sluice::start_inheriting(&ns, &template, &env, &stored);
         for (i, (mut c, pool)) in waiting.into_iter().enumerate() {
             let r = read_response(&mut c)
@@ -210,6 +242,18 @@ fn a_front_end_killed_with_sigkill_gets_its_queues_back_from_the_fd_store() {
             assert_eq!(r.pool(), Some(pool), "{steering}: connection {i}");
             let mut rest = Vec::new();
             let _ = c.read_to_end(&mut rest);
+        }
+        for (i, mut t) in hellos.into_iter().enumerate() {
+            t.write_all(format!("GET /api/t HTTP/1.1\r\nHost: {SHOP}\r\n\r\n").as_bytes())
+                .expect("request over TLS");
+            t.flush().expect("flush");
+            let r = read_response(&mut t)
+                .unwrap_or_else(|e| panic!("{steering}: TLS connection {i} waited in vain: {e}"));
+            assert_eq!(
+                (r.status, r.pool()),
+                (200, Some("api")),
+                "{steering}: TLS {i}"
+            );
         }
         let st = second.status();
         assert_eq!(
@@ -224,6 +268,7 @@ fn a_front_end_killed_with_sigkill_gets_its_queues_back_from_the_fd_store() {
         );
         drop(second);
         let _ = std::fs::remove_file(&path);
+        let _ = std::fs::remove_dir_all(&certs.dir);
     }
 }
 

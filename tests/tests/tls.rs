@@ -393,31 +393,6 @@ fn a_4_mb_post_and_a_100_mb_download_arrive_intact_over_tls() {
     assert_eq!(sha256(&got), sha256(&big));
 }
 
-/// A rustls client that trusts the test certificate.
-fn client_config(
-    certs: &Certs,
-    suite: Option<rustls::SupportedCipherSuite>,
-) -> Arc<rustls::ClientConfig> {
-    use rustls::pki_types::{CertificateDer, pem::PemObject};
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_file_iter(certs.ca()).unwrap() {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let mut provider = rustls::crypto::ring::default_provider();
-    if let Some(s) = suite {
-        provider.cipher_suites = vec![s];
-    }
-    Arc::new(
-        rustls::ClientConfig::builder_with_provider(Arc::new(provider))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth(),
-    )
-}
-
-type TlsStream = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
-
 fn connect(ns: &Netns, config: Arc<rustls::ClientConfig>) -> TlsStream {
     ns.enter(|| {
         let tcp = TcpStream::connect("127.0.0.1:8443").unwrap();

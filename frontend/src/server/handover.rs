@@ -20,12 +20,6 @@ impl Frontend {
     /// The checks an upgrade must pass before anything is stopped: the binary at this
     /// program's path accepts the config, which is the one running.
     pub(super) fn prepare_upgrade(&self) -> Result<()> {
-        if !self.config.tls.listen.is_empty() {
-            bail!(
-                "an upgrade does not carry HTTPS listeners and sessions yet: restart sluice to \
-                 take the new binary (server.listen_tls is set)"
-            );
-        }
         let on_disk = Config::load(&self.config.path)
             .with_context(|| format!("reading {}", self.config.path.display()))?;
         // Both are parsed by this program: equal texts of meaning give equal renderings.
@@ -60,14 +54,18 @@ impl Frontend {
         self.upgrade_error = Some(format!("{e:#}"));
     }
 
-    /// Stops the dispatcher (it hands over what it holds) and executes the binary at this
-    /// program's path with the state. Returns only if that fails; the dispatcher then runs
-    /// again with the connections it held.
+    /// Stops the TLS thread and the dispatcher (each hands over what it holds) and executes
+    /// the binary at this program's path with the state. Returns only if that fails; both
+    /// then run again with the connections they held.
     pub(super) fn upgrade(&mut self, admin: &AdminSocket) -> Result<()> {
         if let Some(n) = &self.notify {
             n.reloading();
         }
         log::info!("upgrading: handing over to {}", self.exe.display());
+        // The TLS thread first: it may wait a moment for handshakes under way, and the
+        // dispatcher serves meanwhile. What the dispatcher passes on to it after this stays
+        // in its inbox and is carried too.
+        let mut tls = self.stop_tls(Stop::HandOver);
         Stop::HandOver.send(self.stop.as_raw_fd());
         let joined = self
             .dispatch_thread
@@ -77,6 +75,7 @@ impl Frontend {
             Some(Ok(Ok(held))) => held,
             other => {
                 // Serve on with a new dispatcher; what the old one held is lost.
+                self.resume_tls(tls)?;
                 self.spawn_dispatcher(Vec::new())?;
                 if let Some(n) = &self.notify {
                     n.ready(&self.summary());
@@ -87,13 +86,25 @@ impl Frontend {
                 }
             }
         };
+        if let Some(t) = tls.as_mut() {
+            t.take_handed_back();
+        }
         let opened = self.relay.stats.open.load(Relaxed);
         if opened > 0 {
             log::warn!("upgrading: {opened} relayed connection(s) to socket pools are cut");
         }
-        let mut state = self.state(admin.fd(), &held);
+        if let Some(t) = tls.as_ref().filter(|t| t.cut > 0) {
+            log::warn!(
+                "upgrading: {} TLS connection(s) cut (relays to socket pools, handshakes not \
+                 over within {:?})",
+                t.cut,
+                crate::tls::HAND_OVER_WAIT
+            );
+        }
+        let mut state = self.state(admin.fd(), &held, tls.as_ref().map(|t| &t.carried));
         let e = state.exec(&self.exe, &self.config.path);
-        // Still here: the exec failed. Serve on with what the dispatcher held.
+        // Still here: the exec failed. Serve on with what the threads held.
+        self.resume_tls(tls)?;
         self.spawn_dispatcher(held)?;
         if let Some(n) = &self.notify {
             n.ready(&self.summary());
@@ -101,7 +112,34 @@ impl Frontend {
         bail!("executing {}: {e}", self.exe.display())
     }
 
-    fn state(&self, admin: RawFd, held: &[crate::dispatcher::Held]) -> State {
+    /// Stops the TLS thread (if there is one) and takes what it returns.
+    fn stop_tls(&mut self, how: Stop) -> Option<crate::tls::Stopped> {
+        let t = self.tls.as_mut()?;
+        how.send(t.stop.as_raw_fd());
+        match t.thread.take()?.join() {
+            Ok(stopped) => Some(stopped),
+            Err(_) => {
+                log::error!("the TLS thread panicked");
+                None
+            }
+        }
+    }
+
+    /// Runs the TLS thread again after an upgrade that did not happen.
+    fn resume_tls(&mut self, stopped: Option<crate::tls::Stopped>) -> Result<()> {
+        let (Some(t), Some(stopped)) = (self.tls.as_mut(), stopped) else {
+            return Ok(());
+        };
+        t.thread = Some(crate::tls::resume(stopped).context("starting the TLS thread again")?);
+        Ok(())
+    }
+
+    fn state(
+        &self,
+        admin: RawFd,
+        held: &[crate::dispatcher::Held],
+        tls: Option<&crate::tls::Carried>,
+    ) -> State {
         let sockets = self.queue_sockets();
         let (workers, requests_gone) = self.supervisor.handover(Instant::now());
         State {
@@ -110,14 +148,9 @@ impl Frontend {
             admin: Some(admin),
             workers,
             requests_gone,
-            held: held
-                .iter()
-                .map(|h| HeldState {
-                    fd: h.fd.as_raw_fd(),
-                    bytes: h.bytes.clone(),
-                    arrival: h.arrival.as_str().to_owned(),
-                })
-                .collect(),
+            held: HeldState::of(held),
+            tls_sessions: tls.map(|t| HeldState::of(&t.sessions)).unwrap_or_default(),
+            tls_fresh: tls.map(|t| HeldState::of(&t.fresh)).unwrap_or_default(),
             counts: self.counts(),
             sysctls: self.restore.entries(),
             previous: self.image.as_ref().map(AsRawFd::as_raw_fd),
@@ -152,6 +185,7 @@ impl Frontend {
             cache_answers: s.cache_answers.load(Relaxed),
             relays: self.relay.stats.started.load(Relaxed),
             relays_failed: self.relay.stats.failed.load(Relaxed),
+            tls: (self.tls.as_ref()).map(|t| t.stats.snapshot(Vec::new())),
         }
     }
 

@@ -88,7 +88,7 @@ struct Frontend {
     upgrade_error: Option<String>,
     /// An upgrade was asked for and passed its checks: done after this step.
     upgrade_due: bool,
-    /// The TLS listeners, each in slot 0 of its group, until the TLS thread starts.
+    /// The TLS listeners, each in slot 0 of its group; the TLS thread accepts on them.
     tls_sockets: Vec<OwnedFd>,
     /// HTTPS: its listeners and the thread that serves them (none without `listen_tls`).
     tls: Option<TlsRt>,
@@ -100,15 +100,13 @@ struct Frontend {
 
 /// The running HTTPS side.
 struct TlsRt {
-    /// The listeners, held open for the TLS thread.
-    _sockets: Vec<OwnedFd>,
     /// The handshakes' configuration; a reload replaces it.
     config: Arc<std::sync::Mutex<Arc<rustls::ServerConfig>>>,
     secrets: Arc<crate::tls::Secrets>,
     stats: Arc<crate::tls::TlsStats>,
     inbox: Option<crate::tls::Inbox>,
     stop: OwnedFd,
-    thread: Option<JoinHandle<()>>,
+    thread: Option<crate::tls::Thread>,
 }
 
 /// `sluice run CONFIG`; in the next program of an upgrade, takes over from the earlier one
@@ -292,8 +290,13 @@ impl Frontend {
                 guard::probe(addr, guard::PROBE_PATIENCE)?;
             }
         }
-        for &addr in &config.tls.listen {
-            guard::probe(addr, guard::PROBE_PATIENCE)?;
+        let inherited_tls: Vec<Option<OwnedFd>> = (config.tls.listen.iter())
+            .map(|&a| inherited.take_listener(crate::fdstore::TLS, a))
+            .collect();
+        for (&addr, ours) in config.tls.listen.iter().zip(&inherited_tls) {
+            if ours.is_none() {
+                guard::probe(addr, guard::PROBE_PATIENCE)?;
+            }
         }
         for w in config.warnings() {
             log::warn!("{w}");
@@ -343,8 +346,11 @@ impl Frontend {
         // Per TLS listen address: the TLS thread's socket in slot 0 of its group, whose
         // program steers passthrough pools' names by SNI.
         let mut tls_sockets = Vec::new();
-        for (i, &addr) in config.tls.listen.iter().enumerate() {
-            let t = sockets::listener(addr, DISPATCHER_BACKLOG)?;
+        for ((i, &addr), ours) in config.tls.listen.iter().enumerate().zip(inherited_tls) {
+            let t = match ours {
+                Some(fd) => sockets::relisten(fd, DISPATCHER_BACKLOG)?,
+                None => sockets::listener(addr, DISPATCHER_BACKLOG)?,
+            };
             let g = steering.tls_group(i);
             steering.attach(g, &t)?;
             steering.set_socket(g, DISPATCHER_SLOT, &t)?;
@@ -441,7 +447,9 @@ impl Frontend {
         if let Some(i) = incoming {
             fe.adopt(i)?;
         }
-        fe.start_tls()?;
+        let carried = incoming.map(upgrade::Incoming::tls).transpose()?;
+        let earlier = incoming.and_then(|i| i.state.counts.tls.as_ref());
+        fe.start_tls(carried.unwrap_or_default(), earlier)?;
         let held = incoming.map(upgrade::Incoming::held).transpose()?;
         fe.spawn_dispatcher(held.unwrap_or_default())?;
         Ok(fe)
@@ -481,20 +489,27 @@ impl Frontend {
         Ok(())
     }
 
-    /// Binds `listen_tls` and starts the TLS thread (nothing without `listen_tls`).
-    fn start_tls(&mut self) -> Result<()> {
+    /// Starts the TLS thread on the `listen_tls` sockets (nothing without them), taking up
+    /// what an earlier program carried and going on from its figures.
+    fn start_tls(
+        &mut self,
+        carried: crate::tls::Carried,
+        earlier: Option<&crate::status::TlsStatus>,
+    ) -> Result<()> {
         let config = &self.config;
         if config.tls.listen.is_empty() {
             return Ok(());
         }
         let secrets = Arc::new(crate::tls::Secrets::default());
         let server_config = tls_server_config(config, secrets.clone())?;
-        let sockets = std::mem::take(&mut self.tls_sockets);
         let stop = eventfd()?;
         let stats = Arc::new(crate::tls::TlsStats::default());
+        if let Some(t) = earlier {
+            stats.restore(t);
+        }
         let shared = Arc::new(std::sync::Mutex::new(server_config));
         let front = crate::tls::TlsFront {
-            listeners: sockets.iter().map(|s| s.as_raw_fd()).collect(),
+            listeners: self.tls_sockets.iter().map(|s| s.as_raw_fd()).collect(),
             config: shared.clone(),
             secrets: secrets.clone(),
             table: self.table.clone(),
@@ -509,9 +524,9 @@ impl Frontend {
             access_log: self.access_log.clone(),
             stop: stop.as_raw_fd(),
         };
-        let (inbox, thread) = crate::tls::spawn(front).context("starting the TLS thread")?;
+        let (inbox, thread) =
+            crate::tls::spawn(front, carried).context("starting the TLS thread")?;
         self.tls = Some(TlsRt {
-            _sockets: sockets,
             config: shared,
             secrets,
             stats,
@@ -782,12 +797,13 @@ impl Frontend {
             _ => {}
         }
         if let Some(t) = self.tls.as_mut() {
-            crate::eventfd::signal(t.stop.as_raw_fd(), 1);
+            dispatcher::Stop::Close.send(t.stop.as_raw_fd());
             if let Some(thread) = t.thread.take() {
                 let _ = thread.join();
             }
         }
         self.tls = None;
+        self.tls_sockets.clear();
         // Sockets, then programs (dropping the objects detaches the ack gate), then sysctls.
         self.dispatch_sockets.clear();
         self.pools.clear();

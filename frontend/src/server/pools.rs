@@ -225,13 +225,14 @@ impl Frontend {
     }
 
     /// Every socket that holds a queue, named as systemd's fd store and an upgrade's state
-    /// name them (`fdstore`): the dispatcher's, and every live pool's listeners and handoff
-    /// pair.
+    /// name them (`fdstore`): the dispatcher's, the TLS thread's, and every live pool's
+    /// listeners and handoff pair.
     pub(super) fn queue_sockets(&self) -> Vec<(String, RawFd)> {
         let mut out: Vec<(String, RawFd)> = self
             .dispatch_sockets
             .iter()
             .map(|f| (fdstore::DISPATCH.to_owned(), f.as_raw_fd()))
+            .chain((self.tls_sockets.iter()).map(|f| (fdstore::TLS.to_owned(), f.as_raw_fd())))
             .collect();
         for p in &self.pools {
             out.extend(p.queue_sockets());

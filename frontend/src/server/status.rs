@@ -99,26 +99,14 @@ impl Frontend {
             upgrades: self.upgrades,
             upgrade_error: self.upgrade_error.clone(),
             tls: self.tls.as_ref().map(|t| {
-                let n = |c: &std::sync::atomic::AtomicU64| c.load(Relaxed);
-                crate::status::TlsStatus {
-                    listen: self
-                        .config
+                t.stats.snapshot(
+                    self.config
                         .tls
                         .listen
                         .iter()
                         .map(|a| a.to_string())
                         .collect(),
-                    accepted: n(&t.stats.accepted),
-                    handshakes: n(&t.stats.handshakes),
-                    handshake_failures: n(&t.stats.handshake_failures),
-                    handed_off: n(&t.stats.handed_off),
-                    handed_back: n(&t.stats.handed_back),
-                    cache_answers: n(&t.stats.cache_answers),
-                    refused: n(&t.stats.refused),
-                    relayed: n(&t.stats.relayed),
-                    passed_through: n(&t.stats.passed_through),
-                    passthrough_refused: n(&t.stats.passthrough_refused),
-                }
+                )
             }),
         }
     }

@@ -52,6 +52,10 @@ pub struct State {
     /// Per pool name, requests of its workers already gone, and how they went.
     pub requests_gone: Vec<(String, u64, String)>,
     pub held: Vec<HeldState>,
+    /// The TLS thread's open sessions (a `Session` payload, then plaintext not yet served).
+    pub tls_sessions: Vec<HeldState>,
+    /// The TLS thread's connections whose handshake had not begun (the bytes they sent).
+    pub tls_fresh: Vec<HeldState>,
     pub counts: Counts,
     /// Sysctls to restore when the front end exits.
     pub sysctls: Vec<(String, String)>,
@@ -62,13 +66,25 @@ pub struct State {
     pub env: Vec<Vec<u8>>,
 }
 
-/// A connection the dispatcher was reading.
+/// A connection the dispatcher or the TLS thread held.
 #[derive(Debug, Default, Serialize, Deserialize)]
 #[serde(default)]
 pub struct HeldState {
     pub fd: RawFd,
     pub bytes: Vec<u8>,
     pub arrival: String,
+}
+
+impl HeldState {
+    pub fn of(held: &[Held]) -> Vec<HeldState> {
+        held.iter()
+            .map(|h| HeldState {
+                fd: h.fd.as_raw_fd(),
+                bytes: h.bytes.clone(),
+                arrival: h.arrival.as_str().to_owned(),
+            })
+            .collect()
+    }
 }
 
 /// Counters, so that status and metrics go on from where they were.
@@ -87,6 +103,7 @@ pub struct Counts {
     pub cache_answers: u64,
     pub relays: u64,
     pub relays_failed: u64,
+    pub tls: Option<crate::status::TlsStatus>,
 }
 
 /// The state a program was started with, and the fds it names, until it serves.
@@ -160,9 +177,19 @@ impl Incoming {
 
     /// The dispatcher's connections, as this program's own fds.
     pub fn held(&self) -> Result<Vec<Held>> {
-        self.state
-            .held
-            .iter()
+        Self::take_held(&self.state.held)
+    }
+
+    /// The TLS thread's connections, as this program's own fds.
+    pub fn tls(&self) -> Result<crate::tls::Carried> {
+        Ok(crate::tls::Carried {
+            sessions: Self::take_held(&self.state.tls_sessions)?,
+            fresh: Self::take_held(&self.state.tls_fresh)?,
+        })
+    }
+
+    fn take_held(held: &[HeldState]) -> Result<Vec<Held>> {
+        held.iter()
             .map(|h| {
                 Ok(Held {
                     fd: Self::take(h.fd)?,
@@ -216,7 +243,14 @@ impl State {
             fds.extend(w.control);
             fds.extend(w.output);
         }
-        fds.extend(self.held.iter().map(|h| h.fd));
+        fds.extend(
+            (self
+                .held
+                .iter()
+                .chain(&self.tls_sessions)
+                .chain(&self.tls_fresh))
+            .map(|h| h.fd),
+        );
         fds
     }
 

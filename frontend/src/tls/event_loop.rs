@@ -14,13 +14,13 @@ use sluice_proto::{access::Arrival, handoff};
 use sluice_tls::{Received, RecordLayer, Session, hello::Hello};
 
 use super::{
-    TlsFront, TlsStats,
+    Carried, TlsFront, TlsStats,
     handshake::{Handshake, Step},
     upstream::{self, Upstream, WINDOW},
 };
 use crate::access_log::{Answered, body_len};
 use crate::dispatcher::{
-    Held, PoolId,
+    Held, PoolId, Stop,
     head::{self, Decision},
     reply,
 };
@@ -36,6 +36,9 @@ const LISTENER: u64 = 1 << 48;
 const MAX_INPUT: usize = 2 * sluice_tls::MAX_RECORD;
 /// How long a connection answered and closing may take to read the rest of what it sent.
 const LINGER: Duration = Duration::from_secs(2);
+
+mod handover;
+pub use handover::HAND_OVER_WAIT;
 
 enum Phase {
     /// Some pool is `tls = "passthrough"`: the ClientHello is read first, for its SNI name,
@@ -125,24 +128,38 @@ impl Loop {
             inbox,
             wake,
         };
-        for (i, &fd) in lp.f.listeners.iter().enumerate() {
-            // Accepted until EAGAIN on each readiness: the listener must not block.
-            set_nonblocking(fd, true);
-            lp.epoll.add(fd, epoll::IN, LISTENER + i as u64)?;
-        }
+        lp.listen()?;
         lp.epoll.add(lp.wake.as_raw_fd(), epoll::IN, WAKE)?;
         lp.epoll.add(lp.f.stop, epoll::IN, STOP)?;
         Ok(lp)
     }
 
-    pub fn run(&mut self) -> io::Result<()> {
+    /// Watches the listeners (again, after a hand-over that did not happen).
+    pub fn listen(&self) -> io::Result<()> {
+        for (i, &fd) in self.f.listeners.iter().enumerate() {
+            // Accepted until EAGAIN on each readiness: the listener must not block.
+            set_nonblocking(fd, true);
+            self.epoll.add(fd, epoll::IN, LISTENER + i as u64)?;
+        }
+        Ok(())
+    }
+
+    /// Serves until told to stop; a stop for an upgrade returns what is handed over and how
+    /// many connections were cut (`handover`).
+    pub fn run(&mut self) -> io::Result<Option<(Carried, usize)>> {
         let mut next_tick = Instant::now() + Duration::from_secs(1);
         loop {
             let n = self.epoll.wait(1000)?;
             for i in 0..n {
                 let (token, bits) = self.epoll.ready(i);
                 match token {
-                    STOP => return Ok(()),
+                    STOP => {
+                        let how = crate::eventfd::take(self.f.stop);
+                        if how == Stop::HandOver as u64 {
+                            return Ok(Some(self.hand_over()));
+                        }
+                        return Ok(None);
+                    }
                     WAKE => self.take_up(),
                     t if t >= LISTENER => self.accept((t - LISTENER) as usize),
                     t => self.on_event(t, bits),
@@ -151,16 +168,20 @@ impl Loop {
             let now = Instant::now();
             if now >= next_tick {
                 next_tick = now + Duration::from_secs(1);
-                let late: Vec<u64> = self
-                    .conns
-                    .iter()
-                    .filter(|(_, c)| now > c.deadline)
-                    .map(|(&t, _)| t)
-                    .collect();
-                for t in late {
-                    self.close(t);
-                }
+                self.close_late(now);
             }
+        }
+    }
+
+    fn close_late(&mut self, now: Instant) {
+        let late: Vec<u64> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| now > c.deadline)
+            .map(|(&t, _)| t)
+            .collect();
+        for t in late {
+            self.close(t);
         }
     }
 
@@ -192,16 +213,21 @@ impl Loop {
             // SAFETY: a new descriptor from accept4, owned by nobody else.
             let fd = unsafe { OwnedFd::from_raw_fd(fd) };
             TlsStats::add(&self.f.stats.accepted);
-            let phase = if hello_first {
-                Phase::Hello
-            } else {
-                match self.handshake() {
-                    Some(h) => h,
-                    None => continue,
-                }
+            let Some(phase) = self.first_phase(hello_first) else {
+                continue;
             };
             let conn = Conn::new(fd, phase, Arrival::Dispatcher, self.f.header_timeout);
             self.add(conn);
+        }
+    }
+
+    /// Where a new connection begins: its ClientHello read for the SNI name while some pool
+    /// is passthrough, else the handshake.
+    fn first_phase(&self, hello_first: bool) -> Option<Phase> {
+        if hello_first {
+            Some(Phase::Hello)
+        } else {
+            self.handshake()
         }
     }
 
@@ -342,27 +368,64 @@ impl Loop {
         crate::eventfd::take(self.wake.as_raw_fd());
         while let Ok(held) = self.inbox.try_recv() {
             TlsStats::add(&self.f.stats.handed_back);
-            let (session, plain) = match Session::decode(&held.bytes) {
-                Ok((s, rest)) => (s, rest.to_vec()),
-                Err(e) => {
-                    log::warn!("a TLS connection handed back: {e}; closed");
-                    continue;
-                }
-            };
-            let layer = match RecordLayer::new(&session) {
-                Ok(l) => l,
-                Err(e) => {
-                    log::warn!("a TLS connection handed back: {e}; closed");
-                    continue;
-                }
+            self.adopt_session(held, "a TLS connection handed back");
+        }
+    }
+
+    /// What the dispatcher passed on and this thread has not taken up (at a stop).
+    pub fn inbox_left(&self) -> Vec<Held> {
+        self.inbox.try_iter().collect()
+    }
+
+    /// What a TLS thread handed over at an upgrade: its sessions go on where they were, its
+    /// connections whose handshake had not begun start one.
+    pub fn take_up_carried(&mut self, carried: Carried) {
+        let (sessions, fresh) = (carried.sessions.len(), carried.fresh.len());
+        if sessions + fresh > 0 {
+            log::info!(
+                "TLS: took up {sessions} session(s) and {fresh} connection(s) before their handshake"
+            );
+        }
+        for held in carried.sessions {
+            self.adopt_session(held, "a TLS session from before the upgrade");
+        }
+        let hello_first = !self.f.table.current().1.passthrough.is_empty();
+        for held in carried.fresh {
+            let Some(phase) = self.first_phase(hello_first) else {
+                continue;
             };
             set_nonblocking(held.fd.as_raw_fd(), true);
-            let phase = Phase::Open(Box::new(layer));
             let mut conn = Conn::new(held.fd, phase, held.arrival, self.f.header_timeout);
-            (conn.input, conn.plain, conn.sni) = (session.pending, plain, session.server_name);
+            conn.input = held.bytes;
             if let Some(t) = self.add(conn) {
                 self.drive(t);
             }
+        }
+    }
+
+    /// A session in the form a hand-back has (its `Session` payload, then plaintext):
+    /// served on with our record layer.
+    fn adopt_session(&mut self, held: Held, what: &str) {
+        let (session, plain) = match Session::decode(&held.bytes) {
+            Ok((s, rest)) => (s, rest.to_vec()),
+            Err(e) => {
+                log::warn!("{what}: {e}; closed");
+                return;
+            }
+        };
+        let layer = match RecordLayer::new(&session) {
+            Ok(l) => l,
+            Err(e) => {
+                log::warn!("{what}: {e}; closed");
+                return;
+            }
+        };
+        set_nonblocking(held.fd.as_raw_fd(), true);
+        let phase = Phase::Open(Box::new(layer));
+        let mut conn = Conn::new(held.fd, phase, held.arrival, self.f.header_timeout);
+        (conn.input, conn.plain, conn.sni) = (session.pending, plain, session.server_name);
+        if let Some(t) = self.add(conn) {
+            self.drive(t);
         }
     }
 

@@ -47,6 +47,8 @@ pub struct Handshake {
     conn: ServerConnection,
     client_secret: Vec<u8>,
     server_secret: Vec<u8>,
+    /// A record was fed: from here on the handshake lives in rustls, which cannot hand it on.
+    begun: bool,
 }
 
 /// Where a handshake stands after the bytes so far.
@@ -83,7 +85,14 @@ impl Handshake {
             conn: ServerConnection::new(config)?,
             client_secret: Vec::new(),
             server_secret: Vec::new(),
+            begun: false,
         })
+    }
+
+    /// Whether rustls has been fed a record yet. A handshake that has not begun is nothing
+    /// but the bytes received: another handshake can start from them.
+    pub fn begun(&self) -> bool {
+        self.begun
     }
 
     /// Feeds the whole records at the start of `input` (drained as they are taken) and puts
@@ -106,6 +115,7 @@ impl Handshake {
             };
             let mut record = &input[taken..taken + len];
             taken += len;
+            self.begun = true;
             let fed = (|| {
                 while !record.is_empty() {
                     self.conn
@@ -145,6 +155,7 @@ impl Handshake {
             mut conn,
             client_secret,
             server_secret,
+            ..
         } = self;
         let mut plaintext = Vec::new();
         let mut chunk = [0u8; 4096];

@@ -23,9 +23,11 @@ use std::{
     time::Duration,
 };
 
+pub use event_loop::HAND_OVER_WAIT;
 pub use handshake::Secrets;
 
 use crate::dispatcher::{Held, PoolFlags, SharedTable, head::Limits};
+use crate::status::TlsStatus;
 
 /// Figures for status and metrics.
 #[derive(Debug, Default)]
@@ -94,19 +96,65 @@ impl Inbox {
     }
 }
 
-/// Starts the TLS thread.
-pub fn spawn(front: TlsFront) -> io::Result<(Inbox, std::thread::JoinHandle<()>)> {
+/// What the TLS thread holds when it stops for an upgrade, for the next program's TLS thread
+/// (or this one's again, if the upgrade cannot happen) to take up.
+#[derive(Debug, Default)]
+pub struct Carried {
+    /// Open sessions, each with its `Session` payload and the plaintext not yet served:
+    /// the form a worker's hand-back has.
+    pub sessions: Vec<Held>,
+    /// Connections whose handshake had not begun, with the bytes they had sent.
+    pub fresh: Vec<Held>,
+}
+
+/// A TLS thread that has stopped: its loop, to run again, and what it handed over.
+pub struct Stopped {
+    lp: Box<event_loop::Loop>,
+    pub carried: Carried,
+    /// Connections cut at the stop (relays to socket pools, handshakes that did not end in
+    /// time).
+    pub cut: usize,
+}
+
+impl Stopped {
+    /// Sessions the dispatcher passed on before it stopped, not yet taken up: carried too.
+    pub fn take_handed_back(&mut self) {
+        self.carried.sessions.extend(self.lp.inbox_left());
+    }
+}
+
+pub type Thread = std::thread::JoinHandle<Stopped>;
+
+/// Starts the TLS thread, first taking up `carried` (from before an upgrade).
+pub fn spawn(front: TlsFront, carried: Carried) -> io::Result<(Inbox, Thread)> {
     let wake = Arc::new(crate::eventfd::create(true)?);
     let (sender, inbox) = mpsc::channel();
-    let mut lp = event_loop::Loop::new(front, inbox, wake.clone())?;
-    let thread = std::thread::Builder::new()
+    let lp = event_loop::Loop::new(front, inbox, wake.clone())?;
+    let thread = run(Box::new(lp), carried)?;
+    Ok((Inbox { sender, wake }, thread))
+}
+
+/// Runs a stopped TLS thread again (an upgrade that could not happen), with what it carried;
+/// the dispatcher's inbox is the same.
+pub fn resume(stopped: Stopped) -> io::Result<Thread> {
+    stopped.lp.listen()?;
+    run(stopped.lp, stopped.carried)
+}
+
+fn run(mut lp: Box<event_loop::Loop>, carried: Carried) -> io::Result<Thread> {
+    std::thread::Builder::new()
         .name("tls".into())
         .spawn(move || {
-            if let Err(e) = lp.run() {
-                log::error!("the TLS thread stopped: {e}");
-            }
-        })?;
-    Ok((Inbox { sender, wake }, thread))
+            lp.take_up_carried(carried);
+            let (carried, cut) = match lp.run() {
+                Ok(over) => over.unwrap_or_default(),
+                Err(e) => {
+                    log::error!("the TLS thread stopped: {e}");
+                    Default::default()
+                }
+            };
+            Stopped { lp, carried, cut }
+        })
 }
 
 impl TlsStats {
@@ -119,5 +167,41 @@ impl TlsStats {
     /// runs again.
     pub(crate) fn undo(n: &AtomicU64) {
         n.fetch_sub(1, Relaxed);
+    }
+
+    /// The figures, for status and for the next program of an upgrade.
+    pub fn snapshot(&self, listen: Vec<String>) -> TlsStatus {
+        let n = |c: &AtomicU64| c.load(Relaxed);
+        TlsStatus {
+            listen,
+            accepted: n(&self.accepted),
+            handshakes: n(&self.handshakes),
+            handshake_failures: n(&self.handshake_failures),
+            handed_off: n(&self.handed_off),
+            handed_back: n(&self.handed_back),
+            cache_answers: n(&self.cache_answers),
+            refused: n(&self.refused),
+            relayed: n(&self.relayed),
+            passed_through: n(&self.passed_through),
+            passthrough_refused: n(&self.passthrough_refused),
+        }
+    }
+
+    /// Goes on from an earlier program's figures.
+    pub fn restore(&self, t: &TlsStatus) {
+        for (n, v) in [
+            (&self.accepted, t.accepted),
+            (&self.handshakes, t.handshakes),
+            (&self.handshake_failures, t.handshake_failures),
+            (&self.handed_off, t.handed_off),
+            (&self.handed_back, t.handed_back),
+            (&self.cache_answers, t.cache_answers),
+            (&self.refused, t.refused),
+            (&self.relayed, t.relayed),
+            (&self.passed_through, t.passed_through),
+            (&self.passthrough_refused, t.passthrough_refused),
+        ] {
+            n.store(v, Relaxed);
+        }
     }
 }
