@@ -52,6 +52,12 @@ pool = "api"
 }
 
 fn start(tag: &str, steering: &str, extra_server: &str, own_extra: &str) -> (Netns, Sluice, Certs) {
+    let (ns, certs) = setup(tag);
+    let s = Sluice::start(&ns, &template(&certs, steering, extra_server, own_extra));
+    (ns, s, certs)
+}
+
+fn setup(tag: &str) -> (Netns, Certs) {
     let ns = Netns::new(tag);
     let certs = Certs::make(&temp_dir(tag));
     // The pool's server runs as the pool's own user: its key is for it to read.
@@ -59,8 +65,7 @@ fn start(tag: &str, steering: &str, extra_server: &str, own_extra: &str) -> (Net
     for f in [certs.cert("own"), certs.key("own")] {
         std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).unwrap();
     }
-    let s = Sluice::start(&ns, &template(&certs, steering, extra_server, own_extra));
-    (ns, s, certs)
+    (ns, certs)
 }
 
 /// A TLS GET from python's ssl, driven through memory BIOs so the test decides how the
@@ -171,6 +176,33 @@ fn a_passthrough_hosts_connections_are_steered_in_the_kernel_to_its_own_tls_serv
     assert_eq!(st["tls"]["passed_through"], 0, "{st}");
     assert_eq!(st["tls"]["handshakes"], 1, "only shop's: {st}");
     assert!(st["kernel"]["tls_terminated"].as_u64() >= Some(1), "{st}");
+}
+
+#[test]
+fn a_passthrough_pool_keeps_its_server_and_its_kernel_steering_through_an_upgrade() {
+    let (ns, certs) = setup("pt-upgrade");
+    let bin = upgrading::binary_copy("pt-upgrade");
+    let s = Sluice::start_program(&ns, &template(&certs, "first-segment", "", ""), &bin);
+    let got = python_get(&ns, &s, &certs, "own.test", "/before", 0);
+    assert!(got.contains("gunicorn /before "), "{got}\n{}", s.log_text());
+    wait_ready(&s);
+    let server = worker_pids(&s.status(), "own");
+    upgrading::install(&bin, Ok(&sluice_bin()));
+    let out = upgrading::upgrade(&s);
+    assert!(out.status.success(), "{}", upgrading::text(&out));
+    // The new program's kernel program steers by SNI into the same sockets.
+    for path in ["/after1", "/after2"] {
+        let got = python_get(&ns, &s, &certs, "own.test", path, 0);
+        assert!(got.starts_with("cn=own.test\n"), "{got}\n{}", s.log_text());
+        assert!(got.contains(&format!("gunicorn {path} ")), "{got}");
+    }
+    let got = python_get(&ns, &s, &certs, SHOP, "/y", 0);
+    assert!(got.contains("pool api"), "{got}");
+    let st = s.status();
+    assert_eq!(worker_pids(&st, "own"), server, "gunicorn adopted: {st}");
+    assert_eq!(pool(&st, "own")["steered_kernel"], 3, "{st}");
+    assert_eq!(st["tls"]["passed_through"], 0, "{st}");
+    let _ = std::fs::remove_dir_all(bin.parent().unwrap_or(std::path::Path::new("/nonexistent")));
 }
 
 #[test]
