@@ -829,7 +829,6 @@ impl Loop {
         let Some(c) = self.conns[slot].as_ref() else {
             return;
         };
-        let proxy = self.table.pool(p).is_some_and(|e| e.proxy);
         let Some(relay) = self.d.relay.as_ref() else {
             self.refuse(slot, 503, "the application pool cannot be reached");
             return;
@@ -842,15 +841,13 @@ impl Loop {
             self.refuse(slot, 503, "the application pool cannot be reached");
             return;
         }
-        let job = crate::relay::Job {
-            // SAFETY: `fd` was just made by F_DUPFD and is owned by nothing else.
-            client: unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) },
-            bytes: c.buf[..c.filled].to_vec(),
-            pool: p,
-            proxy,
-        };
+        // SAFETY: `fd` was just made by F_DUPFD and is owned by nothing else.
+        let client = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
         let counted = self.d.stats.hand_off(p);
-        if relay.send(job).is_err() {
+        if relay
+            .join(client, c.buf[..c.filled].to_vec(), p, &self.table)
+            .is_err()
+        {
             counted.undo();
             self.refuse(slot, 503, "the application pool cannot be reached");
             return;

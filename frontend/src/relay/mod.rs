@@ -36,7 +36,7 @@ const HALF_CLOSED_LIMIT: Duration = Duration::from_secs(5);
 const WAKE: u64 = u64::MAX;
 
 /// A connection for a socket pool, with what was read of it already.
-pub struct Job {
+struct Job {
     pub client: OwnedFd,
     /// Written to the pool before anything else (a PROXY header, then the request bytes).
     pub bytes: Vec<u8>,
@@ -97,9 +97,22 @@ impl Relay {
         })
     }
 
-    /// Hands `job` to the relay thread; gives it back if the thread is gone.
-    pub fn send(&self, job: Job) -> Result<(), Job> {
-        self.jobs.send(job).map_err(|e| e.0)?;
+    /// Joins `client`, with the `bytes` read of it, to pool `pool`, as `table` says the pool
+    /// takes connections (a PROXY v2 header first or not). Err if the relay thread is gone.
+    pub fn join(
+        &self,
+        client: OwnedFd,
+        bytes: Vec<u8>,
+        pool: PoolId,
+        table: &crate::dispatcher::Table,
+    ) -> Result<(), ()> {
+        let job = Job {
+            client,
+            bytes,
+            pool,
+            proxy: table.pool(pool).is_some_and(|e| e.proxy),
+        };
+        self.jobs.send(job).map_err(|_| ())?;
         crate::eventfd::signal(self.wake.as_raw_fd(), 1);
         Ok(())
     }

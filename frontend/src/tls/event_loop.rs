@@ -294,14 +294,8 @@ impl Loop {
         if let (Decision::Pool(p), Some(relay)) = (admitted, relay) {
             if let Some(c) = self.conns.remove(&token) {
                 self.epoll.delete(c.fd.as_raw_fd());
-                let job = crate::relay::Job {
-                    client: c.fd,
-                    bytes: c.input,
-                    pool: p,
-                    proxy: table.pool(p).is_some_and(|e| e.proxy),
-                };
                 TlsStats::add(&self.f.stats.passed_through);
-                if relay.send(job).is_err() {
+                if relay.join(c.fd, c.input, p, table).is_err() {
                     TlsStats::undo(&self.f.stats.passed_through);
                 }
             }
