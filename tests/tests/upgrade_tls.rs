@@ -68,6 +68,20 @@ fn output(c: &mut rustls::ClientConnection) -> Vec<u8> {
     out
 }
 
+/// Runs `sluice upgrade`, and `meanwhile` as soon as the front end has begun to hand over.
+fn upgrade_and_meanwhile(s: &Sluice, meanwhile: impl FnOnce()) -> std::process::Output {
+    std::thread::scope(|scope| {
+        let up = scope.spawn(|| upgrade(s));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !s.log_text().contains("upgrading: handing over") {
+            assert!(Instant::now() < deadline, "{}", s.log_text());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        meanwhile();
+        up.join().expect("upgrade")
+    })
+}
+
 fn cleanup(bin: &Path, certs: &Certs) {
     let _ = std::fs::remove_dir_all(bin.parent().unwrap_or(Path::new("/nonexistent")));
     let _ = std::fs::remove_dir_all(&certs.dir);
@@ -192,16 +206,7 @@ fn tls_connections_in_every_state_are_served_after_an_upgrade() {
     install(&bin, Ok(&sluice_bin()));
     let before = s.status();
     let finished = output(&mut midway);
-    let out = std::thread::scope(|scope| {
-        let up = scope.spawn(|| upgrade(&s));
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !s.log_text().contains("upgrading: handing over") {
-            assert!(Instant::now() < deadline, "{}", s.log_text());
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        midway_tcp.write_all(&finished).unwrap();
-        up.join().expect("upgrade")
-    });
+    let out = upgrade_and_meanwhile(&s, || midway_tcp.write_all(&finished).unwrap());
     assert!(out.status.success(), "{}", text(&out));
     let log = s.log_text();
     assert!(
@@ -246,5 +251,68 @@ fn tls_connections_in_every_state_are_served_after_an_upgrade() {
         tls(&after, "handshake_failures"),
         tls(&before, "handshake_failures")
     );
+    cleanup(&bin, &certs);
+}
+
+const NODE: &str = "node.example.test";
+
+/// While the hand-over waits for a handshake under way (here one that never ends, so the
+/// wait lasts its 2 s), a carried session that sends a request is not read: the request is
+/// served by the next program, and the connection goes on. Read by the old program, the
+/// request would join the connection to the socket pool's relay, which cannot be carried:
+/// the connection would be cut at the exec.
+#[test]
+fn a_request_sent_during_the_hand_over_wait_is_served_by_the_next_program() {
+    let ns = Netns::new("uptls-wait");
+    let certs = Certs::make(&temp_dir("uptls-wait"));
+    let bin = binary_copy("uptls-wait");
+    // A site of its own: a socket pool answers every request of its connections.
+    let node = "\n[[pool]]\nname = \"node\"\nworker = \"socket\"\ncommand = [\"node\", \"node_app.js\"]\ncwd = \"{workers}\"\nstart = \"always\"\n\n[[route]]\nhost = \"node.example.test\"\nprefix = \"/\"\npool = \"node\"\n";
+    let template = format!("{}{node}", config(&certs));
+    let s = Sluice::start_program(&ns, &template, &bin);
+    let config = client_config(&certs, None);
+    let node = || {
+        let name = rustls::pki_types::ServerName::try_from(NODE).unwrap();
+        rustls::ClientConnection::new(config.clone(), name).expect("client")
+    };
+    let get = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: {NODE}\r\n\r\n");
+    // Node.js answers chunked.
+    let body = |r: &Response| String::from_utf8_lossy(&r.body).into_owned();
+    let mut joined = rustls::StreamOwned::new(node(), tcp(&ns));
+    joined.write_all(get("/node/before").as_bytes()).unwrap();
+    let r = read_response(&mut joined).expect("before");
+    assert!(body(&r).contains("node /node/before "), "{}", s.log_text());
+    // Answered from the cache so far: a session the TLS thread holds, between requests.
+    let mut session = rustls::StreamOwned::new(node(), tcp(&ns));
+    session.write_all(get("/cached").as_bytes()).unwrap();
+    let r = read_response(&mut session).expect("cached");
+    assert_eq!(r.body, b"cached over tls\n");
+    // A handshake that stops after the server's flight.
+    let mut stalled = node();
+    let mut stalled_tcp = tcp(&ns);
+    stalled_tcp.write_all(&output(&mut stalled)).unwrap();
+    while !stalled.wants_write() {
+        stalled.read_tls(&mut stalled_tcp).expect("server flight");
+        stalled.process_new_packets().expect("server flight");
+    }
+    install(&bin, Ok(&sluice_bin()));
+    let out = upgrade_and_meanwhile(&s, || {
+        std::thread::sleep(Duration::from_millis(200));
+        session.write_all(get("/node/during").as_bytes()).unwrap();
+        session.flush().unwrap();
+    });
+    assert!(out.status.success(), "{}", text(&out));
+    let r = read_response(&mut session)
+        .unwrap_or_else(|e| panic!("the request sent during the wait: {e}\n{}", s.log_text()));
+    assert!(body(&r).contains("node /node/during "), "{}", body(&r));
+    session.write_all(get("/node/after").as_bytes()).unwrap();
+    let r = read_response(&mut session)
+        .unwrap_or_else(|e| panic!("the same connection after: {e}\n{}", s.log_text()));
+    assert!(body(&r).contains("node /node/after "), "{}", body(&r));
+    // Cut: the stalled handshake and the connection already joined to the socket pool.
+    let log = s.log_text();
+    assert!(log.contains("upgrading: 2 TLS connection(s) cut"), "{log}");
+    assert!(log.contains("TLS: took up 1 session(s)"), "{log}");
+    drop((stalled_tcp, joined));
     cleanup(&bin, &certs);
 }

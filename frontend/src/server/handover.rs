@@ -75,7 +75,7 @@ impl Frontend {
             Some(Ok(Ok(held))) => held,
             other => {
                 // Serve on with a new dispatcher; what the old one held is lost.
-                self.resume_tls(tls)?;
+                self.resume_tls(tls);
                 self.spawn_dispatcher(Vec::new())?;
                 if let Some(n) = &self.notify {
                     n.ready(&self.summary());
@@ -104,7 +104,7 @@ impl Frontend {
         let mut state = self.state(admin.fd(), &held, tls.as_ref().map(|t| &t.carried));
         let e = state.exec(&self.exe, &self.config.path);
         // Still here: the exec failed. Serve on with what the threads held.
-        self.resume_tls(tls)?;
+        self.resume_tls(tls);
         self.spawn_dispatcher(held)?;
         if let Some(n) = &self.notify {
             n.ready(&self.summary());
@@ -125,13 +125,16 @@ impl Frontend {
         }
     }
 
-    /// Runs the TLS thread again after an upgrade that did not happen.
-    fn resume_tls(&mut self, stopped: Option<crate::tls::Stopped>) -> Result<()> {
+    /// Runs the TLS thread again after an upgrade that did not happen. If it cannot start,
+    /// plain HTTP serves on and the reason is logged (and in status as the upgrade's error).
+    fn resume_tls(&mut self, stopped: Option<crate::tls::Stopped>) {
         let (Some(t), Some(stopped)) = (self.tls.as_mut(), stopped) else {
-            return Ok(());
+            return;
         };
-        t.thread = Some(crate::tls::resume(stopped).context("starting the TLS thread again")?);
-        Ok(())
+        match crate::tls::resume(stopped) {
+            Ok(thread) => t.thread = Some(thread),
+            Err(e) => log::error!("the TLS thread could not start again: {e}"),
+        }
     }
 
     fn state(

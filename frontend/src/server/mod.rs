@@ -447,10 +447,12 @@ impl Frontend {
         if let Some(i) = incoming {
             fe.adopt(i)?;
         }
+        // Every fd taken before either thread starts: once the TLS thread has served a
+        // carried session, going back to the earlier program would serve it twice.
         let carried = incoming.map(upgrade::Incoming::tls).transpose()?;
+        let held = incoming.map(upgrade::Incoming::held).transpose()?;
         let earlier = incoming.and_then(|i| i.state.counts.tls.as_ref());
         fe.start_tls(carried.unwrap_or_default(), earlier)?;
-        let held = incoming.map(upgrade::Incoming::held).transpose()?;
         fe.spawn_dispatcher(held.unwrap_or_default())?;
         Ok(fe)
     }

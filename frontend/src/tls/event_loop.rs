@@ -134,12 +134,16 @@ impl Loop {
         Ok(lp)
     }
 
-    /// Watches the listeners (again, after a hand-over that did not happen).
+    /// Watches the listeners (again, after a hand-over that did not happen; a loop that
+    /// stopped on an error still watches them).
     pub fn listen(&self) -> io::Result<()> {
         for (i, &fd) in self.f.listeners.iter().enumerate() {
             // Accepted until EAGAIN on each readiness: the listener must not block.
             set_nonblocking(fd, true);
-            self.epoll.add(fd, epoll::IN, LISTENER + i as u64)?;
+            match self.epoll.add(fd, epoll::IN, LISTENER + i as u64) {
+                Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
+                other => other?,
+            }
         }
         Ok(())
     }
@@ -369,6 +373,13 @@ impl Loop {
     /// What the dispatcher passed on and this thread has not taken up (at a stop).
     pub fn inbox_left(&self) -> Vec<Held> {
         self.inbox.try_iter().collect()
+    }
+
+    pub fn count_handed_back(&self, n: usize) {
+        self.f
+            .stats
+            .handed_back
+            .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// What a TLS thread handed over at an upgrade: its sessions go on where they were, its

@@ -119,7 +119,9 @@ pub struct Stopped {
 impl Stopped {
     /// Sessions the dispatcher passed on before it stopped, not yet taken up: carried too.
     pub fn take_handed_back(&mut self) {
-        self.carried.sessions.extend(self.lp.inbox_left());
+        let left = self.lp.inbox_left();
+        self.lp.count_handed_back(left.len());
+        self.carried.sessions.extend(left);
     }
 }
 

@@ -127,13 +127,25 @@ impl Loop {
                 };
                 let taken = msg
                     .complete(res as usize)
-                    .map(|m| (m.fd.into_raw_fd(), m.bytes.to_vec()));
+                    .map(|m| (m.fd, m.bytes.to_vec(), m.flags & handoff::TLS != 0));
+                if taken.is_ok() && op == OP_HANDBACK {
+                    self.d.stats.handed_back.fetch_add(1, Ordering::Relaxed);
+                }
                 match taken {
-                    Ok((fd, bytes)) => {
-                        if op == OP_HANDBACK {
-                            self.d.stats.handed_back.fetch_add(1, Ordering::Relaxed);
+                    Ok((fd, bytes, true)) => {
+                        // A TLS session: the TLS thread's inbox, carried with its own (the
+                        // thread has stopped and its inbox is drained after this one).
+                        let arrival = if op == OP_HANDBACK {
+                            Arrival::Handback
+                        } else {
+                            Arrival::Dispatcher
+                        };
+                        if let Some(tls) = &self.d.tls {
+                            tls.send(Held { fd, bytes, arrival });
                         }
-                        let slot = self.insert(fd, &bytes);
+                    }
+                    Ok((fd, bytes, false)) => {
+                        let slot = self.insert(fd.into_raw_fd(), &bytes);
                         if let (true, Some(c)) = (op == OP_HANDBACK, self.conns[slot].as_mut()) {
                             c.arrival = Arrival::Handback;
                         }

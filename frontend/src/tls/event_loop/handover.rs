@@ -8,6 +8,8 @@
 //!   bytes it sent;
 //! - a handshake under way, an answer being sent, a hand-off being made: waited for.
 //!
+//! What can be carried is not read meanwhile, so nothing it sends starts anything new.
+//!
 //! rustls cannot hand on a handshake in the middle, and the relays to socket pools carry
 //! no request boundaries: what is still in either at the end of the wait is cut.
 
@@ -48,6 +50,18 @@ fn fate(c: &Conn) -> Fate {
 }
 
 impl Loop {
+    /// What can be carried is no longer read: a request read now could go to a relay and
+    /// be cut with it, or a ClientHello to a pass-through. Unread bytes go with the socket.
+    /// (Errors and hang-ups are still reported, and close the connection.)
+    fn hold_carriable(&mut self) {
+        for (&token, c) in self.conns.iter_mut() {
+            if c.mask != 0 && matches!(fate(c), Fate::Session | Fate::Fresh) {
+                c.mask = 0;
+                let _ = self.epoll.modify(c.fd.as_raw_fd(), 0, token);
+            }
+        }
+    }
+
     /// Stops accepting, waits (bounded) for what is under way, and hands over what can be.
     /// Returns it, and how many connections were cut.
     pub(super) fn hand_over(&mut self) -> (Carried, usize) {
@@ -56,6 +70,7 @@ impl Loop {
         }
         let deadline = Instant::now() + HAND_OVER_WAIT;
         loop {
+            self.hold_carriable();
             let waiting = self.conns.values().any(|c| matches!(fate(c), Fate::Wait));
             let left = deadline.saturating_duration_since(Instant::now());
             if !waiting || left.is_zero() {
