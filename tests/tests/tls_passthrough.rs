@@ -140,6 +140,16 @@ print(answer.decode())
         .unwrap_or_else(|e| panic!("python: {e}\n{}", s.log_text()))
 }
 
+/// curl for https://own.test:8443`path` (the passthrough pool's name), trusting the test CA.
+fn curl_own(ns: &Netns, certs: &Certs, path: &str, max_time: &str) -> std::process::Command {
+    let mut c = ns.command("curl");
+    c.args(["-sS", "--max-time", max_time, "--cacert"])
+        .arg(certs.ca())
+        .args(["--resolve", "own.test:8443:127.0.0.1"])
+        .arg(format!("https://own.test:8443{path}"));
+    c
+}
+
 fn fallback(st: &serde_json::Value, reason: &str) -> u64 {
     st["fallbacks"][reason].as_u64().unwrap_or(0)
 }
@@ -258,17 +268,7 @@ fn a_passthrough_pool_that_is_stopped_gets_its_clients_a_tls_alert_not_a_hang() 
         pool(st, "own")["state"] == "stopped"
     });
     let started = std::time::Instant::now();
-    let out = ns
-        .command("curl")
-        .args(["-sS", "--max-time", "10", "--cacert"])
-        .arg(certs.ca())
-        .args([
-            "--resolve",
-            "own.test:8443:127.0.0.1",
-            "https://own.test:8443/",
-        ])
-        .output()
-        .unwrap();
+    let out = curl_own(&ns, &certs, "/", "10").output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{st}");
     assert!(err.contains("alert internal error"), "{err}");
@@ -333,14 +333,7 @@ fn connections_queued_for_a_passthrough_pool_that_stops_get_a_tls_alert() {
     }
     let clients: Vec<_> = (0..3)
         .map(|_| {
-            ns.command("curl")
-                .args(["-sS", "--max-time", "20", "--cacert"])
-                .arg(certs.ca())
-                .args([
-                    "--resolve",
-                    "own.test:8443:127.0.0.1",
-                    "https://own.test:8443/q",
-                ])
+            curl_own(&ns, &certs, "/q", "20")
                 .stdout(std::process::Stdio::piped())
                 .stderr(std::process::Stdio::piped())
                 .spawn()

@@ -513,18 +513,13 @@ impl Loop {
             let fd = incoming(&mut self.drain_msgs[p])
                 .complete(res as usize)
                 .ok()
-                .and_then(|m| match (m.flags & handoff::TLS != 0, tls) {
-                    // The TLS thread answers it 503 over its session.
-                    (true, Some(tls)) => {
-                        tls.send(Held {
-                            fd: m.fd,
-                            bytes: m.bytes.to_vec(),
-                            arrival: Arrival::Dispatcher,
-                        });
-                        None
+                .and_then(|m| {
+                    if m.flags & handoff::TLS == 0 {
+                        return Some(m.fd.into_raw_fd());
                     }
-                    (true, None) => None,
-                    (false, _) => Some(m.fd.into_raw_fd()),
+                    // The TLS thread answers it 503 over its session.
+                    to_tls(tls, m.fd, m.bytes.to_vec(), Arrival::Dispatcher);
+                    None
                 });
             if let Some(fd) = fd {
                 let slot = self.insert(fd, &[]);
@@ -572,19 +567,12 @@ impl Loop {
         };
         let slot = match msg.complete(len) {
             Ok(m) if m.flags & handoff::TLS != 0 => {
-                // A TLS session: the TLS thread reads it (dropped, and so closed, without one).
                 let arrival = if reroute {
                     Arrival::Dispatcher
                 } else {
                     Arrival::Handback
                 };
-                if let Some(tls) = &self.d.tls {
-                    tls.send(Held {
-                        fd: m.fd,
-                        bytes: m.bytes.to_vec(),
-                        arrival,
-                    });
-                }
+                to_tls(self.d.tls.as_ref(), m.fd, m.bytes.to_vec(), arrival);
                 None
             }
             Ok(m) => {
@@ -1032,6 +1020,19 @@ fn accept(fd: RawFd, op: u64, index: usize) -> squeue::Entry {
         .flags(libc::SOCK_CLOEXEC)
         .build()
         .user_data(ud(op, index))
+}
+
+/// A TLS session a worker handed on (its `Session` payload, then plaintext): the TLS
+/// thread reads it; without one it is dropped, and so closed.
+fn to_tls(
+    tls: Option<&crate::tls::Inbox>,
+    fd: std::os::fd::OwnedFd,
+    bytes: Vec<u8>,
+    arrival: Arrival,
+) {
+    if let Some(tls) = tls {
+        tls.send(Held { fd, bytes, arrival });
+    }
 }
 
 fn cancel(target: u64) -> squeue::Entry {

@@ -56,15 +56,9 @@ impl DispatchStats {
         }
     }
 
-    /// Counts a hand-off to `pool` before the send, since the pool may answer (and a
-    /// client read status) before the sending thread runs again; `undo` takes it back
-    /// when the send fails.
-    pub(crate) fn hand_off(&self, pool: PoolId) -> HandOffCount<'_> {
-        let n = self.handed_off.get(pool.index());
-        if let Some(n) = n {
-            n.fetch_add(1, Relaxed);
-        }
-        HandOffCount(n)
+    /// Counts a hand-off to `pool` ahead of its send (see [`CountedAhead`]).
+    pub(crate) fn hand_off(&self, pool: PoolId) -> CountedAhead<'_> {
+        CountedAhead::new(self.handed_off.get(pool.index()))
     }
 
     pub(crate) fn refuse(&self, code: u16) {
@@ -74,10 +68,19 @@ impl DispatchStats {
     }
 }
 
-/// A hand-off counted ahead of its send.
-pub(crate) struct HandOffCount<'a>(Option<&'a AtomicU64>);
+/// A hand-off counted before its send, by the dispatcher or the TLS thread: the pool may
+/// answer, and a client read status, before the sending thread runs again. `undo` takes
+/// it back when the send fails.
+pub(crate) struct CountedAhead<'a>(Option<&'a AtomicU64>);
 
-impl HandOffCount<'_> {
+impl<'a> CountedAhead<'a> {
+    pub(crate) fn new(n: Option<&'a AtomicU64>) -> CountedAhead<'a> {
+        if let Some(n) = n {
+            n.fetch_add(1, Relaxed);
+        }
+        CountedAhead(n)
+    }
+
     /// The send failed: nothing was handed off.
     pub(crate) fn undo(self) {
         if let Some(n) = self.0 {

@@ -37,12 +37,12 @@ const WAKE: u64 = u64::MAX;
 
 /// A connection for a socket pool, with what was read of it already.
 struct Job {
-    pub client: OwnedFd,
+    client: OwnedFd,
     /// Written to the pool before anything else (a PROXY header, then the request bytes).
-    pub bytes: Vec<u8>,
-    pub pool: PoolId,
+    bytes: Vec<u8>,
+    pool: PoolId,
     /// Write a PROXY v2 header with the client's address first.
-    pub proxy: bool,
+    proxy: bool,
 }
 
 /// Figures for status.

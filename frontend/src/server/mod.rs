@@ -278,26 +278,10 @@ impl Frontend {
         mut inherited: crate::fdstore::Inherited,
         incoming: Option<&upgrade::Incoming>,
     ) -> Result<Frontend> {
-        // A dispatcher socket systemd kept for us is this front end's own group.
-        let inherited_dispatch: Vec<Option<OwnedFd>> = config
-            .listen
-            .iter()
-            .map(|&a| inherited.take_listener(crate::fdstore::DISPATCH, a))
-            .collect();
-        // Before anything changes: another listener on an address would take its traffic.
-        for (&addr, ours) in config.listen.iter().zip(&inherited_dispatch) {
-            if ours.is_none() {
-                guard::probe(addr, guard::PROBE_PATIENCE)?;
-            }
-        }
-        let inherited_tls: Vec<Option<OwnedFd>> = (config.tls.listen.iter())
-            .map(|&a| inherited.take_listener(crate::fdstore::TLS, a))
-            .collect();
-        for (&addr, ours) in config.tls.listen.iter().zip(&inherited_tls) {
-            if ours.is_none() {
-                guard::probe(addr, guard::PROBE_PATIENCE)?;
-            }
-        }
+        // A dispatcher or TLS socket systemd (or an upgrade) kept for us is this front
+        // end's own group.
+        let kept_dispatch = kept_or_free(&mut inherited, crate::fdstore::DISPATCH, &config.listen)?;
+        let kept_tls = kept_or_free(&mut inherited, crate::fdstore::TLS, &config.tls.listen)?;
         for w in config.warnings() {
             log::warn!("{w}");
         }
@@ -329,33 +313,17 @@ impl Frontend {
             Mode::FirstSegment => MODE_FIRST_SEGMENT,
         })?;
         // Per listen address: the dispatcher socket first, with the program attached.
-        let mut dispatch_sockets = Vec::new();
-        for ((g, &addr), ours) in config.listen.iter().enumerate().zip(inherited_dispatch) {
-            let d = match ours {
-                Some(fd) => sockets::relisten(fd, DISPATCHER_BACKLOG)?,
-                None => sockets::listener(addr, DISPATCHER_BACKLOG)?,
-            };
-            // Attached first: a group kept from an earlier run (systemd's fd store) still
-            // runs that run's program, whose socket array holds these sockets until it is
-            // replaced. Meanwhile our empty array makes the program drop (the client sends
-            // again), never pick a pool by hash.
-            steering.attach(g, &d)?;
-            steering.set_socket(g, DISPATCHER_SLOT, &d)?;
-            dispatch_sockets.push(d);
-        }
+        let dispatch_sockets = (config.listen.iter().zip(kept_dispatch).enumerate())
+            .map(|(g, (&addr, kept))| group_listener(&mut steering, g, addr, kept))
+            .collect::<Result<Vec<_>>>()?;
         // Per TLS listen address: the TLS thread's socket in slot 0 of its group, whose
         // program steers passthrough pools' names by SNI.
-        let mut tls_sockets = Vec::new();
-        for ((i, &addr), ours) in config.tls.listen.iter().enumerate().zip(inherited_tls) {
-            let t = match ours {
-                Some(fd) => sockets::relisten(fd, DISPATCHER_BACKLOG)?,
-                None => sockets::listener(addr, DISPATCHER_BACKLOG)?,
-            };
-            let g = steering.tls_group(i);
-            steering.attach(g, &t)?;
-            steering.set_socket(g, DISPATCHER_SLOT, &t)?;
-            tls_sockets.push(t);
-        }
+        let tls_sockets = (config.tls.listen.iter().zip(kept_tls).enumerate())
+            .map(|(i, (&addr, kept))| {
+                let g = steering.tls_group(i);
+                group_listener(&mut steering, g, addr, kept)
+            })
+            .collect::<Result<Vec<_>>>()?;
         let stats = Arc::new(DispatchStats::new(MAX_POOLS as usize));
         let flags = Arc::new(PoolFlags::new(MAX_POOLS as usize));
         let stop = eventfd()?;
@@ -816,6 +784,47 @@ impl Frontend {
         drop(restore);
         log::info!("stopped");
     }
+}
+
+/// The sockets kept under `name` for `addrs` (systemd's fd store, an upgrade's state), by
+/// address. An address with none is probed first, before anything changes: another
+/// listener on it would take its traffic.
+fn kept_or_free(
+    inherited: &mut crate::fdstore::Inherited,
+    name: &str,
+    addrs: &[std::net::SocketAddr],
+) -> Result<Vec<Option<OwnedFd>>> {
+    let kept: Vec<Option<OwnedFd>> = addrs
+        .iter()
+        .map(|&a| inherited.take_listener(name, a))
+        .collect();
+    for (&addr, ours) in addrs.iter().zip(&kept) {
+        if ours.is_none() {
+            guard::probe(addr, guard::PROBE_PATIENCE)?;
+        }
+    }
+    Ok(kept)
+}
+
+/// Slot 0 of group `g` on `addr` (the dispatcher's socket or the TLS thread's): the kept
+/// socket or a new one, with the group's program attached.
+fn group_listener(
+    steering: &mut Steering,
+    g: usize,
+    addr: std::net::SocketAddr,
+    kept: Option<OwnedFd>,
+) -> Result<OwnedFd> {
+    let s = match kept {
+        Some(fd) => sockets::relisten(fd, DISPATCHER_BACKLOG)?,
+        None => sockets::listener(addr, DISPATCHER_BACKLOG)?,
+    };
+    // Attached first: a group kept from an earlier run (systemd's fd store) still runs that
+    // run's program, whose socket array holds these sockets until it is replaced.
+    // Meanwhile our empty array makes the program drop (the client sends again), never
+    // pick a pool by hash.
+    steering.attach(g, &s)?;
+    steering.set_socket(g, DISPATCHER_SLOT, &s)?;
+    Ok(s)
 }
 
 /// The handshakes' configuration from `config`'s certificates (checked when it was read).

@@ -20,7 +20,7 @@ use super::{
 };
 use crate::access_log::{Answered, body_len};
 use crate::dispatcher::{
-    Held, PoolId, Stop,
+    CountedAhead, Held, PoolId, Stop,
     head::{self, Decision},
     reply,
 };
@@ -298,9 +298,9 @@ impl Loop {
         if let (Decision::Pool(p), Some(relay)) = (admitted, relay) {
             if let Some(c) = self.conns.remove(&token) {
                 self.epoll.delete(c.fd.as_raw_fd());
-                TlsStats::add(&self.f.stats.passed_through);
+                let counted = CountedAhead::new(Some(&self.f.stats.passed_through));
                 if relay.join(c.fd, c.input, p, table).is_err() {
-                    TlsStats::undo(&self.f.stats.passed_through);
+                    counted.undo();
                 }
             }
             return;
@@ -370,16 +370,14 @@ impl Loop {
         }
     }
 
-    /// What the dispatcher passed on and this thread has not taken up (at a stop).
+    /// What the dispatcher passed on and this thread has not taken up (at a stop), counted
+    /// as handed back like what it takes up.
     pub fn inbox_left(&self) -> Vec<Held> {
-        self.inbox.try_iter().collect()
-    }
-
-    pub fn count_handed_back(&self, n: usize) {
-        self.f
-            .stats
-            .handed_back
-            .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        let left: Vec<Held> = self.inbox.try_iter().collect();
+        for _ in &left {
+            TlsStats::add(&self.f.stats.handed_back);
+        }
+        left
     }
 
     /// What a TLS thread handed over at an upgrade: its sessions go on where they were, its
@@ -722,11 +720,11 @@ impl Loop {
         let flags = handoff::routed_flags(c.arrival) | handoff::TLS;
         // Workers get connections as the dispatcher passes them: blocking.
         set_nonblocking(c.fd.as_raw_fd(), false);
-        TlsStats::add(&self.f.stats.handed_off);
+        let counted = CountedAhead::new(Some(&self.f.stats.handed_off));
         match handoff::send(entry.handoff, c.fd.as_raw_fd(), flags, &payload) {
             Ok(()) => {}
             Err(e) => {
-                TlsStats::undo(&self.f.stats.handed_off);
+                counted.undo();
                 log::warn!("handing a TLS connection to pool {p} failed: {e}");
                 // Answered 503 over the session instead.
                 let why = "the application's queue is full";

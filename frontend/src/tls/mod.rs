@@ -119,9 +119,7 @@ pub struct Stopped {
 impl Stopped {
     /// Sessions the dispatcher passed on before it stopped, not yet taken up: carried too.
     pub fn take_handed_back(&mut self) {
-        let left = self.lp.inbox_left();
-        self.lp.count_handed_back(left.len());
-        self.carried.sessions.extend(left);
+        self.carried.sessions.extend(self.lp.inbox_left());
     }
 }
 
@@ -162,13 +160,6 @@ fn run(mut lp: Box<event_loop::Loop>, carried: Carried) -> io::Result<Thread> {
 impl TlsStats {
     pub(crate) fn add(n: &AtomicU64) {
         n.fetch_add(1, Relaxed);
-    }
-
-    /// Takes back a count made ahead of a send that failed. Hand-offs are counted before
-    /// their send: the pool may answer, and a client read status, before this thread
-    /// runs again.
-    pub(crate) fn undo(n: &AtomicU64) {
-        n.fetch_sub(1, Relaxed);
     }
 
     /// The figures, for status and for the next program of an upgrade.

@@ -133,16 +133,14 @@ impl Loop {
                 }
                 match taken {
                     Ok((fd, bytes, true)) => {
-                        // A TLS session: the TLS thread's inbox, carried with its own (the
-                        // thread has stopped and its inbox is drained after this one).
+                        // Into the TLS thread's inbox, carried with its own (the thread has
+                        // stopped and its inbox is drained after this one).
                         let arrival = if op == OP_HANDBACK {
                             Arrival::Handback
                         } else {
                             Arrival::Dispatcher
                         };
-                        if let Some(tls) = &self.d.tls {
-                            tls.send(Held { fd, bytes, arrival });
-                        }
+                        to_tls(self.d.tls.as_ref(), fd, bytes, arrival);
                     }
                     Ok((fd, bytes, false)) => {
                         let slot = self.insert(fd.into_raw_fd(), &bytes);
