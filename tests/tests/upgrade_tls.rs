@@ -316,3 +316,34 @@ fn a_request_sent_during_the_hand_over_wait_is_served_by_the_next_program() {
     drop((stalled_tcp, joined));
     cleanup(&bin, &certs);
 }
+
+/// A new program that cannot start goes back to the earlier one with the same state: the
+/// TLS sessions it carried are taken up again by the earlier program and go on.
+#[test]
+fn tls_sessions_go_on_when_an_upgrade_goes_back_to_the_earlier_program() {
+    let (ns, s, certs, bin) = start("uptls-back");
+    let config = client_config(&certs, None);
+    let mut session = rustls::StreamOwned::new(client(&config), tcp(&ns));
+    assert_eq!(ask(&mut session, "/cached").status, 200);
+    install(
+        &bin,
+        Err(&format!(
+            "#!/bin/sh\nif [ \"$1\" = check ]; then exec {0} \"$@\"; fi\nexec {0} run /nonexistent/sluice.toml\n",
+            sluice_bin().display()
+        )),
+    );
+    let out = upgrade(&s);
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("/nonexistent/sluice.toml"),
+        "{}",
+        text(&out)
+    );
+    let log = s.log_text();
+    assert!(log.contains("TLS: took up 1 session(s)"), "{log}");
+    let r = ask(&mut session, "/api/back");
+    assert_eq!((r.status, r.pool()), (200, Some("api")));
+    assert_eq!(ask(&mut session, "/cached").body, b"cached over tls\n");
+    assert_eq!(s.status()["upgrades"], 0);
+    cleanup(&bin, &certs);
+}
