@@ -48,6 +48,28 @@ pub fn text(o: &Output) -> String {
     )
 }
 
+/// Puts at `path` a program that passes `check` but cannot start (it runs with a config
+/// that does not exist), so the upgrade goes back to the earlier program.
+pub fn install_unstartable(path: &Path) {
+    install(
+        path,
+        Err(&format!(
+            "#!/bin/sh\nif [ \"$1\" = check ]; then exec {0} \"$@\"; fi\nexec {0} run /nonexistent/sluice.toml\n",
+            sluice_bin().display()
+        )),
+    );
+}
+
+/// `sluice upgrade` failed, naming why the new program could not start.
+pub fn assert_went_back(out: &Output) {
+    assert!(!out.status.success(), "{}", text(out));
+    assert!(
+        text(out).contains("/nonexistent/sluice.toml"),
+        "{}",
+        text(out)
+    );
+}
+
 /// The program the process runs is the file now at `path` (not an earlier, replaced one).
 pub fn runs_current_file(pid: u32, path: &Path) -> bool {
     std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|l| l == path)

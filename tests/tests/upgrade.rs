@@ -230,20 +230,8 @@ fn an_upgrade_whose_program_cannot_start_goes_back_to_the_earlier_program() {
     let s = Sluice::start_program(&ns, &two_pools("syn"), &bin);
     let before = workers(&s);
     let real = sluice_bin();
-    install(
-        &bin,
-        Err(&format!(
-            "#!/bin/sh\nif [ \"$1\" = check ]; then exec {0} \"$@\"; fi\nexec {0} run /nonexistent/sluice.toml\n",
-            real.display()
-        )),
-    );
-    let out = upgrade(&s);
-    assert!(!out.status.success(), "{}", text(&out));
-    assert!(
-        text(&out).contains("/nonexistent/sluice.toml"),
-        "{}",
-        text(&out)
-    );
+    install_unstartable(&bin);
+    assert_went_back(&upgrade(&s));
     assert_eq!(get_in(&ns, "/api/x").pool(), Some("api"));
     assert_eq!(workers(&s), before, "the same workers, adopted back");
     let st = s.status();

@@ -325,20 +325,8 @@ fn tls_sessions_go_on_when_an_upgrade_goes_back_to_the_earlier_program() {
     let config = client_config(&certs, None);
     let mut session = rustls::StreamOwned::new(client(&config), tcp(&ns));
     assert_eq!(ask(&mut session, "/cached").status, 200);
-    install(
-        &bin,
-        Err(&format!(
-            "#!/bin/sh\nif [ \"$1\" = check ]; then exec {0} \"$@\"; fi\nexec {0} run /nonexistent/sluice.toml\n",
-            sluice_bin().display()
-        )),
-    );
-    let out = upgrade(&s);
-    assert!(!out.status.success(), "{}", text(&out));
-    assert!(
-        text(&out).contains("/nonexistent/sluice.toml"),
-        "{}",
-        text(&out)
-    );
+    install_unstartable(&bin);
+    assert_went_back(&upgrade(&s));
     let log = s.log_text();
     assert!(log.contains("TLS: took up 1 session(s)"), "{log}");
     let r = ask(&mut session, "/api/back");
