@@ -125,6 +125,10 @@ pub struct PoolSlots {
     pub _pad: u32,
 }
 
+/// A route value that is no pool: the route's site is shared by pools that do not trust
+/// each other, and its connections go to the dispatcher (`counter::SHARED_SITE`).
+pub const ROUTE_SHARED: u32 = u32::MAX - 1;
+
 /// The pool is stopped: its connections go to the dispatcher (which answers 503).
 pub const POOL_FLAG_STOPPED: u32 = 1;
 /// Every connection of the pool goes through the front end's relay (`proxy_protocol`, so
@@ -190,12 +194,15 @@ pub mod counter {
     /// Fallback (TLS group): the SNI name holds what a host name cannot, or is longer than
     /// `HOST_KEY`.
     pub const BAD_SNI: u32 = 22;
+    /// Fallback: the route's host is shared by pools that do not trust each other, so the
+    /// front end keeps the connection and delivers each request (`ROUTE_SHARED`).
+    pub const SHARED_SITE: u32 = 23;
     /// Connections steered in the kernel to pool `i` count at `POOL_BASE + i`.
     pub const POOL_BASE: u32 = 32;
     pub const LEN: u32 = POOL_BASE + super::MAX_POOLS;
 
     /// Fallback counters and the names status reports them under.
-    pub const FALLBACKS: [(u32, &str); 16] = [
+    pub const FALLBACKS: [(u32, &str); 17] = [
         (NO_PAYLOAD, "no_payload"),
         (NOT_HTTP, "not_http"),
         (UNSAFE_PATH, "unsafe_path"),
@@ -212,5 +219,6 @@ pub mod counter {
         (HELLO_INCOMPLETE, "hello_incomplete"),
         (NO_SNI, "no_sni"),
         (BAD_SNI, "bad_sni"),
+        (SHARED_SITE, "shared_site"),
     ];
 }

@@ -31,7 +31,7 @@ use sluice_common::{
     CFG_GROUP, CFG_LEN, CFG_MODE, CFG_ROUTES, DISPATCHER_SLOT, GROUP_TLS, KIND_IP, KIND_NAMED,
     KIND_REDIRECT, KIND_STRONG,
     LINE_WINDOW, MAX_CACHED_PATHS, MAX_POOLS, MAX_ROUTES, MAX_SITES, MODE_FIRST_SEGMENT,
-    POOL_FLAG_RELAY, POOL_FLAG_STOPPED, PoolSlots, ROUTE_KEY, SITE_STRONG, SITE_WEAK, SOCKET_SLOTS, SiteKey,
+    POOL_FLAG_RELAY, POOL_FLAG_STOPPED, PoolSlots, ROUTE_KEY, ROUTE_SHARED, SITE_STRONG, SITE_WEAK, SOCKET_SLOTS, SiteKey,
     counter,
 };
 
@@ -326,6 +326,10 @@ fn steer_new(ctx: &SkReuseportContext) -> u32 {
             return to_dispatcher(ctx);
         }
     };
+    if pool == ROUTE_SHARED {
+        bump(counter::SHARED_SITE);
+        return to_dispatcher(ctx);
+    }
     let Some(slots) = POOLS.get(pool) else {
         bump(counter::NO_ROUTE);
         return to_dispatcher(ctx);

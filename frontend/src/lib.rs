@@ -8,6 +8,7 @@ pub mod cache;
 pub mod canonical;
 pub mod config;
 pub mod dates;
+pub mod delivery;
 pub mod diag;
 pub mod direct;
 pub mod dispatcher;

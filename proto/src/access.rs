@@ -29,6 +29,9 @@ pub enum Arrival {
     Dispatcher,
     /// Handed back by a worker of another pool, then routed by the dispatcher.
     Handback,
+    /// Read by the front end, which keeps the client's connection, and delivered to the
+    /// pool on a connection that carries only that pool's requests.
+    Delivered,
 }
 
 impl Arrival {
@@ -37,6 +40,7 @@ impl Arrival {
             Arrival::Kernel => "kernel",
             Arrival::Dispatcher => "dispatcher",
             Arrival::Handback => "handback",
+            Arrival::Delivered => "delivered",
         }
     }
 
@@ -45,6 +49,7 @@ impl Arrival {
             "kernel" => Some(Arrival::Kernel),
             "dispatcher" => Some(Arrival::Dispatcher),
             "handback" => Some(Arrival::Handback),
+            "delivered" => Some(Arrival::Delivered),
             _ => None,
         }
     }

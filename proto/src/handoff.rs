@@ -23,6 +23,12 @@ pub const HANDED_BACK: u8 = 2;
 /// after it are plaintext the session already carried.
 pub const TLS: u8 = 4;
 
+/// A connection of the front end's own that carries only requests it routed to this pool
+/// (the front end keeps the client's connection, `ownership::Owner::Shared`): the worker
+/// serves every request on it and never hands it back. The payload starts with a PROXY v2
+/// header (`proxy::header`) naming the client's address and the local address it reached.
+pub const DELIVERED: u8 = 8;
+
 /// The flags of a connection the front end routed to a pool, which reached the front end
 /// by `arrival`.
 pub fn routed_flags(arrival: crate::access::Arrival) -> u8 {
@@ -34,7 +40,9 @@ pub fn routed_flags(arrival: crate::access::Arrival) -> u8 {
 
 /// How a connection handed over with `flags` got here (the access log's `arrival`).
 pub fn arrival(flags: u8) -> crate::access::Arrival {
-    if flags & HANDED_BACK != 0 {
+    if flags & DELIVERED != 0 {
+        crate::access::Arrival::Delivered
+    } else if flags & HANDED_BACK != 0 {
         crate::access::Arrival::Handback
     } else {
         crate::access::Arrival::Dispatcher
@@ -183,19 +191,24 @@ impl RecvBuf {
         if len == 0 {
             return Err(HandoffError::Empty);
         }
-        // A client's TCP connection, nothing else: not a listener, not a unix socket.
+        // A client's TCP connection, nothing else: not a listener, not a unix socket (but
+        // for the front end's own delivery channel, a stream socketpair).
+        let flags = self.data[0];
+        let domain = crate::sockaddr::socket_option(fd.as_raw_fd(), libc::SO_DOMAIN);
+        let domain_ok = match domain {
+            Some(libc::AF_INET | libc::AF_INET6) => flags & DELIVERED == 0,
+            Some(libc::AF_UNIX) => flags & DELIVERED != 0,
+            _ => false,
+        };
         if crate::sockaddr::socket_option(fd.as_raw_fd(), libc::SO_TYPE) != Some(libc::SOCK_STREAM)
-            || !matches!(
-                crate::sockaddr::socket_option(fd.as_raw_fd(), libc::SO_DOMAIN),
-                Some(libc::AF_INET | libc::AF_INET6)
-            )
+            || !domain_ok
             || crate::sockaddr::socket_option(fd.as_raw_fd(), libc::SO_ACCEPTCONN) != Some(0)
         {
             return Err(HandoffError::NotStream);
         }
         Ok(Received {
             fd,
-            flags: self.data[0],
+            flags,
             bytes: &self.data[1..len],
         })
     }

@@ -17,6 +17,8 @@ pub mod handoff;
 pub mod host;
 pub mod limits;
 pub mod outcomes;
+pub mod ownership;
+pub mod proxy;
 pub mod request;
 pub mod route;
 pub mod site;

@@ -166,6 +166,67 @@ impl<T: Copy> RouteTable<T> {
         self.weak.lookup(q.path)
     }
 
+    /// The sites a request for `host` arriving on `local` is tried against, in order, up to
+    /// and including the first that takes every path (it has `/`): past it no request of
+    /// that host and address goes.
+    pub fn sites_for(&self, host: Option<&str>, local: Option<IpAddr>) -> Vec<Site> {
+        self.kinds_for(host, local).into_iter().map(|(s, _)| s).collect()
+    }
+
+    fn kinds_for(&self, host: Option<&str>, local: Option<IpAddr>) -> Vec<(Site, &Prefixes<T>)> {
+        let mut kinds: Vec<(Site, &Prefixes<T>)> = vec![(Site::Strong, &self.strong)];
+        if let Some(host) = host {
+            if let Some(p) = self.exact.get(host) {
+                kinds.push((Site::Exact(host.to_owned()), p));
+            }
+            if let Some((s, p)) = wildcard_suffix(host).and_then(|s| self.wildcard.get_key_value(s))
+            {
+                kinds.push((Site::Wildcard(s.clone()), p));
+            }
+        }
+        if let Some((a, p)) = local.and_then(|a| self.ip.get_key_value(&local_address(a))) {
+            kinds.push((Site::Ip(*a), p));
+        }
+        kinds.push((Site::Weak, &self.weak));
+        let mut out = Vec::new();
+        for (site, prefixes) in kinds {
+            if prefixes.0.is_empty() {
+                continue;
+            }
+            let covers = prefixes.0.iter().any(|(p, _)| p == "/");
+            out.push((site, prefixes));
+            if covers {
+                break;
+            }
+        }
+        out
+    }
+
+    /// Every destination some request for `host` arriving on `local` routes to, whatever
+    /// its path (each once). A path's route is the route of its longest matching prefix, so
+    /// looking up each prefix of the sites it may reach finds them all.
+    pub fn reachable(&self, host: Option<&str>, local: Option<IpAddr>) -> Vec<T>
+    where
+        T: PartialEq,
+    {
+        let mut out: Vec<T> = Vec::new();
+        for (_, prefixes) in self.kinds_for(host, local) {
+            for (prefix, _) in &prefixes.0 {
+                let q = Query {
+                    host,
+                    local,
+                    path: prefix,
+                };
+                if let Some(dest) = self.lookup(&q) {
+                    if !out.contains(&dest) {
+                        out.push(dest);
+                    }
+                }
+            }
+        }
+        out
+    }
+
     /// Whether any route is bound to an IP address (a caller learns its connection's local
     /// address only then).
     pub fn has_ip_sites(&self) -> bool {

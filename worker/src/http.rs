@@ -39,6 +39,12 @@ pub(crate) trait Dispatch {
         false
     }
 
+    /// Called for every complete request head first; true answers it 421 and closes the
+    /// connection (it names a host this connection does not serve).
+    fn misdirected(&mut self, _req: &Request<'_>) -> bool {
+        false
+    }
+
     /// Answers a complete request.
     fn respond(&mut self, req: &Request<'_>) -> Response;
 
@@ -281,6 +287,12 @@ impl HttpConn {
         };
         let body = complete.map_or(&[][..], |end| &input[head_len..end]);
         let req = Request::new(head, parsed.headers, body);
+        if handler.misdirected(&req) {
+            return Step::Rejected(Refusal {
+                status: 421,
+                reason: "this connection serves another host; connect again for this one",
+            });
+        }
         if handler.hand_back(&req) {
             return Step::HandBack;
         }
@@ -678,6 +690,7 @@ pub(crate) fn reason(status: u16) -> &'static str {
         414 => "URI Too Long",
         415 => "Unsupported Media Type",
         417 => "Expectation Failed",
+        421 => "Misdirected Request",
         429 => "Too Many Requests",
         431 => "Request Header Fields Too Large",
         500 => "Internal Server Error",

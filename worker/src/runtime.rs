@@ -449,6 +449,13 @@ struct Conn {
     /// The front end routed the next request here (a handoff marked `ROUTED`): serve it
     /// without routing it again.
     routed: bool,
+    /// The front end's own connection carrying only this pool's requests
+    /// (`handoff::DELIVERED`): every request on it is served, none handed back.
+    delivered: bool,
+    /// The host of the first request served on a connection given to this pool (normalized,
+    /// empty for none): a later request naming another host is answered 421
+    /// (`sluice_proto::ownership`).
+    pinned: Option<String>,
     /// The connection's local address, read when a route is bound to one.
     local: Option<IpAddr>,
     /// Its peer and how it got here, for the access log.
@@ -860,6 +867,7 @@ impl<'s, H: Handler> Worker<'s, H> {
             false,
             Arrival::Kernel,
             None,
+            None,
         )
     }
 
@@ -873,6 +881,7 @@ impl<'s, H: Handler> Worker<'s, H> {
             return Ok(());
         }
         // Owned at once: the buffer is re-armed before the connection is served.
+        let mut delivered = None;
         let received = self.handoff_buf.complete(res as usize).map(|h| {
             // A TLS connection's bytes start with its session.
             let (tls, plain) = if h.flags & handoff::TLS != 0 {
@@ -880,6 +889,19 @@ impl<'s, H: Handler> Worker<'s, H> {
                     Ok((tls, plain)) => (Some(Box::new(tls)), plain),
                     Err(e) => {
                         log::warn!("a TLS connection handed over without a usable session: {e}");
+                        return None;
+                    }
+                }
+            } else if h.flags & handoff::DELIVERED != 0 {
+                // The front end's own connection, carrying only this pool's requests; its
+                // payload names the client.
+                match sluice_proto::proxy::parse(h.bytes) {
+                    Some((addresses, n)) => {
+                        delivered = Some(addresses);
+                        (None, h.bytes[n..].to_vec())
+                    }
+                    None => {
+                        log::warn!("a delivered connection without the client's addresses");
                         return None;
                     }
                 }
@@ -909,7 +931,7 @@ impl<'s, H: Handler> Worker<'s, H> {
         match received {
             Ok(Some((fd, routed, arrival, bytes, tls))) => {
                 log::debug!("handed-off connection with {} bytes", bytes.len());
-                self.add_conn(fd, bytes, routed, arrival, tls)
+                self.add_conn(fd, bytes, routed, arrival, tls, delivered)
             }
             Ok(None) => Ok(()),
             Err(_) if closed => Ok(()),
@@ -928,12 +950,16 @@ impl<'s, H: Handler> Worker<'s, H> {
         routed: bool,
         arrival: Arrival,
         tls: Option<Box<crate::tls::TlsConn>>,
+        delivered: Option<sluice_proto::proxy::Addresses>,
     ) -> Result<(), Error> {
         let info = ConnInfo {
-            peer: self
-                .access
-                .as_ref()
-                .and_then(|_| sluice_proto::sockaddr::peer(fd.as_raw_fd())),
+            peer: match delivered {
+                Some(a) => Some(a.client),
+                None => self
+                    .access
+                    .as_ref()
+                    .and_then(|_| sluice_proto::sockaddr::peer(fd.as_raw_fd())),
+            },
             arrival,
         };
         if let Err(e) = setsockopt_int(fd.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_NODELAY, 1) {
@@ -956,7 +982,9 @@ impl<'s, H: Handler> Worker<'s, H> {
             write_since: self.tick,
             hand_back: false,
             routed,
-            local: None,
+            delivered: delivered.is_some(),
+            pinned: None,
+            local: delivered.map(|a| sluice_proto::site::local_address(a.local.ip())),
             info,
             stream: None,
             upgrade: None,
@@ -1049,6 +1077,8 @@ impl<'s, H: Handler> Worker<'s, H> {
             fd: conn.fd.as_raw_fd(),
             outcomes: shared.outcomes.get(self.index),
             sni: conn.tls.as_ref().map(|t| t.sni.as_str()),
+            delivered: conn.delivered,
+            pinned: &mut conn.pinned,
         };
         let before = conn.http.responses();
         match conn
@@ -1494,6 +1524,10 @@ struct Dispatcher<'a, H> {
     /// A TLS connection's SNI name: a request for another host goes back to the front end,
     /// which answers 421 (`sluice_proto::host::agrees_with_sni`).
     sni: Option<&'a str>,
+    /// The connection carries only requests the front end routed here.
+    delivered: bool,
+    /// The host the connection serves (`Conn::pinned`).
+    pinned: &'a mut Option<String>,
 }
 
 impl<H: Handler> Dispatcher<'_, H> {
@@ -1519,7 +1553,30 @@ impl<H: Handler> Dispatcher<'_, H> {
 }
 
 impl<H: Handler> Dispatch for Dispatcher<'_, H> {
+    fn misdirected(&mut self, req: &Request<'_>) -> bool {
+        // A delivered connection carries what the front end routed; a TLS session's host
+        // is its SNI name, which the hand-back path checks; a standalone worker has no table.
+        if self.delivered || self.sni.is_some() || self.routing.is_none() {
+            return false;
+        }
+        let host = sluice_proto::cache::key_host(req.head());
+        match self.pinned.as_deref() {
+            None => {
+                *self.pinned = Some(host.into_owned());
+                false
+            }
+            Some(pinned) if pinned == host => false,
+            Some(pinned) => {
+                log::debug!("421 for a request for {host:?} on a connection for {pinned:?}");
+                true
+            }
+        }
+    }
+
     fn hand_back(&mut self, req: &Request<'_>) -> bool {
+        if self.delivered {
+            return false;
+        }
         if std::mem::take(self.routed) {
             return false;
         }

@@ -89,6 +89,8 @@ struct RawConfig {
     pools: Vec<RawPool>,
     #[serde(default, rename = "route")]
     routes: Vec<RawRoute>,
+    #[serde(default, rename = "site")]
+    sites: Vec<RawSite>,
     #[serde(default)]
     limits: RawLimits,
     #[serde(default)]
@@ -398,6 +400,17 @@ fn default_sockets() -> u32 {
     1
 }
 
+/// `[[site]]`: what a host's routes share.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSite {
+    host: String,
+    /// Its pools may share connections: the kernel steers them by path and workers hand
+    /// connections back (a pool can read the others' requests).
+    #[serde(default)]
+    trust_pools: bool,
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawRoute {
@@ -418,6 +431,8 @@ pub struct Config {
     pub access_log: Option<AccessLogConfig>,
     pub pools: Vec<Pool>,
     pub routes: Vec<Route>,
+    /// Sites whose pools trust each other (`[[site]] trust_pools = true`).
+    pub trust: sluice_proto::ownership::Trust,
     pub limits: Limits,
     pub cache: CacheConfig,
     pub tls: TlsConfig,
@@ -714,7 +729,27 @@ impl Config {
             .filter(|r| !pools.get(r.pool).is_some_and(|p| p.runs.passthrough))
             .cloned()
             .collect();
-        for (pool, reason) in worker::shared_hosts(&pools, &plain) {
+        let mut trusted = Vec::new();
+        for (i, s) in raw.sites.iter().enumerate() {
+            match Site::parse(Some(&s.host)) {
+                Err(e) => bad(format!("site[{i}].host"), format!("`{}` {e}", s.host)),
+                Ok(site) if !plain.iter().any(|r| r.site == site) => bad(
+                    format!("site[{i}].host"),
+                    format!("`{}`: no route names this host", s.host),
+                ),
+                Ok(site) if trusted.contains(&site) => bad(
+                    format!("site[{i}].host"),
+                    format!("`{}` is listed twice", s.host),
+                ),
+                Ok(site) => {
+                    if s.trust_pools {
+                        trusted.push(site);
+                    }
+                }
+            }
+        }
+        let trust = sluice_proto::ownership::Trust::new(trusted);
+        for (pool, reason) in worker::shared_hosts(&pools, &plain, &trust) {
             bad(format!("pool[{pool}].routing"), reason);
         }
 
@@ -923,6 +958,7 @@ impl Config {
             access_log,
             pools,
             routes,
+            trust,
             limits,
             cache,
             tls,
@@ -958,6 +994,22 @@ impl Config {
                 });
             }
         }
+        for site in self.trusting_sites() {
+            let pools: std::collections::BTreeSet<&str> = self
+                .plain_routes()
+                .filter(|r| r.site == site)
+                .map(|r| self.pools[r.pool].name.as_str())
+                .collect();
+            out.push(Problem {
+                key: "site.trust_pools".into(),
+                reason: format!(
+                    "host {site}: its pools ({}) share connections; each pool's workers can \
+                     read the requests (and credentials) a client sends to the others on \
+                     a shared connection",
+                    pools.into_iter().collect::<Vec<_>>().join(", ")
+                ),
+            });
+        }
         if let Some(m) = self.metrics {
             if m.ip().is_unspecified() {
                 out.push(Problem {
@@ -985,6 +1037,17 @@ impl Config {
         self.routes
             .iter()
             .filter(|r| self.pools.get(r.pool).is_some_and(|p| p.runs.passthrough))
+    }
+
+    /// The sites `[[site]] trust_pools = true` names, in route order.
+    pub fn trusting_sites(&self) -> Vec<Site> {
+        let mut out: Vec<Site> = Vec::new();
+        for r in self.plain_routes() {
+            if self.trust.contains(&r.site) && !out.contains(&r.site) {
+                out.push(r.site.clone());
+            }
+        }
+        out
     }
 
     pub fn has_socket_pools(&self) -> bool {

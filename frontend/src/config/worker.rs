@@ -229,11 +229,17 @@ pub(super) fn passthrough_problems(pools: &[Pool], routes: &[Route]) -> Vec<(usi
     out
 }
 
-/// A socket pool with `routing = "request"` that some connection could share with another
-/// pool: a client whose first request reached the socket pool may send, on the same
-/// connection and to the same host, a request that routes elsewhere, and the socket worker
-/// would answer it. Returns (pool index, reason naming the routes).
-pub(super) fn shared_hosts(pools: &[Pool], routes: &[Route]) -> Vec<(usize, String)> {
+/// A socket pool with `routing = "request"` that a trusting site gives shared connections:
+/// a client whose first request reached the socket pool may send, on the same connection
+/// and to the same host, a request that routes elsewhere, and the socket worker (which
+/// cannot hand a connection back) would answer it. Hosts without trust are the front end's
+/// and deliver each request to its pool, so they need nothing. Returns (pool index, reason
+/// naming the routes).
+pub(super) fn shared_hosts(
+    pools: &[Pool],
+    routes: &[Route],
+    trust: &sluice_proto::ownership::Trust,
+) -> Vec<(usize, String)> {
     let table = RouteTable::new(
         routes
             .iter()
@@ -253,6 +259,10 @@ pub(super) fn shared_hosts(pools: &[Pool], routes: &[Route]) -> Vec<(usize, Stri
     let mut found: BTreeMap<(usize, usize), (String, usize, usize)> = BTreeMap::new();
     for host in &samples.hosts {
         for local in &samples.locals {
+            let owner = sluice_proto::ownership::owner(&table, trust, host.as_deref(), *local);
+            if owner != sluice_proto::ownership::Owner::Trusted {
+                continue;
+            }
             let reached: BTreeSet<usize> = samples
                 .paths
                 .iter()
@@ -288,8 +298,9 @@ pub(super) fn shared_hosts(pools: &[Pool], routes: &[Route]) -> Vec<(usize, Stri
                 format!(
                     "pool `{}` (worker = \"socket\") shares {host} with pool `{}`: route[{a}] \
                      ({} {}) and route[{b}] ({} {}); a socket worker answers every request \
-                     of its connections, so give it hosts of its own or set routing = \
-                     \"connection\" (the first request of a connection decides its pool)",
+                     of its connections and cannot hand one back, so leave the site's trust_pools \
+                     out or set routing = \"connection\" (the first request of a connection \
+                     decides its pool)",
                     pools[pa].name,
                     pools[pb].name,
                     routes[a].site,
@@ -382,24 +393,30 @@ mod tests {
     }
 
     #[test]
-    fn a_socket_pool_may_share_no_host_with_another_pool_unless_it_routes_by_connection() {
+    fn a_socket_pool_shares_a_host_by_delivery_unless_the_site_trusts_its_pools() {
         let socket = "worker = \"socket\"";
-        // A site of its own: nothing to refuse, whatever the other sites are.
-        parse(&format!(
-            "{SERVER}{}{}{}{}",
-            pool("shop", socket),
-            pool("web", ""),
-            route(Some("shop.test"), "/", "shop"),
-            route(None, "/", "web"),
-        ))
-        .unwrap();
-        // Part of a site: the rest of the site's paths go to the weak route of `web`.
+        let trust = |host: &str| format!("[[site]]\nhost = \"{host}\"\ntrust_pools = true\n");
+        // A site of its own, or a host split between pools without trust: the front end
+        // delivers each request to its pool, so nothing is refused.
+        for shop in ["/", "/app/"] {
+            parse(&format!(
+                "{SERVER}{}{}{}{}",
+                pool("shop", socket),
+                pool("web", ""),
+                route(Some("shop.test"), shop, "shop"),
+                route(None, "/", "web"),
+            ))
+            .unwrap();
+        }
+        // A trusting site shares connections: a socket worker cannot hand one back.
         let p = parse(&format!(
-            "{SERVER}{}{}{}{}",
+            "{SERVER}{}{}{}{}{}{}",
             pool("shop", socket),
             pool("web", ""),
             route(Some("shop.test"), "/app/", "shop"),
             route(None, "/", "web"),
+            trust("shop.test"),
+            trust("*"),
         ))
         .unwrap_err();
         assert_eq!(p.len(), 1, "{p:?}");
@@ -411,36 +428,54 @@ mod tests {
             "{}",
             p[0].reason
         );
-        // A strong wildcard route reaches every host.
+        // Two socket pools on one trusting host refuse each other.
         let p = parse(&format!(
-            "{SERVER}{}{}{}{}",
-            pool("shop", socket),
-            pool("acme", ""),
-            route(Some("shop.test"), "/", "shop"),
-            route(Some("+"), "/.well-known/", "acme"),
-        ))
-        .unwrap_err();
-        assert!(p[0].reason.contains("pool `acme`"), "{p:?}");
-        // Two socket pools on one host refuse each other.
-        let p = parse(&format!(
-            "{SERVER}{}{}{}{}",
+            "{SERVER}{}{}{}{}{}",
             pool("a", socket),
             pool("b", socket),
             route(None, "/a/", "a"),
             route(None, "/", "b"),
+            trust("*"),
         ))
         .unwrap_err();
         let keys: Vec<&str> = p.iter().map(|p| p.key.as_str()).collect();
         assert_eq!(keys, ["pool[0].routing", "pool[1].routing"], "{p:?}");
         // routing = "connection" says the first request decides.
         parse(&format!(
-            "{SERVER}{}{}{}{}",
+            "{SERVER}{}{}{}{}{}{}",
             pool("shop", "worker = \"socket\"\nrouting = \"connection\""),
             pool("web", ""),
             route(Some("shop.test"), "/app/", "shop"),
             route(None, "/", "web"),
+            trust("shop.test"),
+            trust("*"),
         ))
         .unwrap();
+    }
+
+    #[test]
+    fn a_trusting_site_names_a_routed_host_once_and_is_warned_of() {
+        let site = |host: &str| format!("[[site]]\nhost = \"{host}\"\ntrust_pools = true\n");
+        let base = format!(
+            "{SERVER}{}{}{}{}",
+            pool("api", ""),
+            pool("web", ""),
+            route(None, "/api/", "api"),
+            route(None, "/", "web"),
+        );
+        let c = parse(&format!("{base}{}", site("*"))).unwrap();
+        let w = c.warnings();
+        assert!(
+            w.iter().any(|p| p.key == "site.trust_pools" && p.reason.contains("api, web")),
+            "{w:?}"
+        );
+        let p = parse(&format!("{base}{}", site("other.test"))).unwrap_err();
+        assert_eq!(p[0].key, "site[0].host", "{p:?}");
+        assert!(p[0].reason.contains("no route names this host"), "{p:?}");
+        let p = parse(&format!("{base}{}{}", site("*"), site("*"))).unwrap_err();
+        assert_eq!(p[0].key, "site[1].host", "{p:?}");
+        let p = parse(&format!("{base}{}", site("a..b"))).unwrap_err();
+        assert_eq!(p[0].key, "site[0].host", "{p:?}");
     }
 
     #[test]

@@ -566,6 +566,14 @@ impl Loop {
             return;
         };
         let slot = match msg.complete(len) {
+            // A delivery channel (the front end's own) is never routed as a client: one
+            // left in a removed pool's channel closes, and the delivery thread answers.
+            Ok(m) if m.flags & sluice_proto::handoff::DELIVERED != 0 => {
+                if !reroute {
+                    log::warn!("pool {p} handed back a delivery channel; closed");
+                }
+                None
+            }
             Ok(m) if m.flags & handoff::TLS != 0 => {
                 let arrival = if reroute {
                     Arrival::Dispatcher
@@ -671,7 +679,7 @@ impl Loop {
             Remembered::NoAnswer => true,
             Remembered::New => false,
         };
-        let (decision, head_len, close, full, answer) = {
+        let (decision, head_len, close, full, answer, given) = {
             let Some(c) = self.conns[slot].as_ref() else {
                 return;
             };
@@ -689,7 +697,13 @@ impl Loop {
                 self.memo.keep(buf, local, &seen);
             }
             let full = c.filled >= c.buf.len();
-            (seen.decision, seen.head_len, seen.close, full, answer)
+            // Whether the connection may go to the request's pool, or stays the front
+            // end's and has each request delivered (`sluice_proto::ownership`).
+            let given = match seen.decision {
+                Decision::Pool(p) => self.table.gives_connection(&seen.host, local, p),
+                _ => true,
+            };
+            (seen.decision, seen.head_len, seen.close, full, answer, given)
         };
         if decision == Decision::NeedMore && !full {
             self.recv(slot);
@@ -702,6 +716,7 @@ impl Loop {
         }
         let decision = super::admit(decision, true, &self.table, &self.d.flags);
         match decision {
+            Decision::Pool(p) if !given => self.deliver(slot, p),
             Decision::Pool(p) if self.table.pool(p).is_some_and(|e| e.relay) => {
                 self.relay(slot, p);
             }
@@ -837,6 +852,36 @@ impl Loop {
             .is_err()
         {
             counted.undo();
+            self.refuse(slot, 503, "the application pool cannot be reached");
+            return;
+        }
+        self.close(slot);
+    }
+
+    /// A connection of a shared host: the delivery thread keeps it and delivers each of
+    /// its requests, this one first.
+    fn deliver(&mut self, slot: usize, p: PoolId) {
+        let Some(c) = self.conns[slot].as_ref() else {
+            return;
+        };
+        let Some(delivery) = self.d.delivery.as_ref() else {
+            self.refuse(slot, 503, "the application pool cannot be reached");
+            return;
+        };
+        // SAFETY: duplicates the connection's fd; the copy is owned right away, and the
+        // slot's own copy closes below as after a handoff.
+        let fd = unsafe { libc::fcntl(c.fd, libc::F_DUPFD_CLOEXEC, 0) };
+        if fd < 0 {
+            log::warn!("delivery for pool {p}: {}", io::Error::last_os_error());
+            self.refuse(slot, 503, "the application pool cannot be reached");
+            return;
+        }
+        // SAFETY: `fd` was just made by F_DUPFD and is owned by nothing else.
+        let client = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+        if delivery
+            .give(client, c.buf[..c.filled].to_vec(), c.arrival)
+            .is_err()
+        {
             self.refuse(slot, 503, "the application pool cannot be reached");
             return;
         }

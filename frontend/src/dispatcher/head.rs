@@ -50,6 +50,12 @@ pub struct Inspection<'b> {
     /// The raw path and query of the request-target (empty until the head is complete).
     pub path: &'b str,
     pub query: Option<&'b str>,
+    /// How the request's body is framed (None until the head is complete).
+    pub framing: request::Framing,
+    /// The method is `HEAD`: an answer carries no body.
+    pub head_only: bool,
+    /// The request asks for a protocol upgrade (`Upgrade`, as WebSocket does).
+    pub upgrade: bool,
 }
 
 impl Decision {
@@ -95,6 +101,7 @@ pub fn inspect<'b>(
     local: Option<IpAddr>,
 ) -> Inspection<'b> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let parsed_upgrade;
     let head = match request::parse(buf, limits, &mut headers) {
         Ok(Parsed::Partial) => {
             return Inspection {
@@ -105,9 +112,18 @@ pub fn inspect<'b>(
                 host: Default::default(),
                 path: "",
                 query: None,
+                framing: request::Framing::None,
+                head_only: false,
+                upgrade: false,
             };
         }
-        Ok(Parsed::Complete(_, head)) => head,
+        Ok(Parsed::Complete(req, head)) => {
+            parsed_upgrade = req
+                .headers
+                .iter()
+                .any(|h| h.name.eq_ignore_ascii_case("upgrade"));
+            head
+        }
         Err(r) => {
             return Inspection {
                 decision: Decision::Refuse(r.status, r.reason),
@@ -117,6 +133,9 @@ pub fn inspect<'b>(
                 host: Default::default(),
                 path: "",
                 query: None,
+                framing: request::Framing::None,
+                head_only: false,
+                upgrade: false,
             };
         }
     };
@@ -145,6 +164,9 @@ pub fn inspect<'b>(
         host,
         path: head.path,
         query: head.query,
+        framing: head.framing,
+        head_only: head.method == "HEAD",
+        upgrade: parsed_upgrade,
     }
 }
 

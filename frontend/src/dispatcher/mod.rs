@@ -7,7 +7,7 @@ mod event_loop;
 mod handoff;
 pub mod head;
 mod memo;
-mod redirect;
+pub(crate) mod redirect;
 
 use std::{
     io,
@@ -149,12 +149,17 @@ pub struct PoolEntry {
     /// `tls = "passthrough"`: its queue holds TLS connections, which a stopped pool's drain
     /// answers with a TLS alert, not an HTTP 503.
     pub passthrough: bool,
+    /// `routing = "connection"`: the pool takes whole connections (the first request's
+    /// pool answers every later one).
+    pub whole: bool,
 }
 
 /// The routes and pools the dispatcher works with; a reload swaps in a new one.
 #[derive(Debug, Default)]
 pub struct Table {
     pub routes: RouteTable<PoolId>,
+    /// Sites whose pools trust each other (`[[site]] trust_pools`).
+    pub trust: sluice_proto::ownership::Trust,
     /// SNI names of passthrough pools (each for `/`): the TLS thread's fallback for what
     /// the kernel did not steer.
     pub passthrough: RouteTable<PoolId>,
@@ -168,6 +173,24 @@ impl Table {
     /// What the dispatcher knows of pool `id`.
     pub fn pool(&self, id: PoolId) -> Option<&PoolEntry> {
         self.pools.get(id.index()).and_then(Option::as_ref)
+    }
+
+    /// Whether a connection whose request for `host` (normalized, empty for none) on
+    /// `local` routed to `pool` may be given to that pool (`sluice_proto::ownership`): it
+    /// owns the host, the host's pools trust each other, or the pool takes whole
+    /// connections. Otherwise the front end keeps it and delivers each request.
+    pub fn gives_connection(&self, host: &str, local: Option<std::net::IpAddr>, pool: PoolId) -> bool {
+        use sluice_proto::ownership::{Owner, owner};
+        if self.pool(pool).is_some_and(|e| e.whole) {
+            return true;
+        }
+        let host = (!host.is_empty()).then_some(host);
+        let local = local.filter(|_| self.routes.has_ip_sites());
+        match owner(&self.routes, &self.trust, host, local) {
+            Owner::Pool(p) => p == pool,
+            Owner::Trusted => true,
+            Owner::Shared => false,
+        }
     }
 }
 
@@ -241,6 +264,8 @@ pub struct Dispatcher {
     pub access_log: Option<crate::access_log::AccessLog>,
     /// Carries connections to socket pools.
     pub relay: Option<crate::relay::Relay>,
+    /// Keeps the connections of shared hosts and delivers their requests.
+    pub delivery: Option<crate::delivery::Delivery>,
     /// Takes the TLS connections workers hand back (their bytes start with the session).
     pub tls: Option<crate::tls::Inbox>,
     /// Connections an earlier process held (an upgrade), taken up first.
@@ -298,6 +323,12 @@ pub fn run(d: Dispatcher) -> io::Result<Vec<Held>> {
 
 /// A complete answer that closes the connection.
 pub fn reply(code: u16, why: &str) -> Vec<u8> {
+    reply_to(code, why, false)
+}
+
+/// The same, to a request whose method is `HEAD` when `head_only`: the head alone, so a
+/// client reading it as a HEAD answer does not take the text for the next response.
+pub fn reply_to(code: u16, why: &str, head_only: bool) -> Vec<u8> {
     let reason = match code {
         400 => "Bad Request",
         408 => "Request Timeout",
@@ -307,6 +338,7 @@ pub fn reply(code: u16, why: &str) -> Vec<u8> {
         421 => "Misdirected Request",
         431 => "Request Header Fields Too Large",
         501 => "Not Implemented",
+        502 => "Bad Gateway",
         503 => "Service Unavailable",
         505 => "HTTP Version Not Supported",
         _ => "Error",
@@ -317,8 +349,9 @@ pub fn reply(code: u16, why: &str) -> Vec<u8> {
     } else {
         ""
     };
+    let shown = if head_only { "" } else { body.as_str() };
     format!(
-        "HTTP/1.1 {code} {reason}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\n{retry}Connection: close\r\nServer: sluice\r\n\r\n{body}",
+        "HTTP/1.1 {code} {reason}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\n{retry}Connection: close\r\nServer: sluice\r\n\r\n{shown}",
         body.len()
     )
     .into_bytes()

@@ -9,10 +9,9 @@
 //! kernel thread per waiting direction), while non-blocking splice on readiness costs two
 //! syscalls per chunk and no thread.
 
-mod proxy;
 mod pump;
 
-pub use proxy::header as proxy_header;
+pub use sluice_proto::proxy::header as proxy_header;
 
 use std::{
     collections::HashMap,
@@ -185,7 +184,7 @@ impl Loop {
                 sluice_proto::sockaddr::local(fd),
             ) {
                 (Some(client), Some(local)) => {
-                    let mut bytes = proxy::header(client, local);
+                    let mut bytes = proxy_header(client, local);
                     bytes.append(&mut job.bytes);
                     job.bytes = bytes;
                 }

@@ -75,6 +75,8 @@ struct Frontend {
     notify: Option<notify::Notifier>,
     /// Joins dispatcher-routed connections to socket pools.
     relay: crate::relay::Relay,
+    /// Keeps shared hosts' connections and delivers their requests.
+    pub(crate) delivery: crate::delivery::Delivery,
     /// Sockets systemd's fd store handed back, until the start has taken them.
     inherited: crate::fdstore::Inherited,
     /// How many sockets the start took from systemd's fd store.
@@ -329,6 +331,7 @@ impl Frontend {
         let stop = eventfd()?;
         let wake = eventfd()?;
         let table = Arc::new(SharedTable::new(Default::default()));
+        let cache = Arc::new(std::sync::Mutex::new(crate::cache::Cache::new(&config.cache)));
         let access_log = match &config.access_log {
             None => None,
             Some(c) => Some(AccessLog::start(c).with_context(|| {
@@ -357,6 +360,18 @@ impl Frontend {
         if config.has_socket_pools() {
             steering.enable_direct()?;
         }
+        let delivery = crate::delivery::Delivery::spawn(|stats| crate::delivery::Shared {
+            table: table.clone(),
+            flags: flags.clone(),
+            cache: cache.clone(),
+            limits: config.limits.head_limits(),
+            header_timeout: config.limits.header_timeout,
+            idle_timeout: config.limits.idle_timeout,
+            direct: config.has_socket_pools().then(|| direct.clone()),
+            access_log: access_log.clone(),
+            stats,
+        })
+        .context("starting the delivery thread")?;
         let mut fe = Frontend {
             config: config.clone(),
             steering,
@@ -369,9 +384,7 @@ impl Frontend {
             stats,
             flags,
             table,
-            cache: Arc::new(std::sync::Mutex::new(crate::cache::Cache::new(
-                &config.cache,
-            ))),
+            cache,
             routes_message: ToWorker::Routes(Vec::new()),
             stop,
             wake,
@@ -379,6 +392,7 @@ impl Frontend {
             guard: Guard::new(&config.listen),
             greeting_due: false,
             relay: relay.clone(),
+            delivery,
             inherited,
             inherited_sockets: 0,
             exe: upgrade::own_path().context("finding this program's path")?,
@@ -447,6 +461,7 @@ impl Frontend {
             idle_timeout: config.limits.idle_timeout,
             access_log: self.access_log.clone(),
             relay: Some(self.relay.clone()),
+            delivery: Some(self.delivery.clone()),
             tls: self.tls.as_ref().and_then(|t| t.inbox.clone()),
             initial: held,
         };
@@ -537,8 +552,26 @@ impl Frontend {
                 .map(|(s, p, id)| (s.clone(), p.clone(), id.raw()))
                 .collect()
         };
+        // A site shared by pools that do not trust each other is steered to the
+        // dispatcher, which keeps its connections (`sluice_proto::ownership`); a pool that
+        // takes whole connections is steered to wherever it is routed.
+        let user_table = crate::route::RouteTable::new(routes.clone());
+        let whole = |id: PoolId| {
+            self.pools
+                .get(id.index())
+                .is_some_and(|p| p.entry().whole)
+        };
+        let steered: Vec<(Site, String, u32)> = routes
+            .iter()
+            .map(|(s, p, id)| {
+                let steerable = whole(*id)
+                    || sluice_proto::ownership::kernel_steerable(&user_table, &config.trust, s);
+                let value = if steerable { id.raw() } else { sluice_common::ROUTE_SHARED };
+                (s.clone(), p.clone(), value)
+            })
+            .collect();
         self.steering.set_routes(
-            &kernel(&routes),
+            &steered,
             &kernel(&passthrough),
             config.tls.redirect_https,
         )?;
@@ -555,7 +588,8 @@ impl Frontend {
         );
         self.greet_workers();
         let table = dispatcher::Table {
-            routes: crate::route::RouteTable::new(routes),
+            routes: user_table,
+            trust: config.trust.clone(),
             passthrough: crate::route::RouteTable::new(passthrough),
             redirect: config.tls.redirect_port(),
             pools: self.pools.iter().map(|p| Some(p.entry())).collect(),

@@ -96,6 +96,8 @@ impl PoolRt {
             relay: self.config.runs.kind == WorkerKind::Socket,
             proxy: self.config.runs.proxy_protocol,
             passthrough: self.config.runs.passthrough,
+            whole: self.config.runs.kind == WorkerKind::Socket
+                && self.config.runs.routing == crate::config::Routing::Connection,
         }
     }
 

@@ -1,5 +1,7 @@
-//! The PROXY protocol version 2 header (haproxy's spec, section 2.2) a relay writes first to
-//! a `proxy_protocol = true` pool, so the server learns the client's address.
+//! The PROXY protocol version 2 header (haproxy's spec, section 2.2): what the front end
+//! writes first to a `proxy_protocol = true` pool's connections, and the form in which a
+//! connection it delivers to a sluice-worker pool (`handoff::DELIVERED`) names the client's
+//! address and the local address it reached.
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -42,9 +44,68 @@ pub fn header(client: SocketAddr, local: SocketAddr) -> Vec<u8> {
     h
 }
 
+/// The addresses a header names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Addresses {
+    pub client: SocketAddr,
+    pub local: SocketAddr,
+}
+
+/// Reads a header of the form [`header`] writes at the start of `buf`: the addresses and
+/// the header's length. None when `buf` does not start with a whole one of that form.
+pub fn parse(buf: &[u8]) -> Option<(Addresses, usize)> {
+    if buf.len() < 16 || buf[..12] != SIGNATURE || buf[12] != V2_PROXY {
+        return None;
+    }
+    let len = usize::from(u16::from_be_bytes([buf[14], buf[15]]));
+    let body = buf.get(16..16 + len)?;
+    let port = |b: &[u8]| u16::from_be_bytes([b[0], b[1]]);
+    let (client, local) = match (buf[13], len) {
+        (TCP4, 12) => {
+            let ip = |b: &[u8]| IpAddr::from([b[0], b[1], b[2], b[3]]);
+            (
+                SocketAddr::new(ip(&body[0..4]), port(&body[8..10])),
+                SocketAddr::new(ip(&body[4..8]), port(&body[10..12])),
+            )
+        }
+        (TCP6, 36) => {
+            let ip = |b: &[u8]| {
+                let mut a = [0u8; 16];
+                a.copy_from_slice(b);
+                IpAddr::from(a)
+            };
+            (
+                SocketAddr::new(ip(&body[0..16]), port(&body[32..34])),
+                SocketAddr::new(ip(&body[16..32]), port(&body[34..36])),
+            )
+        }
+        _ => return None,
+    };
+    Some((Addresses { client, local }, 16 + len))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn what_header_writes_parse_reads_back_and_nothing_else() {
+        for (c, l) in [
+            ("192.0.2.7:51000", "198.51.100.1:443"),
+            ("[2001:db8::1]:5", "[::1]:80"),
+        ] {
+            let (client, local) = (c.parse().unwrap(), l.parse().unwrap());
+            let mut h = header(client, local);
+            let n = h.len();
+            h.extend_from_slice(b"GET / HTTP/1.1\r\n");
+            assert_eq!(parse(&h), Some((Addresses { client, local }, n)));
+            assert_eq!(parse(&h[..n - 1]), None);
+        }
+        assert_eq!(parse(b"GET / HTTP/1.1\r\n\r\n"), None);
+        let mut h = header("1.2.3.4:1".parse().unwrap(), "5.6.7.8:2".parse().unwrap());
+        h[15] = 13;
+        assert_eq!(parse(&h), None, "a length that is not its family's");
+    }
 
     #[test]
     fn ipv4_and_ipv6_headers_follow_the_spec_byte_for_byte() {

@@ -1,0 +1,288 @@
+//! Delivery: the front end keeps every connection whose requests may belong to more than
+//! one pool (`sluice_proto::ownership::Owner::Shared`) for its whole life and delivers each
+//! request to its pool on a channel that carries only that pool's requests for that
+//! connection, reading each answer back with its framing parsed. No pool ever holds the
+//! client's connection, reads another pool's request, or answers one.
+//!
+//! A thread of its own on epoll, like the relay: the dispatcher gives it a connection once
+//! it has routed the connection's first request to a shared host.
+
+mod conn;
+pub mod framing;
+pub mod judge;
+mod upstream;
+
+use std::{
+    collections::HashMap,
+    io,
+    net::SocketAddr,
+    os::fd::{AsRawFd, OwnedFd},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering::Relaxed},
+        mpsc,
+    },
+    time::{Duration, Instant},
+};
+
+use sluice_proto::access::Arrival;
+
+use self::conn::{Conn, Cx};
+use crate::dispatcher::{PoolFlags, SharedTable, head::Limits};
+use crate::epoll::{self, Epoll};
+
+const WAKE: u64 = u64::MAX;
+
+/// Figures for status.
+#[derive(Debug)]
+pub struct DeliveryStats {
+    /// Client connections the front end keeps now.
+    pub open: AtomicU64,
+    /// Client connections taken since the start.
+    pub connections: AtomicU64,
+    /// Requests delivered, by pool id.
+    pub requests: Vec<AtomicU64>,
+    /// Channels opened into pool queues.
+    pub channels: AtomicU64,
+    /// Channels that could not be opened (answered 503).
+    pub failed: AtomicU64,
+    /// Answers from pools refused as malformed, or missing (502).
+    pub bad_responses: AtomicU64,
+    pub cache_answers: AtomicU64,
+    pub refused: AtomicU64,
+    pub timeouts: AtomicU64,
+}
+
+impl DeliveryStats {
+    fn new() -> DeliveryStats {
+        DeliveryStats {
+            open: AtomicU64::new(0),
+            connections: AtomicU64::new(0),
+            requests: (0..sluice_common::MAX_POOLS).map(|_| AtomicU64::new(0)).collect(),
+            channels: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+            bad_responses: AtomicU64::new(0),
+            cache_answers: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
+            timeouts: AtomicU64::new(0),
+        }
+    }
+
+    /// Requests delivered to pool `index`.
+    pub fn delivered(&self, index: usize) -> u64 {
+        self.requests.get(index).map_or(0, |n| n.load(Relaxed))
+    }
+}
+
+/// What the delivery thread shares with the rest of the front end.
+pub struct Shared {
+    pub table: Arc<SharedTable>,
+    pub flags: Arc<PoolFlags>,
+    pub cache: Arc<Mutex<crate::cache::Cache>>,
+    pub limits: Limits,
+    pub header_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub direct: Option<Arc<crate::direct::Direct>>,
+    pub access_log: Option<crate::access_log::AccessLog>,
+    pub stats: Arc<DeliveryStats>,
+}
+
+struct Job {
+    client: OwnedFd,
+    bytes: Vec<u8>,
+    arrival: Arrival,
+}
+
+/// The dispatcher's end: give the delivery thread a connection.
+#[derive(Clone)]
+pub struct Delivery {
+    jobs: mpsc::Sender<Job>,
+    wake: Arc<OwnedFd>,
+    pub stats: Arc<DeliveryStats>,
+}
+
+impl std::fmt::Debug for Delivery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Delivery")
+    }
+}
+
+impl Delivery {
+    /// Starts the delivery thread (`stats` left out: made here).
+    pub fn spawn(make: impl FnOnce(Arc<DeliveryStats>) -> Shared) -> io::Result<Delivery> {
+        let stats = Arc::new(DeliveryStats::new());
+        let shared = make(stats.clone());
+        let wake = Arc::new(crate::eventfd::create(true)?);
+        let epoll = Epoll::new()?;
+        epoll.add(wake.as_raw_fd(), epoll::IN, WAKE)?;
+        let (tx, rx) = mpsc::channel();
+        let lp = Loop {
+            epoll,
+            wake: wake.clone(),
+            jobs: rx,
+            shared,
+            conns: HashMap::new(),
+            next: 0,
+        };
+        std::thread::Builder::new()
+            .name("sluice-delivery".into())
+            .spawn(move || lp.run())?;
+        Ok(Delivery {
+            jobs: tx,
+            wake,
+            stats,
+        })
+    }
+
+    /// Keeps `client`, of which `bytes` were read (its first request's head at least).
+    /// Err if the thread is gone.
+    pub fn give(&self, client: OwnedFd, bytes: Vec<u8>, arrival: Arrival) -> Result<(), ()> {
+        self.jobs
+            .send(Job {
+                client,
+                bytes,
+                arrival,
+            })
+            .map_err(|_| ())?;
+        crate::eventfd::signal(self.wake.as_raw_fd(), 1);
+        Ok(())
+    }
+}
+
+struct Loop {
+    epoll: Epoll,
+    wake: Arc<OwnedFd>,
+    jobs: mpsc::Receiver<Job>,
+    shared: Shared,
+    conns: HashMap<u64, Conn>,
+    next: u64,
+}
+
+impl Loop {
+    fn run(mut self) {
+        let mut last_expiry = Instant::now();
+        loop {
+            let n = match self.epoll.wait(1000) {
+                Ok(n) => n,
+                Err(e) => {
+                    log::error!("delivery: epoll_wait: {e}");
+                    return;
+                }
+            };
+            let (_, table) = self.shared.table.current();
+            let now = Instant::now();
+            for i in 0..n {
+                let (token, _) = self.epoll.ready(i);
+                if token == WAKE {
+                    crate::eventfd::take(self.wake.as_raw_fd());
+                    if !self.take_jobs(&table, now) {
+                        return;
+                    }
+                } else {
+                    self.step(token >> 1, &table, now);
+                }
+            }
+            if now.duration_since(last_expiry) >= Duration::from_millis(500) {
+                last_expiry = now;
+                self.expire(now);
+            }
+        }
+    }
+
+    /// False once the dispatcher is gone (the front end is stopping).
+    fn take_jobs(&mut self, table: &crate::dispatcher::Table, now: Instant) -> bool {
+        loop {
+            match self.jobs.try_recv() {
+                Ok(job) => self.start(job, table, now),
+                Err(mpsc::TryRecvError::Empty) => return true,
+                Err(mpsc::TryRecvError::Disconnected) => return false,
+            }
+        }
+    }
+
+    fn start(&mut self, job: Job, table: &crate::dispatcher::Table, now: Instant) {
+        let fd = job.client.as_raw_fd();
+        let (Some(peer), Some(local)) = (
+            sluice_proto::sockaddr::peer(fd),
+            sluice_proto::sockaddr::local(fd),
+        ) else {
+            // The client is gone already.
+            return;
+        };
+        epoll::set_nonblocking(fd, true);
+        let id = self.next;
+        self.next += 1;
+        let events = epoll::IN | epoll::OUT | epoll::RDHUP | libc::EPOLLET as u32;
+        if let Err(e) = self.epoll.add(fd, events, id << 1) {
+            log::warn!("delivery: epoll: {e}");
+            return;
+        }
+        let conn = Conn::new(
+            job.client,
+            job.bytes,
+            job.arrival,
+            unmap(peer),
+            unmap(local),
+            now,
+            self.shared.header_timeout,
+        );
+        self.shared.stats.connections.fetch_add(1, Relaxed);
+        self.shared.stats.open.fetch_add(1, Relaxed);
+        self.conns.insert(id, conn);
+        self.step(id, table, now);
+    }
+
+    fn step(&mut self, id: u64, table: &crate::dispatcher::Table, now: Instant) {
+        let Some(conn) = self.conns.get_mut(&id) else {
+            return;
+        };
+        let epoll = &self.epoll;
+        let mut watch = |fd| {
+            let events = epoll::IN | epoll::OUT | epoll::RDHUP | libc::EPOLLET as u32;
+            epoll.add(fd, events, id << 1 | 1)
+        };
+        let mut cx = Cx {
+            shared: &self.shared,
+            table,
+            now,
+            watch: &mut watch,
+        };
+        if conn.drive(&mut cx).is_err() {
+            self.close(id);
+        }
+    }
+
+    fn close(&mut self, id: u64) {
+        if self.conns.remove(&id).is_some() {
+            // Closing the fds takes them out of the epoll set: no other process holds the
+            // client's fd or our ends of the channels.
+            self.shared.stats.open.fetch_sub(1, Relaxed);
+        }
+    }
+
+    fn expire(&mut self, now: Instant) {
+        let late: Vec<u64> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| now > c.deadline)
+            .map(|(&id, _)| id)
+            .collect();
+        for id in late {
+            if let Some(c) = self.conns.get_mut(&id) {
+                c.expire(&self.shared.stats);
+            }
+            self.close(id);
+        }
+    }
+}
+
+/// An IPv4 client seen on an IPv6 socket is an IPv4 client.
+fn unmap(a: SocketAddr) -> SocketAddr {
+    match a {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(v4.into(), v6.port()),
+            None => a,
+        },
+        a => a,
+    }
+}
