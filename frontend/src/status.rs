@@ -12,6 +12,9 @@ pub struct Status {
     /// Connections the steering program sent to the dispatcher, by reason.
     pub fallbacks: BTreeMap<String, u64>,
     pub dispatcher: DispatcherStatus,
+    /// The connections the front end keeps and delivers requests from.
+    #[serde(default)]
+    pub delivery: DeliveryStatus,
     pub kernel: KernelStatus,
     #[serde(default)]
     pub cache: crate::cache::CacheStats,
@@ -78,6 +81,10 @@ pub struct PoolStatus {
     pub steered_kernel: u64,
     /// Connections the dispatcher handed to this pool.
     pub handed_off: u64,
+    /// Requests the front end delivered to this pool from connections it keeps (hosts
+    /// shared by pools that do not trust each other).
+    #[serde(default)]
+    pub delivered: u64,
     /// Its workers' answers by status class (`1xx` to `5xx`), as they last reported
     /// (sluice-worker workers report them; a socket pool's server does not).
     #[serde(default)]
@@ -159,6 +166,21 @@ pub struct DispatcherStatus {
     /// Requests answered 308 to https (`redirect_https`).
     #[serde(default)]
     pub redirects: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct DeliveryStatus {
+    /// Client connections kept now, and since the start.
+    pub open: u64,
+    pub connections: u64,
+    /// Channels opened into pool queues, and those that could not be (answered 503).
+    pub channels: u64,
+    pub channels_failed: u64,
+    /// Answers from pools refused as malformed or missing (502).
+    pub bad_responses: u64,
+    pub cache_answers: u64,
+    pub refused: u64,
+    pub timeouts: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -248,6 +270,12 @@ impl Status {
             "counter",
             "Connections the dispatcher handed to the pool.",
             per_pool(&|p| p.handed_off),
+        );
+        family(
+            "sluice_delivered_total",
+            "counter",
+            "Requests the front end delivered to the pool from connections it keeps.",
+            per_pool(&|p| p.delivered),
         );
         // Per pool, not per pid: series must not churn as workers are replaced.
         family(
@@ -464,8 +492,8 @@ impl Status {
             self.listen.join(", ")
         );
         out.push_str(&format!(
-            "{:<16} {:>8} {:>8} {:>14} {:>11}  workers (pid/uptime/requests/restarts)\n",
-            "pool", "state", "queued", "steered_kernel", "handed_off"
+            "{:<16} {:>8} {:>8} {:>14} {:>11} {:>10}  workers (pid/uptime/requests/restarts)\n",
+            "pool", "state", "queued", "steered_kernel", "handed_off", "delivered"
         ));
         for p in &self.pools {
             let workers: Vec<String> = p
@@ -474,12 +502,13 @@ impl Status {
                 .map(|w| format!("{}/{}s/{}/{}", w.pid, w.uptime_s, w.requests, w.restarts))
                 .collect();
             out.push_str(&format!(
-                "{:<16} {:>8} {:>8} {:>14} {:>11}  {}\n",
+                "{:<16} {:>8} {:>8} {:>14} {:>11} {:>10}  {}\n",
                 p.name,
                 p.state,
                 p.queued,
                 p.steered_kernel,
                 p.handed_off,
+                p.delivered,
                 if workers.is_empty() {
                     "-".to_owned()
                 } else {
@@ -493,6 +522,11 @@ impl Status {
             .map(|(k, v)| format!("{k}={v}"))
             .collect();
         out.push_str(&format!("dispatcher fallbacks: {}\n", fallbacks.join(" ")));
+        let d = &self.delivery;
+        out.push_str(&format!(
+            "delivery: open={} connections={} channels={} channels_failed={} bad_responses={} cache_answers={} refused={} timeouts={}\n",
+            d.open, d.connections, d.channels, d.channels_failed, d.bad_responses, d.cache_answers, d.refused, d.timeouts
+        ));
         let refused: Vec<String> = self
             .dispatcher
             .refused

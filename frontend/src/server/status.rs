@@ -52,6 +52,7 @@ impl Frontend {
                         .get(id)
                         .map(|n| n.load(Relaxed))
                         .unwrap_or(0),
+                    delivered: self.delivery.stats.delivered(id),
                     responses: i.map(|p| responses_of(&p.outcomes)).unwrap_or_default(),
                     duration_us: i
                         .map(|p| DurationStatus::of(&p.outcomes))
@@ -82,6 +83,19 @@ impl Frontend {
                 relays: self.relay.stats.started.load(Relaxed),
                 relays_failed: self.relay.stats.failed.load(Relaxed),
                 redirects: self.stats.redirects.load(Relaxed),
+            },
+            delivery: {
+                let d = &self.delivery.stats;
+                crate::status::DeliveryStatus {
+                    open: d.open.load(Relaxed),
+                    connections: d.connections.load(Relaxed),
+                    channels: d.channels.load(Relaxed),
+                    channels_failed: d.failed.load(Relaxed),
+                    bad_responses: d.bad_responses.load(Relaxed),
+                    cache_answers: d.cache_answers.load(Relaxed),
+                    refused: d.refused.load(Relaxed),
+                    timeouts: d.timeouts.load(Relaxed),
+                }
             },
             kernel: KernelStatus {
                 program_runs: counters.get(counter::RUNS),

@@ -1,0 +1,307 @@
+//! Requests, not connections, cross a pool boundary: a host whose paths belong to pools that
+//! do not trust each other is the front end's, which delivers each request to its pool on a
+//! channel of that pool's own. A hostile pool that keeps every fd it is given reads none of
+//! another pool's requests and answers none of them; a dedicated site is still steered in
+//! the kernel and answers 421 for another host.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use sluice_tests::*;
+
+/// The hostile worker script.
+fn hoarder() -> PathBuf {
+    workers_dir().join("hoarder.py")
+}
+
+/// `hoard` (the hoarder, `/api/`) and `web` (hello, `/`) share every host.
+fn shared_host(steering: &str, hoard_file: &str, hand_back: bool) -> String {
+    format!(
+        r#"
+[server]
+listen = ["127.0.0.1:8080"]
+steering = "{steering}"
+set_sysctls = true
+admin_socket = "{{admin}}"
+
+[[pool]]
+name = "hoard"
+command = ["/usr/bin/python3", "{hoarder}"]
+start = "always"
+ping_interval = "0"
+rapid_fail = {{ failures = 0 }}
+env = {{ HOARD_FILE = "{hoard_file}", HOARD_HAND_BACK = "{hb}" }}
+
+[[pool]]
+name = "web"
+command = ["{{hello}}"]
+threads = 1
+start = "always"
+
+[[route]]
+prefix = "/api/"
+pool = "hoard"
+
+[[route]]
+prefix = "/"
+pool = "web"
+"#,
+        hoarder = hoarder().display(),
+        hb = if hand_back { "1" } else { "0" },
+    )
+}
+
+/// A file any pool's uid may append to, in a folder of its own.
+fn hoard_file(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("sluice-hoard-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("dir");
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+    let file = dir.join("hoard");
+    std::fs::write(&file, b"").expect("file");
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o666)).expect("chmod");
+    file
+}
+
+fn send_and_read(s: &mut TcpStream, request: &[u8]) -> Response {
+    s.write_all(request).expect("send");
+    read_response(s).expect("answer")
+}
+
+/// Keep-alive connections that alternate the hoarder's pool and `web`, each `web` request
+/// carrying a secret: every `web` answer is web's, and the hoarder read no secret.
+fn alternate(ns: &Netns, connections: usize, tag: &str) -> Vec<String> {
+    ns.enter(|| {
+        let mut secrets = Vec::new();
+        for c in 0..connections {
+            let mut s = TcpStream::connect(v4()).expect("connect");
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            for round in 0..2 {
+                let r = send_and_read(
+                    &mut s,
+                    format!("GET /api/{c}/{round} HTTP/1.1\r\nHost: shared.test\r\n\r\n").as_bytes(),
+                );
+                assert_eq!(r.status, 200);
+                assert!(
+                    String::from_utf8_lossy(&r.body).starts_with("hoarded /api/"),
+                    "{:?}",
+                    String::from_utf8_lossy(&r.body)
+                );
+                let secret = format!("secret-{tag}-{c}-{round}");
+                let r = send_and_read(
+                    &mut s,
+                    format!(
+                        "GET /account HTTP/1.1\r\nHost: shared.test\r\nAuthorization: Bearer {secret}\r\n\r\n"
+                    )
+                    .as_bytes(),
+                );
+                let body = String::from_utf8_lossy(&r.body).into_owned();
+                assert_eq!(r.status, 200, "{body}");
+                assert!(
+                    body.starts_with("hello from pool web"),
+                    "connection {c} round {round}: the answer to web's request came from {body:?}"
+                );
+                secrets.push(secret);
+            }
+            // Nothing more arrives: no forged answer waits behind the last one.
+            s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+            let mut extra = [0u8; 256];
+            match s.read(&mut extra) {
+                Ok(0) | Err(_) => {}
+                Ok(n) => panic!(
+                    "bytes after the last answer: {:?}",
+                    String::from_utf8_lossy(&extra[..n])
+                ),
+            }
+        }
+        secrets
+    })
+}
+
+#[test]
+fn a_pool_that_keeps_every_fd_reads_no_request_of_another_pool_on_a_shared_host() {
+    for steering in ["syn", "first-segment"] {
+        for hand_back in [false, true] {
+            let tag = format!("{}-{}", &steering[..3], u8::from(hand_back));
+            let file = hoard_file(&tag);
+            let ns = Netns::new("hoard");
+            let s = Sluice::start(
+                &ns,
+                &shared_host(steering, &file.display().to_string(), hand_back),
+            );
+            wait_for(&s, Duration::from_secs(20), "both pools up", |st| {
+                !worker_pids(st, "hoard").is_empty() && !worker_pids(st, "web").is_empty()
+            });
+            let secrets = alternate(&ns, 20, &tag);
+            // Give the hoarder's threads time to record whatever they could read.
+            std::thread::sleep(Duration::from_millis(500));
+            let hoard = std::fs::read(&file).expect("hoard file");
+            let text = String::from_utf8_lossy(&hoard);
+            assert!(
+                text.contains("GET /api/0/0"),
+                "the hoarder recorded its own requests ({steering}, hand-back {hand_back}): {text}"
+            );
+            for secret in &secrets {
+                assert!(
+                    !text.contains(secret.as_str()),
+                    "{steering}, hand-back {hand_back}: the hoarder read {secret}"
+                );
+            }
+            assert!(!text.contains("/account"), "{steering}: it read a web request");
+            let st = s.status();
+            assert_eq!(
+                pool(&st, "web")["delivered"].as_u64(),
+                Some(40),
+                "{steering}: {st}"
+            );
+            if steering == "first-segment" {
+                assert!(
+                    st["fallbacks"]["shared_site"].as_u64().unwrap_or(0) >= 20,
+                    "the kernel sent the shared host to the dispatcher: {st}"
+                );
+            }
+            let log = s.log_text();
+            assert!(
+                log.contains("wrote past the end of its answer"),
+                "the forged answers were dropped: {log}"
+            );
+            drop(s);
+            let _ = std::fs::remove_dir_all(file.parent().unwrap());
+        }
+    }
+}
+
+const DEDICATED: &str = r#"
+[server]
+listen = ["127.0.0.1:8080"]
+steering = "first-segment"
+set_sysctls = true
+admin_socket = "{admin}"
+
+[[pool]]
+name = "shop"
+command = ["{hello}"]
+threads = 1
+start = "always"
+
+[[pool]]
+name = "web"
+command = ["{hello}"]
+threads = 1
+start = "always"
+
+[[route]]
+host = "shop.test"
+prefix = "/"
+pool = "shop"
+
+[[route]]
+prefix = "/"
+pool = "web"
+"#;
+
+#[test]
+fn a_dedicated_site_is_steered_in_the_kernel_and_answers_421_for_another_host() {
+    let ns = Netns::new("dedicated");
+    let s = Sluice::start(&ns, DEDICATED);
+    wait_for(&s, Duration::from_secs(20), "pools up", |st| {
+        !worker_pids(st, "shop").is_empty() && !worker_pids(st, "web").is_empty()
+    });
+    let (first, second, third) = ns.enter(|| {
+        let mut c = TcpStream::connect(v4()).expect("connect");
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let first = send_and_read(&mut c, b"GET /a HTTP/1.1\r\nHost: shop.test\r\n\r\n");
+        let second = send_and_read(&mut c, b"GET /b HTTP/1.1\r\nHost: SHOP.test:8080\r\n\r\n");
+        let third = send_and_read(&mut c, b"GET /c HTTP/1.1\r\nHost: web.test\r\n\r\n");
+        (first, second, third)
+    });
+    assert_eq!(first.pool(), Some("shop"));
+    assert_eq!(second.pool(), Some("shop"));
+    assert_eq!(third.status, 421, "{:?}", String::from_utf8_lossy(&third.body));
+    let st = s.status();
+    assert!(pool(&st, "shop")["steered_kernel"].as_u64().unwrap_or(0) >= 1, "{st}");
+    assert_eq!(st["fallbacks"]["shared_site"].as_u64(), Some(0), "{st}");
+    // A new connection for the other host reaches it.
+    let r = ns.enter(|| exchange(v4(), b"GET /c HTTP/1.1\r\nHost: web.test\r\nConnection: close\r\n\r\n"));
+    assert_eq!(r.expect("web").pool(), Some("web"));
+}
+
+const SOCKET_POOLS: &str = r#"
+[server]
+listen = ["127.0.0.1:8080"]
+steering = "{steering}"
+set_sysctls = true
+admin_socket = "{admin}"
+
+[[pool]]
+name = "gun"
+worker = "socket"
+command = ["{apps}/gunicorn", "--workers", "2", "--no-control-socket", "wsgi_app:app"]
+cwd = "{workers}"
+start = "always"
+
+[[pool]]
+name = "uv"
+worker = "socket"
+command = ["{apps}/uvicorn", "--fd", "3", "--no-access-log", "asgi_app:app"]
+cwd = "{workers}"
+start = "always"
+
+[[route]]
+prefix = "/gun/"
+pool = "gun"
+
+[[route]]
+prefix = "/"
+pool = "uv"
+"#;
+
+#[test]
+fn gunicorn_and_uvicorn_share_a_host_by_path_on_one_keep_alive_connection() {
+    for steering in ["first-segment", "syn"] {
+        let ns = Netns::new("sockshare");
+        let s = Sluice::start(&ns, &SOCKET_POOLS.replace("{steering}", steering));
+        wait_for(&s, Duration::from_secs(30), "servers up", |st| {
+            !worker_pids(st, "gun").is_empty() && !worker_pids(st, "uv").is_empty()
+        });
+        // Wait until both servers answer (their start takes a moment).
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while ns
+            .enter(|| exchange(v4(), b"GET /gun/ready HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"))
+            .map_or(true, |r| r.status != 200)
+        {
+            assert!(Instant::now() < deadline, "gunicorn never answered");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let script = "import http.client\n\
+            c = http.client.HTTPConnection('127.0.0.1', 8080, timeout=20)\n\
+            for i in range(6):\n    \
+                path = '/gun/%d' % i if i % 2 == 0 else '/uv/%d' % i\n    \
+                c.request('GET', path, headers={'Host': 'one.test'})\n    \
+                r = c.getresponse()\n    \
+                print(r.status, r.read().decode().strip())\n";
+        let out = ns
+            .command(apps_bin().join("python"))
+            .arg("-c")
+            .arg(script)
+            .output()
+            .expect("python");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 6, "{text}{}", String::from_utf8_lossy(&out.stderr));
+        for (i, line) in lines.iter().enumerate() {
+            let want = if i % 2 == 0 {
+                format!("200 gunicorn /gun/{i}")
+            } else {
+                format!("200 uvicorn /uv/{i}")
+            };
+            assert!(line.starts_with(&want), "{steering}: {text}");
+        }
+        let st = s.status();
+        assert!(pool(&st, "uv")["delivered"].as_u64().unwrap_or(0) >= 3, "{st}");
+        drop(s);
+    }
+}
