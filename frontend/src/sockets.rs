@@ -242,6 +242,20 @@ pub fn connect_start(fd: RawFd, addr: SocketAddr) -> io::Result<bool> {
     }
 }
 
+/// Whether a non-blocking connect has ended: Ok(false) while its handshake is under way,
+/// Ok(true) once connected, Err when it failed.
+pub fn connected(fd: RawFd) -> io::Result<bool> {
+    connect_result(fd)?;
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLOUT,
+        revents: 0,
+    };
+    // SAFETY: polls one live pollfd without waiting.
+    let writable = unsafe { libc::poll(&mut pfd, 1, 0) == 1 && pfd.revents & libc::POLLOUT != 0 };
+    Ok(writable)
+}
+
 /// The outcome of a non-blocking connect that became writable.
 pub fn connect_result(fd: RawFd) -> io::Result<()> {
     let mut err: libc::c_int = 0;

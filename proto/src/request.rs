@@ -75,6 +75,13 @@ impl Head<'_> {
     }
 }
 
+/// Whether the request at the start of `buf` is a `HEAD`, read from its first bytes, so that
+/// a refusal of a head that does not parse still knows: an answer to `HEAD` carries no body
+/// (a client would read the text as the start of the next response).
+pub fn is_head(buf: &[u8]) -> bool {
+    buf.starts_with(b"HEAD ")
+}
+
 /// The outcome of [`parse`].
 #[derive(Debug)]
 pub enum Parsed<'h, 'b> {

@@ -254,7 +254,10 @@ pool = "api"
 }
 
 /// Pools `api` (2 processes, `/api/`) and `web` (`/`) of hello workers on 127.0.0.1:8080
-/// and [::1]:8080, in the given steering mode, allowed to set the sysctls it needs.
+/// and [::1]:8080, in the given steering mode, allowed to set the sysctls it needs. Their
+/// host's pools trust each other (`[[site]] trust_pools`), so the kernel steers by path and
+/// workers hand connections back: what the steering tests measure. Without it the front end
+/// keeps such a host's connections (`tests/tests/delivery.rs`).
 pub fn two_pools(steering: &str) -> String {
     format!(
         r#"
@@ -284,6 +287,10 @@ pool = "api"
 [[route]]
 prefix = "/"
 pool = "web"
+
+[[site]]
+host = "*"
+trust_pools = true
 "#
     )
 }

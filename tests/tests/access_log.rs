@@ -40,6 +40,22 @@ pool = "api"
 [[route]]
 prefix = "/"
 pool = "web"
+
+# The weak site's pools trust each other: steered by path, handed back.
+[[site]]
+host = "*"
+trust_pools = true
+
+# A host split between the pools without trust: the front end delivers each request.
+[[route]]
+host = "deliv.test"
+prefix = "/api/"
+pool = "api"
+
+[[route]]
+host = "deliv.test"
+prefix = "/"
+pool = "web"
 "#,
         log.display(),
         static_file.display()
@@ -164,6 +180,9 @@ fn run(format: &str) {
                 .unwrap();
             assert_eq!(read_response(&mut c).unwrap().status, 200);
         }
+        // A shared host: the front end keeps the connection and delivers the request.
+        let delivered = b"GET /api/delivered HTTP/1.1\r\nHost: deliv.test\r\nConnection: close\r\n\r\n";
+        assert_eq!(exchange(addr, delivered).unwrap().status, 200);
     });
     // Workers send every tick (half a second); the writer flushes when idle.
     let mut lines = Vec::new();
@@ -177,7 +196,7 @@ fn run(format: &str) {
                 _ => parse_combined(l),
             })
             .collect();
-        if lines.len() >= 7 {
+        if lines.len() >= 8 {
             break;
         }
     }
@@ -186,7 +205,7 @@ fn run(format: &str) {
         assert_eq!(found.len(), 1, "one line for {target} in {lines:#?}");
         found[0].clone()
     };
-    assert_eq!(lines.len(), 7, "{lines:#?}");
+    assert_eq!(lines.len(), 8, "{lines:#?}");
 
     let k = find("/api/kernel");
     assert_eq!(
@@ -246,6 +265,18 @@ fn run(format: &str) {
     assert_eq!(
         (h.pool.as_str(), h.pid.as_str(), h.arrival.as_str()),
         ("web", web_pid.as_str(), "handback")
+    );
+    let d = find("/api/delivered");
+    assert_eq!(
+        (
+            d.client.as_str(),
+            d.host.as_str(),
+            d.pool.as_str(),
+            d.pid.as_str(),
+            d.arrival.as_str()
+        ),
+        ("127.0.0.1", "deliv.test", "api", api_pid.as_str(), "delivered"),
+        "the worker learns the client's address from the delivery channel"
     );
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -43,6 +43,11 @@ pool = "apiv2"
 [[route]]
 prefix = "/static/"
 pool = "assets"
+
+# Pools that trust each other: the kernel steers their shared host by path.
+[[site]]
+host = "*"
+trust_pools = true
 "#;
 
 fn paths(n: usize) -> Vec<String> {

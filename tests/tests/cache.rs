@@ -317,11 +317,14 @@ fn a_keep_alive_connection_gets_each_request_from_the_right_place() {
         );
         assert_eq!(rs[5].status, 404);
     }
+    // The host is shared by three pools: the front end kept every connection, answered the
+    // cached path itself and delivered the rest; no pool held a connection to hand back.
     let st = s.status();
     assert!(
-        st["dispatcher"]["handed_back"].as_u64().unwrap_or(0) >= 10,
+        st["delivery"]["cache_answers"].as_u64().unwrap_or(0) >= 3,
         "{st}"
     );
+    assert_eq!(st["dispatcher"]["handed_back"].as_u64(), Some(0), "{st}");
     let _ = std::fs::remove_dir_all(&root);
 }
 

@@ -68,7 +68,12 @@ fn hoard_file(tag: &str) -> PathBuf {
 
 fn send_and_read(s: &mut TcpStream, request: &[u8]) -> Response {
     s.write_all(request).expect("send");
-    read_response(s).expect("answer")
+    read_response(s).unwrap_or_else(|e| {
+        panic!(
+            "no answer to {:?}: {e}",
+            String::from_utf8_lossy(request).lines().next().unwrap_or("")
+        )
+    })
 }
 
 /// Keep-alive connections that alternate the hoarder's pool and `web`, each `web` request
@@ -135,7 +140,17 @@ fn a_pool_that_keeps_every_fd_reads_no_request_of_another_pool_on_a_shared_host(
             wait_for(&s, Duration::from_secs(20), "both pools up", |st| {
                 !worker_pids(st, "hoard").is_empty() && !worker_pids(st, "web").is_empty()
             });
-            let secrets = alternate(&ns, 20, &tag);
+            let secrets = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                alternate(&ns, 20, &tag)
+            })) {
+                Ok(secrets) => secrets,
+                Err(e) => panic!(
+                    "{steering}, hand-back {hand_back}: {:?}\nstatus: {}\nlog:\n{}",
+                    e.downcast_ref::<String>(),
+                    s.status(),
+                    s.log_text()
+                ),
+            };
             // Give the hoarder's threads time to record whatever they could read.
             std::thread::sleep(Duration::from_millis(500));
             let hoard = std::fs::read(&file).expect("hoard file");
@@ -151,6 +166,10 @@ fn a_pool_that_keeps_every_fd_reads_no_request_of_another_pool_on_a_shared_host(
                 );
             }
             assert!(!text.contains("/account"), "{steering}: it read a web request");
+            assert!(
+                !text.contains("HOARDER-GOT-A-NONBLOCKING-FD"),
+                "a worker's end of a delivery channel is blocking, as an accepted socket is"
+            );
             let st = s.status();
             assert_eq!(
                 pool(&st, "web")["delivered"].as_u64(),

@@ -209,3 +209,89 @@ fn run_without_cap_bpf_names_the_step_the_reason_once_and_the_privileges() {
     assert!(last.contains("CAP_BPF"), "{err}");
     assert_eq!(last.matches("failed to create map").count(), 1, "{err}");
 }
+
+/// A refusal of a `HEAD` is a head alone, whoever reads the request (the dispatcher, a
+/// worker of a pool that owns the host, the front end keeping a shared host's connection):
+/// a client that reads it as a HEAD answer must not find its text where the next response
+/// should start.
+#[test]
+fn a_refused_head_request_gets_no_body_from_any_reader() {
+    const TWO_LENGTHS: &[u8] =
+        b"HEAD /api/x HTTP/1.1\r\nHost: HOST\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n";
+    let config = r#"
+[server]
+listen = ["127.0.0.1:8080"]
+steering = "first-segment"
+set_sysctls = true
+admin_socket = "{admin}"
+
+[[pool]]
+name = "own"
+command = ["{hello}"]
+threads = 1
+start = "always"
+
+[[pool]]
+name = "web"
+command = ["{hello}"]
+threads = 1
+start = "always"
+
+[[route]]
+host = "own.test"
+prefix = "/"
+pool = "own"
+
+[[route]]
+prefix = "/api/"
+pool = "own"
+
+[[route]]
+prefix = "/"
+pool = "web"
+"#;
+    let ns = Netns::new("headrefuse");
+    let s = Sluice::start(&ns, config);
+    wait_for(&s, Duration::from_secs(10), "workers", |st| {
+        !worker_pids(st, "own").is_empty() && !worker_pids(st, "web").is_empty()
+    });
+    let addr: SocketAddr = "127.0.0.1:8080".parse().expect("addr");
+    // own.test: steered in the kernel to its worker, which refuses it; shared.test: the
+    // kernel sends it to the dispatcher (a shared host), which refuses it.
+    for (host, reader) in [("own.test", "the worker"), ("shared.test", "the dispatcher")] {
+        let raw = with_host(TWO_LENGTHS, host);
+        let all = ns.enter(|| {
+            use std::io::{Read, Write};
+            let mut c = std::net::TcpStream::connect(addr).expect("connect");
+            c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            c.write_all(&raw).expect("send");
+            let mut out = Vec::new();
+            let _ = c.read_to_end(&mut out);
+            out
+        });
+        let text = String::from_utf8_lossy(&all);
+        assert!(text.starts_with("HTTP/1.1 400 "), "{reader}: {text}");
+        assert!(text.ends_with("\r\n\r\n"), "{reader} sent a body after the head: {text:?}");
+    }
+    // A shared host's next request on a kept connection: the delivery thread refuses it.
+    let all = ns.enter(|| {
+        use std::io::{Read, Write};
+        let mut c = std::net::TcpStream::connect(addr).expect("connect");
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        c.write_all(b"GET /x HTTP/1.1\r\nHost: shared.test\r\n\r\n").expect("send");
+        let first = read_response(&mut c).expect("first answer");
+        assert_eq!(first.pool(), Some("web"));
+        c.write_all(&with_host(TWO_LENGTHS, "shared.test")).expect("send");
+        let mut out = Vec::new();
+        let _ = c.read_to_end(&mut out);
+        out
+    });
+    let text = String::from_utf8_lossy(&all);
+    assert!(text.starts_with("HTTP/1.1 400 "), "delivery: {text}");
+    assert!(text.ends_with("\r\n\r\n"), "delivery sent a body after the head: {text:?}");
+    assert!(s.status()["delivery"]["refused"].as_u64().unwrap_or(0) >= 1);
+}
+
+fn with_host(raw: &[u8], host: &str) -> Vec<u8> {
+    String::from_utf8_lossy(raw).replace("HOST", host).into_bytes()
+}

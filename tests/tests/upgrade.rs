@@ -397,3 +397,44 @@ fn an_upgrade_after_a_reload_reordered_pools_is_refused() {
     assert_eq!(get_in(&ns, "/api/x").pool(), Some("api"));
     let _ = std::fs::remove_dir_all(bin.parent().unwrap_or(Path::new("/nonexistent")));
 }
+
+/// The connections the front end keeps for a shared host (no trust: each request is
+/// delivered) go through an upgrade between requests: wrk's keep-alive connections see no
+/// error, and the log says how many were handed over.
+#[test]
+fn kept_connections_of_a_shared_host_are_carried_through_an_upgrade() {
+    let ns = Netns::new("upkept");
+    let bin = binary_copy("kept");
+    let shared = two_pools("first-segment").replace("[[site]]\nhost = \"*\"\ntrust_pools = true\n", "");
+    assert!(!shared.contains("trust_pools"));
+    let s = Sluice::start_program(&ns, &shared, &bin);
+    let before_workers = workers(&s);
+    let load = std::thread::scope(|scope| {
+        let ka = scope.spawn(|| {
+            wrk(
+                &ns,
+                &["-t1", "-c16", "-d6s", "--timeout", "10s", "http://127.0.0.1:8080/api/x"],
+            )
+        });
+        std::thread::sleep(Duration::from_millis(2000));
+        install(&bin, Ok(&sluice_bin()));
+        let out = upgrade(&s);
+        assert!(out.status.success(), "{}", text(&out));
+        ka.join().expect("wrk")
+    });
+    assert!(load.requests > 0, "{}", load.output);
+    assert_eq!(load.socket_errors, 0, "{}\n{}", load.output, s.log_text());
+    assert_eq!(load.non_2xx, 0, "{}", load.output);
+    let log = s.log_text();
+    let carried = log
+        .lines()
+        .filter_map(|l| l.split("upgrading: ").nth(1))
+        .filter_map(|l| l.strip_suffix(" kept connection(s) handed over"))
+        .filter_map(|n| n.trim().parse::<u32>().ok())
+        .sum::<u32>();
+    assert!(carried >= 1, "kept connections handed over: {log}");
+    assert_eq!(workers(&s), before_workers, "workers adopted, not restarted");
+    let st = s.status();
+    assert!(pool(&st, "api")["delivered"].as_u64().unwrap_or(0) > 0, "{st}");
+    let _ = std::fs::remove_dir_all(bin.parent().unwrap_or(Path::new("/nonexistent")));
+}

@@ -11,6 +11,7 @@ With HOARD_HAND_BACK=1 it also follows the hand-back protocol for a request outs
 reading and answering on it. It answers the front end's pings, so it stays the pool's
 worker."""
 import array
+import fcntl
 import os
 import socket
 import sys
@@ -76,6 +77,10 @@ def serve(sock, buf=b""):
 
 
 def keep(sock, buf=b""):
+    # A worker's end of any connection is blocking, as an accepted socket is; say so if not.
+    if fcntl.fcntl(sock.fileno(), fcntl.F_GETFL) & os.O_NONBLOCK:
+        record(b"\nHOARDER-GOT-A-NONBLOCKING-FD\n")
+    sock.setblocking(True)
     kept.append(sock)
     threading.Thread(target=serve, args=(sock, buf), daemon=True).start()
 

@@ -238,7 +238,8 @@ impl HttpConn {
                 Step::Rejected(refusal) => {
                     self.pending = None;
                     self.responses += 1;
-                    let bytes = write_refusal(wbuf, &refusal);
+                    let head_only = request::is_head(&rbuf[pos..]);
+                    let bytes = write_refusal(wbuf, &refusal, head_only);
                     handler.refused(&rbuf[pos..], refusal.status, bytes);
                     break Outcome::Close;
                 }
@@ -630,20 +631,25 @@ pub(crate) fn body_bytes_sent(resp: &Response, head_only: bool) -> u64 {
 
 /// Appends the answer to a refused request, which closes the connection; returns the
 /// length of its body.
-pub(crate) fn write_refusal(wbuf: &mut Vec<u8>, refusal: &Refusal) -> u64 {
-    write_error(wbuf, refusal.status, refusal.reason)
+pub(crate) fn write_refusal(wbuf: &mut Vec<u8>, refusal: &Refusal, head_only: bool) -> u64 {
+    write_error_to(wbuf, refusal.status, refusal.reason, head_only)
 }
 
 /// Appends a short error response that closes the connection; returns the length of its
 /// body.
 pub(crate) fn write_error(wbuf: &mut Vec<u8>, status: u16, why: &str) -> u64 {
+    write_error_to(wbuf, status, why, false)
+}
+
+/// The same, to a `HEAD` when `head_only`: the head alone; returns the bytes of body sent.
+fn write_error_to(wbuf: &mut Vec<u8>, status: u16, why: &str, head_only: bool) -> u64 {
     let body = format!("{} {}: {why}\n", status, reason(status));
     let len = body.len() as u64;
     let resp = Response::new(status)
         .header("content-type", "text/plain")
         .body(body);
-    write_response(wbuf, &resp, false, false, false);
-    len
+    write_response(wbuf, &resp, false, false, head_only);
+    if head_only { 0 } else { len }
 }
 
 fn push_decimal(buf: &mut Vec<u8>, mut n: u64) {

@@ -59,6 +59,8 @@ struct Target {
     admin: Option<PathBuf>,
     /// The `Host` wrk sends instead of the URL's.
     host: Option<&'static str>,
+    /// A wrk script that makes the requests (the split systems alternate two paths).
+    script: Option<PathBuf>,
 }
 
 struct Netns(String);
@@ -167,6 +169,36 @@ fn sluice_config(
         ),
     )?;
     Ok((cfg, admin))
+}
+
+/// Two pools sharing one host by path (`/api/` and the rest): the front end keeps the
+/// connections and delivers each request to its pool.
+fn split_config(dir: &Path, listen: &str, hello: &Path) -> Result<(PathBuf, PathBuf)> {
+    let admin = dir.join("split.sock");
+    let cfg = dir.join("split.toml");
+    let mut text = format!(
+        "[server]\nlisten = [\"{listen}\"]\nsteering = \"first-segment\"\nset_sysctls = true\nadmin_socket = \"{}\"\n\n",
+        admin.display()
+    );
+    for (pool, prefix) in [("api", "/api/"), ("web", "/")] {
+        text.push_str(&format!(
+            "[[pool]]\nname = \"{pool}\"\ncommand = [\"{}\"]\nprocesses = 1\nthreads = 1\nstart = \"always\"\n\n\
+             [[route]]\nprefix = \"{prefix}\"\npool = \"{pool}\"\n\n",
+            hello.display()
+        ));
+    }
+    fs::write(&cfg, text)?;
+    Ok((cfg, admin))
+}
+
+/// A wrk script whose requests alternate `/api/hello` and `/web/hello`.
+fn alternate_script(dir: &Path) -> Result<PathBuf> {
+    let path = dir.join("alternate.lua");
+    fs::write(
+        &path,
+        "local n = 0\nrequest = function()\n  n = n + 1\n  if n % 2 == 0 then\n    return wrk.format(\"GET\", \"/api/hello\")\n  end\n  return wrk.format(\"GET\", \"/web/hello\")\nend\n",
+    )?;
+    Ok(path)
 }
 
 /// The host `hosts_keepalive` names: one of three sites on one port.
@@ -426,6 +458,9 @@ fn wrk(ns: &Netns, t: &Target, seconds: u64) -> Result<(Run, String)> {
     if let Some(host) = t.host {
         c.args(["-H", &format!("Host: {host}")]);
     }
+    if let Some(script) = &t.script {
+        c.arg("-s").arg(script);
+    }
     c.arg(&t.url);
     let server = || {
         t.pids
@@ -581,6 +616,21 @@ pub fn run(args: Args) -> Result<()> {
         fs_ns.cmd(&sluice).arg("run").arg(&cfg_tls),
         &dir.join("sluice-tls.log"),
     )?;
+    // Two pools on one host, split by path: delivered per request.
+    let (cfg_split, admin_split) = split_config(&dir, "127.0.0.1:8086", &hello)?;
+    let sluice_split = procs.spawn(
+        fs_ns.cmd(&sluice).arg("run").arg(&cfg_split),
+        &dir.join("sluice-split.log"),
+    )?;
+    let alternate = alternate_script(&dir)?;
+    // A second copy of the worker alone, nginx's upstream for the split host's other path.
+    let direct2 = procs.spawn(
+        base.cmd(&hello)
+            .env("SLUICE_LISTEN", "127.0.0.1:9003")
+            .env("SLUICE_THREADS", "1")
+            .env("RUST_LOG", "warn"),
+        &dir.join("direct2.log"),
+    )?;
     // The same worker binary alone on a plain listening socket: the limit.
     let direct = procs.spawn(
         base.cmd(&hello)
@@ -602,6 +652,8 @@ pub fn run(args: Args) -> Result<()> {
              server {{ listen 127.0.0.1:8091; location / {{ default_type text/plain; return 200 \"{body}\"; }} }}\n\
              upstream node {{ server 127.0.0.1:9002; keepalive 64; }}\n\
              server {{ listen 127.0.0.1:8092; location / {{ proxy_pass http://node; proxy_http_version 1.1; proxy_set_header Connection \"\"; }} }}\n\
+             upstream hello2 {{ server 127.0.0.1:9003; keepalive 64; }}\n\
+             server {{ listen 127.0.0.1:8093; location /api/ {{ proxy_pass http://hello; proxy_http_version 1.1; proxy_set_header Connection \"\"; }} location / {{ proxy_pass http://hello2; proxy_http_version 1.1; proxy_set_header Connection \"\"; }} }}\n\
              ssl_certificate {cert}; ssl_certificate_key {key}; ssl_protocols TLSv1.2 TLSv1.3; ssl_session_cache shared:bench:1m;\n\
              server {{ listen 127.0.0.1:8493 ssl; location / {{ proxy_pass http://hello; proxy_http_version 1.1; proxy_set_header Connection \"\"; }} }}\n\
              server {{ listen 127.0.0.1:8494 ssl; location / {{ default_type text/plain; return 200 \"{body}\"; }} }}\n\
@@ -620,6 +672,8 @@ pub fn run(args: Args) -> Result<()> {
     wait_http(&fs_ns, "http://127.0.0.1:8082/api/hello")?;
     wait_http(&fs_ns, "http://127.0.0.1:8083/api/hello")?;
     wait_http(&fs_ns, "http://127.0.0.1:8084/node")?;
+    wait_http(&fs_ns, "http://127.0.0.1:8086/api/hello")?;
+    wait_http(&fs_ns, "http://127.0.0.1:8086/web/hello")?;
     wait_http(&fs_ns, "https://127.0.0.1:8443/api/hello")?;
     wait_http(&fs_ns, "https://127.0.0.1:8443/node")?;
     for url in [
@@ -629,6 +683,8 @@ pub fn run(args: Args) -> Result<()> {
         "http://127.0.0.1:8091/",
         "http://127.0.0.1:9002/node",
         "http://127.0.0.1:8092/node",
+        "http://127.0.0.1:9003/web/hello",
+        "http://127.0.0.1:8093/web/hello",
         "https://127.0.0.1:8493/api/hello",
         "https://127.0.0.1:8494/",
     ] {
@@ -670,6 +726,14 @@ pub fn run(args: Args) -> Result<()> {
     pids_syn.extend(syn_workers.iter().map(|&p| ("worker", p)));
     let mut pids_nginx = vec![("nginx master", nginx), ("worker", direct)];
     pids_nginx.extend(nginx_workers.iter().map(|&p| ("nginx worker", p)));
+    let mut pids_split = vec![("front end", sluice_split)];
+    pids_split.extend(
+        worker_pids(&status(&sluice, &admin_split)?)
+            .iter()
+            .map(|&p| ("worker", p)),
+    );
+    let mut pids_split_nginx = pids_nginx.clone();
+    pids_split_nginx.push(("worker", direct2));
 
     let target = |name,
                   ns: &'static str,
@@ -684,6 +748,7 @@ pub fn run(args: Args) -> Result<()> {
         pids: pids.clone(),
         admin: admin.cloned(),
         host: None,
+        script: None,
     };
     let targets = vec![
         target(
@@ -711,6 +776,39 @@ pub fn run(args: Args) -> Result<()> {
                 false,
                 &pids_sites,
                 Some(&admin_sites),
+            )
+        },
+        Target {
+            script: Some(alternate.clone()),
+            ..target(
+                "split_keepalive",
+                "fs",
+                "http://127.0.0.1:8086/",
+                false,
+                &pids_split,
+                Some(&admin_split),
+            )
+        },
+        Target {
+            script: Some(alternate.clone()),
+            ..target(
+                "split_direct_keepalive",
+                "base",
+                "http://127.0.0.1:9001/",
+                false,
+                &vec![("worker", direct)],
+                None,
+            )
+        },
+        Target {
+            script: Some(alternate.clone()),
+            ..target(
+                "split_nginx_keepalive",
+                "base",
+                "http://127.0.0.1:8093/",
+                false,
+                &pids_split_nginx,
+                None,
             )
         },
         target(
@@ -956,6 +1054,16 @@ pub fn run(args: Args) -> Result<()> {
         ("close_syn_vs_nginx", "close_syn", "close_nginx"),
         ("cache_vs_nginx_return", "cache_keepalive", "nginx_return"),
         (
+            "split_keepalive_vs_nginx",
+            "split_keepalive",
+            "split_nginx_keepalive",
+        ),
+        (
+            "split_keepalive_vs_direct",
+            "split_keepalive",
+            "split_direct_keepalive",
+        ),
+        (
             "socket_keepalive_vs_alone",
             "socket_keepalive",
             "socket_alone_keepalive",
@@ -1130,7 +1238,7 @@ pub fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
-const TARGETS: [(&str, &str, f64); 15] = [
+const TARGETS: [(&str, &str, f64); 16] = [
     ("steered_keepalive_vs_direct", "≥ 0.95", 0.95),
     ("steered_keepalive_logged_vs_direct", "≥ 0.9", 0.9),
     ("hosts_keepalive_vs_direct", "≥ 0.97", 0.97),
@@ -1146,11 +1254,13 @@ const TARGETS: [(&str, &str, f64); 15] = [
     ("tls_keepalive_vs_nginx_return", "≥ 0.9", 0.9),
     ("tls_close_vs_nginx", "≥ 1.0", 1.0),
     ("tls_cache_vs_nginx_return", "≥ 1.0", 1.0),
+    ("split_keepalive_vs_nginx", "≥ 1.5", 1.5),
 ];
 
 /// CPU-per-request targets: the ratio must be at most this.
-const CPU_TARGETS: [(&str, f64); 3] = [
+const CPU_TARGETS: [(&str, f64); 4] = [
     ("cache_vs_nginx_return", 0.7),
+    ("split_keepalive_vs_nginx", 0.6),
     ("steered_keepalive_vs_direct", 1.02),
     ("close_first_segment_vs_direct", 1.05),
 ];

@@ -51,9 +51,11 @@ struct Exchange {
     close: bool,
     /// The pool closes the channel after this answer.
     channel_closes: bool,
-    /// The head of a request without a body, sent on a channel used before: if the pool
-    /// closed that channel before answering, it is sent once more on a new one.
-    resend: Option<Vec<u8>>,
+    /// The head of a request without a body: if its channel ends before any answer, it is
+    /// judged afresh (its pool may be gone, stopped or closing an idle channel).
+    head: Option<Vec<u8>>,
+    /// The channel carried a request before this one.
+    reused: bool,
 }
 
 pub(super) struct Conn {
@@ -78,6 +80,8 @@ pub(super) struct Cx<'a> {
     pub shared: &'a Shared,
     pub table: &'a crate::dispatcher::Table,
     pub now: Instant,
+    /// An upgrade is taking the connections: no new request is started.
+    pub holding: bool,
     /// Registers a new channel's fd for this connection's events.
     pub watch: &'a mut dyn FnMut(RawFd) -> io::Result<()>,
 }
@@ -155,6 +159,21 @@ impl Conn {
         }
     }
 
+    /// Between requests with every answer sent: an upgrade may carry it.
+    pub fn carriable(&self) -> bool {
+        matches!(self.state, State::Head) && self.cout.is_empty()
+    }
+
+    /// What an upgrade carries: the client's connection and what was read of its next
+    /// request (its channels close).
+    pub fn into_held(self) -> crate::dispatcher::Held {
+        crate::dispatcher::Held {
+            fd: self.client,
+            bytes: self.cin,
+            arrival: self.arrival,
+        }
+    }
+
     /// The connection's time is up: a head that has begun gets 408 (best effort).
     pub fn expire(&mut self, stats: &DeliveryStats) {
         stats.timeouts.fetch_add(1, Relaxed);
@@ -217,23 +236,45 @@ impl Conn {
             self.drop_upstream(i);
             return Ok(());
         }
-        if let State::Exchange(x) = &mut self.state {
-            if x.response.is_none() {
-                if let Some(head) = x.resend.take() {
-                    let pool = x.pool;
-                    self.drop_upstream(i);
-                    let j = self.channel(pool, cx)?;
-                    self.ups[j].out.extend_from_slice(&head);
-                    self.ups[j].used += 1;
-                    if let State::Exchange(x) = &mut self.state {
-                        x.up = j;
-                    }
-                    return Ok(());
-                }
-                return self.bad_gateway(cx, "the application closed the connection without answering");
-            }
+        if matches!(&self.state, State::Exchange(x) if x.response.is_none()) {
+            return self.unanswered(i, cx);
         }
         Err(())
+    }
+
+    /// Channel `i` ended before the exchange on it had an answer. A bodiless request is
+    /// judged afresh when that can change its fate: its pool was removed (a reload) or
+    /// stopped (503), or the channel had carried a request before (the pool may have closed
+    /// it as idle just as this one was sent: sent once more, on a new channel). Otherwise the
+    /// pool took the request and closed without answering: 502.
+    fn unanswered(&mut self, i: usize, cx: &mut Cx<'_>) -> Result<(), End> {
+        let State::Exchange(x) = &mut self.state else {
+            return Err(());
+        };
+        let (pool, reused, head) = (x.pool, x.reused, x.head.take());
+        let Some(head) = head else {
+            return self.bad_gateway(cx, "the application closed the connection without answering");
+        };
+        let local = Some(sluice_proto::site::local_address(self.local.ip()));
+        let verdict = judge::judge(
+            &head,
+            false,
+            &cx.shared.limits,
+            cx.table,
+            &cx.shared.flags,
+            &cx.shared.cache,
+            local,
+            cx.now,
+        );
+        if matches!(&verdict, Verdict::Deliver(d) if d.pool == pool) && !reused {
+            return self.bad_gateway(cx, "the application closed the connection without answering");
+        }
+        self.drop_upstream(i);
+        let mut input = head;
+        input.append(&mut self.cin);
+        self.cin = input;
+        self.state = State::Head;
+        Ok(())
     }
 
     /// Drops channel `i` (closing it ends the pool's side); indexes after it move down.
@@ -298,8 +339,9 @@ impl Conn {
     }
 
     fn step_head(&mut self, cx: &mut Cx<'_>) -> Result<bool, End> {
-        if !self.cout.is_empty() {
-            // The previous answer goes first.
+        if !self.cout.is_empty() || cx.holding {
+            // The previous answer goes first; during an upgrade's hand-over the next
+            // request waits for the next program.
             return Ok(false);
         }
         let mut progress = self.reap_idle_channels();
@@ -413,7 +455,8 @@ impl Conn {
         };
         let head_len = d.head_len.min(self.cin.len());
         let up = &mut self.ups[i];
-        let resend = (d.framing == sluice_proto::request::Framing::None && up.used > 0)
+        let reused = up.used > 0;
+        let head = (d.framing == sluice_proto::request::Framing::None)
             .then(|| self.cin[..head_len].to_vec());
         up.out.extend_from_slice(&self.cin[..head_len]);
         up.used += 1;
@@ -430,7 +473,8 @@ impl Conn {
             head_only: d.head_only,
             close: d.close || d.upgrade,
             channel_closes: false,
-            resend,
+            head,
+            reused,
         });
         Ok(())
     }
@@ -505,7 +549,7 @@ impl Conn {
                             x.close = true;
                         }
                         x.response = Some(h.body);
-                        x.resend = None;
+                        x.head = None;
                     }
                 },
                 Some(body) => {
@@ -531,19 +575,7 @@ impl Conn {
         if !complete {
             if ended {
                 if x.response.is_none() {
-                    let pool = x.pool;
-                    let resend = x.resend.take();
-                    if let Some(head) = resend {
-                        self.drop_upstream(i);
-                        let j = self.channel(pool, cx)?;
-                        self.ups[j].out.extend_from_slice(&head);
-                        self.ups[j].used += 1;
-                        if let State::Exchange(x) = &mut self.state {
-                            x.up = j;
-                        }
-                        return Ok(true);
-                    }
-                    self.bad_gateway(cx, "the application closed the connection without answering")?;
+                    self.unanswered(i, cx)?;
                     return Ok(true);
                 }
                 // The answer was cut short: so is the client's connection.

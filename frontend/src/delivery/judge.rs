@@ -66,8 +66,12 @@ pub fn judge(
     if let Some(port) = table.redirect {
         return match seen.decision {
             Decision::NeedMore if !full => Verdict::NeedMore,
-            Decision::NeedMore => refuse(431, "the request head is too large", false),
-            Decision::Refuse(status, why) if seen.head_len == 0 => refuse(status, why, false),
+            Decision::NeedMore => {
+                refuse(431, "the request head is too large", sluice_proto::request::is_head(input))
+            }
+            Decision::Refuse(status, why) if seen.head_len == 0 => {
+                refuse(status, why, sluice_proto::request::is_head(input))
+            }
             _ => match crate::dispatcher::redirect::location(
                 &seen.host,
                 local,
@@ -94,7 +98,9 @@ pub fn judge(
     }
     match admit(seen.decision, full, table, flags) {
         Decision::NeedMore => Verdict::NeedMore,
-        Decision::Refuse(status, why) => refuse(status, why, seen.head_only),
+        Decision::Refuse(status, why) => {
+            refuse(status, why, sluice_proto::request::is_head(input))
+        }
         Decision::Pool(pool) => Verdict::Deliver(Delivery {
             pool,
             head_len: seen.head_len,
@@ -174,7 +180,12 @@ mod tests {
         ));
         assert!(matches!(
             verdict(b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", &flags),
-            Verdict::Refuse { status: 400, .. }
+            Verdict::Refuse { status: 400, head_only: false, .. }
+        ));
+        // A HEAD that does not parse is still a HEAD: its refusal has no body.
+        assert!(matches!(
+            verdict(b"HEAD / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", &flags),
+            Verdict::Refuse { status: 400, head_only: true, .. }
         ));
     }
 }

@@ -28,7 +28,7 @@ use std::{
 use sluice_proto::access::Arrival;
 
 use self::conn::{Conn, Cx};
-use crate::dispatcher::{PoolFlags, SharedTable, head::Limits};
+use crate::dispatcher::{Held, PoolFlags, SharedTable, head::Limits};
 use crate::epoll::{self, Epoll};
 
 const WAKE: u64 = u64::MAX;
@@ -87,11 +87,18 @@ pub struct Shared {
     pub stats: Arc<DeliveryStats>,
 }
 
-struct Job {
-    client: OwnedFd,
-    bytes: Vec<u8>,
-    arrival: Arrival,
+enum Job {
+    Conn {
+        client: OwnedFd,
+        bytes: Vec<u8>,
+        arrival: Arrival,
+    },
+    /// An upgrade: hand every connection over between requests (see `Delivery::hand_over`).
+    HandOver(mpsc::Sender<Vec<Held>>),
 }
+
+/// How long an upgrade waits for answers under way before it cuts them.
+pub const HAND_OVER_WAIT: Duration = Duration::from_secs(2);
 
 /// The dispatcher's end: give the delivery thread a connection.
 #[derive(Clone)]
@@ -123,6 +130,7 @@ impl Delivery {
             shared,
             conns: HashMap::new(),
             next: 0,
+            handing: None,
         };
         std::thread::Builder::new()
             .name("sluice-delivery".into())
@@ -138,7 +146,7 @@ impl Delivery {
     /// Err if the thread is gone.
     pub fn give(&self, client: OwnedFd, bytes: Vec<u8>, arrival: Arrival) -> Result<(), ()> {
         self.jobs
-            .send(Job {
+            .send(Job::Conn {
                 client,
                 bytes,
                 arrival,
@@ -146,6 +154,20 @@ impl Delivery {
             .map_err(|_| ())?;
         crate::eventfd::signal(self.wake.as_raw_fd(), 1);
         Ok(())
+    }
+
+    /// For an upgrade: the thread stops reading requests, finishes the answers under way
+    /// (at most `HAND_OVER_WAIT`), and returns every connection between requests with the
+    /// bytes it read of the next one; what is still in an answer then is cut. The thread
+    /// serves on (empty), so connections given to it again after a failed exec are served.
+    pub fn hand_over(&self) -> Vec<Held> {
+        let (tx, rx) = mpsc::channel();
+        if self.jobs.send(Job::HandOver(tx)).is_err() {
+            return Vec::new();
+        }
+        crate::eventfd::signal(self.wake.as_raw_fd(), 1);
+        rx.recv_timeout(HAND_OVER_WAIT + Duration::from_secs(3))
+            .unwrap_or_default()
     }
 }
 
@@ -156,13 +178,16 @@ struct Loop {
     shared: Shared,
     conns: HashMap<u64, Conn>,
     next: u64,
+    /// An upgrade is taking the connections: until when, and where they go.
+    handing: Option<(Instant, mpsc::Sender<Vec<Held>>, Vec<Held>)>,
 }
 
 impl Loop {
     fn run(mut self) {
         let mut last_expiry = Instant::now();
         loop {
-            let n = match self.epoll.wait(1000) {
+            let timeout = if self.handing.is_some() { 20 } else { 1000 };
+            let n = match self.epoll.wait(timeout) {
                 Ok(n) => n,
                 Err(e) => {
                     log::error!("delivery: epoll_wait: {e}");
@@ -182,9 +207,50 @@ impl Loop {
                     self.step(token >> 1, &table, now);
                 }
             }
+            if self.handing.is_some() {
+                self.hand_over_step(now);
+            }
             if now.duration_since(last_expiry) >= Duration::from_millis(500) {
                 last_expiry = now;
                 self.expire(now);
+            }
+        }
+    }
+
+    /// Takes every connection that is between requests; once none is left, or the wait is
+    /// over (the rest are cut), sends them on.
+    fn hand_over_step(&mut self, now: Instant) {
+        let ready: Vec<u64> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.carriable())
+            .map(|(&id, _)| id)
+            .collect();
+        for id in ready {
+            if let Some(c) = self.conns.remove(&id) {
+                self.shared.stats.open.fetch_sub(1, Relaxed);
+                // The fd lives on in the next program: out of this epoll set first.
+                self.epoll.delete(c.client.as_raw_fd());
+                if let Some((_, _, held)) = self.handing.as_mut() {
+                    held.push(c.into_held());
+                }
+            }
+        }
+        let over = self
+            .handing
+            .as_ref()
+            .is_some_and(|(until, _, _)| self.conns.is_empty() || now >= *until);
+        if over {
+            if let Some((_, reply, held)) = self.handing.take() {
+                let cut = self.conns.len();
+                if cut > 0 {
+                    log::warn!("upgrading: {cut} kept connection(s) still in an answer are cut");
+                }
+                for id in self.conns.keys().copied().collect::<Vec<_>>() {
+                    self.close(id);
+                }
+                log::info!("upgrading: {} kept connection(s) handed over", held.len());
+                let _ = reply.send(held);
             }
         }
     }
@@ -193,15 +259,30 @@ impl Loop {
     fn take_jobs(&mut self, table: &crate::dispatcher::Table, now: Instant) -> bool {
         loop {
             match self.jobs.try_recv() {
-                Ok(job) => self.start(job, table, now),
+                Ok(Job::Conn {
+                    client,
+                    bytes,
+                    arrival,
+                }) => self.start(client, bytes, arrival, table, now),
+                Ok(Job::HandOver(reply)) => {
+                    self.handing = Some((now + HAND_OVER_WAIT, reply, Vec::new()));
+                    self.hand_over_step(now);
+                }
                 Err(mpsc::TryRecvError::Empty) => return true,
                 Err(mpsc::TryRecvError::Disconnected) => return false,
             }
         }
     }
 
-    fn start(&mut self, job: Job, table: &crate::dispatcher::Table, now: Instant) {
-        let fd = job.client.as_raw_fd();
+    fn start(
+        &mut self,
+        client: OwnedFd,
+        bytes: Vec<u8>,
+        arrival: Arrival,
+        table: &crate::dispatcher::Table,
+        now: Instant,
+    ) {
+        let fd = client.as_raw_fd();
         let (Some(peer), Some(local)) = (
             sluice_proto::sockaddr::peer(fd),
             sluice_proto::sockaddr::local(fd),
@@ -218,9 +299,9 @@ impl Loop {
             return;
         }
         let conn = Conn::new(
-            job.client,
-            job.bytes,
-            job.arrival,
+            client,
+            bytes,
+            arrival,
             unmap(peer),
             unmap(local),
             now,
@@ -245,6 +326,7 @@ impl Loop {
             shared: &self.shared,
             table,
             now,
+            holding: self.handing.is_some(),
             watch: &mut watch,
         };
         if conn.drive(&mut cx).is_err() {

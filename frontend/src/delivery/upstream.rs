@@ -87,8 +87,7 @@ impl Upstream {
     /// Sends what is queued; Ok(true) once all of it is.
     pub fn flush(&mut self) -> io::Result<bool> {
         if !self.connected {
-            crate::sockets::connect_result(self.fd())?;
-            if !writable(self.fd()) {
+            if !crate::sockets::connected(self.fd())? {
                 return Ok(false);
             }
             self.connected = true;
@@ -102,13 +101,14 @@ impl Upstream {
     }
 }
 
+/// (the front end's end, non-blocking; the worker's end).
 fn socketpair() -> io::Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0; 2];
     // SAFETY: socketpair writes two new fds into the array.
     let r = unsafe {
         libc::socketpair(
             libc::AF_UNIX,
-            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC,
             0,
             fds.as_mut_ptr(),
         )
@@ -117,16 +117,8 @@ fn socketpair() -> io::Result<(OwnedFd, OwnedFd)> {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: both were just created and are owned by nothing else.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
-}
-
-/// Whether a connecting socket has finished its handshake (poll for writable, no wait).
-fn writable(fd: RawFd) -> bool {
-    let mut pfd = libc::pollfd {
-        fd,
-        events: libc::POLLOUT,
-        revents: 0,
-    };
-    // SAFETY: polls one live pollfd without waiting.
-    unsafe { libc::poll(&mut pfd, 1, 0) == 1 && pfd.revents & libc::POLLOUT != 0 }
+    let (ours, theirs) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // Ours only: the worker's end is blocking, as an accepted connection is.
+    crate::epoll::set_nonblocking(ours.as_raw_fd(), true);
+    Ok((ours, theirs))
 }

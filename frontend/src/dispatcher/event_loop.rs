@@ -26,7 +26,6 @@ use super::memo::HeadMemo;
 use super::{
     Dispatcher, Held, PoolFlags, PoolId, Stop, Table, handoff,
     head::{self, Decision},
-    reply,
 };
 
 const RING_ENTRIES: u32 = 1024;
@@ -826,26 +825,34 @@ impl Loop {
         self.start_reply(slot, bytes, keep);
     }
 
+    /// A copy of the connection's fd for another thread (the slot's own copy closes after
+    /// it is passed on, as after a handoff); None (answered 503) if it cannot be made.
+    fn pass_on(&mut self, slot: usize, p: PoolId) -> Option<std::os::fd::OwnedFd> {
+        let c = self.conns[slot].as_ref()?;
+        // SAFETY: duplicates the connection's fd; the copy is owned right away.
+        let fd = unsafe { libc::fcntl(c.fd, libc::F_DUPFD_CLOEXEC, 0) };
+        if fd < 0 {
+            log::warn!("passing a connection on for pool {p}: {}", io::Error::last_os_error());
+            self.refuse(slot, 503, "the application pool cannot be reached");
+            return None;
+        }
+        // SAFETY: `fd` was just made by F_DUPFD and is owned by nothing else.
+        Some(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+    }
+
     /// A socket pool's connection: the relay joins it to a connection into the pool's
     /// queue, with the bytes read so far.
     fn relay(&mut self, slot: usize, p: PoolId) {
+        let Some(relay) = self.d.relay.clone() else {
+            self.refuse(slot, 503, "the application pool cannot be reached");
+            return;
+        };
+        let Some(client) = self.pass_on(slot, p) else {
+            return;
+        };
         let Some(c) = self.conns[slot].as_ref() else {
             return;
         };
-        let Some(relay) = self.d.relay.as_ref() else {
-            self.refuse(slot, 503, "the application pool cannot be reached");
-            return;
-        };
-        // SAFETY: duplicates the connection's fd; the copy is owned right away, and the
-        // slot's own copy closes below as after a handoff.
-        let fd = unsafe { libc::fcntl(c.fd, libc::F_DUPFD_CLOEXEC, 0) };
-        if fd < 0 {
-            log::warn!("relay to pool {p}: {}", io::Error::last_os_error());
-            self.refuse(slot, 503, "the application pool cannot be reached");
-            return;
-        }
-        // SAFETY: `fd` was just made by F_DUPFD and is owned by nothing else.
-        let client = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
         let counted = self.d.stats.hand_off(p);
         if relay
             .join(client, c.buf[..c.filled].to_vec(), p, &self.table)
@@ -861,23 +868,16 @@ impl Loop {
     /// A connection of a shared host: the delivery thread keeps it and delivers each of
     /// its requests, this one first.
     fn deliver(&mut self, slot: usize, p: PoolId) {
+        let Some(delivery) = self.d.delivery.clone() else {
+            self.refuse(slot, 503, "the application pool cannot be reached");
+            return;
+        };
+        let Some(client) = self.pass_on(slot, p) else {
+            return;
+        };
         let Some(c) = self.conns[slot].as_ref() else {
             return;
         };
-        let Some(delivery) = self.d.delivery.as_ref() else {
-            self.refuse(slot, 503, "the application pool cannot be reached");
-            return;
-        };
-        // SAFETY: duplicates the connection's fd; the copy is owned right away, and the
-        // slot's own copy closes below as after a handoff.
-        let fd = unsafe { libc::fcntl(c.fd, libc::F_DUPFD_CLOEXEC, 0) };
-        if fd < 0 {
-            log::warn!("delivery for pool {p}: {}", io::Error::last_os_error());
-            self.refuse(slot, 503, "the application pool cannot be reached");
-            return;
-        }
-        // SAFETY: `fd` was just made by F_DUPFD and is owned by nothing else.
-        let client = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
         if delivery
             .give(client, c.buf[..c.filled].to_vec(), c.arrival)
             .is_err()
@@ -890,7 +890,10 @@ impl Loop {
 
     fn refuse(&mut self, slot: usize, code: u16, why: &str) {
         self.d.stats.refuse(code);
-        let answer = reply(code, why);
+        let head_only = self.conns[slot]
+            .as_ref()
+            .is_some_and(|c| sluice_proto::request::is_head(&c.buf[..c.filled]));
+        let answer = super::reply_to(code, why, head_only);
         if self.d.access_log.is_some() {
             self.log_answer(slot, code, crate::access_log::body_len(&answer), None);
         }

@@ -294,9 +294,7 @@ fn advance(p: &mut Pair) -> io::Result<bool> {
     let up = p.up.fd.as_raw_fd();
     let client = p.client.as_raw_fd();
     if !p.connected {
-        // Writable once the handshake is over; SO_ERROR says whether it failed.
-        crate::sockets::connect_result(up)?;
-        if !writable(up) {
+        if !crate::sockets::connected(up)? {
             return Ok(false);
         }
         p.connected = true;
@@ -324,17 +322,6 @@ fn advance(p: &mut Pair) -> io::Result<bool> {
         p.half_closed = Some(Instant::now());
     }
     Ok(p.to_pool.done() && p.to_client.done())
-}
-
-/// Whether a connecting socket has finished its handshake (poll for writable, no wait).
-fn writable(fd: RawFd) -> bool {
-    let mut pfd = libc::pollfd {
-        fd,
-        events: libc::POLLOUT,
-        revents: 0,
-    };
-    // SAFETY: polls one live pollfd without waiting.
-    unsafe { libc::poll(&mut pfd, 1, 0) == 1 && pfd.revents & libc::POLLOUT != 0 }
 }
 
 /// Best effort: the connection could not reach its pool.

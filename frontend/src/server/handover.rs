@@ -66,17 +66,19 @@ impl Frontend {
         // dispatcher serves meanwhile. What the dispatcher passes on to it after this stays
         // in its inbox and is carried too.
         let mut tls = self.stop_tls(Stop::HandOver);
+        // The connections the front end keeps for shared hosts, between requests.
+        let kept = self.delivery.hand_over();
         Stop::HandOver.send(self.stop.as_raw_fd());
         let joined = self
             .dispatch_thread
             .take()
             .map(std::thread::JoinHandle::join);
-        let held = match joined {
+        let mut held = match joined {
             Some(Ok(Ok(held))) => held,
             other => {
                 // Serve on with a new dispatcher; what the old one held is lost.
                 self.resume_tls(tls);
-                self.spawn_dispatcher(Vec::new())?;
+                self.spawn_dispatcher(kept)?;
                 if let Some(n) = &self.notify {
                     n.ready(&self.summary());
                 }
@@ -86,6 +88,7 @@ impl Frontend {
                 }
             }
         };
+        held.extend(kept);
         if let Some(t) = tls.as_mut() {
             t.take_handed_back();
         }
