@@ -57,6 +57,9 @@ pub struct TlsStatus {
     /// Connections joined to a socket pool (decrypted to it, sealed back).
     #[serde(default)]
     pub relayed: u64,
+    /// Sessions of a shared host kept by the front end, their requests delivered.
+    #[serde(default)]
+    pub delivered: u64,
     /// Connections for passthrough pools whose ClientHello the front end read (the kernel
     /// did not steer them: see the fallbacks), relayed untouched.
     #[serde(default)]
@@ -384,6 +387,7 @@ impl Status {
                     ("cache_answers", t.cache_answers),
                     ("refused", t.refused),
                     ("relayed", t.relayed),
+                    ("delivered", t.delivered),
                     ("passed_through", t.passed_through),
                     ("passthrough_refused", t.passthrough_refused),
                 ]
@@ -561,7 +565,7 @@ impl Status {
         ));
         if let Some(t) = &self.tls {
             out.push_str(&format!(
-                "tls ({}): accepted={} handshakes={} failures={} handed_off={} handed_back={} cache_answers={} refused={} relayed={} passed_through={} passthrough_refused={}\n",
+                "tls ({}): accepted={} handshakes={} failures={} handed_off={} handed_back={} cache_answers={} refused={} relayed={} delivered={} passed_through={} passthrough_refused={}\n",
                 t.listen.join(" "),
                 t.accepted,
                 t.handshakes,
@@ -571,6 +575,7 @@ impl Status {
                 t.cache_answers,
                 t.refused,
                 t.relayed,
+                t.delivered,
                 t.passed_through,
                 t.passthrough_refused,
             ));

@@ -1,8 +1,9 @@
 //! Requests, not connections, cross a pool boundary: a host whose paths belong to pools that
 //! do not trust each other is the front end's, which delivers each request to its pool on a
 //! channel of that pool's own. A hostile pool that keeps every fd it is given reads none of
-//! another pool's requests and answers none of them; a dedicated site is still steered in
-//! the kernel and answers 421 for another host.
+//! another pool's requests and answers none of them, over plain HTTP and HTTPS (TLS 1.2 and
+//! 1.3: no session key leaves the front end); a dedicated site is still steered in the
+//! kernel and answers 421 for another host.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -17,15 +18,19 @@ fn hoarder() -> PathBuf {
     workers_dir().join("hoarder.py")
 }
 
-/// `hoard` (the hoarder, `/api/`) and `web` (hello, `/`) share every host.
-fn shared_host(steering: &str, hoard_file: &str, hand_back: bool) -> String {
+/// `hoard` (the hoarder, `/api/`) and `web` (hello, `/`) share every host, over plain HTTP
+/// on 8080 and HTTPS on 8443 (shop.example.test's certificate).
+fn shared_host(steering: &str, hoard_file: &str, hand_back: bool, certs: &sluice_tests::certs::Certs) -> String {
     format!(
         r#"
 [server]
 listen = ["127.0.0.1:8080"]
+listen_tls = ["127.0.0.1:8443"]
 steering = "{steering}"
 set_sysctls = true
 admin_socket = "{{admin}}"
+
+{tls}
 
 [[pool]]
 name = "hoard"
@@ -51,6 +56,7 @@ pool = "web"
 "#,
         hoarder = hoarder().display(),
         hb = if hand_back { "1" } else { "0" },
+        tls = certs.shop_table(),
     )
 }
 
@@ -66,9 +72,13 @@ fn hoard_file(tag: &str) -> PathBuf {
     file
 }
 
-fn send_and_read(s: &mut TcpStream, request: &[u8]) -> Response {
+/// A client connection, plain or TLS.
+trait Stream: Read + Write {}
+impl<T: Read + Write> Stream for T {}
+
+fn send_and_read(s: &mut dyn Stream, request: &[u8]) -> Response {
     s.write_all(request).expect("send");
-    read_response(s).unwrap_or_else(|e| {
+    read_response(&mut &mut *s).unwrap_or_else(|e| {
         panic!(
             "no answer to {:?}: {e}",
             String::from_utf8_lossy(request).lines().next().unwrap_or("")
@@ -76,18 +86,62 @@ fn send_and_read(s: &mut TcpStream, request: &[u8]) -> Response {
     })
 }
 
+/// How the test's clients connect: plain to 8080, or TLS to 8443 (with a TLS version).
+#[derive(Clone, Copy)]
+enum Client {
+    Plain,
+    Tls13,
+    Tls12,
+}
+
+impl Client {
+    fn host(self) -> &'static str {
+        match self {
+            Client::Plain => "shared.test",
+            _ => sluice_tests::certs::SHOP,
+        }
+    }
+
+    fn connect(self, certs: Option<&sluice_tests::certs::Certs>) -> Box<dyn Stream> {
+        use rustls::crypto::ring::cipher_suite as cs;
+        let suite = match self {
+            Client::Plain => {
+                let s = TcpStream::connect(v4()).expect("connect");
+                s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                return Box::new(s);
+            }
+            Client::Tls13 => None,
+            Client::Tls12 => Some(cs::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256),
+        };
+        let certs = certs.expect("certificates for TLS");
+        let config = sluice_tests::certs::client_config(certs, suite);
+        let tcp = TcpStream::connect("127.0.0.1:8443").expect("connect");
+        tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let name = rustls::pki_types::ServerName::try_from(self.host()).unwrap();
+        let conn = rustls::ClientConnection::new(config, name).unwrap();
+        Box::new(rustls::StreamOwned::new(conn, tcp))
+    }
+}
+
 /// Keep-alive connections that alternate the hoarder's pool and `web`, each `web` request
 /// carrying a secret: every `web` answer is web's, and the hoarder read no secret.
-fn alternate(ns: &Netns, connections: usize, tag: &str) -> Vec<String> {
+fn alternate(
+    ns: &Netns,
+    connections: usize,
+    tag: &str,
+    client: Client,
+    certs: Option<&sluice_tests::certs::Certs>,
+) -> Vec<String> {
+    let host = client.host();
     ns.enter(|| {
         let mut secrets = Vec::new();
         for c in 0..connections {
-            let mut s = TcpStream::connect(v4()).expect("connect");
-            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let mut s = client.connect(certs);
+            let s = &mut *s;
             for round in 0..2 {
                 let r = send_and_read(
-                    &mut s,
-                    format!("GET /api/{c}/{round} HTTP/1.1\r\nHost: shared.test\r\n\r\n").as_bytes(),
+                    s,
+                    format!("GET /api/{c}/{round} HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes(),
                 );
                 assert_eq!(r.status, 200);
                 assert!(
@@ -97,9 +151,9 @@ fn alternate(ns: &Netns, connections: usize, tag: &str) -> Vec<String> {
                 );
                 let secret = format!("secret-{tag}-{c}-{round}");
                 let r = send_and_read(
-                    &mut s,
+                    s,
                     format!(
-                        "GET /account HTTP/1.1\r\nHost: shared.test\r\nAuthorization: Bearer {secret}\r\n\r\n"
+                        "GET /account HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {secret}\r\n\r\n"
                     )
                     .as_bytes(),
                 );
@@ -112,15 +166,18 @@ fn alternate(ns: &Netns, connections: usize, tag: &str) -> Vec<String> {
                 secrets.push(secret);
             }
             // Nothing more arrives: no forged answer waits behind the last one.
-            s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
-            let mut extra = [0u8; 256];
-            match s.read(&mut extra) {
-                Ok(0) | Err(_) => {}
-                Ok(n) => panic!(
-                    "bytes after the last answer: {:?}",
-                    String::from_utf8_lossy(&extra[..n])
-                ),
-            }
+            let r = send_and_read(
+                s,
+                format!("GET /last HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
+            );
+            assert!(String::from_utf8_lossy(&r.body).starts_with("hello from pool web"));
+            let mut extra = Vec::new();
+            let _ = s.read_to_end(&mut extra);
+            assert!(
+                extra.is_empty(),
+                "bytes after the last answer: {:?}",
+                String::from_utf8_lossy(&extra)
+            );
         }
         secrets
     })
@@ -128,6 +185,8 @@ fn alternate(ns: &Netns, connections: usize, tag: &str) -> Vec<String> {
 
 #[test]
 fn a_pool_that_keeps_every_fd_reads_no_request_of_another_pool_on_a_shared_host() {
+    let dir = sluice_tests::certs::temp_dir("hoard");
+    let certs = sluice_tests::certs::Certs::make(&dir);
     for steering in ["syn", "first-segment"] {
         for hand_back in [false, true] {
             let tag = format!("{}-{}", &steering[..3], u8::from(hand_back));
@@ -135,13 +194,17 @@ fn a_pool_that_keeps_every_fd_reads_no_request_of_another_pool_on_a_shared_host(
             let ns = Netns::new("hoard");
             let s = Sluice::start(
                 &ns,
-                &shared_host(steering, &file.display().to_string(), hand_back),
+                &shared_host(steering, &file.display().to_string(), hand_back, &certs),
             );
             wait_for(&s, Duration::from_secs(20), "both pools up", |st| {
                 !worker_pids(st, "hoard").is_empty() && !worker_pids(st, "web").is_empty()
             });
             let secrets = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                alternate(&ns, 20, &tag)
+                let mut all = alternate(&ns, 20, &tag, Client::Plain, None);
+                for (client, n, name) in [(Client::Tls13, 10, "tls13"), (Client::Tls12, 10, "tls12")] {
+                    all.extend(alternate(&ns, n, &format!("{tag}-{name}"), client, Some(&certs)));
+                }
+                all
             })) {
                 Ok(secrets) => secrets,
                 Err(e) => panic!(
@@ -171,11 +234,14 @@ fn a_pool_that_keeps_every_fd_reads_no_request_of_another_pool_on_a_shared_host(
                 "a worker's end of a delivery channel is blocking, as an accepted socket is"
             );
             let st = s.status();
+            // Two web requests and a last one per connection: 20 plain, 20 over TLS.
             assert_eq!(
                 pool(&st, "web")["delivered"].as_u64(),
-                Some(40),
+                Some(40 * 3),
                 "{steering}: {st}"
             );
+            assert_eq!(st["tls"]["delivered"].as_u64(), Some(20), "{st}");
+            assert_eq!(st["tls"]["handed_off"].as_u64(), Some(0), "no session left the front end: {st}");
             if steering == "first-segment" {
                 assert!(
                     st["fallbacks"]["shared_site"].as_u64().unwrap_or(0) >= 20,
@@ -191,6 +257,7 @@ fn a_pool_that_keeps_every_fd_reads_no_request_of_another_pool_on_a_shared_host(
             let _ = std::fs::remove_dir_all(file.parent().unwrap());
         }
     }
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 const DEDICATED: &str = r#"

@@ -62,6 +62,8 @@ pub(super) struct Conn {
     pub client: OwnedFd,
     peer: SocketAddr,
     local: SocketAddr,
+    /// A TLS session's SNI name: its requests name that host or get 421.
+    sni: Option<String>,
     /// Client bytes not yet judged or delivered.
     cin: Vec<u8>,
     /// Bytes for the client not yet sent.
@@ -122,15 +124,15 @@ impl Conn {
         client: OwnedFd,
         bytes: Vec<u8>,
         arrival: Arrival,
-        peer: SocketAddr,
-        local: SocketAddr,
+        origin: super::Origin,
         now: Instant,
         header_timeout: Duration,
     ) -> Conn {
         Conn {
             client,
-            peer,
-            local,
+            peer: origin.peer,
+            local: origin.local,
+            sni: origin.sni,
             cin: bytes,
             cout: Vec::new(),
             csent: 0,
@@ -263,8 +265,11 @@ impl Conn {
             cx.table,
             &cx.shared.flags,
             &cx.shared.cache,
-            local,
-            cx.now,
+            judge::Facts {
+                local,
+                sni: self.sni.as_deref(),
+                now: cx.now,
+            },
         );
         if matches!(&verdict, Verdict::Deliver(d) if d.pool == pool) && !reused {
             return self.bad_gateway(cx, "the application closed the connection without answering");
@@ -356,8 +361,11 @@ impl Conn {
                 cx.table,
                 &cx.shared.flags,
                 &cx.shared.cache,
-                local,
-                cx.now,
+                judge::Facts {
+                    local,
+                    sni: self.sni.as_deref(),
+                    now: cx.now,
+                },
             );
             match verdict {
                 Verdict::NeedMore => {}

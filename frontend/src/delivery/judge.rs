@@ -46,6 +46,16 @@ pub struct Delivery {
     pub upgrade: bool,
 }
 
+/// What the connection tells beside its bytes.
+#[derive(Debug, Clone, Copy)]
+pub struct Facts<'a> {
+    /// The local address it reached.
+    pub local: Option<IpAddr>,
+    /// A TLS session's SNI name (`sluice_proto::host::agrees_with_sni`).
+    pub sni: Option<&'a str>,
+    pub now: Instant,
+}
+
 /// Judges the head at the start of `input`; `full` when `input` fills the head buffer.
 pub fn judge(
     input: &[u8],
@@ -54,9 +64,9 @@ pub fn judge(
     table: &Table,
     flags: &PoolFlags,
     cache: &std::sync::Mutex<Cache>,
-    local: Option<IpAddr>,
-    now: Instant,
+    facts: Facts<'_>,
 ) -> Verdict {
+    let Facts { local, sni, now } = facts;
     let seen = head::inspect(
         input,
         limits,
@@ -85,6 +95,11 @@ pub fn judge(
                 _ => refuse(400, "a redirect to https needs a Host", seen.head_only),
             },
         };
+    }
+    if let Some(sni) = sni {
+        if seen.head_len > 0 && !sluice_proto::host::agrees_with_sni(&seen.host, sni) {
+            return refuse(421, "this connection was made for another host", seen.head_only);
+        }
     }
     if let Some(lookup) = seen.lookup() {
         if let Some(answer) = cache.lock().ok().and_then(|mut c| c.answer(&lookup, now)) {
@@ -152,7 +167,12 @@ mod tests {
 
     fn verdict(raw: &[u8], flags: &PoolFlags) -> Verdict {
         let cache = std::sync::Mutex::new(Cache::new(&Default::default()));
-        judge(raw, false, &Limits::default(), &table(), flags, &cache, None, Instant::now())
+        let facts = Facts {
+            local: None,
+            sni: None,
+            now: Instant::now(),
+        };
+        judge(raw, false, &Limits::default(), &table(), flags, &cache, facts)
     }
 
     #[test]

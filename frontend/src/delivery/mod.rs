@@ -16,7 +16,7 @@ use std::{
     collections::HashMap,
     io,
     net::SocketAddr,
-    os::fd::{AsRawFd, OwnedFd},
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering::Relaxed},
@@ -92,9 +92,40 @@ enum Job {
         client: OwnedFd,
         bytes: Vec<u8>,
         arrival: Arrival,
+        origin: Option<Origin>,
     },
     /// An upgrade: hand every connection over between requests (see `Delivery::hand_over`).
     HandOver(mpsc::Sender<Vec<Held>>),
+}
+
+/// Where a connection that is not the client's own socket comes from: the TLS thread's
+/// plaintext of a session it keeps (`plaintext_pair`).
+#[derive(Debug, Clone)]
+pub struct Origin {
+    pub peer: SocketAddr,
+    pub local: SocketAddr,
+    /// The session's SNI name: a request for another host is answered 421.
+    pub sni: Option<String>,
+}
+
+/// A socketpair for a TLS session's plaintext: (the TLS thread's end, the delivery
+/// thread's), both non-blocking.
+pub fn plaintext_pair() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: socketpair writes two new fds into the array.
+    let r = unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: both were just created and are owned by nothing else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
 /// How long an upgrade waits for answers under way before it cuts them.
@@ -145,13 +176,32 @@ impl Delivery {
     /// Keeps `client`, of which `bytes` were read (its first request's head at least).
     /// Err if the thread is gone.
     pub fn give(&self, client: OwnedFd, bytes: Vec<u8>, arrival: Arrival) -> Result<(), ()> {
-        self.jobs
-            .send(Job::Conn {
-                client,
-                bytes,
-                arrival,
-            })
-            .map_err(|_| ())?;
+        self.send(Job::Conn {
+            client,
+            bytes,
+            arrival,
+            origin: None,
+        })
+    }
+
+    /// Keeps a stream that stands for a client's connection (a TLS session's plaintext).
+    pub fn give_from(
+        &self,
+        stream: OwnedFd,
+        bytes: Vec<u8>,
+        arrival: Arrival,
+        origin: Origin,
+    ) -> Result<(), ()> {
+        self.send(Job::Conn {
+            client: stream,
+            bytes,
+            arrival,
+            origin: Some(origin),
+        })
+    }
+
+    fn send(&self, job: Job) -> Result<(), ()> {
+        self.jobs.send(job).map_err(|_| ())?;
         crate::eventfd::signal(self.wake.as_raw_fd(), 1);
         Ok(())
     }
@@ -162,10 +212,9 @@ impl Delivery {
     /// serves on (empty), so connections given to it again after a failed exec are served.
     pub fn hand_over(&self) -> Vec<Held> {
         let (tx, rx) = mpsc::channel();
-        if self.jobs.send(Job::HandOver(tx)).is_err() {
+        if self.send(Job::HandOver(tx)).is_err() {
             return Vec::new();
         }
-        crate::eventfd::signal(self.wake.as_raw_fd(), 1);
         rx.recv_timeout(HAND_OVER_WAIT + Duration::from_secs(3))
             .unwrap_or_default()
     }
@@ -263,7 +312,8 @@ impl Loop {
                     client,
                     bytes,
                     arrival,
-                }) => self.start(client, bytes, arrival, table, now),
+                    origin,
+                }) => self.start(client, bytes, arrival, origin, table, now),
                 Ok(Job::HandOver(reply)) => {
                     self.handing = Some((now + HAND_OVER_WAIT, reply, Vec::new()));
                     self.hand_over_step(now);
@@ -279,14 +329,19 @@ impl Loop {
         client: OwnedFd,
         bytes: Vec<u8>,
         arrival: Arrival,
+        origin: Option<Origin>,
         table: &crate::dispatcher::Table,
         now: Instant,
     ) {
         let fd = client.as_raw_fd();
-        let (Some(peer), Some(local)) = (
-            sluice_proto::sockaddr::peer(fd),
-            sluice_proto::sockaddr::local(fd),
-        ) else {
+        let origin = origin.or_else(|| {
+            Some(Origin {
+                peer: sluice_proto::sockaddr::peer(fd)?,
+                local: sluice_proto::sockaddr::local(fd)?,
+                sni: None,
+            })
+        });
+        let Some(origin) = origin else {
             // The client is gone already.
             return;
         };
@@ -302,8 +357,11 @@ impl Loop {
             client,
             bytes,
             arrival,
-            unmap(peer),
-            unmap(local),
+            Origin {
+                peer: unmap(origin.peer),
+                local: unmap(origin.local),
+                sni: origin.sni,
+            },
             now,
             self.shared.header_timeout,
         );

@@ -506,6 +506,7 @@ impl Frontend {
             stats: stats.clone(),
             direct: self.direct.clone(),
             relay: Some(self.relay.clone()),
+            delivery: Some(self.delivery.clone()),
             access_log: self.access_log.clone(),
             stop: stop.as_raw_fd(),
         };

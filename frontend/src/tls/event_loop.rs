@@ -57,6 +57,8 @@ enum Then {
     HandOff(PoolId),
     /// Join the connection to a socket pool (`upstream`).
     Relay(PoolId),
+    /// A shared host: the delivery thread gets the plaintext and delivers each request.
+    Deliver,
     /// Joined: plaintext goes both ways until one side ends.
     Relaying,
     Close,
@@ -356,7 +358,7 @@ impl Loop {
             }
             if mask != u.mask {
                 u.mask = mask;
-                let _ = self.epoll.modify(u.conn.fd.as_raw_fd(), mask, token | UP);
+                let _ = self.epoll.modify(u.conn.fd(), mask, token | UP);
             }
         }
     }
@@ -563,10 +565,18 @@ impl Loop {
             return;
         };
         let (plain, up) = (&mut c.plain, &mut c.up);
+        let mut sent_on = false;
         let said = layer.open_all(&mut c.input, &mut c.out, |d| match up.as_mut() {
-            Some(up) => up.push(d),
+            Some(up) => {
+                sent_on |= !d.is_empty();
+                up.push(d)
+            }
             None => plain.extend_from_slice(d),
         });
+        if sent_on {
+            // A relay is idle only when neither side moves: an upload is progress too.
+            c.deadline = Instant::now() + self.f.idle_timeout;
+        }
         let peer_closed = match said {
             Received::Open => false,
             Received::Closed => true,
@@ -644,6 +654,11 @@ impl Loop {
                 continue;
             }
             match crate::dispatcher::admit(seen.decision, full, &table, &self.f.flags) {
+                // No pool may hold the session of a host it shares with others: the
+                // delivery thread gets its plaintext, this request first.
+                Decision::Pool(p) if !table.gives_connection(&seen.host, local, p) => {
+                    c.then = Then::Deliver;
+                }
                 Decision::Pool(p) if table.pool(p).is_some_and(|e| e.relay) => {
                     c.then = Then::Relay(p);
                 }
@@ -686,6 +701,7 @@ impl Loop {
             Then::Serve => {}
             Then::HandOff(p) => self.hand_off(token, p),
             Then::Relay(p) => self.start_relay(token, p),
+            Then::Deliver => self.start_delivery(token),
             // The pool's side is read again when `settle` lets it (no call back into the
             // pump from here: the pump flushes).
             Then::Relaying => {}
@@ -741,7 +757,7 @@ impl Loop {
         if let Some(c) = self.conns.remove(&token) {
             self.epoll.delete(c.fd.as_raw_fd());
             if let Some(up) = &c.up {
-                self.epoll.delete(up.conn.fd.as_raw_fd());
+                self.epoll.delete(up.conn.fd());
             }
         }
     }
@@ -789,7 +805,7 @@ impl Loop {
             self.close(token);
             return;
         }
-        let mut up = Upstream::new(conn, connected, first);
+        let mut up = Upstream::new(upstream::Link::Pool(conn), connected, first);
         up.mask = epoll::OUT | epoll::RDHUP;
         c.up = Some(Box::new(up));
         c.then = Then::Relaying;
@@ -798,12 +814,59 @@ impl Loop {
         self.pump(token);
     }
 
+    /// Joins the connection's plaintext to the delivery thread through a socketpair: the
+    /// session stays here, and each request goes to its own pool from there.
+    fn start_delivery(&mut self, token: u64) {
+        let Some(c) = self.conns.get_mut(&token) else {
+            return;
+        };
+        let Phase::Open(layer) = &mut c.phase else {
+            return;
+        };
+        let fd = c.fd.as_raw_fd();
+        let addresses = sluice_proto::sockaddr::peer(fd).zip(sluice_proto::sockaddr::local(fd));
+        let pair = crate::delivery::plaintext_pair();
+        let (Some(delivery), Some((peer, local)), Ok((ours, theirs))) =
+            (self.f.delivery.as_ref(), addresses, pair)
+        else {
+            let why = "the application pool cannot be reached";
+            c.then = refuse(layer, &mut c.out, 503, why, &self.f.stats).0;
+            self.flush(token);
+            return;
+        };
+        let first = std::mem::take(&mut c.plain);
+        let from = crate::delivery::Origin {
+            peer,
+            local,
+            sni: Some(c.sni.clone()),
+        };
+        if delivery.give_from(theirs, Vec::new(), c.arrival, from).is_err() {
+            let why = "the application pool cannot be reached";
+            c.then = refuse(layer, &mut c.out, 503, why, &self.f.stats).0;
+            self.flush(token);
+            return;
+        }
+        let link = upstream::Link::Delivery(ours);
+        if let Err(e) = self.epoll.add(link.fd(), epoll::OUT | epoll::RDHUP, token | UP) {
+            log::warn!("TLS to the delivery thread: epoll: {e}");
+            self.close(token);
+            return;
+        }
+        let mut up = Upstream::new(link, true, first);
+        up.mask = epoll::OUT | epoll::RDHUP;
+        c.up = Some(Box::new(up));
+        c.then = Then::Relaying;
+        c.deadline = Instant::now() + self.f.idle_timeout;
+        TlsStats::add(&self.f.stats.delivered);
+        self.pump(token);
+    }
+
     fn on_pool(&mut self, token: u64, bits: u32) {
         let Some(up) = self.conns.get_mut(&token).and_then(|c| c.up.as_mut()) else {
             return;
         };
         if !up.connected && bits & (epoll::OUT | epoll::ENDED) != 0 {
-            match crate::sockets::connect_result(up.conn.fd.as_raw_fd()) {
+            match crate::sockets::connect_result(up.conn.fd()) {
                 Ok(()) => up.connected = true,
                 Err(e) => {
                     log::warn!("TLS to a socket pool: connecting into its queue: {e}");
@@ -860,7 +923,7 @@ impl Loop {
             Ok(upstream::Read::Ended) => {
                 // The server closed: the client gets the rest and our close_notify; the
                 // pool's side leaves the set (it would stay readable).
-                self.epoll.delete(up.conn.fd.as_raw_fd());
+                self.epoll.delete(up.conn.fd());
                 let _ = layer.seal_alert(0, &mut c.out);
                 c.then = Then::Close;
             }

@@ -44,6 +44,8 @@ pub struct TlsStats {
     pub handed_back: AtomicU64,
     /// Connections joined to a socket pool (plaintext to it, sealed back).
     pub relayed: AtomicU64,
+    /// Sessions of a shared host whose plaintext went to the delivery thread.
+    pub delivered: AtomicU64,
     /// Connections for a passthrough pool the kernel did not steer (its ClientHello read
     /// here), relayed to it untouched.
     pub passed_through: AtomicU64,
@@ -65,6 +67,8 @@ pub struct TlsFront {
     pub header_timeout: Duration,
     pub idle_timeout: Duration,
     pub stats: Arc<TlsStats>,
+    /// Keeps shared hosts' plaintext and delivers their requests.
+    pub delivery: Option<crate::delivery::Delivery>,
     /// Connections into socket pools' queues (None without socket pools).
     pub direct: Option<Arc<crate::direct::Direct>>,
     /// Lines for what the thread answers itself (cache hits, refusals).
@@ -175,6 +179,7 @@ impl TlsStats {
             cache_answers: n(&self.cache_answers),
             refused: n(&self.refused),
             relayed: n(&self.relayed),
+            delivered: n(&self.delivered),
             passed_through: n(&self.passed_through),
             passthrough_refused: n(&self.passthrough_refused),
         }
@@ -191,6 +196,7 @@ impl TlsStats {
             (&self.cache_answers, t.cache_answers),
             (&self.refused, t.refused),
             (&self.relayed, t.relayed),
+            (&self.delivered, t.delivered),
             (&self.passed_through, t.passed_through),
             (&self.passthrough_refused, t.passthrough_refused),
         ] {

@@ -12,8 +12,26 @@ use crate::direct::DirectConn;
 pub const WINDOW: usize = 256 * 1024;
 const CHUNK: usize = 16 * 1024;
 
+/// Where a relayed TLS connection's plaintext goes.
+pub enum Link {
+    /// A socket pool's queue, through a connection of the front end's own.
+    Pool(DirectConn),
+    /// The delivery thread, through a socketpair (a shared host: each request is delivered
+    /// to its own pool).
+    Delivery(std::os::fd::OwnedFd),
+}
+
+impl Link {
+    pub fn fd(&self) -> std::os::fd::RawFd {
+        match self {
+            Link::Pool(c) => c.fd.as_raw_fd(),
+            Link::Delivery(fd) => fd.as_raw_fd(),
+        }
+    }
+}
+
 pub struct Upstream {
-    pub conn: DirectConn,
+    pub conn: Link,
     pub connected: bool,
     /// Plaintext for the pool, and how much of it is written.
     out: Vec<u8>,
@@ -39,7 +57,7 @@ pub enum Read {
 }
 
 impl Upstream {
-    pub fn new(conn: DirectConn, connected: bool, first: Vec<u8>) -> Upstream {
+    pub fn new(conn: Link, connected: bool, first: Vec<u8>) -> Upstream {
         Upstream {
             conn,
             connected,
@@ -71,7 +89,7 @@ impl Upstream {
         if !self.connected {
             return Ok(());
         }
-        if !crate::epoll::send_pending(self.conn.fd.as_raw_fd(), &self.out, &mut self.sent)? {
+        if !crate::epoll::send_pending(self.conn.fd(), &self.out, &mut self.sent)? {
             return Ok(());
         }
         self.out.clear();
@@ -79,7 +97,7 @@ impl Upstream {
         if self.client_done && !self.shut {
             self.shut = true;
             // SAFETY: shutdown of the write side of a connection we own.
-            unsafe { libc::shutdown(self.conn.fd.as_raw_fd(), libc::SHUT_WR) };
+            unsafe { libc::shutdown(self.conn.fd(), libc::SHUT_WR) };
         }
         Ok(())
     }
@@ -93,7 +111,7 @@ impl Upstream {
             // SAFETY: recv writes at most `spare.len()` bytes into the live spare capacity.
             let n = unsafe {
                 libc::recv(
-                    self.conn.fd.as_raw_fd(),
+                    self.conn.fd(),
                     spare.as_mut_ptr().cast(),
                     spare.len(),
                     0,
