@@ -3,7 +3,7 @@
 //! rustls client; certificates are made with openssl at test time.
 
 use std::{
-    io::Write,
+    io::{Read, Write},
     net::TcpStream,
     path::{Path, PathBuf},
     process::{Command, Stdio},
@@ -695,4 +695,57 @@ pool = "api"
     assert!(got[0].1.contains("pool api"), "{got:?}");
     let st = s.status();
     assert_eq!(st["tls"]["relayed"], 1, "{st}");
+}
+
+/// A session a worker holds is idle when no request byte arrives, whatever records do: a
+/// client that sends only KeyUpdates after its answer is cut at the idle timeout, as a
+/// silent one is (it could otherwise hold a pool's fds at a few bytes a second).
+#[test]
+fn a_worker_cuts_a_session_that_sends_only_key_updates_at_the_idle_timeout() {
+    let ns = Netns::new("tls-kuidle");
+    let dir = temp_dir("tls-kuidle");
+    let certs = Certs::make(&dir);
+    let files = dir.join("root");
+    std::fs::create_dir_all(files.join("files")).unwrap();
+    // The pools trust each other: the session goes to the worker with its keys.
+    let config = format!(
+        "{}\n[[site]]\nhost = \"*\"\ntrust_pools = true\n\n[limits]\nidle_timeout = \"2s\"\n",
+        template(&certs, &files)
+    );
+    let s = Sluice::start(&ns, &config);
+    let mut stream = connect(&ns, client_config(&certs, None));
+    let r = ask(&mut stream, "/api/first");
+    assert_eq!(r.pool(), Some("api"));
+    let started = std::time::Instant::now();
+    let closed = ns.enter(|| {
+        stream
+            .sock
+            .set_read_timeout(Some(Duration::from_millis(20)))
+            .unwrap();
+        while started.elapsed() < Duration::from_secs(8) {
+            std::thread::sleep(Duration::from_millis(480));
+            if stream.conn.refresh_traffic_keys().is_err() || stream.flush().is_err() {
+                return Some(started.elapsed());
+            }
+            let mut buf = [0u8; 64];
+            match stream.read(&mut buf) {
+                Ok(0) => return Some(started.elapsed()),
+                Ok(_) => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(_) => return Some(started.elapsed()),
+            }
+        }
+        None
+    });
+    let st = s.status();
+    assert_eq!(st["tls"]["handed_off"].as_u64(), Some(1), "{st}");
+    let after = closed.unwrap_or_else(|| panic!("the session outlived the idle timeout by far"));
+    assert!(
+        after < Duration::from_secs(5),
+        "cut after {after:?} with idle_timeout 2s"
+    );
 }

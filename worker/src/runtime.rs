@@ -439,6 +439,11 @@ struct Conn {
     /// How many more bytes the current request needs, when known.
     want: usize,
     last_active: u64,
+    /// Tick request bytes last arrived or an answer was last written: what the idle timeout
+    /// of a reading connection counts from. A TLS record that carries no request byte (an
+    /// empty record, a KeyUpdate) is no activity, or a client could hold a connection
+    /// forever at a few bytes a second.
+    plain_at: u64,
     /// Tick the request head now arriving began (its header timeout runs from there).
     head_since: Option<u64>,
     /// Tick the response now being sent began.
@@ -978,6 +983,7 @@ impl<'s, H: Handler> Worker<'s, H> {
             close_after_send: false,
             want: 0,
             last_active: self.tick,
+            plain_at: self.tick,
             head_since: None,
             write_since: self.tick,
             hand_back: false,
@@ -1043,11 +1049,15 @@ impl<'s, H: Handler> Worker<'s, H> {
         // the old length, which is what submit_recv handed it.
         unsafe { into.set_len(len.min(into.capacity())) };
         conn.last_active = tick;
+        let plain_before = conn.rbuf.len();
         if let Some(tls) = conn.tls.as_mut() {
             if tls.open(&mut conn.rbuf) != crate::tls::Input::Open {
                 // Whatever was complete is still served; then our close_notify and close.
                 conn.close_after_send = true;
             }
+        }
+        if conn.tls.is_none() || conn.rbuf.len() > plain_before {
+            conn.plain_at = tick;
         }
         self.process(index, generation)
     }
@@ -1108,6 +1118,7 @@ impl<'s, H: Handler> Worker<'s, H> {
         let written = conn.http.responses() - before;
         if written > 0 {
             shared.requests.fetch_add(written, Ordering::Relaxed);
+            conn.plain_at = self.tick;
         }
         let sealed = conn.tls.as_ref().is_some_and(|t| !t.out.is_empty());
         let notify = conn.tls.is_some() && conn.close_after_send && !conn.hand_back;
@@ -1276,6 +1287,11 @@ impl<'s, H: Handler> Worker<'s, H> {
         if conn.upgrade.is_some() {
             self.take_over(index);
             return Ok(());
+        }
+        if !conn.wbuf.is_empty() {
+            // An answer went out: the idle time starts now (a TLS control record alone,
+            // a KeyUpdate's answer, does not count).
+            conn.plain_at = tick;
         }
         if conn.wbuf.capacity() > 16 * READ_CHUNK {
             conn.wbuf = Vec::new();
@@ -1476,7 +1492,7 @@ impl<'s, H: Handler> Worker<'s, H> {
             let expired = match conn.phase {
                 Phase::Lingering { until } => tick >= until,
                 Phase::Reading => {
-                    tick.saturating_sub(conn.last_active) >= idle_ticks
+                    tick.saturating_sub(conn.plain_at) >= idle_ticks
                         || conn
                             .head_since
                             .is_some_and(|t| tick.saturating_sub(t) >= header_ticks)
