@@ -13,12 +13,13 @@ use anyhow::{Context, Result, bail};
 
 use crate::{root, run};
 
-const TARGETS: [&str; 5] = [
+const TARGETS: [&str; 6] = [
     "dispatcher_head",
     "canonicalize",
     "worker_http",
     "control",
     "tls_session",
+    "pool_answer",
 ];
 /// Seconds one input may run before libFuzzer calls it a hang (its default is 20 minutes).
 const HANG_SECONDS: u64 = 10;
