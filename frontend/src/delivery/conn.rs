@@ -1,8 +1,8 @@
 //! One client connection the front end keeps: its requests are judged one at a time
 //! (`judge`), each delivered to its pool on that pool's channel for this connection
 //! (`upstream`), and each answer read back with its framing parsed (`framing`) and passed
-//! on. What a pool writes past the end of its answer, or while nothing was asked of it,
-//! ends its channel and never reaches the client.
+//! on. What a pool writes past the end of its answer ends its channel and never reaches the
+//! client.
 
 use std::{
     io,
@@ -75,6 +75,10 @@ pub(super) struct Conn {
     arrival: Arrival,
     /// When the request being judged began (for the access log).
     started: Instant,
+    /// The client's side, or a channel's, had an event since its last read came back empty:
+    /// only then is it read (edge-triggered readiness; no read is tried on speculation).
+    pub client_ready: bool,
+    pub up_ready: bool,
 }
 
 /// What a connection's step needs from its loop.
@@ -141,6 +145,8 @@ impl Conn {
             deadline: now + header_timeout,
             arrival,
             started: now,
+            client_ready: true,
+            up_ready: false,
         }
     }
 
@@ -349,7 +355,7 @@ impl Conn {
             // request waits for the next program.
             return Ok(false);
         }
-        let mut progress = self.reap_idle_channels();
+        let mut progress = false;
         let max = cx.shared.limits.max_request_head;
         if !self.cin.is_empty() {
             let full = self.cin.len() >= max;
@@ -409,6 +415,9 @@ impl Conn {
                 }
             }
         }
+        if !self.client_ready {
+            return Ok(progress);
+        }
         let was_empty = self.cin.is_empty();
         let room = max.saturating_sub(self.cin.len());
         match read_into(self.client.as_raw_fd(), &mut self.cin, room) {
@@ -420,35 +429,9 @@ impl Conn {
                 progress = true;
             }
             Ok(Read::Eof) | Err(_) => return Err(()),
-            Ok(Read::Blocked) => {}
+            Ok(Read::Blocked) => self.client_ready = false,
         }
         Ok(progress)
-    }
-
-    /// Channels with nothing asked of them: a pool that writes on one, or closes it, loses
-    /// it (nothing it writes unasked reaches the client).
-    fn reap_idle_channels(&mut self) -> bool {
-        let mut progress = false;
-        let mut i = 0;
-        while i < self.ups.len() {
-            let up = &mut self.ups[i];
-            let mut scratch = Vec::new();
-            let gone = !up.input.is_empty()
-                || !matches!(read_into(up.fd(), &mut scratch, 1), Ok(Read::Blocked));
-            if gone {
-                if !scratch.is_empty() || !up.input.is_empty() {
-                    log::warn!(
-                        "pool {} wrote on a delivery channel with nothing asked of it; channel closed",
-                        up.pool
-                    );
-                }
-                self.drop_upstream(i);
-                progress = true;
-            } else {
-                i += 1;
-            }
-        }
-        progress
     }
 
     fn start_exchange(&mut self, d: Delivery, cx: &mut Cx<'_>) -> Result<(), End> {
@@ -504,21 +487,21 @@ impl Conn {
                 self.cin.drain(..n);
                 progress |= n > 0;
             }
-            if self.cin.is_empty() && up.out.len() < HIGH && !x.request.done() {
+            if self.client_ready && self.cin.is_empty() && up.out.len() < HIGH && !x.request.done() {
                 match read_into(self.client.as_raw_fd(), &mut self.cin, READ) {
                     Ok(Read::Data) => progress = true,
                     // The client is gone before its request ended.
                     Ok(Read::Eof) | Err(_) => return Err(()),
-                    Ok(Read::Blocked) => {}
+                    Ok(Read::Blocked) => self.client_ready = false,
                 }
             }
         }
         // The answer, pool -> client.
         let mut ended = false;
-        if self.cout.len() < HIGH {
+        if self.up_ready && self.cout.len() < HIGH {
             match read_into(up.fd(), &mut up.input, READ) {
                 Ok(Read::Data) => progress = true,
-                Ok(Read::Blocked) => {}
+                Ok(Read::Blocked) => self.up_ready = false,
                 Ok(Read::Eof) | Err(_) => ended = true,
             }
         }

@@ -246,13 +246,22 @@ impl Loop {
             let (_, table) = self.shared.table.current();
             let now = Instant::now();
             for i in 0..n {
-                let (token, _) = self.epoll.ready(i);
+                let (token, bits) = self.epoll.ready(i);
                 if token == WAKE {
                     crate::eventfd::take(self.wake.as_raw_fd());
                     if !self.take_jobs(&table, now) {
                         return;
                     }
                 } else {
+                    let readable = bits & (epoll::IN | epoll::ENDED) != 0;
+                    if let Some(c) = self.conns.get_mut(&(token >> 1)).filter(|_| readable) {
+                        // Which side has news: only that one is read again.
+                        if token & 1 == 0 {
+                            c.client_ready = true;
+                        } else {
+                            c.up_ready = true;
+                        }
+                    }
                     self.step(token >> 1, &table, now);
                 }
             }
