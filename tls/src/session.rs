@@ -112,8 +112,13 @@ pub enum SessionError {
     KeyLength,
     #[error("the TLS session carries more than a record of pending bytes")]
     Pending,
-    #[error("the TLS session's server name is not text")]
+    #[error("the TLS session's server name is not a host name")]
     Name,
+}
+
+/// A byte of a normalized SNI name.
+fn sni_byte(b: u8) -> bool {
+    b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'.' | b'_')
 }
 
 impl Session {
@@ -177,7 +182,14 @@ impl Session {
         let tx = direction()?;
         let rx = direction()?;
         let name_len = r.u8()? as usize;
-        let server_name = std::str::from_utf8(r.take(name_len)?)
+        let name = r.take(name_len)?;
+        // What the front end writes: a normalized SNI name (`host::normalize` of what rustls
+        // accepted) or none. Anything else is a lie (a worker naming a session as it likes)
+        // or would not encode back to itself.
+        if name.len() > MAX_NAME || !name.iter().all(|&b| sni_byte(b)) {
+            return Err(SessionError::Name);
+        }
+        let server_name = std::str::from_utf8(name)
             .map_err(|_| SessionError::Name)?
             .to_owned();
         let pending_len = u16::from_be_bytes(r.array()?) as usize;
@@ -280,5 +292,40 @@ mod tests {
         }
         .encode(&mut long);
         assert_eq!(Session::decode(&long), Err(SessionError::Pending));
+    }
+
+    /// Found by fuzzing: a 254- or 255-byte name decoded, then encoded cut to 253 bytes, so
+    /// the session did not read back as itself; and a worker could name a session with any
+    /// text (NUL, upper case, spaces), which no handshake gives.
+    #[test]
+    fn a_name_no_handshake_gives_is_refused() {
+        let name_at = |s: &Session| {
+            let mut out = Vec::new();
+            s.encode(&mut out);
+            out.len() - 2 - s.pending.len() - s.server_name.len() - 1
+        };
+        for bad in [&[b'a'; 254][..], &[b'a'; 255], b"a\0b", b"Shop.test", b"a b", b"\xc3\xa9"] {
+            let mut out = Vec::new();
+            let s = session();
+            s.encode(&mut out);
+            let at = name_at(&s);
+            let mut wrong = out[..at].to_vec();
+            wrong.push(bad.len() as u8);
+            wrong.extend_from_slice(bad);
+            wrong.extend_from_slice(&out[at + 1 + s.server_name.len()..]);
+            assert_eq!(
+                Session::decode(&wrong),
+                Err(SessionError::Name),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        let none = Session {
+            server_name: String::new(),
+            ..session()
+        };
+        let mut out = Vec::new();
+        none.encode(&mut out);
+        assert_eq!(Session::decode(&out).map(|(s, _)| s), Ok(none));
     }
 }
