@@ -270,7 +270,10 @@ fn tls_certificate(dir: &Path) -> Result<(PathBuf, PathBuf)> {
 }
 
 /// sluice serving HTTPS on `tls` (plain `listen` beside it), the api pool, /cached, and the
-/// Node.js socket pool on /node (plaintext to it through the TLS thread).
+/// Node.js socket pool on /node (plaintext to it through the TLS thread). The two pools share
+/// the host and trust each other, so a session goes to the api worker with its keys (the
+/// hand-off path the TLS systems measure; without trust the front end keeps such a host's
+/// sessions and delivers each request).
 fn tls_config(
     dir: &Path,
     listen: &str,
@@ -291,7 +294,8 @@ fn tls_config(
              [[pool]]\nname = \"api\"\ncommand = [\"{}\"]\nprocesses = 1\nthreads = 1\nstart = \"always\"\n\n\
              [[route]]\nprefix = \"/api/\"\npool = \"api\"\n\n\
              [[pool]]\nname = \"node\"\nworker = \"socket\"\nrouting = \"connection\"\ncommand = [\"node\", \"{}\"]\nstart = \"always\"\n\n\
-             [[route]]\nprefix = \"/node\"\npool = \"node\"\n",
+             [[route]]\nprefix = \"/node\"\npool = \"node\"\n\n\
+             [[site]]\nhost = \"*\"\ntrust_pools = true\n",
             admin.display(),
             cert.display(),
             key.display(),
