@@ -117,7 +117,11 @@ mod tests {
         assert_eq!(owner(&t, &none, Some("shop.test"), None), Owner::Pool(SHOP));
         assert_eq!(owner(&t, &none, Some("other.test"), None), Owner::Shared);
         assert_eq!(owner(&t, &none, None, None), Owner::Shared);
-        assert!(kernel_steerable(&t, &none, &Site::Exact("shop.test".into())));
+        assert!(kernel_steerable(
+            &t,
+            &none,
+            &Site::Exact("shop.test".into())
+        ));
         assert!(!kernel_steerable(&t, &none, &Site::Weak));
     }
 
@@ -129,7 +133,11 @@ mod tests {
         assert_eq!(owner(&t, &none, Some("a.test"), None), Owner::Pool(WEB));
         // The weak site is reached by shop.test's other paths too.
         assert!(!kernel_steerable(&t, &none, &Site::Weak));
-        assert!(!kernel_steerable(&t, &none, &Site::Exact("shop.test".into())));
+        assert!(!kernel_steerable(
+            &t,
+            &none,
+            &Site::Exact("shop.test".into())
+        ));
     }
 
     #[test]
@@ -145,12 +153,20 @@ mod tests {
 
     #[test]
     fn trust_makes_a_split_host_the_first_pools_with_hand_backs() {
-        let t = table(&[("*", "/api/", API), ("*", "/", WEB), ("shop.test", "/", SHOP)]);
+        let t = table(&[
+            ("*", "/api/", API),
+            ("*", "/", WEB),
+            ("shop.test", "/", SHOP),
+        ]);
         let trust = Trust::new([Site::Weak]);
         assert_eq!(owner(&t, &trust, Some("a.test"), None), Owner::Trusted);
         assert!(kernel_steerable(&t, &trust, &Site::Weak));
         // Trust is per site: a host reaching an untrusted site stays shared.
-        let t = table(&[("shop.test", "/cart/", SHOP), ("*", "/", WEB), ("*", "/api/", API)]);
+        let t = table(&[
+            ("shop.test", "/cart/", SHOP),
+            ("*", "/", WEB),
+            ("*", "/api/", API),
+        ]);
         assert_eq!(owner(&t, &trust, Some("shop.test"), None), Owner::Shared);
         let both = Trust::new([Site::Weak, Site::Exact("shop.test".into())]);
         assert_eq!(owner(&t, &both, Some("shop.test"), None), Owner::Trusted);
@@ -163,6 +179,10 @@ mod tests {
         let at = Some("127.0.0.2".parse().unwrap());
         assert_eq!(owner(&t, &none, Some("a"), at), Owner::Pool(API));
         assert_eq!(owner(&t, &none, Some("a"), None), Owner::Shared);
-        assert!(kernel_steerable(&t, &none, &Site::Ip("127.0.0.2".parse().unwrap())));
+        assert!(kernel_steerable(
+            &t,
+            &none,
+            &Site::Ip("127.0.0.2".parse().unwrap())
+        ));
     }
 }

@@ -170,7 +170,10 @@ impl<T: Copy> RouteTable<T> {
     /// and including the first that takes every path (it has `/`): past it no request of
     /// that host and address goes.
     pub fn sites_for(&self, host: Option<&str>, local: Option<IpAddr>) -> Vec<Site> {
-        self.kinds_for(host, local).into_iter().map(|(s, _)| s).collect()
+        self.kinds_for(host, local)
+            .into_iter()
+            .map(|(s, _)| s)
+            .collect()
     }
 
     fn kinds_for(&self, host: Option<&str>, local: Option<IpAddr>) -> Vec<(Site, &Prefixes<T>)> {

@@ -181,7 +181,8 @@ fn run(format: &str) {
             assert_eq!(read_response(&mut c).unwrap().status, 200);
         }
         // A shared host: the front end keeps the connection and delivers the request.
-        let delivered = b"GET /api/delivered HTTP/1.1\r\nHost: deliv.test\r\nConnection: close\r\n\r\n";
+        let delivered =
+            b"GET /api/delivered HTTP/1.1\r\nHost: deliv.test\r\nConnection: close\r\n\r\n";
         assert_eq!(exchange(addr, delivered).unwrap().status, 200);
     });
     // Workers send every tick (half a second); the writer flushes when idle.
@@ -275,7 +276,13 @@ fn run(format: &str) {
             d.pid.as_str(),
             d.arrival.as_str()
         ),
-        ("127.0.0.1", "deliv.test", "api", api_pid.as_str(), "delivered"),
+        (
+            "127.0.0.1",
+            "deliv.test",
+            "api",
+            api_pid.as_str(),
+            "delivered"
+        ),
         "the worker learns the client's address from the delivery channel"
     );
     let _ = std::fs::remove_dir_all(&dir);

@@ -20,7 +20,12 @@ fn hoarder() -> PathBuf {
 
 /// `hoard` (the hoarder, `/api/`) and `web` (hello, `/`) share every host, over plain HTTP
 /// on 8080 and HTTPS on 8443 (shop.example.test's certificate).
-fn shared_host(steering: &str, hoard_file: &str, hand_back: bool, certs: &sluice_tests::certs::Certs) -> String {
+fn shared_host(
+    steering: &str,
+    hoard_file: &str,
+    hand_back: bool,
+    certs: &sluice_tests::certs::Certs,
+) -> String {
     format!(
         r#"
 [server]
@@ -81,7 +86,10 @@ fn send_and_read(s: &mut dyn Stream, request: &[u8]) -> Response {
     read_response(&mut &mut *s).unwrap_or_else(|e| {
         panic!(
             "no answer to {:?}: {e}",
-            String::from_utf8_lossy(request).lines().next().unwrap_or("")
+            String::from_utf8_lossy(request)
+                .lines()
+                .next()
+                .unwrap_or("")
         )
     })
 }
@@ -201,8 +209,16 @@ fn a_pool_that_keeps_every_fd_reads_no_request_of_another_pool_on_a_shared_host(
             });
             let secrets = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 let mut all = alternate(&ns, 20, &tag, Client::Plain, None);
-                for (client, n, name) in [(Client::Tls13, 10, "tls13"), (Client::Tls12, 10, "tls12")] {
-                    all.extend(alternate(&ns, n, &format!("{tag}-{name}"), client, Some(&certs)));
+                for (client, n, name) in
+                    [(Client::Tls13, 10, "tls13"), (Client::Tls12, 10, "tls12")]
+                {
+                    all.extend(alternate(
+                        &ns,
+                        n,
+                        &format!("{tag}-{name}"),
+                        client,
+                        Some(&certs),
+                    ));
                 }
                 all
             })) {
@@ -228,7 +244,10 @@ fn a_pool_that_keeps_every_fd_reads_no_request_of_another_pool_on_a_shared_host(
                     "{steering}, hand-back {hand_back}: the hoarder read {secret}"
                 );
             }
-            assert!(!text.contains("/account"), "{steering}: it read a web request");
+            assert!(
+                !text.contains("/account"),
+                "{steering}: it read a web request"
+            );
             assert!(
                 !text.contains("HOARDER-GOT-A-NONBLOCKING-FD"),
                 "a worker's end of a delivery channel is blocking, as an accepted socket is"
@@ -241,7 +260,11 @@ fn a_pool_that_keeps_every_fd_reads_no_request_of_another_pool_on_a_shared_host(
                 "{steering}: {st}"
             );
             assert_eq!(st["tls"]["delivered"].as_u64(), Some(20), "{st}");
-            assert_eq!(st["tls"]["handed_off"].as_u64(), Some(0), "no session left the front end: {st}");
+            assert_eq!(
+                st["tls"]["handed_off"].as_u64(),
+                Some(0),
+                "no session left the front end: {st}"
+            );
             if steering == "first-segment" {
                 assert!(
                     st["fallbacks"]["shared_site"].as_u64().unwrap_or(0) >= 20,
@@ -306,12 +329,25 @@ fn a_dedicated_site_is_steered_in_the_kernel_and_answers_421_for_another_host() 
     });
     assert_eq!(first.pool(), Some("shop"));
     assert_eq!(second.pool(), Some("shop"));
-    assert_eq!(third.status, 421, "{:?}", String::from_utf8_lossy(&third.body));
+    assert_eq!(
+        third.status,
+        421,
+        "{:?}",
+        String::from_utf8_lossy(&third.body)
+    );
     let st = s.status();
-    assert!(pool(&st, "shop")["steered_kernel"].as_u64().unwrap_or(0) >= 1, "{st}");
+    assert!(
+        pool(&st, "shop")["steered_kernel"].as_u64().unwrap_or(0) >= 1,
+        "{st}"
+    );
     assert_eq!(st["fallbacks"]["shared_site"].as_u64(), Some(0), "{st}");
     // A new connection for the other host reaches it.
-    let r = ns.enter(|| exchange(v4(), b"GET /c HTTP/1.1\r\nHost: web.test\r\nConnection: close\r\n\r\n"));
+    let r = ns.enter(|| {
+        exchange(
+            v4(),
+            b"GET /c HTTP/1.1\r\nHost: web.test\r\nConnection: close\r\n\r\n",
+        )
+    });
     assert_eq!(r.expect("web").pool(), Some("web"));
 }
 
@@ -356,7 +392,12 @@ fn gunicorn_and_uvicorn_share_a_host_by_path_on_one_keep_alive_connection() {
         // Wait until both servers answer (their start takes a moment).
         let deadline = Instant::now() + Duration::from_secs(30);
         while ns
-            .enter(|| exchange(v4(), b"GET /gun/ready HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"))
+            .enter(|| {
+                exchange(
+                    v4(),
+                    b"GET /gun/ready HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+                )
+            })
             .map_or(true, |r| r.status != 200)
         {
             assert!(Instant::now() < deadline, "gunicorn never answered");
@@ -377,7 +418,12 @@ fn gunicorn_and_uvicorn_share_a_host_by_path_on_one_keep_alive_connection() {
             .expect("python");
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
         let lines: Vec<&str> = text.lines().collect();
-        assert_eq!(lines.len(), 6, "{text}{}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(
+            lines.len(),
+            6,
+            "{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         for (i, line) in lines.iter().enumerate() {
             let want = if i % 2 == 0 {
                 format!("200 gunicorn /gun/{i}")
@@ -387,7 +433,10 @@ fn gunicorn_and_uvicorn_share_a_host_by_path_on_one_keep_alive_connection() {
             assert!(line.starts_with(&want), "{steering}: {text}");
         }
         let st = s.status();
-        assert!(pool(&st, "uv")["delivered"].as_u64().unwrap_or(0) >= 3, "{st}");
+        assert!(
+            pool(&st, "uv")["delivered"].as_u64().unwrap_or(0) >= 3,
+            "{st}"
+        );
         drop(s);
     }
 }

@@ -258,7 +258,10 @@ pool = "web"
     let addr: SocketAddr = "127.0.0.1:8080".parse().expect("addr");
     // own.test: steered in the kernel to its worker, which refuses it; shared.test: the
     // kernel sends it to the dispatcher (a shared host), which refuses it.
-    for (host, reader) in [("own.test", "the worker"), ("shared.test", "the dispatcher")] {
+    for (host, reader) in [
+        ("own.test", "the worker"),
+        ("shared.test", "the dispatcher"),
+    ] {
         let raw = with_host(TWO_LENGTHS, host);
         let all = ns.enter(|| {
             use std::io::{Read, Write};
@@ -271,27 +274,37 @@ pool = "web"
         });
         let text = String::from_utf8_lossy(&all);
         assert!(text.starts_with("HTTP/1.1 400 "), "{reader}: {text}");
-        assert!(text.ends_with("\r\n\r\n"), "{reader} sent a body after the head: {text:?}");
+        assert!(
+            text.ends_with("\r\n\r\n"),
+            "{reader} sent a body after the head: {text:?}"
+        );
     }
     // A shared host's next request on a kept connection: the delivery thread refuses it.
     let all = ns.enter(|| {
         use std::io::{Read, Write};
         let mut c = std::net::TcpStream::connect(addr).expect("connect");
         c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        c.write_all(b"GET /x HTTP/1.1\r\nHost: shared.test\r\n\r\n").expect("send");
+        c.write_all(b"GET /x HTTP/1.1\r\nHost: shared.test\r\n\r\n")
+            .expect("send");
         let first = read_response(&mut c).expect("first answer");
         assert_eq!(first.pool(), Some("web"));
-        c.write_all(&with_host(TWO_LENGTHS, "shared.test")).expect("send");
+        c.write_all(&with_host(TWO_LENGTHS, "shared.test"))
+            .expect("send");
         let mut out = Vec::new();
         let _ = c.read_to_end(&mut out);
         out
     });
     let text = String::from_utf8_lossy(&all);
     assert!(text.starts_with("HTTP/1.1 400 "), "delivery: {text}");
-    assert!(text.ends_with("\r\n\r\n"), "delivery sent a body after the head: {text:?}");
+    assert!(
+        text.ends_with("\r\n\r\n"),
+        "delivery sent a body after the head: {text:?}"
+    );
     assert!(s.status()["delivery"]["refused"].as_u64().unwrap_or(0) >= 1);
 }
 
 fn with_host(raw: &[u8], host: &str) -> Vec<u8> {
-    String::from_utf8_lossy(raw).replace("HOST", host).into_bytes()
+    String::from_utf8_lossy(raw)
+        .replace("HOST", host)
+        .into_bytes()
 }

@@ -80,8 +80,17 @@ pool = "webapi"
 "#
     ));
     if trust {
-        for host in ["+", "shop.example.test", "*.tenants.test", "127.0.0.2", LONG, "*"] {
-            c.push_str(&format!("\n[[site]]\nhost = \"{host}\"\ntrust_pools = true\n"));
+        for host in [
+            "+",
+            "shop.example.test",
+            "*.tenants.test",
+            "127.0.0.2",
+            LONG,
+            "*",
+        ] {
+            c.push_str(&format!(
+                "\n[[site]]\nhost = \"{host}\"\ntrust_pools = true\n"
+            ));
         }
     }
     c

@@ -405,7 +405,8 @@ fn an_upgrade_after_a_reload_reordered_pools_is_refused() {
 fn kept_connections_of_a_shared_host_are_carried_through_an_upgrade() {
     let ns = Netns::new("upkept");
     let bin = binary_copy("kept");
-    let shared = two_pools("first-segment").replace("[[site]]\nhost = \"*\"\ntrust_pools = true\n", "");
+    let shared =
+        two_pools("first-segment").replace("[[site]]\nhost = \"*\"\ntrust_pools = true\n", "");
     assert!(!shared.contains("trust_pools"));
     let s = Sluice::start_program(&ns, &shared, &bin);
     let before_workers = workers(&s);
@@ -413,7 +414,14 @@ fn kept_connections_of_a_shared_host_are_carried_through_an_upgrade() {
         let ka = scope.spawn(|| {
             wrk(
                 &ns,
-                &["-t1", "-c16", "-d6s", "--timeout", "10s", "http://127.0.0.1:8080/api/x"],
+                &[
+                    "-t1",
+                    "-c16",
+                    "-d6s",
+                    "--timeout",
+                    "10s",
+                    "http://127.0.0.1:8080/api/x",
+                ],
             )
         });
         std::thread::sleep(Duration::from_millis(2000));
@@ -433,8 +441,15 @@ fn kept_connections_of_a_shared_host_are_carried_through_an_upgrade() {
         .filter_map(|n| n.trim().parse::<u32>().ok())
         .sum::<u32>();
     assert!(carried >= 1, "kept connections handed over: {log}");
-    assert_eq!(workers(&s), before_workers, "workers adopted, not restarted");
+    assert_eq!(
+        workers(&s),
+        before_workers,
+        "workers adopted, not restarted"
+    );
     let st = s.status();
-    assert!(pool(&st, "api")["delivered"].as_u64().unwrap_or(0) > 0, "{st}");
+    assert!(
+        pool(&st, "api")["delivered"].as_u64().unwrap_or(0) > 0,
+        "{st}"
+    );
     let _ = std::fs::remove_dir_all(bin.parent().unwrap_or(Path::new("/nonexistent")));
 }

@@ -304,7 +304,14 @@ mod tests {
             s.encode(&mut out);
             out.len() - 2 - s.pending.len() - s.server_name.len() - 1
         };
-        for bad in [&[b'a'; 254][..], &[b'a'; 255], b"a\0b", b"Shop.test", b"a b", b"\xc3\xa9"] {
+        for bad in [
+            &[b'a'; 254][..],
+            &[b'a'; 255],
+            b"a\0b",
+            b"Shop.test",
+            b"a b",
+            b"\xc3\xa9",
+        ] {
             let mut out = Vec::new();
             let s = session();
             s.encode(&mut out);

@@ -466,7 +466,8 @@ mod tests {
         let c = parse(&format!("{base}{}", site("*"))).unwrap();
         let w = c.warnings();
         assert!(
-            w.iter().any(|p| p.key == "site.trust_pools" && p.reason.contains("api, web")),
+            w.iter()
+                .any(|p| p.key == "site.trust_pools" && p.reason.contains("api, web")),
             "{w:?}"
         );
         let p = parse(&format!("{base}{}", site("other.test"))).unwrap_err();

@@ -35,9 +35,14 @@ enum State {
     Head,
     Exchange(Exchange),
     /// After a 101: the connection is the pool's, both ways.
-    Tunnel { up: usize, client_done: bool },
+    Tunnel {
+        up: usize,
+        client_done: bool,
+    },
     /// Sending the last answer, then closing.
-    Closing { shut: bool },
+    Closing {
+        shut: bool,
+    },
 }
 
 struct Exchange {
@@ -261,7 +266,10 @@ impl Conn {
         };
         let (pool, reused, head) = (x.pool, x.reused, x.head.take());
         let Some(head) = head else {
-            return self.bad_gateway(cx, "the application closed the connection without answering");
+            return self.bad_gateway(
+                cx,
+                "the application closed the connection without answering",
+            );
         };
         let local = Some(sluice_proto::site::local_address(self.local.ip()));
         let verdict = judge::judge(
@@ -278,7 +286,10 @@ impl Conn {
             },
         );
         if matches!(&verdict, Verdict::Deliver(d) if d.pool == pool) && !reused {
-            return self.bad_gateway(cx, "the application closed the connection without answering");
+            return self.bad_gateway(
+                cx,
+                "the application closed the connection without answering",
+            );
         }
         self.drop_upstream(i);
         let mut input = head;
@@ -333,8 +344,14 @@ impl Conn {
         let Some(entry) = cx.table.pool(pool) else {
             return Err(());
         };
-        let up = Upstream::open(pool, entry, cx.shared.direct.as_ref(), self.peer, self.local)
-            .and_then(|up| (cx.watch)(up.fd()).map(|()| up));
+        let up = Upstream::open(
+            pool,
+            entry,
+            cx.shared.direct.as_ref(),
+            self.peer,
+            self.local,
+        )
+        .and_then(|up| (cx.watch)(up.fd()).map(|()| up));
         match up {
             Ok(up) => {
                 cx.shared.stats.channels.fetch_add(1, Relaxed);
@@ -438,8 +455,11 @@ impl Conn {
         let i = match self.channel(d.pool, cx) {
             Ok(i) => i,
             Err(()) => {
-                let answer =
-                    crate::dispatcher::reply_to(503, "the application pool cannot be reached", d.head_only);
+                let answer = crate::dispatcher::reply_to(
+                    503,
+                    "the application pool cannot be reached",
+                    d.head_only,
+                );
                 self.answer_and_close(answer);
                 return Ok(());
             }
@@ -487,7 +507,8 @@ impl Conn {
                 self.cin.drain(..n);
                 progress |= n > 0;
             }
-            if self.client_ready && self.cin.is_empty() && up.out.len() < HIGH && !x.request.done() {
+            if self.client_ready && self.cin.is_empty() && up.out.len() < HIGH && !x.request.done()
+            {
                 match read_into(self.client.as_raw_fd(), &mut self.cin, READ) {
                     Ok(Read::Data) => progress = true,
                     // The client is gone before its request ended.

@@ -119,7 +119,8 @@ impl Chunked {
                     }
                 }
                 Data => {
-                    let take = (input.len() - i).min(usize::try_from(self.size).unwrap_or(usize::MAX));
+                    let take =
+                        (input.len() - i).min(usize::try_from(self.size).unwrap_or(usize::MAX));
                     self.size -= take as u64;
                     i += take;
                     if self.size == 0 {
@@ -391,7 +392,11 @@ mod tests {
             b"0\r\nbad\ntrailer\r\n\r\n",
         ] {
             let mut f = Framer::Chunked(Chunked::new());
-            assert!(f.advance(bad).is_err(), "{:?}", String::from_utf8_lossy(bad));
+            assert!(
+                f.advance(bad).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
         }
     }
 
@@ -407,32 +412,89 @@ mod tests {
     fn response_heads_are_framed_by_status_method_and_headers() {
         let h = |raw: &[u8], head: bool| response_head(raw, head).unwrap().unwrap();
         let r = h(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello", false);
-        assert_eq!((r.head_len, r.body.clone(), r.close), (38, Framer::Length(5), false));
-        assert_eq!(h(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", true).body, Framer::Length(0));
-        assert_eq!(h(b"HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\n\r\n", false).body, Framer::Length(0));
+        assert_eq!(
+            (r.head_len, r.body.clone(), r.close),
+            (38, Framer::Length(5), false)
+        );
+        assert_eq!(
+            h(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", true).body,
+            Framer::Length(0)
+        );
+        assert_eq!(
+            h(
+                b"HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\n\r\n",
+                false
+            )
+            .body,
+            Framer::Length(0)
+        );
         assert!(h(b"HTTP/1.1 100 Continue\r\n\r\n", false).interim);
-        assert!(h(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n", false).upgrade);
-        let r = h(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", false);
+        assert!(
+            h(
+                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n",
+                false
+            )
+            .upgrade
+        );
+        let r = h(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+            false,
+        );
         assert!(matches!(r.body, Framer::Chunked(_)));
         let r = h(b"HTTP/1.1 200 OK\r\n\r\n", false);
         assert_eq!((r.body, r.close), (Framer::UntilClose, true));
         assert!(h(b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n", false).close);
-        assert!(!h(b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 0\r\n\r\n", false).close);
-        assert!(h(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n", false).close);
-        assert_eq!(response_head(b"HTTP/1.1 200 OK\r\nContent-Le", false), Ok(None));
+        assert!(
+            !h(
+                b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 0\r\n\r\n",
+                false
+            )
+            .close
+        );
+        assert!(
+            h(
+                b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",
+                false
+            )
+            .close
+        );
+        assert_eq!(
+            response_head(b"HTTP/1.1 200 OK\r\nContent-Le", false),
+            Ok(None)
+        );
     }
 
     #[test]
     fn response_heads_that_could_be_read_two_ways_are_refused() {
         for (raw, want) in [
-            (&b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n"[..], BadResponse::Length),
-            (b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n", BadResponse::Length),
-            (b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n", BadResponse::Ambiguous),
-            (b"HTTP/1.1 200 OK\nContent-Length: 1\r\n\r\n", BadResponse::Malformed),
-            (b"HTTP/1.1 200 OK\r\nX: a\rb\r\n\r\n", BadResponse::Malformed),
+            (
+                &b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n"[..],
+                BadResponse::Length,
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
+                BadResponse::Length,
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n",
+                BadResponse::Ambiguous,
+            ),
+            (
+                b"HTTP/1.1 200 OK\nContent-Length: 1\r\n\r\n",
+                BadResponse::Malformed,
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nX: a\rb\r\n\r\n",
+                BadResponse::Malformed,
+            ),
             (b"NOT HTTP\r\n\r\n", BadResponse::Malformed),
         ] {
-            assert_eq!(response_head(raw, false), Err(want), "{:?}", String::from_utf8_lossy(raw));
+            assert_eq!(
+                response_head(raw, false),
+                Err(want),
+                "{:?}",
+                String::from_utf8_lossy(raw)
+            );
         }
         let long = vec![b'a'; MAX_RESPONSE_HEAD + 1];
         assert_eq!(response_head(&long, false), Err(BadResponse::TooLong));

@@ -76,18 +76,16 @@ pub fn judge(
     if let Some(port) = table.redirect {
         return match seen.decision {
             Decision::NeedMore if !full => Verdict::NeedMore,
-            Decision::NeedMore => {
-                refuse(431, "the request head is too large", sluice_proto::request::is_head(input))
-            }
+            Decision::NeedMore => refuse(
+                431,
+                "the request head is too large",
+                sluice_proto::request::is_head(input),
+            ),
             Decision::Refuse(status, why) if seen.head_len == 0 => {
                 refuse(status, why, sluice_proto::request::is_head(input))
             }
             _ => match crate::dispatcher::redirect::location(
-                &seen.host,
-                local,
-                port,
-                seen.path,
-                seen.query,
+                &seen.host, local, port, seen.path, seen.query,
             ) {
                 Some(location) => Verdict::Redirect {
                     answer: crate::dispatcher::redirect::answer(&location),
@@ -98,7 +96,11 @@ pub fn judge(
     }
     if let Some(sni) = sni {
         if seen.head_len > 0 && !sluice_proto::host::agrees_with_sni(&seen.host, sni) {
-            return refuse(421, "this connection was made for another host", seen.head_only);
+            return refuse(
+                421,
+                "this connection was made for another host",
+                seen.head_only,
+            );
         }
     }
     if let Some(lookup) = seen.lookup() {
@@ -113,9 +115,7 @@ pub fn judge(
     }
     match admit(seen.decision, full, table, flags) {
         Decision::NeedMore => Verdict::NeedMore,
-        Decision::Refuse(status, why) => {
-            refuse(status, why, sluice_proto::request::is_head(input))
-        }
+        Decision::Refuse(status, why) => refuse(status, why, sluice_proto::request::is_head(input)),
         Decision::Pool(pool) => Verdict::Deliver(Delivery {
             pool,
             head_len: seen.head_len,
@@ -172,22 +172,39 @@ mod tests {
             sni: None,
             now: Instant::now(),
         };
-        judge(raw, false, &Limits::default(), &table(), flags, &cache, facts)
+        judge(
+            raw,
+            false,
+            &Limits::default(),
+            &table(),
+            flags,
+            &cache,
+            facts,
+        )
     }
 
     #[test]
     fn each_request_of_a_kept_connection_is_delivered_to_its_own_pool() {
         let flags = PoolFlags::new(2);
-        let Verdict::Deliver(d) = verdict(b"POST /api/x HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabc", &flags) else {
+        let Verdict::Deliver(d) = verdict(
+            b"POST /api/x HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabc",
+            &flags,
+        ) else {
             panic!()
         };
         assert_eq!((d.pool, d.head_len, d.close), (PoolId::new(0), 52, false));
         assert_eq!(d.framing, sluice_proto::request::Framing::Length(3));
-        let Verdict::Deliver(d) = verdict(b"HEAD / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n", &flags) else {
+        let Verdict::Deliver(d) = verdict(
+            b"HEAD / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+            &flags,
+        ) else {
             panic!()
         };
         assert_eq!((d.pool, d.head_only, d.close), (PoolId::new(1), true, true));
-        assert!(matches!(verdict(b"GET / HTTP/1.1\r\nHost: a\r\n", &flags), Verdict::NeedMore));
+        assert!(matches!(
+            verdict(b"GET / HTTP/1.1\r\nHost: a\r\n", &flags),
+            Verdict::NeedMore
+        ));
     }
 
     #[test]
@@ -196,16 +213,34 @@ mod tests {
         flags.set(PoolId::new(0), PoolFlags::STOPPED, true);
         assert!(matches!(
             verdict(b"HEAD /api/ HTTP/1.1\r\nHost: a\r\n\r\n", &flags),
-            Verdict::Refuse { status: 503, head_only: true, .. }
+            Verdict::Refuse {
+                status: 503,
+                head_only: true,
+                ..
+            }
         ));
         assert!(matches!(
-            verdict(b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", &flags),
-            Verdict::Refuse { status: 400, head_only: false, .. }
+            verdict(
+                b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+                &flags
+            ),
+            Verdict::Refuse {
+                status: 400,
+                head_only: false,
+                ..
+            }
         ));
         // A HEAD that does not parse is still a HEAD: its refusal has no body.
         assert!(matches!(
-            verdict(b"HEAD / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", &flags),
-            Verdict::Refuse { status: 400, head_only: true, .. }
+            verdict(
+                b"HEAD / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+                &flags
+            ),
+            Verdict::Refuse {
+                status: 400,
+                head_only: true,
+                ..
+            }
         ));
     }
 }

@@ -58,7 +58,9 @@ impl DeliveryStats {
         DeliveryStats {
             open: AtomicU64::new(0),
             connections: AtomicU64::new(0),
-            requests: (0..sluice_common::MAX_POOLS).map(|_| AtomicU64::new(0)).collect(),
+            requests: (0..sluice_common::MAX_POOLS)
+                .map(|_| AtomicU64::new(0))
+                .collect(),
             channels: AtomicU64::new(0),
             failed: AtomicU64::new(0),
             bad_responses: AtomicU64::new(0),

@@ -702,7 +702,14 @@ impl Loop {
                 Decision::Pool(p) => self.table.gives_connection(&seen.host, local, p),
                 _ => true,
             };
-            (seen.decision, seen.head_len, seen.close, full, answer, given)
+            (
+                seen.decision,
+                seen.head_len,
+                seen.close,
+                full,
+                answer,
+                given,
+            )
         };
         if decision == Decision::NeedMore && !full {
             self.recv(slot);
@@ -832,7 +839,10 @@ impl Loop {
         // SAFETY: duplicates the connection's fd; the copy is owned right away.
         let fd = unsafe { libc::fcntl(c.fd, libc::F_DUPFD_CLOEXEC, 0) };
         if fd < 0 {
-            log::warn!("passing a connection on for pool {p}: {}", io::Error::last_os_error());
+            log::warn!(
+                "passing a connection on for pool {p}: {}",
+                io::Error::last_os_error()
+            );
             self.refuse(slot, 503, "the application pool cannot be reached");
             return None;
         }

@@ -179,7 +179,12 @@ impl Table {
     /// `local` routed to `pool` may be given to that pool (`sluice_proto::ownership`): it
     /// owns the host, the host's pools trust each other, or the pool takes whole
     /// connections. Otherwise the front end keeps it and delivers each request.
-    pub fn gives_connection(&self, host: &str, local: Option<std::net::IpAddr>, pool: PoolId) -> bool {
+    pub fn gives_connection(
+        &self,
+        host: &str,
+        local: Option<std::net::IpAddr>,
+        pool: PoolId,
+    ) -> bool {
         use sluice_proto::ownership::{Owner, owner};
         if self.pool(pool).is_some_and(|e| e.whole) {
             return true;

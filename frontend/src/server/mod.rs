@@ -331,7 +331,9 @@ impl Frontend {
         let stop = eventfd()?;
         let wake = eventfd()?;
         let table = Arc::new(SharedTable::new(Default::default()));
-        let cache = Arc::new(std::sync::Mutex::new(crate::cache::Cache::new(&config.cache)));
+        let cache = Arc::new(std::sync::Mutex::new(crate::cache::Cache::new(
+            &config.cache,
+        )));
         let access_log = match &config.access_log {
             None => None,
             Some(c) => Some(AccessLog::start(c).with_context(|| {
@@ -557,25 +559,22 @@ impl Frontend {
         // dispatcher, which keeps its connections (`sluice_proto::ownership`); a pool that
         // takes whole connections is steered to wherever it is routed.
         let user_table = crate::route::RouteTable::new(routes.clone());
-        let whole = |id: PoolId| {
-            self.pools
-                .get(id.index())
-                .is_some_and(|p| p.entry().whole)
-        };
+        let whole = |id: PoolId| self.pools.get(id.index()).is_some_and(|p| p.entry().whole);
         let steered: Vec<(Site, String, u32)> = routes
             .iter()
             .map(|(s, p, id)| {
                 let steerable = whole(*id)
                     || sluice_proto::ownership::kernel_steerable(&user_table, &config.trust, s);
-                let value = if steerable { id.raw() } else { sluice_common::ROUTE_SHARED };
+                let value = if steerable {
+                    id.raw()
+                } else {
+                    sluice_common::ROUTE_SHARED
+                };
                 (s.clone(), p.clone(), value)
             })
             .collect();
-        self.steering.set_routes(
-            &steered,
-            &kernel(&passthrough),
-            config.tls.redirect_https,
-        )?;
+        self.steering
+            .set_routes(&steered, &kernel(&passthrough), config.tls.redirect_https)?;
         // Workers hand back requests that route elsewhere: they get the table too.
         self.routes_message = ToWorker::Routes(
             config

@@ -840,14 +840,20 @@ impl Loop {
             local,
             sni: Some(c.sni.clone()),
         };
-        if delivery.give_from(theirs, Vec::new(), c.arrival, from).is_err() {
+        if delivery
+            .give_from(theirs, Vec::new(), c.arrival, from)
+            .is_err()
+        {
             let why = "the application pool cannot be reached";
             c.then = refuse(layer, &mut c.out, 503, why, &self.f.stats).0;
             self.flush(token);
             return;
         }
         let link = upstream::Link::Delivery(ours);
-        if let Err(e) = self.epoll.add(link.fd(), epoll::OUT | epoll::RDHUP, token | UP) {
+        if let Err(e) = self
+            .epoll
+            .add(link.fd(), epoll::OUT | epoll::RDHUP, token | UP)
+        {
             log::warn!("TLS to the delivery thread: epoll: {e}");
             self.close(token);
             return;

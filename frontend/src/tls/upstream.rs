@@ -109,14 +109,8 @@ impl Upstream {
             self.answer.reserve(CHUNK);
             let spare = self.answer.spare_capacity_mut();
             // SAFETY: recv writes at most `spare.len()` bytes into the live spare capacity.
-            let n = unsafe {
-                libc::recv(
-                    self.conn.fd(),
-                    spare.as_mut_ptr().cast(),
-                    spare.len(),
-                    0,
-                )
-            };
+            let n =
+                unsafe { libc::recv(self.conn.fd(), spare.as_mut_ptr().cast(), spare.len(), 0) };
             if n > 0 {
                 let len = self.answer.len() + n as usize;
                 // SAFETY: the kernel initialized the `n` bytes after the old length.
