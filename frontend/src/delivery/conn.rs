@@ -271,20 +271,7 @@ impl Conn {
                 "the application closed the connection without answering",
             );
         };
-        let local = Some(sluice_proto::site::local_address(self.local.ip()));
-        let verdict = judge::judge(
-            &head,
-            false,
-            &cx.shared.limits,
-            cx.table,
-            &cx.shared.flags,
-            &cx.shared.cache,
-            judge::Facts {
-                local,
-                sni: self.sni.as_deref(),
-                now: cx.now,
-            },
-        );
+        let verdict = self.judge(&head, false, cx);
         if matches!(&verdict, Verdict::Deliver(d) if d.pool == pool) && !reused {
             return self.bad_gateway(
                 cx,
@@ -366,6 +353,17 @@ impl Conn {
         }
     }
 
+    /// The verdict on the head at the start of `input`, with this connection's facts.
+    fn judge(&self, input: &[u8], full: bool, cx: &Cx<'_>) -> Verdict {
+        let facts = judge::Facts {
+            local: Some(sluice_proto::site::local_address(self.local.ip())),
+            sni: self.sni.as_deref(),
+            now: cx.now,
+        };
+        let s = cx.shared;
+        judge::judge(input, full, &s.limits, cx.table, &s.flags, &s.cache, facts)
+    }
+
     fn step_head(&mut self, cx: &mut Cx<'_>) -> Result<bool, End> {
         if !self.cout.is_empty() || cx.holding {
             // The previous answer goes first; during an upgrade's hand-over the next
@@ -376,20 +374,7 @@ impl Conn {
         let max = cx.shared.limits.max_request_head;
         if !self.cin.is_empty() {
             let full = self.cin.len() >= max;
-            let local = Some(sluice_proto::site::local_address(self.local.ip()));
-            let verdict = judge::judge(
-                &self.cin,
-                full,
-                &cx.shared.limits,
-                cx.table,
-                &cx.shared.flags,
-                &cx.shared.cache,
-                judge::Facts {
-                    local,
-                    sni: self.sni.as_deref(),
-                    now: cx.now,
-                },
-            );
+            let verdict = self.judge(&self.cin, full, cx);
             match verdict {
                 Verdict::NeedMore => {}
                 Verdict::Cached {

@@ -110,8 +110,8 @@ pub struct Origin {
     pub sni: Option<String>,
 }
 
-/// A socketpair for a TLS session's plaintext: (the TLS thread's end, the delivery
-/// thread's), both non-blocking.
+/// A stream socketpair, both ends non-blocking: a TLS session's plaintext (the TLS thread's
+/// end, the delivery thread's) and, made blocking on the worker's side, a delivery channel.
 pub fn plaintext_pair() -> io::Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0; 2];
     // SAFETY: socketpair writes two new fds into the array.

@@ -7,7 +7,7 @@
 use std::{
     io,
     net::SocketAddr,
-    os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
+    os::fd::{AsRawFd, OwnedFd, RawFd},
     sync::Arc,
 };
 
@@ -101,24 +101,9 @@ impl Upstream {
     }
 }
 
-/// (the front end's end, non-blocking; the worker's end).
+/// (the front end's end, non-blocking; the worker's end, blocking as an accepted socket is).
 fn socketpair() -> io::Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [0; 2];
-    // SAFETY: socketpair writes two new fds into the array.
-    let r = unsafe {
-        libc::socketpair(
-            libc::AF_UNIX,
-            libc::SOCK_STREAM | libc::SOCK_CLOEXEC,
-            0,
-            fds.as_mut_ptr(),
-        )
-    };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: both were just created and are owned by nothing else.
-    let (ours, theirs) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-    // Ours only: the worker's end is blocking, as an accepted connection is.
-    crate::epoll::set_nonblocking(ours.as_raw_fd(), true);
+    let (ours, theirs) = super::plaintext_pair()?;
+    crate::epoll::set_nonblocking(theirs.as_raw_fd(), false);
     Ok((ours, theirs))
 }
