@@ -258,8 +258,8 @@ fn real_main() -> Result<()> {
             }));
             let limits = c.limits.head_limits();
             let judge = |head: &[u8]| {
-                use sluice::dispatcher::head::{Decision, inspect};
-                match inspect(head, &limits, &table, local).decision {
+                use sluice::pipeline::head::{Decision, inspect};
+                match inspect(head, &limits, &table, local, "").decision {
                     Decision::Pool(id) => format!("pool {}", c.pools[id.index()].name),
                     Decision::Refuse(code, why) => format!("refuse {code} {why}"),
                     Decision::NeedMore => "partial".to_owned(),

@@ -66,9 +66,5 @@ fn answer(mut stream: TcpStream, admin: &PathBuf) -> std::io::Result<()> {
     } else {
         ("404 Not Found", "try /metrics\n".to_owned())
     };
-    write!(
-        stream,
-        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
+    stream.write_all(crate::answers::metrics(status, &body).as_bytes())
 }

@@ -6,7 +6,7 @@
 use libfuzzer_sys::fuzz_target;
 use sluice::{
     canonical::canonicalize,
-    dispatcher::head::{Decision, Limits, decide},
+    pipeline::head::{Decision, Limits, decide},
     pool::PoolId,
     route::{Query, RouteTable},
 };

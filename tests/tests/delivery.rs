@@ -440,3 +440,190 @@ fn gunicorn_and_uvicorn_share_a_host_by_path_on_one_keep_alive_connection() {
         drop(s);
     }
 }
+
+#[test]
+fn redirect_https_leaves_the_https_requests_of_a_shared_host_to_their_pools() {
+    let dir = sluice_tests::certs::temp_dir("hoard-redirect");
+    let certs = sluice_tests::certs::Certs::make(&dir);
+    let file = hoard_file("redirect");
+    let config = shared_host("first-segment", &file.display().to_string(), false, &certs)
+        .replace("admin_socket", "redirect_https = true\nadmin_socket");
+    let ns = Netns::new("hoardredir");
+    let s = Sluice::start(&ns, &config);
+    wait_for(&s, Duration::from_secs(20), "both pools up", |st| {
+        !worker_pids(st, "hoard").is_empty() && !worker_pids(st, "web").is_empty()
+    });
+    // Plain requests are redirected, whichever pool they route to.
+    let r = ns
+        .enter(|| exchange(v4(), b"GET /api/x HTTP/1.1\r\nHost: shared.test\r\n\r\n"))
+        .unwrap();
+    assert_eq!(r.status, 308);
+    // Over HTTPS the shared host's requests reach their pools: a redirect there would send
+    // the browser back to the same URL for ever.
+    let secrets = alternate(&ns, 2, "redirect", Client::Tls13, Some(&certs));
+    assert_eq!(secrets.len(), 4);
+    let st = s.status();
+    assert_eq!(st["tls"]["delivered"].as_u64(), Some(2), "{st}");
+    drop(s);
+    let _ = std::fs::remove_dir_all(file.parent().unwrap());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_request_without_host_on_a_tls_session_goes_where_its_sni_name_routes() {
+    let dir = sluice_tests::certs::temp_dir("sni-host");
+    let certs = sluice_tests::certs::Certs::make(&dir);
+    // shop.example.test is `shop`'s alone on `/` and splits `/api/` with `api`: both the
+    // session handed to a pool and the one the front end keeps route by the SNI name.
+    let config = format!(
+        r#"
+[server]
+listen = ["127.0.0.1:8080"]
+listen_tls = ["127.0.0.1:8443"]
+steering = "first-segment"
+set_sysctls = true
+admin_socket = "{{admin}}"
+
+{tls}
+
+[[pool]]
+name = "shop"
+command = ["{{hello}}"]
+threads = 1
+start = "always"
+
+[[pool]]
+name = "web"
+command = ["{{hello}}"]
+threads = 1
+start = "always"
+
+[[route]]
+host = "{shop}"
+prefix = "/"
+pool = "shop"
+
+[[route]]
+prefix = "/"
+pool = "web"
+"#,
+        tls = certs.shop_table(),
+        shop = sluice_tests::certs::SHOP,
+    );
+    for shared in [false, true] {
+        let config = if shared {
+            config.replace(
+                "\n[[route]]\nprefix = \"/\"",
+                &format!(
+                    "\n[[route]]\nhost = \"{}\"\nprefix = \"/api/\"\npool = \"web\"\n\n[[route]]\nprefix = \"/\"",
+                    sluice_tests::certs::SHOP
+                ),
+            )
+        } else {
+            config.clone()
+        };
+        let ns = Netns::new("snihost");
+        let s = Sluice::start(&ns, &config);
+        wait_for(&s, Duration::from_secs(20), "pools up", |st| {
+            !worker_pids(st, "shop").is_empty() && !worker_pids(st, "web").is_empty()
+        });
+        let r = ns.enter(|| {
+            let mut c = Client::Tls13.connect(Some(&certs));
+            send_and_read(&mut *c, b"GET /page HTTP/1.0\r\n\r\n")
+        });
+        let body = String::from_utf8_lossy(&r.body).into_owned();
+        assert_eq!(r.status, 200, "{body}");
+        assert!(
+            body.starts_with("hello from pool shop"),
+            "shared {shared}: {body}\n{}",
+            s.log_text()
+        );
+        let st = s.status();
+        assert_eq!(
+            st["tls"]["delivered"].as_u64(),
+            Some(u64::from(shared)),
+            "{st}"
+        );
+        drop(s);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_worker_cannot_hand_a_tls_session_back_under_a_name_it_was_not_given() {
+    let dir = sluice_tests::certs::temp_dir("renamer");
+    let certs = sluice_tests::certs::Certs::make(&dir);
+    // shop.example.test is the renamer's alone; other.example.test (same certificate) is
+    // web's. The renamer hands every session back named other.example.test, with a request
+    // for web as the plaintext it "did not serve".
+    let config = format!(
+        r#"
+[server]
+listen = ["127.0.0.1:8080"]
+listen_tls = ["127.0.0.1:8443"]
+steering = "first-segment"
+set_sysctls = true
+admin_socket = "{{admin}}"
+
+{tls}
+
+[[pool]]
+name = "renamer"
+command = ["/usr/bin/python3", "{renamer}"]
+start = "always"
+ping_interval = "0"
+rapid_fail = {{ failures = 0 }}
+env = {{ RENAME_TO = "other.example.test", RENAME_REQUEST = "GET /stolen HTTP/1.1|Host: other.example.test||" }}
+
+[[pool]]
+name = "web"
+command = ["{{hello}}"]
+threads = 1
+start = "always"
+
+[[route]]
+host = "{shop}"
+prefix = "/"
+pool = "renamer"
+
+[[route]]
+host = "other.example.test"
+prefix = "/"
+pool = "web"
+"#,
+        tls = certs.shop_table(),
+        shop = sluice_tests::certs::SHOP,
+        renamer = workers_dir().join("renamer.py").display(),
+    );
+    let ns = Netns::new("renamer");
+    let s = Sluice::start(&ns, &config);
+    wait_for(&s, Duration::from_secs(20), "pools up", |st| {
+        !worker_pids(st, "renamer").is_empty() && !worker_pids(st, "web").is_empty()
+    });
+    for _ in 0..3 {
+        let got = ns.enter(|| {
+            let mut c = Client::Tls13.connect(Some(&certs));
+            let head = format!(
+                "GET / HTTP/1.1\r\nHost: {}\r\n\r\n",
+                sluice_tests::certs::SHOP
+            );
+            c.write_all(head.as_bytes()).expect("send");
+            let mut back = Vec::new();
+            let _ = c.read_to_end(&mut back);
+            String::from_utf8_lossy(&back).into_owned()
+        });
+        assert!(
+            !got.contains("hello from pool web"),
+            "another site's pool answered on the session: {got}"
+        );
+    }
+    let st = s.status();
+    assert_eq!(st["tls"]["handed_back"].as_u64(), Some(3), "{st}");
+    let web = pool(&st, "web");
+    assert_eq!(web["handed_off"].as_u64().unwrap_or(0), 0, "{st}");
+    assert_eq!(web["delivered"].as_u64().unwrap_or(0), 0, "{st}");
+    let log = s.log_text();
+    assert!(log.contains("which it could not have been given"), "{log}");
+    drop(s);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -638,6 +638,32 @@ fn a_handshake_record_longer_than_tls_allows_is_cut_at_once() {
 }
 
 #[test]
+fn an_sslv2_format_clienthello_is_refused_at_once() {
+    let (ns, s, _certs, _) = start("tls-sslv2");
+    let started = std::time::Instant::now();
+    ns.enter(|| {
+        let mut c = TcpStream::connect("127.0.0.1:8443").unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        // An SSLv2 CLIENT-HELLO offering TLS 1.0: 2-byte length with the top bit set,
+        // message type 1, version 3.1, then its lengths, cipher specs and challenge.
+        let mut body = vec![1, 3, 1, 0, 9, 0, 0, 0, 16];
+        body.extend([0x00, 0x00, 0x2f, 0x00, 0x00, 0x35, 0x00, 0x00, 0xff]);
+        body.extend([0x5a; 16]);
+        let mut hello = vec![0x80 | (body.len() >> 8) as u8, body.len() as u8];
+        hello.extend(body);
+        c.write_all(&hello).unwrap();
+        let mut back = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut c, &mut back);
+    });
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "held {:?} (until the header timeout)\n{}",
+        started.elapsed(),
+        s.log_text()
+    );
+}
+
+#[test]
 fn a_socket_pool_behind_tls_gets_plaintext_and_its_answers_go_back_sealed() {
     let ns = Netns::new("tls-socket");
     let dir = temp_dir("tls-socket");

@@ -36,6 +36,9 @@ pub enum Opened {
     KeyUpdate { requested: bool },
     /// A handshake message the record layer does not take (its type).
     Handshake(u8),
+    /// Part of a handshake message (RFC 8446 §5.1 lets one span records); the rest comes
+    /// in the next records.
+    HandshakePart,
 }
 
 /// What the records `RecordLayer::open_all` opened said, beside their data.
@@ -58,6 +61,10 @@ pub enum RecordError {
     Unexpected(u8),
     #[error("a TLS record's content is malformed")]
     Malformed,
+    #[error("a TLS handshake message holds a value it may not (illegal_parameter)")]
+    IllegalParameter,
+    #[error("a handshake message is half received: the session cannot move now")]
+    MidMessage,
     #[error("the session has sealed as many records as its keys allow")]
     Exhausted,
     #[error("the session's keys are not usable")]
@@ -72,7 +79,8 @@ impl RecordError {
             RecordError::Overflow => 22,
             RecordError::Unexpected(_) => 10,
             RecordError::Malformed => 50,
-            RecordError::Exhausted | RecordError::Keys => 80,
+            RecordError::IllegalParameter => 47,
+            RecordError::Exhausted | RecordError::Keys | RecordError::MidMessage => 80,
         }
     }
 }
@@ -122,6 +130,9 @@ pub struct RecordLayer {
     suite: Suite,
     tx: Keys,
     rx: Keys,
+    /// The start of a handshake message whose rest is in records still to come (at most
+    /// a KeyUpdate's first 4 bytes: anything else is refused once its header is read).
+    handshake: Vec<u8>,
 }
 
 impl RecordLayer {
@@ -136,6 +147,7 @@ impl RecordLayer {
             suite: session.suite,
             tx: Keys::new(session.suite, session.tx.clone())?,
             rx: Keys::new(session.suite, session.rx.clone())?,
+            handshake: Vec::new(),
         })
     }
 
@@ -152,12 +164,21 @@ impl RecordLayer {
     }
 
     /// What a TLS connection crosses the handoff channel with: the session as it stands,
-    /// then the plaintext not yet served.
-    pub fn payload(&self, pending: &[u8], server_name: &str, plain: &[u8]) -> Vec<u8> {
+    /// then the plaintext not yet served. Not while a handshake message is half received
+    /// (a session carries no plaintext of one): `MidMessage`.
+    pub fn payload(
+        &self,
+        pending: &[u8],
+        server_name: &str,
+        plain: &[u8],
+    ) -> Result<Vec<u8>, RecordError> {
+        if !self.handshake.is_empty() {
+            return Err(RecordError::MidMessage);
+        }
         let mut out = Vec::with_capacity(256 + pending.len() + plain.len());
         self.session(pending, server_name).encode(&mut out);
         out.extend_from_slice(plain);
-        out
+        Ok(out)
     }
 
     /// Opens the record at the start of `buf` in place. None: the record is not complete yet.
@@ -195,6 +216,10 @@ impl RecordLayer {
                     .aead
                     .open_in_place(nonce, aead::Aad::from(header), body)
                     .map_err(|_| RecordError::BadRecordMac)?;
+                // The whole TLSInnerPlaintext (content, type, padding): at most 2^14 + 1.
+                if plain.len() > MAX_PLAINTEXT + 1 {
+                    return Err(RecordError::Overflow);
+                }
                 // The inner content type is the last byte that is not zero padding.
                 let end = plain
                     .iter()
@@ -221,6 +246,9 @@ impl RecordLayer {
                     nonce[4..].copy_from_slice(&body[..EXPLICIT_NONCE]);
                 }
                 let plain_len = (len - explicit - TAG) as u16;
+                if plain_len as usize > MAX_PLAINTEXT {
+                    return Err(RecordError::Overflow);
+                }
                 let aad = tls12_aad(seq, outer, plain_len);
                 let nonce = aead::Nonce::assume_unique_for_key(nonce);
                 self.rx
@@ -231,6 +259,10 @@ impl RecordLayer {
                 (outer, start..start + plain_len as usize)
             }
         };
+        // A handshake message spanning records may not be interleaved with other records.
+        if !self.handshake.is_empty() && kind != CONTENT_HANDSHAKE {
+            return Err(RecordError::Unexpected(kind));
+        }
         let opened = match kind {
             CONTENT_APPLICATION_DATA => Opened::Data(plain),
             CONTENT_ALERT => match &buf[plain] {
@@ -240,25 +272,43 @@ impl RecordLayer {
                 },
                 _ => return Err(RecordError::Malformed),
             },
-            CONTENT_HANDSHAKE => {
-                let message = &buf[plain];
-                match (self.protocol, message) {
-                    (Protocol::Tls13, [HANDSHAKE_KEY_UPDATE, 0, 0, 1, request])
-                        if *request <= 1 =>
-                    {
-                        self.rx.update(self.suite)?;
-                        Opened::KeyUpdate {
-                            requested: *request == 1,
-                        }
-                    }
-                    (_, [kind, ..]) => Opened::Handshake(*kind),
-                    _ => return Err(RecordError::Malformed),
-                }
-            }
+            CONTENT_HANDSHAKE if plain.is_empty() => return Err(RecordError::Malformed),
+            CONTENT_HANDSHAKE => self.handshake_bytes(plain, buf)?,
             CONTENT_CHANGE_CIPHER_SPEC => return Err(RecordError::Unexpected(kind)),
             other => return Err(RecordError::Unexpected(other)),
         };
         Ok(Some((consumed, opened)))
+    }
+
+    /// A record's handshake bytes, `buf[plain]`, after those of earlier records: the only
+    /// message taken is a TLS 1.3 KeyUpdate (RFC 8446 §4.6.3), which must end its record
+    /// (§5.1: the keys change after it).
+    fn handshake_bytes(&mut self, plain: Range<usize>, buf: &[u8]) -> Result<Opened, RecordError> {
+        const KEY_UPDATE_LEN: usize = 5;
+        let mut message = std::mem::take(&mut self.handshake);
+        message.extend_from_slice(&buf[plain]);
+        let kind = message[0];
+        if self.protocol != Protocol::Tls13 || kind != HANDSHAKE_KEY_UPDATE {
+            return Ok(Opened::Handshake(kind));
+        }
+        if message.len() >= 4 && message[1..4] != [0, 0, 1] {
+            return Err(RecordError::Malformed);
+        }
+        if message.len() < KEY_UPDATE_LEN {
+            self.handshake = message;
+            return Ok(Opened::HandshakePart);
+        }
+        if message.len() > KEY_UPDATE_LEN {
+            return Err(RecordError::Unexpected(CONTENT_HANDSHAKE));
+        }
+        let request = message[4];
+        if request > 1 {
+            return Err(RecordError::IllegalParameter);
+        }
+        self.rx.update(self.suite)?;
+        Ok(Opened::KeyUpdate {
+            requested: request == 1,
+        })
     }
 
     /// Opens every complete record at the start of `input` (drained as they are opened),
@@ -288,7 +338,7 @@ impl RecordLayer {
                             Ok(())
                         }
                         Opened::KeyUpdate { requested: true } => self.seal_key_update(out),
-                        Opened::KeyUpdate { requested: false } => Ok(()),
+                        Opened::KeyUpdate { requested: false } | Opened::HandshakePart => Ok(()),
                         // Nothing else comes after a handshake that asked for nothing more.
                         Opened::Handshake(_) => Err(RecordError::Unexpected(CONTENT_HANDSHAKE)),
                     }
@@ -402,4 +452,150 @@ fn tls12_aad(seq: u64, kind: u8, len: u16) -> [u8; 13] {
     aad[10] = 3;
     aad[11..].copy_from_slice(&len.to_be_bytes());
     aad
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A session's two ends: `server` opens what `client` seals (its directions swapped).
+    fn pair(protocol: Protocol) -> (RecordLayer, RecordLayer) {
+        let suite = Suite::Aes128Gcm;
+        let (a, b) = match protocol {
+            Protocol::Tls13 => (
+                Direction::from_secret(suite, &[7; 32], 0),
+                Direction::from_secret(suite, &[9; 32], 0),
+            ),
+            Protocol::Tls12 => {
+                let d = |k: u8| Direction {
+                    key: vec![k; 16],
+                    iv: [k; 12],
+                    seq: 0,
+                    secret: Vec::new(),
+                };
+                (d(7), d(9))
+            }
+        };
+        let session = |tx: &Direction, rx: &Direction| Session {
+            protocol,
+            suite,
+            tx: tx.clone(),
+            rx: rx.clone(),
+            server_name: String::new(),
+            pending: Vec::new(),
+        };
+        let server = RecordLayer::new(&session(&a, &b)).unwrap();
+        let client = RecordLayer::new(&session(&b, &a)).unwrap();
+        (server, client)
+    }
+
+    /// What the server makes of `wire`: the data it got, and how it ended.
+    fn receive(server: &mut RecordLayer, wire: &[u8]) -> (Vec<u8>, Received, Vec<u8>) {
+        let (mut input, mut out, mut data) = (wire.to_vec(), Vec::new(), Vec::new());
+        let said = server.open_all(&mut input, &mut out, |d| data.extend_from_slice(d));
+        (data, said, out)
+    }
+
+    fn sealed(client: &mut RecordLayer, kind: u8, plain: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        client.seal_record(kind, plain, &mut out).unwrap();
+        out
+    }
+
+    #[test]
+    fn a_record_with_more_than_2_14_bytes_of_plaintext_is_record_overflow() {
+        for protocol in [Protocol::Tls13, Protocol::Tls12] {
+            let (mut server, mut client) = pair(protocol);
+            let wire = sealed(
+                &mut client,
+                CONTENT_APPLICATION_DATA,
+                &[b'a'; MAX_PLAINTEXT],
+            );
+            assert_eq!(receive(&mut server, &wire).0.len(), MAX_PLAINTEXT);
+            let wire = sealed(
+                &mut client,
+                CONTENT_APPLICATION_DATA,
+                &[b'a'; MAX_PLAINTEXT + 1],
+            );
+            let (data, said, _) = receive(&mut server, &wire);
+            assert!(data.is_empty());
+            assert_eq!(
+                said,
+                Received::Failed(RecordError::Overflow),
+                "{protocol:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_key_update_split_across_records_moves_the_keys_once_it_is_whole() {
+        let (mut server, mut client) = pair(Protocol::Tls13);
+        let mut wire = sealed(&mut client, CONTENT_HANDSHAKE, &[HANDSHAKE_KEY_UPDATE, 0]);
+        wire.extend(sealed(&mut client, CONTENT_HANDSHAKE, &[0, 1, 1]));
+        client.tx.update(client.suite).unwrap();
+        wire.extend(sealed(&mut client, CONTENT_APPLICATION_DATA, b"after"));
+        let (data, said, out) = receive(&mut server, &wire);
+        assert_eq!((data.as_slice(), said), (&b"after"[..], Received::Open));
+        // It asked for ours: our KeyUpdate went out, and what we seal next is under new keys.
+        assert!(!out.is_empty());
+        let mut echo = out;
+        server.seal(b"reply", &mut echo).unwrap();
+        let mut back = Vec::new();
+        let said = client.open_all(&mut echo, &mut Vec::new(), |d| back.extend_from_slice(d));
+        assert_eq!((back.as_slice(), said), (&b"reply"[..], Received::Open));
+    }
+
+    #[test]
+    fn a_bad_key_update_gets_the_alert_rfc_8446_names() {
+        let cases: [(&[u8], RecordError, u8); 4] = [
+            (
+                &[HANDSHAKE_KEY_UPDATE, 0, 0, 1, 2],
+                RecordError::IllegalParameter,
+                47,
+            ),
+            (
+                &[HANDSHAKE_KEY_UPDATE, 0, 0, 2, 0, 0],
+                RecordError::Malformed,
+                50,
+            ),
+            // Something after it in the same record: the keys change at a record's end only.
+            (
+                &[HANDSHAKE_KEY_UPDATE, 0, 0, 1, 0, 24],
+                RecordError::Unexpected(22),
+                10,
+            ),
+            // A message the session does not take after its handshake.
+            (&[1, 0, 0, 1, 0], RecordError::Unexpected(22), 10),
+        ];
+        for (message, error, alert) in cases {
+            let (mut server, mut client) = pair(Protocol::Tls13);
+            let wire = sealed(&mut client, CONTENT_HANDSHAKE, message);
+            let (_, said, out) = receive(&mut server, &wire);
+            assert_eq!(said, Received::Failed(error), "{message:?}");
+            assert_eq!(error.alert(), alert);
+            // The peer reads the alert, under the keys it has.
+            let mut out = out;
+            let said = client.open_all(&mut out, &mut Vec::new(), |_| {});
+            assert_eq!(said, Received::Closed);
+        }
+    }
+
+    #[test]
+    fn application_data_inside_a_split_handshake_message_is_unexpected() {
+        let (mut server, mut client) = pair(Protocol::Tls13);
+        let mut wire = sealed(
+            &mut client,
+            CONTENT_HANDSHAKE,
+            &[HANDSHAKE_KEY_UPDATE, 0, 0],
+        );
+        assert!(server.payload(&[], "", b"").is_ok());
+        let (_, said, _) = receive(&mut server, &wire);
+        assert_eq!(said, Received::Open);
+        // Half a message received: the session cannot be handed on.
+        assert_eq!(server.payload(&[], "", b""), Err(RecordError::MidMessage));
+        wire = sealed(&mut client, CONTENT_APPLICATION_DATA, b"x");
+        let (data, said, _) = receive(&mut server, &wire);
+        assert!(data.is_empty());
+        assert_eq!(said, Received::Failed(RecordError::Unexpected(23)));
+    }
 }

@@ -1142,10 +1142,10 @@ impl<'s, H: Handler> Worker<'s, H> {
         };
         conn.hand_back = false;
         let sent = match (self.shared.handoff, conn.tls.as_ref()) {
-            (Some(sock), Some(tls)) => {
-                let payload = tls.hand_back_payload(&conn.rbuf);
-                handoff::send(sock, conn.fd.as_raw_fd(), handoff::TLS, &payload)
-            }
+            (Some(sock), Some(tls)) => match tls.hand_back_payload(&conn.rbuf) {
+                Ok(payload) => handoff::send(sock, conn.fd.as_raw_fd(), handoff::TLS, &payload),
+                Err(e) => Err(io::Error::other(e)),
+            },
             (Some(sock), None) => handoff::send(sock, conn.fd.as_raw_fd(), 0, &conn.rbuf),
             (None, _) => Err(io::Error::from_raw_os_error(libc::ENOTCONN)),
         };

@@ -89,8 +89,8 @@ impl TlsConn {
     }
 
     /// The handoff payload that gives the connection back: the session as it stands and the
-    /// plaintext not served.
-    pub fn hand_back_payload(&self, plain: &[u8]) -> Vec<u8> {
+    /// plaintext not served; none while half a handshake message is received.
+    pub fn hand_back_payload(&self, plain: &[u8]) -> Result<Vec<u8>, sluice_tls::RecordError> {
         self.layer.payload(&self.input, &self.sni, plain)
     }
 }

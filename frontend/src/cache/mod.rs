@@ -177,17 +177,13 @@ impl Cache {
         for st in self.statics.clone() {
             match std::fs::read(&st.file) {
                 Ok(body) => {
-                    let head = format!(
-                        "HTTP/1.1 200 OK\r\nContent-Type: {}\r\nCache-Control: public, max-age={}\r\nServer: sluice\r\n",
-                        st.content_type,
-                        st.ttl.as_secs()
-                    );
+                    let head = crate::answers::static_head(&st.content_type, st.ttl.as_secs());
                     let key = CacheKey {
                         host: st.host.clone(),
                         path: st.path.clone(),
                         variant: None,
                     };
-                    match self.insert(&key, head.into_bytes(), body, st.ttl, Origin::Static, now) {
+                    match self.insert(&key, head, body, st.ttl, Origin::Static, now) {
                         Ok(_) => stored.push(st.path.clone()),
                         Err(e) => log::warn!("cache: static {}: {e}", st.path),
                     }

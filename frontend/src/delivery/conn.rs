@@ -15,10 +15,11 @@ use std::{
 use sluice_proto::access::Arrival;
 
 use super::framing::{self, Framer};
-use super::judge::{self, Delivery, Verdict};
 use super::upstream::Upstream;
 use super::{DeliveryStats, Shared};
-use crate::dispatcher::PoolId;
+use crate::pipeline::memo::HeadMemo;
+use crate::pipeline::{self, Facts, Routed, Rules, Verdict};
+use crate::table::PoolId;
 
 /// A source is not read while its destination holds this much unsent.
 const HIGH: usize = 256 * 1024;
@@ -89,12 +90,14 @@ pub(super) struct Conn {
 /// What a connection's step needs from its loop.
 pub(super) struct Cx<'a> {
     pub shared: &'a Shared,
-    pub table: &'a crate::dispatcher::Table,
+    pub table: &'a crate::table::Table,
     pub now: Instant,
     /// An upgrade is taking the connections: no new request is started.
     pub holding: bool,
     /// Registers a new channel's fd for this connection's events.
     pub watch: &'a mut dyn FnMut(RawFd) -> io::Result<()>,
+    /// The thread's heads the cache answered (`pipeline::memo`).
+    pub memo: &'a mut HeadMemo,
 }
 
 enum Read {
@@ -179,8 +182,8 @@ impl Conn {
 
     /// What an upgrade carries: the client's connection and what was read of its next
     /// request (its channels close).
-    pub fn into_held(self) -> crate::dispatcher::Held {
-        crate::dispatcher::Held {
+    pub fn into_held(self) -> crate::held::Held {
+        crate::held::Held {
             fd: self.client,
             bytes: self.cin,
             arrival: self.arrival,
@@ -191,7 +194,7 @@ impl Conn {
     pub fn expire(&mut self, stats: &DeliveryStats) {
         stats.timeouts.fetch_add(1, Relaxed);
         if matches!(self.state, State::Head) && !self.cin.is_empty() && self.cout.is_empty() {
-            let answer = crate::dispatcher::reply(408, "the request head took too long");
+            let answer = crate::answers::refusal(408, "the request head took too long", false);
             let mut sent = 0;
             let _ = crate::epoll::send_pending(self.client.as_raw_fd(), &answer, &mut sent);
         }
@@ -272,7 +275,7 @@ impl Conn {
             );
         };
         let verdict = self.judge(&head, false, cx);
-        if matches!(&verdict, Verdict::Deliver(d) if d.pool == pool) && !reused {
+        if matches!(&verdict, Verdict::Pool(d) if d.pool == pool) && !reused {
             return self.bad_gateway(
                 cx,
                 "the application closed the connection without answering",
@@ -306,7 +309,9 @@ impl Conn {
 
     fn bad_gateway(&mut self, cx: &mut Cx<'_>, why: &'static str) -> Result<(), End> {
         cx.shared.stats.bad_responses.fetch_add(1, Relaxed);
+        let mut head_only = false;
         if let State::Exchange(x) = &self.state {
+            head_only = x.head_only;
             if x.response.is_some() {
                 // Part of the answer is out: the client learns of it by the close.
                 return Err(());
@@ -314,7 +319,7 @@ impl Conn {
             let i = x.up;
             self.drop_upstream(i);
         }
-        self.answer_and_close(crate::dispatcher::reply(502, why));
+        self.answer_and_close(crate::answers::refusal(502, why, head_only));
         Ok(())
     }
 
@@ -354,14 +359,23 @@ impl Conn {
     }
 
     /// The verdict on the head at the start of `input`, with this connection's facts.
-    fn judge(&self, input: &[u8], full: bool, cx: &Cx<'_>) -> Verdict {
-        let facts = judge::Facts {
+    fn judge(&self, input: &[u8], full: bool, cx: &mut Cx<'_>) -> Verdict {
+        let facts = Facts {
             local: Some(sluice_proto::site::local_address(self.local.ip())),
             sni: self.sni.as_deref(),
+            tls: self.sni.is_some(),
+            kept: true,
             now: cx.now,
         };
         let s = cx.shared;
-        judge::judge(input, full, &s.limits, cx.table, &s.flags, &s.cache, facts)
+        let rules = Rules {
+            limits: &s.limits,
+            table: cx.table,
+            generation: cx.memo.generation(),
+            flags: &s.flags,
+            cache: &s.cache,
+        };
+        pipeline::judge(input, full, rules, facts, cx.memo)
     }
 
     fn step_head(&mut self, cx: &mut Cx<'_>) -> Result<bool, End> {
@@ -401,7 +415,7 @@ impl Conn {
                     head_only,
                 } => {
                     cx.shared.stats.refused.fetch_add(1, Relaxed);
-                    let answer = crate::dispatcher::reply_to(status, why, head_only);
+                    let answer = crate::answers::refusal(status, why, head_only);
                     self.log(cx, status, crate::access_log::body_len(&answer), None);
                     self.answer_and_close(answer);
                     return Ok(true);
@@ -411,7 +425,7 @@ impl Conn {
                     self.answer_and_close(answer);
                     return Ok(true);
                 }
-                Verdict::Deliver(d) => {
+                Verdict::Pool(d) => {
                     self.start_exchange(d, cx)?;
                     return Ok(true);
                 }
@@ -436,11 +450,11 @@ impl Conn {
         Ok(progress)
     }
 
-    fn start_exchange(&mut self, d: Delivery, cx: &mut Cx<'_>) -> Result<(), End> {
+    fn start_exchange(&mut self, d: Routed, cx: &mut Cx<'_>) -> Result<(), End> {
         let i = match self.channel(d.pool, cx) {
             Ok(i) => i,
             Err(()) => {
-                let answer = crate::dispatcher::reply_to(
+                let answer = crate::answers::refusal(
                     503,
                     "the application pool cannot be reached",
                     d.head_only,

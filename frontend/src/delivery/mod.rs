@@ -9,7 +9,6 @@
 
 mod conn;
 pub mod framing;
-pub mod judge;
 mod upstream;
 
 use std::{
@@ -28,8 +27,11 @@ use std::{
 use sluice_proto::access::Arrival;
 
 use self::conn::{Conn, Cx};
-use crate::dispatcher::{Held, PoolFlags, SharedTable, head::Limits};
 use crate::epoll::{self, Epoll};
+use crate::held::Held;
+use crate::pipeline::head::Limits;
+use crate::pipeline::memo::HeadMemo;
+use crate::table::{PoolFlags, SharedTable};
 
 const WAKE: u64 = u64::MAX;
 
@@ -106,7 +108,8 @@ enum Job {
 pub struct Origin {
     pub peer: SocketAddr,
     pub local: SocketAddr,
-    /// The session's SNI name: a request for another host is answered 421.
+    /// A TLS session's SNI name (empty when its ClientHello named none): a request for
+    /// another host is answered 421. None for a plain connection.
     pub sni: Option<String>,
 }
 
@@ -164,6 +167,7 @@ impl Delivery {
             conns: HashMap::new(),
             next: 0,
             handing: None,
+            memo: HeadMemo::default(),
         };
         std::thread::Builder::new()
             .name("sluice-delivery".into())
@@ -231,6 +235,8 @@ struct Loop {
     next: u64,
     /// An upgrade is taking the connections: until when, and where they go.
     handing: Option<(Instant, mpsc::Sender<Vec<Held>>, Vec<Held>)>,
+    /// Heads the cache answered (`pipeline::memo`).
+    memo: HeadMemo,
 }
 
 impl Loop {
@@ -245,7 +251,8 @@ impl Loop {
                     return;
                 }
             };
-            let (_, table) = self.shared.table.current();
+            let (generation, table) = self.shared.table.current();
+            self.memo.under(generation);
             let now = Instant::now();
             for i in 0..n {
                 let (token, bits) = self.epoll.ready(i);
@@ -316,7 +323,7 @@ impl Loop {
     }
 
     /// False once the dispatcher is gone (the front end is stopping).
-    fn take_jobs(&mut self, table: &crate::dispatcher::Table, now: Instant) -> bool {
+    fn take_jobs(&mut self, table: &crate::table::Table, now: Instant) -> bool {
         loop {
             match self.jobs.try_recv() {
                 Ok(Job::Conn {
@@ -341,7 +348,7 @@ impl Loop {
         bytes: Vec<u8>,
         arrival: Arrival,
         origin: Option<Origin>,
-        table: &crate::dispatcher::Table,
+        table: &crate::table::Table,
         now: Instant,
     ) {
         let fd = client.as_raw_fd();
@@ -382,7 +389,7 @@ impl Loop {
         self.step(id, table, now);
     }
 
-    fn step(&mut self, id: u64, table: &crate::dispatcher::Table, now: Instant) {
+    fn step(&mut self, id: u64, table: &crate::table::Table, now: Instant) {
         let Some(conn) = self.conns.get_mut(&id) else {
             return;
         };
@@ -397,6 +404,7 @@ impl Loop {
             now,
             holding: self.handing.is_some(),
             watch: &mut watch,
+            memo: &mut self.memo,
         };
         if conn.drive(&mut cx).is_err() {
             self.close(id);

@@ -14,7 +14,7 @@ use std::{
 use sluice_proto::handoff;
 
 use crate::direct::{Direct, DirectConn};
-use crate::dispatcher::{PoolEntry, PoolId};
+use crate::table::{PoolEntry, PoolId};
 
 enum Link {
     Pair(OwnedFd),

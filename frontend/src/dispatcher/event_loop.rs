@@ -22,11 +22,9 @@ use sluice_proto::site::local_address_of;
 
 mod handover;
 
-use super::memo::HeadMemo;
-use super::{
-    Dispatcher, Held, PoolFlags, PoolId, Stop, Table, handoff,
-    head::{self, Decision},
-};
+use super::{Dispatcher, Held, PoolFlags, PoolId, Stop, Table, handoff};
+use crate::pipeline::memo::HeadMemo;
+use crate::pipeline::{self, Facts, Hold, Rules, Verdict};
 
 const RING_ENTRIES: u32 = 1024;
 /// IORING_RECVSEND_POLL_FIRST: arm the poll without trying the receive first.
@@ -221,7 +219,6 @@ impl Loop {
                 let (g, t) = self.d.table.current();
                 (self.generation, self.table) = (g, t);
                 self.d.table.seen.store(g, Ordering::Release);
-                self.memo.clear();
                 self.table_changed();
             }
             for &(user_data, res, flags) in &cqes {
@@ -517,7 +514,7 @@ impl Loop {
                         return Some(m.fd.into_raw_fd());
                     }
                     // The TLS thread answers it 503 over its session.
-                    to_tls(tls, m.fd, m.bytes.to_vec(), Arrival::Dispatcher);
+                    to_tls(tls, m.fd, m.bytes.to_vec(), Arrival::Dispatcher, None);
                     None
                 });
             if let Some(fd) = fd {
@@ -579,7 +576,10 @@ impl Loop {
                 } else {
                     Arrival::Handback
                 };
-                to_tls(self.d.tls.as_ref(), m.fd, m.bytes.to_vec(), arrival);
+                // A worker's hand-back names its session itself: the TLS thread checks that
+                // this pool could have been given a session of that name.
+                let from = (!reroute).then(|| PoolId::new(p));
+                to_tls(self.d.tls.as_ref(), m.fd, m.bytes.to_vec(), arrival, from);
                 None
             }
             Ok(m) => {
@@ -663,156 +663,79 @@ impl Loop {
             self.recv_with(slot, RECVSEND_POLL_FIRST);
             return;
         }
-        // The head is judged, and the cache asked, while it is borrowed from the buffer.
-        if self.table.routes.has_ip_sites() {
+        // The local address is asked once per connection, and only where a verdict may
+        // need it (IP-bound sites, a redirect of a head without `Host`).
+        if self.table.routes.has_ip_sites() || self.table.redirect.is_some() {
             if let Some(c) = self.conns[slot].as_mut().filter(|c| c.local.is_none()) {
                 c.local = local_address_of(c.fd);
             }
         }
-        if let Some(port) = self.table.redirect {
-            self.redirect(slot, port);
-            return;
-        }
-        let asked = match self.answer_remembered(slot) {
-            Remembered::Answered => return,
-            Remembered::NoAnswer => true,
-            Remembered::New => false,
-        };
-        let (decision, head_len, close, full, answer, given) = {
+        let verdict = {
             let Some(c) = self.conns[slot].as_ref() else {
                 return;
             };
-            let routes = &self.table.routes;
-            let local = c.local.filter(|_| routes.has_ip_sites());
-            let buf = &c.buf[..c.filled];
-            let seen = head::inspect(buf, &self.d.limits, routes, local);
-            // The cache first: an entry a pool published answers requests routed there, a
-            // static entry any request for its host and path.
-            let answer = seen
-                .lookup()
-                .filter(|_| !asked)
-                .and_then(|lookup| self.d.cache.lock().ok()?.answer(&lookup, self.now));
-            if answer.is_some() {
-                self.memo.keep(buf, local, &seen);
-            }
-            let full = c.filled >= c.buf.len();
-            // Whether the connection may go to the request's pool, or stays the front
-            // end's and has each request delivered (`sluice_proto::ownership`).
-            let given = match seen.decision {
-                Decision::Pool(p) => self.table.gives_connection(&seen.host, local, p),
-                _ => true,
+            let rules = Rules {
+                limits: &self.d.limits,
+                table: &self.table,
+                generation: self.generation,
+                flags: &self.d.flags,
+                cache: &self.d.cache,
             };
-            (
-                seen.decision,
-                seen.head_len,
-                seen.close,
-                full,
-                answer,
-                given,
-            )
+            let facts = Facts {
+                local: c.local,
+                sni: None,
+                tls: false,
+                kept: false,
+                now: self.now,
+            };
+            let full = c.filled >= c.buf.len();
+            pipeline::judge(&c.buf[..c.filled], full, rules, facts, &mut self.memo)
         };
-        if decision == Decision::NeedMore && !full {
+        if matches!(verdict, Verdict::NeedMore) {
             self.recv(slot);
             return;
         }
         self.uncount(slot);
-        if let Some(bytes) = answer {
-            self.answer_cached(slot, bytes, decision.pool(), close, head_len);
-            return;
-        }
-        let decision = super::admit(decision, true, &self.table, &self.d.flags);
-        match decision {
-            Decision::Pool(p) if !given => self.deliver(slot, p),
-            Decision::Pool(p) if self.table.pool(p).is_some_and(|e| e.relay) => {
-                self.relay(slot, p);
-            }
-            Decision::Pool(p) => {
-                let channel = self.table.pool(p).map_or(-1, |e| e.handoff);
-                let Some(c) = self.conns[slot].as_ref() else {
-                    return;
-                };
-                let flags = handoff::routed_flags(c.arrival);
-                let counted = self.d.stats.hand_off(p);
-                match handoff::send(channel, c.fd, flags, &c.buf[..c.filled]) {
-                    Ok(()) => self.close(slot),
-                    Err(e) => {
-                        counted.undo();
-                        log::warn!("handoff to pool {p} failed: {e}");
-                        self.refuse(slot, 503, "the application's queue is full");
-                    }
-                }
-            }
-            Decision::Refuse(code, why) => self.refuse(slot, code, why),
-            Decision::NeedMore => {}
-        }
-    }
-
-    /// `redirect_https`: a complete, valid head gets 308 to its https URL; a head that is
-    /// not one gets its refusal as on any plain connection.
-    fn redirect(&mut self, slot: usize, port: u16) {
-        let Some(c) = self.conns[slot].as_mut() else {
-            return;
-        };
-        let seen = head::inspect(&c.buf[..c.filled], &self.d.limits, &self.table.routes, None);
-        // The head rules' last word (431) without the pool's (503): every request is
-        // redirected, wherever it routes.
-        let judged = match seen.decision {
-            Decision::NeedMore => {
-                let full = c.filled >= c.buf.len();
-                super::admit(Decision::NeedMore, full, &self.table, &self.d.flags)
-            }
-            ref other => other.clone(),
-        };
-        let location = match judged {
-            Decision::NeedMore => {
-                self.recv(slot);
-                return;
-            }
-            Decision::Refuse(code, why) if seen.head_len == 0 => Err((code, why)),
-            // Routed or not: every request is redirected.
-            _ => {
-                if seen.host.is_empty() && c.local.is_none() {
-                    c.local = local_address_of(c.fd);
-                }
-                super::redirect::location(&seen.host, c.local, port, seen.path, seen.query)
-                    .ok_or((400, "a redirect to https needs a Host"))
-            }
-        };
-        self.uncount(slot);
-        match location {
-            Ok(location) => {
-                let answer = super::redirect::answer(&location);
+        match verdict {
+            Verdict::NeedMore => {}
+            Verdict::Cached {
+                answer,
+                head_len,
+                keep,
+                pool,
+            } => self.answer_cached(slot, answer, pool, !keep, head_len),
+            Verdict::Refuse { status, why, .. } => self.refuse(slot, status, why),
+            Verdict::Redirect { answer } => {
                 self.d.stats.redirects.fetch_add(1, Ordering::Relaxed);
                 if self.d.access_log.is_some() {
                     self.log_answer(slot, 308, crate::access_log::body_len(&answer), None);
                 }
                 self.start_reply(slot, Answer::Owned(answer), None);
             }
-            Err((code, why)) => self.refuse(slot, code, why),
+            Verdict::Pool(r) if r.hold == Hold::FrontEnd => self.deliver(slot, r.pool),
+            Verdict::Pool(r) if self.table.pool(r.pool).is_some_and(|e| e.relay) => {
+                self.relay(slot, r.pool);
+            }
+            Verdict::Pool(r) => self.hand_off(slot, r.pool),
         }
     }
 
-    /// Answers a head judged before (`HeadMemo`) from the cache without judging it again.
-    fn answer_remembered(&mut self, slot: usize) -> Remembered {
+    /// Gives the connection, with the bytes read of it, to pool `p`'s workers.
+    fn hand_off(&mut self, slot: usize, p: PoolId) {
+        let channel = self.table.pool(p).map_or(-1, |e| e.handoff);
         let Some(c) = self.conns[slot].as_ref() else {
-            return Remembered::Answered;
+            return;
         };
-        let local = c.local.filter(|_| self.table.routes.has_ip_sites());
-        let Some(j) = self.memo.find(&c.buf[..c.filled], local) else {
-            return Remembered::New;
-        };
-        let answer = match self.d.cache.lock() {
-            Ok(mut cache) => cache.answer(&j.lookup(), self.now),
-            Err(_) => None,
-        };
-        let Some(bytes) = answer else {
-            // Expired or gone: judged afresh, and the cache not asked twice.
-            return Remembered::NoAnswer;
-        };
-        let (routed, close, head_len) = (j.routed, j.close, j.head_len);
-        self.uncount(slot);
-        self.answer_cached(slot, bytes, routed, close, head_len);
-        Remembered::Answered
+        let flags = handoff::routed_flags(c.arrival);
+        let counted = self.d.stats.hand_off(p);
+        match handoff::send(channel, c.fd, flags, &c.buf[..c.filled]) {
+            Ok(()) => self.close(slot),
+            Err(e) => {
+                counted.undo();
+                log::warn!("handoff to pool {p} failed: {e}");
+                self.refuse(slot, 503, "the application's queue is full");
+            }
+        }
     }
 
     fn answer_cached(
@@ -903,7 +826,7 @@ impl Loop {
         let head_only = self.conns[slot]
             .as_ref()
             .is_some_and(|c| sluice_proto::request::is_head(&c.buf[..c.filled]));
-        let answer = super::reply_to(code, why, head_only);
+        let answer = crate::answers::refusal(code, why, head_only);
         if self.d.access_log.is_some() {
             self.log_answer(slot, code, crate::access_log::body_len(&answer), None);
         }
@@ -1059,16 +982,6 @@ impl Loop {
     }
 }
 
-/// What the memo of judged heads did with a connection's bytes.
-enum Remembered {
-    /// Answered from the cache (or the connection is gone).
-    Answered,
-    /// Judged before, but the cache has no answer now.
-    NoAnswer,
-    /// Not judged before.
-    New,
-}
-
 fn incoming(slot: &mut Option<Box<handoff::Incoming>>) -> &mut handoff::Incoming {
     slot.get_or_insert_with(|| Box::new(handoff::Incoming::new()))
 }
@@ -1087,9 +1000,10 @@ fn to_tls(
     fd: std::os::fd::OwnedFd,
     bytes: Vec<u8>,
     arrival: Arrival,
+    from: Option<PoolId>,
 ) {
     if let Some(tls) = tls {
-        tls.send(Held { fd, bytes, arrival });
+        tls.send(Held { fd, bytes, arrival }, from);
     }
 }
 

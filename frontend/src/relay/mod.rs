@@ -103,7 +103,7 @@ impl Relay {
         client: OwnedFd,
         bytes: Vec<u8>,
         pool: PoolId,
-        table: &crate::dispatcher::Table,
+        table: &crate::table::Table,
     ) -> Result<(), ()> {
         let job = Job {
             client,
@@ -326,7 +326,7 @@ fn advance(p: &mut Pair) -> io::Result<bool> {
 
 /// Best effort: the connection could not reach its pool.
 fn refuse(fd: RawFd) {
-    let answer = crate::dispatcher::reply(503, "the application pool cannot be reached");
+    let answer = crate::answers::refusal(503, "the application pool cannot be reached", false);
     // SAFETY: sends from a live buffer of its length.
     unsafe {
         libc::send(

@@ -14,7 +14,7 @@ use super::{
     Frontend,
     upgrade::{Counts, HeldState, Incoming, State, check_binary},
 };
-use crate::{admin::AdminSocket, config::Config, dispatcher::Stop};
+use crate::{admin::AdminSocket, config::Config, held::Stop};
 
 impl Frontend {
     /// The checks an upgrade must pass before anything is stopped: the binary at this
@@ -143,7 +143,7 @@ impl Frontend {
     fn state(
         &self,
         admin: RawFd,
-        held: &[crate::dispatcher::Held],
+        held: &[crate::held::Held],
         tls: Option<&crate::tls::Carried>,
     ) -> State {
         let sockets = self.queue_sockets();

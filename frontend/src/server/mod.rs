@@ -788,7 +788,7 @@ impl Frontend {
         }
         log::info!("stopping: workers first, then the dispatcher");
         self.supervisor.stop_all();
-        dispatcher::Stop::Close.send(self.stop.as_raw_fd());
+        crate::held::Stop::Close.send(self.stop.as_raw_fd());
         match self.dispatch_thread.take().map(JoinHandle::join) {
             Some(Ok(Err(e))) => log::error!("dispatcher: {e}"),
             Some(Ok(Ok(held))) if !held.is_empty() => {
@@ -801,7 +801,7 @@ impl Frontend {
             _ => {}
         }
         if let Some(t) = self.tls.as_mut() {
-            dispatcher::Stop::Close.send(t.stop.as_raw_fd());
+            crate::held::Stop::Close.send(t.stop.as_raw_fd());
             if let Some(thread) = t.thread.take() {
                 let _ = thread.join();
             }

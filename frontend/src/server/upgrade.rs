@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use sluice_proto::access::Arrival;
 
 use crate::activation::WorkerState;
-use crate::dispatcher::Held;
+use crate::held::Held;
 
 /// Names the fd of the state in the next program's environment.
 const STATE_VAR: &str = "SLUICE_UPGRADE_STATE";

@@ -19,12 +19,13 @@ use super::{
     upstream::{self, Upstream, WINDOW},
 };
 use crate::access_log::{Answered, body_len};
-use crate::dispatcher::{
-    CountedAhead, Held, PoolId, Stop,
-    head::{self, Decision},
-    reply,
-};
 use crate::epoll::{self, Epoll, set_nonblocking};
+use crate::held::{Held, Stop};
+use crate::pipeline::head::Decision;
+use crate::pipeline::memo::HeadMemo;
+use crate::pipeline::{self, Facts, Hold, Rules, Verdict};
+use crate::table::{CountedAhead, PoolId};
+use sluice_proto::request::is_head;
 
 const WAKE: u64 = u64::MAX;
 /// A relayed connection's pool side: its connection's token with this bit.
@@ -116,12 +117,18 @@ pub struct Loop {
     epoll: Epoll,
     conns: HashMap<u64, Conn>,
     next_token: u64,
-    inbox: mpsc::Receiver<Held>,
+    inbox: mpsc::Receiver<(Held, Option<PoolId>)>,
     wake: Arc<OwnedFd>,
+    /// Heads the cache answered (`pipeline::memo`).
+    memo: HeadMemo,
 }
 
 impl Loop {
-    pub fn new(f: TlsFront, inbox: mpsc::Receiver<Held>, wake: Arc<OwnedFd>) -> io::Result<Loop> {
+    pub fn new(
+        f: TlsFront,
+        inbox: mpsc::Receiver<(Held, Option<PoolId>)>,
+        wake: Arc<OwnedFd>,
+    ) -> io::Result<Loop> {
         let lp = Loop {
             f,
             epoll: Epoll::new()?,
@@ -129,6 +136,7 @@ impl Loop {
             next_token: 0,
             inbox,
             wake,
+            memo: HeadMemo::default(),
         };
         lp.listen()?;
         lp.epoll.add(lp.wake.as_raw_fd(), epoll::IN, WAKE)?;
@@ -294,8 +302,8 @@ impl Loop {
     /// puts a connection of the front end's own into the pool's queue (`crate::relay`). A
     /// pool that cannot take it gets the client a fatal alert: without the pool's
     /// certificate, no HTTP answer can be sealed.
-    fn pass_through(&mut self, token: u64, p: PoolId, table: &crate::dispatcher::Table) {
-        let admitted = crate::dispatcher::admit(Decision::Pool(p), false, table, &self.f.flags);
+    fn pass_through(&mut self, token: u64, p: PoolId, table: &crate::table::Table) {
+        let admitted = crate::pipeline::admit(Decision::Pool(p), false, table, &self.f.flags);
         let relay = self.f.relay.as_ref();
         if let (Decision::Pool(p), Some(relay)) = (admitted, relay) {
             if let Some(c) = self.conns.remove(&token) {
@@ -366,18 +374,46 @@ impl Loop {
     /// Sessions workers handed back, passed on by the dispatcher.
     fn take_up(&mut self) {
         crate::eventfd::take(self.wake.as_raw_fd());
-        while let Ok(held) = self.inbox.try_recv() {
+        while let Ok((held, from)) = self.inbox.try_recv() {
             TlsStats::add(&self.f.stats.handed_back);
-            self.adopt_session(held, "a TLS connection handed back");
+            if self.vouched(&held, from) {
+                self.adopt_session(held, "a TLS connection handed back");
+            }
         }
+    }
+
+    /// Whether a session handed back by pool `from` names one that pool could have been
+    /// given (`Table::may_hold_session`); the front end's own (`from` None) always does.
+    fn vouched(&self, held: &Held, from: Option<PoolId>) -> bool {
+        let Some(p) = from else {
+            return true;
+        };
+        let Ok((session, _)) = Session::decode(&held.bytes) else {
+            // Refused with its reason where it is adopted.
+            return true;
+        };
+        let table = self.f.table.current().1;
+        let local = sluice_proto::site::local_address_of(held.fd.as_raw_fd());
+        if table.may_hold_session(&session.server_name, local, p) {
+            return true;
+        }
+        log::warn!(
+            "pool {} handed back a TLS session named {:?}, which it could not have been given; closed",
+            table.pool(p).map_or("?", |e| &e.name),
+            session.server_name
+        );
+        false
     }
 
     /// What the dispatcher passed on and this thread has not taken up (at a stop), counted
     /// as handed back like what it takes up.
     pub fn inbox_left(&self) -> Vec<Held> {
-        let left: Vec<Held> = self.inbox.try_iter().collect();
-        for _ in &left {
+        let mut left = Vec::new();
+        for (held, from) in self.inbox.try_iter() {
             TlsStats::add(&self.f.stats.handed_back);
+            if self.vouched(&held, from) {
+                left.push(held);
+            }
         }
         left
     }
@@ -598,15 +634,28 @@ impl Loop {
             c.then = Then::Close;
             return;
         }
-        let (table, limits) = (self.f.table.current().1, &self.f.limits);
+        let ((generation, table), limits) = (self.f.table.current(), &self.f.limits);
         if table.routes.has_ip_sites() && c.local.is_none() {
             c.local = sluice_proto::site::local_address_of(c.fd.as_raw_fd());
         }
         while !c.plain.is_empty() {
-            let local = c.local.filter(|_| table.routes.has_ip_sites());
-            let seen = head::inspect(&c.plain, limits, &table.routes, local);
             let full = c.plain.len() >= limits.max_request_head;
-            if seen.decision == Decision::NeedMore && !full {
+            let rules = Rules {
+                limits,
+                table: &table,
+                generation,
+                flags: &self.f.flags,
+                cache: &self.f.cache,
+            };
+            let facts = Facts {
+                local: c.local,
+                sni: Some(&c.sni),
+                tls: true,
+                kept: false,
+                now: Instant::now(),
+            };
+            let verdict = pipeline::judge(&c.plain, full, rules, facts, &mut self.memo);
+            if matches!(verdict, Verdict::NeedMore) {
                 break;
             }
             c.deadline = Instant::now() + self.f.header_timeout;
@@ -623,52 +672,57 @@ impl Loop {
                     });
                 }
             };
-            if !sluice_proto::host::agrees_with_sni(&seen.host, &c.sni) {
-                let why = "this connection was made for another host";
-                let (then, bytes) = refuse(layer, &mut c.out, 421, why, &self.f.stats);
-                log(421, bytes, None);
-                c.then = then;
-                return;
-            }
-            let answer = seen
-                .lookup()
-                .and_then(|lookup| self.f.cache.lock().ok()?.answer(&lookup, Instant::now()));
-            if let Some(bytes) = answer {
-                TlsStats::add(&self.f.stats.cache_answers);
-                let pool = seen.decision.pool().and_then(|p| table.pool(p));
-                log(200, body_len(&bytes), pool.map(|e| e.name.clone()));
-                let (close, head_len) = (seen.close, seen.head_len);
-                if let Err(e) = layer.seal(&bytes, &mut c.out) {
-                    log::debug!("a TLS connection: {e}");
-                    c.then = Then::Close;
-                    return;
+            match verdict {
+                Verdict::NeedMore => {}
+                Verdict::Cached {
+                    answer,
+                    head_len,
+                    keep,
+                    pool,
+                } => {
+                    TlsStats::add(&self.f.stats.cache_answers);
+                    let pool = pool.and_then(|p| table.pool(p));
+                    log(200, body_len(&answer), pool.map(|e| e.name.clone()));
+                    if let Err(e) = layer.seal(&answer, &mut c.out) {
+                        log::debug!("a TLS connection: {e}");
+                        c.then = Then::Close;
+                        return;
+                    }
+                    c.plain.drain(..head_len.min(c.plain.len()));
+                    if !keep {
+                        let _ = layer.seal_alert(0, &mut c.out);
+                        c.then = Then::Close;
+                        return;
+                    }
+                    c.deadline = Instant::now() + self.f.idle_timeout;
+                    c.started = Instant::now();
+                    continue;
                 }
-                c.plain.drain(..head_len);
-                if close {
-                    let _ = layer.seal_alert(0, &mut c.out);
-                    c.then = Then::Close;
-                    return;
-                }
-                c.deadline = Instant::now() + self.f.idle_timeout;
-                c.started = Instant::now();
-                continue;
-            }
-            match crate::dispatcher::admit(seen.decision, full, &table, &self.f.flags) {
-                // No pool may hold the session of a host it shares with others: the
-                // delivery thread gets its plaintext, this request first.
-                Decision::Pool(p) if !table.gives_connection(&seen.host, local, p) => {
-                    c.then = Then::Deliver;
-                }
-                Decision::Pool(p) if table.pool(p).is_some_and(|e| e.relay) => {
-                    c.then = Then::Relay(p);
-                }
-                Decision::Pool(p) => c.then = Then::HandOff(p),
-                Decision::Refuse(code, why) => {
-                    let (then, bytes) = refuse(layer, &mut c.out, code, why, &self.f.stats);
-                    log(code, bytes, None);
+                Verdict::Refuse {
+                    status,
+                    why,
+                    head_only,
+                } => {
+                    let (then, bytes) =
+                        refuse(layer, &mut c.out, status, why, head_only, &self.f.stats);
+                    log(status, bytes, None);
                     c.then = then;
                 }
-                Decision::NeedMore => {}
+                // Never on a TLS connection (`Facts::tls`); answered as given all the same.
+                Verdict::Redirect { answer } => {
+                    log(308, body_len(&answer), None);
+                    if layer.seal(&answer, &mut c.out).is_ok() {
+                        let _ = layer.seal_alert(0, &mut c.out);
+                    }
+                    c.then = Then::Close;
+                }
+                // No pool may hold the session of a host it shares with others: the
+                // delivery thread gets its plaintext, this request first.
+                Verdict::Pool(r) if r.hold == Hold::FrontEnd => c.then = Then::Deliver,
+                Verdict::Pool(r) if table.pool(r.pool).is_some_and(|e| e.relay) => {
+                    c.then = Then::Relay(r.pool);
+                }
+                Verdict::Pool(r) => c.then = Then::HandOff(r.pool),
             }
             return;
         }
@@ -732,7 +786,19 @@ impl Loop {
         let Some(entry) = table.pool(p) else {
             return;
         };
-        let payload = layer.payload(&c.input, &c.sni, &c.plain);
+        let payload = match layer.payload(&c.input, &c.sni, &c.plain) {
+            Ok(payload) => payload,
+            Err(e) => {
+                // Half a KeyUpdate came with the request: the session cannot move.
+                log::debug!("a TLS connection for pool {p}: {e}");
+                let _ = layer.seal_alert(e.alert(), &mut c.out);
+                c.then = Then::Close;
+                if let Some(t) = self.add(c) {
+                    self.flush(t);
+                }
+                return;
+            }
+        };
         let flags = handoff::routed_flags(c.arrival) | handoff::TLS;
         // Workers get connections as the dispatcher passes them: blocking.
         set_nonblocking(c.fd.as_raw_fd(), false);
@@ -744,7 +810,15 @@ impl Loop {
                 log::warn!("handing a TLS connection to pool {p} failed: {e}");
                 // Answered 503 over the session instead.
                 let why = "the application's queue is full";
-                c.then = refuse(layer, &mut c.out, 503, why, &self.f.stats).0;
+                c.then = refuse(
+                    layer,
+                    &mut c.out,
+                    503,
+                    why,
+                    is_head(&c.plain),
+                    &self.f.stats,
+                )
+                .0;
                 set_nonblocking(c.fd.as_raw_fd(), true);
                 if let Some(t) = self.add(c) {
                     self.flush(t);
@@ -781,7 +855,15 @@ impl Loop {
                     log::warn!("TLS to socket pool {p}: {e}");
                 }
                 let why = "the application pool cannot be reached";
-                c.then = refuse(layer, &mut c.out, 503, why, &self.f.stats).0;
+                c.then = refuse(
+                    layer,
+                    &mut c.out,
+                    503,
+                    why,
+                    is_head(&c.plain),
+                    &self.f.stats,
+                )
+                .0;
                 self.flush(token);
                 return;
             }
@@ -830,7 +912,15 @@ impl Loop {
             (self.f.delivery.as_ref(), addresses, pair)
         else {
             let why = "the application pool cannot be reached";
-            c.then = refuse(layer, &mut c.out, 503, why, &self.f.stats).0;
+            c.then = refuse(
+                layer,
+                &mut c.out,
+                503,
+                why,
+                is_head(&c.plain),
+                &self.f.stats,
+            )
+            .0;
             self.flush(token);
             return;
         };
@@ -845,7 +935,15 @@ impl Loop {
             .is_err()
         {
             let why = "the application pool cannot be reached";
-            c.then = refuse(layer, &mut c.out, 503, why, &self.f.stats).0;
+            c.then = refuse(
+                layer,
+                &mut c.out,
+                503,
+                why,
+                is_head(&c.plain),
+                &self.f.stats,
+            )
+            .0;
             self.flush(token);
             return;
         }
@@ -950,10 +1048,11 @@ fn refuse(
     out: &mut Vec<u8>,
     code: u16,
     why: &str,
+    head_only: bool,
     stats: &TlsStats,
 ) -> (Then, u64) {
     TlsStats::add(&stats.refused);
-    let answer = reply(code, why);
+    let answer = crate::answers::refusal(code, why, head_only);
     if layer.seal(&answer, out).is_ok() {
         let _ = layer.seal_alert(0, out);
     }

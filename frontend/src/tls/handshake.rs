@@ -73,6 +73,12 @@ pub fn record_len(buf: &[u8]) -> Option<usize> {
     (buf.len() >= len).then_some(len)
 }
 
+/// Whether the bytes at the start of `buf` can begin a TLS record: a content type TLS has
+/// (change_cipher_spec, alert, handshake, application_data) and major version 3.
+fn starts_a_record(buf: &[u8]) -> bool {
+    buf.first().is_none_or(|t| (20..=23).contains(t)) && buf.get(1).is_none_or(|&v| v == 3)
+}
+
 /// The length, header included, that the record at the start of `buf` says it has.
 fn declared_len(buf: &[u8]) -> Option<usize> {
     let header = buf.get(..5)?;
@@ -102,6 +108,10 @@ impl Handshake {
         let result = loop {
             if !self.conn.is_handshaking() {
                 break Ok(());
+            }
+            if !starts_a_record(&input[taken..]) {
+                // An SSLv2-format ClientHello, or no TLS at all: nothing to wait for.
+                break Err(rustls::Error::General("not a TLS record".into()));
             }
             if declared_len(&input[taken..]).is_some_and(|n| n > sluice_tls::MAX_RECORD) {
                 // Never completes within the input the loop keeps: refused now, not at the

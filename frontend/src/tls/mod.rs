@@ -26,8 +26,10 @@ use std::{
 pub use event_loop::HAND_OVER_WAIT;
 pub use handshake::Secrets;
 
-use crate::dispatcher::{Held, PoolFlags, SharedTable, head::Limits};
+use crate::held::Held;
+use crate::pipeline::head::Limits;
 use crate::status::TlsStatus;
+use crate::table::{PoolFlags, SharedTable};
 
 /// Figures for status and metrics.
 #[derive(Debug, Default)]
@@ -82,7 +84,7 @@ pub struct TlsFront {
 /// The dispatcher's way to pass on a TLS connection a worker handed back.
 #[derive(Clone)]
 pub struct Inbox {
-    sender: mpsc::Sender<Held>,
+    sender: mpsc::Sender<(Held, Option<crate::table::PoolId>)>,
     wake: Arc<OwnedFd>,
 }
 
@@ -93,8 +95,10 @@ impl std::fmt::Debug for Inbox {
 }
 
 impl Inbox {
-    pub fn send(&self, held: Held) {
-        if self.sender.send(held).is_ok() {
+    /// `from`: the pool whose worker handed the session back (its name is checked against
+    /// what that pool could have been given), or None for the front end's own.
+    pub fn send(&self, held: Held, from: Option<crate::table::PoolId>) {
+        if self.sender.send((held, from)).is_ok() {
             crate::eventfd::signal(self.wake.as_raw_fd(), 1);
         }
     }

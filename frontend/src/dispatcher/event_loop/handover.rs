@@ -140,7 +140,7 @@ impl Loop {
                         } else {
                             Arrival::Dispatcher
                         };
-                        to_tls(self.d.tls.as_ref(), fd, bytes, arrival);
+                        to_tls(self.d.tls.as_ref(), fd, bytes, arrival, None);
                     }
                     Ok((fd, bytes, false)) => {
                         let slot = self.insert(fd.into_raw_fd(), &bytes);

@@ -19,7 +19,7 @@ use std::{
 };
 
 use super::{Conn, LISTENER, Loop, Phase, STOP, Then, WAKE};
-use crate::dispatcher::Held;
+use crate::held::Held;
 use crate::tls::Carried;
 
 /// Most an upgrade waits for handshakes and answers under way: a handshake takes a round
@@ -99,11 +99,17 @@ impl Loop {
         for (_, c) in std::mem::take(&mut self.conns) {
             self.epoll.delete(c.fd.as_raw_fd());
             match (fate(&c), c.phase) {
-                (Fate::Session, Phase::Open(layer)) => carried.sessions.push(Held {
-                    bytes: layer.payload(&c.input, &c.sni, &c.plain),
-                    fd: c.fd,
-                    arrival: c.arrival,
-                }),
+                // Half a KeyUpdate received: the session cannot move, and is cut.
+                (Fate::Session, Phase::Open(layer)) => {
+                    match layer.payload(&c.input, &c.sni, &c.plain) {
+                        Ok(bytes) => carried.sessions.push(Held {
+                            bytes,
+                            fd: c.fd,
+                            arrival: c.arrival,
+                        }),
+                        Err(_) => cut += 1,
+                    }
+                }
                 (Fate::Fresh, _) => carried.fresh.push(Held {
                     fd: c.fd,
                     bytes: c.input,

@@ -1,4 +1,5 @@
-//! `[server] redirect_https`: a plain-listener request gets 308 to the same URL over https.
+//! `[server] redirect_https`: a plain-listener request gets 308 to the same URL over https
+//! (the answer's text is `answers::redirect`).
 //! The host and target come from a head `sluice_proto::request` accepted (visible ASCII, no
 //! CR or LF), so nothing a client sends can add a header line.
 
@@ -27,17 +28,6 @@ pub fn location(
     };
     let query = query.map_or(String::new(), |q| format!("?{q}"));
     Some(format!("https://{host}{port}{path}{query}"))
-}
-
-/// The whole answer; the connection closes after it (a body the request may have is not
-/// read).
-pub fn answer(location: &str) -> Vec<u8> {
-    let body = format!("308 Permanent Redirect: {location}\n");
-    format!(
-        "HTTP/1.1 308 Permanent Redirect\r\nLocation: {location}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\nServer: sluice\r\n\r\n{body}",
-        body.len()
-    )
-    .into_bytes()
 }
 
 #[cfg(test)]

@@ -91,14 +91,17 @@ pub fn decide(
     routes: &RouteTable<PoolId>,
     local: Option<IpAddr>,
 ) -> Decision {
-    inspect(buf, limits, routes, local).decision
+    inspect(buf, limits, routes, local, "").decision
 }
 
+/// `sni`: a TLS session's server name (normalized; empty for none), the host of a request
+/// that names none (HTTP/1.0 without `Host`), as the kernel program routed the session.
 pub fn inspect<'b>(
     buf: &'b [u8],
     limits: &Limits,
     routes: &RouteTable<PoolId>,
     local: Option<IpAddr>,
+    sni: &'b str,
 ) -> Inspection<'b> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let parsed_upgrade;
@@ -139,9 +142,13 @@ pub fn inspect<'b>(
             };
         }
     };
-    let host = cache::key_host(&head);
+    let named = head.host.is_some() || !sni.is_empty();
+    let host = match head.host {
+        None if !sni.is_empty() => std::borrow::Cow::Borrowed(sni),
+        _ => cache::key_host(&head),
+    };
     let query = Query {
-        host: head.host.is_some().then_some(&*host),
+        host: named.then_some(&*host),
         local,
         path: &head.canonical,
     };
@@ -193,6 +200,24 @@ mod tests {
 
     fn d(req: &[u8]) -> Decision {
         decide(req, &Limits::default(), &routes(), None)
+    }
+
+    #[test]
+    fn a_request_without_host_on_a_tls_session_routes_by_its_sni_name() {
+        fn on<'b>(raw: &'b [u8], sni: &'b str) -> Inspection<'b> {
+            inspect(raw, &Limits::default(), &routes(), None, sni)
+        }
+        let seen = on(b"GET / HTTP/1.0\r\n\r\n", "shop.test");
+        assert_eq!((seen.decision, &*seen.host), (SHOP, "shop.test"));
+        assert_eq!(
+            seen.cache.map(|q| q.host.into_owned()).as_deref(),
+            Some("shop.test")
+        );
+        // Without SNI it is the weak wildcard's; a Host the request names wins (the 421
+        // rule is the pipeline's).
+        assert_eq!(on(b"GET / HTTP/1.0\r\n\r\n", "").decision, WEB);
+        let named = on(b"GET / HTTP/1.1\r\nHost: other.test\r\n\r\n", "shop.test");
+        assert_eq!((named.decision, &*named.host), (WEB, "other.test"));
     }
 
     #[test]
@@ -255,7 +280,7 @@ mod tests {
     #[test]
     fn a_cached_answer_needs_a_request_without_any_body_framing() {
         fn seen(raw: &[u8]) -> Inspection<'_> {
-            inspect(raw, &Limits::default(), &routes(), None)
+            inspect(raw, &Limits::default(), &routes(), None, "")
         }
         assert!(seen(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n").cache.is_some());
         // Duplicate, empty and listed lengths are refused, not read as "no body".

@@ -55,6 +55,8 @@ struct Slot {
 
 #[derive(Debug, Default)]
 pub struct HeadMemo {
+    /// The table generation (`SharedTable`) its judgements were made under (0: none yet).
+    generation: u64,
     slots: Vec<Slot>,
     /// The slot the next new head replaces, once all are used.
     next: usize,
@@ -108,17 +110,26 @@ impl HeadMemo {
         slot.judged = judged;
     }
 
-    /// The route table changed: every judgement may differ now.
-    pub fn clear(&mut self) {
-        self.slots.clear();
-        self.next = 0;
+    /// The table generation its judgements were made under.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Judging under table `generation`: when the table changed, every judgement may
+    /// differ now, and all are forgotten.
+    pub fn under(&mut self, generation: u64) {
+        if generation != self.generation {
+            self.generation = generation;
+            self.slots.clear();
+            self.next = 0;
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dispatcher::head::{Limits, inspect};
+    use crate::pipeline::head::{Limits, inspect};
     use crate::route::RouteTable;
     use sluice_proto::site::Site;
 
@@ -138,7 +149,7 @@ mod tests {
     }
 
     fn kept(memo: &mut HeadMemo, raw: &[u8]) {
-        let seen = inspect(raw, &Limits::default(), &routes(), None);
+        let seen = inspect(raw, &Limits::default(), &routes(), None, "");
         memo.keep(raw, None, &seen);
     }
 
@@ -150,7 +161,7 @@ mod tests {
         let mut pipelined = raw.to_vec();
         pipelined.extend_from_slice(b"GET /b HTTP/1.1\r\n");
         let j = memo.find(&pipelined, None).expect("kept");
-        let fresh = inspect(&pipelined, &Limits::default(), &routes(), None);
+        let fresh = inspect(&pipelined, &Limits::default(), &routes(), None, "");
         let q = fresh.cache.unwrap();
         assert_eq!(j.host, q.host);
         assert_eq!(j.path, q.path);
@@ -178,7 +189,7 @@ mod tests {
             memo.find(b"GET /a HTTP/1.1\r\nHost: shop.test\r\n\r\n", other)
                 .is_none()
         );
-        memo.clear();
+        memo.under(1);
         assert!(
             memo.find(b"GET /a HTTP/1.1\r\nHost: shop.test\r\n\r\n", None)
                 .is_none()
