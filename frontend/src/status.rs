@@ -173,6 +173,9 @@ pub struct DispatcherStatus {
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct DeliveryStatus {
+    /// Delivery loops (`[server] threads`).
+    #[serde(default)]
+    pub loops: u64,
     /// Client connections kept now, and since the start.
     pub open: u64,
     pub connections: u64,
@@ -528,8 +531,8 @@ impl Status {
         out.push_str(&format!("dispatcher fallbacks: {}\n", fallbacks.join(" ")));
         let d = &self.delivery;
         out.push_str(&format!(
-            "delivery: open={} connections={} channels={} channels_failed={} bad_responses={} cache_answers={} refused={} timeouts={}\n",
-            d.open, d.connections, d.channels, d.channels_failed, d.bad_responses, d.cache_answers, d.refused, d.timeouts
+            "delivery: loops={} open={} connections={} channels={} channels_failed={} bad_responses={} cache_answers={} refused={} timeouts={}\n",
+            d.loops, d.open, d.connections, d.channels, d.channels_failed, d.bad_responses, d.cache_answers, d.refused, d.timeouts
         ));
         let refused: Vec<String> = self
             .dispatcher

@@ -72,6 +72,10 @@ fn malformed_configs_name_the_key_and_the_reason() {
             "[server]\nlisten = [\"127.0.0.1:80\"]\n[[pool]]\nname = \"a\"\ncommand = [\"{hello}\"]\n[[route]]\nprefix = \"/a/../b\"\npool = \"a\"\n",
             &["route[0].prefix", "canonical"],
         ),
+        (
+            "[server]\nlisten = [\"127.0.0.1:80\"]\nthreads = 0\n",
+            &["server.threads", "from 1 to 1024"],
+        ),
         ("not toml at all", &["sluice"]),
     ];
     for (text, wants) in cases {

@@ -173,11 +173,19 @@ fn sluice_config(
 
 /// Two pools sharing one host by path (`/api/` and the rest): the front end keeps the
 /// connections and delivers each request to its pool.
-fn split_config(dir: &Path, listen: &str, hello: &Path) -> Result<(PathBuf, PathBuf)> {
-    let admin = dir.join("split.sock");
-    let cfg = dir.join("split.toml");
+/// `threads`: the front end's delivery loops (None: its default, one per CPU).
+fn split_config(
+    dir: &Path,
+    name: &str,
+    listen: &str,
+    hello: &Path,
+    threads: Option<usize>,
+) -> Result<(PathBuf, PathBuf)> {
+    let admin = dir.join(format!("{name}.sock"));
+    let cfg = dir.join(format!("{name}.toml"));
+    let threads = threads.map_or(String::new(), |n| format!("threads = {n}\n"));
     let mut text = format!(
-        "[server]\nlisten = [\"{listen}\"]\nsteering = \"first-segment\"\nset_sysctls = true\nadmin_socket = \"{}\"\n\n",
+        "[server]\nlisten = [\"{listen}\"]\nsteering = \"first-segment\"\nset_sysctls = true\nadmin_socket = \"{}\"\n{threads}\n",
         admin.display()
     );
     for (pool, prefix) in [("api", "/api/"), ("web", "/")] {
@@ -621,10 +629,17 @@ pub fn run(args: Args) -> Result<()> {
         &dir.join("sluice-tls.log"),
     )?;
     // Two pools on one host, split by path: delivered per request.
-    let (cfg_split, admin_split) = split_config(&dir, "127.0.0.1:8086", &hello)?;
+    let (cfg_split, admin_split) = split_config(&dir, "split", "127.0.0.1:8086", &hello, None)?;
     let sluice_split = procs.spawn(
         fs_ns.cmd(&sluice).arg("run").arg(&cfg_split),
         &dir.join("sluice-split.log"),
+    )?;
+    // The same with one delivery loop: what a second loop gives.
+    let (cfg_split1, admin_split1) =
+        split_config(&dir, "split1", "127.0.0.1:8087", &hello, Some(1))?;
+    let sluice_split1 = procs.spawn(
+        fs_ns.cmd(&sluice).arg("run").arg(&cfg_split1),
+        &dir.join("sluice-split1.log"),
     )?;
     let alternate = alternate_script(&dir)?;
     // A second copy of the worker alone, nginx's upstream for the split host's other path.
@@ -736,6 +751,12 @@ pub fn run(args: Args) -> Result<()> {
             .iter()
             .map(|&p| ("worker", p)),
     );
+    let mut pids_split1 = vec![("front end", sluice_split1)];
+    pids_split1.extend(
+        worker_pids(&status(&sluice, &admin_split1)?)
+            .iter()
+            .map(|&p| ("worker", p)),
+    );
     let mut pids_split_nginx = pids_nginx.clone();
     pids_split_nginx.push(("worker", direct2));
 
@@ -791,6 +812,17 @@ pub fn run(args: Args) -> Result<()> {
                 false,
                 &pids_split,
                 Some(&admin_split),
+            )
+        },
+        Target {
+            script: Some(alternate.clone()),
+            ..target(
+                "split_1loop_keepalive",
+                "fs",
+                "http://127.0.0.1:8087/",
+                false,
+                &pids_split1,
+                Some(&admin_split1),
             )
         },
         Target {
@@ -1066,6 +1098,11 @@ pub fn run(args: Args) -> Result<()> {
             "split_keepalive_vs_direct",
             "split_keepalive",
             "split_direct_keepalive",
+        ),
+        (
+            "split_2_loops_vs_1",
+            "split_keepalive",
+            "split_1loop_keepalive",
         ),
         (
             "socket_keepalive_vs_alone",

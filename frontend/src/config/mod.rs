@@ -247,7 +247,12 @@ struct RawServer {
     access_log: Option<PathBuf>,
     #[serde(default)]
     access_log_format: LogFormat,
+    /// Connection-owning loops (the delivery loops): default, one per CPU.
+    threads: Option<usize>,
 }
+
+/// Most connection-owning loops `[server] threads` may ask for.
+pub const MAX_THREADS: usize = 1024;
 
 /// The access log's line format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -429,6 +434,8 @@ pub struct Config {
     pub admin_socket: PathBuf,
     pub metrics: Option<SocketAddr>,
     pub access_log: Option<AccessLogConfig>,
+    /// Connection-owning loops (`[server] threads`; default one per CPU).
+    pub threads: usize,
     pub pools: Vec<Pool>,
     pub routes: Vec<Route>,
     /// Sites whose pools trust each other (`[[site]] trust_pools = true`).
@@ -942,6 +949,17 @@ impl Config {
                 }
             }
         }
+        let threads = match raw.server.threads {
+            Some(n) if !(1..=MAX_THREADS).contains(&n) => {
+                bad(
+                    "server.threads".into(),
+                    format!("must be from 1 to {MAX_THREADS} (leave it out for one per CPU)"),
+                );
+                1
+            }
+            Some(n) => n,
+            None => std::thread::available_parallelism().map_or(1, usize::from),
+        };
         if !problems.is_empty() {
             return Err(ConfigError::Invalid {
                 path: path.to_owned(),
@@ -951,6 +969,7 @@ impl Config {
         Ok(Config {
             path: path.to_owned(),
             listen,
+            threads,
             steering: raw.server.steering,
             set_sysctls: raw.server.set_sysctls,
             admin_socket: raw.server.admin_socket,

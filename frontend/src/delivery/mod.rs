@@ -4,8 +4,11 @@
 //! connection, reading each answer back with its framing parsed. No pool ever holds the
 //! client's connection, reads another pool's request, or answers one.
 //!
-//! A thread of its own on epoll, like the relay: the dispatcher gives it a connection once
-//! it has routed the connection's first request to a shared host.
+//! Loops of their own on epoll, like the relay, one per core (`[server] threads`): the
+//! dispatcher (or the TLS thread) gives a connection to the next loop, round robin, once it
+//! has routed the connection's first request to a shared host; from then on the connection
+//! is that loop's alone, so nothing on the per-request path is shared between loops but the
+//! cache and the counters.
 
 mod conn;
 pub mod framing;
@@ -78,7 +81,8 @@ impl DeliveryStats {
     }
 }
 
-/// What the delivery thread shares with the rest of the front end.
+/// What the delivery loops share with the rest of the front end.
+#[derive(Clone)]
 pub struct Shared {
     pub table: Arc<SharedTable>,
     pub flags: Arc<PoolFlags>,
@@ -139,42 +143,56 @@ pub const HAND_OVER_WAIT: Duration = Duration::from_secs(2);
 /// The dispatcher's end: give the delivery thread a connection.
 #[derive(Clone)]
 pub struct Delivery {
+    loops: Arc<Vec<Handle>>,
+    /// The loop the next connection goes to (round robin).
+    next: Arc<std::sync::atomic::AtomicUsize>,
+    pub stats: Arc<DeliveryStats>,
+}
+
+/// How a loop is reached: its queue of jobs and the eventfd that wakes it.
+struct Handle {
     jobs: mpsc::Sender<Job>,
     wake: Arc<OwnedFd>,
-    pub stats: Arc<DeliveryStats>,
 }
 
 impl std::fmt::Debug for Delivery {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Delivery")
+        write!(f, "Delivery({} loops)", self.loops.len())
     }
 }
 
 impl Delivery {
-    /// Starts the delivery thread (`stats` left out: made here).
-    pub fn spawn(make: impl FnOnce(Arc<DeliveryStats>) -> Shared) -> io::Result<Delivery> {
+    /// Starts `threads` delivery loops (at least one; `stats` left out: made here).
+    pub fn spawn(
+        threads: usize,
+        make: impl FnOnce(Arc<DeliveryStats>) -> Shared,
+    ) -> io::Result<Delivery> {
         let stats = Arc::new(DeliveryStats::new());
         let shared = make(stats.clone());
-        let wake = Arc::new(crate::eventfd::create(true)?);
-        let epoll = Epoll::new()?;
-        epoll.add(wake.as_raw_fd(), epoll::IN, WAKE)?;
-        let (tx, rx) = mpsc::channel();
-        let lp = Loop {
-            epoll,
-            wake: wake.clone(),
-            jobs: rx,
-            shared,
-            conns: HashMap::new(),
-            next: 0,
-            handing: None,
-            memo: HeadMemo::default(),
-        };
-        std::thread::Builder::new()
-            .name("sluice-delivery".into())
-            .spawn(move || lp.run())?;
+        let mut loops = Vec::new();
+        for i in 0..threads.max(1) {
+            let wake = Arc::new(crate::eventfd::create(true)?);
+            let epoll = Epoll::new()?;
+            epoll.add(wake.as_raw_fd(), epoll::IN, WAKE)?;
+            let (tx, rx) = mpsc::channel();
+            let lp = Loop {
+                epoll,
+                wake: wake.clone(),
+                jobs: rx,
+                shared: shared.clone(),
+                conns: HashMap::new(),
+                next: 0,
+                handing: None,
+                memo: HeadMemo::default(),
+            };
+            std::thread::Builder::new()
+                .name(format!("sluice-delivery-{i}"))
+                .spawn(move || lp.run())?;
+            loops.push(Handle { jobs: tx, wake });
+        }
         Ok(Delivery {
-            jobs: tx,
-            wake,
+            loops: Arc::new(loops),
+            next: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
             stats,
         })
     }
@@ -206,23 +224,47 @@ impl Delivery {
         })
     }
 
+    /// How many loops deliver.
+    pub fn loops(&self) -> usize {
+        self.loops.len()
+    }
+
+    /// Gives `job` to the next loop.
+    fn send(&self, job: Job) -> Result<(), ()> {
+        let i = self.next.fetch_add(1, Relaxed) % self.loops.len().max(1);
+        let handle = self.loops.get(i).ok_or(())?;
+        handle.send(job)
+    }
+
+    /// For an upgrade: every loop stops reading requests, finishes the answers under way
+    /// (at most `HAND_OVER_WAIT`, all loops at once), and returns every connection between
+    /// requests with the bytes it read of the next one; what is still in an answer then is
+    /// cut. The loops serve on (empty), so connections given to them again after a failed
+    /// exec are served.
+    pub fn hand_over(&self) -> Vec<Held> {
+        let asked: Vec<_> = self
+            .loops
+            .iter()
+            .filter_map(|h| {
+                let (tx, rx) = mpsc::channel();
+                h.send(Job::HandOver(tx)).ok().map(|()| rx)
+            })
+            .collect();
+        let until = Instant::now() + HAND_OVER_WAIT + Duration::from_secs(3);
+        let mut held = Vec::new();
+        for rx in asked {
+            let left = until.saturating_duration_since(Instant::now());
+            held.extend(rx.recv_timeout(left).unwrap_or_default());
+        }
+        held
+    }
+}
+
+impl Handle {
     fn send(&self, job: Job) -> Result<(), ()> {
         self.jobs.send(job).map_err(|_| ())?;
         crate::eventfd::signal(self.wake.as_raw_fd(), 1);
         Ok(())
-    }
-
-    /// For an upgrade: the thread stops reading requests, finishes the answers under way
-    /// (at most `HAND_OVER_WAIT`), and returns every connection between requests with the
-    /// bytes it read of the next one; what is still in an answer then is cut. The thread
-    /// serves on (empty), so connections given to it again after a failed exec are served.
-    pub fn hand_over(&self) -> Vec<Held> {
-        let (tx, rx) = mpsc::channel();
-        if self.send(Job::HandOver(tx)).is_err() {
-            return Vec::new();
-        }
-        rx.recv_timeout(HAND_OVER_WAIT + Duration::from_secs(3))
-            .unwrap_or_default()
     }
 }
 

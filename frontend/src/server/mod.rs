@@ -362,18 +362,19 @@ impl Frontend {
         if config.has_socket_pools() {
             steering.enable_direct()?;
         }
-        let delivery = crate::delivery::Delivery::spawn(|stats| crate::delivery::Shared {
-            table: table.clone(),
-            flags: flags.clone(),
-            cache: cache.clone(),
-            limits: config.limits.head_limits(),
-            header_timeout: config.limits.header_timeout,
-            idle_timeout: config.limits.idle_timeout,
-            direct: config.has_socket_pools().then(|| direct.clone()),
-            access_log: access_log.clone(),
-            stats,
-        })
-        .context("starting the delivery thread")?;
+        let delivery =
+            crate::delivery::Delivery::spawn(config.threads, |stats| crate::delivery::Shared {
+                table: table.clone(),
+                flags: flags.clone(),
+                cache: cache.clone(),
+                limits: config.limits.head_limits(),
+                header_timeout: config.limits.header_timeout,
+                idle_timeout: config.limits.idle_timeout,
+                direct: config.has_socket_pools().then(|| direct.clone()),
+                access_log: access_log.clone(),
+                stats,
+            })
+            .context("starting the delivery loops")?;
         let mut fe = Frontend {
             config: config.clone(),
             steering,

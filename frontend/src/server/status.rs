@@ -87,6 +87,7 @@ impl Frontend {
             delivery: {
                 let d = &self.delivery.stats;
                 crate::status::DeliveryStatus {
+                    loops: self.delivery.loops() as u64,
                     open: d.open.load(Relaxed),
                     connections: d.connections.load(Relaxed),
                     channels: d.channels.load(Relaxed),
