@@ -117,15 +117,7 @@ impl Frontend {
 
     /// Stops the TLS thread (if there is one) and takes what it returns.
     fn stop_tls(&mut self, how: Stop) -> Option<crate::tls::Stopped> {
-        let t = self.tls.as_mut()?;
-        how.send(t.stop.as_raw_fd());
-        match t.thread.take()?.join() {
-            Ok(stopped) => Some(stopped),
-            Err(_) => {
-                log::error!("the TLS thread panicked");
-                None
-            }
-        }
+        self.tls.as_mut()?.thread.take()?.stop(how)
     }
 
     /// Runs the TLS thread again after an upgrade that did not happen. If it cannot start,

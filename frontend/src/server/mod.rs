@@ -107,8 +107,7 @@ struct TlsRt {
     secrets: Arc<crate::tls::Secrets>,
     stats: Arc<crate::tls::TlsStats>,
     inbox: Option<crate::tls::Inbox>,
-    stop: OwnedFd,
-    thread: Option<crate::tls::Thread>,
+    thread: Option<crate::tls::Running>,
 }
 
 /// `sluice run CONFIG`; in the next program of an upgrade, takes over from the earlier one
@@ -490,7 +489,6 @@ impl Frontend {
         }
         let secrets = Arc::new(crate::tls::Secrets::default());
         let server_config = tls_server_config(config, secrets.clone())?;
-        let stop = eventfd()?;
         let stats = Arc::new(crate::tls::TlsStats::default());
         if let Some(t) = earlier {
             stats.restore(t);
@@ -511,16 +509,16 @@ impl Frontend {
             relay: Some(self.relay.clone()),
             delivery: Some(self.delivery.clone()),
             access_log: self.access_log.clone(),
-            stop: stop.as_raw_fd(),
+            // Each loop is given its own.
+            stop: -1,
         };
         let (inbox, thread) =
-            crate::tls::spawn(front, carried).context("starting the TLS thread")?;
+            crate::tls::spawn(front, carried, config.threads).context("starting the TLS loops")?;
         self.tls = Some(TlsRt {
             config: shared,
             secrets,
             stats,
             inbox: Some(inbox),
-            stop,
             thread: Some(thread),
         });
         Ok(())
@@ -801,11 +799,8 @@ impl Frontend {
             Some(Err(_)) => log::error!("dispatcher thread panicked"),
             _ => {}
         }
-        if let Some(t) = self.tls.as_mut() {
-            crate::held::Stop::Close.send(t.stop.as_raw_fd());
-            if let Some(thread) = t.thread.take() {
-                let _ = thread.join();
-            }
+        if let Some(running) = self.tls.as_mut().and_then(|t| t.thread.take()) {
+            let _ = running.stop(crate::held::Stop::Close);
         }
         self.tls = None;
         self.tls_sockets.clear();

@@ -150,7 +150,9 @@ impl Loop {
         for (i, &fd) in self.f.listeners.iter().enumerate() {
             // Accepted until EAGAIN on each readiness: the listener must not block.
             set_nonblocking(fd, true);
-            match self.epoll.add(fd, epoll::IN, LISTENER + i as u64) {
+            // Every loop watches every listener; the kernel wakes one of them per event.
+            let events = epoll::IN | libc::EPOLLEXCLUSIVE as u32;
+            match self.epoll.add(fd, events, LISTENER + i as u64) {
                 Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
                 other => other?,
             }
@@ -421,12 +423,6 @@ impl Loop {
     /// What a TLS thread handed over at an upgrade: its sessions go on where they were, its
     /// connections whose handshake had not begun start one.
     pub fn take_up_carried(&mut self, carried: Carried) {
-        let (sessions, fresh) = (carried.sessions.len(), carried.fresh.len());
-        if sessions + fresh > 0 {
-            log::info!(
-                "TLS: took up {sessions} session(s) and {fresh} connection(s) before their handshake"
-            );
-        }
         for held in carried.sessions {
             self.adopt_session(held, "a TLS session from before the upgrade");
         }

@@ -13,11 +13,13 @@ use std::{
 use rustls::{ConnectionTrafficSecrets, ProtocolVersion, ServerConnection};
 use sluice_tls::{Direction, Protocol, Session, Suite};
 
-/// The TLS 1.3 traffic secrets rustls logs while the TLS thread drives one connection's
-/// handshake (the thread drives one connection at a time, so what is logged during its
-/// calls is that connection's). The worker derives its next keys from them on a KeyUpdate.
+/// The TLS 1.3 traffic secrets rustls logs while a TLS loop drives one connection's
+/// handshake. rustls logs from the thread that drives the handshake, and each loop drives one
+/// connection at a time, so what a thread logged during its calls is that connection's: each
+/// entry is kept under its thread, and a loop takes only its own. The worker derives its
+/// next keys from them on a KeyUpdate.
 #[derive(Debug, Default)]
-pub struct Secrets(Mutex<Vec<(bool, Vec<u8>)>>);
+pub struct Secrets(Mutex<Vec<(std::thread::ThreadId, bool, Vec<u8>)>>);
 
 const CLIENT: &str = "CLIENT_TRAFFIC_SECRET_0";
 const SERVER: &str = "SERVER_TRAFFIC_SECRET_0";
@@ -29,17 +31,24 @@ impl rustls::KeyLog for Secrets {
 
     fn log(&self, label: &str, _client_random: &[u8], secret: &[u8]) {
         if let Ok(mut v) = self.0.lock() {
-            v.push((label == CLIENT, secret.to_vec()));
+            let me = std::thread::current().id();
+            v.push((me, label == CLIENT, secret.to_vec()));
         }
     }
 }
 
 impl Secrets {
+    /// What this thread's handshake logged.
     fn drain(&self) -> Vec<(bool, Vec<u8>)> {
-        self.0
-            .lock()
-            .map(|mut v| std::mem::take(&mut *v))
-            .unwrap_or_default()
+        let me = std::thread::current().id();
+        let Ok(mut v) = self.0.lock() else {
+            return Vec::new();
+        };
+        let (mine, others) = std::mem::take(&mut *v)
+            .into_iter()
+            .partition::<Vec<_>, _>(|(t, _, _)| *t == me);
+        *v = others;
+        mine.into_iter().map(|(_, c, s)| (c, s)).collect()
     }
 }
 

@@ -1,5 +1,7 @@
-//! HTTPS: the front end's TLS listeners. A thread of its own (handshakes cost CPU the
-//! dispatcher's loop must not wait for) accepts on `listen_tls`, runs the handshake with
+//! HTTPS: the front end's TLS listeners. Loops of their own, one per core (`[server]
+//! threads`; handshakes cost CPU the dispatcher's loop must not wait for), accept on
+//! `listen_tls` (each listener in every loop's epoll with `EPOLLEXCLUSIVE`, so the kernel
+//! wakes one loop per connection and no lock is shared), runs the handshake with
 //! rustls (`handshake`), takes the session's keys out, and from then on reads and writes
 //! records with the same record layer the workers run (`sluice_tls`). Each request head is
 //! judged by the dispatcher's rules: answered from the cache over the session, refused, or
@@ -56,7 +58,8 @@ pub struct TlsStats {
     pub passthrough_refused: AtomicU64,
 }
 
-/// Everything the TLS thread works with; it owns none of the fds but its connections'.
+/// Everything a TLS loop works with; it owns none of the fds but its connections'.
+#[derive(Clone)]
 pub struct TlsFront {
     pub listeners: Vec<RawFd>,
     /// The handshakes' configuration: a reload puts a new one here.
@@ -77,13 +80,20 @@ pub struct TlsFront {
     pub access_log: Option<crate::access_log::AccessLog>,
     /// Carries passthrough connections the kernel did not steer to their pool.
     pub relay: Option<crate::relay::Relay>,
-    /// Readable (eventfd) when the thread must stop.
+    /// Readable (eventfd) when the loop must stop; each loop is given its own
+    /// (`Running::stop`).
     pub stop: RawFd,
 }
 
-/// The dispatcher's way to pass on a TLS connection a worker handed back.
+/// The dispatcher's way to pass on a TLS connection a worker handed back: to the next loop,
+/// round robin.
 #[derive(Clone)]
 pub struct Inbox {
+    loops: Arc<Vec<InboxOf>>,
+    next: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+struct InboxOf {
     sender: mpsc::Sender<(Held, Option<crate::table::PoolId>)>,
     wake: Arc<OwnedFd>,
 }
@@ -98,14 +108,18 @@ impl Inbox {
     /// `from`: the pool whose worker handed the session back (its name is checked against
     /// what that pool could have been given), or None for the front end's own.
     pub fn send(&self, held: Held, from: Option<crate::table::PoolId>) {
-        if self.sender.send((held, from)).is_ok() {
-            crate::eventfd::signal(self.wake.as_raw_fd(), 1);
+        let i = self.next.fetch_add(1, Relaxed) % self.loops.len().max(1);
+        let Some(to) = self.loops.get(i) else {
+            return;
+        };
+        if to.sender.send((held, from)).is_ok() {
+            crate::eventfd::signal(to.wake.as_raw_fd(), 1);
         }
     }
 }
 
-/// What the TLS thread holds when it stops for an upgrade, for the next program's TLS thread
-/// (or this one's again, if the upgrade cannot happen) to take up.
+/// What the TLS loops hold when they stop for an upgrade, for the next program's loops (or
+/// these again, if the upgrade cannot happen) to take up.
 #[derive(Debug, Default)]
 pub struct Carried {
     /// Open sessions, each with its `Session` payload and the plaintext not yet served:
@@ -115,9 +129,29 @@ pub struct Carried {
     pub fresh: Vec<Held>,
 }
 
-/// A TLS thread that has stopped: its loop, to run again, and what it handed over.
+impl Carried {
+    /// Dealt out over `n` loops, round robin.
+    fn deal(self, n: usize) -> Vec<Carried> {
+        let mut out: Vec<Carried> = (0..n.max(1)).map(|_| Carried::default()).collect();
+        let k = out.len();
+        for (i, h) in self.sessions.into_iter().enumerate() {
+            out[i % k].sessions.push(h);
+        }
+        for (i, h) in self.fresh.into_iter().enumerate() {
+            out[i % k].fresh.push(h);
+        }
+        out
+    }
+
+    fn join(&mut self, other: Carried) {
+        self.sessions.extend(other.sessions);
+        self.fresh.extend(other.fresh);
+    }
+}
+
+/// The TLS loops once they have stopped: to run again, and what they handed over.
 pub struct Stopped {
-    lp: Box<event_loop::Loop>,
+    lps: Vec<(OwnedFd, Box<event_loop::Loop>)>,
     pub carried: Carried,
     /// Connections cut at the stop (relays to socket pools, handshakes that did not end in
     /// time).
@@ -127,42 +161,109 @@ pub struct Stopped {
 impl Stopped {
     /// Sessions the dispatcher passed on before it stopped, not yet taken up: carried too.
     pub fn take_handed_back(&mut self) {
-        self.carried.sessions.extend(self.lp.inbox_left());
+        for (_, lp) in &self.lps {
+            self.carried.sessions.extend(lp.inbox_left());
+        }
     }
 }
 
-pub type Thread = std::thread::JoinHandle<Stopped>;
-
-/// Starts the TLS thread, first taking up `carried` (from before an upgrade).
-pub fn spawn(front: TlsFront, carried: Carried) -> io::Result<(Inbox, Thread)> {
-    let wake = Arc::new(crate::eventfd::create(true)?);
-    let (sender, inbox) = mpsc::channel();
-    let lp = event_loop::Loop::new(front, inbox, wake.clone())?;
-    let thread = run(Box::new(lp), carried)?;
-    Ok((Inbox { sender, wake }, thread))
+/// The running TLS loops.
+pub struct Running {
+    loops: Vec<(
+        OwnedFd,
+        std::thread::JoinHandle<(Box<event_loop::Loop>, Carried, usize)>,
+    )>,
 }
 
-/// Runs a stopped TLS thread again (an upgrade that could not happen), with what it carried;
-/// the dispatcher's inbox is the same.
-pub fn resume(stopped: Stopped) -> io::Result<Thread> {
-    stopped.lp.listen()?;
-    run(stopped.lp, stopped.carried)
-}
-
-fn run(mut lp: Box<event_loop::Loop>, carried: Carried) -> io::Result<Thread> {
-    std::thread::Builder::new()
-        .name("tls".into())
-        .spawn(move || {
-            lp.take_up_carried(carried);
-            let (carried, cut) = match lp.run() {
-                Ok(over) => over.unwrap_or_default(),
-                Err(e) => {
-                    log::error!("the TLS thread stopped: {e}");
-                    Default::default()
+impl Running {
+    /// Tells every loop how to stop, waits for each and gathers what they hand over; None
+    /// if a loop panicked.
+    pub fn stop(self, how: crate::held::Stop) -> Option<Stopped> {
+        for (stop, _) in &self.loops {
+            how.send(stop.as_raw_fd());
+        }
+        let mut stopped = Stopped {
+            lps: Vec::new(),
+            carried: Carried::default(),
+            cut: 0,
+        };
+        let mut whole = true;
+        for (stop, thread) in self.loops {
+            match thread.join() {
+                Ok((lp, carried, cut)) => {
+                    stopped.carried.join(carried);
+                    stopped.cut += cut;
+                    stopped.lps.push((stop, lp));
                 }
-            };
-            Stopped { lp, carried, cut }
-        })
+                Err(_) => {
+                    log::error!("a TLS loop panicked");
+                    whole = false;
+                }
+            }
+        }
+        whole.then_some(stopped)
+    }
+}
+
+/// Starts `threads` TLS loops, first taking up `carried` (from before an upgrade).
+pub fn spawn(front: TlsFront, carried: Carried, threads: usize) -> io::Result<(Inbox, Running)> {
+    let mut inboxes = Vec::new();
+    let mut lps = Vec::new();
+    for _ in 0..threads.max(1) {
+        let stop = crate::eventfd::create(true)?;
+        let wake = Arc::new(crate::eventfd::create(true)?);
+        let (sender, inbox) = mpsc::channel();
+        let front = TlsFront {
+            stop: stop.as_raw_fd(),
+            ..front.clone()
+        };
+        let lp = event_loop::Loop::new(front, inbox, wake.clone())?;
+        lps.push((stop, Box::new(lp)));
+        inboxes.push(InboxOf { sender, wake });
+    }
+    let running = run(lps, carried)?;
+    let inbox = Inbox {
+        loops: Arc::new(inboxes),
+        next: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+    };
+    Ok((inbox, running))
+}
+
+/// Runs stopped TLS loops again (an upgrade that could not happen), with what they carried;
+/// the dispatcher's inbox is the same.
+pub fn resume(stopped: Stopped) -> io::Result<Running> {
+    for (_, lp) in &stopped.lps {
+        lp.listen()?;
+    }
+    run(stopped.lps, stopped.carried)
+}
+
+fn run(lps: Vec<(OwnedFd, Box<event_loop::Loop>)>, carried: Carried) -> io::Result<Running> {
+    let (sessions, fresh) = (carried.sessions.len(), carried.fresh.len());
+    if sessions + fresh > 0 {
+        log::info!(
+            "TLS: took up {sessions} session(s) and {fresh} connection(s) before their handshake"
+        );
+    }
+    let shares = carried.deal(lps.len());
+    let mut loops = Vec::new();
+    for (i, ((stop, mut lp), share)) in lps.into_iter().zip(shares).enumerate() {
+        let thread = std::thread::Builder::new()
+            .name(format!("tls-{i}"))
+            .spawn(move || {
+                lp.take_up_carried(share);
+                let (carried, cut) = match lp.run() {
+                    Ok(over) => over.unwrap_or_default(),
+                    Err(e) => {
+                        log::error!("a TLS loop stopped: {e}");
+                        Default::default()
+                    }
+                };
+                (lp, carried, cut)
+            })?;
+        loops.push((stop, thread));
+    }
+    Ok(Running { loops })
 }
 
 impl TlsStats {
