@@ -282,21 +282,24 @@ fn tls_certificate(dir: &Path) -> Result<(PathBuf, PathBuf)> {
 /// the host and trust each other, so a session goes to the api worker with its keys (the
 /// hand-off path the TLS systems measure; without trust the front end keeps such a host's
 /// sessions and delivers each request).
+/// `name` names its files; `threads`: its TLS and delivery loops (None: one per CPU).
 fn tls_config(
     dir: &Path,
+    (name, threads): (&str, Option<usize>),
     listen: &str,
     tls: &str,
     (hello, node_app): (&Path, &Path),
     (cert, key): (&Path, &Path),
 ) -> Result<(PathBuf, PathBuf)> {
-    let admin = dir.join("tls.sock");
-    let cfg = dir.join("tls.toml");
+    let admin = dir.join(format!("{name}.sock"));
+    let cfg = dir.join(format!("{name}.toml"));
     let cached = dir.join("cached.txt");
     fs::write(&cached, CACHED_BODY)?;
+    let threads = threads.map_or(String::new(), |n| format!("threads = {n}\n"));
     fs::write(
         &cfg,
         format!(
-            "[server]\nlisten = [\"{listen}\"]\nlisten_tls = [\"{tls}\"]\nsteering = \"first-segment\"\nset_sysctls = true\nadmin_socket = \"{}\"\n\n\
+            "[server]\nlisten = [\"{listen}\"]\nlisten_tls = [\"{tls}\"]\nsteering = \"first-segment\"\nset_sysctls = true\nadmin_socket = \"{}\"\n{threads}\n\
              [[tls.certificate]]\nhosts = [\"bench.test\"]\ncert = \"{}\"\nkey = \"{}\"\n\n\
              [[cache.static]]\npath = \"/cached\"\nfile = \"{}\"\ncontent_type = \"text/plain\"\nttl = \"1h\"\n\n\
              [[pool]]\nname = \"api\"\ncommand = [\"{}\"]\nprocesses = 1\nthreads = 1\nstart = \"always\"\n\n\
@@ -619,6 +622,7 @@ pub fn run(args: Args) -> Result<()> {
     let certificate = tls_certificate(&dir)?;
     let (cfg_tls, admin_tls) = tls_config(
         &dir,
+        ("tls", None),
         "127.0.0.1:8085",
         "127.0.0.1:8443",
         (&hello, &node_app),
@@ -627,6 +631,19 @@ pub fn run(args: Args) -> Result<()> {
     let sluice_tls = procs.spawn(
         fs_ns.cmd(&sluice).arg("run").arg(&cfg_tls),
         &dir.join("sluice-tls.log"),
+    )?;
+    // The same with one TLS loop: what a second loop gives to handshakes.
+    let (cfg_tls1, admin_tls1) = tls_config(
+        &dir,
+        ("tls1", Some(1)),
+        "127.0.0.1:8088",
+        "127.0.0.1:8444",
+        (&hello, &node_app),
+        (&certificate.0, &certificate.1),
+    )?;
+    let sluice_tls1 = procs.spawn(
+        fs_ns.cmd(&sluice).arg("run").arg(&cfg_tls1),
+        &dir.join("sluice-tls1.log"),
     )?;
     // Two pools on one host, split by path: delivered per request.
     let (cfg_split, admin_split) = split_config(&dir, "split", "127.0.0.1:8086", &hello, None)?;
@@ -736,6 +753,12 @@ pub fn run(args: Args) -> Result<()> {
     let mut pids_tls = vec![("front end", sluice_tls)];
     pids_tls.extend(
         worker_pids(&status(&sluice, &admin_tls)?)
+            .iter()
+            .map(|&p| ("worker", p)),
+    );
+    let mut pids_tls1 = vec![("front end", sluice_tls1)];
+    pids_tls1.extend(
+        worker_pids(&status(&sluice, &admin_tls1)?)
             .iter()
             .map(|&p| ("worker", p)),
     );
@@ -976,6 +999,14 @@ pub fn run(args: Args) -> Result<()> {
             None,
         ),
         target(
+            "tls_close_1loop",
+            "fs",
+            "https://127.0.0.1:8444/api/hello",
+            true,
+            &pids_tls1,
+            None,
+        ),
+        target(
             "tls_nginx_close",
             "base",
             "https://127.0.0.1:8493/api/hello",
@@ -1125,6 +1156,7 @@ pub fn run(args: Args) -> Result<()> {
             "tls_nginx_return",
         ),
         ("tls_close_vs_nginx", "tls_close", "tls_nginx_close"),
+        ("tls_close_2_loops_vs_1", "tls_close", "tls_close_1loop"),
         ("tls_cache_vs_nginx_return", "tls_cache", "tls_nginx_return"),
         (
             "tls_socket_vs_nginx",
