@@ -806,15 +806,7 @@ impl Loop {
                 log::warn!("handing a TLS connection to pool {p} failed: {e}");
                 // Answered 503 over the session instead.
                 let why = "the application's queue is full";
-                c.then = refuse(
-                    layer,
-                    &mut c.out,
-                    503,
-                    why,
-                    is_head(&c.plain),
-                    &self.f.stats,
-                )
-                .0;
+                c.then = unavailable(layer, &mut c.out, why, &c.plain, &self.f.stats);
                 set_nonblocking(c.fd.as_raw_fd(), true);
                 if let Some(t) = self.add(c) {
                     self.flush(t);
@@ -851,15 +843,7 @@ impl Loop {
                     log::warn!("TLS to socket pool {p}: {e}");
                 }
                 let why = "the application pool cannot be reached";
-                c.then = refuse(
-                    layer,
-                    &mut c.out,
-                    503,
-                    why,
-                    is_head(&c.plain),
-                    &self.f.stats,
-                )
-                .0;
+                c.then = unavailable(layer, &mut c.out, why, &c.plain, &self.f.stats);
                 self.flush(token);
                 return;
             }
@@ -908,15 +892,7 @@ impl Loop {
             (self.f.delivery.as_ref(), addresses, pair)
         else {
             let why = "the application pool cannot be reached";
-            c.then = refuse(
-                layer,
-                &mut c.out,
-                503,
-                why,
-                is_head(&c.plain),
-                &self.f.stats,
-            )
-            .0;
+            c.then = unavailable(layer, &mut c.out, why, &c.plain, &self.f.stats);
             self.flush(token);
             return;
         };
@@ -931,15 +907,7 @@ impl Loop {
             .is_err()
         {
             let why = "the application pool cannot be reached";
-            c.then = refuse(
-                layer,
-                &mut c.out,
-                503,
-                why,
-                is_head(&c.plain),
-                &self.f.stats,
-            )
-            .0;
+            c.then = unavailable(layer, &mut c.out, why, &first, &self.f.stats);
             self.flush(token);
             return;
         }
@@ -1039,6 +1007,17 @@ impl Loop {
 }
 
 /// Seals the refusal and close_notify; returns what comes next and the body's length.
+/// 503 over the session to the request at the start of `plain`, then close.
+fn unavailable(
+    layer: &mut RecordLayer,
+    out: &mut Vec<u8>,
+    why: &str,
+    plain: &[u8],
+    stats: &TlsStats,
+) -> Then {
+    refuse(layer, out, 503, why, is_head(plain), stats).0
+}
+
 fn refuse(
     layer: &mut RecordLayer,
     out: &mut Vec<u8>,
