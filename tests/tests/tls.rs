@@ -777,3 +777,93 @@ fn a_worker_cuts_a_session_that_sends_only_key_updates_at_the_idle_timeout() {
         "cut after {after:?} with idle_timeout 2s"
     );
 }
+
+/// A TLS 1.3 server of the test's own for `SHOP` (the same certificate), which allows early
+/// data on resumption: it gives the client a ticket that says early data may be sent.
+fn early_data_server(certs: &Certs, ns: &Netns) -> std::thread::JoinHandle<()> {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+    let chain: Vec<CertificateDer> = CertificateDer::pem_file_iter(certs.cert("shop"))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let key = PrivateKeyDer::from_pem_file(certs.key("shop")).unwrap();
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(chain, key)
+    .unwrap();
+    // Early data needs stateful resumption in rustls: no ticketer.
+    config.max_early_data_size = 16384;
+    let config = Arc::new(config);
+    let listener = ns.enter(|| std::net::TcpListener::bind("127.0.0.1:9443").unwrap());
+    std::thread::spawn(move || {
+        let (tcp, _) = listener.accept().unwrap();
+        let conn = rustls::ServerConnection::new(config).unwrap();
+        let mut s = rustls::StreamOwned::new(conn, tcp);
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            if s.read(&mut byte).unwrap_or(0) == 0 {
+                return;
+            }
+            head.push(byte[0]);
+        }
+        let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok");
+        s.conn.send_close_notify();
+        let _ = s.flush();
+    })
+}
+
+#[test]
+fn early_data_under_a_ticket_sluice_cannot_read_is_skipped_for_a_full_handshake() {
+    let (ns, s, certs, _) = start("tls-early");
+    let server = early_data_server(&certs, &ns);
+    let mut config = (*sluice_tests::certs::client_config(&certs, None)).clone();
+    config.enable_early_data = true;
+    let config = Arc::new(config);
+    let name = || rustls::pki_types::ServerName::try_from(SHOP).unwrap();
+    let request = format!("GET /api/early HTTP/1.1\r\nHost: {SHOP}\r\nConnection: close\r\n\r\n");
+    ns.enter(|| {
+        // A ticket that allows early data, from the other server.
+        let tcp = TcpStream::connect("127.0.0.1:9443").unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let conn = rustls::ClientConnection::new(config.clone(), name()).unwrap();
+        let mut first = rustls::StreamOwned::new(conn, tcp);
+        first
+            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let mut got = Vec::new();
+        let _ = first.read_to_end(&mut got);
+        assert!(got.ends_with(b"ok"), "{}", String::from_utf8_lossy(&got));
+    });
+    server.join().unwrap();
+    let answer = ns.enter(|| {
+        // To sluice with that ticket, early data first: sluice cannot read the ticket, so
+        // it must skip the early data and finish a full handshake.
+        let tcp = TcpStream::connect("127.0.0.1:8443").unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut conn = rustls::ClientConnection::new(config.clone(), name()).unwrap();
+        let sent_early = match conn.early_data() {
+            Some(mut early) => early.write_all(request.as_bytes()).is_ok(),
+            None => false,
+        };
+        assert!(sent_early, "the client had no early-data ticket to use");
+        let mut stream = rustls::StreamOwned::new(conn, tcp);
+        while stream.conn.is_handshaking() {
+            stream
+                .conn
+                .complete_io(&mut stream.sock)
+                .unwrap_or_else(|e| panic!("the handshake failed: {e}\n{}", s.log_text()));
+        }
+        assert!(!stream.conn.is_early_data_accepted());
+        stream.write_all(request.as_bytes()).unwrap();
+        let mut got = Vec::new();
+        let _ = stream.read_to_end(&mut got);
+        String::from_utf8_lossy(&got).into_owned()
+    });
+    assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
+    assert!(answer.contains("pool api"), "{answer}");
+}

@@ -1,8 +1,8 @@
 //! Heads the dispatcher answered from the cache, kept by their exact bytes. A keep-alive
 //! client sends the same head again and again, and judging a head (`head::inspect`) is a
 //! function of its bytes, the route table, the limits and the connection's local address
-//! only: a head that starts the buffer byte for byte, under the same table and local
-//! address, is judged as it was before, so the judgement is reused instead of parsed again
+//! and SNI name only: a head that starts the buffer byte for byte, under the same table,
+//! local address and SNI name, is judged as it was before, so the judgement is reused instead of parsed again
 //! (the parse was a quarter of a cache answer's user-space time). Only heads that were
 //! complete, cache-eligible and so without a body are kept: what follows them is the next
 //! request. The cache itself is still asked on every hit, so its entries' lifetimes and
@@ -50,6 +50,8 @@ impl Judged {
 struct Slot {
     head: Vec<u8>,
     local: Option<IpAddr>,
+    /// The SNI name it was judged under (empty: none): the host of a request naming none.
+    sni: String,
     judged: Judged,
 }
 
@@ -64,15 +66,15 @@ pub struct HeadMemo {
 
 impl HeadMemo {
     /// The judgement of the head `buf` starts with, if it was kept.
-    pub fn find(&self, buf: &[u8], local: Option<IpAddr>) -> Option<&Judged> {
+    pub fn find(&self, buf: &[u8], local: Option<IpAddr>, sni: &str) -> Option<&Judged> {
         self.slots
             .iter()
-            .find(|s| s.local == local && buf.starts_with(&s.head))
+            .find(|s| s.local == local && s.sni == sni && buf.starts_with(&s.head))
             .map(|s| &s.judged)
     }
 
     /// Keeps a head the cache answered (`seen` judged `buf`).
-    pub fn keep(&mut self, buf: &[u8], local: Option<IpAddr>, seen: &Inspection<'_>) {
+    pub fn keep(&mut self, buf: &[u8], local: Option<IpAddr>, sni: &str, seen: &Inspection<'_>) {
         let Some(q) = seen.cache.as_ref() else {
             return;
         };
@@ -98,6 +100,7 @@ impl HeadMemo {
             self.slots.push(Slot {
                 head: head.to_vec(),
                 local,
+                sni: sni.to_owned(),
                 judged,
             });
             return;
@@ -107,6 +110,8 @@ impl HeadMemo {
         slot.head.clear();
         slot.head.extend_from_slice(head);
         slot.local = local;
+        slot.sni.clear();
+        slot.sni.push_str(sni);
         slot.judged = judged;
     }
 
@@ -150,7 +155,7 @@ mod tests {
 
     fn kept(memo: &mut HeadMemo, raw: &[u8]) {
         let seen = inspect(raw, &Limits::default(), &routes(), None, "");
-        memo.keep(raw, None, &seen);
+        memo.keep(raw, None, "", &seen);
     }
 
     #[test]
@@ -160,7 +165,7 @@ mod tests {
         kept(&mut memo, raw);
         let mut pipelined = raw.to_vec();
         pipelined.extend_from_slice(b"GET /b HTTP/1.1\r\n");
-        let j = memo.find(&pipelined, None).expect("kept");
+        let j = memo.find(&pipelined, None, "").expect("kept");
         let fresh = inspect(&pipelined, &Limits::default(), &routes(), None, "");
         let q = fresh.cache.unwrap();
         assert_eq!(j.host, q.host);
@@ -177,21 +182,21 @@ mod tests {
         kept(&mut memo, b"GET /a HTTP/1.1\r\nHost: shop.test\r\n\r\n");
         // One byte different, a head cut short, another address: judged afresh.
         assert!(
-            memo.find(b"GET /a HTTP/1.1\r\nHost: shop.tesT\r\n\r\n", None)
+            memo.find(b"GET /a HTTP/1.1\r\nHost: shop.tesT\r\n\r\n", None, "")
                 .is_none()
         );
         assert!(
-            memo.find(b"GET /a HTTP/1.1\r\nHost: shop.test\r\n", None)
+            memo.find(b"GET /a HTTP/1.1\r\nHost: shop.test\r\n", None, "")
                 .is_none()
         );
         let other = Some("127.0.0.2".parse().unwrap());
         assert!(
-            memo.find(b"GET /a HTTP/1.1\r\nHost: shop.test\r\n\r\n", other)
+            memo.find(b"GET /a HTTP/1.1\r\nHost: shop.test\r\n\r\n", other, "")
                 .is_none()
         );
         memo.under(1);
         assert!(
-            memo.find(b"GET /a HTTP/1.1\r\nHost: shop.test\r\n\r\n", None)
+            memo.find(b"GET /a HTTP/1.1\r\nHost: shop.test\r\n\r\n", None, "")
                 .is_none()
         );
     }
@@ -206,7 +211,7 @@ mod tests {
             b"GET /a HTTP/1.1\r\nHost: a b\r\n\r\n",
         ] {
             kept(&mut memo, raw);
-            assert!(memo.find(raw, None).is_none(), "{raw:?}");
+            assert!(memo.find(raw, None, "").is_none(), "{raw:?}");
         }
     }
 
@@ -217,8 +222,8 @@ mod tests {
         for i in 0..SLOTS + 1 {
             kept(&mut memo, &raw(i));
         }
-        assert!(memo.find(&raw(0), None).is_none());
-        assert!(memo.find(&raw(1), None).is_some());
-        assert!(memo.find(&raw(SLOTS), None).is_some());
+        assert!(memo.find(&raw(0), None, "").is_none());
+        assert!(memo.find(&raw(1), None, "").is_some());
+        assert!(memo.find(&raw(SLOTS), None, "").is_some());
     }
 }

@@ -115,26 +115,22 @@ pub fn judge(
     let sni = facts.sni.unwrap_or("");
     // A head answered from the cache before, byte for byte, is not parsed again.
     let mut asked = false;
-    if let Some(j) = memo.find(input, local) {
-        // Under an SNI name a head is judged for that name (or refused): the same bytes
-        // judged under another name are another request.
-        if sni.is_empty() || j.host == sni {
-            match cache
-                .lock()
-                .ok()
-                .and_then(|mut c| c.answer(&j.lookup(), facts.now))
-            {
-                Some(answer) => {
-                    return Verdict::Cached {
-                        answer,
-                        head_len: j.head_len,
-                        keep: !j.close,
-                        pool: j.routed,
-                    };
-                }
-                // Expired or gone: judged afresh, and the cache not asked twice.
-                None => asked = true,
+    if let Some(j) = memo.find(input, local, sni) {
+        match cache
+            .lock()
+            .ok()
+            .and_then(|mut c| c.answer(&j.lookup(), facts.now))
+        {
+            Some(answer) => {
+                return Verdict::Cached {
+                    answer,
+                    head_len: j.head_len,
+                    keep: !j.close,
+                    pool: j.routed,
+                };
             }
+            // Expired or gone: judged afresh, and the cache not asked twice.
+            None => asked = true,
         }
     }
     let seen = head::inspect(input, limits, &table.routes, local, sni);
@@ -151,7 +147,7 @@ pub fn judge(
             .ok()
             .and_then(|mut c| c.answer(&lookup, facts.now))
         {
-            memo.keep(input, local, &seen);
+            memo.keep(input, local, sni, &seen);
             return Verdict::Cached {
                 answer,
                 head_len: seen.head_len,
@@ -470,5 +466,17 @@ mod tests {
         }
         let v = judge(raw, false, rules, on("b.test"), &mut memo);
         assert!(matches!(v, Verdict::Refuse { status: 421, .. }), "{v:?}");
+        // A head without Host takes the SNI name; the same bytes on a plain connection
+        // name no host, and the answer kept for a.test is not theirs.
+        let bare = b"GET / HTTP/1.0\r\n\r\n";
+        for _ in 0..2 {
+            let v = judge(bare, false, rules, on("a.test"), &mut memo);
+            assert!(matches!(v, Verdict::Cached { .. }), "{v:?}");
+        }
+        let v = judge(bare, false, rules, facts(), &mut memo);
+        assert!(
+            matches!(v, Verdict::Pool(Routed { pool, .. }) if pool == PoolId::new(1)),
+            "{v:?}"
+        );
     }
 }
