@@ -68,6 +68,16 @@ pub fn key_host<'b>(head: &Head<'b>) -> std::borrow::Cow<'b, str> {
     head.host.map(|h| h.normalized()).unwrap_or_default()
 }
 
+/// The host a request is routed and cached by, whoever reads it: the one it names
+/// (normalized), else the SNI name of the TLS session it came on (`sni`, normalized; empty
+/// for none), as the kernel program steered the session. None when neither names one.
+pub fn routing_host<'b>(head: &Head<'b>, sni: &'b str) -> Option<std::borrow::Cow<'b, str>> {
+    match head.host {
+        Some(h) => Some(h.normalized()),
+        None => (!sni.is_empty()).then_some(std::borrow::Cow::Borrowed(sni)),
+    }
+}
+
 fn valid_host(host: &str) -> bool {
     host.is_empty()
         || host == ANY_HOST

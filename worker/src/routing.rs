@@ -122,12 +122,19 @@ impl Routing {
         self.routes.as_ref().is_some_and(|r| r.table.has_ip_sites())
     }
 
-    /// Whether a request (on a connection whose local address is `local`) belongs elsewhere.
-    pub(crate) fn decide(&self, req: &Request<'_>, local: Option<IpAddr>) -> Option<Foreign> {
+    /// Whether a request (on a connection whose local address is `local`, and on a TLS
+    /// session named `sni`, empty for none) belongs elsewhere.
+    pub(crate) fn decide(
+        &self,
+        req: &Request<'_>,
+        local: Option<IpAddr>,
+        sni: &str,
+    ) -> Option<Foreign> {
         let routes = self.routes.as_ref()?;
         let head = req.head();
         let path = req.canonical_path();
-        let host = cache::key_host(head);
+        let named = cache::routing_host(head, sni);
+        let host = named.clone().unwrap_or_default();
         if self.cached.paths.contains(path)
             && cache::request_eligible(head, true)
             && CacheKey::candidates(&host, path, head.accept_encoding)
@@ -137,7 +144,7 @@ impl Routing {
             return Some(Foreign::Cached);
         }
         let query = Query {
-            host: head.host.is_some().then_some(&*host),
+            host: named.as_deref(),
             local,
             path,
         };
@@ -258,7 +265,7 @@ mod tests {
     }
 
     fn decide(r: &Routing, raw: &str) -> Option<Foreign> {
-        with_request(raw.as_bytes(), b"", |req| r.decide(req, None))
+        with_request(raw.as_bytes(), b"", |req| r.decide(req, None, ""))
     }
 
     fn get(path: &str) -> String {
@@ -354,13 +361,30 @@ mod tests {
         );
         assert!(r.needs_local_address());
         let at = |raw: &str, local: &str| {
-            with_request(raw.as_bytes(), b"", |req| r.decide(req, local.parse().ok()))
+            with_request(raw.as_bytes(), b"", |req| {
+                r.decide(req, local.parse().ok(), "")
+            })
         };
         assert_eq!(
             at(&host("web.test"), "127.0.0.2"),
             Some(Foreign::OtherPool("local".into()))
         );
         assert_eq!(at(&host("shop.test"), "127.0.0.2"), None);
+    }
+
+    #[test]
+    fn a_request_without_host_on_a_tls_session_routes_by_its_sni_name() {
+        let r = Routing::default().with_routes(
+            vec![route("shop.test", "/", "shop"), route("*", "/", "web")],
+            "shop",
+        );
+        let on = |sni: &str| {
+            with_request(b"GET /x HTTP/1.0\r\n\r\n", b"", |req| {
+                r.decide(req, None, sni)
+            })
+        };
+        assert_eq!(on("shop.test"), None);
+        assert_eq!(on(""), Some(Foreign::OtherPool("web".into())));
     }
 
     #[test]

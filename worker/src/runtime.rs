@@ -1606,7 +1606,7 @@ impl<H: Handler> Dispatch for Dispatcher<'_, H> {
                 return true;
             }
         }
-        match routing.decide(req, self.local) {
+        match routing.decide(req, self.local, self.sni.unwrap_or("")) {
             None => false,
             Some(why) => {
                 log::debug!("handing back {} {}: {why}", req.method(), req.target());

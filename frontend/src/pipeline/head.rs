@@ -69,6 +69,22 @@ impl Decision {
 }
 
 impl Inspection<'_> {
+    /// What is known of a head that is not complete, or not valid: only `decision`.
+    fn without_head(decision: Decision) -> Inspection<'static> {
+        Inspection {
+            decision,
+            head_len: 0,
+            cache: None,
+            close: true,
+            host: Default::default(),
+            path: "",
+            query: None,
+            framing: request::Framing::None,
+            head_only: false,
+            upgrade: false,
+        }
+    }
+
     /// What the cache is asked for this request, if it may answer it.
     pub fn lookup(&self) -> Option<crate::cache::Lookup<'_>> {
         let q = self.cache.as_ref()?;
@@ -106,20 +122,7 @@ pub fn inspect<'b>(
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let parsed_upgrade;
     let head = match request::parse(buf, limits, &mut headers) {
-        Ok(Parsed::Partial) => {
-            return Inspection {
-                decision: Decision::NeedMore,
-                head_len: 0,
-                cache: None,
-                close: true,
-                host: Default::default(),
-                path: "",
-                query: None,
-                framing: request::Framing::None,
-                head_only: false,
-                upgrade: false,
-            };
-        }
+        Ok(Parsed::Partial) => return Inspection::without_head(Decision::NeedMore),
         Ok(Parsed::Complete(req, head)) => {
             parsed_upgrade = req
                 .headers
@@ -127,28 +130,12 @@ pub fn inspect<'b>(
                 .any(|h| h.name.eq_ignore_ascii_case("upgrade"));
             head
         }
-        Err(r) => {
-            return Inspection {
-                decision: Decision::Refuse(r.status, r.reason),
-                head_len: 0,
-                cache: None,
-                close: true,
-                host: Default::default(),
-                path: "",
-                query: None,
-                framing: request::Framing::None,
-                head_only: false,
-                upgrade: false,
-            };
-        }
+        Err(r) => return Inspection::without_head(Decision::Refuse(r.status, r.reason)),
     };
-    let named = head.host.is_some() || !sni.is_empty();
-    let host = match head.host {
-        None if !sni.is_empty() => std::borrow::Cow::Borrowed(sni),
-        _ => cache::key_host(&head),
-    };
+    let named = cache::routing_host(&head, sni);
+    let host = named.clone().unwrap_or_default();
     let query = Query {
-        host: named.then_some(&*host),
+        host: named.as_deref(),
         local,
         path: &head.canonical,
     };
